@@ -1,0 +1,78 @@
+"""Worker -> supervisor event lines, imported by both sides (stdlib only).
+
+A worker writes one JSON object per line to the pipe fd named by $LAB_ATTENDANT_EVENT_FD.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Iterator
+
+EVENT_FD_ENV = "LAB_ATTENDANT_EVENT_FD"
+
+# Event names, in the order a healthy run emits them (progress/metric/heartbeat repeat).
+STARTED = "started"
+PROGRESS = "progress"      # {"done": int, "total": int, "unit": str}
+METRIC = "metric"          # {"metrics": {...}} e.g. VRAM, RSS, cache hits, tokens/s
+HEARTBEAT = "heartbeat"
+RESULT = "result"          # {"path": str}
+ERROR = "error"            # {"type": str, "message": str, ...}
+EVENTS = (STARTED, PROGRESS, METRIC, HEARTBEAT, RESULT, ERROR)
+
+# Worker exit codes the supervisor interprets.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BAD_SPEC = 2
+EXIT_OOM = 3               # torch.OutOfMemoryError (or MemoryError) caught and reported
+
+
+def encode(event: str, **fields: Any) -> bytes:
+    if event not in EVENTS:
+        raise ValueError(f"unknown event {event!r}; known: {', '.join(EVENTS)}")
+    return (json.dumps({"event": event, "t": time.time(), **fields}, default=str) + "\n").encode()
+
+
+def decode(line: bytes | str) -> dict[str, Any] | None:
+    """Parse one event line; None for a line that is not a well-formed event (never raises)."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict) or obj.get("event") not in EVENTS:
+        return None
+    return obj
+
+
+class LineBuffer:
+    """Accumulates bytes read from a non-blocking pipe and yields complete decoded events."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            ev = decode(line)
+            if ev is not None:
+                yield ev
+
+
+class EventWriter:
+    """Worker-side writer; a no-op sink when the supervisor gave no fd (ad-hoc runs)."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            env = os.environ.get(EVENT_FD_ENV)
+            fd = int(env) if env else None
+        self._fd = fd
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if self._fd is None:
+            return
+        data = encode(event, **fields)
+        # One write per line: pipe writes <= PIPE_BUF are atomic, larger ones are looped.
+        while data:
+            n = os.write(self._fd, data)
+            data = data[n:]

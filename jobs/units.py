@@ -1,0 +1,42 @@
+"""Byte-size parsing and formatting shared by the supervisor and the worker (stdlib only).
+
+Accepts plain integers and suffixed sizes: '500MB' (10^6), '2GiB' (2^30), '1.5G' (treated as GiB).
+"""
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kb": 1000, "kib": 1024,
+    "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Return a byte count from '2GiB', '500MB', '1024' or an int; ValueError says the forms."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"size must be >= 0, got {text}")
+        return text
+    m = _SIZE_RE.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(
+            f"cannot read size {text!r}: use a byte count or a number with a unit "
+            "such as 500MB, 2GiB, 1.5G"
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_size(n_bytes: float) -> str:
+    """Human-readable binary size: 1536 -> '1.5 KiB'."""
+    size = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
