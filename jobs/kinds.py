@@ -1,0 +1,123 @@
+"""Job-kind registry: name -> module, params schema, needs_paging (stdlib only).
+
+The supervisor validates a submission here without importing torch; the worker imports `module`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .units import parse_size
+
+PARAM_TYPES = ("str", "int", "float", "bool", "size", "file", "dir", "path")
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+class ParamError(ValueError):
+    """A param that does not fit its kind's schema; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str                     # one of PARAM_TYPES; file/dir must exist, all paths confined
+    required: bool = False
+    default: Any = None
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    module: str                   # imported by the worker; must define `function(params, ctx)`
+    help: str
+    params: tuple[Param, ...] = ()
+    needs_paging: bool = False    # held unless the daemon runs with --experimental-paging
+    function: str = "run"
+
+
+BUILTIN_KINDS: tuple[Kind, ...] = (
+    Kind("probe", "jobs.probe",
+         "Report the worker environment (python/torch/transformers, CUDA, free disk) and "
+         "measure sequential read bandwidth of a file or the model folder.",
+         params=(Param("path", "path", help="file or folder to read (default: models dir)"),
+                 Param("read_limit_bytes", "size", default=256 * 1024**2,
+                       help="read at most this many bytes for the bandwidth figure"))),
+)
+
+
+def registry(extra_modules: Iterable[str] = ()) -> dict[str, Kind]:
+    """Built-in kinds plus those listed by `KINDS` in each extra module (config worker.extra_kinds)."""
+    kinds = {k.name: k for k in BUILTIN_KINDS}
+    for mod_name in extra_modules:
+        mod = importlib.import_module(mod_name)
+        for kind in getattr(mod, "KINDS", ()):
+            kinds[kind.name] = kind
+    return kinds
+
+
+def _coerce(param: Param, value: Any, roots: tuple[Path, ...]) -> Any:
+    name, tp = param.name, param.type
+    if tp == "str":
+        return str(value)
+    if tp == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in _TRUE | _FALSE:
+            return str(value).lower() in _TRUE
+        raise ParamError(f"param '{name}' must be true or false, got {value!r}")
+    if tp in ("int", "float"):
+        try:
+            return int(value) if tp == "int" else float(value)
+        except (TypeError, ValueError):
+            raise ParamError(f"param '{name}' must be {'an integer' if tp == 'int' else 'a number'}"
+                             f", got {value!r}") from None
+    if tp == "size":
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise ParamError(f"param '{name}': {exc}") from None
+    # Paths: resolved (symlinks too) and confined to the configured roots.
+    path = Path(os.path.expanduser(str(value))).resolve()
+    if tp == "file" and not path.is_file():
+        raise ParamError(f"param '{name}': file {path} does not exist")
+    if tp == "dir" and not path.is_dir():
+        raise ParamError(f"param '{name}': folder {path} does not exist")
+    if tp == "path" and not path.exists():
+        raise ParamError(f"param '{name}': {path} does not exist")
+    if not any(path.is_relative_to(r.resolve()) for r in roots):
+        raise ParamError(f"param '{name}': {path} is outside the allowed roots "
+                         f"({', '.join(str(r) for r in roots)}); move it there or add its folder "
+                         "to [paths] allowed_roots")
+    return str(path)
+
+
+def validate_params(kind: Kind, raw: dict[str, Any], allowed_roots: Iterable[Path]) -> dict[str, Any]:
+    """Return typed params with defaults filled in; ParamError names the first bad param."""
+    roots = tuple(allowed_roots)
+    known = {p.name: p for p in kind.params}
+    for key in raw:
+        if key not in known:
+            hint = ", ".join(known) if known else "none"
+            raise ParamError(f"kind '{kind.name}' has no param '{key}' (params: {hint})")
+    out: dict[str, Any] = {}
+    for p in kind.params:
+        if p.name in raw and raw[p.name] is not None:
+            out[p.name] = _coerce(p, raw[p.name], roots)
+        elif p.required:
+            raise ParamError(f"kind '{kind.name}' needs param '{p.name}' ({p.help or p.type}); "
+                             f"pass -p {p.name}=VALUE")
+        elif p.default is not None:
+            out[p.name] = p.default
+    return out
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """'key=value' from `-p`; ParamError for anything else."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ParamError(f"malformed -p {text!r}: write -p key=value")
+    return key.strip(), value

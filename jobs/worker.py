@@ -1,0 +1,112 @@
+"""`python -m jobs.worker SPEC`: read the spec, run the kind's function, report events on the
+supervisor's pipe, write result.json atomically. Never touches the SQLite store.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .atomic import write_atomic
+from .protocol import EventWriter
+
+log = logging.getLogger("jobs.worker")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind (finally blocks run, no partial output is renamed into place)."""
+
+
+class Context:
+    """What a job kind gets besides its params: output dir, progress/metric reporting, spec."""
+
+    def __init__(self, spec: dict[str, Any], events: EventWriter) -> None:
+        self.spec = spec
+        self.run_id: int = spec["run_id"]
+        self.output_dir = Path(spec["output_dir"])
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.models_dir = Path(spec["models_dir"])
+        self.state_dir = Path(spec["state_dir"])
+        self.events = events
+        self.log = logging.getLogger(f"jobs.{spec['kind']}")
+
+    def progress(self, done: int, total: int, unit: str = "items") -> None:
+        self.events.emit(protocol.PROGRESS, done=done, total=total, unit=unit)
+
+    def metric(self, **metrics: Any) -> None:
+        self.events.emit(protocol.METRIC, metrics=metrics)
+
+    def write_text(self, name: str, text: str) -> Path:
+        return write_atomic(self.output_dir / name, text.encode())
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return write_atomic(self.output_dir / name,
+                            (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def _is_oom(exc: BaseException) -> bool:
+    # torch.OutOfMemoryError (torch.cuda.OutOfMemoryError) without importing torch here.
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def _heartbeat(events: EventWriter, interval_s: float, stop: threading.Event) -> None:
+    while not stop.wait(interval_s):
+        events.emit(protocol.HEARTBEAT)
+
+
+def _on_sigterm(signum: int, _frame: Any) -> None:
+    raise Terminated(f"received {signal.Signals(signum).name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    events = EventWriter()
+    if len(argv) != 1:
+        print("usage: python -m jobs.worker SPEC.json", file=sys.stderr)
+        return protocol.EXIT_BAD_SPEC
+    try:
+        spec = json.loads(Path(argv[0]).read_text())
+        module, function = spec["module"], spec.get("function", "run")
+    except (OSError, ValueError, KeyError) as exc:
+        events.emit(protocol.ERROR, type=type(exc).__name__, message=f"bad spec {argv[0]}: {exc}")
+        return protocol.EXIT_BAD_SPEC
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    events.emit(protocol.STARTED, pid=os.getpid(), python=sys.executable, kind=spec["kind"])
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, daemon=True,
+                     args=(events, float(spec.get("heartbeat_interval_s", 5.0)), stop)).start()
+    try:
+        fn = getattr(importlib.import_module(module), function)
+        ctx = Context(spec, events)
+        result = fn(spec["params"], ctx) or {}
+        path = ctx.write_json("result.json", result)
+        events.emit(protocol.RESULT, path=str(result.get("result_path") or path))
+        return protocol.EXIT_OK
+    except Terminated as exc:
+        events.emit(protocol.ERROR, type="Terminated", message=str(exc))
+        return 128 + signal.SIGTERM
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported, then re-coded
+        traceback.print_exc()
+        fields: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)[:2000]}
+        if _is_oom(exc):
+            fields.update(getattr(exc, "oom_details", {}))
+            events.emit(protocol.ERROR, **fields)
+            return protocol.EXIT_OOM
+        events.emit(protocol.ERROR, **fields)
+        return protocol.EXIT_ERROR
+    finally:
+        stop.set()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""The `lab-attendant` command: daemon, submit, list, show, cancel, logs, status, kinds, venv, model.
+
+CLI and daemon talk only through the SQLite file: submit works with no daemon running.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.kinds import ParamError, parse_assignment, registry, validate_params
+from jobs.units import format_size
+
+from . import PROJECT_ROOT, venv
+from .config import Config, load_config
+from .errors import UserError
+from .logsetup import get_logger, log_for, read_run_log, setup_logging
+from .states import TERMINAL, RunState
+from .store import Store
+
+DEFAULT_MODEL_NAME = "gemma-3-270m"
+
+
+def _store(cfg: Config) -> Store:
+    return Store(cfg.db_path)
+
+
+def _fmt_time(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+# -- verbs ----------------------------------------------------------------------------------------
+def cmd_daemon(cfg: Config, args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+    setup_logging(cfg.paths.logs_dir, console=True)
+    return Daemon(cfg, experimental_paging=args.experimental_paging, burst=args.burst).run()
+
+
+def _read_params(args: argparse.Namespace) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    if args.params_file:
+        path = Path(args.params_file)
+        if not path.is_file():
+            raise UserError(f"params file {path} does not exist")
+        try:
+            raw.update(json.loads(path.read_text()))
+        except ValueError as exc:
+            raise UserError(f"params file {path} is not a JSON object: {exc}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"params file {path} must hold a JSON object")
+    for item in args.param or []:
+        key, value = parse_assignment(item)
+        raw[key] = value
+    return raw
+
+
+def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
+    kinds = registry(cfg.worker.extra_kinds)
+    kind = kinds.get(args.kind)
+    if kind is None:
+        raise UserError(f"unknown kind '{args.kind}'; known kinds: {', '.join(sorted(kinds))} "
+                        "(see `lab-attendant kinds`)")
+    params = validate_params(kind, _read_params(args), cfg.allowed_roots)
+    if args.timeout is not None and args.timeout <= 0:
+        raise UserError("--timeout must be a positive number of seconds")
+    store = _store(cfg)
+    run = store.submit(kind=kind.name, params=params, priority=args.priority,
+                       timeout_s=args.timeout or cfg.limits.default_timeout_s,
+                       needs_paging=kind.needs_paging)
+    log_for(kind.needs_paging, "lab_attendant.cli").info("run submitted", run_id=run.id,
+                                                          kind=kind.name)
+    if args.json and not args.wait:
+        print(json.dumps(run.to_dict()))
+    elif not args.wait:
+        print(run.id)
+    if not args.wait:
+        return 0
+    print(f"submitted run {run.id} ({kind.name}); waiting (Ctrl-C stops waiting, not the run)",
+          file=sys.stderr)
+    final = _wait(store, run.id)
+    if args.json:
+        print(json.dumps(final.to_dict()))
+    else:
+        print(f"run {final.id} {final.state}: {final.reason}")
+    return 0 if final.state == RunState.SUCCEEDED.value else 1
+
+
+def _wait(store: Store, run_id: int):
+    tty = sys.stderr.isatty()
+    last = ""
+    while True:
+        run = store.get(run_id)
+        line = f"run {run_id} {run.state}"
+        if run.progress_total:
+            frac = min(1.0, (run.progress_done or 0) / run.progress_total)
+            bar = "#" * int(frac * 30)
+            line += f" [{bar:<30}] {run.progress_done}/{run.progress_total} {run.progress_unit or ''}"
+        if line != last:
+            print(("\r" if tty else "") + line + ("" if tty else "\n"), end="", file=sys.stderr,
+                  flush=True)
+            last = line
+        if run.state in {s.value for s in TERMINAL}:
+            if tty:
+                print(file=sys.stderr)
+            return run
+        time.sleep(0.2)
+
+
+def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
+    if args.state and args.state not in {s.value for s in RunState}:
+        raise UserError(f"unknown state '{args.state}'; states: {', '.join(s.value for s in RunState)}")
+    runs = _store(cfg).list_runs(states=[args.state] if args.state else None, limit=args.limit)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in runs]))
+        return 0
+    print(f"{'ID':>5}  {'KIND':<20} {'STATE':<14} {'SUBMITTED':<19}  REASON")
+    for r in runs:
+        print(f"{r.id:>5}  {r.kind:<20} {r.state:<14} {_fmt_time(r.submitted_at):<19}  {r.reason[:70]}")
+    return 0
+
+
+def _get_run(cfg: Config, run_id: int):
+    run = _store(cfg).get(run_id)
+    if run is None:
+        raise UserError(f"no run {run_id}; see `lab-attendant list`")
+    return run
+
+
+def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
+    run = _get_run(cfg, args.id)
+    events = _store(cfg).events(run.id)
+    if args.json:
+        out = run.to_dict()
+        out["events"] = [{"at": e.at, "kind": e.kind, "from": e.from_state, "to": e.to_state,
+                          "reason": e.reason} for e in events]
+        print(json.dumps(out))
+        return 0
+    d = run.to_dict()
+    for key in ("id", "kind", "state", "reason", "params", "priority", "pid", "exit_code", "signal",
+                "log_path", "result_path"):
+        print(f"{key:>12}: {d[key]}")
+    for key in ("submitted_at", "started_at", "ended_at"):
+        print(f"{key:>12}: {_fmt_time(d[key])}")
+    if run.progress_total:
+        print(f"{'progress':>12}: {run.progress_done}/{run.progress_total} {run.progress_unit}")
+    if run.metrics:
+        print(f"{'metrics':>12}: {json.dumps(run.metrics)}")
+    print("      events:")
+    for e in events:
+        what = f"{e.from_state or '-'} -> {e.to_state}" if e.kind == "transition" else e.kind
+        print(f"    {_fmt_time(e.at)}  {what:<22} {e.reason}")
+    return 0
+
+
+def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
+    store = _store(cfg)
+    run = store.request_cancel(args.id)
+    if run is None:
+        raise UserError(f"no run {args.id}; see `lab-attendant list`")
+    if run.state == RunState.CANCELLED.value:
+        print(f"run {run.id} cancelled")
+    elif run.state in {s.value for s in TERMINAL}:
+        print(f"run {run.id} already ended ({run.state}); nothing to cancel")
+    else:
+        print(f"run {run.id} is {run.state}; the daemon will stop it (SIGTERM, then SIGKILL "
+              f"after {cfg.limits.kill_grace_s:g} s)")
+    return 0
+
+
+def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
+    run = _get_run(cfg, args.id)
+    shown = 0
+    while True:
+        lines = read_run_log(cfg.paths.logs_dir, run.id, run.needs_paging)
+        for line in lines[shown:]:
+            print(line, flush=True)
+        shown = len(lines)
+        if not args.follow or run.state in {s.value for s in TERMINAL}:
+            return 0
+        time.sleep(0.5)
+        run = _get_run(cfg, args.id)
+
+
+def _status(cfg: Config) -> dict[str, Any]:
+    from .daemon import DaemonLock
+    store = _store(cfg)
+    row = store.latest_daemon()
+    alive = DaemonLock(cfg.paths.state_dir).held_by_other()
+    counts = store.count_by_state()
+    running = store.list_runs(states=[RunState.STARTING.value, RunState.RUNNING.value])
+    return {
+        "daemon": {"alive": alive, "pid": row.pid if row and alive else None,
+                   "experimental_paging": bool(row and alive and row.experimental_paging),
+                   "heartbeat_age_s": (time.time() - row.heartbeat_at) if row and alive else None},
+        "queue_depth": counts.get(RunState.QUEUED.value, 0),
+        "held": counts.get(RunState.HELD.value, 0),
+        "running": [{"id": r.id, "kind": r.kind, "state": r.state, "pid": r.pid} for r in running],
+        "counts": counts, "state_dir": str(cfg.paths.state_dir),
+    }
+
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    st = _status(cfg)
+    if args.json:
+        print(json.dumps(st))
+        return 0
+    d = st["daemon"]
+    if d["alive"]:
+        print(f"daemon: running (pid {d['pid']}), experimental paging "
+              f"{'on' if d['experimental_paging'] else 'off'}")
+    else:
+        print("daemon: not running (submitted runs wait in the queue)")
+    print(f"queue: {st['queue_depth']} queued, {st['held']} held; {len(st['running'])} running")
+    for r in st["running"]:
+        print(f"  run {r['id']} {r['kind']} {r['state']} pid {r['pid']}")
+    return 0
+
+
+def cmd_kinds(cfg: Config, args: argparse.Namespace) -> int:
+    for kind in registry(cfg.worker.extra_kinds).values():
+        flag = " [needs --experimental-paging]" if kind.needs_paging else ""
+        print(f"{kind.name}{flag}\n    {kind.help}")
+        for p in kind.params:
+            req = "required" if p.required else f"default {p.default!r}"
+            print(f"    -p {p.name}=<{p.type}>  ({req}) {p.help}")
+    return 0
+
+
+def _venv_dir(cfg: Config) -> Path:
+    return Path(cfg.worker.python).parent.parent
+
+
+def cmd_venv(cfg: Config, args: argparse.Namespace) -> int:
+    if args.venv_cmd == "create":
+        info = venv.create(_venv_dir(cfg), torch_spec=args.torch_spec, force=args.force,
+                           log_path=cfg.paths.logs_dir / "venv-create.log")
+    else:
+        info = venv.check(_venv_dir(cfg))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def cmd_model(cfg: Config, args: argparse.Namespace) -> int:
+    models_dir = cfg.paths.models_dir
+    if args.model_cmd == "import-default":
+        out = models_dir / DEFAULT_MODEL_NAME
+        python = Path(cfg.worker.python)
+        if not python.exists():
+            raise UserError(f"worker python {python} not found; run `lab-attendant venv create`")
+        argv = [str(python), "-m", "jobs.paging.convert", "--out", str(out)]
+        proc = subprocess.run(argv, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise UserError(f"model conversion failed (exit {proc.returncode}); see the output above")
+        print(proc.stdout.strip())
+        return 0
+    if not models_dir.is_dir():
+        print(f"no models in {models_dir}; run `lab-attendant model import-default`")
+        return 0
+    for d in sorted(p for p in models_dir.iterdir() if (p / "config.json").exists()):
+        print(f"{d.name:<30} {format_size(_dir_size(d)):>10}  {d}")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: exit 2, one line + hint
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lab-attendant", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="TOML config (default: $LAB_ATTENDANT_CONFIG, "
+                   "./lab-attendant.toml, built-in defaults)")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("daemon", help="run the supervisor loop")
+    d.add_argument("--burst", action="store_true", help="process the queue, exit when it is empty")
+    d.add_argument("--experimental-paging", action="store_true",
+                   help="allow paging kinds (in memory only: off again on next start)")
+    d.set_defaults(fn=cmd_daemon)
+
+    s = sub.add_parser("submit", help="queue a run")
+    s.add_argument("kind")
+    s.add_argument("-p", "--param", action="append", metavar="KEY=VALUE")
+    s.add_argument("--params-file", metavar="F", help="JSON object of params")
+    s.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    s.add_argument("--timeout", type=float, metavar="S", help="seconds before the run is stopped")
+    s.add_argument("--wait", action="store_true", help="follow progress; exit 0 only on success")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_submit)
+
+    ls = sub.add_parser("list", help="list runs, newest first")
+    ls.add_argument("--state")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=cmd_list)
+
+    sh = sub.add_parser("show", help="one run with its events")
+    sh.add_argument("id", type=int)
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(fn=cmd_show)
+
+    c = sub.add_parser("cancel", help="cancel a run (SIGTERM, then SIGKILL after grace)")
+    c.add_argument("id", type=int)
+    c.set_defaults(fn=cmd_cancel)
+
+    lg = sub.add_parser("logs", help="a run's output")
+    lg.add_argument("id", type=int)
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.set_defaults(fn=cmd_logs)
+
+    st = sub.add_parser("status", help="daemon, queue and running runs")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+
+    sub.add_parser("kinds", help="job kinds and their params").set_defaults(fn=cmd_kinds)
+
+    v = sub.add_parser("venv", help="the experimental venv workers run in")
+    vsub = v.add_subparsers(dest="venv_cmd", required=True, parser_class=_Parser)
+    vc = vsub.add_parser("create", help="create or update it from venvs/experimental.txt")
+    vc.add_argument("--torch-spec", help=f"pip spec for torch (default ${venv.TORCH_SPEC_ENV} or "
+                    f"{venv.DEFAULT_TORCH_SPEC}); e.g. a CUDA build you already use")
+    vc.add_argument("--force", action="store_true", help="reinstall even if up to date")
+    vsub.add_parser("check", help="what it has: torch version, CUDA")
+    v.set_defaults(fn=cmd_venv)
+
+    m = sub.add_parser("model", help="model folders")
+    msub = m.add_subparsers(dest="model_cmd", required=True, parser_class=_Parser)
+    msub.add_parser("import-default", help="convert the bundled Gemma-3-270M to safetensors")
+    msub.add_parser("list", help="model folders with size on disk")
+    m.set_defaults(fn=cmd_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        if args.cmd != "daemon":
+            setup_logging(cfg.paths.logs_dir, console=False)
+        return args.fn(cfg, args)
+    except (UserError, ParamError) as exc:
+        print(f"lab-attendant: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

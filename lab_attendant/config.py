@@ -1,0 +1,168 @@
+"""Configuration: frozen dataclasses loaded from one TOML file; unknown keys and wrong types fail.
+
+Lookup order: --config PATH, $LAB_ATTENDANT_CONFIG, ./lab-attendant.toml, built-in defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import PROJECT_ROOT
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_ENV = "LAB_ATTENDANT_CONFIG"
+DEFAULT_CONFIG_NAME = "lab-attendant.toml"
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    state_dir: Path = Path("var")          # SQLite store, run folders (spec, outputs)
+    logs_dir: Path = Path("logs")          # lab_attendant.log, experimental_paging.log, runs/
+    models_dir: Path = Path("models")      # converted model folders (model import-default)
+    # Folders that file paths in job params must lie under; empty = examples/, state, models.
+    allowed_roots: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    python: Path = PROJECT_ROOT / "venvs" / "experimental" / "bin" / "python"  # worker interpreter
+    extra_kinds: tuple[str, ...] = ()      # stdlib-only modules with a KINDS list (plugins, tests)
+    heartbeat_interval_s: float = 5.0      # worker -> supervisor liveness events
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_concurrent: int = 1                # runs in flight at once
+    default_timeout_s: float = 6 * 3600.0  # per run unless `submit --timeout`
+    kill_grace_s: float = 10.0             # SIGTERM -> SIGKILL delay for a worker's group
+    shutdown_grace_s: float = 60.0         # warm shutdown: how long running runs may finish
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    poll_interval_s: float = 0.5           # main-loop tick when no worker output arrives
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    source: Path | None = None             # the TOML file read, None for built-in defaults
+
+    @property
+    def db_path(self) -> Path:
+        return self.paths.state_dir / "lab_attendant.sqlite3"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.paths.state_dir / "runs"
+
+    @property
+    def allowed_roots(self) -> tuple[Path, ...]:
+        if self.paths.allowed_roots:
+            return self.paths.allowed_roots
+        return (PROJECT_ROOT / "examples", self.paths.state_dir, self.paths.models_dir)
+
+
+_SECTIONS = {k: v for k, v in typing.get_type_hints(Config).items() if k != "source"}
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            Path: "a path string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, base_dir: Path) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, item_tp, base_dir) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(key, value, inner[0], base_dir)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp in (str, Path):
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a dataclass field with a type this loader does not know
+        raise AssertionError(f"unsupported config type {tp} for {key}")
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if tp is Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, base_dir: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; known keys in [{prefix.rstrip('.')}]: "
+                f"{', '.join(sorted(known))}"
+            )
+    kwargs = {k: _coerce(prefix + k, v, hints[k], base_dir) for k, v in table.items()}
+    obj = cls(**kwargs)
+    # Defaults that are relative paths resolve against base_dir too.
+    fixes = {}
+    for f in dataclasses.fields(cls):
+        val = getattr(obj, f.name)
+        if f.name not in table and isinstance(val, Path) and not val.is_absolute():
+            fixes[f.name] = base_dir / val
+    return dataclasses.replace(obj, **fixes) if fixes else obj
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Find and load the config (see module docstring); relative paths resolve against the
+    config file's folder, or the current directory for built-in defaults."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    if path is None and Path(DEFAULT_CONFIG_NAME).is_file():
+        path = DEFAULT_CONFIG_NAME
+    if path is None:
+        return parse_config({}, base_dir=Path.cwd(), source=None)
+    cfg_path = Path(path).expanduser().resolve()
+    if not cfg_path.is_file():
+        raise ConfigError(f"config file {cfg_path} does not exist; create it "
+                          "(see examples/lab-attendant.toml) or drop --config")
+    try:
+        data = tomllib.loads(cfg_path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {cfg_path} is not valid TOML: {exc}") from None
+    return parse_config(data, base_dir=cfg_path.parent, source=cfg_path)
+
+
+def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None) -> Config:
+    sections = {}
+    for name, table in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown config section [{name}]; known sections: "
+                              f"{', '.join('[' + s + ']' for s in _SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"config key '{name}' must be a table ([{name}])")
+        sections[name] = _build(_SECTIONS[name], table, f"{name}.", base_dir)
+    for name, cls in _SECTIONS.items():
+        sections.setdefault(name, _build(cls, {}, f"{name}.", base_dir))
+    return Config(**sections, source=source)

@@ -1,0 +1,361 @@
+"""The daemon's main loop: reap -> read worker events -> handle signals -> enforce -> admit.
+
+Signal handlers only set flags; the loop does the work (supervisord's runforever). Runs found
+active at start-up belonged to a dead daemon: their groups are killed and they end `lost`.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs import protocol
+from jobs.kinds import Kind, registry
+
+from .config import Config
+from .errors import DaemonLockedError
+from .host import Host, signal_name
+from .launcher import Launcher, Worker
+from .logsetup import RunOutput, get_logger, log_for
+from .states import ACTIVE, RunState
+from .store import Store
+
+HOLD_PAGING_OFF = ("experimental paging is off; start the daemon with --experimental-paging "
+                   "to run this kind")
+HEARTBEAT_EVERY_S = 2.0
+
+log = get_logger("lab_attendant.daemon")
+
+
+class DaemonLock:
+    """flock on state_dir/daemon.lock: one daemon per state dir; `status` probes it too."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "daemon.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode().strip() or "?"
+            os.close(fd)
+            raise DaemonLockedError(f"another daemon (pid {holder}) already runs on "
+                                    f"{self.path.parent}; stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def held_by_other(self) -> bool:
+        if not self.path.exists():
+            return False
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Daemon:
+    def __init__(self, cfg: Config, *, experimental_paging: bool = False, burst: bool = False,
+                 host: Host | None = None) -> None:
+        self.cfg = cfg
+        self.experimental_paging = experimental_paging   # in memory only, never persisted
+        self.burst = burst
+        self.host = host or Host()
+        self.launcher = Launcher(self.host, kill_grace_s=cfg.limits.kill_grace_s)
+        self.kinds: dict[str, Kind] = registry(cfg.worker.extra_kinds)
+        self.store: Store | None = None
+        self.workers: dict[int, Worker] = {}
+        self.outputs: dict[int, RunOutput] = {}
+        self._signals: list[int] = []
+        self._stopping_since: float | None = None       # warm shutdown started (monotonic)
+        self._cold = False
+        self._daemon_id = 0
+        self._last_heartbeat = 0.0
+        self._wake_r, self._wake_w = -1, -1
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def run(self) -> int:
+        lock = DaemonLock(self.cfg.paths.state_dir)
+        lock.acquire()
+        self.store = Store(self.cfg.db_path)
+        try:
+            self._install_signals()
+            self.reconcile()
+            self._daemon_id = self.store.daemon_started(
+                pid=os.getpid(), hostname=socket.gethostname(),
+                experimental_paging=self.experimental_paging)
+            log.info("daemon started", pid=os.getpid(), experimental_paging=self.experimental_paging,
+                     burst=self.burst, state_dir=str(self.cfg.paths.state_dir))
+            while True:
+                self.tick()
+                if self._should_exit():
+                    break
+                self._wait()
+            log.info("daemon stopped", pid=os.getpid())
+            return 0
+        finally:
+            if self._daemon_id:
+                self.store.daemon_heartbeat(self._daemon_id, stopped=True)
+            self.store.close()
+            lock.release()
+
+    def _should_exit(self) -> bool:
+        if self.workers:
+            return False
+        if self._stopping_since is not None:
+            return True
+        return self.burst and not self._admissible_waiting()
+
+    def _admissible_waiting(self) -> bool:
+        counts = self.store.count_by_state()
+        queued = counts.get(RunState.QUEUED.value, 0)
+        return queued > 0
+
+    # -- signals --------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop's select()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            sig = self._signals.pop(0)
+            if self._stopping_since is None:
+                self._stopping_since = self.host.monotonic()
+                log.info("warm shutdown: no new runs; running ones may finish",
+                         signal=signal_name(sig), grace_s=self.cfg.limits.shutdown_grace_s,
+                         running=len(self.workers))
+            elif not self._cold:
+                self._cold = True
+                log.info("cold shutdown: stopping running runs now", signal=signal_name(sig))
+
+    def _wait(self) -> None:
+        fds = [self._wake_r]
+        for w in self.workers.values():
+            fds += [w.events_fd, w.output_fd]
+        try:
+            select.select(fds, [], [], self.cfg.daemon.poll_interval_s)
+        except InterruptedError:
+            pass
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- one tick -------------------------------------------------------------------------------
+    def tick(self) -> None:
+        self._pump()
+        self._reap()
+        self._handle_signals()
+        self._enforce()
+        if self._stopping_since is None:
+            self._admit()
+        now = self.host.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_EVERY_S and self._daemon_id:
+            self.store.daemon_heartbeat(self._daemon_id)
+            self._last_heartbeat = now
+
+    def _pump(self) -> None:
+        for w in list(self.workers.values()):
+            self._handle_output(w, self.launcher.read_output(w))
+            for ev in self.launcher.read_events(w):
+                self._handle_event(w, ev)
+
+    def _handle_output(self, w: Worker, lines: list[bytes]) -> None:
+        self.outputs[w.run_id].write_lines(lines)
+
+    def _handle_event(self, w: Worker, ev: dict[str, Any]) -> None:
+        name, rid = ev["event"], w.run_id
+        rlog = log_for(w.needs_paging, "lab_attendant.daemon").bind(run_id=rid)
+        if name == protocol.STARTED:
+            self.store.transition(rid, RunState.RUNNING, f"worker pid {w.pid} started",
+                                  expect={RunState.STARTING}, running_at=ev.get("t"))
+            rlog.info("run running", pid=w.pid)
+        elif name == protocol.PROGRESS:
+            self.store.update_run(rid, progress_done=ev.get("done"), progress_total=ev.get("total"),
+                                  progress_unit=ev.get("unit"), heartbeat_at=time.time())
+        elif name == protocol.METRIC:
+            run = self.store.get(rid)
+            merged = {**run.metrics, **ev.get("metrics", {})}
+            self.store.update_run(rid, metrics_json=json.dumps(merged, default=str))
+        elif name == protocol.HEARTBEAT:
+            self.store.update_run(rid, heartbeat_at=time.time())
+        elif name == protocol.RESULT:
+            w.result_path = ev.get("path")
+            self.store.update_run(rid, result_path=w.result_path)
+            self.store.add_event(rid, "result", str(w.result_path))
+        elif name == protocol.ERROR:
+            w.error = ev
+            self.store.add_event(rid, "error", f"{ev.get('type')}: {ev.get('message')}")
+            rlog.warning("worker reported an error", type=ev.get("type"), message=ev.get("message"))
+
+    def _reap(self) -> None:
+        for w in list(self.workers.values()):
+            code = self.launcher.poll(w)
+            if code is None:
+                continue
+            # Drain what the worker wrote before it exited.
+            self._handle_output(w, self.launcher.read_output(w, final=True))
+            for ev in self.launcher.read_events(w):
+                self._handle_event(w, ev)
+            self.launcher.cleanup(w)
+            state, reason = self._classify(w, code)
+            fields: dict[str, Any] = {"exit_code": code if code >= 0 else None,
+                                      "signal": signal_name(-code) if code < 0 else None}
+            if state is RunState.QUEUED:
+                fields.update(pid=None, pid_create_time=None, started_at=None, running_at=None)
+            self.store.transition(w.run_id, state, reason, **fields)
+            log_for(w.needs_paging, "lab_attendant.daemon").info(
+                "run ended", run_id=w.run_id, state=state.value, reason=reason)
+            self.outputs.pop(w.run_id).close()
+            del self.workers[w.run_id]
+
+    def _classify(self, w: Worker, code: int) -> tuple[RunState, str]:
+        how = (f"exited by {signal_name(-code)}" if code < 0 else f"exited with code {code}")
+        if w.stop_state is not None:
+            forced = " (SIGKILL after grace)" if w.kill_sent_mono is not None else ""
+            return w.stop_state, f"{w.stop_reason}; worker {how}{forced}"
+        err = f"{w.error.get('type')}: {w.error.get('message')}" if w.error else None
+        if code == protocol.EXIT_OK:
+            if w.result_path:
+                return RunState.SUCCEEDED, f"result written to {w.result_path}"
+            return RunState.FAILED, "worker exited 0 without reporting a result"
+        if code == protocol.EXIT_OOM:
+            return RunState.OOM, f"out of memory: {err or 'worker reported OOM'}"
+        if code < 0:
+            return RunState.FAILED, f"worker {how}" + (f" after error {err}" if err else "")
+        return RunState.FAILED, f"{err} ({how})" if err else f"worker {how}"
+
+    def _enforce(self) -> None:
+        now = self.host.monotonic()
+        if self.workers:
+            cancelled = {r.id for r in self.store.list_runs(states=[s.value for s in ACTIVE])
+                         if r.cancel_requested}
+        else:
+            cancelled = set()
+        grace_over = (self._stopping_since is not None and
+                      now - self._stopping_since >= self.cfg.limits.shutdown_grace_s)
+        for w in self.workers.values():
+            if w.run_id in cancelled:
+                self.launcher.stop(w, RunState.CANCELLED, "cancelled by user")
+            elif now >= w.deadline_mono:
+                timeout = w.deadline_mono - w.started_mono
+                self.launcher.stop(w, RunState.TIMED_OUT, f"timed out after {timeout:g} s")
+            elif self._cold or grace_over:
+                why = "cold shutdown" if self._cold else (
+                    f"shutdown grace of {self.cfg.limits.shutdown_grace_s:g} s ran out")
+                self.launcher.stop(w, RunState.QUEUED, f"requeued: daemon stopped ({why})")
+            if self._cold and w.stop_state is RunState.QUEUED:
+                self.launcher.kill_now(w)
+            elif self.launcher.escalate(w):
+                log_for(w.needs_paging, "lab_attendant.daemon").warning(
+                    "worker ignored SIGTERM; sent SIGKILL", run_id=w.run_id,
+                    grace_s=self.cfg.limits.kill_grace_s)
+
+    def _admit(self) -> None:
+        self._apply_paging_holds()
+        while len(self.workers) < self.cfg.limits.max_concurrent:
+            run = self.store.claim_next(exclude_paging=not self.experimental_paging)
+            if run is None:
+                return
+            self._spawn(run)
+
+    def _apply_paging_holds(self) -> None:
+        if self.experimental_paging:
+            for run in self.store.list_runs(states=[RunState.HELD.value]):
+                if run.reason == HOLD_PAGING_OFF:
+                    self.store.transition(run.id, RunState.QUEUED, "experimental paging is on",
+                                          expect={RunState.HELD})
+        else:
+            for run in self.store.list_runs(states=[RunState.QUEUED.value]):
+                if run.needs_paging:
+                    self.store.transition(run.id, RunState.HELD, HOLD_PAGING_OFF,
+                                          expect={RunState.QUEUED})
+                    log_for(True).info("run held", run_id=run.id, reason=HOLD_PAGING_OFF)
+
+    def _spawn(self, run) -> None:
+        kind = self.kinds.get(run.kind)
+        python = self.cfg.worker.python
+        if kind is None:
+            self.store.transition(run.id, RunState.FAILED,
+                                  f"unknown kind '{run.kind}' (not in this daemon's registry)")
+            return
+        if not Path(python).exists():
+            self.store.transition(run.id, RunState.FAILED,
+                                  f"worker python {python} not found; run `lab-attendant venv "
+                                  "create` or set [worker] python in the config")
+            return
+        run_dir = self.cfg.runs_dir / str(run.id)
+        spec = {
+            "run_id": run.id, "kind": run.kind, "module": kind.module, "function": kind.function,
+            "params": run.params, "needs_paging": run.needs_paging,
+            "run_dir": str(run_dir), "output_dir": str(run_dir / "output"),
+            "state_dir": str(self.cfg.paths.state_dir), "models_dir": str(self.cfg.paths.models_dir),
+            "logs_dir": str(self.cfg.paths.logs_dir),
+            "heartbeat_interval_s": self.cfg.worker.heartbeat_interval_s,
+        }
+        output = RunOutput(self.cfg.paths.logs_dir, run.id, run.needs_paging)
+        try:
+            w = self.launcher.spawn(run_id=run.id, python=Path(python), spec=spec, run_dir=run_dir,
+                                    needs_paging=run.needs_paging, timeout_s=run.timeout_s)
+        except OSError as exc:
+            output.close()
+            self.store.transition(run.id, RunState.FAILED, f"could not start worker: {exc}")
+            return
+        self.workers[run.id] = w
+        self.outputs[run.id] = output
+        self.store.update_run(run.id, pid=w.pid, run_dir=str(run_dir), log_path=str(output.path),
+                              pid_create_time=self.host.process_create_time(w.pid))
+        log_for(run.needs_paging, "lab_attendant.daemon").info(
+            "run spawned", run_id=run.id, kind=run.kind, pid=w.pid)
+
+    # -- start-up reconciliation ----------------------------------------------------------------
+    def reconcile(self) -> None:
+        """Runs left active by a dead daemon end `lost`; any live group of theirs is killed
+        (runs are not adopted: their event pipes died with the old daemon)."""
+        for run in self.store.list_runs(states=[s.value for s in ACTIVE]):
+            rlog = log_for(run.needs_paging, "lab_attendant.daemon").bind(run_id=run.id)
+            if run.pid and self.host.is_same_process(run.pid, run.pid_create_time):
+                self._kill_group(run.pid)
+                reason = (f"daemon restarted: worker group {run.pid} of a previous daemon was "
+                          "still running and was killed (runs are not adopted)")
+            else:
+                if run.pid and not self.host.pid_alive(run.pid):
+                    # The leader is gone; anything left in its group is our orphan.
+                    self.host.killpg(run.pid, signal.SIGKILL)
+                reason = "daemon restarted: the worker of a previous daemon was gone"
+            self.store.transition(run.id, RunState.LOST, reason)
+            rlog.warning("reconciled run", state="lost", reason=reason)
+
+    def _kill_group(self, pgid: int) -> None:
+        self.host.killpg(pgid, signal.SIGTERM)
+        deadline = self.host.monotonic() + self.cfg.limits.kill_grace_s
+        while self.host.group_alive(pgid) and self.host.monotonic() < deadline:
+            time.sleep(0.05)
+        self.host.killpg(pgid, signal.SIGKILL)

@@ -1,0 +1,24 @@
+"""Our exceptions, in one place: each carries a sentence that tells the user what to do.
+
+The CLI turns a UserError into exit code 2 and its message, on one line.
+"""
+
+
+class UserError(Exception):
+    """Something the user can fix: bad config, bad params, unknown kind, missing file."""
+
+
+class ConfigError(UserError):
+    """The TOML config has an unknown key, a wrong type or an unreadable value."""
+
+
+class StoreError(Exception):
+    """The SQLite store is unusable (e.g. schema from a newer version)."""
+
+
+class TransitionError(Exception):
+    """A state change that the table in states.py does not allow: a bug, not user input."""
+
+
+class DaemonLockedError(UserError):
+    """Another daemon already owns this state directory."""

@@ -1,0 +1,151 @@
+"""Spawn, signal and reap worker process groups; read their event pipe and output pipe.
+
+Stopping is two-step: SIGTERM to the group, SIGKILL after kill_grace_s; a reaped worker's group
+is always SIGKILLed once more so that no grandchild outlives its run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.atomic import write_atomic
+from jobs.protocol import EVENT_FD_ENV, LineBuffer
+
+from . import PROJECT_ROOT
+from .host import Host
+from .states import RunState
+
+READ_CHUNK = 65536
+
+
+@dataclass
+class Worker:
+    run_id: int
+    needs_paging: bool
+    proc: subprocess.Popen
+    events_fd: int                       # read end of the event pipe
+    output_fd: int                       # read end of stdout+stderr
+    started_mono: float
+    deadline_mono: float
+    events: LineBuffer = field(default_factory=LineBuffer)
+    output_tail: bytes = b""
+    stop_state: RunState | None = None   # why we are stopping it, decided before the signal
+    stop_reason: str = ""
+    term_sent_mono: float | None = None
+    kill_sent_mono: float | None = None
+    result_path: str | None = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid             # start_new_session: the worker leads its group
+
+
+def worker_env(event_fd: int) -> dict[str, str]:
+    env = dict(os.environ)
+    # The worker imports `jobs` from this checkout whatever venv its python comes from.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env[EVENT_FD_ENV] = str(event_fd)
+    env["PYTHONUNBUFFERED"] = "1"
+    # Workers never reach a model hub: weights come from local folders only.
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env
+
+
+class Launcher:
+    def __init__(self, host: Host, *, kill_grace_s: float) -> None:
+        self.host = host
+        self.kill_grace_s = kill_grace_s
+
+    def spawn(self, *, run_id: int, python: Path, spec: dict[str, Any], run_dir: Path,
+              needs_paging: bool, timeout_s: float) -> Worker:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec_path = run_dir / "spec.json"
+        write_atomic(spec_path, json.dumps(spec, indent=2).encode())
+        ev_r, ev_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            proc = self.host.spawn([str(python), "-m", "jobs.worker", str(spec_path)],
+                                   cwd=run_dir, env=worker_env(ev_w), pass_fds=[ev_w],
+                                   stdout=out_w)
+        except BaseException:
+            for fd in (ev_r, ev_w, out_r, out_w):
+                os.close(fd)
+            raise
+        os.close(ev_w)
+        os.close(out_w)
+        os.set_blocking(ev_r, False)
+        os.set_blocking(out_r, False)
+        now = self.host.monotonic()
+        return Worker(run_id=run_id, needs_paging=needs_paging, proc=proc, events_fd=ev_r,
+                      output_fd=out_r, started_mono=now, deadline_mono=now + timeout_s)
+
+    @staticmethod
+    def _read_all(fd: int) -> bytes:
+        chunks = []
+        while True:
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def read_events(self, w: Worker) -> list[dict[str, Any]]:
+        return list(w.events.feed(self._read_all(w.events_fd)))
+
+    def read_output(self, w: Worker, *, final: bool = False) -> list[bytes]:
+        """Complete lines of worker output (and the unterminated rest when `final`)."""
+        data = w.output_tail + self._read_all(w.output_fd)
+        *lines, w.output_tail = data.split(b"\n")
+        if final and w.output_tail:
+            lines.append(w.output_tail)
+            w.output_tail = b""
+        return lines
+
+    def stop(self, w: Worker, state: RunState, reason: str) -> None:
+        """Ask the group to stop (SIGTERM); the first reason given wins."""
+        if w.stop_state is None:
+            w.stop_state, w.stop_reason = state, reason
+        if w.term_sent_mono is None:
+            w.term_sent_mono = self.host.monotonic()
+            self.host.killpg(w.pgid, signal.SIGTERM)
+
+    def kill_now(self, w: Worker) -> None:
+        if w.kill_sent_mono is None:
+            w.kill_sent_mono = self.host.monotonic()
+        self.host.killpg(w.pgid, signal.SIGKILL)
+
+    def escalate(self, w: Worker) -> bool:
+        """SIGKILL a group that outlived its grace after SIGTERM; True if it did so now."""
+        if (w.term_sent_mono is not None and w.kill_sent_mono is None
+                and self.host.monotonic() - w.term_sent_mono >= self.kill_grace_s):
+            self.kill_now(w)
+            return True
+        return False
+
+    def poll(self, w: Worker) -> int | None:
+        return w.proc.poll()
+
+    def cleanup(self, w: Worker) -> None:
+        """After reaping: kill leftovers in the group, close our pipe ends."""
+        self.host.killpg(w.pgid, signal.SIGKILL)
+        for fd in (w.events_fd, w.output_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

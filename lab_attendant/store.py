@@ -1,0 +1,298 @@
+"""The SQLite run store: runs, run_events, daemon heartbeat; transition() is the one place that
+changes a run's state. WAL, busy_timeout, synchronous=FULL; writes in BEGIN IMMEDIATE.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import (Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event,
+                        func, select, update)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from .errors import StoreError, TransitionError
+from .states import TERMINAL, RunState, can_transition
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 60_000
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str] = mapped_column(String)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String, index=True)
+    params_json: Mapped[str] = mapped_column(Text, default="{}")
+    state: Mapped[str] = mapped_column(String, index=True, default=RunState.QUEUED.value)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    needs_paging: Mapped[bool] = mapped_column(Boolean, default=False)
+    timeout_s: Mapped[float] = mapped_column(Float)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    submitted_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)   # worker spawned
+    running_at: Mapped[float | None] = mapped_column(Float, nullable=True)   # `started` event
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pid_create_time: Mapped[float | None] = mapped_column(Float, nullable=True)  # vs pid reuse
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    signal: Mapped[str | None] = mapped_column(String, nullable=True)
+    run_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+    log_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress_done: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_unit: Mapped[str | None] = mapped_column(String, nullable=True)
+    metrics_json: Mapped[str] = mapped_column(Text, default="{}")
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return json.loads(self.params_json)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics_json)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "kind": self.kind, "state": self.state, "reason": self.reason,
+            "params": self.params, "priority": self.priority, "needs_paging": self.needs_paging,
+            "timeout_s": self.timeout_s, "cancel_requested": self.cancel_requested,
+            "pid": self.pid, "exit_code": self.exit_code, "signal": self.signal,
+            "submitted_at": self.submitted_at, "started_at": self.started_at,
+            "running_at": self.running_at, "ended_at": self.ended_at,
+            "log_path": self.log_path, "result_path": self.result_path, "run_dir": self.run_dir,
+            "progress": {"done": self.progress_done, "total": self.progress_total,
+                         "unit": self.progress_unit},
+            "metrics": self.metrics, "heartbeat_at": self.heartbeat_at,
+        }
+
+
+class RunEvent(Base):
+    __tablename__ = "run_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    at: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String)        # "transition" or a worker event name
+    from_state: Mapped[str | None] = mapped_column(String, nullable=True)
+    to_state: Mapped[str | None] = mapped_column(String, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class DaemonRow(Base):
+    """One row per daemon start; `status` reads the newest to tell whether one is alive."""
+    __tablename__ = "daemons"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    hostname: Mapped[str] = mapped_column(String)
+    experimental_paging: Mapped[bool] = mapped_column(Boolean)
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+def _make_engine(db_path: Path) -> Engine:
+    engine = create_engine(f"sqlite:///{db_path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001 - DBAPI hook signature
+        # Let SQLAlchemy's "begin" hook emit BEGIN itself (the pysqlite default defers it).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # IMMEDIATE takes the write lock up front, so two writers queue on busy_timeout instead
+        # of one failing with "database is locked" when it upgrades a read lock.
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def _apply_transition(s: Session, run: Run, dst: RunState, reason: str, **fields: Any) -> None:
+    """The only code that writes runs.state: checks the table, stamps times, logs the event."""
+    src = RunState(run.state)
+    if not can_transition(src, dst):
+        raise TransitionError(f"run {run.id}: {src} -> {dst} is not allowed ({reason})")
+    now = time.time()
+    run.state, run.reason = dst.value, reason
+    for key, value in fields.items():
+        setattr(run, key, value)
+    if dst is RunState.STARTING:
+        run.started_at = now
+    if dst in TERMINAL:
+        run.ended_at = now
+    s.add(RunEvent(run_id=run.id, at=now, kind="transition", from_state=src.value,
+                   to_state=dst.value, reason=reason))
+
+
+class Store:
+    """Opens (creating if needed) the store at db_path and offers the operations the daemon and
+    the CLI need; every method is one short transaction."""
+
+    def __init__(self, db_path: Path) -> None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.db_path = db_path
+        self.engine = _make_engine(db_path)
+        self._init_schema()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _init_schema(self) -> None:
+        with self.engine.begin() as conn:
+            Base.metadata.create_all(conn)
+            row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).first()
+            if row is None:
+                conn.execute(Meta.__table__.insert().values(key="schema_version",
+                                                            value=str(SCHEMA_VERSION)))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.db_path} has schema version {row[0]}, this lab-attendant "
+                    f"understands {SCHEMA_VERSION}; use a matching version or a new state_dir"
+                )
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A BEGIN IMMEDIATE transaction; commits on success."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        conn = self.engine.connect().execution_options(sqlite_begin="DEFERRED")
+        try:
+            with Session(conn, expire_on_commit=False) as session, session.begin():
+                yield session
+        finally:
+            conn.close()
+
+    # -- runs ---------------------------------------------------------------------------------
+    def submit(self, *, kind: str, params: dict[str, Any], priority: int, timeout_s: float,
+               needs_paging: bool) -> Run:
+        now = time.time()
+        with self.write() as s:
+            run = Run(kind=kind, params_json=json.dumps(params, sort_keys=True),
+                      priority=priority, timeout_s=timeout_s, needs_paging=needs_paging,
+                      submitted_at=now, state=RunState.QUEUED.value, reason="submitted")
+            s.add(run)
+            s.flush()
+            s.add(RunEvent(run_id=run.id, at=now, kind="transition", from_state=None,
+                           to_state=RunState.QUEUED.value, reason="submitted"))
+        return run
+
+    def get(self, run_id: int) -> Run | None:
+        with self.read() as s:
+            return s.get(Run, run_id)
+
+    def list_runs(self, *, states: list[str] | None = None, limit: int | None = None,
+                  oldest_first: bool = False) -> list[Run]:
+        q = select(Run)
+        if states:
+            q = q.where(Run.state.in_(states))
+        q = q.order_by(Run.id if oldest_first else Run.id.desc())
+        if limit:
+            q = q.limit(limit)
+        with self.read() as s:
+            return list(s.scalars(q))
+
+    def events(self, run_id: int) -> list[RunEvent]:
+        with self.read() as s:
+            return list(s.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
+                                  .order_by(RunEvent.id)))
+
+    def transition(self, run_id: int, dst: RunState, reason: str, *,
+                   expect: set[RunState] | None = None, **fields: Any) -> Run | None:
+        """Move a run to `dst`, recording `reason` and setting `fields` in the same transaction.
+
+        With `expect`, a run not in one of those states is left alone and None is returned (a
+        claim lost to a race, a cancel of a finished run); otherwise a disallowed move raises.
+        """
+        with self.write() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                raise TransitionError(f"run {run_id} does not exist")
+            if expect is not None and RunState(run.state) not in expect:
+                return None
+            _apply_transition(s, run, dst, reason, **fields)
+            return run
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        """Non-state bookkeeping (progress, metrics, heartbeat, result path)."""
+        if "state" in fields:
+            raise TransitionError("state changes go through transition()")
+        with self.write() as s:
+            s.execute(update(Run).where(Run.id == run_id).values(**fields))
+
+    def add_event(self, run_id: int, kind: str, reason: str) -> None:
+        with self.write() as s:
+            s.add(RunEvent(run_id=run_id, at=time.time(), kind=kind, reason=reason))
+
+    def request_cancel(self, run_id: int) -> Run | None:
+        """Waiting runs are cancelled at once; active ones are flagged for the daemon."""
+        with self.write() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                return None
+            run.cancel_requested = True
+        run = self.transition(run_id, RunState.CANCELLED, "cancelled by user before it started",
+                              expect={RunState.QUEUED, RunState.HELD})
+        return run or self.get(run_id)
+
+    def claim_next(self, *, exclude_paging: bool) -> Run | None:
+        """Atomically take the highest-priority, oldest queued run and mark it STARTING."""
+        with self.write() as s:
+            q = select(Run).where(Run.state == RunState.QUEUED.value)
+            if exclude_paging:
+                q = q.where(Run.needs_paging.is_(False))
+            run = s.scalars(q.order_by(Run.priority.desc(), Run.id).limit(1)).first()
+            if run is None:
+                return None
+            _apply_transition(s, run, RunState.STARTING, "claimed by daemon")
+            return run
+
+    def count_by_state(self) -> dict[str, int]:
+        with self.read() as s:
+            return {st: n for st, n in s.execute(select(Run.state, func.count()).group_by(Run.state))}
+
+    # -- daemon heartbeat ---------------------------------------------------------------------
+    def daemon_started(self, *, pid: int, hostname: str, experimental_paging: bool) -> int:
+        now = time.time()
+        with self.write() as s:
+            row = DaemonRow(pid=pid, hostname=hostname, experimental_paging=experimental_paging,
+                            started_at=now, heartbeat_at=now)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def daemon_heartbeat(self, daemon_id: int, *, stopped: bool = False) -> None:
+        now = time.time()
+        values: dict[str, Any] = {"heartbeat_at": now}
+        if stopped:
+            values["stopped_at"] = now
+        with self.write() as s:
+            s.execute(update(DaemonRow).where(DaemonRow.id == daemon_id).values(**values))
+
+    def latest_daemon(self) -> DaemonRow | None:
+        with self.read() as s:
+            return s.scalars(select(DaemonRow).order_by(DaemonRow.id.desc()).limit(1)).first()
