@@ -51,7 +51,7 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    poll_interval_s: float = 0.5           # main-loop tick when no worker output arrives
+    poll_interval_s: float = 0.25          # main-loop tick when no worker output arrives
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,156 @@
+"""Shared helpers: a config in a temp dir, the CLI and the daemon as real subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTAL_PYTHON = Path(os.environ.get("LAB_ATTENDANT_EXPERIMENTAL_PYTHON",
+                                          ROOT / "venvs" / "experimental" / "bin" / "python"))
+
+
+def wait_for(pred: Callable[[], object], timeout_s: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@dataclass
+class Lab:
+    """One isolated lab-attendant installation: config, state and logs under a temp dir."""
+    root: Path
+    config: Path
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "var"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT)
+        env.pop("LAB_ATTENDANT_CONFIG", None)
+        return env
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "lab_attendant.cli", "--config",
+                               str(self.config), *args], capture_output=True, text=True,
+                              env=self.env(), timeout=timeout, cwd=self.root)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"lab-attendant {' '.join(args)} -> {proc.returncode}\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def submit(self, kind: str, *params: str, extra: tuple[str, ...] = ()) -> int:
+        args = ["submit", kind, "--json", *extra]
+        for p in params:
+            args += ["-p", p]
+        return json.loads(self.cli(*args).stdout)["id"]
+
+    def show(self, run_id: int) -> dict:
+        return json.loads(self.cli("show", str(run_id), "--json").stdout)
+
+    def state(self, run_id: int) -> str:
+        return self.show(run_id)["state"]
+
+    def wait_state(self, run_id: int, states: set[str], timeout_s: float = 30.0) -> dict:
+        def check():
+            run = self.show(run_id)
+            return run if run["state"] in states else None
+        return wait_for(check, timeout_s, f"run {run_id} to reach {states}")
+
+    def start_daemon(self, *flags: str) -> subprocess.Popen:
+        log = open(self.root / "daemon.out", "ab")
+        return subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config",
+                                 str(self.config), "daemon", *flags], stdout=log, stderr=log,
+                                env=self.env(), cwd=self.root, start_new_session=True)
+
+    def daemon_output(self) -> str:
+        p = self.root / "daemon.out"
+        return p.read_text() if p.exists() else ""
+
+
+def write_config(root: Path, *, python: Path | str = sys.executable, **limits: float) -> Path:
+    lim = {"max_concurrent": 2, "default_timeout_s": 120, "kill_grace_s": 1.0,
+           "shutdown_grace_s": 5.0, **limits}
+    lim_toml = "\n".join(f"{k} = {v}" for k, v in lim.items())
+    cfg = root / "lab-attendant.toml"
+    cfg.write_text(f"""
+[paths]
+state_dir = "var"
+logs_dir = "logs"
+models_dir = "models"
+allowed_roots = ["{root}"]
+
+[worker]
+python = "{python}"
+extra_kinds = ["tests.fixtures.kinds"]
+heartbeat_interval_s = 1.0
+
+[limits]
+{lim_toml}
+
+[daemon]
+poll_interval_s = 0.1
+""")
+    return cfg
+
+
+@pytest.fixture
+def lab(tmp_path: Path):
+    lab = Lab(root=tmp_path, config=write_config(tmp_path))
+    daemons: list[subprocess.Popen] = []
+    orig = lab.start_daemon
+
+    def start(*flags: str) -> subprocess.Popen:
+        proc = orig(*flags)
+        daemons.append(proc)
+        return proc
+    lab.start_daemon = start  # type: ignore[method-assign]
+    yield lab
+    for proc in daemons:  # never leave a daemon (or its workers) behind
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+    db = lab.state_dir / "lab_attendant.sqlite3"
+    if db.exists():  # and no worker group either, whatever state the test left
+        import sqlite3
+        with sqlite3.connect(db) as conn:
+            pids = [r[0] for r in conn.execute("SELECT pid FROM runs WHERE pid IS NOT NULL")]
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,114 @@
+"""The store's transition rules and the launcher's SIGTERM -> SIGKILL escalation (FakeHost)."""
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab_attendant.errors import StoreError, TransitionError
+from lab_attendant.launcher import Launcher
+from lab_attendant.states import RunState
+from lab_attendant.store import Store
+from tests.unit.fakes import FakeHost
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "db.sqlite3")
+    yield s
+    s.close()
+
+
+def _submit(store: Store, priority: int = 0, paging: bool = False) -> int:
+    return store.submit(kind="k", params={"a": 1}, priority=priority, timeout_s=5,
+                        needs_paging=paging).id
+
+
+def test_pragmas(store: Store):
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2     # FULL
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
+
+
+def test_transition_records_reason_and_rejects_illegal_moves(store: Store):
+    rid = _submit(store)
+    with pytest.raises(TransitionError, match="queued -> succeeded"):
+        store.transition(rid, RunState.SUCCEEDED, "skip ahead")
+    store.transition(rid, RunState.HELD, "waiting for x")
+    assert store.transition(rid, RunState.STARTING, "race", expect={RunState.QUEUED}) is None
+    store.transition(rid, RunState.CANCELLED, "user")
+    run = store.get(rid)
+    assert run.state == "cancelled" and run.reason == "user" and run.ended_at is not None
+    assert [(e.from_state, e.to_state, e.reason) for e in store.events(rid)] == [
+        (None, "queued", "submitted"), ("queued", "held", "waiting for x"),
+        ("held", "cancelled", "user")]
+    with pytest.raises(TransitionError, match="state changes go through transition"):
+        store.update_run(rid, state="queued")
+
+
+def test_claim_order_priority_then_age_and_paging_filter(store: Store):
+    low, high, paging = _submit(store, 0), _submit(store, 5), _submit(store, 9, paging=True)
+    assert store.claim_next(exclude_paging=True).id == high
+    assert store.claim_next(exclude_paging=True).id == low
+    assert store.claim_next(exclude_paging=True) is None
+    claimed = store.claim_next(exclude_paging=False)
+    assert claimed.id == paging and claimed.state == "starting" and claimed.started_at
+
+
+def test_cancel_of_waiting_run_is_immediate_and_of_active_run_is_a_request(store: Store):
+    waiting, active = _submit(store), _submit(store)
+    store.transition(active, RunState.STARTING, "go")
+    assert store.request_cancel(waiting).state == "cancelled"
+    run = store.request_cancel(active)
+    assert run.state == "starting" and run.cancel_requested
+    assert store.request_cancel(999) is None
+
+
+def test_store_from_a_newer_schema_is_refused(tmp_path: Path):
+    Store(tmp_path / "db").close()
+    with sqlite3.connect(tmp_path / "db") as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match="schema version 99"):
+        Store(tmp_path / "db")
+
+
+class _Proc:
+    pid = 4242
+
+    def poll(self):
+        return None
+
+
+def _worker(launcher: Launcher):
+    from lab_attendant.launcher import Worker
+    return Worker(run_id=1, needs_paging=False, proc=_Proc(), events_fd=-1, output_fd=-1,
+                  started_mono=0.0, deadline_mono=10.0)
+
+
+def test_stop_sends_sigterm_once_then_sigkill_after_grace():
+    host = FakeHost()
+    launcher = Launcher(host, kill_grace_s=5.0)
+    w = _worker(launcher)
+    launcher.stop(w, RunState.CANCELLED, "cancelled by user")
+    launcher.stop(w, RunState.TIMED_OUT, "later reason loses")
+    assert host.signals == [(4242, signal.SIGTERM)]
+    assert w.stop_state is RunState.CANCELLED and w.stop_reason == "cancelled by user"
+    host.advance(4.9)
+    assert not launcher.escalate(w)
+    host.advance(0.2)
+    assert launcher.escalate(w)
+    assert not launcher.escalate(w)               # SIGKILL is sent once
+    assert host.signals == [(4242, signal.SIGTERM), (4242, signal.SIGKILL)]
+
+
+def test_escalate_does_nothing_before_a_stop():
+    host = FakeHost()
+    launcher = Launcher(host, kill_grace_s=0.0)
+    w = _worker(launcher)
+    host.advance(100)
+    assert not launcher.escalate(w) and host.signals == []
