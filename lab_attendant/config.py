@@ -87,14 +87,25 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any, base_dir: Path) -> Any:
     origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a table ([{key}])")
+        return _build(tp, value, f"{key}.", base_dir)
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         return tuple(_coerce(f"{key}[{i}]", v, item_tp, base_dir) for i, v in enumerate(value))
+    if origin is dict:
+        (_key_tp, item_tp) = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a table, got {value!r}")
+        return {k: _coerce(f"{key}.{k}", v, item_tp, base_dir) for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(key, value, inner[0], base_dir)
+        return None if value is None else _coerce(key, value, inner[0], base_dir)
+    if tp is Any:
+        return value
     if tp is bool:
         ok = isinstance(value, bool)
     elif tp is float:
@@ -115,23 +126,29 @@ def _coerce(key: str, value: Any, tp: Any, base_dir: Path) -> Any:
 
 
 def _build(cls: type, table: dict[str, Any], prefix: str, base_dir: Path) -> Any:
+    """Instantiate dataclass `cls` from a TOML table: unknown keys and wrong types are errors;
+    relative paths (given or default) and nested tables resolve against base_dir."""
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in table:
-        if key not in known:
+        if key not in fields:
+            if not prefix:
+                raise ConfigError(f"unknown config section [{key}]; known sections: "
+                                  f"{', '.join('[' + k + ']' for k in fields if k != 'source')}")
             raise ConfigError(
                 f"unknown config key '{prefix}{key}'; known keys in [{prefix.rstrip('.')}]: "
-                f"{', '.join(sorted(known))}"
+                f"{', '.join(sorted(fields))}"
             )
     kwargs = {k: _coerce(prefix + k, v, hints[k], base_dir) for k, v in table.items()}
-    obj = cls(**kwargs)
-    # Defaults that are relative paths resolve against base_dir too.
-    fixes = {}
-    for f in dataclasses.fields(cls):
-        val = getattr(obj, f.name)
-        if f.name not in table and isinstance(val, Path) and not val.is_absolute():
-            fixes[f.name] = base_dir / val
-    return dataclasses.replace(obj, **fixes) if fixes else obj
+    for name, f in fields.items():
+        if name in kwargs:
+            continue
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], {}, f"{prefix}{name}.", base_dir)
+        elif f.default is not dataclasses.MISSING and isinstance(f.default, Path) \
+                and not f.default.is_absolute():
+            kwargs[name] = base_dir / f.default
+    return cls(**kwargs)
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
@@ -155,14 +172,6 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
 
 
 def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None) -> Config:
-    sections = {}
-    for name, table in data.items():
-        if name not in _SECTIONS:
-            raise ConfigError(f"unknown config section [{name}]; known sections: "
-                              f"{', '.join('[' + s + ']' for s in _SECTIONS)}")
-        if not isinstance(table, dict):
-            raise ConfigError(f"config key '{name}' must be a table ([{name}])")
-        sections[name] = _build(_SECTIONS[name], table, f"{name}.", base_dir)
-    for name, cls in _SECTIONS.items():
-        sections.setdefault(name, _build(cls, {}, f"{name}.", base_dir))
-    return Config(**sections, source=source)
+    if "source" in data:
+        raise ConfigError("unknown config section [source]")
+    return dataclasses.replace(_build(Config, data, "", base_dir), source=source)
