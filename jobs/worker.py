@@ -59,7 +59,12 @@ def _is_oom(exc: BaseException) -> bool:
 
 def _heartbeat(events: EventWriter, interval_s: float, stop: threading.Event) -> None:
     while not stop.wait(interval_s):
-        events.emit(protocol.HEARTBEAT)
+        try:
+            events.emit(protocol.HEARTBEAT)
+        except BrokenPipeError:
+            # The supervisor is gone and will not adopt this run: stop, like a cancel would.
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def _on_sigterm(signum: int, _frame: Any) -> None:

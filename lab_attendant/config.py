@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.units import parse_size
+
 from . import PROJECT_ROOT
 from .errors import ConfigError
 
@@ -22,6 +24,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_ENV = "LAB_ATTENDANT_CONFIG"
+# A byte count; in TOML either an integer or a string such as "2GiB" or "500MB".
+ByteSize = typing.NewType("ByteSize", int)
 DEFAULT_CONFIG_NAME = "lab-attendant.toml"
 
 
@@ -55,11 +59,48 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class GuardsConfig:
+    sensors: str = "nvml"                  # "nvml", "none", or "file:PATH" (simulation/tests)
+    guard_interval_s: float = 1.0          # how often readings are taken and acted on
+    thermal_limit_c: float = 85.0          # above this, paging workers are stopped
+    resume_below_c: float = 75.0           # paging admissions resume below this
+    kill_grace_s: float | None = None      # SIGTERM -> SIGKILL for guard kills; None: [limits]
+    min_available_ram_bytes: ByteSize = ByteSize(512 * 1024**2)  # host floor; 0 = off
+    max_worker_rss_bytes: ByteSize = ByteSize(0)     # one worker tree's RSS; 0 = off
+    vram_budget_bytes: ByteSize = ByteSize(0)        # one worker tree's GPU memory; 0 = off
+    vram_margin_bytes: ByteSize = ByteSize(256 * 1024**2)  # tolerated over vram_budget_bytes
+
+
+@dataclass(frozen=True)
+class CotenantConfig:
+    """A GPU co-tenant (EarNode) suspended while paging runs are active."""
+    unit: str | None = None                # systemd unit: systemctl stop/start UNIT
+    stop: tuple[str, ...] = ()             # or argv lists (never shell strings)
+    start: tuple[str, ...] = ()
+    pid_file: Path | None = None           # its main pid: release = pid gone from GPU and host
+    expected_vram_bytes: ByteSize = ByteSize(0)  # without pid_file: wait for this much to free
+    release_timeout_s: float = 30.0        # how long to wait for its GPU memory after stop
+    restore_delay_s: float = 10.0          # restore once no paging run was active this long
+    command_timeout_s: float = 60.0        # a stop/start command running longer has failed
+    retry_after_s: float = 60.0            # after a failed stop, try again this much later
+
+    @property
+    def stop_argv(self) -> tuple[str, ...]:
+        return ("systemctl", "stop", self.unit) if self.unit else self.stop
+
+    @property
+    def start_argv(self) -> tuple[str, ...]:
+        return ("systemctl", "start", self.unit) if self.unit else self.start
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
+    cotenants: dict[str, CotenantConfig] = field(default_factory=dict)
     source: Path | None = None             # the TOML file read, None for built-in defaults
 
     @property
@@ -106,6 +147,14 @@ def _coerce(key: str, value: Any, tp: Any, base_dir: Path) -> Any:
         return None if value is None else _coerce(key, value, inner[0], base_dir)
     if tp is Any:
         return value
+    if tp is ByteSize:
+        if not isinstance(value, (int, str)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a byte count: an integer or a string "
+                              f"such as \"2GiB\", got {value!r}")
+        try:
+            return ByteSize(parse_size(value))
+        except ValueError as exc:
+            raise ConfigError(f"config key '{key}': {exc}") from None
     if tp is bool:
         ok = isinstance(value, bool)
     elif tp is float:
@@ -174,4 +223,25 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
 def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None) -> Config:
     if "source" in data:
         raise ConfigError("unknown config section [source]")
-    return dataclasses.replace(_build(Config, data, "", base_dir), source=source)
+    cfg = dataclasses.replace(_build(Config, data, "", base_dir), source=source)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    """Checks that span keys, or that a type alone cannot express."""
+    g = cfg.guards
+    if not (g.sensors in ("nvml", "none") or g.sensors.startswith("file:")):
+        raise ConfigError(f"config key 'guards.sensors' must be \"nvml\", \"none\" or "
+                          f"\"file:PATH\", got {g.sensors!r}")
+    if g.resume_below_c > g.thermal_limit_c:
+        raise ConfigError("config key 'guards.resume_below_c' must not exceed "
+                          "guards.thermal_limit_c")
+    if g.guard_interval_s <= 0 or cfg.daemon.poll_interval_s <= 0:
+        raise ConfigError("guards.guard_interval_s and daemon.poll_interval_s must be > 0")
+    for name, c in cfg.cotenants.items():
+        if bool(c.unit) == bool(c.stop or c.start):
+            raise ConfigError(f"[cotenants.{name}] needs either unit = \"NAME.service\" or "
+                              "both stop = [argv] and start = [argv]")
+        if not c.unit and not (c.stop and c.start):
+            raise ConfigError(f"[cotenants.{name}] needs both stop = [argv] and start = [argv]")

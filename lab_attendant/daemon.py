@@ -19,8 +19,10 @@ from jobs import protocol
 from jobs.kinds import Kind, registry
 
 from .config import Config
+from .cotenants import Cotenants
 from .errors import DaemonLockedError
-from .host import Host, signal_name
+from .guards import Action, Guards, WorkerInfo
+from .host import Host, make_sensors, signal_name
 from .launcher import Launcher, Worker
 from .logsetup import RunOutput, get_logger, log_for
 from .states import ACTIVE, RunState
@@ -82,6 +84,9 @@ class Daemon:
         self.launcher = Launcher(self.host, kill_grace_s=cfg.limits.kill_grace_s)
         self.kinds: dict[str, Kind] = registry(cfg.worker.extra_kinds)
         self.store: Store | None = None
+        self.guards = Guards(cfg.guards, self.host, make_sensors(cfg.guards.sensors))
+        self.cotenants: Cotenants | None = None
+        self._last_guard = float("-inf")
         self.workers: dict[int, Worker] = {}
         self.outputs: dict[int, RunOutput] = {}
         self._signals: list[int] = []
@@ -99,6 +104,9 @@ class Daemon:
         try:
             self._install_signals()
             self.reconcile()
+            self.cotenants = Cotenants(self.cfg.cotenants, self.host, self._cotenant_event,
+                                       self.store.set_cotenant)
+            self.cotenants.restore_persisted({r.name for r in self.store.cotenants() if r.suspended})
             self._daemon_id = self.store.daemon_started(
                 pid=os.getpid(), hostname=socket.gethostname(),
                 experimental_paging=self.experimental_paging)
@@ -112,6 +120,8 @@ class Daemon:
             log.info("daemon stopped", pid=os.getpid())
             return 0
         finally:
+            if self.cotenants is not None:
+                self.cotenants.restore_all("daemon shutdown")
             if self._daemon_id:
                 self.store.daemon_heartbeat(self._daemon_id, stopped=True)
             self.store.close()
@@ -159,7 +169,8 @@ class Daemon:
         for w in self.workers.values():
             fds += [w.events_fd, w.output_fd]
         try:
-            select.select(fds, [], [], self.cfg.daemon.poll_interval_s)
+            select.select(fds, [], [], min(self.cfg.daemon.poll_interval_s,
+                                           self.cfg.guards.guard_interval_s))
         except InterruptedError:
             pass
         try:
@@ -174,6 +185,7 @@ class Daemon:
         self._reap()
         self._handle_signals()
         self._enforce()
+        self._guard_tick()
         if self._stopping_since is None:
             self._admit()
         now = self.host.monotonic()
@@ -234,6 +246,7 @@ class Daemon:
             log_for(w.needs_paging, "lab_attendant.daemon").info(
                 "run ended", run_id=w.run_id, state=state.value, reason=reason)
             self.outputs.pop(w.run_id).close()
+            self.guards.forget(w.run_id)
             del self.workers[w.run_id]
 
     def _classify(self, w: Worker, code: int) -> tuple[RunState, str]:
@@ -248,6 +261,9 @@ class Daemon:
             return RunState.FAILED, "worker exited 0 without reporting a result"
         if code == protocol.EXIT_OOM:
             return RunState.OOM, f"out of memory: {err or 'worker reported OOM'}"
+        if code == -signal.SIGKILL:
+            near, hint = self.guards.sigkill_hint(w.run_id)
+            return (RunState.OOM if near else RunState.FAILED), f"worker {how}{hint}"
         if code < 0:
             return RunState.FAILED, f"worker {how}" + (f" after error {err}" if err else "")
         return RunState.FAILED, f"{err} ({how})" if err else f"worker {how}"
@@ -279,25 +295,68 @@ class Daemon:
                     grace_s=self.cfg.limits.kill_grace_s)
 
     def _admit(self) -> None:
-        self._apply_paging_holds()
+        hold = self._paging_hold()
+        self._apply_holds(hold)
         while len(self.workers) < self.cfg.limits.max_concurrent:
-            run = self.store.claim_next(exclude_paging=not self.experimental_paging)
+            run = self.store.claim_next(exclude_paging=hold is not None)
             if run is None:
                 return
             self._spawn(run)
 
-    def _apply_paging_holds(self) -> None:
-        if self.experimental_paging:
-            for run in self.store.list_runs(states=[RunState.HELD.value]):
-                if run.reason == HOLD_PAGING_OFF:
-                    self.store.transition(run.id, RunState.QUEUED, "experimental paging is on",
-                                          expect={RunState.HELD})
-        else:
-            for run in self.store.list_runs(states=[RunState.QUEUED.value]):
-                if run.needs_paging:
-                    self.store.transition(run.id, RunState.HELD, HOLD_PAGING_OFF,
-                                          expect={RunState.QUEUED})
-                    log_for(True).info("run held", run_id=run.id, reason=HOLD_PAGING_OFF)
+    def _paging_hold(self) -> str | None:
+        """Why paging runs may not start now, or None."""
+        if not self.experimental_paging:
+            return HOLD_PAGING_OFF
+        return self.guards.thermal_hold or self.cotenants.hold_reason()
+
+    def _apply_holds(self, hold: str | None) -> None:
+        for run in self.store.list_runs(states=[RunState.HELD.value]):
+            if run.needs_paging and run.reason != hold:
+                self.store.transition(run.id, RunState.QUEUED,
+                                      "hold lifted" if hold is None else "hold changed",
+                                      expect={RunState.HELD})
+        if hold is None:
+            return
+        for run in self.store.list_runs(states=[RunState.QUEUED.value]):
+            if run.needs_paging:
+                self.store.transition(run.id, RunState.HELD, hold, expect={RunState.QUEUED})
+                log_for(True).info("run held", run_id=run.id, reason=hold)
+
+    # -- guards and co-tenants ------------------------------------------------------------------
+    def _guard_tick(self) -> None:
+        now = self.host.monotonic()
+        if now - self._last_guard < self.cfg.guards.guard_interval_s:
+            return
+        self._last_guard = now
+        infos = [WorkerInfo(w.run_id, w.pid, w.needs_paging) for w in self.workers.values()
+                 if w.kill_sent_mono is None]
+        for action in self.guards.poll(infos):
+            self._guard_action(action)
+        waiting = self.store.list_runs(states=[RunState.QUEUED.value, RunState.HELD.value])
+        paging_wanted = (self.experimental_paging and self.guards.thermal_hold is None
+                         and self._stopping_since is None
+                         and any(r.needs_paging for r in waiting))
+        self.cotenants.step(paging_wanted=paging_wanted,
+                            paging_active=any(w.needs_paging for w in self.workers.values()),
+                            gpus=self.guards.last_gpus)
+        self.store.set_meta("guard_readings", {
+            "at": time.time(), **self.guards.readings, "paging_hold": self._paging_hold(),
+            "cotenants": {c.name: c.phase for c in self.cotenants.items}})
+
+    def _guard_action(self, a: Action) -> None:
+        w = self.workers.get(a.run_id) if a.run_id is not None else None
+        self.store.add_guard_event(guard=a.guard, action=a.action, reason=a.reason,
+                                   run_id=a.run_id, reading=a.reading)
+        paging = w.needs_paging if w else a.guard == "thermal"
+        log_for(paging, "lab_attendant.guards").warning(
+            "guard " + a.action, guard=a.guard, run_id=a.run_id, reason=a.reason)
+        if a.action == "kill" and w is not None:
+            self.launcher.stop(w, a.state, a.reason, grace_s=self.cfg.guards.kill_grace_s)
+
+    def _cotenant_event(self, name: str, action: str, reason: str) -> None:
+        self.store.add_guard_event(guard=f"cotenant:{name}", action=action, reason=reason)
+        log_for(True, "lab_attendant.cotenants").info("co-tenant " + action, cotenant=name,
+                                                      reason=reason)
 
     def _spawn(self, run) -> None:
         kind = self.kinds.get(run.kind)

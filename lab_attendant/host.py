@@ -5,10 +5,12 @@ The daemon and launcher call only this; unit tests pass a FakeHost (tests/unit/f
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -63,6 +65,22 @@ class Host:
     def pid_alive(self, pid: int) -> bool:
         return self.process_create_time(pid) is not None
 
+    def tree_pids(self, pid: int) -> set[int]:
+        """A process and all its descendants (empty if it is gone)."""
+        try:
+            proc = psutil.Process(pid)
+            return {pid, *(c.pid for c in proc.children(recursive=True))}
+        except psutil.NoSuchProcess:
+            return set()
+
+    def available_ram_bytes(self) -> int:
+        return int(psutil.virtual_memory().available)
+
+    def start_command(self, argv: Sequence[str]) -> subprocess.Popen:
+        """A configured command (argv list, never a shell string), output captured."""
+        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
     def rss_tree_bytes(self, pid: int) -> int:
         """RSS of a process and all its descendants (0 if it is gone)."""
         try:
@@ -84,3 +102,132 @@ SIGNAL_NAMES = {s.value: s.name for s in signal.Signals}
 
 def signal_name(signum: int) -> str:
     return SIGNAL_NAMES.get(signum, f"signal {signum}")
+
+
+# -- GPU sensors ------------------------------------------------------------------------------------
+@dataclass
+class GpuReading:
+    index: int
+    temperature_c: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    processes: dict[int, int] = field(default_factory=dict)   # pid -> GPU bytes used
+    throttle_reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "temperature_c": self.temperature_c,
+                "memory_used_bytes": self.memory_used_bytes,
+                "memory_total_bytes": self.memory_total_bytes,
+                "processes": [{"pid": p, "used_bytes": b} for p, b in self.processes.items()],
+                "throttle_reasons": self.throttle_reasons}
+
+
+class SensorsUnavailable(Exception):
+    """No GPU readings can be had (no NVML, no GPU, unreadable file); host guards still work."""
+
+
+class NoSensors:
+    name = "none"
+
+    def read(self) -> list[GpuReading]:
+        raise SensorsUnavailable("GPU sensors are off ([guards] sensors = \"none\")")
+
+
+class FileSensors:
+    """Readings from a JSON file re-read at every poll: for simulation and e2e tests only.
+
+    Format: {"gpus": [{"index": 0, "temperature_c": 60.0, "memory_used_bytes": 0,
+    "memory_total_bytes": 11811160064, "processes": [{"pid": 123, "used_bytes": 0}]}]};
+    a missing field means unknown.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = f"file:{path}"
+
+    def read(self) -> list[GpuReading]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SensorsUnavailable(f"sensor file {self.path} unreadable: {exc}") from None
+        out = []
+        for i, g in enumerate(data.get("gpus", [])):
+            out.append(GpuReading(
+                index=int(g.get("index", i)), temperature_c=g.get("temperature_c"),
+                memory_used_bytes=g.get("memory_used_bytes"),
+                memory_total_bytes=g.get("memory_total_bytes"),
+                processes={int(p["pid"]): int(p.get("used_bytes") or 0)
+                           for p in g.get("processes", [])},
+                throttle_reasons=list(g.get("throttle_reasons", []))))
+        return out
+
+
+class NvmlSensors:
+    """The real readings, through NVML (package nvidia-ml-py)."""
+
+    name = "nvml"
+
+    def __init__(self) -> None:
+        self._nvml = None
+        self._error: str | None = None
+
+    def _init(self):
+        if self._nvml is None and self._error is None:
+            try:
+                import pynvml
+                pynvml.nvmlInit()
+                self._nvml = pynvml
+            except Exception as exc:  # noqa: BLE001 - any NVML failure means "no GPU readings"
+                self._error = f"NVML unavailable ({type(exc).__name__}: {exc})"
+        if self._nvml is None:
+            raise SensorsUnavailable(self._error)
+        return self._nvml
+
+    def _throttle(self, nv, handle) -> list[str]:
+        getter = (getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                  or getattr(nv, "nvmlDeviceGetCurrentClocksThrottleReasons"))
+        mask = getter(handle)
+        names = []
+        for attr in dir(nv):
+            for prefix in ("nvmlClocksEventReason", "nvmlClocksThrottleReason"):
+                if attr.startswith(prefix) and attr[len(prefix):] not in ("All", "None", "Unknown"):
+                    bit = getattr(nv, attr)
+                    if isinstance(bit, int) and bit and mask & bit:
+                        names.append(attr[len(prefix):])
+        return sorted(set(names))
+
+    def read(self) -> list[GpuReading]:
+        nv = self._init()
+        out = []
+        for i in range(nv.nvmlDeviceGetCount()):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            procs: dict[int, int] = {}
+            for getter in ("nvmlDeviceGetComputeRunningProcesses",
+                           "nvmlDeviceGetGraphicsRunningProcesses"):
+                try:
+                    for p in getattr(nv, getter)(h):
+                        procs[p.pid] = procs.get(p.pid, 0) + int(p.usedGpuMemory or 0)
+                except nv.NVMLError:
+                    pass
+            try:
+                throttle = self._throttle(nv, h)
+            except nv.NVMLError:
+                throttle = []
+            out.append(GpuReading(
+                index=i,
+                temperature_c=float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+                memory_used_bytes=int(mem.used), memory_total_bytes=int(mem.total),
+                processes=procs, throttle_reasons=throttle))
+        return out
+
+
+def make_sensors(spec: str):
+    """'nvml' (default), 'none', or 'file:PATH'."""
+    if spec == "nvml":
+        return NvmlSensors()
+    if spec == "none":
+        return NoSensors()
+    if spec.startswith("file:"):
+        return FileSensors(Path(spec[5:]).expanduser())
+    raise ValueError(f"unknown sensors {spec!r}: use \"nvml\", \"none\" or \"file:PATH\"")

@@ -36,6 +36,7 @@ class Worker:
     output_tail: bytes = b""
     stop_state: RunState | None = None   # why we are stopping it, decided before the signal
     stop_reason: str = ""
+    kill_grace_s: float | None = None    # this stop's grace; None: the launcher's default
     term_sent_mono: float | None = None
     kill_sent_mono: float | None = None
     result_path: str | None = None
@@ -117,10 +118,10 @@ class Launcher:
             w.output_tail = b""
         return lines
 
-    def stop(self, w: Worker, state: RunState, reason: str) -> None:
+    def stop(self, w: Worker, state: RunState, reason: str, *, grace_s: float | None = None) -> None:
         """Ask the group to stop (SIGTERM); the first reason given wins."""
         if w.stop_state is None:
-            w.stop_state, w.stop_reason = state, reason
+            w.stop_state, w.stop_reason, w.kill_grace_s = state, reason, grace_s
         if w.term_sent_mono is None:
             w.term_sent_mono = self.host.monotonic()
             self.host.killpg(w.pgid, signal.SIGTERM)
@@ -132,8 +133,9 @@ class Launcher:
 
     def escalate(self, w: Worker) -> bool:
         """SIGKILL a group that outlived its grace after SIGTERM; True if it did so now."""
+        grace = self.kill_grace_s if w.kill_grace_s is None else w.kill_grace_s
         if (w.term_sent_mono is not None and w.kill_sent_mono is None
-                and self.host.monotonic() - w.term_sent_mono >= self.kill_grace_s):
+                and self.host.monotonic() - w.term_sent_mono >= grace):
             self.kill_now(w)
             return True
         return False

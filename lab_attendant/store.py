@@ -105,6 +105,31 @@ class DaemonRow(Base):
     stopped_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class GuardEvent(Base):
+    """A guard's or co-tenant's action: kills, holds, resumes, suspensions, failures."""
+    __tablename__ = "guard_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    guard: Mapped[str] = mapped_column(String)        # thermal, host_ram, worker_rss, cotenant:NAME
+    action: Mapped[str] = mapped_column(String)       # kill, hold, resume, stop, suspended, ...
+    run_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    reading_json: Mapped[str] = mapped_column(Text, default="{}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "guard": self.guard, "action": self.action, "run_id": self.run_id,
+                "reason": self.reason, "reading": json.loads(self.reading_json)}
+
+
+class CotenantRow(Base):
+    """Persisted suspension: a daemon that starts and finds suspended=True restores it."""
+    __tablename__ = "cotenants"
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    suspended: Mapped[bool] = mapped_column(Boolean)
+    changed_at: Mapped[float] = mapped_column(Float)
+    note: Mapped[str] = mapped_column(Text, default="")
+
+
 def _make_engine(db_path: Path) -> Engine:
     engine = create_engine(f"sqlite:///{db_path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
@@ -274,6 +299,37 @@ class Store:
     def count_by_state(self) -> dict[str, int]:
         with self.read() as s:
             return {st: n for st, n in s.execute(select(Run.state, func.count()).group_by(Run.state))}
+
+    # -- guards and co-tenants -------------------------------------------------------------------
+    def add_guard_event(self, *, guard: str, action: str, reason: str, run_id: int | None = None,
+                        reading: dict[str, Any] | None = None) -> None:
+        with self.write() as s:
+            s.add(GuardEvent(at=time.time(), guard=guard, action=action, run_id=run_id,
+                             reason=reason, reading_json=json.dumps(reading or {}, default=str)))
+
+    def guard_events(self, *, run_id: int | None = None, limit: int = 50) -> list[GuardEvent]:
+        q = select(GuardEvent)
+        if run_id is not None:
+            q = q.where(GuardEvent.run_id == run_id)
+        with self.read() as s:
+            return list(reversed(list(s.scalars(q.order_by(GuardEvent.id.desc()).limit(limit)))))
+
+    def set_cotenant(self, name: str, suspended: bool, note: str) -> None:
+        with self.write() as s:
+            s.merge(CotenantRow(name=name, suspended=suspended, changed_at=time.time(), note=note))
+
+    def cotenants(self) -> list[CotenantRow]:
+        with self.read() as s:
+            return list(s.scalars(select(CotenantRow).order_by(CotenantRow.name)))
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.write() as s:
+            s.merge(Meta(key=key, value=json.dumps(value, default=str)))
+
+    def get_meta(self, key: str) -> Any:
+        with self.read() as s:
+            row = s.get(Meta, key)
+            return json.loads(row.value) if row else None
 
     # -- daemon heartbeat ---------------------------------------------------------------------
     def daemon_started(self, *, pid: int, hostname: str, experimental_paging: bool) -> int:

@@ -86,7 +86,8 @@ class Lab:
         return p.read_text() if p.exists() else ""
 
 
-def write_config(root: Path, *, python: Path | str = sys.executable, **limits: float) -> Path:
+def write_config(root: Path, *, python: Path | str = sys.executable, heartbeat_s: float = 1.0,
+                 extra: str = "", **limits: float) -> Path:
     lim = {"max_concurrent": 2, "default_timeout_s": 120, "kill_grace_s": 1.0,
            "shutdown_grace_s": 5.0, **limits}
     lim_toml = "\n".join(f"{k} = {v}" for k, v in lim.items())
@@ -101,13 +102,18 @@ allowed_roots = ["{root}"]
 [worker]
 python = "{python}"
 extra_kinds = ["tests.fixtures.kinds"]
-heartbeat_interval_s = 1.0
+heartbeat_interval_s = {heartbeat_s}
 
 [limits]
 {lim_toml}
 
 [daemon]
 poll_interval_s = 0.1
+
+[guards]
+sensors = "none"
+guard_interval_s = 0.2
+{extra}
 """)
     return cfg
 

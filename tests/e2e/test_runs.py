@@ -102,9 +102,9 @@ def test_errors_and_oom_are_classified(lab: Lab):
     assert "Traceback" in lab.cli("logs", str(crash)).stdout
 
 
-def test_daemon_sigkilled_with_two_runs_in_flight_is_reconciled(lab: Lab):
+def _two_runs_then_kill_daemon(lab: Lab, *params: str):
     daemon = lab.start_daemon()
-    rids = [lab.submit("sleepy", "seconds=60", "grandchild=true") for _ in range(2)]
+    rids = [lab.submit("sleepy", "seconds=60", "grandchild=true", *params) for _ in range(2)]
     runs = [lab.wait_state(r, {"running"}) for r in rids]
     gpids = []
     for run in runs:
@@ -112,13 +112,42 @@ def test_daemon_sigkilled_with_two_runs_in_flight_is_reconciled(lab: Lab):
         gpids.append(int(wait_for(lambda: p.exists() and p.read_text(), what="grandchild")))
     os.kill(daemon.pid, signal.SIGKILL)
     daemon.wait(10)
-    assert all(pid_alive(r["pid"]) for r in runs)     # orphans, until the next daemon starts
+    return rids, [r["pid"] for r in runs] + gpids
+
+
+def test_daemon_sigkilled_with_two_live_runs_kills_them_on_restart(tmp_path: Path):
+    # Quiet workers with a slow heartbeat do not notice the daemon's death before the restart.
+    lab = Lab(tmp_path, write_config(tmp_path, heartbeat_s=600))
+    try:
+        rids, pids = _two_runs_then_kill_daemon(lab, "quiet=true")
+        assert all(pid_alive(p) for p in pids)      # orphans, until the next daemon starts
+        lab.start_daemon()
+        for rid in rids:
+            run = lab.wait_state(rid, ENDED)
+            assert run["state"] == "lost"
+            assert "was still running and was killed" in run["reason"]
+        for pid in pids:
+            wait_for(lambda: not pid_alive(pid), 10, f"pid {pid} to die")
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["pkill", "-KILL", "-f", str(lab.config)], check=False)
+
+
+def test_workers_stop_when_their_daemon_dies_and_restart_marks_them_lost(lab: Lab):
+    rids, pids = _two_runs_then_kill_daemon(lab)
+    worker_pids = pids[:2]
+    # The broken event pipe makes each worker stop by itself (heartbeat every 1 s here).
+    for pid in worker_pids:
+        wait_for(lambda: not pid_alive(pid), 15, f"worker {pid} to notice")
     lab.start_daemon()
     for rid in rids:
         run = lab.wait_state(rid, ENDED)
-        assert run["state"] == "lost"
-        assert "was still running and was killed" in run["reason"]
-    for pid in [r["pid"] for r in runs] + gpids:
+        assert run["state"] == "lost" and run["reason"].startswith("daemon restarted")
+    for pid in pids:      # grandchildren included: their group is killed on reconcile
         wait_for(lambda: not pid_alive(pid), 10, f"pid {pid} to die")
 
 
