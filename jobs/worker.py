@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 from . import protocol
 from .atomic import write_atomic
 from .protocol import EventWriter
+from .units import parse_size
 
 log = logging.getLogger("jobs.worker")
 
@@ -50,6 +52,19 @@ class Context:
     def write_json(self, name: str, obj: Any) -> Path:
         return write_atomic(self.output_dir / name,
                             (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+_OOM_BYTES = re.compile(r"Tried to allocate ([0-9.]+ ?[KMGT]i?B).*?of which ([0-9.]+ ?[KMGT]i?B) is free",
+                        re.S)
+
+
+def _oom_details(exc: BaseException) -> dict[str, Any]:
+    """requested/free bytes from torch's CUDA OOM message, when it has them."""
+    m = _OOM_BYTES.search(str(exc))
+    if not m:
+        return {}
+    return {"requested_bytes": parse_size(m.group(1).replace(" ", "")),
+            "free_bytes": parse_size(m.group(2).replace(" ", ""))}
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -104,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         fields: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)[:2000]}
         if _is_oom(exc):
-            fields.update(getattr(exc, "oom_details", {}))
+            fields.update(_oom_details(exc))
             events.emit(protocol.ERROR, **fields)
             return protocol.EXIT_OOM
         events.emit(protocol.ERROR, **fields)

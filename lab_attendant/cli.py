@@ -133,10 +133,12 @@ def _get_run(cfg: Config, run_id: int):
 def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
     run = _get_run(cfg, args.id)
     events = _store(cfg).events(run.id)
+    guard_events = _store(cfg).guard_events(run_id=run.id)
     if args.json:
         out = run.to_dict()
         out["events"] = [{"at": e.at, "kind": e.kind, "from": e.from_state, "to": e.to_state,
                           "reason": e.reason} for e in events]
+        out["guard_events"] = [g.to_dict() for g in guard_events]
         print(json.dumps(out))
         return 0
     d = run.to_dict()
@@ -153,6 +155,10 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
     for e in events:
         what = f"{e.from_state or '-'} -> {e.to_state}" if e.kind == "transition" else e.kind
         print(f"    {_fmt_time(e.at)}  {what:<22} {e.reason}")
+    if guard_events:
+        print("      guards:")
+        for g in guard_events:
+            print(f"    {_fmt_time(g.at)}  {g.guard + ' ' + g.action:<22} {g.reason}")
     return 0
 
 
@@ -200,6 +206,10 @@ def _status(cfg: Config) -> dict[str, Any]:
         "held": counts.get(RunState.HELD.value, 0),
         "running": [{"id": r.id, "kind": r.kind, "state": r.state, "pid": r.pid} for r in running],
         "counts": counts, "state_dir": str(cfg.paths.state_dir),
+        "guards": store.get_meta("guard_readings") if alive else None,
+        "guard_events": [g.to_dict() for g in store.guard_events(limit=20)],
+        "cotenants": [{"name": c.name, "suspended": c.suspended, "changed_at": c.changed_at,
+                       "note": c.note} for c in store.cotenants()],
     }
 
 
@@ -217,6 +227,30 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     print(f"queue: {st['queue_depth']} queued, {st['held']} held; {len(st['running'])} running")
     for r in st["running"]:
         print(f"  run {r['id']} {r['kind']} {r['state']} pid {r['pid']}")
+    g = st["guards"]
+    if g:
+        print(f"guards (read {time.time() - g['at']:.0f} s ago):")
+        for gpu in g.get("gpus") or []:
+            used, total = gpu.get("memory_used_bytes"), gpu.get("memory_total_bytes")
+            mem = f"{format_size(used)} / {format_size(total)}" if used is not None and total else "?"
+            throttle = f", throttling: {', '.join(gpu['throttle_reasons'])}" if gpu.get(
+                "throttle_reasons") else ""
+            print(f"  GPU {gpu['index']}: {gpu.get('temperature_c')} °C, memory {mem}{throttle}")
+        if g.get("gpu_unavailable"):
+            print(f"  GPU readings unavailable: {g['gpu_unavailable']}")
+        print(f"  host available RAM: {format_size(g['available_ram_bytes'])}")
+        for rid, w in (g.get("workers") or {}).items():
+            gpu_b = format_size(w["gpu_bytes"]) if w.get("gpu_bytes") is not None else "?"
+            print(f"  run {rid}: RSS {format_size(w['rss_bytes'] or 0)}, GPU {gpu_b}")
+        if g.get("paging_hold"):
+            print(f"  paging hold: {g['paging_hold']}")
+    for c in st["cotenants"]:
+        print(f"co-tenant {c['name']}: {'SUSPENDED' if c['suspended'] else 'running'} "
+              f"since {_fmt_time(c['changed_at'])} ({c['note']})")
+    if st["guard_events"]:
+        print("recent guard events:")
+        for e in st["guard_events"][-5:]:
+            print(f"  {_fmt_time(e['at'])}  {e['guard']} {e['action']}: {e['reason']}")
     return 0
 
 

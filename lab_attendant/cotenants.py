@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 from .config import CotenantConfig
 from .host import GpuReading
@@ -21,6 +21,7 @@ Record = Callable[[str, str, str], None]   # (cotenant name, action, reason) -> 
 @dataclass
 class _Cmd:
     proc: subprocess.Popen
+    output: IO[bytes]
     deadline: float
 
 
@@ -39,8 +40,8 @@ class Cotenant:
 
     # -- commands ---------------------------------------------------------------------------------
     def _launch(self, argv: tuple[str, ...]) -> None:
-        self._cmd = _Cmd(self.host.start_command(argv),
-                         self.host.monotonic() + self.cfg.command_timeout_s)
+        proc, output = self.host.start_command(argv)
+        self._cmd = _Cmd(proc, output, self.host.monotonic() + self.cfg.command_timeout_s)
 
     def _finished(self) -> tuple[bool, str] | None:
         """None while the command runs; (ok, output tail) when it ended or timed out."""
@@ -54,9 +55,9 @@ class Cotenant:
             ok, what = False, f"timed out after {self.cfg.command_timeout_s:g} s"
         else:
             ok, what = code == 0, f"exit code {code}"
-        out = (cmd.proc.stdout.read() or b"").decode(errors="replace").strip() if cmd.proc.stdout else ""
-        if cmd.proc.stdout:
-            cmd.proc.stdout.close()
+        cmd.output.seek(0)
+        out = cmd.output.read().decode(errors="replace").strip()
+        cmd.output.close()
         self._cmd = None
         tail = out.splitlines()[-1][:200] if out else ""
         return ok, what + (f": {tail}" if tail else "")

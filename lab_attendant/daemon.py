@@ -17,6 +17,7 @@ from typing import Any
 
 from jobs import protocol
 from jobs.kinds import Kind, registry
+from jobs.units import format_size
 
 from .config import Config
 from .cotenants import Cotenants
@@ -260,7 +261,11 @@ class Daemon:
                 return RunState.SUCCEEDED, f"result written to {w.result_path}"
             return RunState.FAILED, "worker exited 0 without reporting a result"
         if code == protocol.EXIT_OOM:
-            return RunState.OOM, f"out of memory: {err or 'worker reported OOM'}"
+            sizes = ""
+            if w.error and w.error.get("requested_bytes") is not None:
+                sizes = (f"requested {format_size(w.error['requested_bytes'])} with "
+                         f"{format_size(w.error['free_bytes'])} free; ")
+            return RunState.OOM, f"out of memory: {sizes}{err or 'worker reported OOM'}"
         if code == -signal.SIGKILL:
             near, hint = self.guards.sigkill_hint(w.run_id)
             return (RunState.OOM if near else RunState.FAILED), f"worker {how}{hint}"

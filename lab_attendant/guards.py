@@ -70,7 +70,8 @@ class Guards:
             actions += self._thermal(gpus, workers)
         rss = {w.run_id: self.host.rss_tree_bytes(w.pid) for w in workers}
         available = self.host.available_ram_bytes()
-        self._last_rss.update(rss)
+        # 0 means the tree is already gone (e.g. a zombie not yet reaped): keep the last real one.
+        self._last_rss.update({k: v for k, v in rss.items() if v})
         self._last_available = available
         actions += self._memory(workers, rss, available)
         vram = self._worker_vram(gpus, workers) if gpus else {}

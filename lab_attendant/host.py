@@ -9,10 +9,11 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
 import psutil
 
@@ -76,10 +77,17 @@ class Host:
     def available_ram_bytes(self) -> int:
         return int(psutil.virtual_memory().available)
 
-    def start_command(self, argv: Sequence[str]) -> subprocess.Popen:
-        """A configured command (argv list, never a shell string), output captured."""
-        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    def start_command(self, argv: Sequence[str]) -> tuple[subprocess.Popen, IO[bytes]]:
+        """A configured command (argv list, never a shell string); its output goes to a temp
+        file, not a pipe: a service it daemonizes may keep a pipe open forever."""
+        out = tempfile.TemporaryFile()
+        try:
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            out.write(f"cannot run {argv[0]}: {exc}".encode())
+            proc = subprocess.Popen(["false"])
+        return proc, out
 
     def rss_tree_bytes(self, pid: int) -> int:
         """RSS of a process and all its descendants (0 if it is gone)."""

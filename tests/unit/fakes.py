@@ -23,3 +23,29 @@ class FakeHost:
 
     def group_alive(self, pgid: int) -> bool:
         return pgid in self.alive_groups
+
+    # memory readings for the guard policy
+    rss: dict[int, int]
+    available_ram: int
+
+    def rss_tree_bytes(self, pid: int) -> int:
+        return self.__dict__.setdefault("rss", {}).get(pid, 0)
+
+    def available_ram_bytes(self) -> int:
+        return self.__dict__.get("available_ram", 16 * 1024**3)
+
+    def tree_pids(self, pid: int) -> set[int]:
+        return {pid, pid + 1}             # the worker and one child
+
+
+class FakeSensors:
+    """Readings set by the test; None makes them unavailable."""
+
+    def __init__(self) -> None:
+        self.gpus = []
+
+    def read(self):
+        from lab_attendant.host import SensorsUnavailable
+        if self.gpus is None:
+            raise SensorsUnavailable("no NVML in this test")
+        return self.gpus

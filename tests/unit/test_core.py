@@ -41,11 +41,28 @@ def test_config_defaults_and_relative_paths(tmp_path: Path):
     ({"workers": {}}, "unknown config section [workers]"),
     ({"paths": {"allowed_roots": "/x"}}, "paths.allowed_roots' must be a list"),
     ({"worker": {"extra_kinds": [1]}}, "worker.extra_kinds[0]"),
+    ({"guards": {"max_worker_rss_bytes": "lots"}}, "guards.max_worker_rss_bytes': cannot read"),
+    ({"guards": {"vram_budget_bytes": 1.5}}, "must be a byte count"),
+    ({"guards": {"sensors": "gpu"}}, "guards.sensors"),
+    ({"guards": {"resume_below_c": 90}}, "must not exceed guards.thermal_limit_c"),
+    ({"cotenants": {"earnode": {"stop": ["x"]}}}, "[cotenants.earnode] needs both"),
+    ({"cotenants": {"earnode": {}}}, "[cotenants.earnode] needs either unit"),
+    ({"cotenants": {"earnode": {"stop": "systemctl stop earnode", "start": ["x"]}}},
+     "cotenants.earnode.stop' must be a list"),
 ])
 def test_config_rejects_unknown_keys_and_wrong_types(data, needle):
     with pytest.raises(ConfigError, match=None) as err:
         parse_config(data, base_dir=Path("/"), source=None)
     assert needle in str(err.value)
+
+
+def test_guards_and_cotenants_sections(tmp_path: Path):
+    cfg = parse_config({"guards": {"max_worker_rss_bytes": "2GiB", "sensors": "file:s.json"},
+                        "cotenants": {"earnode": {"unit": "earnode.service"}}},
+                       base_dir=tmp_path, source=None)
+    assert cfg.guards.max_worker_rss_bytes == 2 * 1024**3
+    assert cfg.cotenants["earnode"].stop_argv == ("systemctl", "stop", "earnode.service")
+    assert cfg.cotenants["earnode"].start_argv == ("systemctl", "start", "earnode.service")
 
 
 def test_config_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -1,0 +1,216 @@
+"""Guards and co-tenants with file sensors and real subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXPERIMENTAL_PYTHON, ROOT, Lab, pid_alive, wait_for, write_config
+
+pytestmark = pytest.mark.e2e
+ENDED = {"succeeded", "failed", "cancelled", "timed_out", "oom", "lost", "killed_thermal"}
+GUARD_INTERVAL_S, KILL_GRACE_S = 0.2, 1.0
+
+
+def _sensors(path: Path, temperature_c: float, processes: dict[int, int] | None = None) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"gpus": [{
+        "index": 0, "temperature_c": temperature_c, "memory_used_bytes": 1 << 30,
+        "memory_total_bytes": 11811160064,
+        "processes": [{"pid": p, "used_bytes": b} for p, b in (processes or {}).items()]}]}))
+    os.replace(tmp, path)
+
+
+def _lab(tmp_path: Path, guards: str = "", cotenant: str = "") -> Lab:
+    sensors = tmp_path / "sensors.json"
+    _sensors(sensors, 60.0)
+    extra = (f'sensors = "file:{sensors}"\nthermal_limit_c = 85\nresume_below_c = 75\n'
+             f"{guards}\n{cotenant}")
+    cfg = write_config(tmp_path, extra=extra)
+    # write_config wrote sensors = "none" first; the later key would be a TOML duplicate.
+    cfg.write_text(cfg.read_text().replace('sensors = "none"\n', ""))
+    return Lab(tmp_path, cfg)
+
+
+@pytest.fixture
+def glab(lab: Lab) -> Lab:
+    g = _lab(lab.root)
+    lab.config = g.config
+    return lab
+
+
+def _guard_events(lab: Lab) -> list[dict]:
+    return json.loads(lab.cli("status", "--json").stdout)["guard_events"]
+
+
+def test_thermal_alarm_kills_a_sigterm_deaf_paging_worker_and_holds_admissions(glab: Lab):
+    lab, sensors = glab, glab.root / "sensors.json"
+    lab.start_daemon("--experimental-paging")
+    rid = lab.submit("paging_sleepy", "seconds=60", "ignore_sigterm=true")
+    plain = lab.submit("sleepy", "seconds=60")
+    run = lab.wait_state(rid, {"running"})
+    wait_for(lambda: (Path(run["run_dir"]) / "output" / "worker.pid").exists(), what="job start")
+    t0 = time.monotonic()
+    _sensors(sensors, 91.0)
+    run = lab.wait_state(rid, ENDED, timeout_s=20)
+    reaction_s = time.monotonic() - t0
+    assert run["state"] == "killed_thermal"
+    assert "GPU 0 at 91 °C > 85 °C limit" in run["reason"] and "SIGKILL after grace" in run["reason"]
+    # Measured with `show` polling over a CLI subprocess each ~0.3 s: allow for that too.
+    assert reaction_s <= GUARD_INTERVAL_S + KILL_GRACE_S + 1.0 + 1.0, reaction_s
+    assert not pid_alive(run["pid"])
+    assert lab.state(plain) == "running"            # not a paging run: untouched
+    # New paging runs wait while hot, and also between the limit and resume_below_c.
+    nxt = lab.submit("paging_sleepy", "seconds=0.2")
+    held = lab.wait_state(nxt, {"held"})
+    assert "thermal cooldown" in held["reason"]
+    _sensors(sensors, 80.0)
+    time.sleep(1.0)
+    assert lab.state(nxt) == "held"
+    _sensors(sensors, 70.0)
+    assert lab.wait_state(nxt, ENDED)["state"] == "succeeded"
+    actions = [(e["guard"], e["action"]) for e in _guard_events(lab)]
+    assert ("thermal", "kill") in actions and ("thermal", "hold") in actions
+    assert ("thermal", "resume") in actions
+    shown = lab.show(rid)
+    assert [e["action"] for e in shown["guard_events"]] == ["kill"]
+    print(f"thermal guard reaction: {reaction_s:.2f} s")
+
+
+def test_rss_guard_kills_a_growing_worker_as_oom(tmp_path: Path, lab: Lab):
+    g = _lab(tmp_path, guards='max_worker_rss_bytes = "150MiB"')
+    lab.config = g.config
+    lab.start_daemon()
+    rid = lab.submit("hog", "target_rss_bytes=400MiB")
+    run = lab.wait_state(rid, ENDED, timeout_s=30)
+    assert run["state"] == "oom"
+    assert "worker RSS" in run["reason"] and "150.0 MiB limit" in run["reason"]
+    assert run["progress"]["done"] < 400
+    assert not (Path(run["run_dir"]) / "output" / "reached").exists()
+
+
+def test_sigkill_near_the_rss_limit_is_blamed_on_the_oom_killer(tmp_path: Path, lab: Lab):
+    g = _lab(tmp_path, guards='max_worker_rss_bytes = "150MiB"')
+    lab.config = g.config
+    lab.start_daemon()
+    rid = lab.submit("hog", "target_rss_bytes=142MiB")   # >= 90 % of the limit, not over
+    run = lab.wait_state(rid, {"running"})
+    wait_for(lambda: (Path(run["run_dir"]) / "output" / "reached").exists(), 30, "hog to grow")
+    time.sleep(0.6)                                       # a guard poll sees it there
+    os.kill(run["pid"], signal.SIGKILL)                   # as the kernel OOM killer would
+    run = lab.wait_state(rid, ENDED)
+    assert run["state"] == "oom" and "SIGKILL" in run["reason"], run["reason"]
+    assert "likely killed by the kernel OOM killer" in run["reason"]
+
+
+def test_vram_guard_kills_a_worker_over_its_gpu_budget(tmp_path: Path, lab: Lab):
+    g = _lab(tmp_path, guards='vram_budget_bytes = "1GiB"\nvram_margin_bytes = "100MiB"')
+    lab.config = g.config
+    lab.start_daemon()
+    rid = lab.submit("sleepy", "seconds=60")
+    run = lab.wait_state(rid, {"running"})
+    _sensors(tmp_path / "sensors.json", 60.0, {run["pid"]: 2 << 30})
+    run = lab.wait_state(rid, ENDED)
+    assert run["state"] == "oom" and "worker GPU memory 2.0 GiB > 1.0 GiB budget" in run["reason"]
+
+
+def test_torch_out_of_memory_in_a_worker_ends_oom_with_the_bytes(tmp_path: Path):
+    lab = Lab(tmp_path, write_config(tmp_path, python=EXPERIMENTAL_PYTHON))
+    rid = lab.submit("torch_oom")
+    lab.cli("daemon", "--burst", timeout=120)
+    run = lab.show(rid)
+    assert run["state"] == "oom" and run["exit_code"] == 3
+    assert "Tried to allocate 2.00 GiB" in run["reason"]
+    err = [e for e in run["events"] if e["kind"] == "error"][0]["reason"]
+    assert err.startswith("OutOfMemoryError")
+
+
+# -- EarNode --------------------------------------------------------------------------------------
+def _earnode_lab(tmp_path: Path, lab: Lab) -> Path:
+    d = tmp_path / "earnode"
+    d.mkdir()
+    script = ROOT / "tests" / "fixtures" / "earnode.py"
+    cot = (f'[cotenants.earnode]\nstop = ["{sys.executable}", "{script}", "stop", "{d}"]\n'
+           f'start = ["{sys.executable}", "{script}", "start", "{d}"]\n'
+           f'pid_file = "{d / "earnode.pid"}"\nrestore_delay_s = 0.5\nrelease_timeout_s = 5\n'
+           f"retry_after_s = 1\ncommand_timeout_s = 10\n")
+    g = _lab(tmp_path, cotenant=cot)
+    lab.config = g.config
+    subprocess.run([sys.executable, str(script), "start", str(d)], check=True)
+    return d
+
+
+def _earnode_pid(d: Path) -> int | None:
+    try:
+        pid = int((d / "earnode.pid").read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+@pytest.fixture
+def earnode_cleanup():
+    dirs: list[Path] = []
+    yield dirs
+    for d in dirs:
+        pid = _earnode_pid(d)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_earnode_is_stopped_before_a_paging_run_and_restored_after(tmp_path, lab, earnode_cleanup):
+    d = _earnode_lab(tmp_path, lab)
+    earnode_cleanup.append(d)
+    before = _earnode_pid(d)
+    assert before
+    lab.start_daemon("--experimental-paging")
+    rid = lab.submit("paging_sleepy", "seconds=1")
+    run = lab.wait_state(rid, ENDED, timeout_s=30)
+    assert run["state"] == "succeeded"
+    stop_at = [float(l.split()[0]) for l in (d / "earnode.log").read_text().splitlines()
+               if " stop " in l][0]
+    assert stop_at < run["running_at"]            # stopped before the run started
+    assert not pid_alive(before)
+    transitions = [e["to"] for e in run["events"] if e["kind"] == "transition"]
+    assert transitions[:3] == ["queued", "held", "queued"]   # waited for EarNode
+    after = wait_for(lambda: _earnode_pid(d), 15, "EarNode restored")
+    assert after != before
+    actions = wait_for(lambda: (a := [(e["guard"], e["action"]) for e in _guard_events(lab)])
+                       and ("cotenant:earnode", "restored") in a and a, 10,
+                       f"restored event {_guard_events(lab)} {lab.daemon_output()[-2000:]}")
+    assert ("cotenant:earnode", "suspended") in actions
+
+
+def test_daemon_killed_while_earnode_is_suspended_restores_it_on_start(tmp_path, lab, earnode_cleanup):
+    d = _earnode_lab(tmp_path, lab)
+    earnode_cleanup.append(d)
+    daemon = lab.start_daemon("--experimental-paging")
+    rid = lab.submit("paging_sleepy", "seconds=60")
+    lab.wait_state(rid, {"running"})
+    assert _earnode_pid(d) is None
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.wait(10)
+    assert _earnode_pid(d) is None
+    lab.start_daemon()                              # no paging flag: nothing to suspend for
+    wait_for(lambda: _earnode_pid(d), 15, "EarNode restored by the new daemon")
+    assert lab.wait_state(rid, ENDED)["state"] == "lost"
+
+
+def test_earnode_that_will_not_stop_keeps_the_run_held_with_the_reason(tmp_path, lab, earnode_cleanup):
+    d = _earnode_lab(tmp_path, lab)
+    earnode_cleanup.append(d)
+    (d / "fail-stop").write_text("")
+    lab.start_daemon("--experimental-paging")
+    rid = lab.submit("paging_sleepy", "seconds=0.2")
+    run = wait_for(lambda: (r := lab.show(rid))["state"] == "held"
+                   and "did not stop" in r["reason"] and r, 15, "held with the stop failure")
+    assert "exit code 3" in run["reason"] and "refusing to stop" in run["reason"]
+    assert _earnode_pid(d)                          # still serving
+    (d / "fail-stop").unlink()                      # it gives in; the retry succeeds
+    assert lab.wait_state(rid, ENDED, timeout_s=30)["state"] == "succeeded"

@@ -1,0 +1,97 @@
+"""The guard policy over a fake host and fake sensors: thresholds, hysteresis, ordering."""
+from __future__ import annotations
+
+from lab_attendant.config import GuardsConfig
+from lab_attendant.guards import Guards, WorkerInfo
+from lab_attendant.host import GpuReading
+from lab_attendant.states import RunState
+from tests.unit.fakes import FakeHost, FakeSensors
+
+GiB = 1024**3
+PAGING, PLAIN = WorkerInfo(1, 100, True), WorkerInfo(2, 200, False)
+
+
+def _guards(**cfg) -> tuple[Guards, FakeHost, FakeSensors]:
+    host, sensors = FakeHost(), FakeSensors()
+    host.rss = {100: GiB, 200: 2 * GiB}
+    return Guards(GuardsConfig(**cfg), host, sensors), host, sensors
+
+
+def _temp(sensors: FakeSensors, *temps: float) -> None:
+    sensors.gpus = [GpuReading(index=i, temperature_c=t) for i, t in enumerate(temps)]
+
+
+def test_thermal_kill_hits_paging_workers_only_once_and_holds_with_hysteresis():
+    g, _host, s = _guards(thermal_limit_c=85, resume_below_c=75)
+    _temp(s, 60, 70)
+    assert g.poll([PAGING, PLAIN]) == [] and g.thermal_hold is None
+    _temp(s, 60, 91)
+    actions = g.poll([PAGING, PLAIN])
+    kills = [a for a in actions if a.action == "kill"]
+    assert [(a.run_id, a.state) for a in kills] == [(1, RunState.KILLED_THERMAL)]
+    assert "GPU 1 at 91 °C > 85 °C limit" in kills[0].reason
+    assert [a.action for a in actions] == ["kill", "hold"] and g.thermal_hold
+    assert [a.action for a in g.poll([PAGING, PLAIN])] == []     # no second kill, no second hold
+    _temp(s, 60, 80)                                             # below the limit, above resume
+    assert g.poll([PLAIN]) == [] and g.thermal_hold
+    _temp(s, 60, 74)
+    assert [a.action for a in g.poll([PLAIN])] == ["resume"] and g.thermal_hold is None
+    _temp(s, 86)                                                 # a new paging run: killed again
+    g.forget(1)
+    assert [a.run_id for a in g.poll([PAGING]) if a.action == "kill"] == [1]
+
+
+def test_exactly_at_the_limit_is_not_over_it():
+    g, _host, s = _guards(thermal_limit_c=85)
+    _temp(s, 85.0)
+    assert g.poll([PAGING]) == []
+
+
+def test_throttle_reasons_go_into_the_reason():
+    g, _host, s = _guards()
+    s.gpus = [GpuReading(index=0, temperature_c=92, throttle_reasons=["HwThermalSlowdown"])]
+    kill = g.poll([PAGING])[0]
+    assert "throttling: HwThermalSlowdown" in kill.reason
+
+
+def test_unavailable_sensors_are_reported_once_and_host_guards_still_work():
+    g, host, s = _guards(max_worker_rss_bytes=int(1.5 * GiB))
+    s.gpus = None
+    first = g.poll([PAGING, PLAIN])
+    assert [(a.guard, a.action) for a in first] == [("sensors", "unavailable"),
+                                                    ("worker_rss", "kill")]
+    assert first[1].run_id == 2 and first[1].state is RunState.OOM
+    assert g.poll([PAGING, PLAIN]) == []
+
+
+def test_host_ram_floor_stops_the_largest_worker_first_one_per_poll():
+    g, host, s = _guards(min_available_ram_bytes=GiB)
+    host.available_ram = GiB // 2
+    a = g.poll([PAGING, PLAIN])
+    assert [(x.guard, x.run_id) for x in a] == [("host_ram", 2)]
+    a = g.poll([PAGING, PLAIN])                  # still short: the next largest
+    assert [(x.guard, x.run_id) for x in a] == [("host_ram", 1)]
+    host.available_ram = 4 * GiB
+    g2, _h, _s = _guards(min_available_ram_bytes=GiB)
+    assert g2.poll([PAGING, PLAIN]) == []
+
+
+def test_vram_budget_counts_the_workers_whole_process_tree():
+    g, _host, s = _guards(vram_budget_bytes=GiB, vram_margin_bytes=GiB // 4)
+    s.gpus = [GpuReading(index=0, temperature_c=50, processes={100: GiB, 101: GiB // 2, 999: 9 * GiB})]
+    a = g.poll([PAGING])
+    assert [(x.guard, x.run_id) for x in a] == [("worker_vram", 1)]
+    assert "1.5 GiB > 1.0 GiB budget" in a[0].reason
+
+
+def test_sigkill_hint_blames_the_oom_killer_only_near_a_limit():
+    g, host, s = _guards(max_worker_rss_bytes=10 * GiB, min_available_ram_bytes=0)
+    g.poll([PAGING])
+    assert g.sigkill_hint(1) == (False, " at 1.0 GiB RSS")
+    host.rss[100] = int(9.5 * GiB)
+    g.poll([PAGING])
+    near, text = g.sigkill_hint(1)
+    assert near and "likely killed by the kernel OOM killer" in text
+    host.rss[100] = 0                           # gone before the reap: keep the last reading
+    g.poll([PAGING])
+    assert g.sigkill_hint(1)[0]
