@@ -124,7 +124,9 @@ class ExpertPager:
         _, scores, indices = nxt.mlp.gate.forward(normed.reshape(-1, normed.shape[-1]))
         weight = torch.zeros(self.num_experts, device=scores.device, dtype=scores.dtype)
         weight.index_add_(0, indices.flatten(), scores.flatten())
-        ranked = [e for e in weight.argsort(descending=True).tolist() if weight[e] > 0]
+        weight_list = weight.tolist()  # one device sync, not one per expert
+        ranked = sorted((e for e, w in enumerate(weight_list) if w > 0),
+                        key=lambda e: -weight_list[e])
         self._guesses[layer + 1] = set(ranked)
         for expert in ranked[:self.cache.slots_for(layer + 1)]:
             if not self.cache.fetch((layer + 1, expert), prefetch=True):
