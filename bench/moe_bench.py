@@ -234,7 +234,7 @@ def print_table(name: str, rows: list, expert_bytes: int, bandwidth: float) -> N
         cells = []
         for c in cols:
             v = row.get(c, "")
-            cells.append(format_size(v) if c.endswith("bytes_per_token") and v != "" else str(v))
+            cells.append(format_size(v) if c.endswith("_per_token") and v != "" else str(v))
         print("| " + " | ".join(cells) + " |")
 
 
@@ -247,12 +247,12 @@ def main() -> None:
     parser.add_argument("--mixtral-8x7b-shape", action="store_true",
                         help="random bf16 weights of Mixtral-8x7B shape, 11 GB-card cache budget")
     parser.add_argument("--layers", type=int, default=4, help="layers built in 8x7b mode")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: stable figures on a shared 2-core host)")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine()
+    torch.set_num_threads(args.threads)
+    info = {**machine(), "torch_threads": args.threads}
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     rows: list = []
     if args.mixtral_8x7b_shape:

@@ -83,11 +83,10 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
     expert_bytes = expert_nbytes(config, torch_dtype)
     n_layers, n_experts = config.num_hidden_layers, config.num_local_experts
 
-    # Budgets are checked before reading a byte of weights.
-    if expert_cache_bytes is None:
-        expert_cache_bytes = _default_cache_bytes(device, n_layers * n_experts * expert_bytes)
-    expert_cache_bytes = parse_size(expert_cache_bytes)
-    cache_capacity(expert_cache_bytes, expert_bytes, n_layers, cache_scope)
+    # Budgets the user gave are checked before reading a byte of weights.
+    if expert_cache_bytes is not None:
+        expert_cache_bytes = parse_size(expert_cache_bytes)
+        cache_capacity(expert_cache_bytes, expert_bytes, n_layers, cache_scope)
     store = ExpertStore(config, torch_dtype, pin_memory=device.type == "cuda")
     ram_budget_bytes = None if ram_budget_bytes is None else parse_size(ram_budget_bytes)
     store.check_budget(ram_budget_bytes)
@@ -98,6 +97,8 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
         store.load(index, ram_budget_bytes)
     finally:
         index.close()
+    if expert_cache_bytes is None:  # measured now that the dense weights sit on the device
+        expert_cache_bytes = _default_cache_bytes(device, store.total_bytes)
     cache = ExpertCache(store, expert_cache_bytes, device=device, policy=cache_policy,
                         scope=cache_scope)
     pager = ExpertPager(model, store, cache, prefetch=prefetch, cpu_miss_exec=cpu_miss_exec,
