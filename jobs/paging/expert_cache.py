@@ -110,6 +110,9 @@ class ExpertCache:
         return {
             **totals,
             "hit_rate": totals["hits"] / lookups if lookups else 0.0,
+            # Without the hits that a prefetch copy bought: what the policy alone achieved.
+            "hit_rate_without_prefetch": ((totals["hits"] - totals["prefetch_hits"]) / lookups
+                                          if lookups else 0.0),
             "prefetch_accuracy": (totals["prefetch_guess_hits"] / totals["prefetch_guesses"]
                                   if totals["prefetch_guesses"] else 0.0),
             "policy": self.policy, "scope": self.scope,
