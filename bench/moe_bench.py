@@ -213,7 +213,9 @@ def run_config(name: str, shape: dict, args, out_rows: list) -> None:
                 for cpu_exec in (False, True):
                     rows.append(paged_row(folder, config, cache_bytes=budget, policy="lru",
                                           batch=batch, new_tokens=args.new_tokens,
-                                          label="paged 11GB-card budget", cpu_miss_exec=cpu_exec,
+                                          label="paged 11GB-card budget"
+                                          + (" + cpu exec" if cpu_exec else ""),
+                                          cpu_miss_exec=cpu_exec,
                                           **common))
         else:
             # The policy curve without prefetch, so LRU vs LFU is not blurred by look-ahead.
