@@ -1,0 +1,147 @@
+"""The paged stand-in for transformers' MixtralExperts, and the schedule that feeds it.
+
+Owns the order in which a layer's experts are paged in and run, router look-ahead prefetch and
+CPU execution of misses; the cache decides where experts live, transformers does the rest.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from jobs.paging.expert_cache import ExpertCache, Key
+from jobs.paging.expert_store import ExpertStore
+
+log = logging.getLogger(__name__)
+
+
+class PagedExperts(nn.Module):
+    """Same call as MixtralExperts.forward(hidden_states, top_k_index, top_k_weights); no weights."""
+
+    def __init__(self, layer_idx: int, pager: "ExpertPager"):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.pager = pager  # a plain object, so not a submodule: model.parameters() stays dense
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return self.pager.run_layer(self.layer_idx, hidden_states, top_k_index, top_k_weights)
+
+
+class ExpertPager:
+    """Runs one layer's experts from the cache, hits first, paging misses in a bounded window."""
+
+    def __init__(self, model, store: ExpertStore, cache: ExpertCache, *, prefetch: bool = True,
+                 cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4):
+        config = model.config
+        self.store, self.cache = store, cache
+        self.device = cache.device
+        self.num_experts = config.num_local_experts
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.prefetch = prefetch
+        # A miss with few tokens (batch-1 decode) costs one expert copy over PCIe but only a few
+        # GEMVs on the host: cheaper to run where the weights already are.
+        self.cpu_miss_exec = cpu_miss_exec
+        self.cpu_miss_max_tokens = cpu_miss_max_tokens
+        self._layers = model.model.layers
+        self._after_attention: dict[int, torch.Tensor] = {}
+        self._guesses: dict[int, set[int]] = {}
+        self._hooks = []
+        for idx, layer in enumerate(self._layers):
+            layer.mlp.experts = PagedExperts(idx, self)
+            if prefetch and idx + 1 < len(self._layers):
+                # The residual stream right after layer L's attention is what L+1's router will
+                # roughly see; capture it at the input of L's post-attention norm.
+                self._hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
+                    self._capture_hook(idx)))
+
+    def _capture_hook(self, idx: int):
+        def hook(_module, args):
+            self._after_attention[idx] = args[0]
+        return hook
+
+    @torch.no_grad()
+    def run_layer(self, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        needed = torch.unique(top_k_index).tolist()
+        self._score_guess(layer, needed)
+        # Hits first: they are counted and used before this layer's own misses can evict them.
+        needed.sort(key=lambda e: not self.cache.is_resident((layer, e)))
+        tokens = {e: torch.where(top_k_index == e) for e in needed}
+        on_host = [e for e in needed if self._run_on_host(layer, e, tokens[e][0].numel())]
+        on_device = deque(e for e in needed if e not in on_host)
+        window = min(len(on_device), self.cache.slots_for(layer))
+        in_flight: deque[int] = deque()
+
+        def page_in() -> None:
+            while on_device and len(in_flight) < window:
+                key = (layer, on_device.popleft())
+                self.cache.fetch(key)
+                self.cache.protect(key)
+                in_flight.append(key[1])
+
+        page_in()
+        self._prefetch_next(layer)  # queued behind this layer's demand copies on the side stream
+        for expert in on_host:
+            self.cache.note_cpu_exec((layer, expert))
+            self._apply(out, hidden_states, tokens[expert], top_k_weights,
+                        *self.store.weights((layer, expert)))
+        while in_flight:
+            key = (layer, in_flight.popleft())
+            self._apply(out, hidden_states, tokens[key[1]], top_k_weights,
+                        *self.cache.weights(key))
+            self.cache.release(key)
+            page_in()
+        return out
+
+    def _apply(self, out, hidden_states, tokens, top_k_weights, gate_up, down) -> None:
+        """One expert's SwiGLU MLP on its tokens, weighted and scattered back (as transformers)."""
+        token_idx, top_k_pos = tokens
+        state = hidden_states[token_idx]
+        if gate_up.device != state.device:  # CPU execution of a miss: move activations, not weights
+            state = state.to(gate_up.device)
+        gate, up = F.linear(state, gate_up).chunk(2, dim=-1)
+        expert_out = F.linear(self.act_fn(gate) * up, down).to(out.device)
+        expert_out = expert_out * top_k_weights[token_idx, top_k_pos, None]
+        # index_put_ rather than transformers' index_add_: same sums (a token meets an expert at
+        # most once), but CPU index_add_ took ~35 ms a call with 2 OpenMP threads on a busy host.
+        out.index_put_((token_idx,), expert_out.to(out.dtype), accumulate=True)
+
+    def _run_on_host(self, layer: int, expert: int, n_tokens: int) -> bool:
+        return (self.cpu_miss_exec and n_tokens <= self.cpu_miss_max_tokens
+                and not self.cache.is_resident((layer, expert)))
+
+    def _prefetch_next(self, layer: int) -> None:
+        """Guess layer+1's experts with its own norm and router on the post-attention residual."""
+        residual = self._after_attention.pop(layer, None)
+        if not self.prefetch or residual is None:
+            return
+        nxt = self._layers[layer + 1]
+        # .forward() bypasses module hooks, so transformers' router-logit recorder never sees it.
+        normed = nxt.post_attention_layernorm.forward(residual)
+        _, scores, indices = nxt.mlp.gate.forward(normed.reshape(-1, normed.shape[-1]))
+        weight = torch.zeros(self.num_experts, device=scores.device, dtype=scores.dtype)
+        weight.index_add_(0, indices.flatten(), scores.flatten())
+        weight_list = weight.tolist()  # one device sync, not one per expert
+        ranked = sorted((e for e, w in enumerate(weight_list) if w > 0),
+                        key=lambda e: -weight_list[e])
+        self._guesses[layer + 1] = set(ranked)
+        for expert in ranked[:self.cache.slots_for(layer + 1)]:
+            if not self.cache.fetch((layer + 1, expert), prefetch=True):
+                break
+
+    def _score_guess(self, layer: int, needed: list[int]) -> None:
+        guess = self._guesses.pop(layer, None)
+        if guess is not None:
+            self.cache.count(layer, "prefetch_guesses", len(guess))
+            self.cache.count(layer, "prefetch_guess_hits", len(guess & set(needed)))
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._after_attention.clear()

@@ -1,0 +1,155 @@
+"""Loading a Mixtral folder for expert paging: `load_paged_moe()` and the `PagedMoE` it returns.
+
+Owns building transformers' MixtralForCausalLM without expert weights and wiring in the pager.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, MixtralForCausalLM
+
+from jobs.paging.expert_cache import ExpertCache, cache_capacity
+from jobs.paging.expert_pager import ExpertPager
+from jobs.paging.expert_store import (CheckpointIndex, ExpertStore, expert_nbytes, is_expert_key,
+                                      parse_dtype)
+from jobs.units import format_size, parse_size
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# Room left on the card for activations, KV cache and the CUDA context when no budget is given.
+_CUDA_HEADROOM_BYTES = 2 * 1024**3
+
+
+def is_moe_folder(model_dir: str | Path) -> bool:
+    """True when the folder's config.json names experts (`num_local_experts`)."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.exists():
+        return False
+    return bool(json.loads(config_path.read_text()).get("num_local_experts"))
+
+
+@dataclass
+class PagedMoE:
+    """A Mixtral model whose experts are paged; `.model` is a normal MixtralForCausalLM."""
+
+    model: MixtralForCausalLM
+    tokenizer: object | None
+    device: torch.device
+    store: ExpertStore
+    cache: ExpertCache
+    pager: ExpertPager
+
+    def stats(self) -> dict:
+        """Counters since load (or the last reset_stats): hits, misses, prefetch_hits, bytes_h2d,
+        stall_s, evictions, cpu_execs, prefetch accuracy, and the same per layer."""
+        return self.cache.stats()
+
+    def reset_stats(self) -> None:
+        self.cache.reset_stats()
+
+    def close(self) -> None:
+        self.pager.close()
+        self.cache.close()
+        self.store.close()
+
+    def __enter__(self) -> "PagedMoE":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
+                   dtype: str | torch.dtype = "fp32", expert_cache_bytes: int | str | None = None,
+                   cache_policy: str = "lru", cache_scope: str = "global",
+                   ram_budget_bytes: int | str | None = None, prefetch: bool = True,
+                   cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4) -> PagedMoE:
+    """Non-expert weights resident on `device`, experts in host RAM behind a device cache of
+    `expert_cache_bytes` (None: every expert on CPU; free VRAM less headroom on CUDA)."""
+    model_dir = Path(model_dir)
+    if not is_moe_folder(model_dir):
+        raise ValueError(f"{model_dir} is not a MoE model folder (config.json has no "
+                         "num_local_experts); use the dense layer-streaming engine for it")
+    device = torch.device(device)
+    torch_dtype = parse_dtype(dtype)
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type != "mixtral":
+        raise ValueError(f"expert paging supports Mixtral checkpoints, not {config.model_type!r}")
+    expert_bytes = expert_nbytes(config, torch_dtype)
+    n_layers, n_experts = config.num_hidden_layers, config.num_local_experts
+
+    # Budgets the user gave are checked before reading a byte of weights.
+    if expert_cache_bytes is not None:
+        expert_cache_bytes = parse_size(expert_cache_bytes)
+        cache_capacity(expert_cache_bytes, expert_bytes, n_layers, cache_scope)
+    store = ExpertStore(config, torch_dtype, pin_memory=device.type == "cuda")
+    ram_budget_bytes = None if ram_budget_bytes is None else parse_size(ram_budget_bytes)
+    store.check_budget(ram_budget_bytes)
+
+    index = CheckpointIndex(model_dir)
+    try:
+        model = _build_dense(config, index, device, torch_dtype)
+        store.load(index, ram_budget_bytes)
+    finally:
+        index.close()
+    if expert_cache_bytes is None:  # measured now that the dense weights sit on the device
+        expert_cache_bytes = _default_cache_bytes(device, store.total_bytes)
+    cache = ExpertCache(store, expert_cache_bytes, device=device, policy=cache_policy,
+                        scope=cache_scope)
+    pager = ExpertPager(model, store, cache, prefetch=prefetch, cpu_miss_exec=cpu_miss_exec,
+                        cpu_miss_max_tokens=cpu_miss_max_tokens)
+    tokenizer = None
+    if any((model_dir / name).exists() for name in _TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    log.info("paged MoE %s: %d layers x %d experts, cache %d/%d experts (%s) on %s",
+             model_dir.name, n_layers, n_experts, cache.capacity, n_layers * n_experts,
+             format_size(cache.allocated_bytes), device)
+    return PagedMoE(model=model, tokenizer=tokenizer, device=device, store=store, cache=cache,
+                    pager=pager)
+
+
+def _default_cache_bytes(device: torch.device, all_experts_bytes: int) -> int:
+    if device.type != "cuda":
+        return all_experts_bytes
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return min(all_experts_bytes, max(0, free_bytes - _CUDA_HEADROOM_BYTES))
+
+
+def _build_dense(config, index: CheckpointIndex, device: torch.device,
+                 dtype: torch.dtype) -> MixtralForCausalLM:
+    """The transformers model with every non-expert weight loaded and no expert weights at all:
+    built on the meta device, then filled tensor by tensor with assign=True (no extra copy)."""
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+    for layer in model.model.layers:
+        layer.mlp.experts = torch.nn.Module()  # placeholder until the pager installs its own
+    state = {}
+    for name in index.keys():
+        if is_expert_key(name):
+            continue
+        # Checkpoints name the MoE block block_sparse_moe; transformers 5 calls it mlp.
+        state[name.replace(".block_sparse_moe.", ".mlp.")] = index.read(name).to(device, dtype)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if k != "lm_head.weight" or
+               not config.tie_word_embeddings]
+    if missing or result.unexpected_keys:
+        raise KeyError(f"checkpoint {index.model_dir} does not match MixtralForCausalLM: "
+                       f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # RoPE frequencies are a computed (non-persistent) buffer: rebuild it off the meta device,
+    # in float32 exactly as transformers does.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"weights never loaded: {leftover[:5]}")
+    model.config.dtype = dtype
+    gen_path = index.model_dir / "generation_config.json"
+    if gen_path.exists():
+        model.generation_config = GenerationConfig.from_pretrained(index.model_dir)
+    return model.eval()

@@ -1,0 +1,149 @@
+"""load_paged_moe against unmodified transformers: logits, greedy decode, batching, layouts."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import MixtralForCausalLM
+
+from jobs.paging.expert_store import BudgetError
+from jobs.paging.moe import is_moe_folder, load_paged_moe
+from moe_helpers import (expert_bytes, prompts, save_fused, save_hf, save_per_expert_sharded,
+                         tiny_mixtral)
+
+pytestmark = pytest.mark.engine
+
+N_EXPERTS = 3 * 8  # layers x experts of the tiny config
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_hf(tiny_mixtral(), tmp_path_factory.mktemp("mixtral"))
+
+
+@pytest.fixture(scope="module")
+def ref(folder):
+    return MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("n_cached", [1, 2, 5, N_EXPERTS])
+def test_logits_match_transformers(folder, ref, policy, n_cached):
+    ids = prompts(3, 16)
+    paged = load_paged_moe(folder, expert_cache_bytes=n_cached * expert_bytes(ref),
+                           cache_policy=policy)
+    with torch.no_grad():
+        diff = max_diff(paged.model(ids).logits, ref(ids).logits)
+        again = max_diff(paged.model(ids).logits, ref(ids).logits)  # warm cache, same answer
+    assert diff <= 1e-5 and again <= 1e-5
+    s = paged.stats()
+    assert s["resident_bytes"] <= s["expert_cache_bytes"] and s["capacity_experts"] == n_cached
+    assert s["misses"] > 0 and (s["evictions"] > 0) == (n_cached < N_EXPERTS)
+    paged.close()
+
+
+def test_counters_match_routing(folder, ref):
+    """With room for every expert and no prefetch, misses are the distinct experts routed to,
+    and every other lookup (one per layer per expert used) is a hit."""
+    ids = prompts(2, 12)
+    paged = load_paged_moe(folder, prefetch=False)
+    with torch.no_grad():
+        router_logits = ref(ids, output_router_logits=True).router_logits
+        paged.model(ids)
+        paged.model(ids[:, :5])
+        short = ref(ids[:, :5], output_router_logits=True).router_logits
+    used = [set(r.topk(2, dim=-1).indices.flatten().tolist()) for r in router_logits]
+    used_short = [set(r.topk(2, dim=-1).indices.flatten().tolist()) for r in short]
+    s = paged.stats()
+    assert s["misses"] == sum(len(u) for u in used)
+    assert s["hits"] == sum(len(u) for u in used_short)
+    assert s["bytes_h2d"] == s["misses"] * s["expert_bytes"]
+    assert [s["per_layer"][i]["misses"] for i in range(3)] == [len(u) for u in used]
+
+
+def test_greedy_32_tokens_identical(folder, ref):
+    ids = prompts(1, 8)
+    paged = load_paged_moe(folder, expert_cache_bytes=3 * expert_bytes(ref))
+    kwargs = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert torch.equal(paged.model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+    s = paged.stats()
+    assert s["prefetch_guesses"] > 0 and 0 <= s["prefetch_hits"] <= s["prefetches"]
+
+
+def test_left_padded_batch_equals_one_by_one(folder, ref):
+    lengths = [5, 11, 8]
+    rows = [prompts(1, n, seed=10 + n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    paged = load_paged_moe(folder, expert_cache_bytes=4 * expert_bytes(ref))
+    batch = paged.model.generate(ids, attention_mask=mask, **kwargs)[:, width:]
+    assert torch.equal(batch, ref.generate(ids, attention_mask=mask, **kwargs)[:, width:])
+    for i, row in enumerate(rows):
+        alone = paged.model.generate(row[None], **kwargs)[0, len(row):]
+        assert torch.equal(batch[i], alone), f"prompt {i} differs batched vs alone"
+
+
+@pytest.mark.parametrize("writer", [save_fused, save_per_expert_sharded])
+def test_checkpoint_layouts_load_and_match(tmp_path, ref, writer):
+    folder = writer(ref, tmp_path / writer.__name__)
+    paged = load_paged_moe(folder, expert_cache_bytes=2 * expert_bytes(ref))
+    ids = prompts(2, 10)
+    with torch.no_grad():
+        assert max_diff(paged.model(ids).logits, ref(ids).logits) <= 1e-5
+
+
+def test_cpu_miss_exec_same_logits_fewer_copies(folder, ref):
+    ids = prompts(1, 6)
+    off = load_paged_moe(folder, expert_cache_bytes=2 * expert_bytes(ref), prefetch=False)
+    on = load_paged_moe(folder, expert_cache_bytes=2 * expert_bytes(ref), prefetch=False,
+                        cpu_miss_exec=True, cpu_miss_max_tokens=6)
+    with torch.no_grad():
+        assert max_diff(on.model(ids).logits, off.model(ids).logits) <= 1e-6
+    assert on.stats()["cpu_execs"] > 0 and off.stats()["cpu_execs"] == 0
+    assert on.stats()["bytes_h2d"] < off.stats()["bytes_h2d"]
+
+
+def test_bf16_close_to_transformers_bf16(folder):
+    ref16 = MixtralForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    paged = load_paged_moe(folder, dtype="bf16", expert_cache_bytes=4 * expert_bytes(ref16, 2))
+    ids = prompts(2, 8)
+    with torch.no_grad():
+        a, b = paged.model(ids).logits.float(), ref16(ids).logits.float()
+    assert paged.store.buffer((0, 0)).dtype == torch.bfloat16
+    assert max_diff(a, b) <= 0.05 * a.abs().max().item()
+
+
+def test_ram_budget_too_small_names_bytes_needed(folder, ref):
+    needed = N_EXPERTS * expert_bytes(ref)
+    with pytest.raises(BudgetError, match=f"needs {needed} bytes"):
+        load_paged_moe(folder, ram_budget_bytes=needed - 1)
+    load_paged_moe(folder, ram_budget_bytes=needed).close()
+
+
+def test_cache_budget_below_one_expert_refused_before_reading_weights(folder, ref, tmp_path):
+    config_only = tmp_path / "config_only"  # no weights: any read would fail differently
+    config_only.mkdir()
+    shutil.copy(folder / "config.json", config_only)
+    with pytest.raises(BudgetError, match=f"one expert of {expert_bytes(ref)} bytes"):
+        load_paged_moe(config_only, expert_cache_bytes=expert_bytes(ref) - 1)
+    with pytest.raises(BudgetError, match="needs"):
+        load_paged_moe(config_only, ram_budget_bytes=1000)
+
+
+def test_is_moe_folder(folder, tmp_path):
+    assert is_moe_folder(folder)
+    assert not is_moe_folder(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert not is_moe_folder(tmp_path)
+    with pytest.raises(ValueError, match="not a MoE"):
+        load_paged_moe(tmp_path)

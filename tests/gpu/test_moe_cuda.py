@@ -1,0 +1,71 @@
+"""Expert paging on CUDA: pinned host store, side-stream copies, same logits as transformers.
+
+Skipped without CUDA; the CPU suite in tests/engine checks the same bookkeeping.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+from moe_helpers import expert_bytes, prompts, save_hf, tiny_mixtral  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.engine,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_hf(tiny_mixtral(), tmp_path_factory.mktemp("mixtral"))
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("n_cached", [1, 2, 5, 24])
+def test_cuda_logits_match_transformers(folder, policy, n_cached):
+    from transformers import MixtralForCausalLM
+
+    from jobs.paging.moe import load_paged_moe
+
+    ref = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+    paged = load_paged_moe(folder, device="cuda", expert_cache_bytes=n_cached * expert_bytes(ref),
+                           cache_policy=policy)
+    assert paged.store.buffer((0, 0)).is_pinned()
+    assert paged.cache._stream is not None and paged.cache._slots.is_cuda
+    ids = prompts(3, 16).cuda()
+    with torch.no_grad():
+        for _ in range(2):
+            diff = (paged.model(ids).logits - ref(ids).logits).abs().max().item()
+            assert diff <= 1e-5
+    kwargs = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert torch.equal(paged.model.generate(ids[:1], **kwargs), ref.generate(ids[:1], **kwargs))
+    s = paged.stats()
+    assert s["resident_bytes"] <= s["expert_cache_bytes"]
+    assert torch.cuda.memory_allocated() > 0
+    paged.close()
+
+
+def test_cuda_cpu_miss_exec_same_logits(folder):
+    from jobs.paging.moe import load_paged_moe
+
+    ids = prompts(1, 6).cuda()
+    kw = dict(device="cuda", expert_cache_bytes=2 * expert_bytes(tiny_mixtral()), prefetch=False)
+    off, on = load_paged_moe(folder, **kw), load_paged_moe(folder, cpu_miss_exec=True, **kw)
+    with torch.no_grad():
+        out_on = on.model(ids[:, :1]).logits
+        out_off = off.model(ids[:, :1]).logits
+    assert (out_on - out_off).abs().max().item() <= 1e-5
+    assert on.stats()["cpu_execs"] > 0
+
+
+def test_cuda_bf16_prefetch_reports(folder):
+    from jobs.paging.moe import load_paged_moe
+
+    paged = load_paged_moe(folder, device="cuda", dtype="bf16",
+                           expert_cache_bytes=6 * expert_bytes(tiny_mixtral(), 2))
+    ids = prompts(1, 8).cuda()
+    paged.model.generate(ids, max_new_tokens=16, do_sample=False)
+    s = paged.stats()
+    assert s["prefetches"] > 0 and s["stall_s"] >= 0 and s["bytes_h2d"] > 0
