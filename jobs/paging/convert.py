@@ -71,6 +71,7 @@ def _write_hf_folder(gguf_path: Path, dest: Path) -> None:
 
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)  # points at the deleted temporary GGUF folder
     config["architectures"] = [type(model).__name__]
     config["dtype"] = "bfloat16"
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
