@@ -19,10 +19,11 @@ from jobs import protocol
 from jobs.kinds import Kind, registry
 
 from .config import Config
-from .errors import DaemonLockedError
+from .errors import ConfigError, DaemonLockedError
 from .host import Host, signal_name
 from .launcher import Launcher, Worker
 from .logsetup import RunOutput, get_logger, log_for
+from .scheduler import Schedules
 from .states import ACTIVE, RunState
 from .store import Store
 
@@ -81,6 +82,7 @@ class Daemon:
         self.host = host or Host()
         self.launcher = Launcher(self.host, kill_grace_s=cfg.limits.kill_grace_s)
         self.kinds: dict[str, Kind] = registry(cfg.worker.extra_kinds)
+        self.schedules = Schedules(cfg, self.kinds)      # not started in --burst mode
         self.store: Store | None = None
         self.workers: dict[int, Worker] = {}
         self.outputs: dict[int, RunOutput] = {}
@@ -104,6 +106,8 @@ class Daemon:
                 experimental_paging=self.experimental_paging)
             log.info("daemon started", pid=os.getpid(), experimental_paging=self.experimental_paging,
                      burst=self.burst, state_dir=str(self.cfg.paths.state_dir))
+            if not self.burst:
+                self.schedules.start()
             while True:
                 self.tick()
                 if self._should_exit():
@@ -112,6 +116,7 @@ class Daemon:
             log.info("daemon stopped", pid=os.getpid())
             return 0
         finally:
+            self.schedules.shutdown()
             if self._daemon_id:
                 self.store.daemon_heartbeat(self._daemon_id, stopped=True)
             self.store.close()
@@ -175,6 +180,7 @@ class Daemon:
         self._handle_signals()
         self._enforce()
         if self._stopping_since is None:
+            self.schedules.dispatch(self.store, self.experimental_paging)
             self._admit()
         now = self.host.monotonic()
         if now - self._last_heartbeat >= HEARTBEAT_EVERY_S and self._daemon_id:
@@ -320,6 +326,12 @@ class Daemon:
             "logs_dir": str(self.cfg.paths.logs_dir),
             "heartbeat_interval_s": self.cfg.worker.heartbeat_interval_s,
         }
+        if any(p.name == "model" for p in kind.params):
+            try:
+                spec["model"] = self.cfg.model_spec(run.params.get("model"))
+            except ConfigError as exc:
+                self.store.transition(run.id, RunState.FAILED, str(exc))
+                return
         output = RunOutput(self.cfg.paths.logs_dir, run.id, run.needs_paging)
         try:
             w = self.launcher.spawn(run_id=run.id, python=Path(python), spec=spec, run_dir=run_dir,
