@@ -24,7 +24,7 @@ pytestmark = [
 @pytest.fixture
 def model_lab(lab: Lab) -> Lab:
     """The `lab` fixture with the experimental python as worker and the real models folder."""
-    write_config(lab.root, python=EXPERIMENTAL_PYTHON)
+    write_config(lab.root, python=EXPERIMENTAL_PYTHON, default_timeout_s=900)
     (lab.root / "models").symlink_to(ROOT / "models")
     return lab
 
