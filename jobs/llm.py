@@ -2,6 +2,7 @@
 expert pager), complete prompts in batches, score answer options, and report engine metrics."""
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,8 +26,8 @@ def load_model(model: dict[str, Any]):
             f"model '{model['name']}' folder {path} has no config.json; run `lab-attendant model "
             f"import-default` for the embedded model, or fix [models.{model['name']}] path")
     if model.get("kind") == "moe":
-        try:
-            from jobs.paging import moe
+        try:  # import_module, not `from jobs.paging import moe`: that hides the missing name
+            moe = importlib.import_module("jobs.paging.moe")
         except ModuleNotFoundError as exc:
             if exc.name != "jobs.paging.moe":
                 raise
