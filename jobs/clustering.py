@@ -58,6 +58,11 @@ def keywords(group_texts: Sequence[str], all_texts: Sequence[str], top: int = 5)
     doc_freq = Counter(w for t in all_texts for w in set(words(t)))
     n_docs = len(all_texts)
     tf = Counter(w for t in group_texts for w in set(words(t)))  # documents in the group using w
-    scored = {w: c * math.log((1 + n_docs) / (1 + doc_freq[w])) for w, c in tf.items() if c >= 2
-              or len(group_texts) == 1}
+    scored = {w: c * math.log((1 + n_docs) / (1 + doc_freq[w])) for w, c in tf.items()}
     return [w for w, _ in sorted(scored.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+
+
+def top_terms(text: str, top: int = 15) -> list[str]:
+    """A note's most frequent content words (ties: first seen), kept in the manifest for keywords."""
+    counts = Counter(words(text))
+    return [w for w, _ in counts.most_common(top)]

@@ -28,11 +28,17 @@ def map_prompt(date_s: str, title: str, text: str) -> str:
             "In one sentence, this note is about")
 
 
+# One worked example: a base model continues a pattern far better than it follows a request.
+THEME_EXAMPLE = ("Notes:\n- 2012: Hiking the ridge trail, about a long hike with my brother\n"
+                 "- 2015: My first 10 km race, about finishing a race\nKeywords: hike, race, "
+                 "knees\nTitle: \"Staying active outdoors\"\n\n")
+
+
 def theme_prompt(members: list[dict[str, Any]], words: list[str]) -> str:
     lines = "\n".join(f"- {m['date'][:4]}: {m['title']}, about {m['summary']}"
                       for m in members[:THEME_MEMBERS_SHOWN])
-    return (f"Diary notes that belong together:\n{lines}\nKeywords: {', '.join(words)}\n"
-            "A short title for what these notes have in common: \"")
+    return (f"Groups of diary notes, each with a short title.\n\n{THEME_EXAMPLE}"
+            f"Notes:\n{lines}\nKeywords: {', '.join(words)}\nTitle: \"")
 
 
 def _since(params: dict[str, Any]) -> str | None:
@@ -78,6 +84,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
                 files[rel] = {"sha256": info.sha256, "mtime_ns": info.mtime_ns,
                               "size_bytes": info.size_bytes, "date": dates[rel],
                               "title": titles[rel], "summary": first_sentence(out) or titles[rel],
+                              "terms": clustering.top_terms(texts[rel]),
                               "embedding": [round(x, 5) for x in vec]}
             ctx.progress(len(todo), len(todo), "notes")
         considered = sorted(rel for rel in files if since is None or files[rel]["date"] >= since)
@@ -117,7 +124,7 @@ def reduce_themes(archive: Path, files: dict[str, dict[str, Any]], considered: l
     if len(considered) < 2:
         return []
     vectors = [files[rel]["embedding"] for rel in considered]
-    docs = [f"{files[rel]['title']} {files[rel]['summary']}" for rel in considered]
+    docs = [" ".join([files[rel]["title"], *files[rel].get("terms", ())]) for rel in considered]
     max_clusters = max(3, len(considered) // 3)
     groups = [g for g in clustering.cluster(vectors, max_clusters=max_clusters) if len(g) >= 2]
     themes = []
@@ -133,7 +140,9 @@ def reduce_themes(archive: Path, files: dict[str, dict[str, Any]], considered: l
         members = t["members"]
         first, last = members[0]["date"][:4], members[-1]["date"][:4]
         span = first if first == last else f"{first}-{last}"
-        name = first_sentence(title).rstrip(".") or ", ".join(t["keywords"][:3])
+        name = first_sentence(title).rstrip(".")
+        if not name or name in THEME_EXAMPLE:  # small models echo the worked example
+            name = ", ".join(t["keywords"][:3])
         out.append({
             "title": name, "keywords": t["keywords"], "years": span,
             "insight": (f"{len(members)} notes from {span} return to this theme "
