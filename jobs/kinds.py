@@ -39,6 +39,14 @@ class Kind:
     function: str = "run"
 
 
+# Every model-using kind takes these; `model` names a [models.NAME] table (default: the
+# embedded gemma-3-270m), which the daemon resolves into the run's spec.
+_MODEL_PARAMS = (
+    Param("model", "str", help="a [models.NAME] from the config (default: [worker] default_model)"),
+    Param("max_new_tokens", "int", help="tokens generated per answer (default: the kind's own)"),
+    Param("batch_size", "int", default=8, help="prompts per pass over the weights"),
+)
+
 BUILTIN_KINDS: tuple[Kind, ...] = (
     Kind("probe", "jobs.probe",
          "Report the worker environment (python/torch/transformers, CUDA, free disk) and "
@@ -46,6 +54,29 @@ BUILTIN_KINDS: tuple[Kind, ...] = (
          params=(Param("path", "path", help="file or folder to read (default: models dir)"),
                  Param("read_limit_bytes", "size", default=256 * 1024**2,
                        help="read at most this many bytes for the bandwidth figure"))),
+    Kind("nightly_insights", "jobs.nightly_insights",
+         "Read an archive of notes (.md/.txt) incrementally (only new or changed notes since the "
+         "last successful run), summarize each with the model, group them into themes that cite "
+         "their notes; writes insights.md and insights.json.",
+         params=(Param("archive", "dir", required=True, help="folder of notes"),
+                 Param("since", "str", help="only notes dated on or after YYYY-MM-DD"),
+                 Param("max_notes", "int", help="process at most this many notes per run; the "
+                       "rest wait for the next run"),
+                 *_MODEL_PARAMS), needs_paging=True),
+    Kind("artifact_refinement", "jobs.artifact_refinement",
+         "Rank artifacts (a folder of .md with front matter, or a .jsonl file) by rubric "
+         "log-probabilities, summarize them, and pass technical stories through verbatim "
+         "(FEAT-075); writes ranking.json, refined.md and prompts.json.",
+         params=(Param("gems", "path", required=True, help="artifacts folder or .jsonl file"),
+                 *_MODEL_PARAMS), needs_paging=True),
+    Kind("cv_matching", "jobs.cv_matching",
+         "Rank job postings against a CV by MiniLM embedding similarity and explain the top k "
+         "(covered requirements with CV evidence, gaps, a model rationale); writes matches.json "
+         "and matches.md.",
+         params=(Param("cv", "file", required=True, help="the CV (markdown or text)"),
+                 Param("postings", "dir", required=True, help="folder of postings (.md/.txt)"),
+                 Param("top_k", "int", default=3, help="postings to explain"),
+                 *_MODEL_PARAMS), needs_paging=True),
 )
 
 

@@ -65,6 +65,8 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
         raise UserError(f"unknown kind '{args.kind}'; known kinds: {', '.join(sorted(kinds))} "
                         "(see `lab-attendant kinds`)")
     params = validate_params(kind, _read_params(args), cfg.allowed_roots)
+    if any(p.name == "model" for p in kind.params):
+        cfg.model_spec(params.get("model"))  # an unknown model name fails here, not in the worker
     if args.timeout is not None and args.timeout <= 0:
         raise UserError("--timeout must be a positive number of seconds")
     store = _store(cfg)
@@ -264,6 +266,22 @@ def cmd_kinds(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedules(cfg: Config, args: argparse.Namespace) -> int:
+    from .scheduler import next_fire_times
+    rows = [{"id": s.id, "cron": s.cron, "kind": s.kind, "params": s.params,
+             "timezone": s.timezone or "local", "next_fire_time": nxt.isoformat() if nxt else None}
+            for s, nxt in next_fire_times(cfg)]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no schedules; add [[schedules]] tables to the config")
+    for r in rows:
+        print(f"{r['id']:<20} {r['cron']:<18} {r['kind']:<20} next {r['next_fire_time']} "
+              f"({r['timezone']})")
+    return 0
+
+
 def _venv_dir(cfg: Config) -> Path:
     return Path(cfg.worker.python).parent.parent
 
@@ -356,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_status)
 
     sub.add_parser("kinds", help="job kinds and their params").set_defaults(fn=cmd_kinds)
+
+    sc = sub.add_parser("schedules", help="configured schedules and their next fire times")
+    sc.add_argument("--json", action="store_true")
+    sc.set_defaults(fn=cmd_schedules)
 
     v = sub.add_parser("venv", help="the experimental venv workers run in")
     vsub = v.add_subparsers(dest="venv_cmd", required=True, parser_class=_Parser)

@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jobs.units import parse_size
 
@@ -24,9 +24,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_ENV = "LAB_ATTENDANT_CONFIG"
-# A byte count; in TOML either an integer or a string such as "2GiB" or "500MB".
-ByteSize = typing.NewType("ByteSize", int)
 DEFAULT_CONFIG_NAME = "lab-attendant.toml"
+DEFAULT_MODEL = "gemma-3-270m"             # the embedded model (`model import-default`)
+
+
+class ByteSize(int):
+    """Config type for byte counts: an integer or a string such as "2GiB" / "500MB"."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class WorkerConfig:
     python: Path = PROJECT_ROOT / "venvs" / "experimental" / "bin" / "python"  # worker interpreter
     extra_kinds: tuple[str, ...] = ()      # stdlib-only modules with a KINDS list (plugins, tests)
     heartbeat_interval_s: float = 5.0      # worker -> supervisor liveness events
+    default_model: str = DEFAULT_MODEL     # [models.NAME] used by jobs that get no -p model=
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,27 @@ class CotenantConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    path: Path | None = None               # model folder; default models_dir/NAME
+    kind: Literal["dense", "moe"] = "dense"  # dense: layer streaming; moe: expert paging
+    device: str = "cpu"                    # "cpu", "cuda", "cuda:1"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 is faster than bf16 on CPU
+    vram_budget_bytes: ByteSize | None = None   # decoder layers on the device; None: all
+    ram_budget_bytes: ByteSize | None = None    # streamed layers cached in host RAM
+    expert_cache_bytes: ByteSize | None = None  # MoE only: device expert cache
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    id: str                                # names the schedule; runs carry it as schedule_id
+    cron: str                              # 5 fields (minute first) or 6 (second first)
+    kind: str                              # a registered job kind
+    params: dict[str, Any] = field(default_factory=dict)  # as `submit -p`, validated per firing
+    timezone: str = ""                     # IANA name, e.g. "Europe/Berlin"; "" = local time
+    misfire_grace_s: float = 3600.0        # a firing missed by more than this is dropped
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -101,6 +126,8 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     cotenants: dict[str, CotenantConfig] = field(default_factory=dict)
+    models: dict[str, ModelConfig] = field(default_factory=dict)   # [models.NAME]
+    schedules: tuple[ScheduleConfig, ...] = ()                     # [[schedules]]
     source: Path | None = None             # the TOML file read, None for built-in defaults
 
     @property
@@ -116,6 +143,20 @@ class Config:
         if self.paths.allowed_roots:
             return self.paths.allowed_roots
         return (PROJECT_ROOT / "examples", self.paths.state_dir, self.paths.models_dir)
+
+    def model_spec(self, name: str | None) -> dict[str, Any]:
+        """The resolved [models.NAME] table a worker gets in its spec; the embedded default
+        model needs no table. ConfigError for a name the config does not define."""
+        name = name or self.worker.default_model
+        model = self.models.get(name)
+        if model is None and name != DEFAULT_MODEL:
+            known = ", ".join(sorted({*self.models, DEFAULT_MODEL}))
+            raise ConfigError(f"unknown model '{name}'; add a [models.{name}] table to the "
+                              f"config or use one of: {known}")
+        model = model or ModelConfig()
+        spec = dataclasses.asdict(model)
+        spec.update(name=name, path=str(model.path or self.paths.models_dir / name))
+        return spec
 
 
 _SECTIONS = {k: v for k, v in typing.get_type_hints(Config).items() if k != "source"}
@@ -146,6 +187,11 @@ def _coerce(key: str, value: Any, tp: Any, base_dir: Path) -> Any:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _coerce(key, value, inner[0], base_dir)
     if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key '{key}' must be one of "
+                              f"{', '.join(map(repr, typing.get_args(tp)))}, got {value!r}")
         return value
     if tp is ByteSize:
         if not isinstance(value, (int, str)) or isinstance(value, bool):
@@ -192,6 +238,8 @@ def _build(cls: type, table: dict[str, Any], prefix: str, base_dir: Path) -> Any
     for name, f in fields.items():
         if name in kwargs:
             continue
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config key '{prefix}{name}' is required")
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], {}, f"{prefix}{name}.", base_dir)
         elif f.default is not dataclasses.MISSING and isinstance(f.default, Path) \
@@ -224,6 +272,8 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None) -
     if "source" in data:
         raise ConfigError("unknown config section [source]")
     cfg = dataclasses.replace(_build(Config, data, "", base_dir), source=source)
+    from .scheduler import validate_schedules  # needs the kind registry; import here, not at top
+    validate_schedules(cfg)
     _check(cfg)
     return cfg
 

@@ -21,11 +21,12 @@ from jobs.units import format_size
 
 from .config import Config
 from .cotenants import Cotenants
-from .errors import DaemonLockedError
+from .errors import ConfigError, DaemonLockedError
 from .guards import Action, Guards, WorkerInfo
 from .host import Host, make_sensors, signal_name
 from .launcher import Launcher, Worker
 from .logsetup import RunOutput, get_logger, log_for
+from .scheduler import Schedules
 from .states import ACTIVE, RunState
 from .store import Store
 
@@ -84,6 +85,7 @@ class Daemon:
         self.host = host or Host()
         self.launcher = Launcher(self.host, kill_grace_s=cfg.limits.kill_grace_s)
         self.kinds: dict[str, Kind] = registry(cfg.worker.extra_kinds)
+        self.schedules = Schedules(cfg, self.kinds)      # not started in --burst mode
         self.store: Store | None = None
         self.guards = Guards(cfg.guards, self.host, make_sensors(cfg.guards.sensors))
         self.cotenants: Cotenants | None = None
@@ -113,6 +115,8 @@ class Daemon:
                 experimental_paging=self.experimental_paging)
             log.info("daemon started", pid=os.getpid(), experimental_paging=self.experimental_paging,
                      burst=self.burst, state_dir=str(self.cfg.paths.state_dir))
+            if not self.burst:
+                self.schedules.start()
             while True:
                 self.tick()
                 if self._should_exit():
@@ -121,6 +125,7 @@ class Daemon:
             log.info("daemon stopped", pid=os.getpid())
             return 0
         finally:
+            self.schedules.shutdown()
             if self.cotenants is not None:
                 self.cotenants.restore_all("daemon shutdown")
             if self._daemon_id:
@@ -188,6 +193,7 @@ class Daemon:
         self._enforce()
         self._guard_tick()
         if self._stopping_since is None:
+            self.schedules.dispatch(self.store, self.experimental_paging)
             self._admit()
         now = self.host.monotonic()
         if now - self._last_heartbeat >= HEARTBEAT_EVERY_S and self._daemon_id:
@@ -384,6 +390,12 @@ class Daemon:
             "logs_dir": str(self.cfg.paths.logs_dir),
             "heartbeat_interval_s": self.cfg.worker.heartbeat_interval_s,
         }
+        if any(p.name == "model" for p in kind.params):
+            try:
+                spec["model"] = self.cfg.model_spec(run.params.get("model"))
+            except ConfigError as exc:
+                self.store.transition(run.id, RunState.FAILED, str(exc))
+                return
         output = RunOutput(self.cfg.paths.logs_dir, run.id, run.needs_paging)
         try:
             w = self.launcher.spawn(run_id=run.id, python=Path(python), spec=spec, run_dir=run_dir,

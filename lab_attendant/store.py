@@ -18,6 +18,8 @@ from .errors import StoreError, TransitionError
 from .states import TERMINAL, RunState, can_transition
 
 SCHEMA_VERSION = 1
+_OPEN_STATES = [s.value for s in (RunState.QUEUED, RunState.HELD, RunState.STARTING,
+                                  RunState.RUNNING)]
 BUSY_TIMEOUT_MS = 60_000
 
 
@@ -58,6 +60,7 @@ class Run(Base):
     progress_unit: Mapped[str | None] = mapped_column(String, nullable=True)
     metrics_json: Mapped[str] = mapped_column(Text, default="{}")
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    schedule_id: Mapped[str | None] = mapped_column(String, nullable=True, index=True)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -79,6 +82,7 @@ class Run(Base):
             "progress": {"done": self.progress_done, "total": self.progress_total,
                          "unit": self.progress_unit},
             "metrics": self.metrics, "heartbeat_at": self.heartbeat_at,
+            "schedule_id": self.schedule_id,
         }
 
 
@@ -214,17 +218,26 @@ class Store:
 
     # -- runs ---------------------------------------------------------------------------------
     def submit(self, *, kind: str, params: dict[str, Any], priority: int, timeout_s: float,
-               needs_paging: bool) -> Run:
+               needs_paging: bool, schedule_id: str | None = None,
+               reason: str = "submitted") -> Run:
         now = time.time()
         with self.write() as s:
             run = Run(kind=kind, params_json=json.dumps(params, sort_keys=True),
                       priority=priority, timeout_s=timeout_s, needs_paging=needs_paging,
-                      submitted_at=now, state=RunState.QUEUED.value, reason="submitted")
+                      submitted_at=now, state=RunState.QUEUED.value, reason=reason,
+                      schedule_id=schedule_id)
             s.add(run)
             s.flush()
             s.add(RunEvent(run_id=run.id, at=now, kind="transition", from_state=None,
-                           to_state=RunState.QUEUED.value, reason="submitted"))
+                           to_state=RunState.QUEUED.value, reason=reason))
         return run
+
+    def open_run_of_schedule(self, schedule_id: str) -> Run | None:
+        """The oldest run of this schedule that is waiting or active, if any."""
+        with self.read() as s:
+            return s.scalars(select(Run).where(Run.schedule_id == schedule_id,
+                                               Run.state.in_(_OPEN_STATES))
+                             .order_by(Run.id).limit(1)).first()
 
     def get(self, run_id: int) -> Run | None:
         with self.read() as s:

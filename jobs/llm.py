@@ -1,0 +1,122 @@
+"""The one model helper the job kinds share: load the run's model (dense -> layer streaming, moe ->
+expert pager), complete prompts in batches, score answer options, and report engine metrics."""
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from jobs.paging.generate import generate
+
+ProgressFn = Callable[[int, int], None]
+
+
+class ModelUnavailable(RuntimeError):
+    """The configured model cannot be loaded; the message says what to fix."""
+
+
+def load_model(model: dict[str, Any]):
+    """Load the model described by the run spec's `model` table (see Config.model_spec)."""
+    path = Path(model["path"])
+    if not (path / "config.json").is_file():
+        raise ModelUnavailable(
+            f"model '{model['name']}' folder {path} has no config.json; run `lab-attendant model "
+            f"import-default` for the embedded model, or fix [models.{model['name']}] path")
+    if model.get("kind") == "moe":
+        try:  # import_module, not `from jobs.paging import moe`: that hides the missing name
+            moe = importlib.import_module("jobs.paging.moe")
+        except ModuleNotFoundError as exc:
+            if exc.name != "jobs.paging.moe":
+                raise
+            raise ModelUnavailable(
+                f"model '{model['name']}' is a MoE model but this install has no expert pager "
+                "(jobs/paging/moe.py); update lab-attendant or use a dense model") from None
+        return moe.load_paged_moe(path, device=model["device"], dtype=model["dtype"],
+                                  expert_cache_bytes=model.get("expert_cache_bytes"),
+                                  cache_policy="lru")
+    from jobs.paging.layer_stream import load_streamed
+    return load_streamed(path, device=model["device"], dtype=model["dtype"],
+                         vram_budget_bytes=model.get("vram_budget_bytes"),
+                         ram_budget_bytes=model.get("ram_budget_bytes"))
+
+
+class Engine:
+    """A loaded model bound to a run's context: every call reports tokens/s and engine stats."""
+
+    def __init__(self, ctx, model_spec: dict[str, Any], *, batch_size: int = 8) -> None:
+        self.ctx, self.batch_size = ctx, batch_size
+        self.name = model_spec["name"]
+        start = time.perf_counter()
+        self.loaded = load_model(model_spec)
+        self.load_s = time.perf_counter() - start
+        self.tokens_generated = 0
+        self.prompt_tokens = 0
+        self.busy_s = 0.0
+        ctx.log.info("model %s loaded in %.1f s", self.name, self.load_s)
+
+    def complete(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = (),
+                 progress: ProgressFn | None = None) -> list[str]:
+        """Greedy completions, one per prompt (text only, stripped)."""
+        if not prompts:
+            return []
+        res = generate(self.loaded, list(prompts), max_new_tokens=max_new_tokens,
+                       batch_size=self.batch_size, stop=stop, progress=progress)
+        self.tokens_generated += res.tokens_generated
+        self.prompt_tokens += res.prompt_tokens
+        self.busy_s += res.wall_s
+        self.report()
+        return [c.text.strip() for c in res.outputs]
+
+    @torch.no_grad()
+    def option_logprobs(self, prompts: Sequence[str], options: Sequence[str],
+                        progress: ProgressFn | None = None) -> list[dict[str, float]]:
+        """Log-probability of each option's first token right after each prompt (one prefill
+        pass per batch, no decoding), for scores that do not depend on parsing free text."""
+        tok, model, device = self.loaded.tokenizer, self.loaded.model, self.loaded.device
+        tok.padding_side = "left"
+        ids = {o: tok(o, add_special_tokens=False)["input_ids"][0] for o in options}
+        out: list[dict[str, float]] = []
+        start = time.perf_counter()
+        for first in range(0, len(prompts), self.batch_size):
+            enc = tok(list(prompts[first:first + self.batch_size]), return_tensors="pt",
+                      padding=True)
+            mask = enc["attention_mask"].to(device)
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            logits = model(input_ids=enc["input_ids"].to(device), attention_mask=mask,
+                           position_ids=positions, use_cache=False, logits_to_keep=1).logits
+            logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+            out += [{o: float(row[i]) for o, i in ids.items()} for row in logp]
+            self.prompt_tokens += int(mask.sum())
+            if progress:
+                progress(len(out), len(prompts))
+        self.busy_s += time.perf_counter() - start
+        self.report()
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        stats = {k: v for k, v in self.loaded.stats().items() if isinstance(v, (int, float, bool))}
+        return {"model": self.name, "model_load_s": round(self.load_s, 3),
+                "tokens_generated": self.tokens_generated, "prompt_tokens": self.prompt_tokens,
+                "engine_busy_s": round(self.busy_s, 3),
+                "tokens_per_s": round(self.tokens_generated / self.busy_s, 3) if self.busy_s else None,
+                "prompt_tokens_per_s": (round(self.prompt_tokens / self.busy_s, 3)
+                                        if self.busy_s else None),
+                **{f"engine_{k}": v for k, v in stats.items()}}
+
+    def report(self) -> None:
+        self.ctx.metric(**self.summary())
+
+    def close(self) -> None:
+        self.loaded.close()
+
+
+def first_sentence(text: str, limit_chars: int = 240) -> str:
+    """Cut a completion at its first sentence end; small base models ramble on."""
+    text = " ".join(text.split())
+    for i, ch in enumerate(text):
+        if ch in ".!?" and (i + 1 == len(text) or text[i + 1] == " "):
+            return text[:i + 1]
+    return text[:limit_chars]

@@ -1,0 +1,34 @@
+"""Rubric scoring from option log-probabilities: P(yes) / (P(yes) + P(no)) per criterion, their
+mean as the score, and a one-line reason. Stdlib only; the model side lives in jobs/llm.py."""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+YES = (" yes", " Yes")
+NO = (" no", " No")
+OPTIONS = YES + NO
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    m = max(values)
+    return m + math.log(sum(math.exp(v - m) for v in values))
+
+
+def yes_probability(logprobs: Mapping[str, float]) -> float:
+    """Share of "yes" in the mass the model puts on yes/no answers (both capitalisations)."""
+    ly = _logsumexp([logprobs[o] for o in YES])
+    ln = _logsumexp([logprobs[o] for o in NO])
+    return 1.0 / (1.0 + math.exp(ln - ly))
+
+
+def score(per_criterion: Mapping[str, float]) -> float:
+    return sum(per_criterion.values()) / len(per_criterion)
+
+
+def reason(per_criterion: Mapping[str, float]) -> str:
+    ranked = sorted(per_criterion.items(), key=lambda kv: (-kv[1], kv[0]))
+    (best, p_best), (worst, p_worst) = ranked[0], ranked[-1]
+    if best == worst:
+        return f"{best}: {p_best:.2f}"
+    return f"strongest on {best} ({p_best:.2f}), weakest on {worst} ({p_worst:.2f})"

@@ -1,0 +1,156 @@
+"""Nightly schedules: config validation, next fire times, and the APScheduler wiring in the daemon.
+
+The scheduler thread only puts firings on a queue; the daemon's loop drains it and writes the store.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone as dt_timezone
+from typing import TYPE_CHECKING, Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from jobs.kinds import Kind, ParamError, registry, validate_params
+
+from .errors import ConfigError
+from .logsetup import get_logger, log_for
+from .states import RunState
+
+if TYPE_CHECKING:
+    from .config import Config, ScheduleConfig
+    from .store import Run, Store
+
+CRON_FIELDS = ("minute", "hour", "day", "month", "day_of_week")
+
+
+log = get_logger("lab_attendant.scheduler")
+
+
+def parse_cron(expr: str, timezone: str = "") -> CronTrigger:
+    """A CronTrigger from 5 crontab fields (minute first) or 6 (a seconds field first)."""
+    fields = expr.split()
+    if len(fields) == 5:
+        names = CRON_FIELDS
+    elif len(fields) == 6:
+        names = ("second", *CRON_FIELDS)
+    else:
+        raise ValueError(f"cron {expr!r} has {len(fields)} fields; write 5 (minute hour day "
+                         "month weekday) or 6 (second first)")
+    return CronTrigger(**dict(zip(names, fields)), timezone=timezone or None)
+
+
+def validate_schedules(cfg: "Config") -> None:
+    """Fail at config load, naming the schedule: duplicate id, bad cron or timezone, unknown kind,
+    unknown param. Param values (paths that must exist) are checked at each firing."""
+    kinds = registry(cfg.worker.extra_kinds)
+    seen: set[str] = set()
+    for s in cfg.schedules:
+        where = f"schedule '{s.id}'"
+        if s.id in seen:
+            raise ConfigError(f"{where} is defined twice; give each [[schedules]] its own id")
+        seen.add(s.id)
+        try:
+            parse_cron(s.cron, s.timezone)
+        except Exception as exc:  # noqa: BLE001 - APScheduler raises ValueError/KeyError/tz errors
+            raise ConfigError(f"{where}: bad cron {s.cron!r} or timezone {s.timezone!r} ({exc}); "
+                              "write e.g. cron = \"30 2 * * *\" for 02:30 every night") from None
+        kind = kinds.get(s.kind)
+        if kind is None:
+            raise ConfigError(f"{where}: unknown kind '{s.kind}'; known kinds: "
+                              f"{', '.join(sorted(kinds))}")
+        unknown = set(s.params) - {p.name for p in kind.params}
+        if unknown:
+            raise ConfigError(f"{where}: kind '{s.kind}' has no param "
+                              f"{', '.join(sorted(unknown))} (params: "
+                              f"{', '.join(p.name for p in kind.params) or 'none'})")
+        if s.misfire_grace_s <= 0:
+            raise ConfigError(f"{where}: misfire_grace_s must be > 0 seconds")
+
+
+def next_fire_times(cfg: "Config", now: datetime | None = None) -> list[tuple["ScheduleConfig",
+                                                                              datetime | None]]:
+    """Each schedule with its next fire time after `now`, from the trigger alone (no scheduler)."""
+    now = now or datetime.now(dt_timezone.utc)
+    return [(s, parse_cron(s.cron, s.timezone).get_next_fire_time(None, now))
+            for s in cfg.schedules]
+
+
+@dataclass(frozen=True)
+class Firing:
+    schedule_id: str
+    fired_at: float           # wall clock when APScheduler ran the job
+
+
+class Schedules:
+    """Owns the BackgroundScheduler (in-memory job store) and turns its firings into runs."""
+
+    def __init__(self, cfg: "Config", kinds: dict[str, Kind]) -> None:
+        self.cfg, self.kinds = cfg, kinds
+        self.by_id = {s.id: s for s in cfg.schedules}
+        self.firings: queue.SimpleQueue[Firing] = queue.SimpleQueue()
+        self._scheduler: BackgroundScheduler | None = None
+
+    def start(self) -> None:
+        if not self.by_id:
+            return
+        self._scheduler = BackgroundScheduler(
+            job_defaults={"coalesce": True, "max_instances": 1})
+        for s in self.by_id.values():
+            self._scheduler.add_job(self._fire, parse_cron(s.cron, s.timezone), args=(s.id,),
+                                    id=s.id, misfire_grace_time=int(max(1, s.misfire_grace_s)))
+        self._scheduler.start()
+        log.info("schedules started", schedules=sorted(self.by_id))
+
+    def _fire(self, schedule_id: str) -> None:
+        # Runs on the scheduler's thread: no store access here, the daemon loop drains the queue.
+        self.firings.put(Firing(schedule_id, time.time()))
+
+    def shutdown(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+
+    def dispatch(self, store: "Store", experimental_paging: bool) -> list["Run"]:
+        """Drain pending firings (daemon thread): each becomes a queued run or a skipped one."""
+        runs = []
+        while True:
+            try:
+                firing = self.firings.get_nowait()
+            except queue.Empty:
+                return runs
+            runs.append(self._submit(store, firing, experimental_paging))
+
+    def _submit(self, store: "Store", firing: Firing, experimental_paging: bool) -> "Run":
+        s = self.by_id[firing.schedule_id]
+        kind = self.kinds[s.kind]
+        fired = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(firing.fired_at))
+        skip = None
+        params: dict[str, Any] = {}
+        if kind.needs_paging and not experimental_paging:
+            skip = ("experimental paging is off; start the daemon with --experimental-paging "
+                    "so this schedule can run")
+        else:
+            prev = store.open_run_of_schedule(s.id)
+            if prev is not None:
+                skip = f"previous run {prev.id} of this schedule is still {prev.state}"
+        if skip is None:
+            try:
+                params = validate_params(kind, s.params, self.cfg.allowed_roots)
+            except ParamError as exc:
+                skip = f"bad params in the config: {exc}"
+        run = store.submit(kind=kind.name, params=params or dict(s.params), priority=0,
+                           timeout_s=self.cfg.limits.default_timeout_s,
+                           needs_paging=kind.needs_paging, schedule_id=s.id,
+                           reason=f"fired by schedule '{s.id}' at {fired}")
+        rlog = log_for(kind.needs_paging, "lab_attendant.scheduler").bind(run_id=run.id,
+                                                                          schedule=s.id)
+        if skip is not None:
+            run = store.transition(run.id, RunState.SKIPPED, f"schedule '{s.id}' fired at "
+                                   f"{fired}; skipped: {skip}")
+            rlog.info("schedule firing skipped", reason=skip)
+        else:
+            rlog.info("schedule fired", kind=kind.name)
+        return run

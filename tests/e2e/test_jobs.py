@@ -1,0 +1,150 @@
+"""The three paging jobs end to end: real daemon, real worker in the experimental venv, the real
+Gemma-3-270M and MiniLM, small slices of the sample data copied into the test's folder."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXPERIMENTAL_PYTHON, ROOT, Lab, write_config
+
+MODEL_DIR = ROOT / "models" / "gemma-3-270m"
+EXAMPLES = ROOT / "examples"
+
+pytestmark = [
+    pytest.mark.e2e, pytest.mark.slow,
+    pytest.mark.skipif(not EXPERIMENTAL_PYTHON.exists() or not (MODEL_DIR / "config.json").exists(),
+                       reason="needs venvs/experimental and models/gemma-3-270m (scripts/setup.sh)"),
+]
+
+
+@pytest.fixture
+def model_lab(lab: Lab) -> Lab:
+    """The `lab` fixture with the experimental python as worker and the real models folder."""
+    write_config(lab.root, python=EXPERIMENTAL_PYTHON, default_timeout_s=900)
+    (lab.root / "models").symlink_to(ROOT / "models")
+    return lab
+
+
+def _burst(lab: Lab) -> None:
+    lab.cli("daemon", "--burst", "--experimental-paging", timeout=400)
+
+
+def _succeeded(lab: Lab, rid: int) -> dict:
+    run = lab.show(rid)
+    assert run["state"] == "succeeded", (run["reason"], lab.cli("logs", str(rid)).stdout[-3000:])
+    assert run["progress"]["total"] is not None and run["progress"]["done"] == run["progress"]["total"]
+    return run
+
+
+def _copy(names: list[str], src: Path, dst: Path) -> list[Path]:
+    dst.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy2(src / n, dst / n)) for n in names]
+
+
+NOTES = ["2009-03-14-first-bike-tour.md", "2018-06-09-bike-tour-to-the-sea.md",
+         "2014-06-14-the-database-outage.md"]
+
+
+def test_nightly_insights_incremental_and_a_killed_run_changes_nothing(model_lab: Lab):
+    lab = model_lab
+    archive = lab.root / "archive"
+    notes = _copy(NOTES, EXAMPLES / "archive", archive)
+    rid = lab.submit("nightly_insights", f"archive={archive}", "max_new_tokens=8")
+    _burst(lab)
+    run = _succeeded(lab, rid)
+    report = json.loads(Path(run["result_path"]).read_text())
+    assert report["notes_processed"] == 3 and report["notes_total"] == 3
+    assert (Path(run["result_path"]).parent / "insights.md").read_text().startswith("# Insights")
+    cited = [n["path"] for t in report["themes"] for n in t["notes"]] + \
+        [n["path"] for n in report["notes"]]
+    assert cited and all(Path(p).is_file() and Path(p).parent == archive for p in cited)
+    assert run["metrics"]["tokens_generated"] > 0 and run["metrics"]["tokens_per_s"] > 0
+    assert run["metrics"]["engine_num_layers"] == 18
+    manifest = next((lab.state_dir / "insights").glob("*/manifest.json"))
+    manifest_after_first = manifest.read_bytes()
+
+    again = lab.submit("nightly_insights", f"archive={archive}", "max_new_tokens=8")
+    _burst(lab)
+    assert json.loads(Path(_succeeded(lab, again)["result_path"]).read_text())[
+        "notes_processed"] == 0
+
+    notes[2].write_text(notes[2].read_text() + "\nAdded later: we also wrote a runbook.\n")
+    lab.start_daemon("--experimental-paging")
+    killed = lab.submit("nightly_insights", f"archive={archive}", "max_new_tokens=8")
+    lab.wait_state(killed, {"running"}, timeout_s=60)
+    time.sleep(2.0)
+    lab.cli("cancel", str(killed))
+    gone = lab.wait_state(killed, {"cancelled"}, timeout_s=30)
+    out = Path(gone["run_dir"]) / "output"
+    assert not list(out.glob("insights*")) and not list(out.glob(".*tmp*"))
+    assert manifest.read_bytes() == manifest_after_first
+
+    last = lab.submit("nightly_insights", f"archive={archive}", "max_new_tokens=8")
+    lab.wait_state(last, {"succeeded", "failed"}, timeout_s=300)
+    report = json.loads(Path(_succeeded(lab, last)["result_path"]).read_text())
+    assert report["notes_processed_paths"] == [str(notes[2])]
+    assert manifest.read_bytes() != manifest_after_first
+
+
+def test_artifact_refinement_ranks_all_and_never_summarizes_technical_stories(model_lab: Lab):
+    lab = model_lab
+    gems = _copy(["g01-disk-full-outage.md", "g04-sourdough-card.md", "g11-quantized-kv-cache.md"],
+                 EXAMPLES / "gems", lab.root / "gems")
+    rid = lab.submit("artifact_refinement", f"gems={lab.root / 'gems'}", "max_new_tokens=8")
+    _burst(lab)
+    run = _succeeded(lab, rid)
+    out = Path(run["result_path"]).parent
+    ranking = json.loads(Path(run["result_path"]).read_text())["artifacts"]
+    assert [r["rank"] for r in ranking] == [1, 2, 3]
+    assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
+    assert all(0 < r["score"] < 1 and r["reason"] for r in ranking)
+    by_id = {r["id"]: r for r in ranking}
+    refined = (out / "refined.md").read_text()
+    prompts = json.loads((out / "prompts.json").read_text())
+    summarize = [p for p in prompts if p["purpose"] == "summarize"]
+    assert [p["artifact"] for p in summarize] == ["g04-sourdough-card"]
+    for gem in (gems[0], gems[2]):
+        body = gem.read_text().split("\n---\n", 1)[1]
+        row = by_id[gem.stem]
+        assert row["treatment"] == "verbatim" and "summary" not in row
+        assert Path(row["verbatim_path"]).read_bytes() == body.encode()
+        assert body.rstrip("\n") in refined
+        first_line = body.splitlines()[0]
+        assert not any(first_line[:60] in p["prompt"] for p in summarize)
+    assert by_id["g04-sourdough-card"]["treatment"] == "summarized"
+    assert sum(p["purpose"] == "rubric" for p in prompts) == 3 * 2
+
+
+def test_cv_matching_ranks_postings_and_explains_the_top_k(model_lab: Lab):
+    lab = model_lab
+    postings = _copy(["p1-platform-team-lead.md", "p4-frontend-developer.md",
+                      "p6-ml-research-scientist.md"], EXAMPLES / "cv" / "postings",
+                     lab.root / "postings")
+    cv = _copy(["cv.md"], EXAMPLES / "cv", lab.root)[0]
+    rid = lab.submit("cv_matching", f"cv={cv}", f"postings={lab.root / 'postings'}", "top_k=2",
+                     "max_new_tokens=8")
+    _burst(lab)
+    run = _succeeded(lab, rid)
+    report = json.loads(Path(run["result_path"]).read_text())
+    assert sorted(r["path"] for r in report["ranking"]) == sorted(map(str, postings))
+    assert report["ranking"][0]["path"].endswith("p1-platform-team-lead.md")  # the obvious fit
+    assert len(report["top"]) == 2
+    cv_text = cv.read_text()
+    for top in report["top"]:
+        assert Path(top["path"]).is_file()
+        assert all(s["evidence"] in cv_text.replace("**", "") for s in top["strengths"])
+    assert (Path(run["result_path"]).parent / "matches.md").read_text().startswith("# CV matches")
+    assert run["metrics"]["model"] == "gemma-3-270m"
+
+
+def test_unknown_model_is_refused_at_submit(model_lab: Lab):
+    (model_lab.root / "p").mkdir()
+    (model_lab.root / "cv.md").write_text("cv")
+    proc = model_lab.cli("submit", "cv_matching", "-p", f"cv={model_lab.root / 'cv.md'}",
+                         "-p", f"postings={model_lab.root / 'p'}", "-p", "model=nope", check=False)
+    assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
+    assert json.loads(model_lab.cli("list", "--json").stdout) == []

@@ -1,0 +1,85 @@
+"""The job-side model helper on the real Gemma-3-270M and MiniLM (experimental venv only):
+option log-probs with left padding match an unpadded full forward; embeddings rank sensibly."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from jobs import rubric  # noqa: E402
+from jobs.llm import Engine, ModelUnavailable, load_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = {"name": "gemma-3-270m", "path": str(ROOT / "models" / "gemma-3-270m"), "kind": "dense",
+         "device": "cpu", "dtype": "fp32", "vram_budget_bytes": None, "ram_budget_bytes": None,
+         "expert_cache_bytes": None}
+
+pytestmark = [pytest.mark.engine, pytest.mark.skipif(
+    not (ROOT / "models" / "gemma-3-270m" / "config.json").exists(), reason="no default model")]
+
+
+class _Ctx:
+    def __init__(self) -> None:
+        self.metrics: dict = {}
+        self.log = logging.getLogger("test")
+
+    def metric(self, **m) -> None:
+        self.metrics.update(m)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = Engine(_Ctx(), MODEL, batch_size=2)
+    yield e
+    e.close()
+
+
+def test_option_logprobs_with_left_padding_match_a_plain_forward(engine):
+    prompts = ["Question: Is the sky blue on a clear day? Answer yes or no.\nAnswer:",
+               "Q: Is fire cold?\nAnswer:"]            # different lengths: the second is padded
+    got = engine.option_logprobs(prompts, rubric.OPTIONS)
+    tok, model = engine.loaded.tokenizer, engine.loaded.model
+    for prompt, row in zip(prompts, got):
+        with torch.no_grad():
+            logits = model(**tok(prompt, return_tensors="pt")).logits[0, -1].float()
+        ref = torch.log_softmax(logits, -1)
+        for option, value in row.items():
+            token = tok(option, add_special_tokens=False)["input_ids"][0]
+            assert value == pytest.approx(float(ref[token]), abs=2e-3)
+    assert engine.ctx.metrics["prompt_tokens"] > 0
+
+
+def test_complete_reports_tokens_per_second(engine):
+    prompts = ["The capital of France is", "My favourite fruit is the"]
+    first = engine.complete(prompts, max_new_tokens=4)
+    assert all(first) and engine.complete(prompts, max_new_tokens=4) == first   # greedy
+    assert engine.ctx.metrics["tokens_generated"] >= 1 and engine.ctx.metrics["tokens_per_s"] > 0
+
+
+def test_moe_model_without_the_pager_says_what_to_do(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    spec = {**MODEL, "name": "mix", "kind": "moe", "path": str(tmp_path)}
+    try:
+        import jobs.paging.moe  # noqa: F401
+    except ModuleNotFoundError:
+        with pytest.raises(ModelUnavailable, match="no expert pager"):
+            load_model(spec)
+    else:
+        pytest.skip("the MoE pager is installed here")
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelUnavailable, match="import-default"):
+        load_model({**MODEL, "path": str(tmp_path / "none")})
+
+
+def test_minilm_embeddings_put_related_texts_closer():
+    from jobs.clustering import cosine
+    from jobs.embed import Embedder
+    a, b, c = Embedder().embed(["A bike tour along the river.", "Cycling trip by the water.",
+                                "The database ran out of disk space."])
+    assert cosine(a, b) > cosine(a, c) + 0.2
+    assert sum(x * x for x in a) == pytest.approx(1.0, abs=1e-4)

@@ -1,0 +1,85 @@
+"""[[schedules]] and [models.NAME] config: validation at load, next fire times, model specs."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from lab_attendant.config import parse_config
+from lab_attendant.errors import ConfigError
+from lab_attendant.scheduler import next_fire_times, parse_cron
+
+BASE = {"worker": {"extra_kinds": ["tests.fixtures.kinds"]}}
+
+
+def _cfg(tmp_path: Path, **sections):
+    return parse_config({**BASE, **sections}, base_dir=tmp_path, source=None)
+
+
+def _sched(**kw):
+    return {"id": "nightly", "cron": "30 2 * * *", "kind": "sleepy", **kw}
+
+
+def test_schedules_load_and_next_fire_time(tmp_path: Path):
+    cfg = _cfg(tmp_path, schedules=[_sched(params={"seconds": 1}, timezone="UTC")])
+    (s, nxt), = next_fire_times(cfg, datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc))
+    assert s.id == "nightly" and s.params == {"seconds": 1}
+    assert nxt == datetime(2026, 1, 2, 2, 30, tzinfo=timezone.utc)
+
+
+def test_six_field_cron_has_seconds():
+    t = parse_cron("*/10 * * * * *", "UTC")
+    now = datetime(2026, 1, 1, 12, 0, 1, tzinfo=timezone.utc)
+    assert t.get_next_fire_time(None, now) == datetime(2026, 1, 1, 12, 0, 10, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("sched, message", [
+    (_sched(cron="61 2 * * *"), "schedule 'nightly': bad cron '61 2 * * *'"),
+    (_sched(cron="* * *"), "schedule 'nightly': bad cron"),
+    (_sched(timezone="Mars/Olympus"), "schedule 'nightly': bad cron"),
+    (_sched(kind="nope"), "schedule 'nightly': unknown kind 'nope'"),
+    (_sched(params={"naps": 2}), "schedule 'nightly': kind 'sleepy' has no param naps"),
+    (_sched(misfire_grace_s=0), "misfire_grace_s must be > 0"),
+    ({"id": "x", "kind": "sleepy"}, "config key 'schedules[0].cron' is required"),
+    (_sched(crn="1"), "unknown config key 'schedules[0].crn'"),
+])
+def test_bad_schedules_fail_at_load_naming_the_schedule(tmp_path: Path, sched, message):
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, schedules=[sched])
+    assert message in str(err.value)
+
+
+def test_duplicate_schedule_ids_fail(tmp_path: Path):
+    with pytest.raises(ConfigError, match="'nightly' is defined twice"):
+        _cfg(tmp_path, schedules=[_sched(), _sched()])
+
+
+def test_models_sizes_kinds_and_default(tmp_path: Path):
+    cfg = _cfg(tmp_path, paths={"models_dir": "m"}, models={
+        "big": {"path": "/data/gemma-27b", "vram_budget_bytes": "2GiB", "ram_budget_bytes": 1024,
+                "dtype": "bf16", "device": "cuda"},
+        "mix": {"kind": "moe", "expert_cache_bytes": "500MB"}})
+    big = cfg.model_spec("big")
+    assert big["vram_budget_bytes"] == 2 * 1024**3 and big["ram_budget_bytes"] == 1024
+    assert (big["path"], big["kind"], big["dtype"]) == ("/data/gemma-27b", "dense", "bf16")
+    mix = cfg.model_spec("mix")
+    assert mix["path"] == str(tmp_path / "m" / "mix") and mix["expert_cache_bytes"] == 500 * 10**6
+    default = cfg.model_spec(None)
+    assert default["name"] == "gemma-3-270m" and default["path"] == str(tmp_path / "m" / "gemma-3-270m")
+    assert (default["device"], default["dtype"]) == ("cpu", "fp32")
+    with pytest.raises(ConfigError, match=r"unknown model 'nope'; add a \[models.nope\] table"):
+        cfg.model_spec("nope")
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"kind": "sparse"}, "config key 'models.x.kind' must be one of 'dense', 'moe'"),
+    ({"vram_budget_bytes": "lots"}, "config key 'models.x.vram_budget_bytes': cannot read size"),
+    ({"vram_budget_bytes": True}, "config key 'models.x.vram_budget_bytes'"),
+    ({"dtype": "int4"}, "config key 'models.x.dtype' must be one of"),
+    ({"budget": 1}, "unknown config key 'models.x.budget'"),
+])
+def test_bad_model_tables_name_the_key(tmp_path: Path, model, message):
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, models={"x": model})
+    assert message in str(err.value)
