@@ -36,7 +36,8 @@ def _fmt_time(ts: float | None) -> str:
 # -- verbs ----------------------------------------------------------------------------------------
 def cmd_daemon(cfg: Config, args: argparse.Namespace) -> int:
     from .daemon import Daemon
-    setup_logging(cfg.paths.logs_dir, console=True)
+    setup_logging(cfg.paths.logs_dir, console=True, max_bytes=cfg.logging.max_bytes,
+                  backup_count=cfg.logging.backup_count)   # the daemon alone rotates
     return Daemon(cfg, experimental_paging=args.experimental_paging, burst=args.burst).run()
 
 

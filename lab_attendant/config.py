@@ -55,11 +55,38 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    # lab_attendant.log and experimental_paging.log roll over past this size (0 = never); only
+    # the daemon rotates, CLI processes just append (see logsetup.py).
+    max_bytes: int = 10 * 1024**2
+    backup_count: int = 5                  # rotated files kept: <name>.1 ... <name>.N
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 0 or self.backup_count < 0:
+            raise ConfigError("[logging] max_bytes and backup_count must be 0 or more")
+        if self.max_bytes and not self.backup_count:
+            raise ConfigError("[logging] backup_count must be 1 or more when max_bytes is set "
+                              "(or set max_bytes = 0 to never rotate)")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    # systemd WatchdogSec=: a main loop silent this long is killed and restarted (0 = off).
+    watchdog_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.watchdog_s < 0:
+            raise ConfigError("[service] watchdog_s must be 0 (off) or more seconds")
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     source: Path | None = None             # the TOML file read, None for built-in defaults
 
     @property
