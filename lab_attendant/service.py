@@ -6,7 +6,9 @@ from __future__ import annotations
 import getpass
 import math
 import os
+import pwd
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,10 +136,20 @@ def install(files: UnitFiles, cfg: Config, *, user: bool) -> list[list[str]]:
         else:
             _remove(files.dropin_path)
         for path in (cfg.paths.state_dir, cfg.paths.logs_dir, cfg.paths.models_dir):
-            path.mkdir(parents=True, exist_ok=True)
+            _make_dir_for_service(path, None if user else run_as_user())
     except PermissionError as exc:
         raise _permission_hint(Path(exc.filename or files.unit_path), user) from None
     return [systemctl(user, "daemon-reload"), systemctl(user, "enable", "--now", UNIT_NAME)]
+
+
+def _make_dir_for_service(path: Path, owner: str | None) -> None:
+    """Create a folder the service writes to; one that `sudo service install` creates is given
+    to the User= the system unit runs as, or the daemon could not write its own state."""
+    if path.is_dir():
+        return
+    path.mkdir(parents=True)
+    if owner and os.geteuid() == 0 and owner != "root":
+        shutil.chown(path, user=owner, group=pwd.getpwnam(owner).pw_gid)
 
 
 def _remove(path: Path) -> bool:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import configparser
+import os
+import pwd
 import re
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ def _parse(text: str) -> configparser.ConfigParser:
 
 
 def _cfg(tmp_path: Path, **limits):
-    data = {"paths": {"state_dir": "state dir", "logs_dir": "logs", "models_dir": "/srv/models"},
+    data = {"paths": {"state_dir": "state dir", "logs_dir": "logs", "models_dir": str(tmp_path / "m")},
             "limits": {"shutdown_grace_s": 60.0, "kill_grace_s": 10.0, **limits},
             "service": {"watchdog_s": 20.0}}
     return parse_config(data, base_dir=tmp_path, source=tmp_path / "lab-attendant.toml")
@@ -36,7 +38,7 @@ def test_system_unit_has_notify_watchdog_kill_mode_and_hardening(tmp_path):
         ("notify", "20s", "on-failure", "mixed")
     assert s["TimeoutStopSec"] == "85s"                    # 60 + 10 + 15 margin
     assert (s["NoNewPrivileges"], s["ProtectSystem"], s["PrivateTmp"]) == ("yes", "strict", "yes")
-    assert s["ReadWritePaths"] == f'"{tmp_path}/state dir" {tmp_path}/logs /srv/models'
+    assert s["ReadWritePaths"] == f'"{tmp_path}/state dir" {tmp_path}/logs {tmp_path}/m'
     assert "PrivateDevices" not in s and "DevicePolicy" not in s   # /dev/nvidia* stays visible
     assert s["WorkingDirectory"] == str(tmp_path)
     argv = s["ExecStart"].split()
@@ -92,3 +94,16 @@ def test_install_rewrites_and_removes_a_stale_dropin_then_uninstall_cleans_up(tm
     assert removed == [wants / "lab-attendant.service", plain.unit_path]
     assert commands[-1] == ["systemctl", "daemon-reload"]
     assert sorted(p.name for p in (tmp_path / "system").rglob("*")) == ["multi-user.target.wants"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root (sudo service install) can chown")
+def test_sudo_system_install_gives_new_folders_to_the_unit_user(tmp_path, monkeypatch):
+    monkeypatch.setattr(service, "SYSTEM_UNIT_DIR", tmp_path / "system")
+    monkeypatch.setenv("SUDO_USER", "nobody")
+    (tmp_path / "logs").mkdir()                             # existing folders are left alone
+    cfg = _cfg(tmp_path)
+    files = service.render(cfg, user=False, experimental_paging=False)
+    assert "\nUser=nobody\n" in files.unit_text
+    service.install(files, cfg, user=False)
+    assert (tmp_path / "state dir").stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    assert (tmp_path / "logs").stat().st_uid == 0
