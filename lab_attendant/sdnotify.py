@@ -1,7 +1,6 @@
 """sd_notify for Type=notify units: READY=1, STATUS=, WATCHDOG=1 and STOPPING=1 on $NOTIFY_SOCKET.
 
-A no-op when the daemon was not started by systemd (no NOTIFY_SOCKET). This module is its own OS
-seam (one AF_UNIX datagram socket); the daemon only calls ready()/tick()/stopping().
+Its own small OS seam (one AF_UNIX datagram socket); a no-op when systemd did not start us.
 """
 from __future__ import annotations
 
