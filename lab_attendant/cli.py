@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -36,7 +37,8 @@ def _fmt_time(ts: float | None) -> str:
 # -- verbs ----------------------------------------------------------------------------------------
 def cmd_daemon(cfg: Config, args: argparse.Namespace) -> int:
     from .daemon import Daemon
-    setup_logging(cfg.paths.logs_dir, console=True)
+    setup_logging(cfg.paths.logs_dir, console=True, max_bytes=cfg.logging.max_bytes,
+                  backup_count=cfg.logging.backup_count)   # the daemon alone rotates
     return Daemon(cfg, experimental_paging=args.experimental_paging, burst=args.burst).run()
 
 
@@ -321,6 +323,33 @@ def cmd_model(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_service(cfg: Config, args: argparse.Namespace) -> int:
+    from . import service
+    if args.service_cmd == "uninstall":
+        removed, commands = service.uninstall(user=args.user)
+        for path in removed:
+            print(f"removed {path}")
+        if not removed:
+            print(f"nothing to remove: no {service.UNIT_NAME} in {service.unit_dir(args.user)}")
+    else:
+        files = service.render(cfg, user=args.user, experimental_paging=args.experimental_paging)
+        if args.print:
+            print(files.unit_text, end="")
+            if files.dropin_text is not None:
+                print(f"\n# ---- drop-in {files.dropin_path}\n{files.dropin_text}", end="")
+            return 0
+        commands = service.install(files, cfg, user=args.user)
+        print(f"wrote {files.unit_path}")
+        if files.dropin_text is not None:
+            print(f"wrote {files.dropin_path} (experimental paging on while it exists)")
+        if args.user:
+            commands.append(["loginctl", "enable-linger", service.run_as_user()])
+    print("lab-attendant does not run systemctl itself; now run:")
+    for argv in commands:
+        print("  " + shlex.join(argv))
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own errors: exit 2, one line + hint
@@ -393,6 +422,19 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("import-default", help="convert the bundled Gemma-3-270M to safetensors")
     msub.add_parser("list", help="model folders with size on disk")
     m.set_defaults(fn=cmd_model)
+
+    sv = sub.add_parser("service", help="install or remove the systemd unit (prints the "
+                        "systemctl commands, does not run them)")
+    svsub = sv.add_subparsers(dest="service_cmd", required=True, parser_class=_Parser)
+    si = svsub.add_parser("install", help="render the unit with this checkout's paths and write "
+                          "it to /etc/systemd/system (or ~/.config/systemd/user with --user)")
+    si.add_argument("--experimental-paging", action="store_true",
+                    help="also write a drop-in that starts the daemon with the flag")
+    si.add_argument("--print", action="store_true", help="print the unit, write nothing")
+    su = svsub.add_parser("uninstall", help="remove the unit, its drop-in and enable links")
+    for p_ in (si, su):
+        p_.add_argument("--user", action="store_true", help="a systemd --user unit")
+    sv.set_defaults(fn=cmd_service)
     return p
 
 

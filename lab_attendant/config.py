@@ -119,6 +119,31 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    # lab_attendant.log and experimental_paging.log roll over past this size (0 = never); only
+    # the daemon rotates, CLI processes just append (see logsetup.py).
+    max_bytes: int = 10 * 1024**2
+    backup_count: int = 5                  # rotated files kept: <name>.1 ... <name>.N
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 0 or self.backup_count < 0:
+            raise ConfigError("[logging] max_bytes and backup_count must be 0 or more")
+        if self.max_bytes and not self.backup_count:
+            raise ConfigError("[logging] backup_count must be 1 or more when max_bytes is set "
+                              "(or set max_bytes = 0 to never rotate)")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    # systemd WatchdogSec=: a main loop silent this long is killed and restarted (0 = off).
+    watchdog_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.watchdog_s < 0:
+            raise ConfigError("[service] watchdog_s must be 0 (off) or more seconds")
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -128,6 +153,8 @@ class Config:
     cotenants: dict[str, CotenantConfig] = field(default_factory=dict)
     models: dict[str, ModelConfig] = field(default_factory=dict)   # [models.NAME]
     schedules: tuple[ScheduleConfig, ...] = ()                     # [[schedules]]
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     source: Path | None = None             # the TOML file read, None for built-in defaults
 
     @property

@@ -27,6 +27,7 @@ from .host import Host, make_sensors, signal_name
 from .launcher import Launcher, Worker
 from .logsetup import RunOutput, get_logger, log_for
 from .scheduler import Schedules
+from .sdnotify import Notifier, status_text
 from .states import ACTIVE, RunState
 from .store import Store
 
@@ -98,6 +99,7 @@ class Daemon:
         self._daemon_id = 0
         self._last_heartbeat = 0.0
         self._wake_r, self._wake_w = -1, -1
+        self.notifier = Notifier.from_env()             # systemd Type=notify; no-op outside it
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -117,6 +119,7 @@ class Daemon:
                      burst=self.burst, state_dir=str(self.cfg.paths.state_dir))
             if not self.burst:
                 self.schedules.start()
+            self.notifier.ready(self._sd_status())
             while True:
                 self.tick()
                 if self._should_exit():
@@ -125,6 +128,7 @@ class Daemon:
             log.info("daemon stopped", pid=os.getpid())
             return 0
         finally:
+            self.notifier.stopping()
             self.schedules.shutdown()
             if self.cotenants is not None:
                 self.cotenants.restore_all("daemon shutdown")
@@ -166,6 +170,7 @@ class Daemon:
                 log.info("warm shutdown: no new runs; running ones may finish",
                          signal=signal_name(sig), grace_s=self.cfg.limits.shutdown_grace_s,
                          running=len(self.workers))
+                self.notifier.stopping(self._sd_status())
             elif not self._cold:
                 self._cold = True
                 log.info("cold shutdown: stopping running runs now", signal=signal_name(sig))
@@ -199,6 +204,11 @@ class Daemon:
         if now - self._last_heartbeat >= HEARTBEAT_EVERY_S and self._daemon_id:
             self.store.daemon_heartbeat(self._daemon_id)
             self._last_heartbeat = now
+        self.notifier.tick(now, self._sd_status)
+
+    def _sd_status(self) -> str:
+        return status_text(self.store.count_by_state(), running=len(self.workers),
+                           stopping=self._stopping_since is not None)
 
     def _pump(self) -> None:
         for w in list(self.workers.values()):

@@ -1,12 +1,17 @@
 """structlog setup: JSON lines in logs/lab_attendant.log, readable console output, and the
 isolated logs/experimental_paging.log that alone receives anything from paging runs (FEAT-031).
+
+Rotation: several processes append to the two files, but only the daemon (one per state dir)
+rotates them, by size. CLI processes open them lazily and append with O_APPEND, never rotating; a
+CLI that was writing while the daemon rotated finishes its lines in <name>.1, nothing is lost.
 """
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +36,38 @@ def _handler(handler: logging.Handler, renderer: Any) -> logging.Handler:
     return handler
 
 
-def setup_logging(logs_dir: Path, *, console: bool = True, level: int = logging.INFO) -> None:
-    """Idempotent: replaces the handlers of our two loggers."""
+# journald reads a "<N>" syslog priority prefix off each stderr line (SyslogLevelPrefix=).
+_SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+def under_journald() -> bool:
+    """systemd started us (INVOCATION_ID) or stderr is a journal stream (JOURNAL_STREAM)."""
+    return bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+
+
+class JournalRenderer:
+    """Console lines for journald: no timestamp (the journal adds its own), priority prefix."""
+
+    def __init__(self) -> None:
+        self._console = structlog.dev.ConsoleRenderer(colors=False)
+
+    def __call__(self, logger: Any, name: str, event_dict: dict[str, Any]) -> str:
+        event_dict.pop("timestamp", None)
+        priority = _SYSLOG_PRIORITY.get(str(event_dict.get("level", "info")), 6)
+        return f"<{priority}>" + self._console(logger, name, event_dict)
+
+
+def _file_handler(path: Path, max_bytes: int, backup_count: int) -> logging.Handler:
+    if max_bytes > 0 and backup_count > 0:
+        return logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes,
+                                                    backupCount=backup_count)
+    return logging.FileHandler(path, delay=True)   # opened on first line: a short CLI holds no fd
+
+
+def setup_logging(logs_dir: Path, *, console: bool = True, level: int = logging.INFO,
+                  max_bytes: int = 0, backup_count: int = 0) -> None:
+    """Idempotent: replaces the handlers of our two loggers. Only the daemon passes max_bytes
+    (rotation); everyone else appends."""
     logs_dir.mkdir(parents=True, exist_ok=True)
     (logs_dir / "runs").mkdir(exist_ok=True)
     structlog.configure(
@@ -42,6 +77,8 @@ def setup_logging(logs_dir: Path, *, console: bool = True, level: int = logging.
         cache_logger_on_first_use=False,
     )
     json_renderer = structlog.processors.JSONRenderer()
+    console_renderer = (JournalRenderer() if under_journald()
+                        else structlog.dev.ConsoleRenderer(colors=False))
     for name, filename, with_console in (("lab_attendant", MAIN_LOG, console),
                                          (PAGING_LOGGER, PAGING_LOG, False)):
         logger = logging.getLogger(name)
@@ -50,10 +87,10 @@ def setup_logging(logs_dir: Path, *, console: bool = True, level: int = logging.
             h.close()
         logger.setLevel(level)
         logger.propagate = False
-        logger.addHandler(_handler(logging.FileHandler(logs_dir / filename), json_renderer))
+        logger.addHandler(_handler(_file_handler(logs_dir / filename, max_bytes, backup_count),
+                                   json_renderer))
         if with_console:
-            logger.addHandler(_handler(logging.StreamHandler(sys.stderr),
-                                       structlog.dev.ConsoleRenderer(colors=False)))
+            logger.addHandler(_handler(logging.StreamHandler(sys.stderr), console_renderer))
 
 
 def get_logger(name: str = "lab_attendant") -> structlog.stdlib.BoundLogger:
@@ -67,39 +104,42 @@ def log_for(needs_paging: bool, module: str = "lab_attendant") -> structlog.stdl
 
 class RunOutput:
     """Where a worker's stdout/stderr lines go: logs/runs/<id>.log for ordinary runs, JSON lines
-    tagged with run_id in experimental_paging.log for paging runs."""
+    tagged with run_id in experimental_paging.log for paging runs (through the paging logger, so
+    they count towards, and follow, that file's rotation)."""
 
     def __init__(self, logs_dir: Path, run_id: int, needs_paging: bool) -> None:
         self.run_id = run_id
         self.needs_paging = needs_paging
         self.path = logs_dir / (PAGING_LOG if needs_paging else f"runs/{run_id}.log")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "ab", buffering=0)  # O_APPEND: whole-line writes interleave safely
+        self._fh = None if needs_paging else open(self.path, "ab", buffering=0)  # O_APPEND
+        self._log = structlog.get_logger(PAGING_LOGGER).bind(run_id=run_id)
 
     def write_lines(self, lines: list[bytes]) -> None:
-        if not lines:
-            return
-        if self.needs_paging:
-            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            data = b"".join(json.dumps({"event": "worker_output", "run_id": self.run_id,
-                                        "line": ln.decode("utf-8", "replace"),
-                                        "timestamp": now}).encode() + b"\n" for ln in lines)
-        else:
-            data = b"".join(ln + b"\n" for ln in lines)
-        self._fh.write(data)
+        if self._fh is None:
+            for ln in lines:
+                self._log.info("worker_output", line=ln.decode("utf-8", "replace"))
+        elif lines:
+            self._fh.write(b"".join(ln + b"\n" for ln in lines))
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """`path` and its rotated copies (<name>.1 ... <name>.N), oldest first."""
+    backups = [p for p in path.parent.glob(path.name + ".*") if p.suffix[1:].isdigit()]
+    return sorted(backups, key=lambda p: -int(p.suffix[1:])) + ([path] if path.exists() else [])
 
 
 def read_run_log(logs_dir: Path, run_id: int, needs_paging: bool) -> list[str]:
-    """The lines of one run's output, from whichever file holds them."""
+    """The lines of one run's output, from whichever file holds them (rotated ones included)."""
     if not needs_paging:
         path = logs_dir / "runs" / f"{run_id}.log"
         return path.read_text(errors="replace").splitlines() if path.exists() else []
-    path = logs_dir / PAGING_LOG
     out = []
-    if path.exists():
+    for path in rotated_files(logs_dir / PAGING_LOG):
         for raw in path.read_text(errors="replace").splitlines():
             try:
                 obj = json.loads(raw)

@@ -1,0 +1,109 @@
+"""Rendering the systemd unit: keys systemd needs, paths from the config, quoting, install files."""
+from __future__ import annotations
+
+import configparser
+import os
+import pwd
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab_attendant import service
+from lab_attendant.config import parse_config
+
+
+def _parse(text: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(strict=False, interpolation=None, comment_prefixes=("#", ";"))
+    cp.optionxform = str  # systemd keys are case-sensitive
+    cp.read_string(text)
+    return cp
+
+
+def _cfg(tmp_path: Path, **limits):
+    data = {"paths": {"state_dir": "state dir", "logs_dir": "logs", "models_dir": str(tmp_path / "m")},
+            "limits": {"shutdown_grace_s": 60.0, "kill_grace_s": 10.0, **limits},
+            "service": {"watchdog_s": 20.0}}
+    return parse_config(data, base_dir=tmp_path, source=tmp_path / "lab-attendant.toml")
+
+
+def test_system_unit_has_notify_watchdog_kill_mode_and_hardening(tmp_path):
+    files = service.render(_cfg(tmp_path), user=False, experimental_paging=False,
+                           working_dir=tmp_path)
+    assert files.unit_path == Path("/etc/systemd/system/lab-attendant.service")
+    assert files.dropin_text is None
+    s = _parse(files.unit_text)["Service"]
+    assert (s["Type"], s["WatchdogSec"], s["Restart"], s["KillMode"]) == \
+        ("notify", "20s", "on-failure", "mixed")
+    assert s["TimeoutStopSec"] == "85s"                    # 60 + 10 + 15 margin
+    assert (s["NoNewPrivileges"], s["ProtectSystem"], s["PrivateTmp"]) == ("yes", "strict", "yes")
+    assert s["ReadWritePaths"] == f'"{tmp_path}/state dir" {tmp_path}/logs {tmp_path}/m'
+    assert "PrivateDevices" not in s and "DevicePolicy" not in s   # /dev/nvidia* stays visible
+    assert s["WorkingDirectory"] == str(tmp_path)
+    argv = s["ExecStart"].split()
+    assert Path(argv[0]).is_absolute() and Path(argv[0]).parent == Path(sys.executable).parent
+    assert argv[1:] == ["--config", str(tmp_path / "lab-attendant.toml"), "daemon"]
+    assert _parse(files.unit_text)["Install"]["WantedBy"] == "multi-user.target"
+    assert not re.search(r"@[A-Z_]+@", files.unit_text)   # no placeholder left
+
+
+def test_user_unit_comments_out_system_only_lines_and_paging_is_a_dropin(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    files = service.render(_cfg(tmp_path, shutdown_grace_s=2.5, kill_grace_s=1.0), user=True,
+                           experimental_paging=True)
+    assert files.unit_path == tmp_path / "xdg/systemd/user/lab-attendant.service"
+    s = _parse(files.unit_text)["Service"]
+    assert "ProtectSystem" not in s and "User" not in s and s["NoNewPrivileges"] == "yes"
+    assert "#ProtectSystem=strict" in files.unit_text
+    assert s["TimeoutStopSec"] == "19s"                     # ceil(2.5 + 1 + 15)
+    assert "--experimental-paging" not in s["ExecStart"]    # only the drop-in turns it on
+    assert files.dropin_path == files.unit_path.parent / "lab-attendant.service.d" / \
+        "experimental-paging.conf"
+    lines = [ln for ln in files.dropin_text.splitlines() if ln.startswith("ExecStart=")]
+    assert lines[0] == "ExecStart=" and lines[1].endswith(" daemon --experimental-paging")
+
+
+@pytest.mark.parametrize("word, rendered", [
+    ("/opt/lab/bin/lab-attendant", "/opt/lab/bin/lab-attendant"),
+    ("/home/me/my lab/x.toml", '"/home/me/my lab/x.toml"'),
+    ("/data/100%/$HOME", '"/data/100%%/$$HOME"'),
+    ('/a "b"', '"/a \\"b\\""'),
+])
+def test_quote_for_unit_command_lines(word, rendered):
+    assert service.quote(word) == rendered
+
+
+def test_install_rewrites_and_removes_a_stale_dropin_then_uninstall_cleans_up(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setattr(service, "SYSTEM_UNIT_DIR", tmp_path / "system")
+    cfg = _cfg(tmp_path)
+    paged = service.render(cfg, user=False, experimental_paging=True)
+    commands = service.install(paged, cfg, user=False)
+    assert commands == [["systemctl", "daemon-reload"],
+                        ["systemctl", "enable", "--now", "lab-attendant.service"]]
+    assert paged.dropin_path.read_text() == paged.dropin_text
+    assert (tmp_path / "state dir").is_dir()               # ReadWritePaths must exist
+    plain = service.render(cfg, user=False, experimental_paging=False)
+    service.install(plain, cfg, user=False)                # paging off again: drop-in gone
+    assert not paged.dropin_path.parent.exists()
+    wants = tmp_path / "system/multi-user.target.wants"
+    wants.mkdir()
+    (wants / "lab-attendant.service").symlink_to(plain.unit_path)
+    removed, commands = service.uninstall(user=False)
+    assert removed == [wants / "lab-attendant.service", plain.unit_path]
+    assert commands[-1] == ["systemctl", "daemon-reload"]
+    assert sorted(p.name for p in (tmp_path / "system").rglob("*")) == ["multi-user.target.wants"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root (sudo service install) can chown")
+def test_sudo_system_install_gives_new_folders_to_the_unit_user(tmp_path, monkeypatch):
+    monkeypatch.setattr(service, "SYSTEM_UNIT_DIR", tmp_path / "system")
+    monkeypatch.setenv("SUDO_USER", "nobody")
+    (tmp_path / "logs").mkdir()                             # existing folders are left alone
+    cfg = _cfg(tmp_path)
+    files = service.render(cfg, user=False, experimental_paging=False)
+    assert "\nUser=nobody\n" in files.unit_text
+    service.install(files, cfg, user=False)
+    assert (tmp_path / "state dir").stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    assert (tmp_path / "logs").stat().st_uid == 0
