@@ -28,7 +28,7 @@ def test_hundred_concurrent_submits_all_land(lab: Lab):
                                str(lab.config), "submit", "sleepy", "-p", f"seconds={i}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=lab.env(), cwd=lab.root) for i in range(100)]
-    results = [(p.wait(120), *p.communicate()) for p in procs]
+    results = [(p.wait(600), *p.communicate()) for p in procs]
     errors = [err for code, _out, err in results if code != 0 or "locked" in err]
     assert not errors, errors[:3]
     ids = sorted(int(out) for _code, out, _err in results)
@@ -41,7 +41,7 @@ def test_new_store_created_by_many_processes_at_once(lab: Lab):
                                str(lab.config), "submit", "sleepy"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=lab.env(), cwd=lab.root)
              for _ in range(20)]
-    assert all(p.wait(60) == 0 for p in procs), [p.communicate()[1] for p in procs]
+    assert all(p.wait(300) == 0 for p in procs), [p.communicate()[1] for p in procs]
     assert _rows(lab) == 20
 
 
