@@ -9,14 +9,14 @@ from conftest import PROMPTS
 from helpers import resident_greedy, resident_logits
 from jobs.paging.generate import generate
 from jobs.paging.layer_stream import load_streamed
+from jobs.paging.model_store import ModelStore
 
 pytestmark = pytest.mark.engine
 NEW_TOKENS = 32
 
 
 def _layer_bytes_fp32(model_dir) -> int:
-    with load_streamed(model_dir, dtype="fp32") as probe:
-        return probe.stats()["layer_bytes_compute"]
+    return max(ModelStore(model_dir).layer_nbytes_as(torch.float32))
 
 
 def check_exact(stream_dir, ref_dir, new_tokens: int, prompts: list[str]) -> None:
