@@ -5,7 +5,6 @@ Tiny models borrow the Gemma tokenizer so every folder is a complete model that 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -14,24 +13,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from helpers import find_test_model
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village by the sea, there lived",
-    "def fibonacci(n):",
-    "The three primary colors are red,",
-]
 
 
 @pytest.fixture(scope="session")
 def gemma_dir() -> Path:
-    env = os.environ.get("LAB_ATTENDANT_TEST_MODEL")
-    if env:
-        return Path(env)
-    from jobs.paging.convert import convert_default
-
-    return convert_default(REPO_ROOT / "models" / "gemma-3-270m")
+    return find_test_model()
 
 
 def _tiny_config(kind: str):

@@ -4,7 +4,28 @@ Kept out of conftest so test modules import it explicitly.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea, there lived",
+    "def fibonacci(n):",
+    "The three primary colors are red,",
+]
+
+
+def find_test_model() -> Path:
+    """$LAB_ATTENDANT_TEST_MODEL, else models/gemma-3-270m, converted on first use (the test script pre-converts)."""
+    env = os.environ.get("LAB_ATTENDANT_TEST_MODEL")
+    if env:
+        return Path(env)
+    from jobs.paging.convert import convert_default
+
+    return convert_default(REPO_ROOT / "models" / "gemma-3-270m")
 
 
 def resident_logits(model, tokenizer, prompts: list[str]) -> torch.Tensor:

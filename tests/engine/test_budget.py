@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from conftest import PROMPTS
+from helpers import PROMPTS
 from jobs.paging.generate import generate
 from jobs.paging.layer_stream import BudgetError, load_streamed, plan_budget
 from jobs.paging.model_store import ModelStore

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from jobs.paging.model_store import ModelStore
 
 pytestmark = pytest.mark.engine

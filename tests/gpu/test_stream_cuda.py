@@ -4,28 +4,22 @@ Skipped without CUDA; run on a GPU machine with: venvs/experimental/bin/python -
 """
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))  # shared helpers, not a package
+from helpers import PROMPTS, find_test_model  # noqa: E402
 pytestmark = [pytest.mark.gpu, pytest.mark.engine,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
-           "def fibonacci(n):", "The three primary colors are red,"]
 
 
 @pytest.fixture(scope="module")
 def gemma_dir() -> Path:
-    env = os.environ.get("LAB_ATTENDANT_TEST_MODEL")
-    if env:
-        return Path(env)
-    from jobs.paging.convert import convert_default
-
-    return convert_default(REPO_ROOT / "models" / "gemma-3-270m")
+    return find_test_model()
 
 
 @pytest.mark.parametrize("ram_budget_layers", [0, 100])
