@@ -1,6 +1,6 @@
 """Fixtures for the engine tests: the converted Gemma-3-270M folder and tiny random checkpoints.
 
-Tiny models borrow the Gemma tokenizer so every folder is a complete model that load_streamed accepts.
+Tiny models get a small byte-level BPE tokenizer trained here: Gemma's takes seconds to load each time.
 """
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from helpers import find_test_model
+from helpers import PROMPTS, find_test_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TINY_VOCAB = 384
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +25,7 @@ def gemma_dir() -> Path:
 
 
 def _tiny_config(kind: str):
-    common = dict(vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   initializer_range=0.2, bos_token_id=2, eos_token_id=1, pad_token_id=0)
     if kind == "llama":
@@ -40,13 +41,29 @@ def _tiny_config(kind: str):
     raise ValueError(kind)
 
 
+def _train_tiny_tokenizer(dest: Path) -> Path:
+    """Byte-level BPE (any text encodes) with Gemma's special-token ids: pad 0, eos 1, bos 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB - 32, special_tokens=["<pad>", "<eos>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(PROMPTS * 4, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                                pad_token="<pad>")
+    fast.save_pretrained(dest)
+    return dest
+
+
 def _copy_tokenizer(src: Path, dest: Path) -> None:
     for name in TOKENIZER_FILES:
         shutil.copy(src / name, dest / name)
 
 
 @pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory, gemma_dir) -> dict[str, Path]:
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """Random tiny checkpoints: sharded Llama and Qwen2, Gemma-3 plain and under multimodal prefixes.
 
     Each value is the folder to stream; "<kind>-ref" is the plain folder transformers loads as reference.
@@ -54,6 +71,7 @@ def tiny_dirs(tmp_path_factory, gemma_dir) -> dict[str, Path]:
     from safetensors.torch import load_file, save_file
 
     root = tmp_path_factory.mktemp("tiny")
+    tokenizer_dir = _train_tiny_tokenizer(root / "tokenizer")
     dirs: dict[str, Path] = {}
     for seed, kind in enumerate(("llama", "qwen2", "gemma3")):
         torch.manual_seed(seed)
@@ -61,11 +79,11 @@ def tiny_dirs(tmp_path_factory, gemma_dir) -> dict[str, Path]:
         out = root / kind
         # Small shards so one layer's tensors can span two files.
         model.save_pretrained(out, max_shard_size="300KB" if kind != "gemma3" else "5GB")
-        _copy_tokenizer(gemma_dir, out)
+        _copy_tokenizer(tokenizer_dir, out)
         dirs[kind] = dirs[kind + "-ref"] = out
     for prefix in ("language_model.model.", "model.language_model."):
         dirs[prefix] = _write_multimodal_layout(root, dirs["gemma3"], prefix, load_file, save_file)
-        _copy_tokenizer(gemma_dir, dirs[prefix])
+        _copy_tokenizer(tokenizer_dir, dirs[prefix])
     return dirs
 
 
