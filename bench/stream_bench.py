@@ -258,19 +258,22 @@ def _wall(method: dict, batch: int) -> float | None:
 
 
 def goals(methods: list[dict], bandwidth: dict, batches: list[int]) -> dict:
+    """Wall-time ratios (ours / theirs, below 1 is faster) and the batching and I/O figures, per streamer variant."""
     by = {m["method"]: m for m in methods}
-    streamed = by["streamed ram-cache off"]
     out: dict = {}
-    for batch in batches:
-        ours = _wall(streamed, batch)
-        for other in ("resident", "accelerate disk offload", "airllm"):
-            theirs = _wall(by.get(other, {}), batch)
-            if ours and theirs:
-                out[f"streamed_over_{other.split()[0]}_b{batch}"] = ours / theirs
-    if 1 in batches and 16 in batches:
-        tok = {r["batch"]: r["decode_tok_s"] for r in streamed["rows"]}
-        out["decode_b16_over_16x_b1"] = tok[16] / (16 * tok[1])
-    per_pass = streamed.get("bytes_read_per_pass", 0)
+    for variant in ("off", "on"):
+        streamed = by[f"streamed ram-cache {variant}"]
+        for batch in batches:
+            ours = _wall(streamed, batch)
+            for other in ("resident", "accelerate disk offload", "airllm"):
+                theirs = _wall(by.get(other, {}), batch)
+                if ours and theirs:
+                    out[f"cache_{variant}_over_{other.split()[0]}_b{batch}"] = ours / theirs
+        if 1 in batches and 16 in batches:
+            tok = {r["batch"]: r["decode_tok_s"] for r in streamed["rows"]}
+            out[f"cache_{variant}_decode_b16_over_16x_b1"] = tok[16] / (16 * tok[1])
+    per_pass = by["streamed ram-cache off"].get("bytes_read_per_pass", 0)
+    out["bytes_read_per_pass"] = per_pass
     out["io_bound_s_per_pass_cold"] = per_pass / bandwidth["cold_bytes_per_s"]
     out["io_bound_s_per_pass_warm"] = per_pass / bandwidth["warm_bytes_per_s"]
     return out
