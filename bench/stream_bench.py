@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from jobs.paging.generate import GenerationResult, generate  # noqa: E402
 from jobs.paging.layer_stream import load_streamed  # noqa: E402
 from jobs.paging.model_store import ModelStore  # noqa: E402
+from jobs.units import parse_size  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BASE_PROMPTS = [
@@ -201,7 +202,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--rounds", type=int, default=2, help="round-robin repetitions; the fastest is kept")
     parser.add_argument("--resident-layers", type=int, default=2, help="streamer budget, in layers")
-    parser.add_argument("--vram-budget", type=int, help="streamer budget in bytes (overrides --resident-layers)")
+    parser.add_argument("--vram-budget", type=parse_size, help="streamer budget, e.g. 8GiB (overrides --resident-layers)")
     parser.add_argument("--airllm-python", default="/tmp/airllm-venv/bin/python")
     parser.add_argument("--skip", default="", help="comma list of methods to skip: resident,accelerate,airllm")
     parser.add_argument("--synthetic-27b-layers", type=int, default=0,
