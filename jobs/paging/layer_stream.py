@@ -292,9 +292,9 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
     logger.info("streaming %s: %d layers of %s, %d resident, %d slots, %d cached in RAM",
                 model_dir, plan.num_layers, format_size(layer_bytes), plan.resident_layers,
                 plan.streaming_slots, plan.ram_cache_layers)
-    _load_non_layer(model, store, torch_device, torch_dtype)
-    streamer = LayerStreamer(store, layers, plan, torch_device, torch_dtype, prefetch)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    _load_non_layer(model, store, torch_device, torch_dtype)
+    streamer = LayerStreamer(store, layers, plan, torch_device, torch_dtype, prefetch)  # starts the thread last
     return StreamedModel(model, tokenizer, torch_device, store, streamer)
 
 
