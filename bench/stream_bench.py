@@ -247,7 +247,8 @@ def main() -> int:
               "new_tokens": new_tokens, "streamer_vram_budget_bytes": budget, "layer_bytes": layer_bytes,
               "bandwidth": bandwidth, "methods": methods, "goals": goals(methods, bandwidth, batches)}
     print_table(report)
-    out = REPO_ROOT / "bench" / "results" / f"stream_{info['host']}_{dt.date.today().isoformat()}.json"
+    kind = f"_synthetic27b_{args.device}" if args.synthetic_27b_layers else ""
+    out = REPO_ROOT / "bench" / "results" / f"stream_{info['host']}_{dt.date.today().isoformat()}{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
