@@ -272,8 +272,7 @@ def load_for_cli(args: argparse.Namespace) -> LoadedModel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.paging.layer_stream import BudgetError
-    from jobs.paging.model_store import ModelFolderError
+    from jobs.paging.errors import BudgetError, ModelFolderError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -16,16 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.paging.model_store import ModelFolderError, ModelStore
+from jobs.paging.errors import BudgetError, ModelFolderError
+from jobs.paging.model_store import ModelStore
 from jobs.units import format_size
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class BudgetError(ValueError):
-    """The memory budgets cannot run the model; the message says how many bytes are needed."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from jobs.paging.errors import ModelFolderError
+
 logger = logging.getLogger(__name__)
 
 # Where the text decoder lives, most specific first: Gemma3ForConditionalGeneration as released
@@ -26,10 +28,6 @@ _TEXT_LAYOUTS = (
     ("model.", "lm_head."),
 )
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
-
-
-class ModelFolderError(ValueError):
-    """The folder is not a decoder-only safetensors model; the message says what is missing."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ import torch
 
 from helpers import PROMPTS
 from jobs.paging.generate import generate
-from jobs.paging.layer_stream import BudgetError, load_streamed, plan_budget
+from jobs.paging.errors import BudgetError
+from jobs.paging.layer_stream import load_streamed, plan_budget
 from jobs.paging.model_store import ModelStore
 
 pytestmark = pytest.mark.engine

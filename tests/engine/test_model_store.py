@@ -8,7 +8,8 @@ import torch
 
 from conftest import header_sizes
 from jobs.paging import model_store
-from jobs.paging.model_store import ModelFolderError, ModelStore
+from jobs.paging.errors import ModelFolderError
+from jobs.paging.model_store import ModelStore
 
 pytestmark = pytest.mark.engine
 
