@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from helpers import PROMPTS, find_test_model
+from engine_helpers import PROMPTS, find_test_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TINY_VOCAB = 384

@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from helpers import PROMPTS
+from engine_helpers import PROMPTS
 from jobs.paging.generate import generate
 from jobs.paging.errors import BudgetError
 from jobs.paging.layer_stream import load_streamed, plan_budget

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO_ROOT
+from engine_helpers import REPO_ROOT
 from jobs.paging.model_store import ModelStore
 
 pytestmark = pytest.mark.engine

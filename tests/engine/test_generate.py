@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import PROMPTS
+from engine_helpers import PROMPTS
 from jobs.paging.generate import Sampling, generate
 from jobs.paging.layer_stream import load_streamed
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import PROMPTS, resident_greedy, resident_logits
+from engine_helpers import PROMPTS, resident_greedy, resident_logits
 from jobs.paging.generate import generate
 from jobs.paging.layer_stream import load_streamed
 from jobs.paging.model_store import ModelStore
