@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+try:
+    import torch
+    import transformers
 
-from engine_helpers import PROMPTS, find_test_model
+    from engine_helpers import PROMPTS, find_test_model
+except ImportError:  # the supervisor's venv: these tests need the experimental one
+    collect_ignore_glob = ["test_*.py"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TINY_VOCAB = 384
