@@ -5,6 +5,7 @@ Owns the decode loop: left padding, KV cache, greedy / top-p sampling, stop stri
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -257,7 +258,7 @@ def load_for_cli(args: argparse.Namespace) -> LoadedModel:
         raise UsageError("--device cuda was given but torch sees no CUDA device")
     if _is_moe(args.model):
         try:
-            from jobs.paging import moe
+            moe = importlib.import_module("jobs.paging.moe")  # lazily: only MoE folders need it
         except ModuleNotFoundError as exc:
             if exc.name != "jobs.paging.moe":
                 raise
@@ -271,8 +272,7 @@ def load_for_cli(args: argparse.Namespace) -> LoadedModel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.paging.layer_stream import BudgetError
-    from jobs.paging.model_store import ModelFolderError
+    from jobs.paging.errors import BudgetError, ModelFolderError
 
     parser = build_parser()
     args = parser.parse_args(argv)

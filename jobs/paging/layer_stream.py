@@ -16,16 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.paging.model_store import ModelFolderError, ModelStore
+from jobs.paging.errors import BudgetError, ModelFolderError
+from jobs.paging.model_store import ModelStore
 from jobs.units import format_size
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class BudgetError(ValueError):
-    """The memory budgets cannot run the model; the message says how many bytes are needed."""
 
 
 @dataclass(frozen=True)
@@ -138,8 +135,9 @@ class LayerStreamer:
         host = self._ram_cache.get(index)
         if host is None:
             host = self.store.read_layer(index, self.dtype, pin=self._cuda)
-            if index >= self.plan.resident_layers and len(self._ram_cache) < self.plan.ram_cache_layers:
-                self._ram_cache[index] = host
+            with self._lock:  # stats() reads the cache from the caller's thread
+                if index >= self.plan.resident_layers and len(self._ram_cache) < self.plan.ram_cache_layers:
+                    self._ram_cache[index] = host
         ready = None
         if self._cuda:
             with torch.cuda.stream(self._side_stream):
@@ -158,6 +156,7 @@ class LayerStreamer:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             materialized = len(self._materialized)
+            cached = list(self._ram_cache.values())
         return {
             "bytes_h2d": self.bytes_h2d,
             "io_wait_s": self.io_wait_s,
@@ -167,9 +166,8 @@ class LayerStreamer:
             "layer_bytes_compute": self.plan.layer_bytes,
             "materialized_layers": materialized,
             "max_materialized_layers": self.max_materialized,
-            "ram_cache_layers": len(self._ram_cache),
-            "ram_cache_bytes": sum(t.numel() * t.element_size()
-                                   for layer in self._ram_cache.values() for t in layer.values()),
+            "ram_cache_layers": len(cached),
+            "ram_cache_bytes": sum(t.numel() * t.element_size() for layer in cached for t in layer.values()),
             "prefetch": self._executor is not None,
         }
 
@@ -267,7 +265,9 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
     """Open a decoder-only safetensors folder for layer streaming.
 
     vram_budget_bytes bounds the decoder layers on the device at once (None: no bound, all stay
-    resident); ram_budget_bytes bounds streamed layers kept in host RAM between passes (None: none).
+    resident); embeddings, final norm, lm_head and the KV cache come on top of it.
+    ram_budget_bytes bounds streamed layers kept in host RAM between passes (None: none).
+    On cpu, "device" and host are the same memory: bytes_h2d then counts bytes handed to layers.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -289,9 +289,9 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
     logger.info("streaming %s: %d layers of %s, %d resident, %d slots, %d cached in RAM",
                 model_dir, plan.num_layers, format_size(layer_bytes), plan.resident_layers,
                 plan.streaming_slots, plan.ram_cache_layers)
-    _load_non_layer(model, store, torch_device, torch_dtype)
-    streamer = LayerStreamer(store, layers, plan, torch_device, torch_dtype, prefetch)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    _load_non_layer(model, store, torch_device, torch_dtype)
+    streamer = LayerStreamer(store, layers, plan, torch_device, torch_dtype, prefetch)  # starts the thread last
     return StreamedModel(model, tokenizer, torch_device, store, streamer)
 
 

@@ -5,6 +5,7 @@ Owns key layouts (text-only, Gemma-3 multimodal prefixes), per-layer byte sizes 
 from __future__ import annotations
 
 import json
+import math
 import logging
 import re
 import struct
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from jobs.paging.errors import ModelFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +28,6 @@ _TEXT_LAYOUTS = (
     ("model.", "lm_head."),
 )
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-class ModelFolderError(ValueError):
-    """The folder is not a decoder-only safetensors model; the message says what is missing."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +35,7 @@ class TensorEntry:
     key: str          # name inside the checkpoint file
     file: Path        # shard that holds it
     nbytes: int       # bytes on disk, from the safetensors header
+    numel: int        # elements, so sizes at another dtype need no tensor read
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
@@ -46,7 +44,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
     header.pop("__metadata__", None)
-    return {k: TensorEntry(k, path, v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()}
+    return {k: TensorEntry(k, path, v["data_offsets"][1] - v["data_offsets"][0], math.prod(v["shape"]))
+            for k, v in header.items()}
 
 
 class ModelStore:
@@ -72,6 +71,11 @@ class ModelStore:
     def layer_nbytes(self) -> list[int]:
         """Bytes each decoder layer occupies in the checkpoint files."""
         return [sum(e.nbytes for e in layer.values()) for layer in self.layer_entries]
+
+    def layer_nbytes_as(self, dtype: torch.dtype) -> list[int]:
+        """Bytes each decoder layer needs once converted to `dtype` (what the budgets count)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return [sum(e.numel * itemsize for e in layer.values()) for layer in self.layer_entries]
 
     def read_layer(self, index: int, dtype: torch.dtype, *, pin: bool = False) -> dict[str, torch.Tensor]:
         """The tensors of decoder layer `index`, named relative to the layer module."""
@@ -113,7 +117,7 @@ def _load_config(model_dir: Path):
         raise ModelFolderError(f"no config.json in {model_dir}: point --model at a Hugging Face model folder")
     config = AutoConfig.from_pretrained(model_dir)
     text_type = config.get_text_config().model_type
-    if text_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if text_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.is_encoder_decoder:
         raise ModelFolderError(
             f"config.json in {model_dir} describes model_type {text_type!r}, which is not a decoder-only causal LM"
         )
