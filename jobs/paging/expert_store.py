@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from jobs.paging.errors import BudgetError  # noqa: F401 - re-exported for the cache
+
 from jobs.units import format_size
 
 log = logging.getLogger(__name__)
@@ -24,10 +26,6 @@ _PER_EXPERT_RE = re.compile(
     r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight$")
 _FUSED_RE = re.compile(
     r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj)$")
-
-
-class BudgetError(ValueError):
-    """A memory budget the user chose cannot hold what the run needs; the message says how much."""
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
