@@ -222,7 +222,6 @@ class StreamedModel:
         self._passes = 0
         self._pass_s = 0.0
         self._pass_start = 0.0
-        self._io_at_start = 0.0
         model.register_forward_pre_hook(self._pass_begin)
         model.register_forward_hook(self._pass_end)
 
@@ -308,6 +307,9 @@ def _load_non_layer(model: nn.Module, store: ModelStore, device: torch.device, d
         _assign({name: (owner, attr, None)}, {name: tensor.to(device)})
     head = model.get_output_embeddings()
     if head is not None and "lm_head.weight" not in tensors:
+        if not any(getattr(c, "tie_word_embeddings", False) for c in (store.text_config, store.config)):
+            raise ModelFolderError(f"the safetensors in {store.model_dir} lack lm_head.weight and config.json "
+                                   "does not tie it to the embeddings")
         # Tied embeddings (Gemma): the checkpoint stores the matrix once.
         head.weight = model.get_input_embeddings().weight
     for module in model.modules():
