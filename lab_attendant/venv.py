@@ -20,22 +20,6 @@ DEFAULT_TORCH_SPEC = "torch==2.13.0"
 REQUIREMENTS = PROJECT_ROOT / "venvs" / "experimental.txt"
 STAMP_NAME = ".lab-attendant-stamp"
 
-_CHECK_SCRIPT = r"""
-import importlib.metadata as md, json, sys
-out = {"python": sys.version.split()[0], "executable": sys.executable}
-for dist in ("torch", "transformers", "safetensors", "accelerate", "gguf"):
-    try:
-        out[dist] = md.version(dist)
-    except md.PackageNotFoundError:
-        out[dist] = None
-try:
-    import torch
-    out["cuda_available"] = torch.cuda.is_available()
-    out["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-except Exception as exc:
-    out["cuda_available"], out["torch_error"] = False, f"{type(exc).__name__}: {exc}"
-print(json.dumps(out))
-"""
 
 
 def venv_python(venv_dir: Path) -> Path:
@@ -97,7 +81,8 @@ def check(venv_dir: Path) -> dict:
     py = venv_python(venv_dir)
     if not py.exists():
         raise UserError(f"no experimental venv at {venv_dir}; run `lab-attendant venv create`")
-    proc = subprocess.run([str(py), "-c", _CHECK_SCRIPT], capture_output=True, text=True)
+    proc = subprocess.run([str(py), "-m", "jobs.venv_check"], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT)
     if proc.returncode != 0:
         raise UserError(f"the experimental venv's python failed: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout)

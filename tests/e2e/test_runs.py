@@ -198,3 +198,13 @@ def test_status_reports_daemon_flag_queue_and_running(lab: Lab):
     st = wait_for(seen, what="2 running, 1 queued")
     assert st["daemon"]["alive"] and st["daemon"]["experimental_paging"] is True
     assert rid in [r["id"] for r in st["running"]]
+
+
+def test_venv_check_reports_the_worker_venv(tmp_path: Path):
+    lab = Lab(tmp_path, write_config(tmp_path, python=EXPERIMENTAL_PYTHON))
+    info = json.loads(lab.cli("venv", "check").stdout)
+    assert info["torch"].startswith("2.") and info["transformers"]
+    assert info["cuda_available"] in (True, False)
+    missing = Lab(tmp_path, write_config(tmp_path, python=tmp_path / "nope" / "bin" / "python"))
+    proc = missing.cli("venv", "check", check=False)
+    assert proc.returncode == 2 and "lab-attendant venv create" in proc.stderr
