@@ -64,6 +64,9 @@ def test_nightly_insights_incremental_and_a_killed_run_changes_nothing(model_lab
     assert cited and all(Path(p).is_file() and Path(p).parent == archive for p in cited)
     assert run["metrics"]["tokens_generated"] > 0 and run["metrics"]["tokens_per_s"] > 0
     assert run["metrics"]["engine_num_layers"] == 18
+    # The embedded default is streamed layer by layer, not loaded resident.
+    assert run["metrics"]["engine_streamed_layers"] == 16
+    assert run["metrics"]["engine_bytes_read"] >= 16 * 11_000_000
     manifest = next((lab.state_dir / "insights").glob("*/manifest.json"))
     manifest_after_first = manifest.read_bytes()
 
