@@ -19,8 +19,9 @@ from jobs.units import format_size
 from . import PROJECT_ROOT, venv
 from .config import Config, load_config
 from .errors import UserError
-from .logsetup import get_logger, log_for, read_run_log, setup_logging
+from .logsetup import log_for, read_run_log, setup_logging
 from .states import TERMINAL, RunState
+from .status import cmd_status
 from .store import Store
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
@@ -193,69 +194,6 @@ def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
             return 0
         time.sleep(0.5)
         run = _get_run(cfg, args.id)
-
-
-def _status(cfg: Config) -> dict[str, Any]:
-    from .daemon import DaemonLock
-    store = _store(cfg)
-    row = store.latest_daemon()
-    alive = DaemonLock(cfg.paths.state_dir).held_by_other()
-    counts = store.count_by_state()
-    running = store.list_runs(states=[RunState.STARTING.value, RunState.RUNNING.value])
-    return {
-        "daemon": {"alive": alive, "pid": row.pid if row and alive else None,
-                   "experimental_paging": bool(row and alive and row.experimental_paging),
-                   "heartbeat_age_s": (time.time() - row.heartbeat_at) if row and alive else None},
-        "queue_depth": counts.get(RunState.QUEUED.value, 0),
-        "held": counts.get(RunState.HELD.value, 0),
-        "running": [{"id": r.id, "kind": r.kind, "state": r.state, "pid": r.pid} for r in running],
-        "counts": counts, "state_dir": str(cfg.paths.state_dir),
-        "guards": store.get_meta("guard_readings") if alive else None,
-        "guard_events": [g.to_dict() for g in store.guard_events(limit=20)],
-        "cotenants": [{"name": c.name, "suspended": c.suspended, "changed_at": c.changed_at,
-                       "note": c.note} for c in store.cotenants()],
-    }
-
-
-def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    st = _status(cfg)
-    if args.json:
-        print(json.dumps(st))
-        return 0
-    d = st["daemon"]
-    if d["alive"]:
-        print(f"daemon: running (pid {d['pid']}), experimental paging "
-              f"{'on' if d['experimental_paging'] else 'off'}")
-    else:
-        print("daemon: not running (submitted runs wait in the queue)")
-    print(f"queue: {st['queue_depth']} queued, {st['held']} held; {len(st['running'])} running")
-    for r in st["running"]:
-        print(f"  run {r['id']} {r['kind']} {r['state']} pid {r['pid']}")
-    g = st["guards"]
-    if g:
-        print(f"guards (read {time.time() - g['at']:.0f} s ago):")
-        for gpu in g.get("gpus") or []:
-            used, total = gpu.get("memory_used_bytes"), gpu.get("memory_total_bytes")
-            mem = f"{format_size(used)} / {format_size(total)}" if used is not None and total else "?"
-            throttle = f", throttling: {', '.join(gpu['throttle_reasons'])}" if gpu.get(
-                "throttle_reasons") else ""
-            print(f"  GPU {gpu['index']}: {gpu.get('temperature_c')} °C, memory {mem}{throttle}")
-        if g.get("gpu_unavailable"):
-            print(f"  GPU readings unavailable: {g['gpu_unavailable']}")
-        print(f"  host available RAM: {format_size(g['available_ram_bytes'])}")
-        for rid, w in (g.get("workers") or {}).items():
-            gpu_b = format_size(w["gpu_bytes"]) if w.get("gpu_bytes") is not None else "?"
-            print(f"  run {rid}: RSS {format_size(w['rss_bytes'] or 0)}, GPU {gpu_b}")
-        if g.get("paging_hold"):
-            print(f"  paging hold: {g['paging_hold']}")
-    for c in st["cotenants"]:
-        print(f"co-tenant {c['name']}: {'SUSPENDED' if c['suspended'] else 'running'} "
-              f"since {_fmt_time(c['changed_at'])} ({c['note']})")
-    if st["guard_events"]:
-        print("recent guard events:")
-        for e in st["guard_events"][-5:]:
-            print(f"  {_fmt_time(e['at'])}  {e['guard']} {e['action']}: {e['reason']}")
-    return 0
 
 
 def cmd_kinds(cfg: Config, args: argparse.Namespace) -> int:

@@ -5,7 +5,6 @@ active at start-up belonged to a dead daemon: their groups are killed and they e
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import select
@@ -21,10 +20,11 @@ from jobs.units import format_size
 
 from .config import Config
 from .cotenants import Cotenants
-from .errors import ConfigError, DaemonLockedError
+from .errors import ConfigError
 from .guards import Action, Guards, WorkerInfo
 from .host import Host, make_sensors, signal_name
 from .launcher import Launcher, Worker
+from .lock import DaemonLock
 from .logsetup import RunOutput, get_logger, log_for
 from .scheduler import Schedules
 from .sdnotify import Notifier, status_text
@@ -36,45 +36,6 @@ HOLD_PAGING_OFF = ("experimental paging is off; start the daemon with --experime
 HEARTBEAT_EVERY_S = 2.0
 
 log = get_logger("lab_attendant.daemon")
-
-
-class DaemonLock:
-    """flock on state_dir/daemon.lock: one daemon per state dir; `status` probes it too."""
-
-    def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = state_dir / "daemon.lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode().strip() or "?"
-            os.close(fd)
-            raise DaemonLockedError(f"another daemon (pid {holder}) already runs on "
-                                    f"{self.path.parent}; stop it first") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-
-    def held_by_other(self) -> bool:
-        if not self.path.exists():
-            return False
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 class Daemon:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from jobs.paging.expert_cache import ExpertCache, Key
+from jobs.paging.expert_cache import ExpertCache
 from jobs.paging.expert_store import ExpertStore
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXPERIMENTAL_PYTHON, ROOT, Lab, pid_alive, wait_for, write_config
+from tests.conftest import EXPERIMENTAL_PYTHON, Lab, pid_alive, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
 ENDED = {"succeeded", "failed", "cancelled", "timed_out", "oom", "lost", "killed_thermal"}
