@@ -17,7 +17,6 @@ from jobs.kinds import Kind, ParamError, registry, validate_params
 
 from .errors import ConfigError
 from .logsetup import get_logger, log_for
-from .states import RunState
 
 if TYPE_CHECKING:
     from .config import Config, ScheduleConfig
@@ -144,12 +143,12 @@ class Schedules:
         run = store.submit(kind=kind.name, params=params or dict(s.params), priority=0,
                            timeout_s=self.cfg.limits.default_timeout_s,
                            needs_paging=kind.needs_paging, schedule_id=s.id,
-                           reason=f"fired by schedule '{s.id}' at {fired}")
+                           reason=f"fired by schedule '{s.id}' at {fired}",
+                           skip_reason=None if skip is None else
+                           f"schedule '{s.id}' fired at {fired}; skipped: {skip}")
         rlog = log_for(kind.needs_paging, "lab_attendant.scheduler").bind(run_id=run.id,
                                                                           schedule=s.id)
         if skip is not None:
-            run = store.transition(run.id, RunState.SKIPPED, f"schedule '{s.id}' fired at "
-                                   f"{fired}; skipped: {skip}")
             rlog.info("schedule firing skipped", reason=skip)
         else:
             rlog.info("schedule fired", kind=kind.name)

@@ -219,7 +219,9 @@ class Store:
     # -- runs ---------------------------------------------------------------------------------
     def submit(self, *, kind: str, params: dict[str, Any], priority: int, timeout_s: float,
                needs_paging: bool, schedule_id: str | None = None,
-               reason: str = "submitted") -> Run:
+               reason: str = "submitted", skip_reason: str | None = None) -> Run:
+        """Insert a queued run; with skip_reason it is skipped in the same transaction, so no
+        reader (and no crash) ever sees a skipped firing as queued."""
         now = time.time()
         with self.write() as s:
             run = Run(kind=kind, params_json=json.dumps(params, sort_keys=True),
@@ -230,6 +232,8 @@ class Store:
             s.flush()
             s.add(RunEvent(run_id=run.id, at=now, kind="transition", from_state=None,
                            to_state=RunState.QUEUED.value, reason=reason))
+            if skip_reason is not None:
+                _apply_transition(s, run, RunState.SKIPPED, skip_reason)
         return run
 
     def open_run_of_schedule(self, schedule_id: str) -> Run | None:

@@ -110,3 +110,12 @@ def test_escalate_does_nothing_before_a_stop():
     w = _worker(launcher)
     host.advance(100)
     assert not launcher.escalate(w) and host.signals == []
+
+
+def test_a_skipped_submission_is_never_visible_as_queued(store: Store):
+    run = store.submit(kind="k", params={}, priority=0, timeout_s=5, needs_paging=True,
+                       schedule_id="nightly", reason="fired", skip_reason="paging is off")
+    assert run.state == "skipped" and run.reason == "paging is off" and run.ended_at
+    assert [(e.from_state, e.to_state) for e in store.events(run.id)] == [
+        (None, "queued"), ("queued", "skipped")]
+    assert store.claim_next(exclude_paging=False) is None
