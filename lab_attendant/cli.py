@@ -21,7 +21,7 @@ from .config import Config, load_config
 from .errors import UserError
 from .logsetup import log_for, read_run_log, setup_logging
 from .states import TERMINAL, RunState
-from .status import cmd_status
+from .status import cmd_status, fmt_time
 from .store import Store
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
@@ -29,10 +29,6 @@ DEFAULT_MODEL_NAME = "gemma-3-270m"
 
 def _store(cfg: Config) -> Store:
     return Store(cfg.db_path)
-
-
-def _fmt_time(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
 # -- verbs ----------------------------------------------------------------------------------------
@@ -124,21 +120,22 @@ def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':>5}  {'KIND':<20} {'STATE':<14} {'SUBMITTED':<19}  REASON")
     for r in runs:
-        print(f"{r.id:>5}  {r.kind:<20} {r.state:<14} {_fmt_time(r.submitted_at):<19}  {r.reason[:70]}")
+        print(f"{r.id:>5}  {r.kind:<20} {r.state:<14} {fmt_time(r.submitted_at):<19}  {r.reason[:70]}")
     return 0
 
 
-def _get_run(cfg: Config, run_id: int):
-    run = _store(cfg).get(run_id)
+def _get_run(store: Store, run_id: int):
+    run = store.get(run_id)
     if run is None:
         raise UserError(f"no run {run_id}; see `lab-attendant list`")
     return run
 
 
 def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
-    run = _get_run(cfg, args.id)
-    events = _store(cfg).events(run.id)
-    guard_events = _store(cfg).guard_events(run_id=run.id)
+    store = _store(cfg)
+    run = _get_run(store, args.id)
+    events = store.events(run.id)
+    guard_events = store.guard_events(run_id=run.id)
     if args.json:
         out = run.to_dict()
         out["events"] = [{"at": e.at, "kind": e.kind, "from": e.from_state, "to": e.to_state,
@@ -151,7 +148,7 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
                 "log_path", "result_path"):
         print(f"{key:>12}: {d[key]}")
     for key in ("submitted_at", "started_at", "ended_at"):
-        print(f"{key:>12}: {_fmt_time(d[key])}")
+        print(f"{key:>12}: {fmt_time(d[key])}")
     if run.progress_total:
         print(f"{'progress':>12}: {run.progress_done}/{run.progress_total} {run.progress_unit}")
     if run.metrics:
@@ -159,11 +156,11 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
     print("      events:")
     for e in events:
         what = f"{e.from_state or '-'} -> {e.to_state}" if e.kind == "transition" else e.kind
-        print(f"    {_fmt_time(e.at)}  {what:<22} {e.reason}")
+        print(f"    {fmt_time(e.at)}  {what:<22} {e.reason}")
     if guard_events:
         print("      guards:")
         for g in guard_events:
-            print(f"    {_fmt_time(g.at)}  {g.guard + ' ' + g.action:<22} {g.reason}")
+            print(f"    {fmt_time(g.at)}  {g.guard + ' ' + g.action:<22} {g.reason}")
     return 0
 
 
@@ -183,7 +180,8 @@ def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
-    run = _get_run(cfg, args.id)
+    store = _store(cfg)
+    run = _get_run(store, args.id)
     shown = 0
     while True:
         lines = read_run_log(cfg.paths.logs_dir, run.id, run.needs_paging)
@@ -193,7 +191,7 @@ def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
         if not args.follow or run.state in {s.value for s in TERMINAL}:
             return 0
         time.sleep(0.5)
-        run = _get_run(cfg, args.id)
+        run = _get_run(store, args.id)
 
 
 def cmd_kinds(cfg: Config, args: argparse.Namespace) -> int:

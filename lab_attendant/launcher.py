@@ -97,9 +97,7 @@ class Launcher:
         while True:
             try:
                 data = os.read(fd, READ_CHUNK)
-            except BlockingIOError:
-                break
-            except OSError:
+            except OSError:  # BlockingIOError: nothing more for now; others: the pipe is gone
                 break
             if not data:
                 break

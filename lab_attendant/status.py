@@ -16,7 +16,7 @@ from .states import RunState
 from .store import Store
 
 
-def _fmt_time(ts: float | None) -> str:
+def fmt_time(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
@@ -74,9 +74,9 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             print(f"  paging hold: {g['paging_hold']}")
     for c in st["cotenants"]:
         print(f"co-tenant {c['name']}: {'SUSPENDED' if c['suspended'] else 'running'} "
-              f"since {_fmt_time(c['changed_at'])} ({c['note']})")
+              f"since {fmt_time(c['changed_at'])} ({c['note']})")
     if st["guard_events"]:
         print("recent guard events:")
         for e in st["guard_events"][-5:]:
-            print(f"  {_fmt_time(e['at'])}  {e['guard']} {e['action']}: {e['reason']}")
+            print(f"  {fmt_time(e['at'])}  {e['guard']} {e['action']}: {e['reason']}")
     return 0
