@@ -238,19 +238,38 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _worker_python(cfg: Config) -> Path:
+    python = Path(cfg.worker.python)
+    if not python.exists():
+        raise UserError(f"worker python {python} not found; run `lab-attendant venv create`")
+    return python
+
+
+def _run_worker_tool(argv: list[str], what: str) -> int:
+    """A model tool in the experimental venv (torch lives there): its stderr passes through."""
+    proc = subprocess.run(argv, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"{what} failed (exit {proc.returncode}); see the output above")
+    print(proc.stdout.strip())
+    return 0
+
+
 def cmd_model(cfg: Config, args: argparse.Namespace) -> int:
     models_dir = cfg.paths.models_dir
     if args.model_cmd == "import-default":
         out = models_dir / DEFAULT_MODEL_NAME
-        python = Path(cfg.worker.python)
-        if not python.exists():
-            raise UserError(f"worker python {python} not found; run `lab-attendant venv create`")
-        argv = [str(python), "-m", "jobs.paging.convert", "--out", str(out)]
-        proc = subprocess.run(argv, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            raise UserError(f"model conversion failed (exit {proc.returncode}); see the output above")
-        print(proc.stdout.strip())
-        return 0
+        argv = [str(_worker_python(cfg)), "-m", "jobs.paging.convert", "--out", str(out)]
+        return _run_worker_tool(argv, "model conversion")
+    if args.model_cmd == "quantize":
+        path = Path(cfg.model_spec(args.name)["path"])  # ConfigError (a UserError) for an unknown name
+        if not (path / "config.json").is_file():
+            raise UserError(f"model '{args.name}' folder {path} has no config.json; run `lab-attendant "
+                            "model import-default` or fix its [models.NAME] path")
+        argv = [str(_worker_python(cfg)), "-m", "jobs.paging.quant", "--model", str(path),
+                "--bits", str(args.bits), "--group-size", str(args.group_size)]
+        if args.force:
+            argv.append("--force")
+        return _run_worker_tool(argv, "quantization")
     if not models_dir.is_dir():
         print(f"no models in {models_dir}; run `lab-attendant model import-default`")
         return 0
@@ -357,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     msub = m.add_subparsers(dest="model_cmd", required=True, parser_class=_Parser)
     msub.add_parser("import-default", help="convert the bundled Gemma-3-270M to safetensors")
     msub.add_parser("list", help="model folders with size on disk")
+    mq = msub.add_parser("quantize", help="write a 4-bit (HQQ) variant of a model beside its files "
+                         "(MODEL/variants/q4g64); the original files are not changed")
+    mq.add_argument("name", help=f"a [models.NAME] table or {DEFAULT_MODEL_NAME}")
+    mq.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    mq.add_argument("--group-size", type=int, default=64, help="weights per scale/zero pair (default 64)")
+    mq.add_argument("--force", action="store_true", help="write it again even if it exists")
     m.set_defaults(fn=cmd_model)
 
     sv = sub.add_parser("service", help="install or remove the systemd unit (prints the "

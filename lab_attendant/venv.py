@@ -37,7 +37,10 @@ def _step(n: int, total: int, text: str, argv: list[str], log_path: Path) -> Non
     with open(log_path, "ab") as log_fh:
         log_fh.write(f"\n$ {' '.join(argv)}\n".encode())
         log_fh.flush()
-        proc = subprocess.Popen(argv, stdout=log_fh, stderr=subprocess.STDOUT)
+        # hqq's sdist runs its optional CUDA-extension build from egg_info unless told not to; its
+        # pure-torch path is the one we use, so the install stays quick and the same everywhere.
+        env = {**os.environ, "DISABLE_CUDA": "1"}
+        proc = subprocess.Popen(argv, stdout=log_fh, stderr=subprocess.STDOUT, env=env)
         spinner = "|/-\\"
         i = 0
         while proc.poll() is None:

@@ -1,0 +1,234 @@
+"""4-bit (or 8-bit) weight-only variants of a model folder, through HQQ (Half-Quadratic Quantization).
+
+Owns the variant format both engines read: per quantized weight three plain tensors (`KEY.W_q` packed
+codes, `KEY.scale`, `KEY.zero`, grouped along the input dimension) in safetensors shards under
+`MODEL/variants/q{bits}g{group}/`, and a `variant.json` manifest written last. The original files are
+never touched. Quantizing and dequantizing are HQQ's (`hqq.core.quantize.Quantizer`); dequantizing
+runs wherever the packed tensors are, so the engines copy 4-bit bytes and expand them on the device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+VARIANTS_DIR = "variants"
+MANIFEST_NAME = "variant.json"
+FORMAT_VERSION = 1
+PARTS = ("W_q", "scale", "zero")
+SUPPORTED_BITS = (4, 8)
+# Decoder-layer tensors, whatever prefix the layout puts before `layers.N.`.
+_LAYER_KEY_RE = re.compile(r"(^|\.)layers\.\d+\.")
+_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"--bits {self.bits} is not supported: use one of {SUPPORTED_BITS}")
+        if self.group_size < 8 or self.group_size & (self.group_size - 1):
+            raise ValueError(f"--group-size {self.group_size} must be a power of two >= 8 (e.g. 64)")
+
+    @property
+    def name(self) -> str:
+        """Folder name of the variant under MODEL/variants/."""
+        return f"q{self.bits}g{self.group_size}"
+
+    def quantizable(self, shape: tuple[int, ...] | torch.Size) -> bool:
+        """2-D weights whose rows split into whole groups (an even number of them, for 4-bit packing)."""
+        if len(shape) != 2 or shape[1] % self.group_size:
+            return False
+        groups = shape[0] * shape[1] // self.group_size
+        return self.bits != 4 or groups % 2 == 0
+
+    def nbytes(self, shape: tuple[int, ...] | torch.Size) -> int:
+        """Bytes of the three parts: packed codes plus an fp16 scale and zero per group."""
+        numel = shape[0] * shape[1]
+        return numel * self.bits // 8 + 2 * 2 * (numel // self.group_size)
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """HQQ-quantize one [out, in] weight: {"W_q": uint8 codes, "scale": fp16, "zero": fp16}."""
+    from hqq.core.quantize import Quantizer
+
+    if not spec.quantizable(weight.shape):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} cannot be quantized with {spec}")
+    w_q, meta = Quantizer.quantize(weight, nbits=spec.bits, group_size=spec.group_size, axis=1,
+                                   optimize=True, round_zero=False, device=str(weight.device))
+    return {"W_q": w_q.contiguous(), "scale": meta["scale"].to(torch.float16).contiguous(),
+            "zero": meta["zero"].to(torch.float16).contiguous()}
+
+
+def dequantize_weight(parts: dict[str, torch.Tensor], shape: tuple[int, int], spec: QuantSpec,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] weight in `dtype`, computed on the device the parts are on."""
+    from hqq.core.quantize import Quantizer
+
+    packing = Quantizer.bit_to_packing[spec.bits]
+    meta = {"nbits": spec.bits, "group_size": spec.group_size, "shape": torch.Size(shape), "axis": 1,
+            "packing": packing, "view_as_float": False, "compute_dtype": dtype,
+            "unpack_view_dtype": Quantizer.unpack_view_dtype[packing],
+            "scale": parts["scale"].to(dtype), "zero": parts["zero"].to(dtype)}
+    return Quantizer.dequantize(parts["W_q"], meta)
+
+
+def variant_dir(model_dir: str | Path, spec: QuantSpec) -> Path:
+    return Path(model_dir) / VARIANTS_DIR / spec.name
+
+
+class Variant:
+    """A written variant: which original keys it quantized, their shapes and where their parts are."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no {MANIFEST_NAME} in {path}: the variant is missing or was interrupted")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{manifest_path} has format {self.manifest.get('format')!r}, this engine reads "
+                             f"{FORMAT_VERSION}; quantize the model again")
+        self.spec = QuantSpec(self.manifest["bits"], self.manifest["group_size"])
+        self.shapes: dict[str, tuple[int, int]] = {k: tuple(v) for k, v in self.manifest["tensors"].items()}
+        self.file_of: dict[str, Path] = {k: path / f for k, f in self.manifest["files"].items()}
+
+    @classmethod
+    def open(cls, model_dir: str | Path, spec: QuantSpec | None = None) -> "Variant":
+        """The variant `spec` of the folder, or its only one when spec is None."""
+        if spec is not None:
+            return cls(variant_dir(model_dir, spec))
+        found = sorted(p for p in (Path(model_dir) / VARIANTS_DIR).glob("*") if (p / MANIFEST_NAME).is_file())
+        if not found:
+            raise FileNotFoundError(f"{model_dir} has no quantized variant; run `lab-attendant model quantize "
+                                    f"NAME --bits 4` (or python -m jobs.paging.quant --model {model_dir})")
+        if len(found) > 1:
+            raise ValueError(f"{model_dir} has several variants ({', '.join(p.name for p in found)}); name one")
+        return cls(found[0])
+
+    def part_keys(self, key: str) -> list[str]:
+        return [f"{key}.{part}" for part in PARTS]
+
+    def nbytes(self, key: str) -> int:
+        return self.spec.nbytes(self.shapes[key])
+
+
+def write_variant(model_dir: str | Path, spec: QuantSpec, *, force: bool = False) -> Path:
+    """Quantize every quantizable decoder-layer weight of the folder into MODEL/variants/NAME.
+
+    Non-decoder tensors (embeddings, lm_head, final norm) and small ones (norms, biases) are left to
+    the original files. Written into NAME.tmp and renamed, manifest last: a crash leaves no variant.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}: only safetensors folders can be quantized")
+    out = variant_dir(model_dir, spec)
+    if (out / MANIFEST_NAME).is_file() and not force:
+        logger.info("variant %s already written", out)
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    start = time.perf_counter()
+    shapes: dict[str, list[int]] = {}
+    file_of: dict[str, str] = {}
+    kept: list[str] = []
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+    precise_bytes = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"model-{len(set(file_of.values())) + 1:05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt", "quantizer": "hqq"})
+            file_of.update({k.rsplit(".", 1)[0]: name for k in shard})
+            shard, shard_bytes = {}, 0
+
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if not _LAYER_KEY_RE.search(key):
+                    continue
+                shape = tuple(f.get_slice(key).get_shape())
+                if not spec.quantizable(shape):
+                    kept.append(key)
+                    continue
+                weight = f.get_tensor(key)
+                if not weight.is_floating_point():
+                    kept.append(key)
+                    continue
+                precise_bytes += weight.numel() * weight.element_size()
+                for part, tensor in quantize_weight(weight, spec).items():
+                    shard[f"{key}.{part}"] = tensor
+                    shard_bytes += tensor.numel() * tensor.element_size()
+                shapes[key] = list(shape)
+                if shard_bytes >= _SHARD_BYTES:
+                    flush()
+    flush()
+    if not shapes:
+        shutil.rmtree(tmp)
+        raise ValueError(f"no decoder-layer weight in {model_dir} can be quantized with group size "
+                         f"{spec.group_size}; try a smaller --group-size")
+    import hqq
+
+    manifest = {
+        "format": FORMAT_VERSION, "quantizer": "hqq", "quantizer_version": getattr(hqq, "__version__", "?"),
+        "bits": spec.bits, "group_size": spec.group_size, "axis": 1, "scale_dtype": "float16",
+        "tensors": shapes, "files": file_of, "kept_precise": kept,
+        "source_files": {p.name: p.stat().st_size for p in files},
+        "bytes_precise": precise_bytes, "bytes_quantized": sum(spec.nbytes(s) for s in shapes.values()),
+        "quantize_s": round(time.perf_counter() - start, 1),
+    }
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    logger.info("wrote %s: %d weights, %d -> %d bytes in %.1f s", out, len(shapes), precise_bytes,
+                manifest["bytes_quantized"], manifest["quantize_s"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.paging.quant",
+                                description="Write a 4-bit (or 8-bit) HQQ variant of a model folder's "
+                                            "decoder-layer weights beside the original files.")
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face model folder (safetensors)")
+    p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--force", action="store_true", help="write again even if the variant exists")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        spec = QuantSpec(args.bits, args.group_size)
+        out = write_variant(args.model, spec, force=args.force)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    print(json.dumps({"variant": str(out), "weights": len(manifest["tensors"]),
+                      "bytes_precise": manifest["bytes_precise"], "bytes_quantized": manifest["bytes_quantized"],
+                      "quantize_s": manifest["quantize_s"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
