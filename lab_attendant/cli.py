@@ -57,6 +57,15 @@ def _read_params(args: argparse.Namespace) -> dict[str, Any]:
     return raw
 
 
+def _check_model(spec: dict[str, Any]) -> None:
+    """What the supervisor can see without torch: a quantized variant exists when one is asked for."""
+    path = Path(spec["path"])
+    if spec["variant"] != "precise" and not any(path.glob("variants/*/variant.json")):
+        raise UserError(f"model '{spec['name']}' asks for variant '{spec['variant']}' but {path} has no "
+                        f"quantized variant; run `lab-attendant model quantize {spec['name']} --bits 4` "
+                        "or set variant = \"precise\"")
+
+
 def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     kinds = registry(cfg.worker.extra_kinds)
     kind = kinds.get(args.kind)
@@ -65,7 +74,7 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
                         "(see `lab-attendant kinds`)")
     params = validate_params(kind, _read_params(args), cfg.allowed_roots)
     if any(p.name == "model" for p in kind.params):
-        cfg.model_spec(params.get("model"))  # an unknown model name fails here, not in the worker
+        _check_model(cfg.model_spec(params.get("model")))  # fails here, not in the worker
     if args.timeout is not None and args.timeout <= 0:
         raise UserError("--timeout must be a positive number of seconds")
     store = _store(cfg)

@@ -106,6 +106,17 @@ class ModelConfig:
     vram_budget_bytes: ByteSize | None = None   # decoder layers on the device; None: all
     ram_budget_bytes: ByteSize | None = None    # streamed layers cached in host RAM
     expert_cache_bytes: ByteSize | None = None  # MoE only: device expert cache
+    # precise: the original weights; fast: the 4-bit variant of every decoder layer (dense) or
+    # of the experts (moe), written by `lab-attendant model quantize NAME`; auto: dense layers by
+    # policy (first/last keep_precise_layers precise, the rest fast), experts fast.
+    variant: Literal["precise", "fast", "auto"] = "precise"
+    keep_precise_layers: int = 1           # auto only: layers at each end that stay precise
+    kv_cache: Literal["fp", "int8", "fp8"] = "fp"  # int8: HQQ 8-bit; fp8: e4m3 (speed needs Hopper+)
+    kernels: Literal["auto", "liger", "torch"] = "auto"  # auto: Liger on CUDA when installed
+
+    def __post_init__(self) -> None:
+        if self.keep_precise_layers < 0:
+            raise ConfigError("[models.NAME] keep_precise_layers must be 0 or more")
 
 
 # The embedded default is streamed for real: 96 MiB holds 4 of Gemma-3-270M's 22.3 MB fp32 layers,

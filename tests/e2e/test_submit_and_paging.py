@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Lab
+from tests.conftest import ROOT, Lab, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -60,6 +60,18 @@ def test_bad_input_exits_2_with_a_message_and_enqueues_nothing(lab: Lab, args, m
     assert proc.returncode == 2
     assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert _rows(lab) == 0
+
+
+def test_a_quantized_variant_that_was_never_written_is_refused_at_submit(lab: Lab):
+    write_config(lab.root, extra='[models.bare]\nvariant = "auto"\n')
+    (lab.root / "models" / "bare").mkdir(parents=True)
+    (lab.root / "models" / "bare" / "config.json").write_text("{}")
+    (lab.root / "archive").mkdir()
+    proc = lab.cli("submit", "nightly_insights", "-p", f"archive={lab.root / 'archive'}", "-p", "model=bare",
+                   check=False)
+    assert proc.returncode == 2 and _rows(lab) == 0
+    assert "model 'bare' asks for variant 'auto'" in proc.stderr
+    assert "lab-attendant model quantize bare --bits 4" in proc.stderr
 
 
 def test_bad_config_names_the_key(tmp_path: Path):

@@ -59,15 +59,17 @@ def test_models_sizes_kinds_and_default(tmp_path: Path):
     cfg = _cfg(tmp_path, paths={"models_dir": "m"}, models={
         "big": {"path": "/data/gemma-27b", "vram_budget_bytes": "2GiB", "ram_budget_bytes": 1024,
                 "dtype": "bf16", "device": "cuda"},
-        "mix": {"kind": "moe", "expert_cache_bytes": "500MB"}})
+        "mix": {"kind": "moe", "expert_cache_bytes": "500MB", "variant": "fast", "kv_cache": "int8"}})
     big = cfg.model_spec("big")
     assert big["vram_budget_bytes"] == 2 * 1024**3 and big["ram_budget_bytes"] == 1024
     assert (big["path"], big["kind"], big["dtype"]) == ("/data/gemma-27b", "dense", "bf16")
     mix = cfg.model_spec("mix")
     assert mix["path"] == str(tmp_path / "m" / "mix") and mix["expert_cache_bytes"] == 500 * 10**6
+    assert (mix["variant"], mix["kv_cache"], mix["keep_precise_layers"]) == ("fast", "int8", 1)
     default = cfg.model_spec(None)
     assert default["name"] == "gemma-3-270m" and default["path"] == str(tmp_path / "m" / "gemma-3-270m")
     assert (default["device"], default["dtype"]) == ("cpu", "fp32")
+    assert (default["variant"], default["kv_cache"], default["kernels"]) == ("precise", "fp", "auto")
     with pytest.raises(ConfigError, match=r"unknown model 'nope'; add a \[models.nope\] table"):
         cfg.model_spec("nope")
 
@@ -78,6 +80,10 @@ def test_models_sizes_kinds_and_default(tmp_path: Path):
     ({"vram_budget_bytes": True}, "config key 'models.x.vram_budget_bytes'"),
     ({"dtype": "int4"}, "config key 'models.x.dtype' must be one of"),
     ({"budget": 1}, "unknown config key 'models.x.budget'"),
+    ({"variant": "int4"}, "config key 'models.x.variant' must be one of 'precise', 'fast', 'auto'"),
+    ({"kv_cache": "int4"}, "config key 'models.x.kv_cache' must be one of 'fp', 'int8', 'fp8'"),
+    ({"kernels": "triton"}, "config key 'models.x.kernels' must be one of"),
+    ({"keep_precise_layers": -1}, "keep_precise_layers must be 0 or more"),
 ])
 def test_bad_model_tables_name_the_key(tmp_path: Path, model, message):
     with pytest.raises(ConfigError) as err:
