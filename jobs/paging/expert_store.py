@@ -98,6 +98,8 @@ class ExpertStore:
         self.num_layers = config.num_hidden_layers
         self.num_experts = config.num_local_experts
         self.expert_bytes = expert_nbytes(config, dtype)
+        self.variant = "precise"  # what the stats call the expert format; see expert_quant.py
+        self.bits = torch.empty((), dtype=dtype).element_size() * 8
         self.pin_memory = pin_memory
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -118,7 +120,12 @@ class ExpertStore:
         return self._buffers[key]
 
     def weights(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return split_expert(self._buffers[key], self.config)
+        return self.expand(self._buffers[key])
+
+    def expand(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) in the compute dtype from one flat expert buffer or device slot, on its
+        device; here plain views, a 4-bit store dequantizes."""
+        return split_expert(flat, self.config)
 
     def load(self, index: CheckpointIndex, ram_budget_bytes: int | None = None) -> "ExpertStore":
         """Fill every expert buffer from the checkpoint, one tensor (or fused row) at a time."""
