@@ -257,9 +257,16 @@ def run_config(name: str, shape: dict, args, out_rows: list) -> None:
                                           cache_bytes=quarter, new_tokens=args.new_tokens,
                                           label=label, **flags, **common))
         if "fast" in variants and not args.mixtral_8x7b_shape:
-            # The same bytes as the precise 25 % rows: 4-bit experts fit 3.5-7x as many of them.
+            # The same bytes as the precise 25 % rows (4-bit experts fit 3.5-7x as many), and the
+            # same number of experts (same hit rate: what 4-bit copies and dequantizing cost).
             quarter = max(1, all_experts // 4) * expert_bytes
+            h, i = config.hidden_size, config.intermediate_size
+            fast_bytes = 2 * FAST_SPEC.nbytes((i, h)) + FAST_SPEC.nbytes((h, i))
             for batch in (1, 8):
+                rows.append(paged_row(folder, config, policy="lru", batch=batch,
+                                      cache_bytes=max(1, all_experts // 4) * fast_bytes,
+                                      new_tokens=args.new_tokens, label="paged 25% experts, no prefetch",
+                                      variant="fast", prefetch=False, **common))
                 for label, flags in (("paged 25% bytes, no prefetch", {"prefetch": False}),
                                      ("paged 25% bytes + prefetch", {}),
                                      ("paged 25% bytes + prefetch + cpu exec", {"cpu_miss_exec": True})):
