@@ -13,15 +13,14 @@ import torch
 from safetensors import safe_open
 
 from jobs.paging.errors import ModelFolderError
-from jobs.paging.expert_store import ExpertStore
+from jobs.paging.expert_store import PER_EXPERT_RE, ExpertStore
 from jobs.paging.quant import PARTS, Variant, dequantize_weight
 from jobs.units import format_size
 
 log = logging.getLogger(__name__)
 
-# Variant keys of expert weights: released per-expert w1/w3/w2, or fused slices `KEY.E`.
-_PER_EXPERT_RE = re.compile(
-    r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight$")
+# Variant keys of expert weights: released per-expert w1/w3/w2 (the checkpoint's own names), or
+# fused slices `KEY.E`.
 _FUSED_RE = re.compile(
     r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj)\.(\d+)$")
 # gate_up is w1 rows then w3 rows (what the pager's SwiGLU chunks), then down.
@@ -32,7 +31,7 @@ def expert_pieces(variant: Variant, num_layers: int, num_experts: int) -> dict[t
     """Per (layer, expert) the variant keys that make it, gate_up pieces first, down last."""
     found: dict[tuple[int, int], list[tuple[int, str]]] = {}
     for key in variant.shapes:
-        if m := _PER_EXPERT_RE.match(key):
+        if m := PER_EXPERT_RE.match(key):
             layer, expert, name = int(m[1]), int(m[2]), m[3]
         elif m := _FUSED_RE.match(key):
             layer, expert, name = int(m[1]), int(m[3]), m[2]
