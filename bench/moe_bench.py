@@ -4,6 +4,12 @@ Not a test: prints a table, writes bench/results/moe_<host>_<date>.json, never a
 
   python bench/moe_bench.py                                   # CPU, tiny + small random models
   python bench/moe_bench.py --device cuda --mixtral-8x7b-shape --layers 4   # on a GPU box
+  python bench/moe_bench.py --variant both                    # + 4-bit (HQQ q4g64) expert rows
+  python bench/moe_bench.py --device cuda --mixtral-8x7b-shape --layers 4 --variant fast
+
+--variant fast writes the folder's q4g64 variant first, with HQQ running on --device: one
+14336x4096 weight took ~85 s on the shared 2-core CPU host, so a 4-layer Mixtral-shape variant
+(96 expert and 16 attention matrices) is hours on CPU and seconds to minutes on a GPU.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs.paging.expert_store import expert_nbytes, parse_dtype  # noqa: E402
 from jobs.paging.moe import load_paged_moe  # noqa: E402
+from jobs.paging.quant import QuantSpec, write_variant  # noqa: E402
 from jobs.units import format_size  # noqa: E402
 
 CONFIGS = {  # random weights: routing is near uniform, so hit rates are a floor for real models
@@ -39,6 +46,7 @@ CONFIGS = {  # random weights: routing is near uniform, so hit rates are a floor
 CACHE_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
 CARD_BYTES = 11 * 1024**3          # the 2080 Ti the seed targets
 CARD_HEADROOM_BYTES = 3 * 1024**3 // 2  # CUDA context, activations, KV cache
+FAST_SPEC = QuantSpec(4, 64)  # what `lab-attendant model quantize NAME --bits 4` writes
 
 
 def machine() -> dict:
@@ -151,7 +159,9 @@ def paged_row(folder, config, *, device, dtype, cache_bytes, policy, batch, new_
     bytes_per_token = s["bytes_h2d"] / tokens
     formula_bytes = (config.num_hidden_layers * config.num_experts_per_tok
                      * (1 - s["hit_rate_without_prefetch"]) * s["expert_bytes"])
-    return {"label": label, "policy": policy, "batch": batch, "cache_experts": s["capacity_experts"],
+    copy_bound = bandwidth / bytes_per_token if bytes_per_token else None
+    return {"label": label, "variant": s["expert_variant"], "expert_bytes": s["expert_bytes"],
+            "policy": policy, "batch": batch, "cache_experts": s["capacity_experts"],
             "cache_bytes": s["allocated_bytes"], "hit_rate": round(s["hit_rate"], 4),
             "hit_rate_without_prefetch": round(s["hit_rate_without_prefetch"], 4),
             "prefetch_accuracy": round(s["prefetch_accuracy"], 4),
@@ -159,7 +169,8 @@ def paged_row(folder, config, *, device, dtype, cache_bytes, policy, batch, new_
             "evictions": s["evictions"], "bytes_h2d_per_token": bytes_per_token,
             "formula_bytes_per_token_batch1": formula_bytes, "stall_s": round(s["stall_s"], 4),
             "tok_s": round(tok_s, 2),
-            "copy_bound_tok_s": round(bandwidth / bytes_per_token, 2) if bytes_per_token else None,
+            "copy_bound_tok_s": round(copy_bound, 2) if copy_bound else None,
+            "achieved_vs_bound": round(tok_s / copy_bound, 4) if copy_bound else None,
             "cpu_execs": s["cpu_execs"]}
 
 
@@ -201,6 +212,12 @@ def run_config(name: str, shape: dict, args, out_rows: list) -> None:
         bandwidth = copy_bandwidth_bytes_per_s(expert_bytes, device)
         common = dict(device=args.device, dtype=args.dtype, bandwidth=bandwidth,
                       repeats=args.repeats)
+        variants = ("precise", "fast") if args.variant == "both" else (args.variant,)
+        if "fast" in variants:
+            t0 = time.perf_counter()
+            write_variant(folder, FAST_SPEC, device=device)
+            print(f"{name}: wrote the {FAST_SPEC.name} variant in {time.perf_counter() - t0:.1f} s "
+                  f"on {device}")
         rows = []
         if args.mixtral_8x7b_shape:
             # What an 11 GB card leaves for experts in the full 32-layer model, per layer, times
@@ -209,15 +226,18 @@ def run_config(name: str, shape: dict, args, out_rows: list) -> None:
             dense_bytes = 2 * 32000 * 4096 * 2 + 32 * 4096 * (2 * 4096 + 2 * 1024) * 2
             per_layer = (CARD_BYTES - CARD_HEADROOM_BYTES - dense_bytes) / 32
             budget = max(expert_bytes, int(per_layer * config.num_hidden_layers))
-            for batch in (1, 8):
-                for cpu_exec in (False, True):
-                    rows.append(paged_row(folder, config, cache_bytes=budget, policy="lru",
-                                          batch=batch, new_tokens=args.new_tokens,
-                                          label="paged 11GB-card budget"
-                                          + (" + cpu exec" if cpu_exec else ""),
-                                          cpu_miss_exec=cpu_exec,
-                                          **common))
-        else:
+            for variant in variants:
+                # CPU execution of a 4-bit miss dequantizes on the host (~0.75 s per 14336x4096
+                # matrix on the CPU host): never a win at this size, so not measured for fast.
+                for batch in (1, 8):
+                    for cpu_exec in ((False, True) if variant == "precise" else (False,)):
+                        rows.append(paged_row(folder, config, cache_bytes=budget, policy="lru",
+                                              batch=batch, new_tokens=args.new_tokens,
+                                              label="paged 11GB-card budget"
+                                              + (" + cpu exec" if cpu_exec else ""),
+                                              cpu_miss_exec=cpu_exec, variant=variant,
+                                              **common))
+        elif "precise" in variants:
             # The policy curve without prefetch, so LRU vs LFU is not blurred by look-ahead.
             for frac in CACHE_FRACTIONS:
                 for policy in ("lru", "lfu"):
@@ -236,18 +256,37 @@ def run_config(name: str, shape: dict, args, out_rows: list) -> None:
                     rows.append(paged_row(folder, config, policy="lru", batch=batch,
                                           cache_bytes=quarter, new_tokens=args.new_tokens,
                                           label=label, **flags, **common))
+        if "fast" in variants and not args.mixtral_8x7b_shape:
+            # The same bytes as the precise 25 % rows (4-bit experts fit 3.5-7x as many), and the
+            # same number of experts (same hit rate: what 4-bit copies and dequantizing cost).
+            quarter = max(1, all_experts // 4) * expert_bytes
+            h, i = config.hidden_size, config.intermediate_size
+            fast_bytes = 2 * FAST_SPEC.nbytes((i, h)) + FAST_SPEC.nbytes((h, i))
+            for batch in (1, 8):
+                rows.append(paged_row(folder, config, policy="lru", batch=batch,
+                                      cache_bytes=max(1, all_experts // 4) * fast_bytes,
+                                      new_tokens=args.new_tokens, label="paged 25% experts, no prefetch",
+                                      variant="fast", prefetch=False, **common))
+                for label, flags in (("paged 25% bytes, no prefetch", {"prefetch": False}),
+                                     ("paged 25% bytes + prefetch", {}),
+                                     ("paged 25% bytes + prefetch + cpu exec", {"cpu_miss_exec": True})):
+                    rows.append(paged_row(folder, config, policy="lru", batch=batch,
+                                          cache_bytes=quarter, new_tokens=args.new_tokens,
+                                          label=label, variant="fast", **flags, **common))
         for row in rows:
-            row.update(config=name, expert_bytes=expert_bytes, copy_bandwidth_gb_s=bandwidth / 1e9)
+            row.setdefault("expert_bytes", expert_bytes)
+            row.update(config=name, copy_bandwidth_gb_s=bandwidth / 1e9)
         out_rows += rows
         print_table(name, rows, expert_bytes, bandwidth)
 
 
 def print_table(name: str, rows: list, expert_bytes: int, bandwidth: float) -> None:
-    print(f"\n## {name}: expert {format_size(expert_bytes)}, copy bandwidth "
+    print(f"\n## {name}: precise expert {format_size(expert_bytes)}, copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s")
-    cols = ("label", "policy", "batch", "cache_experts", "hit_rate", "hit_rate_without_prefetch",
-            "prefetch_accuracy", "bytes_h2d_per_token", "formula_bytes_per_token_batch1",
-            "stall_s", "tok_s", "copy_bound_tok_s")
+    cols = ("label", "variant", "policy", "batch", "cache_experts", "hit_rate",
+            "hit_rate_without_prefetch", "prefetch_accuracy", "bytes_h2d_per_token",
+            "formula_bytes_per_token_batch1", "stall_s", "tok_s", "copy_bound_tok_s",
+            "achieved_vs_bound")
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for row in rows:
         cells = []
@@ -266,6 +305,8 @@ def main() -> None:
     parser.add_argument("--mixtral-8x7b-shape", action="store_true",
                         help="random bf16 weights of Mixtral-8x7B shape, 11 GB-card cache budget")
     parser.add_argument("--layers", type=int, default=4, help="layers built in 8x7b mode")
+    parser.add_argument("--variant", default="precise", choices=("precise", "fast", "both"),
+                        help="expert format: precise (--dtype), fast (HQQ q4g64), or both")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timings keep the best of these (default 3; 1 in 8x7b mode)")
     parser.add_argument("--threads", type=int, default=1,
@@ -285,7 +326,8 @@ def main() -> None:
             run_config(name, CONFIGS[name], args, rows)
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"moe_{info['host']}_{datetime.date.today().isoformat()}.json"
+    suffix = "" if args.variant == "precise" else f"_{args.variant}"  # precise runs keep their name
+    path = out_dir / f"moe_{info['host']}_{datetime.date.today().isoformat()}{suffix}.json"
     path.write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows}, indent=1))
     print(f"\nwrote {path}")
 

@@ -10,7 +10,7 @@ from collections import Counter, OrderedDict, defaultdict
 
 import torch
 
-from jobs.paging.expert_store import BudgetError, ExpertStore, split_expert
+from jobs.paging.expert_store import BudgetError, ExpertStore
 from jobs.units import format_size
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,9 @@ class ExpertCache:
                                            store.num_layers, scope), all_experts)
         self.expert_cache_bytes = expert_cache_bytes
         # One allocation up front: the budget is enforced by construction, not by checks later.
-        self._slots = torch.empty(self.capacity, store.buffer((0, 0)).numel(),
-                                  dtype=store.dtype, device=self.device)
+        # Slots hold what the store holds (compute-dtype weights, or a 4-bit store's uint8 bytes).
+        host = store.buffer((0, 0))
+        self._slots = torch.empty(self.capacity, host.numel(), dtype=host.dtype, device=self.device)
         n_parts = store.num_layers if scope == "per_layer" else 1
         per_part = self.capacity // n_parts
         self._free = [list(range(p * per_part, (p + 1) * per_part)) for p in range(n_parts)]
@@ -162,7 +163,8 @@ class ExpertCache:
         self._uses[key] += 1
 
     def weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up, down) views of the slot; the compute stream waits for its copy only."""
+        """(gate_up, down) of the slot (views, or dequantized from a 4-bit slot on the device);
+        the compute stream waits for its copy only."""
         slot = self._part(key)[key]
         ready = self._ready.pop(slot, None)
         if ready is not None:
@@ -171,7 +173,7 @@ class ExpertCache:
                 ready.synchronize()
                 self.count(key[0], "stall_s", time.perf_counter() - t0)
             torch.cuda.current_stream(self.device).wait_event(ready)
-        return split_expert(self._slots[slot], self.store.config)
+        return self.store.expand(self._slots[slot])
 
     def protect(self, key: Key) -> None:
         self._protected.add(key)

@@ -22,7 +22,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Released checkpoints (and transformers 5's save_pretrained, which reverts its own fusion)
 # store w1 (gate), w3 (up), w2 (down) per expert; transformers 5 in memory fuses them.
-_PER_EXPERT_RE = re.compile(
+PER_EXPERT_RE = re.compile(
     r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight$")
 _FUSED_RE = re.compile(
     r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj)$")
@@ -37,7 +37,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def is_expert_key(name: str) -> bool:
-    return bool(_PER_EXPERT_RE.match(name) or _FUSED_RE.match(name))
+    return bool(PER_EXPERT_RE.match(name) or _FUSED_RE.match(name))
 
 
 class CheckpointIndex:
@@ -98,6 +98,8 @@ class ExpertStore:
         self.num_layers = config.num_hidden_layers
         self.num_experts = config.num_local_experts
         self.expert_bytes = expert_nbytes(config, dtype)
+        self.variant = "precise"  # what the stats call the expert format; see expert_quant.py
+        self.bits = torch.empty((), dtype=dtype).element_size() * 8
         self.pin_memory = pin_memory
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -118,14 +120,19 @@ class ExpertStore:
         return self._buffers[key]
 
     def weights(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return split_expert(self._buffers[key], self.config)
+        return self.expand(self._buffers[key])
+
+    def expand(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) in the compute dtype from one flat expert buffer or device slot, on its
+        device; here plain views, a 4-bit store dequantizes."""
+        return split_expert(flat, self.config)
 
     def load(self, index: CheckpointIndex, ram_budget_bytes: int | None = None) -> "ExpertStore":
         """Fill every expert buffer from the checkpoint, one tensor (or fused row) at a time."""
         self.check_budget(ram_budget_bytes)
         per_expert, fused = {}, {}
         for name in index.keys():
-            if m := _PER_EXPERT_RE.match(name):
+            if m := PER_EXPERT_RE.match(name):
                 per_expert[(int(m[1]), int(m[2]), m[3])] = name
             elif m := _FUSED_RE.match(name):
                 fused[(int(m[1]), m[2])] = name

@@ -263,8 +263,11 @@ def load_for_cli(args: argparse.Namespace) -> LoadedModel:
             if exc.name != "jobs.paging.moe":
                 raise
             raise UsageError("MoE folders need the expert pager (jobs/paging/moe.py)") from None
+        # --variant (precise|fast|auto) comes with the dense engine's 4-bit flag; for MoE folders
+        # fast/auto mean 4-bit experts, auto only when the folder has a variant.
         return moe.load_paged_moe(args.model, device=args.device, dtype=args.dtype,
-                                  expert_cache_bytes=args.expert_cache_bytes, cache_policy=args.cache_policy)
+                                  expert_cache_bytes=args.expert_cache_bytes, cache_policy=args.cache_policy,
+                                  variant=getattr(args, "variant", None) or "precise")
     from jobs.paging.layer_stream import load_streamed
 
     return load_streamed(args.model, device=args.device, dtype=args.dtype, vram_budget_bytes=args.vram_budget,

@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, MixtralForCausalLM
 
+from jobs.paging.errors import ModelFolderError
 from jobs.paging.expert_cache import ExpertCache, cache_capacity
 from jobs.paging.expert_pager import ExpertPager
-from jobs.paging.expert_store import (CheckpointIndex, ExpertStore, expert_nbytes, is_expert_key,
-                                      parse_dtype)
+from jobs.paging.expert_quant import QuantExpertStore
+from jobs.paging.expert_store import CheckpointIndex, ExpertStore, is_expert_key, parse_dtype
+from jobs.paging.quant import QuantSpec, Variant
 from jobs.units import format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # Room left on the card for activations, KV cache and the CUDA context when no budget is given.
 _CUDA_HEADROOM_BYTES = 2 * 1024**3
+VARIANTS = ("precise", "fast", "auto")
 
 
 def is_moe_folder(model_dir: str | Path) -> bool:
@@ -46,8 +49,10 @@ class PagedMoE:
 
     def stats(self) -> dict:
         """Counters since load (or the last reset_stats): hits, misses, prefetch_hits, bytes_h2d,
-        stall_s, evictions, cpu_execs, prefetch accuracy, and the same per layer."""
-        return self.cache.stats()
+        stall_s, evictions, cpu_execs, prefetch accuracy, and the same per layer; and the expert
+        format (variant "precise" or e.g. "q4g64", bits per weight code, bytes per expert)."""
+        return {**self.cache.stats(), "expert_variant": self.store.variant,
+                "expert_bits": self.store.bits, "expert_bytes": self.store.expert_bytes}
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
@@ -68,9 +73,15 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
                    dtype: str | torch.dtype = "fp32", expert_cache_bytes: int | str | None = None,
                    cache_policy: str = "lru", cache_scope: str = "global",
                    ram_budget_bytes: int | str | None = None, prefetch: bool = True,
-                   cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4) -> PagedMoE:
+                   cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4,
+                   variant: str = "precise", quant_spec: QuantSpec | None = None) -> PagedMoE:
     """Non-expert weights resident on `device`, experts in host RAM behind a device cache of
-    `expert_cache_bytes` (None: every expert on CPU; free VRAM less headroom on CUDA)."""
+    `expert_cache_bytes` (None: every expert on CPU; free VRAM less headroom on CUDA).
+
+    variant "precise": experts in `dtype`. "fast": experts from the folder's quantized variant
+    (`quant_spec`, or its only one), stored and copied 4-bit and dequantized to `dtype` where they
+    run; attention, norms, routers and embeddings stay precise and resident. "auto": fast when the
+    folder has a variant, else precise."""
     model_dir = Path(model_dir)
     if not is_moe_folder(model_dir):
         raise ValueError(f"{model_dir} is not a MoE model folder (config.json has no "
@@ -80,14 +91,19 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type != "mixtral":
         raise ValueError(f"expert paging supports Mixtral checkpoints, not {config.model_type!r}")
-    expert_bytes = expert_nbytes(config, torch_dtype)
     n_layers, n_experts = config.num_hidden_layers, config.num_local_experts
+    pin = device.type == "cuda"
+    quantized = _open_variant(model_dir, variant, quant_spec)
+    if quantized is None:
+        store = ExpertStore(config, torch_dtype, pin_memory=pin)
+    else:
+        store = QuantExpertStore(config, quantized, torch_dtype, pin_memory=pin)
+    expert_bytes = store.expert_bytes
 
     # Budgets the user gave are checked before reading a byte of weights.
     if expert_cache_bytes is not None:
         expert_cache_bytes = parse_size(expert_cache_bytes)
         cache_capacity(expert_cache_bytes, expert_bytes, n_layers, cache_scope)
-    store = ExpertStore(config, torch_dtype, pin_memory=device.type == "cuda")
     ram_budget_bytes = None if ram_budget_bytes is None else parse_size(ram_budget_bytes)
     store.check_budget(ram_budget_bytes)
 
@@ -106,11 +122,29 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
     tokenizer = None
     if any((model_dir / name).exists() for name in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    log.info("paged MoE %s: %d layers x %d experts, cache %d/%d experts (%s) on %s",
-             model_dir.name, n_layers, n_experts, cache.capacity, n_layers * n_experts,
-             format_size(cache.allocated_bytes), device)
+    log.info("paged MoE %s: %d layers x %d experts (%s), cache %d/%d experts (%s) on %s",
+             model_dir.name, n_layers, n_experts, store.variant, cache.capacity,
+             n_layers * n_experts, format_size(cache.allocated_bytes), device)
     return PagedMoE(model=model, tokenizer=tokenizer, device=device, store=store, cache=cache,
                     pager=pager)
+
+
+def _open_variant(model_dir: Path, variant: str, spec: QuantSpec | None) -> Variant | None:
+    """The quantized variant the experts come from, or None for precise experts."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    if variant == "precise":
+        return None
+    try:
+        return Variant.open(model_dir, spec)
+    except FileNotFoundError as exc:
+        if variant == "auto":
+            return None
+        name = spec.name if spec else "a 4-bit"
+        raise ModelFolderError(
+            f"variant 'fast' needs {name} variant of {model_dir}, and there is none ({exc}); write "
+            f"it with `lab-attendant model quantize NAME --bits 4` or `python -m jobs.paging.quant "
+            f"--model {model_dir} --bits 4`, or use variant 'precise'") from None
 
 
 def _default_cache_bytes(device: torch.device, all_experts_bytes: int) -> int:
