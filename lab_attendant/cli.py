@@ -278,6 +278,8 @@ def cmd_model(cfg: Config, args: argparse.Namespace) -> int:
                 "--bits", str(args.bits), "--group-size", str(args.group_size)]
         if args.force:
             argv.append("--force")
+        if args.device:
+            argv += ["--device", args.device]
         return _run_worker_tool(argv, "quantization")
     if not models_dir.is_dir():
         print(f"no models in {models_dir}; run `lab-attendant model import-default`")
@@ -391,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     mq.add_argument("--bits", type=int, default=4, choices=(4, 8))
     mq.add_argument("--group-size", type=int, default=64, help="weights per scale/zero pair (default 64)")
     mq.add_argument("--force", action="store_true", help="write it again even if it exists")
+    mq.add_argument("--device", help="run HQQ there, e.g. cuda (a Mixtral matrix takes ~1 min on CPU)")
     m.set_defaults(fn=cmd_model)
 
     sv = sub.add_parser("service", help="install or remove the systemd unit (prints the "
