@@ -214,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
     p.add_argument("--expert-cache-bytes", type=_size, help="MoE only: device bytes for cached experts")
     p.add_argument("--cache-policy", choices=("lru", "lfu"), default="lru", help="MoE only: expert eviction")
+    p.add_argument("--variant", choices=("precise", "fast", "auto"), default="precise",
+                   help="dense only: precise (original weights), fast (the 4-bit variant written by "
+                        "`lab-attendant model quantize`), auto (first/last --keep-precise layers precise, rest fast)")
+    p.add_argument("--keep-precise", type=int, default=1, help="with --variant auto: precise layers at each end")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
     p.add_argument("-v", "--verbose", action="store_true", help="log engine progress to stderr")
     return p
@@ -257,6 +261,8 @@ def load_for_cli(args: argparse.Namespace) -> LoadedModel:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was given but torch sees no CUDA device")
     if _is_moe(args.model):
+        if args.variant != "precise":
+            raise UsageError("--variant fast/auto is for dense folders here; MoE folders stream precise experts")
         try:
             moe = importlib.import_module("jobs.paging.moe")  # lazily: only MoE folders need it
         except ModuleNotFoundError as exc:
@@ -268,7 +274,8 @@ def load_for_cli(args: argparse.Namespace) -> LoadedModel:
     from jobs.paging.layer_stream import load_streamed
 
     return load_streamed(args.model, device=args.device, dtype=args.dtype, vram_budget_bytes=args.vram_budget,
-                         ram_budget_bytes=args.ram_budget, prefetch=not args.no_prefetch)
+                         ram_budget_bytes=args.ram_budget, prefetch=not args.no_prefetch,
+                         variant=args.variant, keep_precise=args.keep_precise)
 
 
 def main(argv: list[str] | None = None) -> int:
