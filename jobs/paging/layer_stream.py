@@ -20,7 +20,7 @@ from torch import nn
 
 from jobs.paging.errors import BudgetError, ModelFolderError
 from jobs.paging.model_store import ModelStore
-from jobs.paging.quant import dequantize_weight
+from jobs.paging.quant import QuantSpec, dequantize_weight
 from jobs.paging.variants import DEFAULT_KEEP_PRECISE, FAST, MODES, PRECISE, choose_variants, summary
 from jobs.units import format_size
 
@@ -149,7 +149,8 @@ class LayerStreamer:
         fast = self.variants[index] == FAST
         host = self._ram_cache.get(index)
         if host is None:
-            host = self.store.read_layer(index, self.dtype, pin=self._cuda, fast=fast)
+            read = self.store.read_layer_fast if fast else self.store.read_layer
+            host = read(index, self.dtype, pin=self._cuda)
             with self._lock:  # stats() reads the cache from the caller's thread
                 if index >= self.plan.resident_layers and len(self._ram_cache) < self.plan.ram_cache_layers:
                     self._ram_cache[index] = host
@@ -301,7 +302,7 @@ class StreamedModel:
 def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "fp32",
                   vram_budget_bytes: int | None = None, ram_budget_bytes: int | None = None,
                   prefetch: bool = True, variant: str = PRECISE, keep_precise: int = DEFAULT_KEEP_PRECISE,
-                  stream_bytes_budget: int | None = None) -> StreamedModel:
+                  stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None) -> StreamedModel:
     """Open a decoder-only safetensors folder for layer streaming.
 
     vram_budget_bytes bounds the decoder layers on the device at once (None: no bound, all stay
@@ -312,7 +313,8 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
     variant: "precise" (original weights), "fast" (the folder's quantized variant wherever it has
     one) or "auto" (variants.choose_variants: first/last keep_precise layers and the resident ones
     precise, the rest fast; stream_bytes_budget upgrades more layers while a pass's disk reads fit).
-    Fast layers need `lab-attendant model quantize NAME --bits 4` to have run on the folder.
+    Fast layers need `lab-attendant model quantize NAME --bits 4` to have run on the folder;
+    variant_spec names the variant when the folder has several.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -327,7 +329,7 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
     if variant != PRECISE:
         if variant not in MODES:
             raise ValueError(f"variant {variant!r} is not one of {', '.join(MODES)}")
-        store.open_variant()
+        store.open_variant(variant_spec)
     # include_buffers=False keeps non-persistent buffers (rotary inv_freq, Gemma's embed_scale) real.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(store.text_config, dtype=torch_dtype)

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from jobs.paging.errors import ModelFolderError
+from jobs.paging.quant import QuantSpec, Variant
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class ModelStore:
                 f"hold {len(self.layer_entries)} (prefix {self.prefix!r}layers.N)"
             )
         self.bytes_read = 0
-        self.variant = None  # quant.Variant once open_variant() ran
+        self.variant: Variant | None = None  # set by open_variant()
         self.fast_entries: list[dict[str, TensorEntry]] = []   # per layer, packed parts under NAME.W_q/...
         self.fast_shapes: list[dict[str, tuple[int, int]]] = []  # per layer, quantized name -> weight shape
         self._lock = threading.Lock()  # the prefetch thread and the caller may both read
@@ -94,10 +95,8 @@ class ModelStore:
         return [sum(e.nbytes if name.rpartition(".")[0] in shapes else e.numel * itemsize
                     for name, e in layer.items()) for layer, shapes in zip(self.fast_entries, self.fast_shapes)]
 
-    def open_variant(self, spec=None) -> None:
-        """Index the folder's quantized variant (quant.py format) so read_layer(fast=True) can read it."""
-        from jobs.paging.quant import Variant
-
+    def open_variant(self, spec: QuantSpec | None = None) -> None:
+        """Index the folder's quantized variant `spec` (its only one when None) so read_layer_fast() can read it."""
         try:
             variant = Variant.open(self.model_dir, spec)
         except FileNotFoundError:
@@ -133,15 +132,14 @@ class ModelStore:
         if self.variant is None:
             raise RuntimeError("open_variant() must run before fast layers are read or sized")
 
-    def read_layer(self, index: int, dtype: torch.dtype, *, pin: bool = False,
-                   fast: bool = False) -> dict[str, torch.Tensor]:
-        """The tensors of decoder layer `index`, named relative to the layer module.
+    def read_layer(self, index: int, dtype: torch.dtype, *, pin: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors of decoder layer `index`, named relative to the layer module."""
+        return self._read(self.layer_entries[index], dtype, pin)
 
-        fast=True: quantized weights come as their packed parts (NAME.W_q uint8, NAME.scale and
-        NAME.zero fp16, kept as stored: dequantizing is the caller's, on its device), the rest in `dtype`.
+    def read_layer_fast(self, index: int, dtype: torch.dtype, *, pin: bool = False) -> dict[str, torch.Tensor]:
+        """Layer `index` from the variant: quantized weights as their packed parts (NAME.W_q uint8,
+        NAME.scale and NAME.zero fp16, as stored: dequantizing is the caller's, on its device), the rest in `dtype`.
         """
-        if not fast:
-            return self._read(self.layer_entries[index], dtype, pin)
         self._need_variant()
         packed = {n for n in self.fast_entries[index] if n.rpartition(".")[0] in self.fast_shapes[index]}
         return self._read(self.fast_entries[index], dtype, pin, keep_dtype=packed)

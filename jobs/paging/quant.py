@@ -126,11 +126,12 @@ class Variant:
         return self.spec.nbytes(self.shapes[key])
 
 
-def write_variant(model_dir: str | Path, spec: QuantSpec, *, force: bool = False) -> Path:
+def write_variant(model_dir: str | Path, spec: QuantSpec, *, force: bool = False, device: str = "cpu") -> Path:
     """Quantize every quantizable decoder-layer weight of the folder into MODEL/variants/NAME.
 
     Non-decoder tensors (embeddings, lm_head, final norm) and small ones (norms, biases) are left to
     the original files. Written into NAME.tmp and renamed, manifest last: a crash leaves no variant.
+    device: where HQQ runs ("cuda" is much faster for big layers); the written parts are the same format.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -172,13 +173,13 @@ def write_variant(model_dir: str | Path, spec: QuantSpec, *, force: bool = False
                 if not spec.quantizable(shape):
                     kept.append(key)
                     continue
-                weight = f.get_tensor(key)
+                weight = f.get_tensor(key).to(device)
                 if not weight.is_floating_point():
                     kept.append(key)
                     continue
                 precise_bytes += weight.numel() * weight.element_size()
                 for part, tensor in quantize_weight(weight, spec).items():
-                    shard[f"{key}.{part}"] = tensor
+                    shard[f"{key}.{part}"] = tensor = tensor.cpu()
                     shard_bytes += tensor.numel() * tensor.element_size()
                 shapes[key] = list(shape)
                 if shard_bytes >= _SHARD_BYTES:
