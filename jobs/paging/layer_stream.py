@@ -68,10 +68,11 @@ class LayerStreamer:
         self.store, self.layers, self.plan = store, layers, plan
         self.device, self.dtype = device, dtype
         self.variants = variants or [PRECISE] * plan.num_layers
-        read_bytes = [store.layer_nbytes, store.layer_nbytes_fast if FAST in self.variants else store.layer_nbytes]
+        precise_bytes = store.layer_nbytes
+        fast_bytes = store.layer_nbytes_fast if FAST in self.variants else precise_bytes
         # What one pass reads from disk with the RAM cache cold: every streamed layer in its variant.
-        self.bytes_read_per_pass = sum(read_bytes[v == FAST][i] for i, v in enumerate(self.variants)
-                                       if i >= plan.resident_layers)
+        self.bytes_read_per_pass = sum((fast_bytes if v == FAST else precise_bytes)[i]
+                                       for i, v in enumerate(self.variants) if i >= plan.resident_layers)
         self._cuda = device.type == "cuda"
         self._slots = _layer_slots(layers, store)
         self._resident: dict[int, dict[str, torch.Tensor]] = {}

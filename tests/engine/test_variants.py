@@ -22,7 +22,7 @@ from jobs.paging.generate import main as generate_main
 from jobs.paging.layer_stream import load_streamed
 from jobs.paging.model_store import ModelStore
 from jobs.paging.quant import QuantSpec
-from jobs.paging.variants import FAST, PRECISE, choose_variants, summary
+from jobs.paging.variants import choose_variants, summary
 
 pytestmark = pytest.mark.engine
 SPEC = QuantSpec(4, 64)
