@@ -345,6 +345,9 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
         choice = choose_variants(plan.num_layers, store.layer_nbytes, store.layer_nbytes_fast, variant,
                                  keep_precise=keep_precise, stream_bytes_budget=stream_bytes_budget,
                                  resident_layers=plan.resident_layers)
+        if FAST not in choice and plan.resident_layers == plan.num_layers:
+            logger.warning("--variant %s kept every layer precise: all are resident under the VRAM budget, "
+                           "and fast layers only save reads for streamed ones", variant)
         # The RAM cache holds packed parts for fast layers, so it fits more of them.
         sizes = {PRECISE: store.layer_nbytes_as(torch_dtype), FAST: store.layer_nbytes_fast_as(torch_dtype)}
         host_bytes = [sizes[c][i] for i, c in enumerate(choice)][plan.resident_layers:]
