@@ -2,6 +2,7 @@
 
 Prints a table and writes bench/results/stream_<host>_<date>.json; never asserts timings.
 Run: venvs/experimental/bin/python bench/stream_bench.py [--quick] [--airllm-python /tmp/airllm-venv/bin/python]
+Variants: ... --variants precise,fast,auto adds streamed rows per layer variant (writes the q4g64 variant if missing).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from jobs.paging.generate import GenerationResult, generate  # noqa: E402
 from jobs.paging.layer_stream import load_streamed  # noqa: E402
 from jobs.paging.model_store import ModelStore  # noqa: E402
+from jobs.paging.quant import QuantSpec, write_variant  # noqa: E402
 from jobs.units import parse_size  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -116,9 +118,13 @@ def bench_methods(loaded: dict, batches: list[int], new_tokens: int, rounds: int
         after = model.stats()
         extra = {}
         if "bytes_read" in after:
+            io_wait_s = after["io_wait_s"] - before[name]["io_wait_s"]
+            compute_s = after["compute_s"] - before[name]["compute_s"]
             extra = {"bytes_read_per_pass": (after["bytes_read"] - before[name]["bytes_read"]) / passes[name],
-                     "io_wait_s": after["io_wait_s"] - before[name]["io_wait_s"],
-                     "compute_s": after["compute_s"] - before[name]["compute_s"],
+                     "planned_bytes_read_per_pass": after["bytes_read_per_pass"],
+                     "bytes_h2d_per_pass": (after["bytes_h2d"] - before[name]["bytes_h2d"]) / passes[name],
+                     "s_per_pass": (io_wait_s + compute_s) / passes[name],
+                     "io_wait_s": io_wait_s, "compute_s": compute_s, "variants": after["variants"],
                      "resident_layers": after["resident_layers"], "ram_cache_layers": after["ram_cache_layers"]}
         model.close()
         methods.append({"method": name, "rows": [best[(name, b)] for b in batches], **extra})
@@ -205,6 +211,11 @@ def main() -> int:
     parser.add_argument("--vram-budget", type=parse_size, help="streamer budget, e.g. 8GiB (overrides --resident-layers)")
     parser.add_argument("--airllm-python", default="/tmp/airllm-venv/bin/python")
     parser.add_argument("--skip", default="", help="comma list of methods to skip: resident,accelerate,airllm")
+    parser.add_argument("--variants", default="precise",
+                        help="comma list of streamer layer variants: precise,fast,auto (fast/auto need q4g64, "
+                             "written into the model folder when missing)")
+    parser.add_argument("--keep-precise", type=int, default=1, help="with auto: precise layers at each end")
+    parser.add_argument("--quant-device", default="cpu", help="device that writes a missing variant (cuda is faster)")
     parser.add_argument("--synthetic-27b-layers", type=int, default=0,
                         help="benchmark random Gemma-3-27B-shaped layers instead of --model (use with --device cuda)")
     args = parser.parse_args()
@@ -217,6 +228,13 @@ def main() -> int:
     if args.synthetic_27b_layers:
         model_dir = build_synthetic_27b(work / "synthetic-27b", args.synthetic_27b_layers, args.model)
         skip |= {"accelerate", "airllm"}
+    variants = args.variants.split(",")
+    if set(variants) - {"precise", "fast", "auto"}:
+        parser.error(f"--variants {args.variants}: use a comma list of precise, fast, auto")
+    if set(variants) - {"precise"}:
+        start = time.perf_counter()
+        write_variant(model_dir, QuantSpec(4, 64), device=args.quant_device)  # no-op when already written
+        print(f"q4g64 variant ready in {time.perf_counter() - start:.1f} s", flush=True)
     store = ModelStore(model_dir)
     layer_bytes = max(store.layer_nbytes_as(DTYPES[args.dtype]))
     budget = args.vram_budget or (args.resident_layers + 2) * layer_bytes
@@ -231,10 +249,12 @@ def main() -> int:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype]).to(args.device)
         loaded["resident"] = Resident(model, AutoTokenizer.from_pretrained(model_dir), args.device)
-    for ram_layers in (0, store.num_layers):
-        loaded[f"streamed ram-cache {'on' if ram_layers else 'off'}"] = load_streamed(
-            model_dir, device=args.device, dtype=args.dtype, vram_budget_bytes=budget,
-            ram_budget_bytes=ram_layers * layer_bytes)
+    for variant in variants:
+        for ram_layers in (0, store.num_layers):
+            tag = "" if variant == "precise" else f"[{variant}] "
+            loaded[f"streamed {tag}ram-cache {'on' if ram_layers else 'off'}"] = load_streamed(
+                model_dir, device=args.device, dtype=args.dtype, vram_budget_bytes=budget,
+                ram_budget_bytes=ram_layers * layer_bytes, variant=variant, keep_precise=args.keep_precise)
     if "accelerate" not in skip:
         loaded["accelerate disk offload"] = load_accelerate_disk(model_dir, DTYPES[args.dtype], work / "offload")
     methods = bench_methods(loaded, batches, new_tokens, args.rounds)
@@ -243,11 +263,12 @@ def main() -> int:
         print(f"  airllm: {methods[-1].get('error') or methods[-1]['rows']}", flush=True)
 
     info["loadavg_end"] = os.getloadavg()
-    report = {"machine": info, "model": str(model_dir), "dtype": args.dtype, "device": args.device,
+    report = {"machine": info, "model": str(model_dir), "dtype": args.dtype, "device": args.device, "variants": variants,
               "new_tokens": new_tokens, "streamer_vram_budget_bytes": budget, "layer_bytes": layer_bytes,
               "bandwidth": bandwidth, "methods": methods, "goals": goals(methods, bandwidth, batches)}
     print_table(report)
     kind = f"_synthetic27b_{args.device}" if args.synthetic_27b_layers else ""
+    kind += "" if variants == ["precise"] else "_variants"
     out = REPO_ROOT / "bench" / "results" / f"stream_{info['host']}_{dt.date.today().isoformat()}{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -262,7 +283,9 @@ def _wall(method: dict, batch: int) -> float | None:
 def goals(methods: list[dict], bandwidth: dict, batches: list[int]) -> dict:
     """Wall-time ratios (ours / theirs, below 1 is faster) and the batching and I/O figures, per streamer variant."""
     by = {m["method"]: m for m in methods}
-    out: dict = {}
+    out: dict = {"variants": variant_bounds(methods, bandwidth)}
+    if "streamed ram-cache off" not in by:
+        return out  # the ratios below compare the precise streamer with the other methods
     for variant in ("off", "on"):
         streamed = by[f"streamed ram-cache {variant}"]
         for batch in batches:
@@ -281,16 +304,36 @@ def goals(methods: list[dict], bandwidth: dict, batches: list[int]) -> dict:
     return out
 
 
+def variant_bounds(methods: list[dict], bandwidth: dict) -> list[dict]:
+    """Per streamed method: bytes read per pass and achieved seconds per pass vs the disk-read bound."""
+    rows = []
+    for m in methods:
+        if "s_per_pass" not in m:
+            continue
+        planned = m["planned_bytes_read_per_pass"]
+        rows.append({"method": m["method"], "variants": m["variants"], "bytes_read_per_pass": m["bytes_read_per_pass"],
+                     "planned_bytes_read_per_pass": planned, "s_per_pass": m["s_per_pass"],
+                     "bound_s_per_pass_cold": planned / bandwidth["cold_bytes_per_s"],
+                     "bound_s_per_pass_warm": planned / bandwidth["warm_bytes_per_s"],
+                     "achieved_over_cold_bound": m["s_per_pass"] / (planned / bandwidth["cold_bytes_per_s"])})
+    return rows
+
+
 def print_table(report: dict) -> None:
-    print(f"\n{'method':<26}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'wall s':>9}")
+    print(f"\n{'method':<34}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'wall s':>9}")
     for method in report["methods"]:
         if "error" in method:
-            print(f"{method['method']:<26}  not run: {method['error'][:200]}")
+            print(f"{method['method']:<34}  not run: {method['error'][:200]}")
             continue
         for r in method["rows"]:
-            print(f"{method['method']:<26}{r['batch']:>6}{r.get('prefill_tok_s', float('nan')):>15.1f}"
+            print(f"{method['method']:<34}{r['batch']:>6}{r.get('prefill_tok_s', float('nan')):>15.1f}"
                   f"{r.get('decode_tok_s', float('nan')):>14.2f}{r['wall_s']:>9.2f}")
-    print("\ngoals:", json.dumps(report["goals"], indent=1))
+    print(f"\n{'method':<34}{'variants':>20}{'MB read/pass':>14}{'s/pass':>9}{'cold bound s':>14}"
+          f"{'warm bound s':>14}")
+    for r in report["goals"]["variants"]:
+        print(f"{r['method']:<34}{r['variants'][:18]:>20}{r['bytes_read_per_pass'] / 1e6:>14.1f}"
+              f"{r['s_per_pass']:>9.3f}{r['bound_s_per_pass_cold']:>14.4f}{r['bound_s_per_pass_warm']:>14.4f}")
+    print("\ngoals:", json.dumps({k: v for k, v in report["goals"].items() if k != "variants"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -214,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
     p.add_argument("--expert-cache-bytes", type=_size, help="MoE only: device bytes for cached experts")
     p.add_argument("--cache-policy", choices=("lru", "lfu"), default="lru", help="MoE only: expert eviction")
+    p.add_argument("--variant", choices=("precise", "fast", "auto"), default="precise",
+                   help="precise (original weights), fast (the 4-bit variant written by `lab-attendant model "
+                        "quantize`), auto (dense: first/last --keep-precise layers precise, rest fast; "
+                        "MoE: 4-bit experts when the folder has a variant)")
+    p.add_argument("--keep-precise", type=int, default=1, help="with --variant auto: precise layers at each end")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
     p.add_argument("-v", "--verbose", action="store_true", help="log engine progress to stderr")
     return p
@@ -263,15 +268,15 @@ def load_for_cli(args: argparse.Namespace) -> LoadedModel:
             if exc.name != "jobs.paging.moe":
                 raise
             raise UsageError("MoE folders need the expert pager (jobs/paging/moe.py)") from None
-        # --variant (precise|fast|auto) comes with the dense engine's 4-bit flag; for MoE folders
-        # fast/auto mean 4-bit experts, auto only when the folder has a variant.
+        # For MoE folders fast/auto mean 4-bit experts (auto: only when the folder has a variant).
         return moe.load_paged_moe(args.model, device=args.device, dtype=args.dtype,
                                   expert_cache_bytes=args.expert_cache_bytes, cache_policy=args.cache_policy,
-                                  variant=getattr(args, "variant", None) or "precise")
+                                  variant=args.variant)
     from jobs.paging.layer_stream import load_streamed
 
     return load_streamed(args.model, device=args.device, dtype=args.dtype, vram_budget_bytes=args.vram_budget,
-                         ram_budget_bytes=args.ram_budget, prefetch=not args.no_prefetch)
+                         ram_budget_bytes=args.ram_budget, prefetch=not args.no_prefetch,
+                         variant=args.variant, keep_precise=args.keep_precise)
 
 
 def main(argv: list[str] | None = None) -> int:

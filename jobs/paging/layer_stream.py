@@ -1,9 +1,11 @@
 """Runs a transformers causal LM whose decoder layers are streamed from safetensors during forward.
 
-Owns the budget plan (resident / streaming / RAM-cached layers), the prefetch thread and the I/O counters.
+Owns the budget plan (resident / streaming / RAM-cached layers), the prefetch thread, the I/O counters,
+and expanding fast (quantized) layers on the device before they run.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -18,6 +20,8 @@ from torch import nn
 
 from jobs.paging.errors import BudgetError, ModelFolderError
 from jobs.paging.model_store import ModelStore
+from jobs.paging.quant import QuantSpec, dequantize_weight
+from jobs.paging.variants import DEFAULT_KEEP_PRECISE, FAST, MODES, PRECISE, choose_variants, summary
 from jobs.units import format_size
 
 logger = logging.getLogger(__name__)
@@ -59,9 +63,16 @@ class LayerStreamer:
     """Materializes each decoder layer in a forward pre-hook and releases it in a forward hook."""
 
     def __init__(self, store: ModelStore, layers: nn.ModuleList, plan: StreamPlan,
-                 device: torch.device, dtype: torch.dtype, prefetch: bool) -> None:
+                 device: torch.device, dtype: torch.dtype, prefetch: bool,
+                 variants: list[str] | None = None) -> None:
         self.store, self.layers, self.plan = store, layers, plan
         self.device, self.dtype = device, dtype
+        self.variants = variants or [PRECISE] * plan.num_layers
+        precise_bytes = store.layer_nbytes
+        fast_bytes = store.layer_nbytes_fast if FAST in self.variants else precise_bytes
+        # What one pass reads from disk with the RAM cache cold: every streamed layer in its variant.
+        self.bytes_read_per_pass = sum((fast_bytes if v == FAST else precise_bytes)[i]
+                                       for i, v in enumerate(self.variants) if i >= plan.resident_layers)
         self._cuda = device.type == "cuda"
         self._slots = _layer_slots(layers, store)
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
@@ -131,10 +142,16 @@ class LayerStreamer:
             return
 
     def _load(self, index: int) -> tuple[dict[str, torch.Tensor], Any]:
-        """Host tensors from the RAM cache or disk, then on the device; runs on the prefetch thread."""
+        """Host tensors from the RAM cache or disk, then on the device; runs on the prefetch thread.
+
+        A fast layer's host copy (and RAM-cache entry) holds the packed parts: those are what crosses
+        to the device, and bytes_h2d counts them; they are expanded to the compute dtype there.
+        """
+        fast = self.variants[index] == FAST
         host = self._ram_cache.get(index)
         if host is None:
-            host = self.store.read_layer(index, self.dtype, pin=self._cuda)
+            read = self.store.read_layer_fast if fast else self.store.read_layer
+            host = read(index, self.dtype, pin=self._cuda)
             with self._lock:  # stats() reads the cache from the caller's thread
                 if index >= self.plan.resident_layers and len(self._ram_cache) < self.plan.ram_cache_layers:
                     self._ram_cache[index] = host
@@ -142,15 +159,36 @@ class LayerStreamer:
         if self._cuda:
             with torch.cuda.stream(self._side_stream):
                 tensors = {k: t.to(self.device, non_blocking=True) for k, t in host.items()}
+                copied = sum(t.numel() * t.element_size() for t in tensors.values())
+                if fast:
+                    # On the side stream too, so expanding overlaps the previous layer's compute.
+                    tensors = self._dequantize(index, tensors)
                 ready = torch.cuda.Event()
                 ready.record(self._side_stream)
         else:
-            tensors = host  # on cpu the host tensors are what the layer computes with
+            # On cpu the host tensors are what the layer computes with; a fast layer is expanded
+            # here, on the prefetch thread when there is one, into new tensors (the cache keeps packed).
+            copied = sum(t.numel() * t.element_size() for t in host.values())
+            tensors = self._dequantize(index, host) if fast else host
         with self._lock:
-            self.bytes_h2d += sum(t.numel() * t.element_size() for t in tensors.values())
+            self.bytes_h2d += copied
             self._materialized.add(index)
             self.max_materialized = max(self.max_materialized, len(self._materialized))
         return tensors, ready
+
+    def _dequantize(self, index: int, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Packed NAME.W_q/.scale/.zero become NAME in the compute dtype; other tensors pass through."""
+        spec = self.store.variant.spec
+        out = {}
+        for name, tensor in parts.items():
+            weight, _, part = name.rpartition(".")
+            shape = self.store.fast_shapes[index].get(weight)
+            if shape is None:
+                out[name] = tensor
+            elif part == "W_q":
+                out[weight] = dequantize_weight({p: parts[f"{weight}.{p}"] for p in ("W_q", "scale", "zero")},
+                                                shape, spec, self.dtype)
+        return out
 
     # -- reporting ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -169,6 +207,10 @@ class LayerStreamer:
             "ram_cache_layers": len(cached),
             "ram_cache_bytes": sum(t.numel() * t.element_size() for layer in cached for t in layer.values()),
             "prefetch": self._executor is not None,
+            "variants": summary(self.variants),
+            "fast_layers": self.variants.count(FAST),
+            "precise_layers": self.variants.count(PRECISE),
+            "bytes_read_per_pass": self.bytes_read_per_pass,
         }
 
     def close(self) -> None:
@@ -260,13 +302,20 @@ class StreamedModel:
 
 def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "fp32",
                   vram_budget_bytes: int | None = None, ram_budget_bytes: int | None = None,
-                  prefetch: bool = True) -> StreamedModel:
+                  prefetch: bool = True, variant: str = PRECISE, keep_precise: int = DEFAULT_KEEP_PRECISE,
+                  stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None) -> StreamedModel:
     """Open a decoder-only safetensors folder for layer streaming.
 
     vram_budget_bytes bounds the decoder layers on the device at once (None: no bound, all stay
     resident); embeddings, final norm, lm_head and the KV cache come on top of it.
     ram_budget_bytes bounds streamed layers kept in host RAM between passes (None: none).
-    On cpu, "device" and host are the same memory: bytes_h2d then counts bytes handed to layers.
+    On cpu, "device" and host are the same memory: bytes_h2d then counts bytes handed to layers
+    (packed bytes for fast layers).
+    variant: "precise" (original weights), "fast" (the folder's quantized variant wherever it has
+    one) or "auto" (variants.choose_variants: first/last keep_precise layers and the resident ones
+    precise, the rest fast; stream_bytes_budget upgrades more layers while a pass's disk reads fit).
+    Fast layers need `lab-attendant model quantize NAME --bits 4` to have run on the folder;
+    variant_spec names the variant when the folder has several.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -278,19 +327,38 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but torch sees no CUDA device")
     store = ModelStore(model_dir)
+    if variant != PRECISE:
+        if variant not in MODES:
+            raise ValueError(f"variant {variant!r} is not one of {', '.join(MODES)}")
+        store.open_variant(variant_spec)
     # include_buffers=False keeps non-persistent buffers (rotary inv_freq, Gemma's embed_scale) real.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(store.text_config, dtype=torch_dtype)
     model.eval()
     layers = model.get_decoder().layers
     layer_bytes = max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
+    # The VRAM plan counts every layer at the compute dtype, fast or not: that is what sits on the
+    # device while it computes (a fast layer's packed parts add ~30 % of a layer while it expands).
     plan = plan_budget(len(layers), layer_bytes, vram_budget_bytes, ram_budget_bytes, prefetch)
-    logger.info("streaming %s: %d layers of %s, %d resident, %d slots, %d cached in RAM",
+    choice = [PRECISE] * plan.num_layers
+    if variant != PRECISE:
+        choice = choose_variants(plan.num_layers, store.layer_nbytes, store.layer_nbytes_fast, variant,
+                                 keep_precise=keep_precise, stream_bytes_budget=stream_bytes_budget,
+                                 resident_layers=plan.resident_layers)
+        if FAST not in choice and plan.resident_layers == plan.num_layers:
+            logger.warning("--variant %s kept every layer precise: all are resident under the VRAM budget, "
+                           "and fast layers only save reads for streamed ones", variant)
+        # The RAM cache holds packed parts for fast layers, so it fits more of them.
+        sizes = {PRECISE: store.layer_nbytes_as(torch_dtype), FAST: store.layer_nbytes_fast_as(torch_dtype)}
+        host_bytes = [sizes[c][i] for i, c in enumerate(choice)][plan.resident_layers:]
+        if ram_budget_bytes and host_bytes:
+            plan = dataclasses.replace(plan, ram_cache_layers=min(len(host_bytes), ram_budget_bytes // max(host_bytes)))
+    logger.info("streaming %s: %d layers of %s, %d resident, %d slots, %d cached in RAM, variants %s",
                 model_dir, plan.num_layers, format_size(layer_bytes), plan.resident_layers,
-                plan.streaming_slots, plan.ram_cache_layers)
+                plan.streaming_slots, plan.ram_cache_layers, summary(choice))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     _load_non_layer(model, store, torch_device, torch_dtype)
-    streamer = LayerStreamer(store, layers, plan, torch_device, torch_dtype, prefetch)  # starts the thread last
+    streamer = LayerStreamer(store, layers, plan, torch_device, torch_dtype, prefetch, choice)  # thread starts last
     return StreamedModel(model, tokenizer, torch_device, store, streamer)
 
 

@@ -1,6 +1,7 @@
 """Reads a Hugging Face decoder-only safetensors folder one decoder layer at a time.
 
-Owns key layouts (text-only, Gemma-3 multimodal prefixes), per-layer byte sizes and disk-read counters.
+Owns key layouts (text-only, Gemma-3 multimodal prefixes), per-layer byte sizes and disk-read counters,
+and where a layer's fast variant lives (packed parts from MODEL/variants/NAME/, the rest from the original).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from jobs.paging.errors import ModelFolderError
+from jobs.paging.quant import QuantSpec, Variant
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ class ModelStore:
                 f"hold {len(self.layer_entries)} (prefix {self.prefix!r}layers.N)"
             )
         self.bytes_read = 0
+        self.variant: Variant | None = None  # set by open_variant()
+        self.fast_entries: list[dict[str, TensorEntry]] = []   # per layer, packed parts under NAME.W_q/...
+        self.fast_shapes: list[dict[str, tuple[int, int]]] = []  # per layer, quantized name -> weight shape
         self._lock = threading.Lock()  # the prefetch thread and the caller may both read
         self._handles: dict[Path, object] = {}
 
@@ -77,15 +82,74 @@ class ModelStore:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return [sum(e.numel * itemsize for e in layer.values()) for layer in self.layer_entries]
 
+    @property
+    def layer_nbytes_fast(self) -> list[int]:
+        """Bytes a fast read of each layer takes from disk: packed parts plus the unquantized rest."""
+        self._need_variant()
+        return [sum(e.nbytes for e in layer.values()) for layer in self.fast_entries]
+
+    def layer_nbytes_fast_as(self, dtype: torch.dtype) -> list[int]:
+        """Host bytes of each fast layer: packed parts as stored, the rest converted to `dtype`."""
+        self._need_variant()
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return [sum(e.nbytes if name.rpartition(".")[0] in shapes else e.numel * itemsize
+                    for name, e in layer.items()) for layer, shapes in zip(self.fast_entries, self.fast_shapes)]
+
+    def open_variant(self, spec: QuantSpec | None = None) -> None:
+        """Index the folder's quantized variant `spec` (its only one when None) so read_layer_fast() can read it."""
+        try:
+            variant = Variant.open(self.model_dir, spec)
+        except FileNotFoundError:
+            raise ModelFolderError(
+                f"{self.model_dir} has no quantized variant for fast layers: run `lab-attendant model quantize "
+                f"{self.model_dir.name} --bits 4` (or python -m jobs.paging.quant --model {self.model_dir}) "
+                "first, or use --variant precise") from None
+        except ValueError as exc:
+            raise ModelFolderError(str(exc)) from None
+        parts: dict[str, TensorEntry] = {}
+        for path in sorted(set(variant.file_of.values())):
+            if not path.is_file():
+                raise ModelFolderError(f"variant {variant.path} names a missing shard {path.name}; quantize again")
+            parts.update(read_safetensors_header(path))
+        self.fast_entries, self.fast_shapes = [], []
+        for layer in self.layer_entries:
+            entries: dict[str, TensorEntry] = {}
+            shapes: dict[str, tuple[int, int]] = {}
+            for name, entry in layer.items():
+                if entry.key not in variant.shapes:
+                    entries[name] = entry  # norms and other small tensors come from the original files
+                    continue
+                for part_key in variant.part_keys(entry.key):
+                    if part_key not in parts:
+                        raise ModelFolderError(f"variant {variant.path} lacks {part_key}; quantize again")
+                    entries[name + part_key[len(entry.key):]] = parts[part_key]
+                shapes[name] = variant.shapes[entry.key]
+            self.fast_entries.append(entries)
+            self.fast_shapes.append(shapes)
+        self.variant = variant
+
+    def _need_variant(self) -> None:
+        if self.variant is None:
+            raise RuntimeError("open_variant() must run before fast layers are read or sized")
+
     def read_layer(self, index: int, dtype: torch.dtype, *, pin: bool = False) -> dict[str, torch.Tensor]:
         """The tensors of decoder layer `index`, named relative to the layer module."""
         return self._read(self.layer_entries[index], dtype, pin)
+
+    def read_layer_fast(self, index: int, dtype: torch.dtype, *, pin: bool = False) -> dict[str, torch.Tensor]:
+        """Layer `index` from the variant: quantized weights as their packed parts (NAME.W_q uint8,
+        NAME.scale and NAME.zero fp16, as stored: dequantizing is the caller's, on its device), the rest in `dtype`.
+        """
+        self._need_variant()
+        packed = {n for n in self.fast_entries[index] if n.rpartition(".")[0] in self.fast_shapes[index]}
+        return self._read(self.fast_entries[index], dtype, pin, keep_dtype=packed)
 
     def read_non_layer(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Embeddings, final norm and lm_head (when not tied), named as in a *ForCausalLM model."""
         return self._read(self.other_entries, dtype, pin=False)
 
-    def _read(self, entries: dict[str, TensorEntry], dtype: torch.dtype, pin: bool) -> dict[str, torch.Tensor]:
+    def _read(self, entries: dict[str, TensorEntry], dtype: torch.dtype, pin: bool,
+              keep_dtype: frozenset[str] | set[str] = frozenset()) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         with self._lock:
             for name, entry in entries.items():
@@ -94,7 +158,7 @@ class ModelStore:
                     handle = self._handles[entry.file] = safe_open(str(entry.file), framework="pt", device="cpu")
                 tensor = handle.get_tensor(entry.key)  # copies just this tensor out of the mmap
                 self.bytes_read += entry.nbytes
-                if tensor.is_floating_point() and tensor.dtype != dtype:
+                if tensor.is_floating_point() and tensor.dtype != dtype and name not in keep_dtype:
                     tensor = tensor.to(dtype)
                 if pin:
                     # Page-locked so the host->device copy can run async; torch caches pinned blocks.
