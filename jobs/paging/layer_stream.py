@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from jobs.paging.errors import BudgetError, ModelFolderError
+from jobs.paging.kernels import apply_kernels
 from jobs.paging.model_store import ModelStore
 from jobs.units import format_size
 
@@ -216,9 +217,10 @@ class StreamedModel:
     """A transformers causal LM plus tokenizer whose decoder layers stream from disk."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device,
-                 store: ModelStore, streamer: LayerStreamer) -> None:
+                 store: ModelStore, streamer: LayerStreamer, kernels: dict[str, str] | None = None) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self._store, self._streamer = store, streamer
+        self.kernels = kernels or {"kernels": "torch", "kernels_reason": "not applied"}
         self._passes = 0
         self._pass_s = 0.0
         self._pass_start = 0.0
@@ -244,6 +246,7 @@ class StreamedModel:
             "passes": self._passes,
             "layer_bytes": self._store.layer_nbytes,
             "num_layers": self._store.num_layers,
+            **self.kernels,
         }
 
     def close(self) -> None:
@@ -260,12 +263,13 @@ class StreamedModel:
 
 def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "fp32",
                   vram_budget_bytes: int | None = None, ram_budget_bytes: int | None = None,
-                  prefetch: bool = True) -> StreamedModel:
+                  prefetch: bool = True, kernels: str = "auto") -> StreamedModel:
     """Open a decoder-only safetensors folder for layer streaming.
 
     vram_budget_bytes bounds the decoder layers on the device at once (None: no bound, all stay
     resident); embeddings, final norm, lm_head and the KV cache come on top of it.
     ram_budget_bytes bounds streamed layers kept in host RAM between passes (None: none).
+    kernels: "auto" patches Liger's fused kernels in on CUDA when installed, "liger" insists, "torch" never.
     On cpu, "device" and host are the same memory: bytes_h2d then counts bytes handed to layers.
     """
     from accelerate import init_empty_weights
@@ -282,6 +286,7 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(store.text_config, dtype=torch_dtype)
     model.eval()
+    applied = apply_kernels(model, torch_device, kernels)  # binds forwards only: fine on meta weights
     layers = model.get_decoder().layers
     layer_bytes = max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
     plan = plan_budget(len(layers), layer_bytes, vram_budget_bytes, ram_budget_bytes, prefetch)
@@ -291,7 +296,7 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     _load_non_layer(model, store, torch_device, torch_dtype)
     streamer = LayerStreamer(store, layers, plan, torch_device, torch_dtype, prefetch)  # starts the thread last
-    return StreamedModel(model, tokenizer, torch_device, store, streamer)
+    return StreamedModel(model, tokenizer, torch_device, store, streamer, applied)
 
 
 def _load_non_layer(model: nn.Module, store: ModelStore, device: torch.device, dtype: torch.dtype) -> None:

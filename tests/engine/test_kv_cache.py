@@ -45,7 +45,7 @@ def forced_agreement(loaded, prompts, reference_ids, cache):
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    input_ids, mask = enc["input_ids"], enc["attention_mask"]
+    input_ids, mask = enc["input_ids"].to(loaded.device), enc["attention_mask"].to(loaded.device)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     steps = max(len(r) for r in reference_ids)
     agree = compared = 0
@@ -62,7 +62,7 @@ def forced_agreement(loaded, prompts, reference_ids, cache):
                 fed.append(ref[step])
             else:
                 fed.append(tokenizer.pad_token_id)  # finished rows ride along, as in generate()
-        input_ids = torch.tensor(fed).unsqueeze(1)
+        input_ids = torch.tensor(fed, device=loaded.device).unsqueeze(1)
         mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
         positions = positions[:, -1:] + 1
     return agree, compared, cache
