@@ -68,6 +68,7 @@ def forced_agreement(loaded, prompts, reference_ids, cache):
     return agree, compared, cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_quantized_cache_greedy_tokens_agree_with_fp_on_gemma(gemma, gemma_fp_ids, kind, record_property):
     prompts = PROMPTS + LONG_PROMPTS
@@ -202,3 +203,19 @@ def test_cli_rejects_unknown_kv_cache(tiny_dirs, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tiny_dirs["llama"]), "--prompt", "hi", "--kv-cache", "int3"])
     assert "--kv-cache: invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_cli_int8_reports_kind_peak_bytes_and_kernels(tiny_dirs, capsys):
+    import json
+
+    from jobs.paging.generate import main
+
+    argv = ["--model", str(tiny_dirs["llama"]), "--prompt", PROMPTS[0], "--max-new-tokens", "4", "--json"]
+    assert main(argv + ["--kv-cache", "int8", "--kv-residual", "2"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert (stats["kv_cache"], stats["kernels"], stats["kernels_reason"]) == ("int8", "torch", "cpu")
+    assert main(argv) == 0
+    fp_stats = json.loads(capsys.readouterr().out)["stats"]
+    assert fp_stats["kv_cache"] == "fp" and 0 < stats["kv_cache_peak_bytes"] < fp_stats["kv_cache_peak_bytes"]
+    assert main(argv + ["--kv-cache", "int8", "--kv-residual", "0"]) == 2
+    assert "--kv-residual must be >= 1 token" in capsys.readouterr().err
