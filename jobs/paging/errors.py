@@ -11,3 +11,7 @@ class ModelFolderError(ValueError):
 
 class BudgetError(ValueError):
     """The memory budgets cannot run the model; the message says how many bytes are needed."""
+
+
+class KernelError(ValueError):
+    """Fused kernels were asked for where they cannot run (no CUDA, liger-kernel missing, unknown model)."""

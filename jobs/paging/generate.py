@@ -16,6 +16,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS, KV_KINDS, kv_cache_nbytes, make_cache
+
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
@@ -60,23 +62,28 @@ class GenerationResult:
     wall_s: float = 0.0
     weight_passes: int = 0     # forward calls; each streams the weights once, whatever the batch
     batch_sizes: list[int] = field(default_factory=list)
+    kv_cache: str = "fp"       # fp | int8 | fp8 (jobs.paging.kv_cache)
+    kv_cache_peak_bytes: int = 0  # largest cache any batch held, measured after each step
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8,
              sampling: Sampling = Sampling(), stop: Sequence[str] = (),
-             progress: ProgressFn | None = None) -> GenerationResult:
+             progress: ProgressFn | None = None, kv_cache: str = "fp",
+             kv_residual: int = DEFAULT_RESIDUAL_TOKENS) -> GenerationResult:
     """Complete every prompt; a batch's prefill and each decode step cost one pass over the weights.
 
     progress(done, total) counts generated-token slots: total = len(prompts) * max_new_tokens.
+    kv_cache picks the cache storage (fp, int8, fp8); kv_residual is int8's full-precision window in tokens.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
+    make_cache(loaded.model.config, kv_cache, residual_length=kv_residual)  # bad kinds fail before any work
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"  # new tokens must line up at the right edge of every row
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(loaded.model, tokenizer)
     generator = torch.Generator(device=loaded.device).manual_seed(sampling.seed)
-    result = GenerationResult(outputs=[])
+    result = GenerationResult(outputs=[], kv_cache=kv_cache)
     total = len(prompts) * max_new_tokens
     start = time.perf_counter()
     for first in range(0, len(prompts), batch_size):
@@ -87,8 +94,9 @@ def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int
             if progress is not None:
                 progress(done_before + done_in_batch, total)
 
+        cache = make_cache(loaded.model.config, kv_cache, residual_length=kv_residual)
         _generate_batch(loaded, batch, max_new_tokens, sampling, stop, pad_id, eos_ids, generator,
-                        result, batch_progress)
+                        result, batch_progress, cache)
     result.wall_s = time.perf_counter() - start
     return result
 
@@ -96,7 +104,7 @@ def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int
 @torch.no_grad()
 def _generate_batch(loaded: LoadedModel, prompts: list[str], max_new_tokens: int, sampling: Sampling,
                     stop: Sequence[str], pad_id: int, eos_ids: set[int], generator: torch.Generator,
-                    result: GenerationResult, progress: Callable[[int], None]) -> None:
+                    result: GenerationResult, progress: Callable[[int], None], cache: Any = None) -> None:
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     input_ids = enc["input_ids"].to(device)
@@ -107,7 +115,6 @@ def _generate_batch(loaded: LoadedModel, prompts: list[str], max_new_tokens: int
     rows = len(prompts)
     generated: list[list[int]] = [[] for _ in range(rows)]
     texts: list[str | None] = [None] * rows  # set when a row finishes
-    cache = None
     result.prompt_tokens += int(mask.sum())
     result.batch_sizes.append(rows)
     for step in range(max_new_tokens):
@@ -115,6 +122,7 @@ def _generate_batch(loaded: LoadedModel, prompts: list[str], max_new_tokens: int
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
+        result.kv_cache_peak_bytes = max(result.kv_cache_peak_bytes, kv_cache_nbytes(cache))
         next_ids = _pick(out.logits[:, -1, :].float(), sampling, generator).tolist()
         elapsed = time.perf_counter() - t0
         if step == 0:
@@ -219,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantize`), auto (dense: first/last --keep-precise layers precise, rest fast; "
                         "MoE: 4-bit experts when the folder has a variant)")
     p.add_argument("--keep-precise", type=int, default=1, help="with --variant auto: precise layers at each end")
+    p.add_argument("--kv-cache", choices=KV_KINDS, default="fp",
+                   help="KV cache storage: int8 (HQQ 8-bit) or fp8 (e4m3; faster only on Hopper+ GPUs)")
+    p.add_argument("--kv-residual", type=int, default=DEFAULT_RESIDUAL_TOKENS,
+                   help="int8 only: newest tokens kept unquantized before they are folded in")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
     p.add_argument("-v", "--verbose", action="store_true", help="log engine progress to stderr")
     return p
@@ -291,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_new_tokens < 1 or args.batch_size < 1:
             raise UsageError("--max-new-tokens and --batch-size must be >= 1")
+        if args.kv_residual < 1:
+            raise UsageError("--kv-residual must be >= 1 token")
         prompts = _read_prompts(args)
         sampling = _sampling(args)
         loaded = load_for_cli(args)
@@ -299,10 +313,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = generate(loaded, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          sampling=sampling, stop=args.stop)
+                          sampling=sampling, stop=args.stop, kv_cache=args.kv_cache,
+                          kv_residual=args.kv_residual)
         stats = {**loaded.stats(), "tokens_generated": result.tokens_generated, "wall_s": result.wall_s,
                  "prefill_s": result.prefill_s, "decode_s": result.decode_s,
-                 "prompt_tokens": result.prompt_tokens, "weight_passes": result.weight_passes}
+                 "prompt_tokens": result.prompt_tokens, "weight_passes": result.weight_passes,
+                 "kv_cache": result.kv_cache, "kv_cache_peak_bytes": result.kv_cache_peak_bytes}
     finally:
         close = getattr(loaded, "close", None)
         if close is not None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from jobs.paging.errors import BudgetError, ModelFolderError
+from jobs.paging.kernels import apply_kernels
 from jobs.paging.model_store import ModelStore
 from jobs.paging.quant import QuantSpec, dequantize_weight
 from jobs.paging.variants import DEFAULT_KEEP_PRECISE, FAST, MODES, PRECISE, choose_variants, summary
@@ -258,9 +259,10 @@ class StreamedModel:
     """A transformers causal LM plus tokenizer whose decoder layers stream from disk."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device,
-                 store: ModelStore, streamer: LayerStreamer) -> None:
+                 store: ModelStore, streamer: LayerStreamer, kernels: dict[str, str] | None = None) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self._store, self._streamer = store, streamer
+        self.kernels = kernels or {"kernels": "torch", "kernels_reason": "not applied"}
         self._passes = 0
         self._pass_s = 0.0
         self._pass_start = 0.0
@@ -286,6 +288,7 @@ class StreamedModel:
             "passes": self._passes,
             "layer_bytes": self._store.layer_nbytes,
             "num_layers": self._store.num_layers,
+            **self.kernels,
         }
 
     def close(self) -> None:
@@ -303,7 +306,8 @@ class StreamedModel:
 def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "fp32",
                   vram_budget_bytes: int | None = None, ram_budget_bytes: int | None = None,
                   prefetch: bool = True, variant: str = PRECISE, keep_precise: int = DEFAULT_KEEP_PRECISE,
-                  stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None) -> StreamedModel:
+                  stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None,
+                  kernels: str = "auto") -> StreamedModel:
     """Open a decoder-only safetensors folder for layer streaming.
 
     vram_budget_bytes bounds the decoder layers on the device at once (None: no bound, all stay
@@ -316,6 +320,7 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
     precise, the rest fast; stream_bytes_budget upgrades more layers while a pass's disk reads fit).
     Fast layers need `lab-attendant model quantize NAME --bits 4` to have run on the folder;
     variant_spec names the variant when the folder has several.
+    kernels: "auto" patches Liger's fused kernels in on CUDA when installed, "liger" insists, "torch" never.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -335,6 +340,7 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(store.text_config, dtype=torch_dtype)
     model.eval()
+    applied = apply_kernels(model, torch_device, kernels)  # binds forwards only: fine on meta weights
     layers = model.get_decoder().layers
     layer_bytes = max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
     # The VRAM plan counts every layer at the compute dtype, fast or not: that is what sits on the
@@ -359,7 +365,7 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     _load_non_layer(model, store, torch_device, torch_dtype)
     streamer = LayerStreamer(store, layers, plan, torch_device, torch_dtype, prefetch, choice)  # thread starts last
-    return StreamedModel(model, tokenizer, torch_device, store, streamer)
+    return StreamedModel(model, tokenizer, torch_device, store, streamer, applied)
 
 
 def _load_non_layer(model: nn.Module, store: ModelStore, device: torch.device, dtype: torch.dtype) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from jobs.paging.expert_cache import ExpertCache, cache_capacity
 from jobs.paging.expert_pager import ExpertPager
 from jobs.paging.expert_quant import QuantExpertStore
 from jobs.paging.expert_store import CheckpointIndex, ExpertStore, is_expert_key, parse_dtype
+from jobs.paging.kernels import apply_kernels
 from jobs.paging.quant import QuantSpec, Variant
 from jobs.units import format_size, parse_size
 
@@ -46,13 +47,14 @@ class PagedMoE:
     store: ExpertStore
     cache: ExpertCache
     pager: ExpertPager
+    kernels: dict = field(default_factory=lambda: {"kernels": "torch", "kernels_reason": "not applied"})
 
     def stats(self) -> dict:
         """Counters since load (or the last reset_stats): hits, misses, prefetch_hits, bytes_h2d,
-        stall_s, evictions, cpu_execs, prefetch accuracy, and the same per layer; and the expert
-        format (variant "precise" or e.g. "q4g64", bits per weight code, bytes per expert)."""
+        stall_s, evictions, cpu_execs, prefetch accuracy, and the same per layer; the expert
+        format (variant "precise" or e.g. "q4g64", bits per weight code, bytes per expert); the kernels."""
         return {**self.cache.stats(), "expert_variant": self.store.variant,
-                "expert_bits": self.store.bits, "expert_bytes": self.store.expert_bytes}
+                "expert_bits": self.store.bits, "expert_bytes": self.store.expert_bytes, **self.kernels}
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
@@ -74,7 +76,8 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
                    cache_policy: str = "lru", cache_scope: str = "global",
                    ram_budget_bytes: int | str | None = None, prefetch: bool = True,
                    cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4,
-                   variant: str = "precise", quant_spec: QuantSpec | None = None) -> PagedMoE:
+                   variant: str = "precise", quant_spec: QuantSpec | None = None,
+                   kernels: str = "auto") -> PagedMoE:
     """Non-expert weights resident on `device`, experts in host RAM behind a device cache of
     `expert_cache_bytes` (None: every expert on CPU; free VRAM less headroom on CUDA).
 
@@ -110,6 +113,7 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
     index = CheckpointIndex(model_dir)
     try:
         model = _build_dense(config, index, device, torch_dtype)
+        applied = apply_kernels(model, device, kernels)  # norms and RoPE only: the experts are the pager's
         store.load(index, ram_budget_bytes)
     finally:
         index.close()
@@ -126,7 +130,7 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
              model_dir.name, n_layers, n_experts, store.variant, cache.capacity,
              n_layers * n_experts, format_size(cache.allocated_bytes), device)
     return PagedMoE(model=model, tokenizer=tokenizer, device=device, store=store, cache=cache,
-                    pager=pager)
+                    pager=pager, kernels=applied)
 
 
 def _open_variant(model_dir: Path, variant: str, spec: QuantSpec | None) -> Variant | None:
