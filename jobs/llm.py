@@ -36,11 +36,15 @@ def load_model(model: dict[str, Any]):
                 "(jobs/paging/moe.py); update lab-attendant or use a dense model") from None
         return moe.load_paged_moe(path, device=model["device"], dtype=model["dtype"],
                                   expert_cache_bytes=model.get("expert_cache_bytes"),
-                                  cache_policy="lru")
+                                  cache_policy="lru", variant=model.get("variant", "precise"),
+                                  kernels=model.get("kernels", "auto"))
     from jobs.paging.layer_stream import load_streamed
     return load_streamed(path, device=model["device"], dtype=model["dtype"],
                          vram_budget_bytes=model.get("vram_budget_bytes"),
-                         ram_budget_bytes=model.get("ram_budget_bytes"))
+                         ram_budget_bytes=model.get("ram_budget_bytes"),
+                         variant=model.get("variant", "precise"),
+                         keep_precise=model.get("keep_precise_layers", 1),
+                         kernels=model.get("kernels", "auto"))
 
 
 class Engine:
@@ -49,6 +53,8 @@ class Engine:
     def __init__(self, ctx, model_spec: dict[str, Any], *, batch_size: int = 8) -> None:
         self.ctx, self.batch_size = ctx, batch_size
         self.name = model_spec["name"]
+        self.kv_cache = model_spec.get("kv_cache", "fp")
+        self.kv_cache_peak_bytes = 0
         start = time.perf_counter()
         self.loaded = load_model(model_spec)
         self.load_s = time.perf_counter() - start
@@ -63,7 +69,8 @@ class Engine:
         if not prompts:
             return []
         res = generate(self.loaded, list(prompts), max_new_tokens=max_new_tokens,
-                       batch_size=self.batch_size, stop=stop, progress=progress)
+                       batch_size=self.batch_size, stop=stop, progress=progress, kv_cache=self.kv_cache)
+        self.kv_cache_peak_bytes = max(self.kv_cache_peak_bytes, res.kv_cache_peak_bytes)
         self.tokens_generated += res.tokens_generated
         self.prompt_tokens += res.prompt_tokens
         self.busy_s += res.wall_s
@@ -97,8 +104,10 @@ class Engine:
         return out
 
     def summary(self) -> dict[str, Any]:
-        stats = {k: v for k, v in self.loaded.stats().items() if isinstance(v, (int, float, bool))}
+        # Scalars only (the per-layer tables stay out); strings name the variants and kernels chosen.
+        stats = {k: v for k, v in self.loaded.stats().items() if isinstance(v, (int, float, bool, str))}
         return {"model": self.name, "model_load_s": round(self.load_s, 3),
+                "kv_cache": self.kv_cache, "kv_cache_peak_bytes": self.kv_cache_peak_bytes,
                 "tokens_generated": self.tokens_generated, "prompt_tokens": self.prompt_tokens,
                 "engine_busy_s": round(self.busy_s, 3),
                 "tokens_per_s": round(self.tokens_generated / self.busy_s, 3) if self.busy_s else None,

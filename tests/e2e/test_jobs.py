@@ -151,3 +151,31 @@ def test_unknown_model_is_refused_at_submit(model_lab: Lab):
                          "-p", f"postings={model_lab.root / 'p'}", "-p", "model=nope", check=False)
     assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
     assert json.loads(model_lab.cli("list", "--json").stdout) == []
+
+
+def test_quantize_then_a_run_on_the_4bit_variant_records_the_choice(model_lab: Lab):
+    """`model quantize` writes the variant beside the original (unchanged); a [models.NAME] table
+    with variant/kv_cache runs on it through the daemon, and the run's metrics say what was used."""
+    lab = model_lab
+    original = MODEL_DIR / "model.safetensors"
+    before = (original.stat().st_size, original.stat().st_mtime_ns)
+    out = json.loads(lab.cli("model", "quantize", "gemma-3-270m", timeout=900).stdout)
+    assert Path(out["variant"]).resolve() == MODEL_DIR / "variants" / "q4g64"  # models/ is a symlink
+    assert 0.25 < out["bytes_quantized"] / out["bytes_precise"] < 0.3
+    assert (original.stat().st_size, original.stat().st_mtime_ns) == before
+    write_config(lab.root, python=EXPERIMENTAL_PYTHON, default_timeout_s=900, extra=f"""
+[models.fast]
+path = "{MODEL_DIR}"
+vram_budget_bytes = "96MiB"
+variant = "fast"
+kv_cache = "int8"
+""")
+    archive = lab.root / "archive"
+    _copy(NOTES[:1], EXAMPLES / "archive", archive)
+    rid = lab.submit("nightly_insights", f"archive={archive}", "max_new_tokens=4", "model=fast")
+    _burst(lab)
+    m = _succeeded(lab, rid)["metrics"]
+    assert m["model"] == "fast" and m["engine_variants"] == "F" * 18
+    assert m["kv_cache"] == "int8" and m["kv_cache_peak_bytes"] > 0
+    # 16 streamed fast layers a pass: ~3.1 MB each instead of ~11.1 MB in bf16.
+    assert 16 * 2_500_000 < m["engine_bytes_read_per_pass"] < 16 * 3_500_000

@@ -83,3 +83,26 @@ def test_minilm_embeddings_put_related_texts_closer():
                                 "The database ran out of disk space."])
     assert cosine(a, b) > cosine(a, c) + 0.2
     assert sum(x * x for x in a) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_model_table_variant_kv_cache_and_kernels_reach_the_engine_and_its_metrics():
+    """[models.NAME] variant / keep_precise_layers / kv_cache / kernels are what the engine uses,
+    and the run's metrics record the per-layer choice, the bytes a pass reads and the cache kind."""
+    from jobs.paging.quant import QuantSpec, write_variant
+
+    write_variant(Path(MODEL["path"]), QuantSpec(4, 64))  # idempotent; the variants tests share it
+    spec = {**MODEL, "vram_budget_bytes": 96 * 1024**2, "variant": "auto", "keep_precise_layers": 2,
+            "kv_cache": "int8", "kernels": "auto"}
+    e = Engine(_Ctx(), spec, batch_size=2)
+    try:
+        assert e.complete(["The capital of France is"], max_new_tokens=4)[0]
+        m = e.ctx.metrics
+    finally:
+        e.close()
+    # 2 resident layers (precise: read once), then keep 2 at each end: layers 0-1 and 16-17 precise.
+    assert m["engine_variants"] == "PP" + "F" * 14 + "PP"
+    assert (m["engine_fast_layers"], m["engine_precise_layers"]) == (14, 4)
+    assert m["kv_cache"] == "int8" and m["kv_cache_peak_bytes"] > 0
+    assert m["engine_kernels"] == "torch" and m["engine_kernels_reason"] == "cpu"
+    per_pass = m["engine_bytes_read_per_pass"]  # streamed: 2 precise (~11.1 MB each) + 14 fast (~3.1 MB)
+    assert 0.25 * 16 * 11_000_000 < per_pass < 0.55 * 16 * 11_200_000
