@@ -125,10 +125,10 @@ def main() -> None:
     full_values = 2 * config.num_key_value_heads * config.head_dim * sum(
         t == "full_attention" for t in config.layer_types)
     value_cost = {r["kind"]: r["bytes_per_token"] / full_values for r in rows}
-    print(f"\nmeasured bytes per full-attention value: "
+    print("\nmeasured bytes per full-attention value: "
           + ", ".join(f"{k} {v:.4f}" for k, v in value_cost.items()))
     analytic_contexts = [8192, 32768, 131072]
-    print(f"\nARITHMETIC, not measured: bf16 models at batch 1, bytes per value from the line above")
+    print("\nARITHMETIC, not measured: bf16 models at batch 1, bytes per value from the line above")
     print(f"{'model':14s}{'kind':10s}" + "".join(f"{n:>12d}" for n in analytic_contexts)
           + f"{'max ctx @ ' + args.budget:>16s}")
     for model_name, model in ANALYTIC.items():

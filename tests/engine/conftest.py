@@ -107,10 +107,3 @@ def _write_multimodal_layout(root: Path, plain: Path, prefix: str, load_file, sa
     return out
 
 
-def header_sizes(path: Path) -> dict[str, int]:
-    """Bytes of each tensor according to a safetensors header, parsed independently of the engine."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}

@@ -4,6 +4,7 @@ Kept out of conftest so test modules import it explicitly.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -48,3 +49,12 @@ def resident_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         rows.append(row[:cut])
     return rows
+
+
+def header_sizes(path: Path) -> dict[str, int]:
+    """Bytes of each tensor according to a safetensors header, parsed independently of the engine."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}

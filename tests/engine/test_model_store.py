@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import header_sizes
+from engine_helpers import header_sizes
 from jobs.paging import model_store
 from jobs.paging.errors import ModelFolderError
 from jobs.paging.model_store import ModelStore

@@ -4,17 +4,12 @@ Skipped without CUDA; run with: venvs/experimental/bin/python -m pytest tests/gp
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))  # shared helpers, not a package
 from engine_helpers import PROMPTS, find_test_model  # noqa: E402
 
-pytestmark = [pytest.mark.gpu, pytest.mark.engine,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.fixture(scope="module")

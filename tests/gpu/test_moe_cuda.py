@@ -4,17 +4,12 @@ Skipped without CUDA; the CPU suite in tests/engine checks the same bookkeeping.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from moe_helpers import expert_bytes, prompts, save_hf, tiny_mixtral  # noqa: E402
 
-pytestmark = [pytest.mark.gpu, pytest.mark.engine,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.fixture(scope="module")

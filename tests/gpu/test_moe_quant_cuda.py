@@ -2,17 +2,12 @@
 logits as the CPU 4-bit pager. Skipped without CUDA; tests/engine/test_moe_quant.py checks the rest."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from moe_helpers import prompts, save_hf, tiny_mixtral  # noqa: E402
 
-pytestmark = [pytest.mark.gpu, pytest.mark.engine,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.fixture(scope="module")
