@@ -90,7 +90,7 @@ def registry(extra_modules: Iterable[str] = ()) -> dict[str, Kind]:
     return kinds
 
 
-def _coerce(param: Param, value: Any, roots: tuple[Path, ...]) -> Any:
+def _coerce(param: Param, value: Any, roots: tuple[Path, ...], base_dir: Path | None) -> Any:
     name, tp = param.name, param.type
     if tp == "str":
         return str(value)
@@ -111,8 +111,10 @@ def _coerce(param: Param, value: Any, roots: tuple[Path, ...]) -> Any:
             return parse_size(value)
         except ValueError as exc:
             raise ParamError(f"param '{name}': {exc}") from None
-    # Paths: resolved (symlinks too) and confined to the configured roots.
-    path = Path(os.path.expanduser(str(value))).resolve()
+    # Paths: resolved (symlinks too) and confined to the configured roots. A relative path is
+    # relative to base_dir (a schedule's: the config file's folder), else to the working directory.
+    path = Path(os.path.expanduser(str(value)))
+    path = (base_dir / path if base_dir is not None else path).resolve()
     if tp == "file" and not path.is_file():
         raise ParamError(f"param '{name}': file {path} does not exist")
     if tp == "dir" and not path.is_dir():
@@ -126,8 +128,12 @@ def _coerce(param: Param, value: Any, roots: tuple[Path, ...]) -> Any:
     return str(path)
 
 
-def validate_params(kind: Kind, raw: dict[str, Any], allowed_roots: Iterable[Path]) -> dict[str, Any]:
-    """Return typed params with defaults filled in; ParamError names the first bad param."""
+def validate_params(kind: Kind, raw: dict[str, Any], allowed_roots: Iterable[Path], *,
+                    base_dir: Path | None = None) -> dict[str, Any]:
+    """Return typed params with defaults filled in; ParamError names the first bad param.
+
+    Relative path params resolve against base_dir when given (schedules: the config file's
+    folder, like every other path in the config), else against the working directory (`submit`)."""
     roots = tuple(allowed_roots)
     known = {p.name: p for p in kind.params}
     for key in raw:
@@ -137,7 +143,7 @@ def validate_params(kind: Kind, raw: dict[str, Any], allowed_roots: Iterable[Pat
     out: dict[str, Any] = {}
     for p in kind.params:
         if p.name in raw and raw[p.name] is not None:
-            out[p.name] = _coerce(p, raw[p.name], roots)
+            out[p.name] = _coerce(p, raw[p.name], roots, base_dir)
         elif p.required:
             raise ParamError(f"kind '{kind.name}' needs param '{p.name}' ({p.help or p.type}); "
                              f"pass -p {p.name}=VALUE")

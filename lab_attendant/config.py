@@ -182,6 +182,11 @@ class Config:
         return self.paths.state_dir / "runs"
 
     @property
+    def base_dir(self) -> Path:
+        """What relative paths in the config resolve against: the config file's folder."""
+        return self.source.parent if self.source is not None else Path.cwd()
+
+    @property
     def allowed_roots(self) -> tuple[Path, ...]:
         if self.paths.allowed_roots:
             return self.paths.allowed_roots

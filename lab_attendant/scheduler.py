@@ -137,7 +137,8 @@ class Schedules:
                 skip = f"previous run {prev.id} of this schedule is still {prev.state}"
         if skip is None:
             try:
-                params = validate_params(kind, s.params, self.cfg.allowed_roots)
+                params = validate_params(kind, s.params, self.cfg.allowed_roots,
+                                         base_dir=self.cfg.base_dir)
             except ParamError as exc:
                 skip = f"bad params in the config: {exc}"
         run = store.submit(kind=kind.name, params=params or dict(s.params), priority=0,

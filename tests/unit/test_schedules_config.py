@@ -89,3 +89,30 @@ def test_bad_model_tables_name_the_key(tmp_path: Path, model, message):
     with pytest.raises(ConfigError) as err:
         _cfg(tmp_path, models={"x": model})
     assert message in str(err.value)
+
+
+def test_relative_path_params_of_a_schedule_resolve_against_the_config_folder(tmp_path: Path):
+    """Like every path in the config, and unlike `submit -p` (the caller's cwd): the daemon's cwd
+    (often / under systemd) must not decide which folder a nightly run reads."""
+    from lab_attendant.config import load_config
+    from lab_attendant.scheduler import Firing, Schedules
+    from lab_attendant.store import Store
+    from jobs.kinds import registry
+
+    conf_dir = tmp_path / "conf"
+    (conf_dir / "notes").mkdir(parents=True)
+    cfg_file = conf_dir / "lab-attendant.toml"
+    cfg_file.write_text(f'[paths]\nallowed_roots = ["{tmp_path}"]\n[worker]\nextra_kinds = ["tests.fixtures.kinds"]\n'
+                        '[[schedules]]\nid = "n"\ncron = "30 2 * * *"\nkind = "probe"\n'
+                        'params = { path = "notes" }\n')
+    cfg = load_config(cfg_file)
+    assert Path.cwd() != conf_dir
+    schedules = Schedules(cfg, registry(cfg.worker.extra_kinds))
+    schedules.firings.put(Firing("n", 0.0))
+    store = Store(tmp_path / "db.sqlite3")
+    try:
+        (run,) = schedules.dispatch(store, experimental_paging=False)
+    finally:
+        store.close()
+    assert run.state == "queued", run.reason
+    assert run.params["path"] == str(conf_dir / "notes")
