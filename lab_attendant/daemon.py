@@ -385,11 +385,14 @@ class Daemon:
     # -- start-up reconciliation ----------------------------------------------------------------
     def reconcile(self) -> None:
         """Runs left active by a dead daemon end `lost`; any live group of theirs is killed
-        (runs are not adopted: their event pipes died with the old daemon)."""
-        for run in self.store.list_runs(states=[s.value for s in ACTIVE]):
-            rlog = log_for(run.needs_paging, "lab_attendant.daemon").bind(run_id=run.id)
-            if run.pid and self.host.is_same_process(run.pid, run.pid_create_time):
-                self._kill_group(run.pid)
+        (runs are not adopted: their event pipes died with the old daemon). All groups get
+        SIGTERM at once and share one kill_grace_s, so start-up waits one grace, not one per run
+        (systemd's start timeout runs until READY=1)."""
+        runs = self.store.list_runs(states=[s.value for s in ACTIVE])
+        live = {r.id: r.pid for r in runs if r.pid and self.host.is_same_process(r.pid, r.pid_create_time)}
+        self._kill_groups(list(live.values()))
+        for run in runs:
+            if run.id in live:
                 reason = (f"daemon restarted: worker group {run.pid} of a previous daemon was "
                           "still running and was killed (runs are not adopted)")
             else:
@@ -398,11 +401,14 @@ class Daemon:
                     self.host.killpg(run.pid, signal.SIGKILL)
                 reason = "daemon restarted: the worker of a previous daemon was gone"
             self.store.transition(run.id, RunState.LOST, reason)
-            rlog.warning("reconciled run", state="lost", reason=reason)
+            log_for(run.needs_paging, "lab_attendant.daemon").bind(run_id=run.id).warning(
+                "reconciled run", state="lost", reason=reason)
 
-    def _kill_group(self, pgid: int) -> None:
-        self.host.killpg(pgid, signal.SIGTERM)
+    def _kill_groups(self, pgids: list[int]) -> None:
+        for pgid in pgids:
+            self.host.killpg(pgid, signal.SIGTERM)
         deadline = self.host.monotonic() + self.cfg.limits.kill_grace_s
-        while self.host.group_alive(pgid) and self.host.monotonic() < deadline:
+        while any(self.host.group_alive(p) for p in pgids) and self.host.monotonic() < deadline:
             time.sleep(0.05)
-        self.host.killpg(pgid, signal.SIGKILL)
+        for pgid in pgids:
+            self.host.killpg(pgid, signal.SIGKILL)

@@ -119,3 +119,55 @@ def test_a_skipped_submission_is_never_visible_as_queued(store: Store):
     assert [(e.from_state, e.to_state) for e in store.events(run.id)] == [
         (None, "queued"), ("queued", "skipped")]
     assert store.claim_next(exclude_paging=False) is None
+
+
+class _DeafGroupsHost(FakeHost):
+    """Groups that ignore SIGTERM and die on SIGKILL; waiting advances the clock."""
+
+    def is_same_process(self, pid: int, create_time) -> bool:
+        return pid in self.alive_groups
+
+    def pid_alive(self, pid: int) -> bool:
+        return pid in self.alive_groups
+
+    def killpg(self, pgid: int, sig: int) -> bool:
+        alive = super().killpg(pgid, sig)
+        if sig == signal.SIGKILL:
+            self.alive_groups.discard(pgid)
+        return alive
+
+    def group_alive(self, pgid: int) -> bool:
+        self.advance(0.05)
+        return super().group_alive(pgid)
+
+
+def test_reconcile_kills_all_live_groups_within_one_shared_grace(tmp_path: Path, monkeypatch):
+    """Every leftover group gets SIGTERM before any SIGKILL: start-up waits one kill_grace_s in
+    all, not one per run, and every run ends lost."""
+    from lab_attendant.config import parse_config
+    from lab_attendant.daemon import Daemon
+
+    monkeypatch.setattr("lab_attendant.daemon.time.sleep", lambda s: None)
+    cfg = parse_config({"paths": {"state_dir": "var"}, "limits": {"kill_grace_s": 2.0}},
+                       base_dir=tmp_path, source=None)
+    host = _DeafGroupsHost()
+    daemon = Daemon(cfg, host=host)
+    daemon.store = Store(cfg.db_path)
+    try:
+        pids = [4242, 4343, 4444]
+        for pid in pids:
+            run = daemon.store.submit(kind="sleepy", params={}, priority=0, timeout_s=60, needs_paging=False)
+            daemon.store.transition(run.id, RunState.STARTING, "spawned")
+            daemon.store.transition(run.id, RunState.RUNNING, "hello")
+            daemon.store.update_run(run.id, pid=pid)
+        host.alive_groups.update(pids[:2])           # the third run's worker is already gone
+        start = host.now
+        daemon.reconcile()
+        assert set(host.signals[:2]) == {(4242, signal.SIGTERM), (4343, signal.SIGTERM)}
+        assert set(host.signals[2:4]) == {(4242, signal.SIGKILL), (4343, signal.SIGKILL)}
+        assert host.now - start <= 2.0 + 0.2           # one grace for both, not 2 x 2.0 s
+        runs = daemon.store.list_runs(states=["lost"])
+        assert len(runs) == 3 and not host.alive_groups
+        assert sum("was still running and was killed" in r.reason for r in runs) == 2
+    finally:
+        daemon.store.close()
