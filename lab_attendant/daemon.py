@@ -5,7 +5,6 @@ active at start-up belonged to a dead daemon: their groups are killed and they e
 """
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -191,9 +190,7 @@ class Daemon:
             self.store.update_run(rid, progress_done=ev.get("done"), progress_total=ev.get("total"),
                                   progress_unit=ev.get("unit"), heartbeat_at=time.time())
         elif name == protocol.METRIC:
-            run = self.store.get(rid)
-            merged = {**run.metrics, **ev.get("metrics", {})}
-            self.store.update_run(rid, metrics_json=json.dumps(merged, default=str))
+            self.store.merge_metrics(rid, ev.get("metrics", {}))
         elif name == protocol.HEARTBEAT:
             self.store.update_run(rid, heartbeat_at=time.time())
         elif name == protocol.RESULT:

@@ -286,6 +286,14 @@ class Store:
         with self.write() as s:
             s.execute(update(Run).where(Run.id == run_id).values(**fields))
 
+    def merge_metrics(self, run_id: int, metrics: dict[str, Any]) -> None:
+        """Fold a worker's metric event into the run's metrics: read and write in one transaction,
+        so a concurrent reader never sees a half-merged state and the daemon pays one commit."""
+        with self.write() as s:
+            run = s.get(Run, run_id)
+            if run is not None:
+                run.metrics_json = json.dumps({**run.metrics, **metrics}, default=str)
+
     def add_event(self, run_id: int, kind: str, reason: str) -> None:
         with self.write() as s:
             s.add(RunEvent(run_id=run_id, at=time.time(), kind=kind, reason=reason))

@@ -171,3 +171,15 @@ def test_reconcile_kills_all_live_groups_within_one_shared_grace(tmp_path: Path,
         assert sum("was still running and was killed" in r.reason for r in runs) == 2
     finally:
         daemon.store.close()
+
+
+def test_merge_metrics_folds_keys_in_and_keeps_the_rest(tmp_path: Path):
+    store = Store(tmp_path / "db.sqlite3")
+    try:
+        rid = store.submit(kind="sleepy", params={}, priority=0, timeout_s=60, needs_paging=False).id
+        store.merge_metrics(rid, {"tokens": 3, "model": "a"})
+        store.merge_metrics(rid, {"tokens": 5, "engine_variants": "PFFP"})
+        assert store.get(rid).metrics == {"tokens": 5, "model": "a", "engine_variants": "PFFP"}
+        store.merge_metrics(rid + 100, {"x": 1})      # a run that is gone: nothing to fold into
+    finally:
+        store.close()
