@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS, KV_KINDS, kv_cache_nbytes, make_cache
+from jobs.paging.variants import MODES
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
     p.add_argument("--expert-cache-bytes", type=_size, help="MoE only: device bytes for cached experts")
     p.add_argument("--cache-policy", choices=("lru", "lfu"), default="lru", help="MoE only: expert eviction")
-    p.add_argument("--variant", choices=("precise", "fast", "auto"), default="precise",
+    p.add_argument("--variant", choices=MODES, default="precise",
                    help="precise (original weights), fast (the 4-bit variant written by `lab-attendant model "
                         "quantize`), auto (dense: first/last --keep-precise layers precise, rest fast; "
                         "MoE: 4-bit experts when the folder has a variant)")

@@ -22,7 +22,8 @@ from jobs.paging.errors import BudgetError, ModelFolderError
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.model_store import ModelStore
 from jobs.paging.quant import QuantSpec, dequantize_weight
-from jobs.paging.variants import DEFAULT_KEEP_PRECISE, FAST, MODES, PRECISE, choose_variants, summary
+from jobs.paging.variants import (DEFAULT_KEEP_PRECISE, FAST, MODES, PRECISE, bytes_by_choice, choose_variants,
+                                  summary)
 from jobs.units import format_size
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,8 @@ class LayerStreamer:
         precise_bytes = store.layer_nbytes
         fast_bytes = store.layer_nbytes_fast if FAST in self.variants else precise_bytes
         # What one pass reads from disk with the RAM cache cold: every streamed layer in its variant.
-        self.bytes_read_per_pass = sum((fast_bytes if v == FAST else precise_bytes)[i]
-                                       for i, v in enumerate(self.variants) if i >= plan.resident_layers)
+        per_layer = bytes_by_choice(self.variants, precise_bytes, fast_bytes)
+        self.bytes_read_per_pass = sum(per_layer[plan.resident_layers:])
         self._cuda = device.type == "cuda"
         self._slots = _layer_slots(layers, store)
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
@@ -355,8 +356,8 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
             logger.warning("--variant %s kept every layer precise: all are resident under the VRAM budget, "
                            "and fast layers only save reads for streamed ones", variant)
         # The RAM cache holds packed parts for fast layers, so it fits more of them.
-        sizes = {PRECISE: store.layer_nbytes_as(torch_dtype), FAST: store.layer_nbytes_fast_as(torch_dtype)}
-        host_bytes = [sizes[c][i] for i, c in enumerate(choice)][plan.resident_layers:]
+        host_bytes = bytes_by_choice(choice, store.layer_nbytes_as(torch_dtype),
+                                     store.layer_nbytes_fast_as(torch_dtype))[plan.resident_layers:]
         if ram_budget_bytes and host_bytes:
             plan = dataclasses.replace(plan, ram_cache_layers=min(len(host_bytes), ram_budget_bytes // max(host_bytes)))
     logger.info("streaming %s: %d layers of %s, %d resident, %d slots, %d cached in RAM, variants %s",

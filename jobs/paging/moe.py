@@ -19,6 +19,7 @@ from jobs.paging.expert_quant import QuantExpertStore
 from jobs.paging.expert_store import CheckpointIndex, ExpertStore, is_expert_key, parse_dtype
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.quant import QuantSpec, Variant
+from jobs.paging.variants import MODES
 from jobs.units import format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # Room left on the card for activations, KV cache and the CUDA context when no budget is given.
 _CUDA_HEADROOM_BYTES = 2 * 1024**3
-VARIANTS = ("precise", "fast", "auto")
 
 
 def is_moe_folder(model_dir: str | Path) -> bool:
@@ -135,8 +135,8 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
 
 def _open_variant(model_dir: Path, variant: str, spec: QuantSpec | None) -> Variant | None:
     """The quantized variant the experts come from, or None for precise experts."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    if variant not in MODES:
+        raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(MODES)}")
     if variant == "precise":
         return None
     try:

@@ -47,8 +47,7 @@ def choose_variants(num_layers: int, precise_bytes_per_layer: Sequence[int], fas
         return choice
 
     def streamed_bytes() -> int:
-        return sum((precise_bytes_per_layer if c == PRECISE else fast_bytes_per_layer)[i]
-                   for i, c in enumerate(choice) if i >= resident_layers)
+        return sum(bytes_by_choice(choice, precise_bytes_per_layer, fast_bytes_per_layer)[resident_layers:])
 
     floor = streamed_bytes()
     if floor > stream_bytes_budget:
@@ -64,6 +63,12 @@ def choose_variants(num_layers: int, precise_bytes_per_layer: Sequence[int], fas
             choice[i] = FAST  # stop at the first layer that does not fit: precise layers stay at the edges
             break
     return choice
+
+
+def bytes_by_choice(choice: Sequence[str], precise_bytes_per_layer: Sequence[int],
+                    fast_bytes_per_layer: Sequence[int]) -> list[int]:
+    """Each layer's size in the variant chosen for it (the caller slices off resident layers)."""
+    return [(fast_bytes_per_layer if c == FAST else precise_bytes_per_layer)[i] for i, c in enumerate(choice)]
 
 
 def _edges_inward(num_layers: int) -> list[int]:
