@@ -38,7 +38,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
         *({"purpose": "summarize", "artifact": a.id, "prompt": p} for a, p in summarizing)])
     total = len(scoring) + len(summarizing)
     ctx.progress(0, total, "prompts")
-    engine = Engine(ctx, ctx.spec["model"], batch_size=int(params.get("batch_size") or 8))
+    engine = ctx.model(params["batch_size"])
     try:
         logprobs = engine.option_logprobs([p for _, _, p in scoring], rubric.OPTIONS,
                                           progress=lambda d, t: ctx.progress(d, total, "prompts"))

@@ -88,7 +88,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     for s in top:
         s["strengths"] = [r for r in s["requirements"] if r["similarity"] >= STRENGTH_SIMILARITY]
         s["gaps"] = [r for r in s["requirements"] if r["similarity"] < STRENGTH_SIMILARITY]
-    engine = Engine(ctx, ctx.spec["model"], batch_size=int(params.get("batch_size") or 8))
+    engine = ctx.model(params["batch_size"])
     try:
         prompts = [rationale_prompt(s["title"], s["strengths"], s["gaps"]) for s in top]
         outs = engine.complete(prompts, max_new_tokens=int(params.get("max_new_tokens") or 40),

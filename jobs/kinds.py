@@ -10,14 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from .errors import ParamError
 from .units import parse_size
 
 PARAM_TYPES = ("str", "int", "float", "bool", "size", "file", "dir", "path")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-
-
-class ParamError(ValueError):
-    """A param that does not fit its kind's schema; the message says what to pass instead."""
 
 
 @dataclass(frozen=True)

@@ -2,58 +2,46 @@
 expert pager), complete prompts in batches, score answer options, and report engine metrics."""
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from jobs.errors import ModelUnavailable
 from jobs.paging.generate import generate
+from jobs.spec import ModelSpec
 
 ProgressFn = Callable[[int, int], None]
 
 
-class ModelUnavailable(RuntimeError):
-    """The configured model cannot be loaded; the message says what to fix."""
-
-
-def load_model(model: dict[str, Any]):
-    """Load the model described by the run spec's `model` table (see Config.model_spec)."""
-    path = Path(model["path"])
+def load_model(model: ModelSpec):
+    """Open the run's model: dense -> layer streaming, moe -> the expert pager."""
+    path = Path(model.path)
     if not (path / "config.json").is_file():
         raise ModelUnavailable(
-            f"model '{model['name']}' folder {path} has no config.json; run `lab-attendant model "
-            f"import-default` for the embedded model, or fix [models.{model['name']}] path")
-    if model.get("kind") == "moe":
-        try:  # import_module, not `from jobs.paging import moe`: that hides the missing name
-            moe = importlib.import_module("jobs.paging.moe")
-        except ModuleNotFoundError as exc:
-            if exc.name != "jobs.paging.moe":
-                raise
-            raise ModelUnavailable(
-                f"model '{model['name']}' is a MoE model but this install has no expert pager "
-                "(jobs/paging/moe.py); update lab-attendant or use a dense model") from None
-        return moe.load_paged_moe(path, device=model["device"], dtype=model["dtype"],
-                                  expert_cache_bytes=model.get("expert_cache_bytes"),
-                                  cache_policy="lru", variant=model.get("variant", "precise"),
-                                  kernels=model.get("kernels", "auto"))
+            f"model '{model.name}' folder {path} has no config.json; run `lab-attendant model "
+            f"import-default` for the embedded model, or fix [models.{model.name}] path")
+    if model.kind == "moe":
+        from jobs.paging.moe import load_paged_moe
+        return load_paged_moe(path, device=model.device, dtype=model.dtype,
+                              expert_cache_bytes=model.expert_cache_bytes,
+                              cache_policy=model.cache_policy, variant=model.variant,
+                              kernels=model.kernels)
     from jobs.paging.layer_stream import load_streamed
-    return load_streamed(path, device=model["device"], dtype=model["dtype"],
-                         vram_budget_bytes=model.get("vram_budget_bytes"),
-                         ram_budget_bytes=model.get("ram_budget_bytes"),
-                         variant=model.get("variant", "precise"),
-                         keep_precise=model.get("keep_precise_layers", 1),
-                         kernels=model.get("kernels", "auto"))
+    return load_streamed(path, device=model.device, dtype=model.dtype,
+                         vram_budget_bytes=model.vram_budget_bytes,
+                         ram_budget_bytes=model.ram_budget_bytes, variant=model.variant,
+                         keep_precise=model.keep_precise_layers, kernels=model.kernels)
 
 
 class Engine:
     """A loaded model bound to a run's context: every call reports tokens/s and engine stats."""
 
-    def __init__(self, ctx, model_spec: dict[str, Any], *, batch_size: int = 8) -> None:
+    def __init__(self, ctx, model_spec: ModelSpec, *, batch_size: int) -> None:
         self.ctx, self.batch_size = ctx, batch_size
-        self.name = model_spec["name"]
-        self.kv_cache = model_spec.get("kv_cache", "fp")
+        self.name = model_spec.name
+        self.kv_cache = model_spec.kv_cache
         self.kv_cache_peak_bytes = 0
         start = time.perf_counter()
         self.loaded = load_model(model_spec)

@@ -72,7 +72,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     engine = None
     try:
         if todo:
-            engine = Engine(ctx, ctx.spec["model"], batch_size=int(params.get("batch_size") or 8))
+            engine = ctx.model(params["batch_size"])
             titles = {rel: _title(rel, texts[rel]) for rel in todo}
             prompts = [map_prompt(dates[rel], titles[rel], texts[rel]) for rel in todo]
             outs = engine.complete(prompts, max_new_tokens=max_new_tokens, stop=("\n",),
@@ -90,7 +90,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
         considered = sorted(rel for rel in files if since is None or files[rel]["date"] >= since)
         if todo or delta.removed or not old.get("themes") or old.get("since") != since:
             if engine is None and len(considered) >= 2:
-                engine = Engine(ctx, ctx.spec["model"])
+                engine = ctx.model(params["batch_size"])
             themes = reduce_themes(archive, files, considered, engine, max_new_tokens)
         else:
             themes = old["themes"]  # nothing changed: the last run's themes still hold

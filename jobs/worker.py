@@ -17,7 +17,9 @@ from typing import Any
 
 from . import protocol
 from .atomic import write_atomic
+from .errors import SpecError
 from .protocol import EventWriter
+from .spec import RunSpec
 from .units import parse_size
 
 log = logging.getLogger("jobs.worker")
@@ -28,17 +30,24 @@ class Terminated(BaseException):
 
 
 class Context:
-    """What a job kind gets besides its params: output dir, progress/metric reporting, spec."""
+    """What a job kind gets besides its params: output dir, progress/metric reporting, the model."""
 
-    def __init__(self, spec: dict[str, Any], events: EventWriter) -> None:
+    def __init__(self, spec: RunSpec, events: EventWriter) -> None:
         self.spec = spec
-        self.run_id: int = spec["run_id"]
-        self.output_dir = Path(spec["output_dir"])
+        self.run_id = spec.run_id
+        self.output_dir = Path(spec.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.models_dir = Path(spec["models_dir"])
-        self.state_dir = Path(spec["state_dir"])
+        self.models_dir = Path(spec.models_dir)
+        self.state_dir = Path(spec.state_dir)
         self.events = events
-        self.log = logging.getLogger(f"jobs.{spec['kind']}")
+        self.log = logging.getLogger(f"jobs.{spec.kind}")
+
+    def model(self, batch_size: int):
+        """Open the run's model (spec.model) through the engine; reports engine metrics."""
+        if self.spec.model is None:
+            raise SpecError(f"kind '{self.spec.kind}' asked for a model but its spec has none")
+        from jobs.llm import Engine  # torch: imported only by kinds that use a model
+        return Engine(self, self.spec.model, batch_size=batch_size)
 
     def progress(self, done: int, total: int, unit: str = "items") -> None:
         self.events.emit(protocol.PROGRESS, done=done, total=total, unit=unit)
@@ -95,20 +104,21 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m jobs.worker SPEC.json", file=sys.stderr)
         return protocol.EXIT_BAD_SPEC
     try:
-        spec = json.loads(Path(argv[0]).read_text())
-        module, function = spec["module"], spec.get("function", "run")
-    except (OSError, ValueError, KeyError) as exc:
-        events.emit(protocol.ERROR, type=type(exc).__name__, message=f"bad spec {argv[0]}: {exc}")
+        spec = RunSpec.read(Path(argv[0]))
+    except SpecError as exc:
+        message = f"bad spec {argv[0]}: {exc}"
+        print(message, file=sys.stderr)
+        events.emit(protocol.ERROR, type="SpecError", message=message)
         return protocol.EXIT_BAD_SPEC
     signal.signal(signal.SIGTERM, _on_sigterm)
-    events.emit(protocol.STARTED, pid=os.getpid(), python=sys.executable, kind=spec["kind"])
+    events.emit(protocol.STARTED, pid=os.getpid(), python=sys.executable, kind=spec.kind)
     stop = threading.Event()
     threading.Thread(target=_heartbeat, daemon=True,
-                     args=(events, float(spec.get("heartbeat_interval_s", 5.0)), stop)).start()
+                     args=(events, spec.heartbeat_interval_s, stop)).start()
     try:
-        fn = getattr(importlib.import_module(module), function)
+        fn = getattr(importlib.import_module(spec.module), spec.function)
         ctx = Context(spec, events)
-        result = fn(spec["params"], ctx) or {}
+        result = fn(spec.params, ctx) or {}
         path = ctx.write_json("result.json", result)
         events.emit(protocol.RESULT, path=str(result.get("result_path") or path))
         return protocol.EXIT_OK

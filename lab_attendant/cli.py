@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.kinds import ParamError, parse_assignment, registry, validate_params
+from jobs.errors import ParamError
+from jobs.kinds import parse_assignment, registry, validate_params
+from jobs.spec import DEFAULT_MODEL, ModelSpec
 from jobs.units import format_size
 
 from . import PROJECT_ROOT, venv
@@ -24,7 +26,6 @@ from .states import TERMINAL, RunState
 from .status import cmd_status, fmt_time
 from .store import Store
 
-DEFAULT_MODEL_NAME = "gemma-3-270m"
 
 
 def _store(cfg: Config) -> Store:
@@ -57,12 +58,12 @@ def _read_params(args: argparse.Namespace) -> dict[str, Any]:
     return raw
 
 
-def _check_model(spec: dict[str, Any]) -> None:
+def _check_model(spec: ModelSpec) -> None:
     """What the supervisor can see without torch: a quantized variant exists when one is asked for."""
-    path = Path(spec["path"])
-    if spec["variant"] != "precise" and not any(path.glob("variants/*/variant.json")):
-        raise UserError(f"model '{spec['name']}' asks for variant '{spec['variant']}' but {path} has no "
-                        f"quantized variant; run `lab-attendant model quantize {spec['name']} --bits 4` "
+    path = Path(spec.path)
+    if spec.variant != "precise" and not any(path.glob("variants/*/variant.json")):
+        raise UserError(f"model '{spec.name}' asks for variant '{spec.variant}' but {path} has no "
+                        f"quantized variant; run `lab-attendant model quantize {spec.name} --bits 4` "
                         "or set variant = \"precise\"")
 
 
@@ -266,11 +267,11 @@ def _run_worker_tool(argv: list[str], what: str) -> int:
 def cmd_model(cfg: Config, args: argparse.Namespace) -> int:
     models_dir = cfg.paths.models_dir
     if args.model_cmd == "import-default":
-        out = models_dir / DEFAULT_MODEL_NAME
+        out = models_dir / DEFAULT_MODEL
         argv = [str(_worker_python(cfg)), "-m", "jobs.paging.convert", "--out", str(out)]
         return _run_worker_tool(argv, "model conversion")
     if args.model_cmd == "quantize":
-        path = Path(cfg.model_spec(args.name)["path"])  # ConfigError (a UserError) for an unknown name
+        path = Path(cfg.model_spec(args.name).path)  # ConfigError (a UserError) for an unknown name
         if not (path / "config.json").is_file():
             raise UserError(f"model '{args.name}' folder {path} has no config.json; run `lab-attendant "
                             "model import-default` or fix its [models.NAME] path")
@@ -389,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="model folders with size on disk")
     mq = msub.add_parser("quantize", help="write a 4-bit (HQQ) variant of a model beside its files "
                          "(MODEL/variants/q4g64); the original files are not changed")
-    mq.add_argument("name", help=f"a [models.NAME] table or {DEFAULT_MODEL_NAME}")
+    mq.add_argument("name", help=f"a [models.NAME] table or {DEFAULT_MODEL}")
     mq.add_argument("--bits", type=int, default=4, choices=(4, 8))
     mq.add_argument("--group-size", type=int, default=64, help="weights per scale/zero pair (default 64)")
     mq.add_argument("--force", action="store_true", help="write it again even if it exists")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from jobs.spec import DEFAULT_MODEL, ByteSize, ModelSettings, ModelSpec
 from jobs.units import parse_size
 
 from . import PROJECT_ROOT
@@ -25,12 +26,6 @@ else:  # pragma: no cover
 
 CONFIG_ENV = "LAB_ATTENDANT_CONFIG"
 DEFAULT_CONFIG_NAME = "lab-attendant.toml"
-DEFAULT_MODEL = "gemma-3-270m"             # the embedded model (`model import-default`)
-
-
-class ByteSize(int):
-    """Config type for byte counts: an integer or a string such as "2GiB" / "500MB"."""
-
 
 @dataclass(frozen=True)
 class PathsConfig:
@@ -97,22 +92,10 @@ class CotenantConfig:
         return ("systemctl", "start", self.unit) if self.unit else self.start
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(ModelSettings):
+    """A [models.NAME] table: the settings (defaults in jobs.spec.ModelSettings) and a folder."""
     path: Path | None = None               # model folder; default models_dir/NAME
-    kind: Literal["dense", "moe"] = "dense"  # dense: layer streaming; moe: expert paging
-    device: str = "cpu"                    # "cpu", "cuda", "cuda:1"
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 is faster than bf16 on CPU
-    vram_budget_bytes: ByteSize | None = None   # decoder layers on the device; None: all
-    ram_budget_bytes: ByteSize | None = None    # streamed layers cached in host RAM
-    expert_cache_bytes: ByteSize | None = None  # MoE only: device expert cache
-    # precise: the original weights; fast: the 4-bit variant of every decoder layer (dense) or
-    # of the experts (moe), written by `lab-attendant model quantize NAME`; auto: dense layers by
-    # policy (first/last keep_precise_layers precise, the rest fast), experts fast.
-    variant: Literal["precise", "fast", "auto"] = "precise"
-    keep_precise_layers: int = 1           # auto only: layers at each end that stay precise
-    kv_cache: Literal["fp", "int8", "fp8"] = "fp"  # int8: HQQ 8-bit; fp8: e4m3 (speed needs Hopper+)
-    kernels: Literal["auto", "liger", "torch"] = "auto"  # auto: Liger on CUDA when installed
 
     def __post_init__(self) -> None:
         if self.keep_precise_layers < 0:
@@ -192,7 +175,7 @@ class Config:
             return self.paths.allowed_roots
         return (PROJECT_ROOT / "examples", self.paths.state_dir, self.paths.models_dir)
 
-    def model_spec(self, name: str | None) -> dict[str, Any]:
+    def model_spec(self, name: str | None) -> ModelSpec:
         """The resolved [models.NAME] table a worker gets in its spec; the embedded default
         model needs no table. ConfigError for a name the config does not define."""
         name = name or self.worker.default_model
@@ -202,9 +185,8 @@ class Config:
             raise ConfigError(f"unknown model '{name}'; add a [models.{name}] table to the "
                               f"config or use one of: {known}")
         model = model or EMBEDDED_MODEL
-        spec = dataclasses.asdict(model)
-        spec.update(name=name, path=str(model.path or self.paths.models_dir / name))
-        return spec
+        return ModelSpec(name=name, path=str(model.path or self.paths.models_dir / name),
+                         **model.settings())
 
 
 _SECTIONS = {k: v for k, v in typing.get_type_hints(Config).items() if k != "source"}

@@ -15,6 +15,7 @@ from typing import Any
 
 from jobs import protocol
 from jobs.kinds import Kind, registry
+from jobs.spec import SPEC_VERSION, RunSpec
 from jobs.units import format_size
 
 from .config import Config
@@ -350,24 +351,22 @@ class Daemon:
                                   "create` or set [worker] python in the config")
             return
         run_dir = self.cfg.runs_dir / str(run.id)
-        spec = {
-            "run_id": run.id, "kind": run.kind, "module": kind.module, "function": kind.function,
-            "params": run.params, "needs_paging": run.needs_paging,
-            "run_dir": str(run_dir), "output_dir": str(run_dir / "output"),
-            "state_dir": str(self.cfg.paths.state_dir), "models_dir": str(self.cfg.paths.models_dir),
-            "logs_dir": str(self.cfg.paths.logs_dir),
-            "heartbeat_interval_s": self.cfg.worker.heartbeat_interval_s,
-        }
-        if any(p.name == "model" for p in kind.params):
-            try:
-                spec["model"] = self.cfg.model_spec(run.params.get("model"))
-            except ConfigError as exc:
-                self.store.transition(run.id, RunState.FAILED, str(exc))
-                return
+        try:
+            model = (self.cfg.model_spec(run.params.get("model"))
+                     if any(p.name == "model" for p in kind.params) else None)
+        except ConfigError as exc:
+            self.store.transition(run.id, RunState.FAILED, str(exc))
+            return
+        spec = RunSpec(
+            version=SPEC_VERSION, run_id=run.id, kind=run.kind, module=kind.module,
+            function=kind.function, params=run.params, needs_paging=run.needs_paging,
+            run_dir=str(run_dir), output_dir=str(run_dir / "output"),
+            state_dir=str(self.cfg.paths.state_dir), models_dir=str(self.cfg.paths.models_dir),
+            logs_dir=str(self.cfg.paths.logs_dir),
+            heartbeat_interval_s=self.cfg.worker.heartbeat_interval_s, model=model)
         output = RunOutput(self.cfg.paths.logs_dir, run.id, run.needs_paging)
         try:
-            w = self.launcher.spawn(run_id=run.id, python=Path(python), spec=spec, run_dir=run_dir,
-                                    needs_paging=run.needs_paging, timeout_s=run.timeout_s)
+            w = self.launcher.spawn(spec, python=Path(python), timeout_s=run.timeout_s)
         except OSError as exc:
             output.close()
             self.store.transition(run.id, RunState.FAILED, f"could not start worker: {exc}")

@@ -5,7 +5,6 @@ is always SIGKILLed once more so that no grandchild outlives its run.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from typing import Any
 
 from jobs.atomic import write_atomic
 from jobs.protocol import EVENT_FD_ENV, LineBuffer
+from jobs.spec import RunSpec
 
 from . import PROJECT_ROOT
 from .host import Host
@@ -68,11 +68,11 @@ class Launcher:
         self.host = host
         self.kill_grace_s = kill_grace_s
 
-    def spawn(self, *, run_id: int, python: Path, spec: dict[str, Any], run_dir: Path,
-              needs_paging: bool, timeout_s: float) -> Worker:
+    def spawn(self, spec: RunSpec, *, python: Path, timeout_s: float) -> Worker:
+        run_dir = Path(spec.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path = run_dir / "spec.json"
-        write_atomic(spec_path, json.dumps(spec, indent=2).encode())
+        write_atomic(spec_path, spec.to_json().encode())
         ev_r, ev_w = os.pipe()
         out_r, out_w = os.pipe()
         try:
@@ -88,7 +88,7 @@ class Launcher:
         os.set_blocking(ev_r, False)
         os.set_blocking(out_r, False)
         now = self.host.monotonic()
-        return Worker(run_id=run_id, needs_paging=needs_paging, proc=proc, events_fd=ev_r,
+        return Worker(run_id=spec.run_id, needs_paging=spec.needs_paging, proc=proc, events_fd=ev_r,
                       output_fd=out_r, started_mono=now, deadline_mono=now + timeout_s)
 
     @staticmethod

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from jobs.kinds import Kind, ParamError, registry, validate_params
+from jobs.errors import ParamError
+from jobs.kinds import Kind, registry, validate_params
 
 from .errors import ConfigError
 from .logsetup import get_logger, log_for

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from jobs.paging.errors import ModelFolderError
+from jobs.errors import ModelFolderError
 from jobs.paging.expert_store import PER_EXPERT_RE, ExpertStore
 from jobs.paging.quant import PARTS, Variant, dequantize_weight
 from jobs.units import format_size

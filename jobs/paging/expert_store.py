@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from jobs.paging.errors import BudgetError  # noqa: F401 - re-exported for the cache
+from jobs.errors import BudgetError  # noqa: F401 - re-exported for the cache
 
 from jobs.units import format_size
 

@@ -293,7 +293,7 @@ def load_for_cli(args: argparse.Namespace) -> LoadedModel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.paging.errors import BudgetError, ModelFolderError
+    from jobs.errors import BudgetError, ModelFolderError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from jobs.paging.errors import KernelError
+from jobs.errors import KernelError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.paging.errors import BudgetError, ModelFolderError
+from jobs.errors import BudgetError, ModelFolderError
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.model_store import ModelStore
 from jobs.paging.quant import QuantSpec, dequantize_weight

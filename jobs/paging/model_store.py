@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from jobs.paging.errors import ModelFolderError
+from jobs.errors import ModelFolderError
 from jobs.paging.quant import QuantSpec, Variant
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, MixtralForCausalLM
 
-from jobs.paging.errors import ModelFolderError
+from jobs.errors import ModelFolderError
 from jobs.paging.expert_cache import ExpertCache, cache_capacity
 from jobs.paging.expert_pager import ExpertPager
 from jobs.paging.expert_quant import QuantExpertStore

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from jobs.paging.errors import BudgetError
+from jobs.errors import BudgetError
 
 PRECISE, FAST = "precise", "fast"
 MODES = (PRECISE, FAST, "auto")

@@ -9,7 +9,7 @@ import torch
 
 from engine_helpers import PROMPTS
 from jobs.paging.generate import generate
-from jobs.paging.errors import BudgetError
+from jobs.errors import BudgetError
 from jobs.paging.layer_stream import load_streamed, plan_budget
 from jobs.paging.model_store import ModelStore
 

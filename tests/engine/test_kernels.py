@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs.paging.errors import KernelError
+from jobs.errors import KernelError
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.layer_stream import load_streamed
 

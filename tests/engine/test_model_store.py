@@ -8,7 +8,7 @@ import torch
 
 from engine_helpers import header_sizes
 from jobs.paging import model_store
-from jobs.paging.errors import ModelFolderError
+from jobs.errors import ModelFolderError
 from jobs.paging.model_store import ModelStore
 
 pytestmark = pytest.mark.engine

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import MixtralForCausalLM
 
-from jobs.paging.errors import ModelFolderError
+from jobs.errors import ModelFolderError
 from jobs.paging.expert_store import expert_nbytes
 from jobs.paging.moe import load_paged_moe
 from jobs.paging.quant import QuantSpec, Variant, dequantize_weight, write_variant

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from engine_helpers import PROMPTS, resident_greedy
 from jobs.paging import quant
-from jobs.paging.errors import BudgetError, ModelFolderError
+from jobs.errors import BudgetError, ModelFolderError
 from jobs.paging.generate import generate
 from jobs.paging.generate import main as generate_main
 from jobs.paging.layer_stream import load_streamed

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from jobs import protocol
-from jobs.kinds import Kind, Param, ParamError, parse_assignment, registry, validate_params
+from jobs.errors import ParamError
+from jobs.kinds import Kind, Param, parse_assignment, registry, validate_params
 from jobs.units import format_size, parse_size
 from lab_attendant.config import load_config, parse_config
 from lab_attendant.errors import ConfigError

@@ -61,15 +61,15 @@ def test_models_sizes_kinds_and_default(tmp_path: Path):
                 "dtype": "bf16", "device": "cuda"},
         "mix": {"kind": "moe", "expert_cache_bytes": "500MB", "variant": "fast", "kv_cache": "int8"}})
     big = cfg.model_spec("big")
-    assert big["vram_budget_bytes"] == 2 * 1024**3 and big["ram_budget_bytes"] == 1024
-    assert (big["path"], big["kind"], big["dtype"]) == ("/data/gemma-27b", "dense", "bf16")
+    assert big.vram_budget_bytes == 2 * 1024**3 and big.ram_budget_bytes == 1024
+    assert (big.path, big.kind, big.dtype) == ("/data/gemma-27b", "dense", "bf16")
     mix = cfg.model_spec("mix")
-    assert mix["path"] == str(tmp_path / "m" / "mix") and mix["expert_cache_bytes"] == 500 * 10**6
-    assert (mix["variant"], mix["kv_cache"], mix["keep_precise_layers"]) == ("fast", "int8", 1)
+    assert mix.path == str(tmp_path / "m" / "mix") and mix.expert_cache_bytes == 500 * 10**6
+    assert (mix.variant, mix.kv_cache, mix.keep_precise_layers) == ("fast", "int8", 1)
     default = cfg.model_spec(None)
-    assert default["name"] == "gemma-3-270m" and default["path"] == str(tmp_path / "m" / "gemma-3-270m")
-    assert (default["device"], default["dtype"]) == ("cpu", "fp32")
-    assert (default["variant"], default["kv_cache"], default["kernels"]) == ("precise", "fp", "auto")
+    assert default.name == "gemma-3-270m" and default.path == str(tmp_path / "m" / "gemma-3-270m")
+    assert (default.device, default.dtype) == ("cpu", "fp32")
+    assert (default.variant, default.kv_cache, default.kernels) == ("precise", "fp", "auto")
     with pytest.raises(ConfigError, match=r"unknown model 'nope'; add a \[models.nope\] table"):
         cfg.model_spec("nope")
 

@@ -1,0 +1,145 @@
+"""The typed specs that cross the supervisor -> worker -> engine boundary (stdlib only).
+
+`ModelSettings` holds every model tunable with its one default; the config's [models.NAME] table,
+the run's `ModelSpec` and the engine's `open_model` all read these fields. `RunSpec` is the
+worker's spec file: built once by the daemon, written as JSON, read once by the worker, strictly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import SpecError
+
+SPEC_VERSION = 1
+DEFAULT_MODEL = "gemma-3-270m"        # the embedded model (`lab-attendant model import-default`)
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+VARIANT_MODES = ("precise", "fast", "auto")
+KV_KINDS = ("fp", "int8", "fp8")
+KERNEL_CHOICES = ("auto", "liger", "torch")
+
+
+class ByteSize(int):
+    """A byte count; config tables accept an integer or a string such as "2GiB" / "500MB"."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """What a [models.NAME] table may set; the defaults live here and nowhere else."""
+    kind: Literal["dense", "moe"] = "dense"  # dense: layer streaming; moe: expert paging
+    device: str = "cpu"                    # "cpu", "cuda", "cuda:1"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 is faster than bf16 on CPU
+    vram_budget_bytes: ByteSize | None = None   # decoder layers on the device; None: all
+    ram_budget_bytes: ByteSize | None = None    # streamed layers cached in host RAM
+    expert_cache_bytes: ByteSize | None = None  # MoE only: device expert cache
+    # precise: the original weights; fast: the 4-bit variant of every decoder layer (dense) or
+    # of the experts (moe), written by `lab-attendant model quantize NAME`; auto: dense layers by
+    # policy (first/last keep_precise_layers precise, the rest fast), experts fast.
+    variant: Literal["precise", "fast", "auto"] = "precise"
+    keep_precise_layers: int = 1           # auto only: layers at each end that stay precise
+    kv_cache: Literal["fp", "int8", "fp8"] = "fp"  # int8: HQQ 8-bit; fp8: e4m3 (speed needs Hopper+)
+    kernels: Literal["auto", "liger", "torch"] = "auto"  # auto: Liger on CUDA when installed
+    cache_policy: Literal["lru", "lfu"] = "lru"  # MoE only: which expert leaves the device cache
+
+    def settings(self) -> dict[str, Any]:
+        """The ModelSettings fields only (a subclass's own fields left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSettings)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec(ModelSettings):
+    """One resolved model: its [models.NAME] settings plus the name and the folder."""
+    name: str                              # the [models.NAME] it was resolved from
+    path: str                              # the model folder (config.json + safetensors)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """Everything a worker needs for one run; `run_dir/spec.json` holds it as JSON."""
+    version: int                           # SPEC_VERSION of the daemon that wrote it
+    run_id: int
+    kind: str                              # registered kind name
+    module: str                            # imported by the worker
+    function: str                          # called as function(params, ctx)
+    params: dict[str, Any]                 # validated by jobs.kinds.validate_params
+    needs_paging: bool
+    run_dir: str
+    output_dir: str                        # outputs land here, written atomically
+    state_dir: str
+    models_dir: str
+    logs_dir: str
+    heartbeat_interval_s: float            # [worker] heartbeat_interval_s
+    model: ModelSpec | None = None         # kinds with a `model` param only
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        """Parse a spec file; SpecError names the first unknown, missing or mistyped key."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise SpecError(f"spec is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise SpecError("spec must be a JSON object")
+        if data.get("version") != SPEC_VERSION:
+            raise SpecError(f"spec version {data.get('version')!r} is not {SPEC_VERSION}: the "
+                            "daemon and the worker come from different lab-attendant versions; "
+                            "restart the daemon after an upgrade")
+        return _build(cls, data, "")
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> RunSpec:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise SpecError(f"cannot read spec {path}: {exc.strerror or exc}") from None
+        return cls.from_json(text)
+
+
+def _check(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check(key, value, inner[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpecError(f"spec key '{key}' must be an object, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise SpecError(f"spec key '{key}' must be one of "
+                            f"{', '.join(map(repr, typing.get_args(tp)))}, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    base = {ByteSize: int, dict[str, Any]: dict}.get(tp, origin or tp)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise SpecError(f"spec key '{key}' must be {getattr(base, '__name__', base)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise SpecError(f"unknown spec key '{prefix}{unknown[0]}'; known: {', '.join(sorted(fields))}")
+    missing = [n for n, f in fields.items() if n not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise SpecError(f"spec key '{prefix}{missing[0]}' is missing")
+    return cls(**{k: _check(prefix + k, v, hints[k]) for k, v in data.items()})
