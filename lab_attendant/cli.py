@@ -97,7 +97,7 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
         print(json.dumps(final.to_dict()))
     else:
         print(f"run {final.id} {final.state}: {final.reason}")
-    return 0 if final.state == RunState.SUCCEEDED.value else 1
+    return 0 if final.state is RunState.SUCCEEDED else 1
 
 
 def _wait(store: Store, run_id: int):
@@ -114,7 +114,7 @@ def _wait(store: Store, run_id: int):
             print(("\r" if tty else "") + line + ("" if tty else "\n"), end="", file=sys.stderr,
                   flush=True)
             last = line
-        if run.state in {s.value for s in TERMINAL}:
+        if run.state in TERMINAL:
             if tty:
                 print(file=sys.stderr)
             return run
@@ -122,9 +122,10 @@ def _wait(store: Store, run_id: int):
 
 
 def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
-    if args.state and args.state not in {s.value for s in RunState}:
-        raise UserError(f"unknown state '{args.state}'; states: {', '.join(s.value for s in RunState)}")
-    runs = _store(cfg).list_runs(states=[args.state] if args.state else None, limit=args.limit)
+    if args.state and args.state not in RunState._value2member_map_:
+        raise UserError(f"unknown state '{args.state}'; states: {', '.join(RunState)}")
+    runs = _store(cfg).list_runs(states=[RunState(args.state)] if args.state else (),
+                                 limit=args.limit)
     if args.json:
         print(json.dumps([r.to_dict() for r in runs]))
         return 0
@@ -179,9 +180,9 @@ def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
     run = store.request_cancel(args.id)
     if run is None:
         raise UserError(f"no run {args.id}; see `lab-attendant list`")
-    if run.state == RunState.CANCELLED.value:
+    if run.state is RunState.CANCELLED:
         print(f"run {run.id} cancelled")
-    elif run.state in {s.value for s in TERMINAL}:
+    elif run.state in TERMINAL:
         print(f"run {run.id} already ended ({run.state}); nothing to cancel")
     else:
         print(f"run {run.id} is {run.state}; the daemon will stop it (SIGTERM, then SIGKILL "
@@ -198,7 +199,7 @@ def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
         for line in lines[shown:]:
             print(line, flush=True)
         shown = len(lines)
-        if not args.follow or run.state in {s.value for s in TERMINAL}:
+        if not args.follow or run.state in TERMINAL:
             return 0
         time.sleep(0.5)
         run = _get_run(store, args.id)

@@ -10,6 +10,7 @@ from typing import IO, Callable
 
 from .config import CotenantConfig
 from .host import GpuReading
+from .states import Hold
 
 # Phases of one co-tenant, as the daemon's tick drives it.
 RUNNING, STOPPING, RELEASING, SUSPENDED, STARTING = (
@@ -186,13 +187,14 @@ class Cotenants:
     def ready(self) -> bool:
         return all(c.phase == SUSPENDED for c in self.items)
 
-    def hold_reason(self) -> str | None:
+    def hold(self) -> Hold | None:
         for c in self.items:
             if c.failure and c.phase != SUSPENDED:
-                return c.failure
+                return Hold(f"cotenant_failed:{c.name}", c.failure)
         for c in self.items:
             if c.phase != SUSPENDED:
-                return f"waiting for co-tenant {c.name} to stop and release its GPU memory"
+                return Hold(f"cotenant:{c.name}",
+                            f"waiting for co-tenant {c.name} to stop and release its GPU memory")
         return None
 
     def restore_all(self, why: str) -> None:

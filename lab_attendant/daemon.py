@@ -9,7 +9,7 @@ import os
 import select
 import signal
 import socket
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +28,68 @@ from .lock import DaemonLock
 from .logsetup import RunOutput, get_logger, log_for
 from .scheduler import Schedules
 from .sdnotify import Notifier, status_text
-from .states import ACTIVE, RunState
+from .states import ACTIVE, WAITING, Hold, RunState
 from .store import Store
 
-HOLD_PAGING_OFF = ("experimental paging is off; start the daemon with --experimental-paging "
-                   "to run this kind")
+HOLD_PAGING_OFF = Hold("paging_off", "experimental paging is off; start the daemon with "
+                       "--experimental-paging to run this kind")
 HEARTBEAT_EVERY_S = 2.0
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """What is known once a worker is reaped: everything classify() decides from."""
+    code: int                              # Popen returncode; -N: ended by signal N
+    stop_state: RunState | None = None     # the daemon stopped it, to end in this state
+    stop_reason: str = ""
+    forced: bool = False                   # SIGKILL after the grace ran out
+    result_path: str | None = None         # from the worker's `result` event
+    error: dict[str, Any] | None = None    # its `error` event
+    near_memory_limit: bool = False        # guards' evidence for a SIGKILL from outside
+    memory_hint: str = ""                  # the readings behind it, for the reason
+
+
+def classify(x: WorkerExit) -> tuple[RunState, str]:
+    """The final state of a reaped worker and the sentence that says why."""
+    how = f"exited by {signal_name(-x.code)}" if x.code < 0 else f"exited with code {x.code}"
+    if x.stop_state is not None:
+        forced = " (SIGKILL after grace)" if x.forced else ""
+        return x.stop_state, f"{x.stop_reason}; worker {how}{forced}"
+    err = f"{x.error.get('type')}: {x.error.get('message')}" if x.error else None
+    if x.code == protocol.EXIT_OK:
+        if x.result_path:
+            return RunState.SUCCEEDED, f"result written to {x.result_path}"
+        return RunState.FAILED, "worker exited 0 without reporting a result"
+    if x.code == protocol.EXIT_OOM:
+        sizes = ""
+        if x.error and x.error.get("requested_bytes") is not None:
+            sizes = (f"requested {format_size(x.error['requested_bytes'])} with "
+                     f"{format_size(x.error['free_bytes'])} free; ")
+        return RunState.OOM, f"out of memory: {sizes}{err or 'worker reported OOM'}"
+    if x.code == protocol.EXIT_BAD_SPEC:
+        return RunState.FAILED, f"worker refused its spec: {err or how}"
+    if x.code == -signal.SIGKILL:
+        return (RunState.OOM if x.near_memory_limit else RunState.FAILED), f"worker {how}{x.memory_hint}"
+    if x.code < 0:
+        return RunState.FAILED, f"worker {how}" + (f" after error {err}" if err else "")
+    return RunState.FAILED, f"{err} ({how})" if err else f"worker {how}"
 
 log = get_logger("lab_attendant.daemon")
 
 
 class Daemon:
     def __init__(self, cfg: Config, *, experimental_paging: bool = False, burst: bool = False,
-                 host: Host | None = None) -> None:
+                 host: Host | None = None, launcher: Launcher | None = None,
+                 sensors: Any = None) -> None:
         self.cfg = cfg
         self.experimental_paging = experimental_paging   # in memory only, never persisted
         self.burst = burst
         self.host = host or Host()
-        self.launcher = Launcher(self.host, kill_grace_s=cfg.limits.kill_grace_s)
+        self.launcher = launcher or Launcher(self.host, kill_grace_s=cfg.limits.kill_grace_s)
         self.kinds: dict[str, Kind] = registry(cfg.worker.extra_kinds)
         self.schedules = Schedules(cfg, self.kinds)      # not started in --burst mode
         self.store: Store | None = None
-        self.guards = Guards(cfg.guards, self.host, make_sensors(cfg.guards.sensors))
+        self.guards = Guards(cfg.guards, self.host, sensors or make_sensors(cfg.guards.sensors))
         self.cotenants: Cotenants | None = None
         self._last_guard = float("-inf")
         self.workers: dict[int, Worker] = {}
@@ -66,24 +106,15 @@ class Daemon:
     def run(self) -> int:
         lock = DaemonLock(self.cfg.paths.state_dir)
         lock.acquire()
-        self.store = Store(self.cfg.db_path)
         try:
             self._install_signals()
-            self.reconcile()
-            self.cotenants = Cotenants(self.cfg.cotenants, self.host, self._cotenant_event,
-                                       self.store.set_cotenant)
-            self.cotenants.restore_persisted({r.name for r in self.store.cotenants() if r.suspended})
-            self._daemon_id = self.store.daemon_started(
-                pid=os.getpid(), hostname=socket.gethostname(),
-                experimental_paging=self.experimental_paging)
-            log.info("daemon started", pid=os.getpid(), experimental_paging=self.experimental_paging,
-                     burst=self.burst, state_dir=str(self.cfg.paths.state_dir))
+            self.open()
             if not self.burst:
                 self.schedules.start()
             self.notifier.ready(self._sd_status())
             while True:
                 self.tick()
-                if self._should_exit():
+                if self.should_exit():
                     break
                 self._wait()
             log.info("daemon stopped", pid=os.getpid())
@@ -91,14 +122,32 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self.schedules.shutdown()
-            if self.cotenants is not None:
-                self.cotenants.restore_all("daemon shutdown")
-            if self._daemon_id:
-                self.store.daemon_heartbeat(self._daemon_id, stopped=True)
-            self.store.close()
+            self.close()
             lock.release()
 
-    def _should_exit(self) -> bool:
+    def open(self) -> None:
+        """Open the store, reconcile what a dead daemon left, restore co-tenants, register."""
+        self.store = Store(self.cfg.db_path)
+        self.reconcile()
+        self.cotenants = Cotenants(self.cfg.cotenants, self.host, self._cotenant_event,
+                                   self.store.set_cotenant)
+        self.cotenants.restore_persisted({r.name for r in self.store.cotenants() if r.suspended})
+        self._daemon_id = self.store.daemon_started(
+            pid=os.getpid(), hostname=socket.gethostname(),
+            experimental_paging=self.experimental_paging)
+        log.info("daemon started", pid=os.getpid(), experimental_paging=self.experimental_paging,
+                 burst=self.burst, state_dir=str(self.cfg.paths.state_dir))
+
+    def close(self) -> None:
+        if self.store is None:
+            return
+        if self.cotenants is not None:
+            self.cotenants.restore_all("daemon shutdown")
+        if self._daemon_id:
+            self.store.daemon_heartbeat(self._daemon_id, stopped=True)
+        self.store.close()
+
+    def should_exit(self) -> bool:
         if self.workers:
             return False
         if self._stopping_since is not None:
@@ -106,9 +155,7 @@ class Daemon:
         return self.burst and not self._admissible_waiting()
 
     def _admissible_waiting(self) -> bool:
-        counts = self.store.count_by_state()
-        queued = counts.get(RunState.QUEUED.value, 0)
-        return queued > 0
+        return self.store.count_by_state().get(RunState.QUEUED, 0) > 0
 
     # -- signals --------------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -120,7 +167,7 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop's select()
 
-    def _on_signal(self, signum: int, _frame: Any) -> None:
+    def _on_signal(self, signum: int, _frame: Any = None) -> None:
         self._signals.append(signum)
 
     def _handle_signals(self) -> None:
@@ -189,11 +236,11 @@ class Daemon:
             rlog.info("run running", pid=w.pid)
         elif name == protocol.PROGRESS:
             self.store.update_run(rid, progress_done=ev.get("done"), progress_total=ev.get("total"),
-                                  progress_unit=ev.get("unit"), heartbeat_at=time.time())
+                                  progress_unit=ev.get("unit"), heartbeat_at=self.host.time())
         elif name == protocol.METRIC:
             self.store.merge_metrics(rid, ev.get("metrics", {}))
         elif name == protocol.HEARTBEAT:
-            self.store.update_run(rid, heartbeat_at=time.time())
+            self.store.update_run(rid, heartbeat_at=self.host.time())
         elif name == protocol.RESULT:
             w.result_path = ev.get("path")
             self.store.update_run(rid, result_path=w.result_path)
@@ -213,45 +260,27 @@ class Daemon:
             for ev in self.launcher.read_events(w):
                 self._handle_event(w, ev)
             self.launcher.cleanup(w)
-            state, reason = self._classify(w, code)
+            near, hint = (self.guards.sigkill_hint(w.run_id) if code == -signal.SIGKILL
+                          else (False, ""))
+            state, reason = classify(WorkerExit(
+                code, w.stop_state, w.stop_reason, forced=w.kill_sent_mono is not None,
+                result_path=w.result_path, error=w.error, near_memory_limit=near,
+                memory_hint=hint))
             fields: dict[str, Any] = {"exit_code": code if code >= 0 else None,
                                       "signal": signal_name(-code) if code < 0 else None}
             if state is RunState.QUEUED:
                 fields.update(pid=None, pid_create_time=None, started_at=None, running_at=None)
             self.store.transition(w.run_id, state, reason, **fields)
             log_for(w.needs_paging, "lab_attendant.daemon").info(
-                "run ended", run_id=w.run_id, state=state.value, reason=reason)
+                "run ended", run_id=w.run_id, state=str(state), reason=reason)
             self.outputs.pop(w.run_id).close()
             self.guards.forget(w.run_id)
             del self.workers[w.run_id]
 
-    def _classify(self, w: Worker, code: int) -> tuple[RunState, str]:
-        how = (f"exited by {signal_name(-code)}" if code < 0 else f"exited with code {code}")
-        if w.stop_state is not None:
-            forced = " (SIGKILL after grace)" if w.kill_sent_mono is not None else ""
-            return w.stop_state, f"{w.stop_reason}; worker {how}{forced}"
-        err = f"{w.error.get('type')}: {w.error.get('message')}" if w.error else None
-        if code == protocol.EXIT_OK:
-            if w.result_path:
-                return RunState.SUCCEEDED, f"result written to {w.result_path}"
-            return RunState.FAILED, "worker exited 0 without reporting a result"
-        if code == protocol.EXIT_OOM:
-            sizes = ""
-            if w.error and w.error.get("requested_bytes") is not None:
-                sizes = (f"requested {format_size(w.error['requested_bytes'])} with "
-                         f"{format_size(w.error['free_bytes'])} free; ")
-            return RunState.OOM, f"out of memory: {sizes}{err or 'worker reported OOM'}"
-        if code == -signal.SIGKILL:
-            near, hint = self.guards.sigkill_hint(w.run_id)
-            return (RunState.OOM if near else RunState.FAILED), f"worker {how}{hint}"
-        if code < 0:
-            return RunState.FAILED, f"worker {how}" + (f" after error {err}" if err else "")
-        return RunState.FAILED, f"{err} ({how})" if err else f"worker {how}"
-
     def _enforce(self) -> None:
         now = self.host.monotonic()
         if self.workers:
-            cancelled = {r.id for r in self.store.list_runs(states=[s.value for s in ACTIVE])
+            cancelled = {r.id for r in self.store.list_runs(states=ACTIVE)
                          if r.cancel_requested}
         else:
             cancelled = set()
@@ -283,24 +312,25 @@ class Daemon:
                 return
             self._spawn(run)
 
-    def _paging_hold(self) -> str | None:
+    def _paging_hold(self) -> Hold | None:
         """Why paging runs may not start now, or None."""
         if not self.experimental_paging:
             return HOLD_PAGING_OFF
-        return self.guards.thermal_hold or self.cotenants.hold_reason()
+        return self.guards.thermal_hold or self.cotenants.hold()
 
-    def _apply_holds(self, hold: str | None) -> None:
-        for run in self.store.list_runs(states=[RunState.HELD.value]):
-            if run.needs_paging and run.reason != hold:
+    def _apply_holds(self, hold: Hold | None) -> None:
+        for run in self.store.list_runs(states=[RunState.HELD]):
+            if run.needs_paging and (hold is None or run.hold_code != hold.code):
                 self.store.transition(run.id, RunState.QUEUED,
                                       "hold lifted" if hold is None else "hold changed",
                                       expect={RunState.HELD})
         if hold is None:
             return
-        for run in self.store.list_runs(states=[RunState.QUEUED.value]):
+        for run in self.store.list_runs(states=[RunState.QUEUED]):
             if run.needs_paging:
-                self.store.transition(run.id, RunState.HELD, hold, expect={RunState.QUEUED})
-                log_for(True).info("run held", run_id=run.id, reason=hold)
+                self.store.transition(run.id, RunState.HELD, hold.reason, expect={RunState.QUEUED},
+                                      hold_code=hold.code)
+                log_for(True).info("run held", run_id=run.id, reason=hold.reason)
 
     # -- guards and co-tenants ------------------------------------------------------------------
     def _guard_tick(self) -> None:
@@ -312,15 +342,16 @@ class Daemon:
                  if w.kill_sent_mono is None]
         for action in self.guards.poll(infos):
             self._guard_action(action)
-        waiting = self.store.list_runs(states=[RunState.QUEUED.value, RunState.HELD.value])
+        waiting = self.store.list_runs(states=WAITING)
         paging_wanted = (self.experimental_paging and self.guards.thermal_hold is None
                          and self._stopping_since is None
                          and any(r.needs_paging for r in waiting))
         self.cotenants.step(paging_wanted=paging_wanted,
                             paging_active=any(w.needs_paging for w in self.workers.values()),
                             gpus=self.guards.last_gpus)
+        hold = self._paging_hold()
         self.store.set_meta("guard_readings", {
-            "at": time.time(), **self.guards.readings, "paging_hold": self._paging_hold(),
+            "at": self.host.time(), **self.guards.readings, "paging_hold": hold and hold.reason,
             "cotenants": {c.name: c.phase for c in self.cotenants.items}})
 
     def _guard_action(self, a: Action) -> None:
@@ -384,7 +415,7 @@ class Daemon:
         (runs are not adopted: their event pipes died with the old daemon). All groups get
         SIGTERM at once and share one kill_grace_s, so start-up waits one grace, not one per run
         (systemd's start timeout runs until READY=1)."""
-        runs = self.store.list_runs(states=[s.value for s in ACTIVE])
+        runs = self.store.list_runs(states=ACTIVE)
         live = {r.id: r.pid for r in runs if r.pid and self.host.is_same_process(r.pid, r.pid_create_time)}
         self._kill_groups(list(live.values()))
         for run in runs:
@@ -405,6 +436,6 @@ class Daemon:
             self.host.killpg(pgid, signal.SIGTERM)
         deadline = self.host.monotonic() + self.cfg.limits.kill_grace_s
         while any(self.host.group_alive(p) for p in pgids) and self.host.monotonic() < deadline:
-            time.sleep(0.05)
+            self.host.sleep(0.05)
         for pgid in pgids:
             self.host.killpg(pgid, signal.SIGKILL)

@@ -11,7 +11,7 @@ from jobs.units import format_size
 
 from .config import GuardsConfig
 from .host import GpuReading, SensorsUnavailable
-from .states import RunState
+from .states import Hold, RunState
 
 OOM_KILLER_NEAR = 0.9        # RSS at >= 90 % of its limit counts as "near" for the hint
 
@@ -33,10 +33,9 @@ class Action:
     reading: dict[str, Any] = field(default_factory=dict)
 
 
-def thermal_hold_reason(limit_c: float, resume_c: float) -> str:
-    # Stable text: runs held for it are not re-held every poll as the reading moves.
-    return (f"thermal cooldown: a GPU went above {limit_c:g} °C; paging runs wait until every "
-            f"GPU is below {resume_c:g} °C")
+def thermal_hold(limit_c: float, resume_c: float) -> Hold:
+    return Hold("thermal", f"thermal cooldown: a GPU went above {limit_c:g} °C; paging runs wait "
+                f"until every GPU is below {resume_c:g} °C")
 
 
 class Guards:
@@ -44,7 +43,7 @@ class Guards:
         self.cfg = cfg
         self.host = host
         self.sensors = sensors
-        self.thermal_hold: str | None = None
+        self.thermal_hold: Hold | None = None
         self.readings: dict[str, Any] = {}
         self.last_gpus: list[GpuReading] | None = None
         self._unavailable_reported = False
@@ -82,7 +81,7 @@ class Guards:
             "available_ram_bytes": available,
             "workers": {str(w.run_id): {"rss_bytes": rss.get(w.run_id),
                                         "gpu_bytes": vram.get(w.run_id)} for w in workers},
-            "thermal_hold": self.thermal_hold,
+            "thermal_hold": self.thermal_hold and self.thermal_hold.reason,
         }
         for a in actions:
             if a.action == "kill":
@@ -106,9 +105,9 @@ class Guards:
                     out.append(Action("thermal", "kill", why, w.run_id, RunState.KILLED_THERMAL,
                                       reading))
             if self.thermal_hold is None:
-                self.thermal_hold = thermal_hold_reason(c.thermal_limit_c, c.resume_below_c)
+                self.thermal_hold = thermal_hold(c.thermal_limit_c, c.resume_below_c)
                 out.append(Action("thermal", "hold",
-                                  f"GPU {g.index} at {g.temperature_c:.0f} °C: {self.thermal_hold}",
+                                  f"GPU {g.index} at {g.temperature_c:.0f} °C: {self.thermal_hold.reason}",
                                   reading=reading))
         elif self.thermal_hold and temps and all(g.temperature_c < c.resume_below_c for g in temps):
             self.thermal_hold = None

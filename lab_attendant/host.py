@@ -27,6 +27,9 @@ class Host:
     def monotonic(self) -> float:
         return time.monotonic()
 
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
     def spawn(self, argv: Sequence[str], *, cwd: Path, env: dict[str, str],
               pass_fds: Sequence[int], stdout: int) -> subprocess.Popen:
         # A new session makes the worker lead its own process group: one killpg reaches

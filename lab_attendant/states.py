@@ -4,6 +4,7 @@ Everything that changes a run's state goes through store.transition(), which che
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -49,3 +50,11 @@ ALLOWED: dict[RunState, frozenset[RunState]] = {
 
 def can_transition(src: RunState, dst: RunState) -> bool:
     return dst in ALLOWED[src]
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why paging runs wait: `code` is what the daemon compares (held runs keep it in
+    runs.hold_code); `reason` is the sentence people read."""
+    code: str                          # "paging_off", "thermal", "cotenant:NAME", ...
+    reason: str

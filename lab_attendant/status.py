@@ -12,7 +12,7 @@ from jobs.units import format_size
 
 from .config import Config
 from .lock import DaemonLock
-from .states import RunState
+from .states import ACTIVE, RunState
 from .store import Store
 
 
@@ -25,13 +25,13 @@ def gather(cfg: Config) -> dict[str, Any]:
     row = store.latest_daemon()
     alive = DaemonLock(cfg.paths.state_dir).held_by_other()
     counts = store.count_by_state()
-    running = store.list_runs(states=[RunState.STARTING.value, RunState.RUNNING.value])
+    running = store.list_runs(states=ACTIVE)
     return {
         "daemon": {"alive": alive, "pid": row.pid if row and alive else None,
                    "experimental_paging": bool(row and alive and row.experimental_paging),
                    "heartbeat_age_s": (time.time() - row.heartbeat_at) if row and alive else None},
-        "queue_depth": counts.get(RunState.QUEUED.value, 0),
-        "held": counts.get(RunState.HELD.value, 0),
+        "queue_depth": counts.get(RunState.QUEUED, 0),
+        "held": counts.get(RunState.HELD, 0),
         "running": [{"id": r.id, "kind": r.kind, "state": r.state, "pid": r.pid} for r in running],
         "counts": counts, "state_dir": str(cfg.paths.state_dir),
         "guards": store.get_meta("guard_readings") if alive else None,

@@ -7,19 +7,21 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from sqlalchemy import (Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event,
-                        func, select, update)
+from sqlalchemy import (Boolean, Enum, Float, ForeignKey, Integer, String, Text, create_engine,
+                        event, func, select, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .errors import StoreError, TransitionError
-from .states import TERMINAL, RunState, can_transition
+from .states import ACTIVE, TERMINAL, WAITING, RunState, can_transition
 
-SCHEMA_VERSION = 1
-_OPEN_STATES = [s.value for s in (RunState.QUEUED, RunState.HELD, RunState.STARTING,
-                                  RunState.RUNNING)]
+SCHEMA_VERSION = 2
+# Stored as the enum's values ("queued", ...), in a plain VARCHAR: version-1 rows read unchanged.
+_STATE_COLUMN = Enum(RunState, native_enum=False, create_constraint=False, length=20,
+                     values_callable=lambda states: [s.value for s in states])
+_MIGRATIONS = {1: ["ALTER TABLE runs ADD COLUMN hold_code VARCHAR"]}   # from version -> to +1
 BUSY_TIMEOUT_MS = 60_000
 
 
@@ -38,8 +40,9 @@ class Run(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String, index=True)
     params_json: Mapped[str] = mapped_column(Text, default="{}")
-    state: Mapped[str] = mapped_column(String, index=True, default=RunState.QUEUED.value)
+    state: Mapped[RunState] = mapped_column(_STATE_COLUMN, index=True, default=RunState.QUEUED)
     reason: Mapped[str] = mapped_column(Text, default="")
+    hold_code: Mapped[str | None] = mapped_column(String, nullable=True)  # Hold.code while held
     priority: Mapped[int] = mapped_column(Integer, default=0)
     needs_paging: Mapped[bool] = mapped_column(Boolean, default=False)
     timeout_s: Mapped[float] = mapped_column(Float)
@@ -160,11 +163,13 @@ def _make_engine(db_path: Path) -> Engine:
 
 def _apply_transition(s: Session, run: Run, dst: RunState, reason: str, **fields: Any) -> None:
     """The only code that writes runs.state: checks the table, stamps times, logs the event."""
-    src = RunState(run.state)
+    src = run.state
     if not can_transition(src, dst):
         raise TransitionError(f"run {run.id}: {src} -> {dst} is not allowed ({reason})")
     now = time.time()
-    run.state, run.reason = dst.value, reason
+    run.state, run.reason = dst, reason
+    if dst is not RunState.HELD:
+        run.hold_code = None
     for key, value in fields.items():
         setattr(run, key, value)
     if dst is RunState.STARTING:
@@ -195,7 +200,15 @@ class Store:
             if row is None:
                 conn.execute(Meta.__table__.insert().values(key="schema_version",
                                                             value=str(SCHEMA_VERSION)))
-            elif int(row[0]) != SCHEMA_VERSION:
+                return
+            version = int(row[0])
+            while version in _MIGRATIONS and version < SCHEMA_VERSION:
+                for statement in _MIGRATIONS[version]:
+                    conn.exec_driver_sql(statement)
+                version += 1
+                conn.execute(update(Meta).where(Meta.key == "schema_version")
+                             .values(value=str(version)))
+            if version != SCHEMA_VERSION:
                 raise StoreError(
                     f"store {self.db_path} has schema version {row[0]}, this lab-attendant "
                     f"understands {SCHEMA_VERSION}; use a matching version or a new state_dir"
@@ -226,7 +239,7 @@ class Store:
         with self.write() as s:
             run = Run(kind=kind, params_json=json.dumps(params, sort_keys=True),
                       priority=priority, timeout_s=timeout_s, needs_paging=needs_paging,
-                      submitted_at=now, state=RunState.QUEUED.value, reason=reason,
+                      submitted_at=now, state=RunState.QUEUED, reason=reason,
                       schedule_id=schedule_id)
             s.add(run)
             s.flush()
@@ -240,16 +253,17 @@ class Store:
         """The oldest run of this schedule that is waiting or active, if any."""
         with self.read() as s:
             return s.scalars(select(Run).where(Run.schedule_id == schedule_id,
-                                               Run.state.in_(_OPEN_STATES))
+                                               Run.state.in_(WAITING | ACTIVE))
                              .order_by(Run.id).limit(1)).first()
 
     def get(self, run_id: int) -> Run | None:
         with self.read() as s:
             return s.get(Run, run_id)
 
-    def list_runs(self, *, states: list[str] | None = None, limit: int | None = None,
+    def list_runs(self, *, states: Iterable[RunState] = (), limit: int | None = None,
                   oldest_first: bool = False) -> list[Run]:
         q = select(Run)
+        states = list(states)
         if states:
             q = q.where(Run.state.in_(states))
         q = q.order_by(Run.id if oldest_first else Run.id.desc())
@@ -274,7 +288,7 @@ class Store:
             run = s.get(Run, run_id)
             if run is None:
                 raise TransitionError(f"run {run_id} does not exist")
-            if expect is not None and RunState(run.state) not in expect:
+            if expect is not None and run.state not in expect:
                 return None
             _apply_transition(s, run, dst, reason, **fields)
             return run
@@ -312,7 +326,7 @@ class Store:
     def claim_next(self, *, exclude_paging: bool) -> Run | None:
         """Atomically take the highest-priority, oldest queued run and mark it STARTING."""
         with self.write() as s:
-            q = select(Run).where(Run.state == RunState.QUEUED.value)
+            q = select(Run).where(Run.state == RunState.QUEUED)
             if exclude_paging:
                 q = q.where(Run.needs_paging.is_(False))
             run = s.scalars(q.order_by(Run.priority.desc(), Run.id).limit(1)).first()
@@ -321,7 +335,7 @@ class Store:
             _apply_transition(s, run, RunState.STARTING, "claimed by daemon")
             return run
 
-    def count_by_state(self) -> dict[str, int]:
+    def count_by_state(self) -> dict[RunState, int]:
         with self.read() as s:
             return {st: n for st, n in s.execute(select(Run.state, func.count()).group_by(Run.state))}
 

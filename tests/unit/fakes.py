@@ -17,12 +17,17 @@ class FakeHost:
     def advance(self, seconds: float) -> None:
         self.now += seconds
 
+    sleep = advance
+
     def killpg(self, pgid: int, sig: int) -> bool:
         self.signals.append((pgid, sig))
         return pgid in self.alive_groups
 
     def group_alive(self, pgid: int) -> bool:
         return pgid in self.alive_groups
+
+    def process_create_time(self, pid: int) -> float | None:
+        return None
 
     # memory readings for the guard policy
     rss: dict[int, int]

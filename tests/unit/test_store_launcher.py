@@ -147,7 +147,6 @@ def test_reconcile_kills_all_live_groups_within_one_shared_grace(tmp_path: Path,
     from lab_attendant.config import parse_config
     from lab_attendant.daemon import Daemon
 
-    monkeypatch.setattr("lab_attendant.daemon.time.sleep", lambda s: None)
     cfg = parse_config({"paths": {"state_dir": "var"}, "limits": {"kill_grace_s": 2.0}},
                        base_dir=tmp_path, source=None)
     host = _DeafGroupsHost()
@@ -166,7 +165,7 @@ def test_reconcile_kills_all_live_groups_within_one_shared_grace(tmp_path: Path,
         assert set(host.signals[:2]) == {(4242, signal.SIGTERM), (4343, signal.SIGTERM)}
         assert set(host.signals[2:4]) == {(4242, signal.SIGKILL), (4343, signal.SIGKILL)}
         assert host.now - start <= 2.0 + 0.2           # one grace for both, not 2 x 2.0 s
-        runs = daemon.store.list_runs(states=["lost"])
+        runs = daemon.store.list_runs(states=[RunState.LOST])
         assert len(runs) == 3 and not host.alive_groups
         assert sum("was still running and was killed" in r.reason for r in runs) == 2
     finally:
@@ -181,5 +180,25 @@ def test_merge_metrics_folds_keys_in_and_keeps_the_rest(tmp_path: Path):
         store.merge_metrics(rid, {"tokens": 5, "engine_variants": "PFFP"})
         assert store.get(rid).metrics == {"tokens": 5, "model": "a", "engine_variants": "PFFP"}
         store.merge_metrics(rid + 100, {"x": 1})      # a run that is gone: nothing to fold into
+    finally:
+        store.close()
+
+
+def test_a_version_1_store_is_migrated_in_place_and_its_rows_read_as_states(tmp_path: Path):
+    import sqlite3
+    db = tmp_path / "db.sqlite3"
+    store = Store(db)
+    rid = store.submit(kind="sleepy", params={}, priority=0, timeout_s=60, needs_paging=True).id
+    store.close()
+    with sqlite3.connect(db) as conn:                    # what a version-1 daemon left behind
+        conn.execute("ALTER TABLE runs DROP COLUMN hold_code")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    store = Store(db)
+    try:
+        assert store.get(rid).state is RunState.QUEUED
+        store.transition(rid, RunState.HELD, "paging off", hold_code="paging_off")
+        assert store.get(rid).hold_code == "paging_off"
+        assert store.get_meta("schema_version") == 2
+        assert store.count_by_state() == {RunState.HELD: 1}
     finally:
         store.close()

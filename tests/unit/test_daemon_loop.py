@@ -1,0 +1,269 @@
+"""The daemon's loop without processes: a fake host (clock, signals), a fake launcher (scripted
+workers) and fake sensors around the real Daemon, Launcher stop/escalate logic and a real SQLite
+store. Admission, holds by code, guard kills, timeouts, warm and cold shutdown, classify()."""
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs import protocol
+from jobs.spec import RunSpec
+from lab_attendant.config import parse_config
+from lab_attendant.daemon import HOLD_PAGING_OFF, Daemon, WorkerExit, classify
+from lab_attendant.host import GpuReading
+from lab_attendant.launcher import Launcher, Worker
+from lab_attendant.states import RunState
+from tests.unit.fakes import FakeHost, FakeSensors
+
+EXIT_TERMINATED = 128 + signal.SIGTERM          # what jobs.worker returns after SIGTERM
+
+
+@dataclass
+class FakeProc:
+    pid: int
+    obeys_sigterm: bool = True
+    exit_code: int | None = None                # set by the test: the worker ended by itself
+
+
+@dataclass
+class FakeLauncher(Launcher):
+    """The real Launcher's stop/kill/escalate, with scripted workers instead of processes."""
+    host: FakeHost = field(default_factory=FakeHost)
+    kill_grace_s: float = 2.0
+    specs: list[RunSpec] = field(default_factory=list)
+    procs: dict[int, FakeProc] = field(default_factory=dict)     # run id -> its worker
+    events: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    obeys_sigterm: bool = True
+
+    def spawn(self, spec: RunSpec, *, python: Path, timeout_s: float) -> Worker:
+        self.specs.append(spec)
+        proc = FakeProc(pid=5000 + spec.run_id, obeys_sigterm=self.obeys_sigterm)
+        self.procs[spec.run_id] = proc
+        self.host.alive_groups.add(proc.pid)
+        now = self.host.monotonic()
+        return Worker(run_id=spec.run_id, needs_paging=spec.needs_paging, proc=proc,
+                      events_fd=-1, output_fd=-1, started_mono=now, deadline_mono=now + timeout_s)
+
+    def emit(self, run_id: int, event: str, **fields: Any) -> None:
+        self.events.setdefault(run_id, []).append({"event": event, **fields})
+
+    def finish(self, run_id: int, code: int, result: str | None = None) -> None:
+        if result:
+            self.emit(run_id, protocol.RESULT, path=result)
+        self.procs[run_id].exit_code = code
+
+    def read_events(self, w: Worker) -> list[dict[str, Any]]:
+        return self.events.pop(w.run_id, [])
+
+    def read_output(self, w: Worker, *, final: bool = False) -> list[bytes]:
+        return []
+
+    def poll(self, w: Worker) -> int | None:
+        proc = self.procs[w.run_id]
+        sent = {sig for pgid, sig in self.host.signals if pgid == proc.pid}
+        if proc.exit_code is None and signal.SIGKILL in sent:
+            proc.exit_code = -signal.SIGKILL
+        elif proc.exit_code is None and signal.SIGTERM in sent and proc.obeys_sigterm:
+            proc.exit_code = EXIT_TERMINATED
+        return proc.exit_code
+
+    def cleanup(self, w: Worker) -> None:
+        self.host.alive_groups.discard(w.pgid)
+
+
+def _daemon(tmp_path: Path, *, paging: bool = True, **sections: Any) -> tuple[Daemon, FakeLauncher, FakeSensors]:
+    cfg = parse_config({"paths": {"state_dir": "var"}, "worker": {"python": sys.executable},
+                        "limits": {"kill_grace_s": 2.0, "shutdown_grace_s": 30.0},
+                        "guards": {"guard_interval_s": 1.0, "min_available_ram_bytes": 0},
+                        **sections}, base_dir=tmp_path, source=None)
+    host, sensors = FakeHost(), FakeSensors()
+    launcher = FakeLauncher(host=host, kill_grace_s=cfg.limits.kill_grace_s)
+    daemon = Daemon(cfg, experimental_paging=paging, host=host, launcher=launcher, sensors=sensors)
+    daemon.open()
+    return daemon, launcher, sensors
+
+
+@pytest.fixture
+def loop(tmp_path: Path):
+    made: list[Daemon] = []
+
+    def make(**kw: Any):
+        d, launcher, sensors = _daemon(tmp_path, **kw)
+        made.append(d)
+        return d, launcher, sensors
+    yield make
+    for d in made:
+        d.close()
+
+
+def _submit(d: Daemon, kind: str = "probe", *, timeout_s: float = 600.0, **params: Any) -> int:
+    return d.store.submit(kind=kind, params=params, priority=0, timeout_s=timeout_s,
+                          needs_paging=d.kinds[kind].needs_paging).id
+
+
+def _state(d: Daemon, run_id: int) -> tuple[RunState, str]:
+    run = d.store.get(run_id)
+    return run.state, run.reason
+
+
+def test_admits_a_run_writes_its_typed_spec_and_ends_succeeded(loop):
+    d, launcher, _ = loop()
+    rid = _submit(d, "nightly_insights", archive="/a", batch_size=4)
+    d.tick()
+    assert _state(d, rid)[0] is RunState.STARTING
+    spec = launcher.specs[0]
+    assert (spec.run_id, spec.kind, spec.module, spec.params) == (
+        rid, "nightly_insights", "jobs.nightly_insights", {"archive": "/a", "batch_size": 4})
+    assert spec.model is not None and spec.model.name == "gemma-3-270m"
+    launcher.emit(rid, protocol.STARTED, t=1.0)
+    launcher.emit(rid, protocol.PROGRESS, done=2, total=5, unit="notes")
+    d.tick()
+    run = d.store.get(rid)
+    assert run.state is RunState.RUNNING and (run.progress_done, run.progress_total) == (2, 5)
+    launcher.finish(rid, protocol.EXIT_OK, result="/out/insights.json")
+    d.tick()
+    assert _state(d, rid) == (RunState.SUCCEEDED, "result written to /out/insights.json")
+    assert not d.workers and d.should_exit() is False
+
+
+def test_paging_runs_are_held_by_code_and_released_when_the_hold_lifts(loop):
+    d, launcher, _ = loop(paging=False)
+    paging_run, plain_run = _submit(d, "nightly_insights", archive="/a"), _submit(d, "probe")
+    d.tick()
+    run = d.store.get(paging_run)
+    assert (run.state, run.hold_code, run.reason) == (RunState.HELD, "paging_off",
+                                                      HOLD_PAGING_OFF.reason)
+    assert _state(d, plain_run)[0] is RunState.STARTING        # plain kinds are not held
+    n_events = len(d.store.events(paging_run))
+    d.tick()
+    d.tick()
+    assert len(d.store.events(paging_run)) == n_events         # same code: not re-held each tick
+    d.experimental_paging = True
+    launcher.finish(plain_run, protocol.EXIT_OK, result="/r")
+    d.tick()
+    states = [e.to_state for e in d.store.events(paging_run)]
+    assert states[-2:] == ["queued", "starting"] and d.store.get(paging_run).hold_code is None
+
+
+def test_thermal_guard_kills_the_paging_worker_and_holds_the_next(loop):
+    d, launcher, sensors = loop()
+    sensors.gpus = [GpuReading(index=0, temperature_c=60)]
+    first = _submit(d, "nightly_insights", archive="/a")
+    d.tick()
+    launcher.emit(first, protocol.STARTED)
+    sensors.gpus = [GpuReading(index=0, temperature_c=91)]
+    d.host.advance(1.0)
+    d.tick()                                                   # guard: SIGTERM to the group
+    assert (launcher.procs[first].pid, signal.SIGTERM) in d.host.signals
+    second = _submit(d, "nightly_insights", archive="/b")
+    d.tick()                                                   # reaped; the new run is held
+    state, reason = _state(d, first)
+    assert state is RunState.KILLED_THERMAL and "91 °C > 85 °C limit" in reason
+    run = d.store.get(second)
+    assert (run.state, run.hold_code) == (RunState.HELD, "thermal")
+    assert [g.action for g in d.store.guard_events()] == ["kill", "hold"]
+    sensors.gpus = [GpuReading(index=0, temperature_c=70)]
+    d.host.advance(1.0)
+    d.tick()
+    assert d.store.get(second).state is RunState.STARTING
+
+
+def test_timeout_sends_sigterm_then_sigkill_after_the_grace(loop):
+    d, launcher, _ = loop()
+    launcher.obeys_sigterm = False
+    rid = _submit(d, timeout_s=5.0)
+    d.tick()
+    pid = launcher.procs[rid].pid
+    d.host.advance(5.0)
+    d.tick()
+    assert d.host.signals == [(pid, signal.SIGTERM)]
+    d.host.advance(1.9)
+    d.tick()
+    assert signal.SIGKILL not in {s for _, s in d.host.signals}  # grace (2 s) not over yet
+    d.host.advance(0.2)
+    d.tick()                                                   # SIGKILL sent
+    d.tick()                                                   # and reaped
+    state, reason = _state(d, rid)
+    assert state is RunState.TIMED_OUT
+    assert reason == "timed out after 5 s; worker exited by SIGKILL (SIGKILL after grace)"
+
+
+def test_warm_shutdown_admits_nothing_and_lets_running_runs_finish(loop):
+    d, launcher, _ = loop()
+    running = _submit(d)
+    d.tick()
+    d._on_signal(signal.SIGTERM)
+    waiting = _submit(d)
+    d.tick()
+    assert _state(d, waiting)[0] is RunState.QUEUED and not d.should_exit()
+    assert d.host.signals == []                                # the running run is left alone
+    launcher.finish(running, protocol.EXIT_OK, result="/r")
+    d.tick()
+    assert _state(d, running)[0] is RunState.SUCCEEDED and d.should_exit()
+    assert _state(d, waiting)[0] is RunState.QUEUED            # still there for the next daemon
+
+
+def test_warm_shutdown_requeues_runs_still_going_when_its_grace_runs_out(loop):
+    d, launcher, _ = loop()
+    rid = _submit(d)
+    d.tick()
+    d._on_signal(signal.SIGTERM)
+    d.tick()
+    d.host.advance(30.0)
+    d.tick()
+    d.tick()
+    state, reason = _state(d, rid)
+    assert state is RunState.QUEUED and "shutdown grace of 30 s ran out" in reason
+    assert d.store.get(rid).pid is None and d.should_exit()
+
+
+def test_cold_shutdown_kills_at_once_and_requeues(loop):
+    d, launcher, _ = loop()
+    launcher.obeys_sigterm = False
+    rid = _submit(d)
+    d.tick()
+    d._on_signal(signal.SIGTERM)
+    d._on_signal(signal.SIGINT)
+    d.tick()
+    pid = launcher.procs[rid].pid
+    assert (pid, signal.SIGKILL) in d.host.signals             # no grace on a cold stop
+    d.tick()
+    state, reason = _state(d, rid)
+    assert state is RunState.QUEUED and "cold shutdown" in reason
+
+
+def test_cancel_of_a_running_run_stops_its_group(loop):
+    d, launcher, _ = loop()
+    rid = _submit(d)
+    d.tick()
+    d.store.request_cancel(rid)
+    d.tick()
+    d.tick()
+    assert _state(d, rid) == (RunState.CANCELLED,
+                              f"cancelled by user; worker exited with code {EXIT_TERMINATED}")
+
+
+@pytest.mark.parametrize("exit_info, state, needle", [
+    (WorkerExit(0, result_path="/r/x.json"), RunState.SUCCEEDED, "result written to /r/x.json"),
+    (WorkerExit(0), RunState.FAILED, "exited 0 without reporting a result"),
+    (WorkerExit(protocol.EXIT_OOM, error={"type": "OutOfMemoryError", "message": "CUDA",
+                                          "requested_bytes": 2 * 1024**3, "free_bytes": 1024**3}),
+     RunState.OOM, "out of memory: requested 2.0 GiB with 1.0 GiB free; OutOfMemoryError: CUDA"),
+    (WorkerExit(protocol.EXIT_BAD_SPEC, error={"type": "SpecError", "message": "key 'x' is missing"}),
+     RunState.FAILED, "worker refused its spec: SpecError: key 'x' is missing"),
+    (WorkerExit(-signal.SIGKILL, near_memory_limit=True, memory_hint=" at 23.1 GiB RSS"),
+     RunState.OOM, "worker exited by SIGKILL at 23.1 GiB RSS"),
+    (WorkerExit(-signal.SIGKILL), RunState.FAILED, "worker exited by SIGKILL"),
+    (WorkerExit(1, error={"type": "ValueError", "message": "bad"}), RunState.FAILED,
+     "ValueError: bad (exited with code 1)"),
+    (WorkerExit(-signal.SIGKILL, RunState.KILLED_THERMAL, "killed: GPU at 91 °C", forced=True),
+     RunState.KILLED_THERMAL, "killed: GPU at 91 °C; worker exited by SIGKILL (SIGKILL after grace)"),
+])
+def test_classify_maps_exit_information_to_a_state_and_a_sentence(exit_info, state, needle):
+    got_state, reason = classify(exit_info)
+    assert got_state is state and needle in reason
