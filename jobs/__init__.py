@@ -1,5 +1,4 @@
-"""Worker side of lab-attendant: job kinds, the worker entry point and the paging engine.
-
-Only `kinds`, `protocol` and `units` are stdlib-only (the supervisor imports them); the rest
-runs inside the experimental venv.
+"""Worker side of lab-attendant. The root holds the stdlib contract the supervisor imports (`kinds`,
+`protocol`, `units`, `atomic`, `spec`, `errors`, `venv_check`), the worker entry and one module per
+job kind; `lib/` holds the helpers the kinds share and `paging/` the engine (experimental venv only).
 """

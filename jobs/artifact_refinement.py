@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, rubric
 from .atomic import write_atomic
-from .llm import Engine, first_sentence
+from .lib import artifacts, rubric
+from .lib.llm import Engine, first_sentence
 
 BODY_CHARS = 800           # of each artifact shown to the model
 CRITERIA = {

@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .clustering import cosine
-from .embed import Embedder
-from .llm import Engine, first_sentence
+from .lib.clustering import cosine
+from .lib.embed import Embedder
+from .lib.llm import Engine, first_sentence
 
 STRENGTH_SIMILARITY = 0.4   # a requirement whose best CV line is at least this close is covered
 POSTING_SUFFIXES = (".md", ".txt")

@@ -8,9 +8,9 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from . import clustering, manifest
-from .embed import Embedder
-from .llm import Engine, first_sentence
+from .lib import clustering, manifest
+from .lib.embed import Embedder
+from .lib.llm import Engine, first_sentence
 
 NOTE_CHARS = 800           # of each note shown to the model (the map prompt's budget)
 THEME_MEMBERS_SHOWN = 5    # summaries shown when the model names a theme

@@ -46,7 +46,7 @@ class Context:
         """Open the run's model (spec.model) through the engine; reports engine metrics."""
         if self.spec.model is None:
             raise SpecError(f"kind '{self.spec.kind}' asked for a model but its spec has none")
-        from jobs.llm import Engine  # torch: imported only by kinds that use a model
+        from jobs.lib.llm import Engine  # torch: imported only by kinds that use a model
         return Engine(self, self.spec.model, batch_size=batch_size)
 
     def progress(self, done: int, total: int, unit: str = "items") -> None:

@@ -9,8 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jobs import rubric  # noqa: E402
-from jobs.llm import Engine, ModelUnavailable, load_model  # noqa: E402
+from jobs.lib import rubric  # noqa: E402
+from jobs.lib.llm import Engine, ModelUnavailable, load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"name": "gemma-3-270m", "path": str(ROOT / "models" / "gemma-3-270m"), "kind": "dense",
@@ -77,8 +77,8 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 
 
 def test_minilm_embeddings_put_related_texts_closer():
-    from jobs.clustering import cosine
-    from jobs.embed import Embedder
+    from jobs.lib.clustering import cosine
+    from jobs.lib.embed import Embedder
     a, b, c = Embedder().embed(["A bike tour along the river.", "Cycling trip by the water.",
                                 "The database ran out of disk space."])
     assert cosine(a, b) > cosine(a, c) + 0.2

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import artifacts, clustering, manifest, rubric
+from jobs.lib import artifacts, clustering, manifest, rubric
 
 
 def test_manifest_diff_new_changed_removed_and_touch_is_unchanged(tmp_path: Path):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_atomic
+from jobs.atomic import write_atomic
 
 NOTE_SUFFIXES = (".md", ".txt")
 _DATE_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})")

@@ -1,5 +1,5 @@
 """Rubric scoring from option log-probabilities: P(yes) / (P(yes) + P(no)) per criterion, their
-mean as the score, and a one-line reason. Stdlib only; the model side lives in jobs/llm.py."""
+mean as the score, and a one-line reason. Stdlib only; the model side lives in jobs/lib/llm.py."""
 from __future__ import annotations
 
 import math

@@ -6,11 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.errors import ArtifactError
+
 TECHNICAL_STORY = "technical-story"   # FEAT-075: passed through verbatim, never summarized
-
-
-class ArtifactError(ValueError):
-    """An artifact file the job cannot read; the message names the file and what to fix."""
 
 
 @dataclass(frozen=True)
