@@ -8,24 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SpecError
+from .typed import ByteSize, Reader
 
 SPEC_VERSION = 1
 DEFAULT_MODEL = "gemma-3-270m"        # the embedded model (`lab-attendant model import-default`)
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
-VARIANT_MODES = ("precise", "fast", "auto")
-KV_KINDS = ("fp", "int8", "fp8")
-KERNEL_CHOICES = ("auto", "liger", "torch")
-
-
-class ByteSize(int):
-    """A byte count; config tables accept an integer or a string such as "2GiB" / "500MB"."""
+DType = Literal["fp32", "bf16", "fp16"]
+VariantMode = Literal["precise", "fast", "auto"]
+KvKind = Literal["fp", "int8", "fp8"]
+KernelChoice = Literal["auto", "liger", "torch"]
+DTYPE_NAMES: tuple[str, ...] = typing.get_args(DType)
+VARIANT_MODES: tuple[str, ...] = typing.get_args(VariantMode)
+KV_KINDS: tuple[str, ...] = typing.get_args(KvKind)
+KERNEL_CHOICES: tuple[str, ...] = typing.get_args(KernelChoice)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,17 +33,17 @@ class ModelSettings:
     """What a [models.NAME] table may set; the defaults live here and nowhere else."""
     kind: Literal["dense", "moe"] = "dense"  # dense: layer streaming; moe: expert paging
     device: str = "cpu"                    # "cpu", "cuda", "cuda:1"
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 is faster than bf16 on CPU
+    dtype: DType = "fp32"  # fp32 is faster than bf16 on CPU
     vram_budget_bytes: ByteSize | None = None   # decoder layers on the device; None: all
     ram_budget_bytes: ByteSize | None = None    # streamed layers cached in host RAM
     expert_cache_bytes: ByteSize | None = None  # MoE only: device expert cache
     # precise: the original weights; fast: the 4-bit variant of every decoder layer (dense) or
     # of the experts (moe), written by `lab-attendant model quantize NAME`; auto: dense layers by
     # policy (first/last keep_precise_layers precise, the rest fast), experts fast.
-    variant: Literal["precise", "fast", "auto"] = "precise"
+    variant: VariantMode = "precise"
     keep_precise_layers: int = 1           # auto only: layers at each end that stay precise
-    kv_cache: Literal["fp", "int8", "fp8"] = "fp"  # int8: HQQ 8-bit; fp8: e4m3 (speed needs Hopper+)
-    kernels: Literal["auto", "liger", "torch"] = "auto"  # auto: Liger on CUDA when installed
+    kv_cache: KvKind = "fp"  # int8: HQQ 8-bit; fp8: e4m3 (speed needs Hopper+)
+    kernels: KernelChoice = "auto"  # auto: Liger on CUDA when installed
     cache_policy: Literal["lru", "lfu"] = "lru"  # MoE only: which expert leaves the device cache
 
     def settings(self) -> dict[str, Any]:
@@ -92,7 +92,7 @@ class RunSpec:
             raise SpecError(f"spec version {data.get('version')!r} is not {SPEC_VERSION}: the "
                             "daemon and the worker come from different lab-attendant versions; "
                             "restart the daemon after an upgrade")
-        return _build(cls, data, "")
+        return Reader("spec", SpecError).build(cls, data)
 
     def write(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,40 +106,3 @@ class RunSpec:
         except OSError as exc:
             raise SpecError(f"cannot read spec {path}: {exc.strerror or exc}") from None
         return cls.from_json(text)
-
-
-def _check(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _check(key, value, inner[0])
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise SpecError(f"spec key '{key}' must be an object, got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise SpecError(f"spec key '{key}' must be one of "
-                            f"{', '.join(map(repr, typing.get_args(tp)))}, got {value!r}")
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    base = {ByteSize: int, dict[str, Any]: dict}.get(tp, origin or tp)
-    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-        raise SpecError(f"spec key '{key}' must be {getattr(base, '__name__', base)}, got {value!r}")
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise SpecError(f"unknown spec key '{prefix}{unknown[0]}'; known: {', '.join(sorted(fields))}")
-    missing = [n for n, f in fields.items() if n not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise SpecError(f"spec key '{prefix}{missing[0]}' is missing")
-    return cls(**{k: _check(prefix + k, v, hints[k]) for k, v in data.items()})

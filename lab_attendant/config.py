@@ -7,14 +7,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from jobs.spec import DEFAULT_MODEL, ByteSize, ModelSettings, ModelSpec
-from jobs.units import parse_size
+from jobs.spec import DEFAULT_MODEL, ModelSettings, ModelSpec
+from jobs.typed import ByteSize, Reader
 
 from . import PROJECT_ROOT
 from .errors import ConfigError
@@ -189,95 +187,6 @@ class Config:
                          **model.settings())
 
 
-_SECTIONS = {k: v for k, v in typing.get_type_hints(Config).items() if k != "source"}
-
-
-def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            Path: "a path string"}.get(tp, str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any, base_dir: Path) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a table ([{key}])")
-        return _build(tp, value, f"{key}.", base_dir)
-    if origin is tuple:
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        return tuple(_coerce(f"{key}[{i}]", v, item_tp, base_dir) for i, v in enumerate(value))
-    if origin is dict:
-        (_key_tp, item_tp) = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a table, got {value!r}")
-        return {k: _coerce(f"{key}.{k}", v, item_tp, base_dir) for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(key, value, inner[0], base_dir)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"config key '{key}' must be one of "
-                              f"{', '.join(map(repr, typing.get_args(tp)))}, got {value!r}")
-        return value
-    if tp is ByteSize:
-        if not isinstance(value, (int, str)) or isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be a byte count: an integer or a string "
-                              f"such as \"2GiB\", got {value!r}")
-        try:
-            return ByteSize(parse_size(value))
-        except ValueError as exc:
-            raise ConfigError(f"config key '{key}': {exc}") from None
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp in (str, Path):
-        ok = isinstance(value, str)
-    else:  # pragma: no cover - a dataclass field with a type this loader does not know
-        raise AssertionError(f"unsupported config type {tp} for {key}")
-    if not ok:
-        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
-    if tp is Path:
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else (base_dir / p)
-    return value
-
-
-def _build(cls: type, table: dict[str, Any], prefix: str, base_dir: Path) -> Any:
-    """Instantiate dataclass `cls` from a TOML table: unknown keys and wrong types are errors;
-    relative paths (given or default) and nested tables resolve against base_dir."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in table:
-        if key not in fields:
-            if not prefix:
-                raise ConfigError(f"unknown config section [{key}]; known sections: "
-                                  f"{', '.join('[' + k + ']' for k in fields if k != 'source')}")
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'; known keys in [{prefix.rstrip('.')}]: "
-                f"{', '.join(sorted(fields))}"
-            )
-    kwargs = {k: _coerce(prefix + k, v, hints[k], base_dir) for k, v in table.items()}
-    for name, f in fields.items():
-        if name in kwargs:
-            continue
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"config key '{prefix}{name}' is required")
-        if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], {}, f"{prefix}{name}.", base_dir)
-        elif f.default is not dataclasses.MISSING and isinstance(f.default, Path) \
-                and not f.default.is_absolute():
-            kwargs[name] = base_dir / f.default
-    return cls(**kwargs)
-
-
 def load_config(path: str | os.PathLike | None = None) -> Config:
     """Find and load the config (see module docstring); relative paths resolve against the
     config file's folder, or the current directory for built-in defaults."""
@@ -301,7 +210,8 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
 def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None) -> Config:
     if "source" in data:
         raise ConfigError("unknown config section [source]")
-    cfg = dataclasses.replace(_build(Config, data, "", base_dir), source=source)
+    reader = Reader("config", ConfigError, base_dir=base_dir, tables=True)
+    cfg = dataclasses.replace(reader.build(Config, data), source=source)
     from .scheduler import validate_schedules  # needs the kind registry; import here, not at top
     validate_schedules(cfg)
     _check(cfg)

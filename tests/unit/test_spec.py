@@ -52,13 +52,13 @@ def test_model_spec_takes_every_setting_and_its_defaults_from_one_place(tmp_path
 
 @pytest.mark.parametrize("mutate, needle", [
     (lambda d: d.update(surprise=1), "unknown spec key 'surprise'"),
-    (lambda d: d.pop("output_dir"), "spec key 'output_dir' is missing"),
+    (lambda d: d.pop("output_dir"), "spec key 'output_dir' is required"),
     (lambda d: d["model"].update(colour="red"), "unknown spec key 'model.colour'"),
-    (lambda d: d["model"].pop("path"), "spec key 'model.path' is missing"),
+    (lambda d: d["model"].pop("path"), "spec key 'model.path' is required"),
     (lambda d: d["model"].update(dtype="fp8"), "spec key 'model.dtype' must be one of"),
-    (lambda d: d.update(run_id="7"), "spec key 'run_id' must be int"),
-    (lambda d: d.update(needs_paging=1), "spec key 'needs_paging' must be bool"),
-    (lambda d: d.update(params=[]), "spec key 'params' must be dict"),
+    (lambda d: d.update(run_id="7"), "spec key 'run_id' must be an integer"),
+    (lambda d: d.update(needs_paging=1), "spec key 'needs_paging' must be true or false"),
+    (lambda d: d.update(params=[]), "spec key 'params' must be a table"),
     (lambda d: d.update(version=99), "spec version 99 is not"),
 ])
 def test_spec_rejects_unknown_missing_and_mistyped_keys(tmp_path: Path, mutate, needle):
@@ -70,7 +70,7 @@ def test_spec_rejects_unknown_missing_and_mistyped_keys(tmp_path: Path, mutate, 
 
 
 @pytest.mark.parametrize("content, needle", [
-    ('{"version": 1, "run_id": 1}', "spec key 'kind' is missing"),
+    ('{"version": 1, "run_id": 1}', "spec key 'kind' is required"),
     ("not json", "spec is not valid JSON"),
 ])
 def test_worker_exits_bad_spec_with_a_sentence(tmp_path: Path, content, needle):
