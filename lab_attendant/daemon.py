@@ -9,21 +9,19 @@ import os
 import select
 import signal
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jobs import protocol
 from jobs.kinds import Kind, registry
 from jobs.spec import SPEC_VERSION, RunSpec
-from jobs.units import format_size
 
 from .config import Config
 from .cotenants import Cotenants
 from .errors import ConfigError
 from .guards import Action, Guards, WorkerInfo
 from .host import Host, make_sensors, signal_name
-from .launcher import Launcher, Worker
+from .launcher import Launcher, Worker, WorkerExit, classify
 from .lock import DaemonLock
 from .logsetup import RunOutput, get_logger, log_for
 from .scheduler import Schedules
@@ -35,44 +33,6 @@ HOLD_PAGING_OFF = Hold("paging_off", "experimental paging is off; start the daem
                        "--experimental-paging to run this kind")
 HEARTBEAT_EVERY_S = 2.0
 
-
-@dataclass(frozen=True)
-class WorkerExit:
-    """What is known once a worker is reaped: everything classify() decides from."""
-    code: int                              # Popen returncode; -N: ended by signal N
-    stop_state: RunState | None = None     # the daemon stopped it, to end in this state
-    stop_reason: str = ""
-    forced: bool = False                   # SIGKILL after the grace ran out
-    result_path: str | None = None         # from the worker's `result` event
-    error: dict[str, Any] | None = None    # its `error` event
-    near_memory_limit: bool = False        # guards' evidence for a SIGKILL from outside
-    memory_hint: str = ""                  # the readings behind it, for the reason
-
-
-def classify(x: WorkerExit) -> tuple[RunState, str]:
-    """The final state of a reaped worker and the sentence that says why."""
-    how = f"exited by {signal_name(-x.code)}" if x.code < 0 else f"exited with code {x.code}"
-    if x.stop_state is not None:
-        forced = " (SIGKILL after grace)" if x.forced else ""
-        return x.stop_state, f"{x.stop_reason}; worker {how}{forced}"
-    err = f"{x.error.get('type')}: {x.error.get('message')}" if x.error else None
-    if x.code == protocol.EXIT_OK:
-        if x.result_path:
-            return RunState.SUCCEEDED, f"result written to {x.result_path}"
-        return RunState.FAILED, "worker exited 0 without reporting a result"
-    if x.code == protocol.EXIT_OOM:
-        sizes = ""
-        if x.error and x.error.get("requested_bytes") is not None:
-            sizes = (f"requested {format_size(x.error['requested_bytes'])} with "
-                     f"{format_size(x.error['free_bytes'])} free; ")
-        return RunState.OOM, f"out of memory: {sizes}{err or 'worker reported OOM'}"
-    if x.code == protocol.EXIT_BAD_SPEC:
-        return RunState.FAILED, f"worker refused its spec: {err or how}"
-    if x.code == -signal.SIGKILL:
-        return (RunState.OOM if x.near_memory_limit else RunState.FAILED), f"worker {how}{x.memory_hint}"
-    if x.code < 0:
-        return RunState.FAILED, f"worker {how}" + (f" after error {err}" if err else "")
-    return RunState.FAILED, f"{err} ({how})" if err else f"worker {how}"
 
 log = get_logger("lab_attendant.daemon")
 

@@ -1,4 +1,5 @@
-"""Spawn, signal and reap worker process groups; read their event pipe and output pipe.
+"""Spawn, signal and reap worker process groups; read their event pipe and output pipe; say how
+a reaped worker ended (classify).
 
 Stopping is two-step: SIGTERM to the group, SIGKILL after kill_grace_s; a reaped worker's group
 is always SIGKILLed once more so that no grandchild outlives its run.
@@ -12,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs import protocol
 from jobs.atomic import write_atomic
 from jobs.protocol import EVENT_FD_ENV, LineBuffer
 from jobs.spec import RunSpec
+from jobs.units import format_size
 
 from . import PROJECT_ROOT
-from .host import Host
+from .host import Host, signal_name
 from .states import RunState
 
 READ_CHUNK = 65536
@@ -50,6 +53,44 @@ class Worker:
     def pgid(self) -> int:
         return self.proc.pid             # start_new_session: the worker leads its group
 
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """What is known once a worker is reaped: everything classify() decides from."""
+    code: int                              # Popen returncode; -N: ended by signal N
+    stop_state: RunState | None = None     # the daemon stopped it, to end in this state
+    stop_reason: str = ""
+    forced: bool = False                   # SIGKILL after the grace ran out
+    result_path: str | None = None         # from the worker's `result` event
+    error: dict[str, Any] | None = None    # its `error` event
+    near_memory_limit: bool = False        # guards' evidence for a SIGKILL from outside
+    memory_hint: str = ""                  # the readings behind it, for the reason
+
+
+def classify(x: WorkerExit) -> tuple[RunState, str]:
+    """The final state of a reaped worker and the sentence that says why."""
+    how = f"exited by {signal_name(-x.code)}" if x.code < 0 else f"exited with code {x.code}"
+    if x.stop_state is not None:
+        forced = " (SIGKILL after grace)" if x.forced else ""
+        return x.stop_state, f"{x.stop_reason}; worker {how}{forced}"
+    err = f"{x.error.get('type')}: {x.error.get('message')}" if x.error else None
+    if x.code == protocol.EXIT_OK:
+        if x.result_path:
+            return RunState.SUCCEEDED, f"result written to {x.result_path}"
+        return RunState.FAILED, "worker exited 0 without reporting a result"
+    if x.code == protocol.EXIT_OOM:
+        sizes = ""
+        if x.error and x.error.get("requested_bytes") is not None:
+            sizes = (f"requested {format_size(x.error['requested_bytes'])} with "
+                     f"{format_size(x.error['free_bytes'])} free; ")
+        return RunState.OOM, f"out of memory: {sizes}{err or 'worker reported OOM'}"
+    if x.code == protocol.EXIT_BAD_SPEC:
+        return RunState.FAILED, f"worker refused its spec: {err or how}"
+    if x.code == -signal.SIGKILL:
+        return (RunState.OOM if x.near_memory_limit else RunState.FAILED), f"worker {how}{x.memory_hint}"
+    if x.code < 0:
+        return RunState.FAILED, f"worker {how}" + (f" after error {err}" if err else "")
+    return RunState.FAILED, f"{err} ({how})" if err else f"worker {how}"
 
 def worker_env(event_fd: int) -> dict[str, str]:
     env = dict(os.environ)

@@ -14,9 +14,9 @@ import pytest
 from jobs import protocol
 from jobs.spec import RunSpec
 from lab_attendant.config import parse_config
-from lab_attendant.daemon import HOLD_PAGING_OFF, Daemon, WorkerExit, classify
+from lab_attendant.daemon import HOLD_PAGING_OFF, Daemon
 from lab_attendant.host import GpuReading
-from lab_attendant.launcher import Launcher, Worker
+from lab_attendant.launcher import Launcher, Worker, WorkerExit, classify
 from lab_attendant.states import RunState
 from tests.unit.fakes import FakeHost, FakeSensors
 
