@@ -36,3 +36,8 @@ class ArtifactError(ValueError):
 
 class UsageError(ValueError):
     """Bad command-line input to an engine front end (prompts, sizes); says what to pass."""
+
+
+class SettingError(ValueError):
+    """A model setting the model's engine cannot honour (e.g. vram_budget_bytes on a MoE model);
+    refused rather than dropped, and the message says which setting to remove."""

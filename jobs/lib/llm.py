@@ -1,5 +1,5 @@
-"""The one model helper the job kinds share: load the run's model (dense -> layer streaming, moe ->
-expert pager), complete prompts in batches, score answer options, and report engine metrics."""
+"""The one model helper the job kinds share: open the run's model (jobs.paging.open: dense -> layer
+streaming, moe -> expert pager), complete prompts in batches, score answer options, report engine metrics."""
 from __future__ import annotations
 
 import time
@@ -10,29 +10,10 @@ import torch
 
 from jobs.errors import ModelUnavailable
 from jobs.paging.generate import generate
+from jobs.paging.open import open_model
 from jobs.spec import ModelSpec
 
 ProgressFn = Callable[[int, int], None]
-
-
-def load_model(model: ModelSpec):
-    """Open the run's model: dense -> layer streaming, moe -> the expert pager."""
-    path = Path(model.path)
-    if not (path / "config.json").is_file():
-        raise ModelUnavailable(
-            f"model '{model.name}' folder {path} has no config.json; run `lab-attendant model "
-            f"import-default` for the embedded model, or fix [models.{model.name}] path")
-    if model.kind == "moe":
-        from jobs.paging.moe import load_paged_moe
-        return load_paged_moe(path, device=model.device, dtype=model.dtype,
-                              expert_cache_bytes=model.expert_cache_bytes,
-                              cache_policy=model.cache_policy, variant=model.variant,
-                              kernels=model.kernels)
-    from jobs.paging.layer_stream import load_streamed
-    return load_streamed(path, device=model.device, dtype=model.dtype,
-                         vram_budget_bytes=model.vram_budget_bytes,
-                         ram_budget_bytes=model.ram_budget_bytes, variant=model.variant,
-                         keep_precise=model.keep_precise_layers, kernels=model.kernels)
 
 
 class Engine:
@@ -43,8 +24,12 @@ class Engine:
         self.name = model_spec.name
         self.kv_cache = model_spec.kv_cache
         self.kv_cache_peak_bytes = 0
+        if not (Path(model_spec.path) / "config.json").is_file():
+            raise ModelUnavailable(
+                f"model '{self.name}' folder {model_spec.path} has no config.json; run `lab-attendant model "
+                f"import-default` for the embedded model, or fix [models.{self.name}] path")
         start = time.perf_counter()
-        self.loaded = load_model(model_spec)
+        self.loaded = open_model(model_spec)
         self.load_s = time.perf_counter() - start
         self.tokens_generated = 0
         self.prompt_tokens = 0

@@ -4,18 +4,18 @@ Owns the one-time import of the default model: assemble, dequantize via transfor
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
-import sys
 import tempfile
 from pathlib import Path
+
+from jobs.spec import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_OUT_DIR = REPO_ROOT / "models" / "gemma-3-270m"
+DEFAULT_OUT_DIR = REPO_ROOT / "models" / DEFAULT_MODEL
 # Written last, so its presence means every other file of the folder is complete.
 MARKER_NAME = "lab_attendant_import.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
@@ -81,20 +81,6 @@ def _write_hf_folder(gguf_path: Path, dest: Path) -> None:
     (dest / MARKER_NAME).write_text(json.dumps({"source": gguf_path.name, "dtype": "bfloat16"}) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.paging.convert", description=__doc__)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR,
-                        help=f"folder to write (default {DEFAULT_OUT_DIR})")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        out_dir = convert_default(args.out)
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(out_dir)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m jobs.paging.convert: the flags live in cli.py
+    from jobs.paging.cli import convert_main
+    raise SystemExit(convert_main())

@@ -10,7 +10,8 @@ from collections import Counter, OrderedDict, defaultdict
 
 import torch
 
-from jobs.paging.expert_store import BudgetError, ExpertStore
+from jobs.errors import BudgetError
+from jobs.paging.expert_store import ExpertStore
 from jobs.units import format_size
 
 log = logging.getLogger(__name__)

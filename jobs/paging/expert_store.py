@@ -12,13 +12,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from jobs.errors import BudgetError  # noqa: F401 - re-exported for the cache
-
+from jobs.errors import BudgetError
 from jobs.units import format_size
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Released checkpoints (and transformers 5's save_pretrained, which reverts its own fusion)
 # store w1 (gate), w3 (up), w2 (down) per expert; transformers 5 in memory fuses them.
@@ -26,14 +23,6 @@ PER_EXPERT_RE = re.compile(
     r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight$")
 _FUSED_RE = re.compile(
     r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj)$")
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def is_expert_key(name: str) -> bool:

@@ -1,27 +1,19 @@
-"""Batched text generation over a streamed (or paged) causal LM, and its command line.
+"""Batched text generation over a streamed (or paged) causal LM (its command line: cli.generate_main).
 
 Owns the decode loop: left padding, KV cache, greedy / top-p sampling, stop strings, progress, timing.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
-import logging
-import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS, KV_KINDS, kv_cache_nbytes, make_cache
-from jobs.paging.variants import MODES
-
-logger = logging.getLogger(__name__)
+from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS, kv_cache_nbytes, make_cache
 
 ProgressFn = Callable[[int, int], None]
+DEFAULT_BATCH_SIZE = 8  # prompts per pass over the weights when the caller does not say
 
 
 class LoadedModel(Protocol):
@@ -67,8 +59,8 @@ class GenerationResult:
     kv_cache_peak_bytes: int = 0  # largest cache any batch held, measured after each step
 
 
-def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8,
-             sampling: Sampling = Sampling(), stop: Sequence[str] = (),
+def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int = 64,
+             batch_size: int = DEFAULT_BATCH_SIZE, sampling: Sampling = Sampling(), stop: Sequence[str] = (),
              progress: ProgressFn | None = None, kv_cache: str = "fp",
              kv_residual: int = DEFAULT_RESIDUAL_TOKENS) -> GenerationResult:
     """Complete every prompt; a batch's prefill and each decode step cost one pass over the weights.
@@ -187,151 +179,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-# -- command line ---------------------------------------------------------------------------------
-class UsageError(ValueError):
-    """Bad command-line input; reported as one line on stderr with exit status 2."""
-
-
-def _size(text: str) -> int:
-    from jobs.units import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.paging.generate",
-                                description="Generate completions with a layer-streamed (or expert-paged) model.")
-    p.add_argument("--model", required=True, type=Path, help="Hugging Face model folder (safetensors)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", action="append", help="a prompt; repeat for several")
-    src.add_argument("--prompts-file", type=Path, help="one prompt per line (.jsonl: objects with 'prompt')")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    p.add_argument("--temperature", type=float, help="sample with this temperature instead of greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[], help="stop string; repeat for several")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
-                   help="compute dtype (default: fp32 on cpu, bf16 on cuda)")
-    p.add_argument("--vram-budget", type=_size, help="bytes of decoder layers on the device (e.g. 2GiB)")
-    p.add_argument("--ram-budget", type=_size, help="bytes of streamed layers cached in host RAM")
-    p.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
-    p.add_argument("--expert-cache-bytes", type=_size, help="MoE only: device bytes for cached experts")
-    p.add_argument("--cache-policy", choices=("lru", "lfu"), default="lru", help="MoE only: expert eviction")
-    p.add_argument("--variant", choices=MODES, default="precise",
-                   help="precise (original weights), fast (the 4-bit variant written by `lab-attendant model "
-                        "quantize`), auto (dense: first/last --keep-precise layers precise, rest fast; "
-                        "MoE: 4-bit experts when the folder has a variant)")
-    p.add_argument("--keep-precise", type=int, default=1, help="with --variant auto: precise layers at each end")
-    p.add_argument("--kv-cache", choices=KV_KINDS, default="fp",
-                   help="KV cache storage: int8 (HQQ 8-bit) or fp8 (e4m3; faster only on Hopper+ GPUs)")
-    p.add_argument("--kv-residual", type=int, default=DEFAULT_RESIDUAL_TOKENS,
-                   help="int8 only: newest tokens kept unquantized before they are folded in")
-    p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
-    p.add_argument("-v", "--verbose", action="store_true", help="log engine progress to stderr")
-    return p
-
-
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    if args.prompt is not None:
-        return args.prompt
-    path: Path = args.prompts_file
-    if not path.is_file():
-        raise UsageError(f"prompts file {path} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        try:
-            return [json.loads(line)["prompt"] for line in lines]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{path}: every line must be a JSON object with a 'prompt' string ({exc})") from None
-    if not lines:
-        raise UsageError(f"prompts file {path} holds no prompts")
-    return lines
-
-
-def _sampling(args: argparse.Namespace) -> Sampling:
-    if args.temperature is None:
-        return Sampling(greedy=True, seed=args.seed)
-    if args.greedy:
-        raise UsageError("--greedy and --temperature exclude each other")
-    return Sampling(greedy=False, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-
-
-def _is_moe(model_dir: Path) -> bool:
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return False  # load_streamed reports what is wrong with the folder
-    return "num_local_experts" in config or "num_local_experts" in config.get("text_config", {})
-
-
-def load_for_cli(args: argparse.Namespace) -> LoadedModel:
-    """Dense folders stream layers; Mixtral-style folders go to the expert pager."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was given but torch sees no CUDA device")
-    if _is_moe(args.model):
-        try:
-            moe = importlib.import_module("jobs.paging.moe")  # lazily: only MoE folders need it
-        except ModuleNotFoundError as exc:
-            if exc.name != "jobs.paging.moe":
-                raise
-            raise UsageError("MoE folders need the expert pager (jobs/paging/moe.py)") from None
-        # For MoE folders fast/auto mean 4-bit experts (auto: only when the folder has a variant).
-        return moe.load_paged_moe(args.model, device=args.device, dtype=args.dtype,
-                                  expert_cache_bytes=args.expert_cache_bytes, cache_policy=args.cache_policy,
-                                  variant=args.variant)
-    from jobs.paging.layer_stream import load_streamed
-
-    return load_streamed(args.model, device=args.device, dtype=args.dtype, vram_budget_bytes=args.vram_budget,
-                         ram_budget_bytes=args.ram_budget, prefetch=not args.no_prefetch,
-                         variant=args.variant, keep_precise=args.keep_precise)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from jobs.errors import BudgetError, ModelFolderError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device == "cuda" else "fp32"
-    try:
-        if args.max_new_tokens < 1 or args.batch_size < 1:
-            raise UsageError("--max-new-tokens and --batch-size must be >= 1")
-        if args.kv_residual < 1:
-            raise UsageError("--kv-residual must be >= 1 token")
-        prompts = _read_prompts(args)
-        sampling = _sampling(args)
-        loaded = load_for_cli(args)
-    except (UsageError, BudgetError, ModelFolderError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = generate(loaded, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          sampling=sampling, stop=args.stop, kv_cache=args.kv_cache,
-                          kv_residual=args.kv_residual)
-        stats = {**loaded.stats(), "tokens_generated": result.tokens_generated, "wall_s": result.wall_s,
-                 "prefill_s": result.prefill_s, "decode_s": result.decode_s,
-                 "prompt_tokens": result.prompt_tokens, "weight_passes": result.weight_passes,
-                 "kv_cache": result.kv_cache, "kv_cache_peak_bytes": result.kv_cache_peak_bytes}
-    finally:
-        close = getattr(loaded, "close", None)
-        if close is not None:
-            close()
-    if args.json:
-        print(json.dumps({"outputs": [asdict(o) for o in result.outputs], "stats": stats}))
-    else:
-        for out in result.outputs:
-            print(f"{out.prompt}{out.text}\n---")
-        print(f"{result.tokens_generated} tokens in {result.wall_s:.1f} s", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m jobs.paging.generate: the flags live in cli.py
+    from jobs.paging.cli import generate_main
+    raise SystemExit(generate_main())

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from jobs.errors import KernelError
+from jobs.spec import KERNEL_CHOICES
 
 logger = logging.getLogger(__name__)
 
-KERNEL_CHOICES = ("auto", "liger", "torch")
 # model_type -> (Liger's patch function, the name of its MLP switch in that function)
 _LIGER_PATCHES = {
     "gemma3_text": ("apply_liger_kernel_to_gemma3_text", "geglu"),

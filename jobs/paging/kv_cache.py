@@ -11,7 +11,8 @@ import torch
 from transformers.cache_utils import (DYNAMIC_LAYER_TYPE_MAPPING, Cache, Fp8QuantizedLayer, HQQQuantizedLayer,
                                       QuantizedCache, get_layer_types_and_kwargs)
 
-KV_KINDS = ("fp", "int8", "fp8")
+from jobs.spec import KV_KINDS
+
 DEFAULT_RESIDUAL_TOKENS = 128  # transformers' KIVI default: newest tokens kept unquantized before a flush
 _MAX_GROUP = 64                # HQQ group along the head dimension; smaller when head_dim is not a multiple
 

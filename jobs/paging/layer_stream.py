@@ -19,16 +19,15 @@ import torch
 from torch import nn
 
 from jobs.errors import BudgetError, ModelFolderError
+from jobs.paging.dtypes import torch_dtype
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.model_store import ModelStore
 from jobs.paging.quant import QuantSpec, dequantize_weight
-from jobs.paging.variants import (DEFAULT_KEEP_PRECISE, FAST, MODES, PRECISE, bytes_by_choice, choose_variants,
-                                  summary)
+from jobs.paging.variants import DEFAULT_KEEP_PRECISE, FAST, PRECISE, bytes_by_choice, choose_variants, summary
+from jobs.spec import VARIANT_MODES
 from jobs.units import format_size
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -304,7 +303,7 @@ class StreamedModel:
         self.close()
 
 
-def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "fp32",
+def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "fp32",
                   vram_budget_bytes: int | None = None, ram_budget_bytes: int | None = None,
                   prefetch: bool = True, variant: str = PRECISE, keep_precise: int = DEFAULT_KEEP_PRECISE,
                   stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None,
@@ -326,20 +325,18 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    dtype = torch_dtype(dtype)
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but torch sees no CUDA device")
     store = ModelStore(model_dir)
     if variant != PRECISE:
-        if variant not in MODES:
-            raise ValueError(f"variant {variant!r} is not one of {', '.join(MODES)}")
+        if variant not in VARIANT_MODES:
+            raise ValueError(f"variant {variant!r} is not one of {', '.join(VARIANT_MODES)}")
         store.open_variant(variant_spec)
     # include_buffers=False keeps non-persistent buffers (rotary inv_freq, Gemma's embed_scale) real.
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(store.text_config, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_config(store.text_config, dtype=dtype)
     model.eval()
     applied = apply_kernels(model, torch_device, kernels)  # binds forwards only: fine on meta weights
     layers = model.get_decoder().layers
@@ -356,16 +353,16 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str = "f
             logger.warning("--variant %s kept every layer precise: all are resident under the VRAM budget, "
                            "and fast layers only save reads for streamed ones", variant)
         # The RAM cache holds packed parts for fast layers, so it fits more of them.
-        host_bytes = bytes_by_choice(choice, store.layer_nbytes_as(torch_dtype),
-                                     store.layer_nbytes_fast_as(torch_dtype))[plan.resident_layers:]
+        host_bytes = bytes_by_choice(choice, store.layer_nbytes_as(dtype),
+                                     store.layer_nbytes_fast_as(dtype))[plan.resident_layers:]
         if ram_budget_bytes and host_bytes:
             plan = dataclasses.replace(plan, ram_cache_layers=min(len(host_bytes), ram_budget_bytes // max(host_bytes)))
     logger.info("streaming %s: %d layers of %s, %d resident, %d slots, %d cached in RAM, variants %s",
                 model_dir, plan.num_layers, format_size(layer_bytes), plan.resident_layers,
                 plan.streaming_slots, plan.ram_cache_layers, summary(choice))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    _load_non_layer(model, store, torch_device, torch_dtype)
-    streamer = LayerStreamer(store, layers, plan, torch_device, torch_dtype, prefetch, choice)  # thread starts last
+    _load_non_layer(model, store, torch_device, dtype)
+    streamer = LayerStreamer(store, layers, plan, torch_device, dtype, prefetch, choice)  # thread starts last
     return StreamedModel(model, tokenizer, torch_device, store, streamer, applied)
 
 

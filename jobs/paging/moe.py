@@ -4,7 +4,6 @@ Owns building transformers' MixtralForCausalLM without expert weights and wiring
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +15,12 @@ from jobs.errors import ModelFolderError
 from jobs.paging.expert_cache import ExpertCache, cache_capacity
 from jobs.paging.expert_pager import ExpertPager
 from jobs.paging.expert_quant import QuantExpertStore
-from jobs.paging.expert_store import CheckpointIndex, ExpertStore, is_expert_key, parse_dtype
+from jobs.paging.dtypes import torch_dtype
+from jobs.paging.expert_store import CheckpointIndex, ExpertStore, is_expert_key
 from jobs.paging.kernels import apply_kernels
+from jobs.paging.open import is_moe_folder
 from jobs.paging.quant import QuantSpec, Variant
-from jobs.paging.variants import MODES
+from jobs.spec import VARIANT_MODES
 from jobs.units import format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -27,14 +28,6 @@ log = logging.getLogger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # Room left on the card for activations, KV cache and the CUDA context when no budget is given.
 _CUDA_HEADROOM_BYTES = 2 * 1024**3
-
-
-def is_moe_folder(model_dir: str | Path) -> bool:
-    """True when the folder's config.json names experts (`num_local_experts`)."""
-    config_path = Path(model_dir) / "config.json"
-    if not config_path.exists():
-        return False
-    return bool(json.loads(config_path.read_text()).get("num_local_experts"))
 
 
 @dataclass
@@ -90,7 +83,7 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
         raise ValueError(f"{model_dir} is not a MoE model folder (config.json has no "
                          "num_local_experts); use the dense layer-streaming engine for it")
     device = torch.device(device)
-    torch_dtype = parse_dtype(dtype)
+    dtype = torch_dtype(dtype)
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type != "mixtral":
         raise ValueError(f"expert paging supports Mixtral checkpoints, not {config.model_type!r}")
@@ -98,9 +91,9 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
     pin = device.type == "cuda"
     quantized = _open_variant(model_dir, variant, quant_spec)
     if quantized is None:
-        store = ExpertStore(config, torch_dtype, pin_memory=pin)
+        store = ExpertStore(config, dtype, pin_memory=pin)
     else:
-        store = QuantExpertStore(config, quantized, torch_dtype, pin_memory=pin)
+        store = QuantExpertStore(config, quantized, dtype, pin_memory=pin)
     expert_bytes = store.expert_bytes
 
     # Budgets the user gave are checked before reading a byte of weights.
@@ -112,7 +105,7 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
 
     index = CheckpointIndex(model_dir)
     try:
-        model = _build_dense(config, index, device, torch_dtype)
+        model = _build_dense(config, index, device, dtype)
         applied = apply_kernels(model, device, kernels)  # norms and RoPE only: the experts are the pager's
         store.load(index, ram_budget_bytes)
     finally:
@@ -135,8 +128,8 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
 
 def _open_variant(model_dir: Path, variant: str, spec: QuantSpec | None) -> Variant | None:
     """The quantized variant the experts come from, or None for precise experts."""
-    if variant not in MODES:
-        raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(MODES)}")
+    if variant not in VARIANT_MODES:
+        raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANT_MODES)}")
     if variant == "precise":
         return None
     try:

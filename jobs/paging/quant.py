@@ -8,12 +8,10 @@ runs wherever the packed tensors are, so the engines copy 4-bit bytes and expand
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,30 +220,6 @@ def write_variant(model_dir: str | Path, spec: QuantSpec, *, force: bool = False
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.paging.quant",
-                                description="Write a 4-bit (or 8-bit) HQQ variant of a model folder's "
-                                            "decoder-layer weights beside the original files.")
-    p.add_argument("--model", required=True, type=Path, help="Hugging Face model folder (safetensors)")
-    p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--force", action="store_true", help="write again even if the variant exists")
-    p.add_argument("--device", default="cpu", help="where HQQ runs (cuda: seconds instead of minutes "
-                                                    "per large weight)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        spec = QuantSpec(args.bits, args.group_size)
-        out = write_variant(args.model, spec, force=args.force, device=args.device)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    print(json.dumps({"variant": str(out), "weights": len(manifest["tensors"]),
-                      "bytes_precise": manifest["bytes_precise"], "bytes_quantized": manifest["bytes_quantized"],
-                      "quantize_s": manifest["quantize_s"]}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m jobs.paging.quant: the flags live in cli.py
+    from jobs.paging.cli import quant_main
+    raise SystemExit(quant_main())

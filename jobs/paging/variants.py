@@ -7,13 +7,13 @@ from __future__ import annotations
 from typing import Sequence
 
 from jobs.errors import BudgetError
+from jobs.spec import VARIANT_MODES, ModelSettings
 
 PRECISE, FAST = "precise", "fast"
-MODES = (PRECISE, FAST, "auto")
 # One precise layer at each end by default: the first layer sees raw embeddings and the last one
 # feeds the lm_head, so their quantization error is not averaged out by later layers (the usual
 # finding in mixed-precision schemes); on an 18-layer model it costs 2 of 18 layers at full size.
-DEFAULT_KEEP_PRECISE = 1
+DEFAULT_KEEP_PRECISE = ModelSettings.keep_precise_layers
 
 
 def choose_variants(num_layers: int, precise_bytes_per_layer: Sequence[int], fast_bytes_per_layer: Sequence[int],
@@ -30,8 +30,8 @@ def choose_variants(num_layers: int, precise_bytes_per_layer: Sequence[int], fas
     auto mode they are always precise and never count against the budget. Explicit `fast` means
     fast everywhere, resident layers included: the user asked for the quantized model.
     """
-    if mode not in MODES:
-        raise ValueError(f"variant {mode!r} is not one of {', '.join(MODES)}")
+    if mode not in VARIANT_MODES:
+        raise ValueError(f"variant {mode!r} is not one of {', '.join(VARIANT_MODES)}")
     if len(precise_bytes_per_layer) != num_layers or len(fast_bytes_per_layer) != num_layers:
         raise ValueError(f"need {num_layers} per-layer sizes for both variants")
     if keep_precise < 0:

@@ -20,13 +20,14 @@ PROMPTS = [
 
 
 def find_test_model() -> Path:
-    """$LAB_ATTENDANT_TEST_MODEL, else models/gemma-3-270m, converted on first use (the test script pre-converts)."""
+    """$LAB_ATTENDANT_TEST_MODEL, else the embedded default (models/gemma-3-270m), converted on first use
+    (the test script pre-converts)."""
     env = os.environ.get("LAB_ATTENDANT_TEST_MODEL")
     if env:
         return Path(env)
     from jobs.paging.convert import convert_default
 
-    return convert_default(REPO_ROOT / "models" / "gemma-3-270m")
+    return convert_default()
 
 
 def resident_logits(model, tokenizer, prompts: list[str]) -> torch.Tensor:

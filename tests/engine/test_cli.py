@@ -1,7 +1,6 @@
 """The generate command line: JSON shape, and exit 2 with one clear message on bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -61,9 +60,8 @@ def test_bad_size_exits_2():
     assert proc.returncode == 2 and "cannot read size" in proc.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jobs.paging.moe") is not None, reason="the expert pager is present")
-def test_moe_folder_without_pager_exits_2(tmp_path):
+def test_moe_folder_refuses_a_dense_only_flag_before_loading(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 4}))
-    proc = run_cli("--model", str(tmp_path), "--prompt", "x")
-    assert proc.returncode == 2
-    assert "MoE folders need the expert pager (jobs/paging/moe.py)" in proc.stderr
+    proc = run_cli("--model", str(tmp_path), "--prompt", "x", "--vram-budget", "1GiB")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "is moe and cannot honour vram_budget_bytes = 1073741824" in proc.stderr

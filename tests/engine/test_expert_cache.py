@@ -6,8 +6,9 @@ import random
 import pytest
 import torch
 
+from jobs.errors import BudgetError
 from jobs.paging.expert_cache import ExpertCache
-from jobs.paging.expert_store import BudgetError, CheckpointIndex, ExpertStore
+from jobs.paging.expert_store import CheckpointIndex, ExpertStore
 from moe_helpers import save_hf, tiny_mixtral
 
 pytestmark = pytest.mark.engine

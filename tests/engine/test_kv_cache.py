@@ -6,6 +6,7 @@ import torch
 from transformers.cache_utils import QuantizedCache
 
 from engine_helpers import PROMPTS
+from jobs.paging.cli import generate_main
 from jobs.paging.generate import generate
 from jobs.paging.kv_cache import kv_cache_nbytes, kv_layer_nbytes, make_cache, quantized_nbytes
 from jobs.paging.layer_stream import load_streamed
@@ -198,24 +199,20 @@ def test_bad_kind_or_residual_is_a_clear_error(llama, kind, residual, message):
 
 
 def test_cli_rejects_unknown_kv_cache(tiny_dirs, capsys):
-    from jobs.paging.generate import main
-
     with pytest.raises(SystemExit):
-        main(["--model", str(tiny_dirs["llama"]), "--prompt", "hi", "--kv-cache", "int3"])
+        generate_main(["--model", str(tiny_dirs["llama"]), "--prompt", "hi", "--kv-cache", "int3"])
     assert "--kv-cache: invalid choice: 'int3'" in capsys.readouterr().err
 
 
 def test_cli_int8_reports_kind_peak_bytes_and_kernels(tiny_dirs, capsys):
     import json
 
-    from jobs.paging.generate import main
-
     argv = ["--model", str(tiny_dirs["llama"]), "--prompt", PROMPTS[0], "--max-new-tokens", "4", "--json"]
-    assert main(argv + ["--kv-cache", "int8", "--kv-residual", "2"]) == 0
+    assert generate_main(argv + ["--kv-cache", "int8", "--kv-residual", "2"]) == 0
     stats = json.loads(capsys.readouterr().out)["stats"]
     assert (stats["kv_cache"], stats["kernels"], stats["kernels_reason"]) == ("int8", "torch", "cpu")
-    assert main(argv) == 0
+    assert generate_main(argv) == 0
     fp_stats = json.loads(capsys.readouterr().out)["stats"]
     assert fp_stats["kv_cache"] == "fp" and 0 < stats["kv_cache_peak_bytes"] < fp_stats["kv_cache_peak_bytes"]
-    assert main(argv + ["--kv-cache", "int8", "--kv-residual", "0"]) == 2
+    assert generate_main(argv + ["--kv-cache", "int8", "--kv-residual", "0"]) == 2
     assert "--kv-residual must be >= 1 token" in capsys.readouterr().err

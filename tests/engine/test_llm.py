@@ -2,23 +2,23 @@
 option log-probs with left padding match an unpadded full forward; embeddings rank sensibly."""
 from __future__ import annotations
 
+import dataclasses
 import logging
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from jobs.errors import ModelUnavailable  # noqa: E402
 from jobs.lib import rubric  # noqa: E402
-from jobs.lib.llm import Engine, ModelUnavailable, load_model  # noqa: E402
+from jobs.lib.llm import Engine  # noqa: E402
+from jobs.paging.convert import DEFAULT_OUT_DIR  # noqa: E402
+from jobs.spec import DEFAULT_MODEL, ModelSpec  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-MODEL = {"name": "gemma-3-270m", "path": str(ROOT / "models" / "gemma-3-270m"), "kind": "dense",
-         "device": "cpu", "dtype": "fp32", "vram_budget_bytes": None, "ram_budget_bytes": None,
-         "expert_cache_bytes": None}
+MODEL = ModelSpec(name=DEFAULT_MODEL, path=str(DEFAULT_OUT_DIR))
 
 pytestmark = [pytest.mark.engine, pytest.mark.skipif(
-    not (ROOT / "models" / "gemma-3-270m" / "config.json").exists(), reason="no default model")]
+    not (DEFAULT_OUT_DIR / "config.json").exists(), reason="no default model")]
 
 
 class _Ctx:
@@ -59,21 +59,9 @@ def test_complete_reports_tokens_per_second(engine):
     assert engine.ctx.metrics["tokens_generated"] >= 1 and engine.ctx.metrics["tokens_per_s"] > 0
 
 
-def test_moe_model_without_the_pager_says_what_to_do(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    spec = {**MODEL, "name": "mix", "kind": "moe", "path": str(tmp_path)}
-    try:
-        import jobs.paging.moe  # noqa: F401
-    except ModuleNotFoundError:
-        with pytest.raises(ModelUnavailable, match="no expert pager"):
-            load_model(spec)
-    else:
-        pytest.skip("the MoE pager is installed here")
-
-
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ModelUnavailable, match="import-default"):
-        load_model({**MODEL, "path": str(tmp_path / "none")})
+        Engine(_Ctx(), dataclasses.replace(MODEL, path=str(tmp_path / "none")), batch_size=1)
 
 
 def test_minilm_embeddings_put_related_texts_closer():
@@ -90,9 +78,9 @@ def test_model_table_variant_kv_cache_and_kernels_reach_the_engine_and_its_metri
     and the run's metrics record the per-layer choice, the bytes a pass reads and the cache kind."""
     from jobs.paging.quant import QuantSpec, write_variant
 
-    write_variant(Path(MODEL["path"]), QuantSpec(4, 64))  # idempotent; the variants tests share it
-    spec = {**MODEL, "vram_budget_bytes": 96 * 1024**2, "variant": "auto", "keep_precise_layers": 2,
-            "kv_cache": "int8", "kernels": "auto"}
+    write_variant(DEFAULT_OUT_DIR, QuantSpec(4, 64))  # idempotent; the variants tests share it
+    spec = dataclasses.replace(MODEL, vram_budget_bytes=96 * 1024**2, variant="auto", keep_precise_layers=2,
+                               kv_cache="int8", kernels="auto")
     e = Engine(_Ctx(), spec, batch_size=2)
     try:
         assert e.complete(["The capital of France is"], max_new_tokens=4)[0]

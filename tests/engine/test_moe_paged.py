@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM
 
-from jobs.paging.expert_store import BudgetError
-from jobs.paging.moe import is_moe_folder, load_paged_moe
+from jobs.errors import BudgetError
+from jobs.paging.moe import load_paged_moe
+from jobs.paging.open import is_moe_folder
 from moe_helpers import (expert_bytes, prompts, save_fused, save_hf, save_per_expert_sharded,
                          tiny_mixtral)
 
@@ -113,6 +114,19 @@ def test_cpu_miss_exec_same_logits_fewer_copies(folder, ref):
     assert on.stats()["bytes_h2d"] < off.stats()["bytes_h2d"]
 
 
+def routing_near_ties(model, ids, eps: float) -> torch.Tensor:
+    """[batch, seq] True where some layer's k-th and (k+1)-th router logits lie within 4 ulps of the
+    compute format: there either expert is a correct choice, and two implementations may differ."""
+    with torch.no_grad():
+        router_logits = model(ids, output_router_logits=True).router_logits
+    k = model.config.num_experts_per_tok
+    ties = torch.zeros(ids.numel(), dtype=torch.bool)
+    for logits in router_logits:
+        top = logits.float().topk(k + 1, dim=-1).values
+        ties |= top[:, k - 1] - top[:, k] <= 4 * eps * top[:, 0].abs().clamp(min=1)
+    return ties.view(ids.shape)
+
+
 def test_bf16_close_to_transformers_bf16(folder):
     ref16 = MixtralForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     paged = load_paged_moe(folder, dtype="bf16", expert_cache_bytes=4 * expert_bytes(ref16, 2))
@@ -120,7 +134,9 @@ def test_bf16_close_to_transformers_bf16(folder):
     with torch.no_grad():
         a, b = paged.model(ids).logits.float(), ref16(ids).logits.float()
     assert paged.store.buffer((0, 0)).dtype == torch.bfloat16
-    assert max_diff(a, b) <= 0.05 * a.abs().max().item()
+    clear = ~routing_near_ties(ref16, ids, torch.finfo(torch.bfloat16).eps)
+    assert clear.sum() >= ids.numel() // 2  # enough positions left to compare
+    assert max_diff(a[clear], b[clear]) <= 0.05 * a.abs().max().item()
 
 
 def test_ram_budget_too_small_names_bytes_needed(folder, ref):

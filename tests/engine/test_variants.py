@@ -18,7 +18,7 @@ from engine_helpers import PROMPTS, resident_greedy
 from jobs.paging import quant
 from jobs.errors import BudgetError, ModelFolderError
 from jobs.paging.generate import generate
-from jobs.paging.generate import main as generate_main
+from jobs.paging.cli import generate_main
 from jobs.paging.layer_stream import load_streamed
 from jobs.paging.model_store import ModelStore
 from jobs.paging.quant import QuantSpec

@@ -1,0 +1,64 @@
+"""The one way into the engine: `open_model(ModelSpec)` hands a dense model to layer streaming and a MoE
+model to the expert pager, with every setting that engine honours; a setting it cannot honour is refused.
+
+Stdlib only at import (the engines load lazily), so checking settings needs no torch.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jobs.errors import SettingError
+from jobs.spec import ModelSettings, ModelSpec
+
+# What each engine has no use for, and why; set to anything but its default, such a setting is refused
+# instead of silently dropped. ram_budget_bytes applies to both: dense models cache streamed layers in
+# it, the expert pager refuses to load when its experts need more host RAM than it.
+_IGNORED_BY = {
+    "dense": (("expert_cache_bytes", "cache_policy"),
+              "layer streaming has no experts to cache; its device budget is vram_budget_bytes"),
+    "moe": (("vram_budget_bytes", "keep_precise_layers"),
+            "the expert pager keeps every non-expert weight on the device and budgets only the experts "
+            "(expert_cache_bytes); it streams no decoder layers and keeps none precise"),
+}
+
+
+def is_moe_folder(model_dir: str | Path) -> bool:
+    """True when the folder's config.json names experts (`num_local_experts`, top level or text_config)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # the dense engine says what is wrong with the folder
+    return bool(config.get("num_local_experts") or config.get("text_config", {}).get("num_local_experts"))
+
+
+def check_settings(spec: ModelSpec) -> None:
+    """SettingError naming every setting of `spec` that its kind's engine would have to ignore."""
+    names, why = _IGNORED_BY[spec.kind]
+    default = ModelSettings()
+    ignored = [f"{n} = {getattr(spec, n)!r}" for n in names if getattr(spec, n) != getattr(default, n)]
+    if ignored:
+        raise SettingError(f"model '{spec.name}' is {spec.kind} and cannot honour {', '.join(ignored)}: {why}; "
+                           f"remove {'it' if len(ignored) == 1 else 'them'} from [models.{spec.name}] "
+                           "(or drop the matching command-line flag)")
+
+
+def open_model(spec: ModelSpec, *, prefetch: bool = True) -> Any:
+    """The loaded model (layer_stream.StreamedModel or moe.PagedMoE; see generate.LoadedModel).
+
+    prefetch: read the next layer (dense) or the predicted experts (moe) while the current one computes.
+    """
+    check_settings(spec)
+    if spec.kind == "moe":
+        from jobs.paging.moe import load_paged_moe
+
+        return load_paged_moe(spec.path, device=spec.device, dtype=spec.dtype,
+                              expert_cache_bytes=spec.expert_cache_bytes, cache_policy=spec.cache_policy,
+                              ram_budget_bytes=spec.ram_budget_bytes, prefetch=prefetch, variant=spec.variant,
+                              kernels=spec.kernels)
+    from jobs.paging.layer_stream import load_streamed
+
+    return load_streamed(spec.path, device=spec.device, dtype=spec.dtype, vram_budget_bytes=spec.vram_budget_bytes,
+                         ram_budget_bytes=spec.ram_budget_bytes, prefetch=prefetch, variant=spec.variant,
+                         keep_precise=spec.keep_precise_layers, kernels=spec.kernels)
