@@ -25,15 +25,16 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 from machine import machine, write_results  # noqa: E402
 from transformers import AutoConfig, DynamicCache  # noqa: E402
 
+from jobs.paging.convert import DEFAULT_OUT_DIR as GEMMA  # noqa: E402
+from jobs.paging.dtypes import TORCH_DTYPES  # noqa: E402
 from jobs.paging.generate import generate  # noqa: E402
 from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS, kv_cache_nbytes, make_cache  # noqa: E402
 from jobs.paging.layer_stream import load_streamed  # noqa: E402
 from jobs.units import format_size, parse_size  # noqa: E402
 
-GEMMA = REPO_ROOT / "models" / "gemma-3-270m"
 KINDS = [("fp", torch.float32), ("fp", torch.bfloat16), ("int8", torch.float32), ("int8", torch.bfloat16),
          ("fp8", torch.float32), ("fp8", torch.bfloat16)]
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+DTYPE_NAME = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 # Public configs (config.json on the Hugging Face hub): layers, kv heads, head_dim, sliding window, full layers.
 ANALYTIC = {
     "Mixtral-8x7B": dict(layers=32, kv_heads=8, head_dim=128, window=None, full_layers=32),
@@ -115,7 +116,7 @@ def main() -> None:
         points = {n: measured_bytes(config, kind, dtype, n) for n in contexts}
         slope, fixed = fit_line(points)
         max_context = int((budget - fixed) // slope)
-        name = f"{kind}-{DTYPE_NAMES[dtype]}"
+        name = f"{kind}-{DTYPE_NAME[dtype]}"
         rows.append({"model": "Gemma-3-270M", "kind": name, "bytes": points, "bytes_per_token": slope,
                      "fixed_bytes": fixed, "max_context": max_context, "source": "measured"})
         print(f"{name:10s}" + "".join(f"{format_size(points[n]):>12s}" for n in contexts)

@@ -1,10 +1,12 @@
-"""Describe the machine a benchmark ran on (stdlib only), and write results JSON beside it."""
+"""Describe the machine a benchmark ran on (stdlib only; torch and the GPU when the bench imported torch),
+and write results JSON beside it."""
 from __future__ import annotations
 
 import json
 import os
 import platform
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -27,8 +29,14 @@ def machine() -> dict:
                 mem = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return {"hostname": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
-            "ram_bytes": mem, "python": platform.python_version(), "platform": platform.platform()}
+    info = {"hostname": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "ram_bytes": mem,
+            "python": platform.python_version(), "platform": platform.platform(), "load_avg_1m": os.getloadavg()[0]}
+    torch = sys.modules.get("torch")  # never imported here: the supervisor benches run without it
+    if torch is not None:
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def write_results(name: str, payload: dict) -> Path:

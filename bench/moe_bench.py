@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import socket
 import sys
 import tempfile
 import time
@@ -29,7 +26,11 @@ from safetensors.torch import save_file
 from transformers import MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs.paging.expert_store import expert_nbytes, parse_dtype  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine  # noqa: E402
+
+from jobs.paging.dtypes import torch_dtype  # noqa: E402
+from jobs.paging.expert_store import expert_nbytes  # noqa: E402
 from jobs.paging.moe import load_paged_moe  # noqa: E402
 from jobs.paging.quant import QuantSpec, write_variant  # noqa: E402
 from jobs.units import format_size  # noqa: E402
@@ -47,23 +48,6 @@ CACHE_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
 CARD_BYTES = 11 * 1024**3          # the 2080 Ti the seed targets
 CARD_HEADROOM_BYTES = 3 * 1024**3 // 2  # CUDA context, activations, KV cache
 FAST_SPEC = QuantSpec(4, 64)  # what `lab-attendant model quantize NAME --bits 4` writes
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-        ram_kib = next(int(line.split()[1]) for line in open("/proc/meminfo")
-                       if line.startswith("MemTotal"))
-    except (OSError, StopIteration):
-        ram_kib = 0
-    info = {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
-            "ram": format_size(ram_kib * 1024), "torch": torch.__version__,
-            "load_avg_1m": os.getloadavg()[0]}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def write_random_model(folder: Path, shape: dict, dtype: torch.dtype, seed: int = 0) -> Path:
@@ -203,7 +187,7 @@ def baseline_rows(folder, config, *, device, dtype, batch, new_tokens, offload_d
 
 
 def run_config(name: str, shape: dict, args, out_rows: list) -> None:
-    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    device, dtype = torch.device(args.device), torch_dtype(args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_random_model(Path(tmp) / name, shape, dtype)
         config = MixtralConfig.from_pretrained(folder)
@@ -315,7 +299,7 @@ def main() -> None:
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (1 if args.mixtral_8x7b_shape else 3)
-    info = {**machine(), "torch_threads": args.threads}
+    info = machine()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     rows: list = []
     if args.mixtral_8x7b_shape:
@@ -327,7 +311,7 @@ def main() -> None:
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(exist_ok=True)
     suffix = "" if args.variant == "precise" else f"_{args.variant}"  # precise runs keep their name
-    path = out_dir / f"moe_{info['host']}_{datetime.date.today().isoformat()}{suffix}.json"
+    path = out_dir / f"moe_{info['hostname']}_{datetime.date.today().isoformat()}{suffix}.json"
     path.write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows}, indent=1))
     print(f"\nwrote {path}")
 

@@ -10,8 +10,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,14 +20,19 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
 
+from machine import machine  # noqa: E402
+
+from jobs.paging.convert import DEFAULT_OUT_DIR  # noqa: E402
+from jobs.paging.dtypes import TORCH_DTYPES  # noqa: E402
 from jobs.paging.generate import GenerationResult, generate  # noqa: E402
 from jobs.paging.layer_stream import load_streamed  # noqa: E402
 from jobs.paging.model_store import ModelStore  # noqa: E402
 from jobs.paging.quant import QuantSpec, write_variant  # noqa: E402
+from jobs.spec import DTYPE_NAMES, VARIANT_MODES  # noqa: E402
 from jobs.units import parse_size  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BASE_PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz",
     "In mathematics, a prime number is a natural number greater than one that has no positive divisors",
@@ -49,18 +52,6 @@ class Resident:
 
     def close(self) -> None:
         pass
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))
-    info = {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem_kib / 2**20, 1),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def read_bandwidth(path: Path) -> dict:
@@ -201,8 +192,8 @@ def build_synthetic_27b(out_dir: Path, n_layers: int, tokenizer_dir: Path) -> Pa
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "gemma-3-270m")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--model", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="8 new tokens instead of 16")
     parser.add_argument("--batches", default="1,4,16")
@@ -229,14 +220,15 @@ def main() -> int:
         model_dir = build_synthetic_27b(work / "synthetic-27b", args.synthetic_27b_layers, args.model)
         skip |= {"accelerate", "airllm"}
     variants = args.variants.split(",")
-    if set(variants) - {"precise", "fast", "auto"}:
+    if set(variants) - set(VARIANT_MODES):
         parser.error(f"--variants {args.variants}: use a comma list of precise, fast, auto")
     if set(variants) - {"precise"}:
         start = time.perf_counter()
         write_variant(model_dir, QuantSpec(4, 64), device=args.quant_device)  # no-op when already written
         print(f"q4g64 variant ready in {time.perf_counter() - start:.1f} s", flush=True)
     store = ModelStore(model_dir)
-    layer_bytes = max(store.layer_nbytes_as(DTYPES[args.dtype]))
+    dtype = TORCH_DTYPES[args.dtype]
+    layer_bytes = max(store.layer_nbytes_as(dtype))
     budget = args.vram_budget or (args.resident_layers + 2) * layer_bytes
     print(f"machine: {info}\nmodel: {model_dir} ({store.num_layers} layers, {layer_bytes} B/layer at {args.dtype}), "
           f"streamer vram budget {budget} B", flush=True)
@@ -247,7 +239,7 @@ def main() -> int:
     loaded = {}
     if "resident" not in skip:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype]).to(args.device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device)
         loaded["resident"] = Resident(model, AutoTokenizer.from_pretrained(model_dir), args.device)
     for variant in variants:
         for ram_layers in (0, store.num_layers):
@@ -256,20 +248,20 @@ def main() -> int:
                 model_dir, device=args.device, dtype=args.dtype, vram_budget_bytes=budget,
                 ram_budget_bytes=ram_layers * layer_bytes, variant=variant, keep_precise=args.keep_precise)
     if "accelerate" not in skip:
-        loaded["accelerate disk offload"] = load_accelerate_disk(model_dir, DTYPES[args.dtype], work / "offload")
+        loaded["accelerate disk offload"] = load_accelerate_disk(model_dir, dtype, work / "offload")
     methods = bench_methods(loaded, batches, new_tokens, args.rounds)
     if "airllm" not in skip:
         methods.append(bench_airllm(args.airllm_python, model_dir, batches, new_tokens, args.rounds, work))
         print(f"  airllm: {methods[-1].get('error') or methods[-1]['rows']}", flush=True)
 
-    info["loadavg_end"] = os.getloadavg()
+    info["load_avg_1m_end"] = os.getloadavg()[0]
     report = {"machine": info, "model": str(model_dir), "dtype": args.dtype, "device": args.device, "variants": variants,
               "new_tokens": new_tokens, "streamer_vram_budget_bytes": budget, "layer_bytes": layer_bytes,
               "bandwidth": bandwidth, "methods": methods, "goals": goals(methods, bandwidth, batches)}
     print_table(report)
     kind = f"_synthetic27b_{args.device}" if args.synthetic_27b_layers else ""
     kind += "" if variants == ["precise"] else "_variants"
-    out = REPO_ROOT / "bench" / "results" / f"stream_{info['host']}_{dt.date.today().isoformat()}{kind}.json"
+    out = REPO_ROOT / "bench" / "results" / f"stream_{info['hostname']}_{dt.date.today().isoformat()}{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

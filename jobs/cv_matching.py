@@ -52,7 +52,7 @@ def rationale_prompt(title: str, strengths: list[dict], gaps: list[dict]) -> str
 
 def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     cv_path, postings_dir = Path(params["cv"]), Path(params["postings"])
-    top_k = int(params.get("top_k") or 3)
+    top_k = params["top_k"]  # defaulted by jobs.kinds.validate_params
     if top_k < 1:
         raise ValueError("param 'top_k' must be at least 1")
     postings = sorted(p for p in postings_dir.iterdir() if p.suffix in POSTING_SUFFIXES)

@@ -86,7 +86,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     usage = shutil.disk_usage(ctx.state_dir if ctx.state_dir.exists() else ctx.output_dir)
     info["disk"] = {"path": str(ctx.state_dir), "free_bytes": usage.free, "total_bytes": usage.total}
     target = Path(params["path"]) if params.get("path") else ctx.models_dir
-    limit = int(params.get("read_limit_bytes", 256 * 1024**2))
+    limit = params["read_limit_bytes"]  # defaulted by jobs.kinds.validate_params
     if target.exists() and _files(target):
         info["read_bandwidth"] = measure_read_bandwidth(
             target, limit, progress=lambda d, t: ctx.progress(d, t, "bytes"))
