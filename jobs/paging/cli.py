@@ -27,7 +27,6 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-# -- generate -------------------------------------------------------------------------------------
 def generate_parser() -> argparse.ArgumentParser:
     from jobs.paging.expert_cache import POLICIES
     from jobs.paging.generate import DEFAULT_BATCH_SIZE
@@ -110,7 +109,6 @@ def _model_spec(args: argparse.Namespace) -> ModelSpec:
 def generate_main(argv: list[str] | None = None) -> int:
     import torch
 
-    from jobs.errors import BudgetError, ModelFolderError
     from jobs.paging.generate import generate
     from jobs.paging.open import open_model
 
@@ -130,7 +128,7 @@ def generate_main(argv: list[str] | None = None) -> int:
             raise UsageError("--device cuda was given but torch sees no CUDA device")
         spec = _model_spec(args)
         loaded = open_model(spec, prefetch=not args.no_prefetch)
-    except (UsageError, BudgetError, ModelFolderError, ValueError) as exc:
+    except ValueError as exc:  # UsageError, BudgetError, ModelFolderError, SettingError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -151,7 +149,6 @@ def generate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# -- quant ----------------------------------------------------------------------------------------
 def quant_main(argv: list[str] | None = None) -> int:
     from jobs.paging.quant import MANIFEST_NAME, SUPPORTED_BITS, QuantSpec, write_variant
 
@@ -179,7 +176,6 @@ def quant_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# -- convert --------------------------------------------------------------------------------------
 def convert_main(argv: list[str] | None = None) -> int:
     from jobs.paging import convert
 
