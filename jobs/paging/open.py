@@ -1,8 +1,5 @@
 """The one way into the engine: `open_model(ModelSpec)` hands a dense model to layer streaming and a MoE
-model to the expert pager, with every setting that engine honours; a setting it cannot honour is refused.
-
-Stdlib only at import (the engines load lazily), so checking settings needs no torch.
-"""
+model to the expert pager with every setting it honours, and refuses one it cannot (stdlib at import)."""
 from __future__ import annotations
 
 import json
@@ -12,9 +9,8 @@ from typing import Any
 from jobs.errors import SettingError
 from jobs.spec import ModelSettings, ModelSpec
 
-# What each engine has no use for, and why; set to anything but its default, such a setting is refused
-# instead of silently dropped. ram_budget_bytes applies to both: dense models cache streamed layers in
-# it, the expert pager refuses to load when its experts need more host RAM than it.
+# What each engine has no use for, and why: refused unless left at its default. ram_budget_bytes applies
+# to both: dense caches streamed layers in it, the expert pager refuses to load experts that exceed it.
 _IGNORED_BY = {
     "dense": (("expert_cache_bytes", "cache_policy"),
               "layer streaming has no experts to cache; its device budget is vram_budget_bytes"),
