@@ -7,7 +7,7 @@ from typing import Any
 
 from .atomic import write_atomic
 from .lib import artifacts, rubric
-from .lib.llm import Engine, first_sentence
+from .lib.llm import first_sentence
 
 BODY_CHARS = 800           # of each artifact shown to the model
 CRITERIA = {

@@ -8,7 +8,7 @@ from typing import Any
 
 from .lib.clustering import cosine
 from .lib.embed import Embedder
-from .lib.llm import Engine, first_sentence
+from .lib.llm import first_sentence
 
 STRENGTH_SIMILARITY = 0.4   # a requirement whose best CV line is at least this close is covered
 POSTING_SUFFIXES = (".md", ".txt")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ParamError
+from .spec import DEFAULT_BATCH_SIZE
 from .units import parse_size
 
 PARAM_TYPES = ("str", "int", "float", "bool", "size", "file", "dir", "path")
@@ -41,7 +42,7 @@ class Kind:
 _MODEL_PARAMS = (
     Param("model", "str", help="a [models.NAME] from the config (default: [worker] default_model)"),
     Param("max_new_tokens", "int", help="tokens generated per answer (default: the kind's own)"),
-    Param("batch_size", "int", default=8, help="prompts per pass over the weights"),
+    Param("batch_size", "int", default=DEFAULT_BATCH_SIZE, help="prompts per pass over the weights"),
 )
 
 BUILTIN_KINDS: tuple[Kind, ...] = (

@@ -18,6 +18,7 @@ from .typed import ByteSize, Reader
 
 SPEC_VERSION = 1
 DEFAULT_MODEL = "gemma-3-270m"        # the embedded model (`lab-attendant model import-default`)
+DEFAULT_BATCH_SIZE = 8                # prompts per pass over the weights when a run does not say
 DType = Literal["fp32", "bf16", "fp16"]
 VariantMode = Literal["precise", "fast", "auto"]
 KvKind = Literal["fp", "int8", "fp8"]
@@ -93,11 +94,6 @@ class RunSpec:
                             "daemon and the worker come from different lab-attendant versions; "
                             "restart the daemon after an upgrade")
         return Reader("spec", SpecError).build(cls, data)
-
-    def write(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json())
-        return path
 
     @classmethod
     def read(cls, path: Path) -> RunSpec:

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from jobs.errors import UsageError
-from jobs.spec import DTYPE_NAMES, KV_KINDS, VARIANT_MODES, ModelSettings, ModelSpec
+from jobs.spec import DEFAULT_BATCH_SIZE, DTYPE_NAMES, KV_KINDS, VARIANT_MODES, ModelSettings, ModelSpec
 from jobs.units import parse_size
 
 _LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -29,7 +29,6 @@ def _size(text: str) -> int:
 
 def generate_parser() -> argparse.ArgumentParser:
     from jobs.paging.expert_cache import POLICIES
-    from jobs.paging.generate import DEFAULT_BATCH_SIZE
     from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS
 
     p = argparse.ArgumentParser(prog="python -m jobs.paging.generate",

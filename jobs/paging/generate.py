@@ -11,9 +11,9 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS, kv_cache_nbytes, make_cache
+from jobs.spec import DEFAULT_BATCH_SIZE
 
 ProgressFn = Callable[[int, int], None]
-DEFAULT_BATCH_SIZE = 8  # prompts per pass over the weights when the caller does not say
 
 
 class LoadedModel(Protocol):

@@ -36,7 +36,8 @@ def test_spec_round_trips_through_json(tmp_path: Path):
     assert back == spec and isinstance(back.model, ModelSpec)
     assert back.model.vram_budget_bytes == 2 * 1024**3 and back.model.dtype == "fp16"
     assert RunSpec.from_json(replace(spec, model=None).to_json()).model is None
-    path = spec.write(tmp_path / "spec.json")
+    path = tmp_path / "spec.json"
+    path.write_text(spec.to_json())
     assert RunSpec.read(path) == spec
 
 
