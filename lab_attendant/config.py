@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.errors import SettingError
+from jobs.paging.open import check_settings   # stdlib at import: no torch on this side
 from jobs.spec import DEFAULT_MODEL, ModelSettings, ModelSpec
 from jobs.typed import ByteSize, Reader
 
@@ -220,6 +222,11 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None) -
 
 def _check(cfg: Config) -> None:
     """Checks that span keys, or that a type alone cannot express."""
+    for name in cfg.models:   # a setting its engine would ignore fails here, not in a worker
+        try:
+            check_settings(cfg.model_spec(name))
+        except SettingError as exc:
+            raise ConfigError(str(exc)) from None
     g = cfg.guards
     if not (g.sensors in ("nvml", "none") or g.sensors.startswith("file:")):
         raise ConfigError(f"config key 'guards.sensors' must be \"nvml\", \"none\" or "

@@ -116,3 +116,10 @@ def test_relative_path_params_of_a_schedule_resolve_against_the_config_folder(tm
         store.close()
     assert run.state == "queued", run.reason
     assert run.params["path"] == str(conf_dir / "notes")
+
+
+def test_a_model_setting_its_engine_cannot_honour_fails_at_load(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"model 'mix' is moe and cannot honour vram_budget_bytes"):
+        _cfg(tmp_path, models={"mix": {"kind": "moe", "vram_budget_bytes": "2GiB"}})
+    with pytest.raises(ConfigError, match=r"model 'big' is dense and cannot honour cache_policy = 'lfu'"):
+        _cfg(tmp_path, models={"big": {"cache_policy": "lfu"}})

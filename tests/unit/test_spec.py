@@ -20,7 +20,7 @@ from lab_attendant.config import parse_config
 
 def _spec(tmp_path: Path, **over) -> RunSpec:
     cfg = parse_config({"models": {"big": {"vram_budget_bytes": "2GiB", "dtype": "fp16",
-                                           "kind": "moe", "expert_cache_bytes": 1000}}},
+                                           "ram_budget_bytes": 1000, "kv_cache": "int8"}}},
                        base_dir=tmp_path, source=None)
     fields = dict(version=SPEC_VERSION, run_id=7, kind="cv_matching", module="jobs.cv_matching",
                   function="run", params={"cv": "/x/cv.md", "top_k": 3, "flag": True},
