@@ -1,0 +1,52 @@
+"""What the compute device can do, decided in one place: native bf16, FP8, Triton's bf16 kernels, and
+the compute dtype that `dtype = "auto"` resolves to. Tests monkeypatch `device_capability`.
+"""
+from __future__ import annotations
+
+import torch
+
+# CUDA compute capability from which a feature runs natively (Ampere: bf16 tensor cores and Triton's
+# bf16 kernels; Ada/Hopper: FP8). A Turing card (RTX 2080 Ti, sm_75) has none of them.
+NATIVE_BF16_FROM = (8, 0)
+TRITON_BF16_FROM = (8, 0)
+FP8_FROM = (8, 9)
+
+
+def device_capability(device: torch.device | str) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device; None for the CPU and other non-CUDA devices."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    cap = device_capability(device)
+    return cap is not None and cap >= NATIVE_BF16_FROM
+
+
+def fp8_supported(device: torch.device | str) -> bool:
+    cap = device_capability(device)
+    return cap is not None and cap >= FP8_FROM
+
+
+def triton_supports(device: torch.device | str, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether Triton kernels (Liger) can run here in `dtype`, and the reason when not."""
+    cap = device_capability(device)
+    if cap is None:
+        return False, f"device {torch.device(device).type} (Triton kernels need CUDA)"
+    if dtype == torch.bfloat16 and cap < TRITON_BF16_FROM:
+        return False, (f"sm_{cap[0]}{cap[1]} has no bf16 in Triton (needs sm_"
+                       f"{TRITON_BF16_FROM[0]}{TRITON_BF16_FROM[1]}+); use dtype fp16 or kernels torch")
+    return True, f"sm_{cap[0]}{cap[1]}"
+
+
+def resolve_dtype(requested: str, device: torch.device | str) -> str:
+    """The compute dtype name for `requested` ("auto", "fp32", "bf16", "fp16") on `device`:
+    auto is fp32 on the CPU, bf16 where the card has it natively, fp16 on older CUDA cards."""
+    if requested != "auto":
+        return requested
+    cap = device_capability(device)
+    if cap is None:
+        return "fp32"
+    return "bf16" if cap >= NATIVE_BF16_FROM else "fp16"
