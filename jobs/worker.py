@@ -7,7 +7,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -18,9 +17,9 @@ from typing import Any
 from . import protocol
 from .atomic import write_atomic
 from .errors import SpecError
+from .oom import oom_details, oom_kind
 from .protocol import EventWriter
 from .spec import RunSpec
-from .units import parse_size
 
 log = logging.getLogger("jobs.worker")
 
@@ -61,24 +60,6 @@ class Context:
     def write_json(self, name: str, obj: Any) -> Path:
         return write_atomic(self.output_dir / name,
                             (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-
-_OOM_BYTES = re.compile(r"Tried to allocate ([0-9.]+ ?[KMGT]i?B).*?of which ([0-9.]+ ?[KMGT]i?B) is free",
-                        re.S)
-
-
-def _oom_details(exc: BaseException) -> dict[str, Any]:
-    """requested/free bytes from torch's CUDA OOM message, when it has them."""
-    m = _OOM_BYTES.search(str(exc))
-    if not m:
-        return {}
-    return {"requested_bytes": parse_size(m.group(1).replace(" ", "")),
-            "free_bytes": parse_size(m.group(2).replace(" ", ""))}
-
-
-def _is_oom(exc: BaseException) -> bool:
-    # torch.OutOfMemoryError (torch.cuda.OutOfMemoryError) without importing torch here.
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
 
 
 def _heartbeat(events: EventWriter, interval_s: float, stop: threading.Event) -> None:
@@ -128,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then re-coded
         traceback.print_exc()
         fields: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)[:2000]}
-        if _is_oom(exc):
-            fields.update(_oom_details(exc))
+        if oom_kind(exc) is not None:
+            fields.update(oom_details(exc))
             events.emit(protocol.ERROR, **fields)
             return protocol.EXIT_OOM
         events.emit(protocol.ERROR, **fields)

@@ -79,11 +79,7 @@ def classify(x: WorkerExit) -> tuple[RunState, str]:
             return RunState.SUCCEEDED, f"result written to {x.result_path}"
         return RunState.FAILED, "worker exited 0 without reporting a result"
     if x.code == protocol.EXIT_OOM:
-        sizes = ""
-        if x.error and x.error.get("requested_bytes") is not None:
-            sizes = (f"requested {format_size(x.error['requested_bytes'])} with "
-                     f"{format_size(x.error['free_bytes'])} free; ")
-        return RunState.OOM, f"out of memory: {sizes}{err or 'worker reported OOM'}"
+        return RunState.OOM, f"{_oom_sentence(x.error or {})}{err or 'worker reported OOM'}"
     if x.code == protocol.EXIT_BAD_SPEC:
         return RunState.FAILED, f"worker refused its spec: {err or how}"
     if x.code == -signal.SIGKILL:
@@ -91,6 +87,25 @@ def classify(x: WorkerExit) -> tuple[RunState, str]:
     if x.code < 0:
         return RunState.FAILED, f"worker {how}" + (f" after error {err}" if err else "")
     return RunState.FAILED, f"{err} ({how})" if err else f"worker {how}"
+
+_OOM_KINDS = {"cuda": "GPU memory", "pinned_host": "pinned host memory",
+              "cublas": "GPU memory for a cuBLAS/cuDNN workspace", "host": "host memory"}
+
+
+def _oom_sentence(e: dict[str, Any]) -> str:
+    """"out of GPU memory: requested 2.0 GiB with 1.0 GiB free of 10.8 GiB (9.1 GiB reserved by
+    torch); " from the worker's error event (jobs/oom.py), as much of it as the worker could read."""
+    def size(key: str) -> str:
+        return format_size(e[key]) if e.get(key) is not None else "?"
+    parts = []
+    if e.get("requested_bytes") is not None:
+        parts.append(f"requested {size('requested_bytes')}")
+    if e.get("free_bytes") is not None:
+        parts.append(f"with {size('free_bytes')} free of {size('total_bytes')} "
+                     f"({size('reserved_bytes')} reserved by torch)")
+    what = _OOM_KINDS.get(e.get("oom_kind"), "memory")
+    return f"out of {what}: " + (" ".join(parts) + "; " if parts else "")
+
 
 def worker_env(event_fd: int) -> dict[str, str]:
     env = dict(os.environ)

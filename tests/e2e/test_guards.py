@@ -122,13 +122,16 @@ def test_vram_guard_kills_a_worker_over_its_gpu_budget(tmp_path: Path, lab: Lab)
 
 def test_torch_out_of_memory_in_a_worker_ends_oom_with_the_bytes(tmp_path: Path):
     lab = Lab(tmp_path, write_config(tmp_path, python=EXPERIMENTAL_PYTHON))
-    rid = lab.submit("torch_oom")
+    rid, host = lab.submit("torch_oom"), lab.submit("torch_host_oom")
     lab.cli("daemon", "--burst", timeout=120)
     run = lab.show(rid)
     assert run["state"] == "oom" and run["exit_code"] == 3
-    assert "Tried to allocate 2.00 GiB" in run["reason"]
+    assert run["reason"].startswith("out of GPU memory: requested 2.0 GiB; OutOfMemoryError")
     err = [e for e in run["events"] if e["kind"] == "error"][0]["reason"]
     assert err.startswith("OutOfMemoryError")
+    run = lab.show(host)                          # a real allocator failure, not a raised type
+    assert run["state"] == "oom" and run["exit_code"] == 3
+    assert run["reason"].startswith("out of host memory: requested 1024.0 TiB; RuntimeError")
 
 
 # -- EarNode --------------------------------------------------------------------------------------
