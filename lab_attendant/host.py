@@ -30,6 +30,18 @@ class Host:
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
+    def oom_kill_count(self) -> int | None:
+        """Processes the kernel OOM killer has killed since boot (/proc/vmstat oom_kill, Linux 4.13+);
+        None where unreadable. A rise during a run is the evidence behind an unexplained SIGKILL."""
+        try:
+            with open("/proc/vmstat") as f:
+                for line in f:
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return None
+
     def spawn(self, argv: Sequence[str], *, cwd: Path, env: dict[str, str],
               pass_fds: Sequence[int], stdout: int) -> subprocess.Popen:
         # A new session makes the worker lead its own process group: one killpg reaches

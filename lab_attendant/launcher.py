@@ -44,6 +44,7 @@ class Worker:
     kill_sent_mono: float | None = None
     result_path: str | None = None
     error: dict[str, Any] | None = None
+    oom_kills_at_start: int | None = None  # host.oom_kill_count() when it was spawned
 
     @property
     def pid(self) -> int:
@@ -65,6 +66,7 @@ class WorkerExit:
     error: dict[str, Any] | None = None    # its `error` event
     near_memory_limit: bool = False        # guards' evidence for a SIGKILL from outside
     memory_hint: str = ""                  # the readings behind it, for the reason
+    kernel_oom_kills: int = 0              # kernel OOM-killer kills on this host during the run
 
 
 def classify(x: WorkerExit) -> tuple[RunState, str]:
@@ -83,6 +85,10 @@ def classify(x: WorkerExit) -> tuple[RunState, str]:
     if x.code == protocol.EXIT_BAD_SPEC:
         return RunState.FAILED, f"worker refused its spec: {err or how}"
     if x.code == -signal.SIGKILL:
+        if x.kernel_oom_kills:
+            return RunState.OOM, (f"worker {how}{x.memory_hint.split(';')[0]}; the kernel OOM killer "
+                                  f"killed {x.kernel_oom_kills} process(es) during the run "
+                                  "(/proc/vmstat oom_kill)")
         return (RunState.OOM if x.near_memory_limit else RunState.FAILED), f"worker {how}{x.memory_hint}"
     if x.code < 0:
         return RunState.FAILED, f"worker {how}" + (f" after error {err}" if err else "")
@@ -145,7 +151,8 @@ class Launcher:
         os.set_blocking(out_r, False)
         now = self.host.monotonic()
         return Worker(run_id=spec.run_id, needs_paging=spec.needs_paging, proc=proc, events_fd=ev_r,
-                      output_fd=out_r, started_mono=now, deadline_mono=now + timeout_s)
+                      output_fd=out_r, started_mono=now, deadline_mono=now + timeout_s,
+                      oom_kills_at_start=self.host.oom_kill_count())
 
     @staticmethod
     def _read_all(fd: int) -> bytes:

@@ -29,6 +29,11 @@ class FakeHost:
     def process_create_time(self, pid: int) -> float | None:
         return None
 
+    oom_kills = 7                         # the kernel OOM killer's count (/proc/vmstat oom_kill)
+
+    def oom_kill_count(self) -> int | None:
+        return self.oom_kills
+
     # memory readings for the guard policy
     rss: dict[int, int]
     available_ram: int

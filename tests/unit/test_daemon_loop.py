@@ -47,7 +47,8 @@ class FakeLauncher(Launcher):
         self.host.alive_groups.add(proc.pid)
         now = self.host.monotonic()
         return Worker(run_id=spec.run_id, needs_paging=spec.needs_paging, proc=proc,
-                      events_fd=-1, output_fd=-1, started_mono=now, deadline_mono=now + timeout_s)
+                      events_fd=-1, output_fd=-1, started_mono=now, deadline_mono=now + timeout_s,
+                      oom_kills_at_start=self.host.oom_kill_count())
 
     def emit(self, run_id: int, event: str, **fields: Any) -> None:
         self.events.setdefault(run_id, []).append({"event": event, **fields})
@@ -246,6 +247,28 @@ def test_cancel_of_a_running_run_stops_its_group(loop):
     d.tick()
     assert _state(d, rid) == (RunState.CANCELLED,
                               f"cancelled by user; worker exited with code {EXIT_TERMINATED}")
+
+
+def test_a_sigkill_from_outside_with_kernel_oom_evidence_ends_oom(loop):
+    d, launcher, _ = loop()
+    quiet, killed = _submit(d), _submit(d)
+    d.tick()
+    launcher.finish(quiet, -signal.SIGKILL)             # SIGKILL, no OOM kill on the host
+    d.tick()
+    assert _state(d, quiet) == (RunState.FAILED, "worker exited by SIGKILL")
+    d.host.oom_kills += 1                               # the kernel OOM killer strikes
+    launcher.finish(killed, -signal.SIGKILL)
+    d.tick()
+    state, reason = _state(d, killed)
+    assert state is RunState.OOM
+    assert reason == ("worker exited by SIGKILL; the kernel OOM killer killed 1 process(es) during "
+                      "the run (/proc/vmstat oom_kill)")
+
+
+def test_the_real_host_reads_the_kernel_oom_kill_count():
+    from lab_attendant.host import Host
+    count = Host().oom_kill_count()
+    assert count is None or (isinstance(count, int) and count >= 0)
 
 
 @pytest.mark.parametrize("exit_info, state, needle", [
