@@ -66,7 +66,10 @@ class ExpertPager:
     @torch.no_grad()
     def run_layer(self, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                   top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
+        # fp32 accumulator, rounded to the model dtype once at the end: what transformers' grouped_mm
+        # and batched_mm paths do (weight and sum in fp32). Rounding each expert's share to bf16 and
+        # summing in bf16 moved outputs by an ulp, enough to flip a near-tie in the next router.
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         needed = torch.unique(top_k_index).tolist()
         self._score_guess(layer, needed)
         # Hits first: they are counted and used before this layer's own misses can evict them.
@@ -96,20 +99,24 @@ class ExpertPager:
                         *self.cache.weights(key))
             self.cache.release(key)
             page_in()
-        return out
+        return out.to(hidden_states.dtype)
 
     def _apply(self, out, hidden_states, tokens, top_k_weights, gate_up, down) -> None:
-        """One expert's SwiGLU MLP on its tokens, weighted and scattered back (as transformers)."""
+        """One expert's SwiGLU MLP on its tokens, weighted in fp32 and added into the fp32 `out`."""
         token_idx, top_k_pos = tokens
         state = hidden_states[token_idx]
         if gate_up.device != state.device:  # CPU execution of a miss: move activations, not weights
             state = state.to(gate_up.device)
         gate, up = F.linear(state, gate_up).chunk(2, dim=-1)
         expert_out = F.linear(self.act_fn(gate) * up, down).to(out.device)
-        expert_out = expert_out * top_k_weights[token_idx, top_k_pos, None]
-        # index_put_ rather than transformers' index_add_: same sums (a token meets an expert at
-        # most once), but CPU index_add_ took ~35 ms a call with 2 OpenMP threads on a busy host.
-        out.index_put_((token_idx,), expert_out.to(out.dtype), accumulate=True)
+        # The expert's output stays in the model dtype, as grouped_mm returns it; the weighting is fp32.
+        weighted = expert_out.float() * top_k_weights[token_idx, top_k_pos, None].float()
+        # index_put_ rather than index_add_: the result is the same (a token meets an expert at most
+        # once, so no row gets two adds in one call), but CPU index_add_ took ~35 ms a call with 2
+        # OpenMP threads on a busy host. Experts are added in page-in order, not by top-k position as
+        # grouped_mm's sum(dim=1) does: identical for top-2 (fp32 a+b == b+a), last-bit differences
+        # for top-k > 2.
+        out.index_put_((token_idx,), weighted, accumulate=True)
 
     def _run_on_host(self, layer: int, expert: int, n_tokens: int) -> bool:
         return (self.cpu_miss_exec and n_tokens <= self.cpu_miss_max_tokens
