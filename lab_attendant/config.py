@@ -64,6 +64,9 @@ class GuardsConfig:
     thermal_limit_c: float = 85.0          # above this, paging workers are stopped
     resume_below_c: float = 75.0           # paging admissions resume below this
     kill_grace_s: float | None = None      # SIGTERM -> SIGKILL for guard kills; None: [limits]
+    # GPU sensors that had answered and then fail (a lost GPU): paging runs are held at once;
+    # running paging workers are stopped once the thermal guard has been blind this long.
+    sensors_lost_grace_s: float = 30.0
     min_available_ram_bytes: ByteSize = ByteSize(512 * 1024**2)  # host floor; 0 = off
     max_worker_rss_bytes: ByteSize = ByteSize(0)     # one worker tree's RSS; 0 = off
     vram_budget_bytes: ByteSize = ByteSize(0)        # one worker tree's GPU memory; 0 = off

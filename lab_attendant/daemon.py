@@ -280,7 +280,7 @@ class Daemon:
         """Why paging runs may not start now, or None."""
         if not self.experimental_paging:
             return HOLD_PAGING_OFF
-        return self.guards.thermal_hold or self.cotenants.hold()
+        return self.guards.hold or self.cotenants.hold()
 
     def _apply_holds(self, hold: Hold | None) -> None:
         for run in self.store.list_runs(states=[RunState.HELD]):
@@ -307,7 +307,7 @@ class Daemon:
         for action in self.guards.poll(infos):
             self._guard_action(action)
         waiting = self.store.list_runs(states=WAITING)
-        paging_wanted = (self.experimental_paging and self.guards.thermal_hold is None
+        paging_wanted = (self.experimental_paging and self.guards.hold is None
                          and self._stopping_since is None
                          and any(r.needs_paging for r in waiting))
         self.cotenants.step(paging_wanted=paging_wanted,

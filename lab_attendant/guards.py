@@ -10,7 +10,7 @@ from typing import Any
 from jobs.units import format_size
 
 from .config import GuardsConfig
-from .host import GpuReading, SensorsUnavailable
+from .host import GpuReading, SensorsFailed, SensorsUnavailable
 from .states import Hold, RunState
 
 OOM_KILLER_NEAR = 0.9        # RSS at >= 90 % of its limit counts as "near" for the hint
@@ -44,6 +44,8 @@ class Guards:
         self.host = host
         self.sensors = sensors
         self.thermal_hold: Hold | None = None
+        self.sensors_hold: Hold | None = None     # sensors that had answered have failed
+        self._blind_since: float | None = None
         self.readings: dict[str, Any] = {}
         self.last_gpus: list[GpuReading] | None = None
         self._unavailable_reported = False
@@ -51,17 +53,49 @@ class Guards:
         self._last_rss: dict[int, int] = {}
         self._last_available = None
 
-    def read_gpus(self) -> tuple[list[GpuReading] | None, str | None]:
+    @property
+    def hold(self) -> Hold | None:
+        """Why paging runs may not start, as far as the guards know."""
+        return self.thermal_hold or self.sensors_hold
+
+    def read_gpus(self) -> tuple[list[GpuReading] | None, str | None, bool]:
+        """(readings, why not, whether sensors that had answered have failed)."""
         try:
-            return self.sensors.read(), None
+            return self.sensors.read(), None, False
+        except SensorsFailed as exc:
+            return None, str(exc), True
         except SensorsUnavailable as exc:
-            return None, str(exc)
+            return None, str(exc), False
+        except Exception as exc:  # noqa: BLE001 - a sensor bug must cost readings, not the daemon
+            return None, f"sensor read failed ({type(exc).__name__}: {exc})", True
+
+    def _sensors_lost(self, failed: bool, why: str | None, workers: list[WorkerInfo]) -> list[Action]:
+        """Blind thermal guard: hold paging at once; stop running paging workers after the grace."""
+        if not failed:
+            if self.sensors_hold is None:
+                return []
+            self.sensors_hold, self._blind_since = None, None
+            return [Action("sensors", "resume", "GPU sensors answer again; paging runs may start")]
+        out = []
+        if self.sensors_hold is None:
+            self._blind_since = self.host.monotonic()
+            self.sensors_hold = Hold("sensors", f"GPU sensors failed ({why}); paging runs wait until "
+                                     "they answer again")
+            out.append(Action("sensors", "hold", self.sensors_hold.reason))
+        if self.host.monotonic() - self._blind_since >= self.cfg.sensors_lost_grace_s:
+            out += [Action("sensors", "kill",
+                           f"GPU sensors failed {self.cfg.sensors_lost_grace_s:g} s ago ({why}): the "
+                           f"{self.cfg.thermal_limit_c:g} °C limit cannot be enforced; paging run "
+                           "stopped", w.run_id, RunState.FAILED)
+                    for w in workers if w.needs_paging and w.run_id not in self._acted_on]
+        return out
 
     def poll(self, workers: list[WorkerInfo]) -> list[Action]:
         actions: list[Action] = []
-        gpus, why = self.read_gpus()
+        gpus, why, failed = self.read_gpus()
         self.last_gpus = gpus
-        if gpus is None and not self._unavailable_reported:
+        actions += self._sensors_lost(failed, why, workers)
+        if gpus is None and not failed and not self._unavailable_reported:
             self._unavailable_reported = True
             actions.append(Action("sensors", "unavailable",
                                   f"GPU guards unavailable: {why}; host guards keep working"))

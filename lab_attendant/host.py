@@ -5,6 +5,7 @@ The daemon and launcher call only this; unit tests pass a FakeHost (tests/unit/f
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import psutil
 
@@ -149,6 +150,11 @@ class SensorsUnavailable(Exception):
     """No GPU readings can be had (no NVML, no GPU, unreadable file); host guards still work."""
 
 
+class SensorsFailed(SensorsUnavailable):
+    """Sensors that had answered stopped (e.g. NVMLError_GpuIsLost): the thermal limit cannot be
+    enforced until they return, so paging runs are held (guards.py)."""
+
+
 class NoSensors:
     name = "none"
 
@@ -186,25 +192,55 @@ class FileSensors:
 
 
 class NvmlSensors:
-    """The real readings, through NVML (package nvidia-ml-py)."""
+    """The real readings, through NVML (package nvidia-ml-py). Every NVML call is guarded: a failed
+    init or read is retried with back-off (1 s doubling to 60 s), never cached for good. Once NVML
+    has answered, a failure raises SensorsFailed (the GPU may be lost: Xid 79 on a hot card)."""
 
     name = "nvml"
+    RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
 
-    def __init__(self) -> None:
-        self._nvml = None
-        self._error: str | None = None
+    def __init__(self, nvml: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._module = nvml                # pynvml, or a fake in tests
+        self._nvml: Any = None             # the module once nvmlInit succeeded
+        self._clock = clock
+        self._error = ""
+        self._retry_at = float("-inf")
+        self._backoff_s = self.RETRY_FIRST_S
+        self._answered = False             # NVML has initialized at least once
 
-    def _init(self):
-        if self._nvml is None and self._error is None:
-            try:
-                import pynvml
-                pynvml.nvmlInit()
-                self._nvml = pynvml
-            except Exception as exc:  # noqa: BLE001 - any NVML failure means "no GPU readings"
-                self._error = f"NVML unavailable ({type(exc).__name__}: {exc})"
+    def _failure(self, why: str) -> SensorsUnavailable:
+        if self._clock() >= self._retry_at:     # a new failure, not a wait for the next retry
+            self._error = why
+            self._retry_at = self._clock() + self._backoff_s
+            self._backoff_s = min(2 * self._backoff_s, self.RETRY_MAX_S)
+        text = f"{self._error}; retrying in {max(0.0, self._retry_at - self._clock()):.0f} s"
+        return (SensorsFailed if self._answered else SensorsUnavailable)(text)
+
+    def _init(self) -> Any:
         if self._nvml is None:
-            raise SensorsUnavailable(self._error)
+            if self._clock() < self._retry_at:
+                raise self._failure(self._error)
+            try:
+                nv = self._module or importlib.import_module("pynvml")
+                nv.nvmlInit()
+            except Exception as exc:  # noqa: BLE001 - any NVML failure means "no GPU readings"
+                raise self._failure(f"NVML unavailable ({type(exc).__name__}: {exc})") from None
+            self._nvml, self._answered = nv, True
         return self._nvml
+
+    def read(self) -> list[GpuReading]:
+        nv = self._init()
+        try:
+            out = [self._read_gpu(nv, i) for i in range(nv.nvmlDeviceGetCount())]
+        except Exception as exc:  # noqa: BLE001 - GpuIsLost, Unknown, a driver reload: re-init later
+            self._nvml = None
+            try:
+                nv.nvmlShutdown()
+            except Exception:  # noqa: BLE001 - it is already broken; the read error is the news
+                pass
+            raise self._failure(f"NVML read failed ({type(exc).__name__}: {exc})") from None
+        self._backoff_s, self._retry_at = self.RETRY_FIRST_S, float("-inf")
+        return out
 
     def _throttle(self, nv, handle) -> list[str]:
         getter = (getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
@@ -219,30 +255,25 @@ class NvmlSensors:
                         names.append(attr[len(prefix):])
         return sorted(set(names))
 
-    def read(self) -> list[GpuReading]:
-        nv = self._init()
-        out = []
-        for i in range(nv.nvmlDeviceGetCount()):
-            h = nv.nvmlDeviceGetHandleByIndex(i)
-            mem = nv.nvmlDeviceGetMemoryInfo(h)
-            procs: dict[int, int] = {}
-            for getter in ("nvmlDeviceGetComputeRunningProcesses",
-                           "nvmlDeviceGetGraphicsRunningProcesses"):
-                try:
-                    for p in getattr(nv, getter)(h):
-                        procs[p.pid] = procs.get(p.pid, 0) + int(p.usedGpuMemory or 0)
-                except nv.NVMLError:
-                    pass
-            try:
-                throttle = self._throttle(nv, h)
+    def _read_gpu(self, nv, i: int) -> GpuReading:
+        h = nv.nvmlDeviceGetHandleByIndex(i)
+        mem = nv.nvmlDeviceGetMemoryInfo(h)
+        procs: dict[int, int] = {}
+        for getter in ("nvmlDeviceGetComputeRunningProcesses",
+                       "nvmlDeviceGetGraphicsRunningProcesses"):
+            try:   # optional readings (not on every board or driver); a lost GPU fails below
+                for p in getattr(nv, getter)(h):
+                    procs[p.pid] = procs.get(p.pid, 0) + int(p.usedGpuMemory or 0)
             except nv.NVMLError:
-                throttle = []
-            out.append(GpuReading(
-                index=i,
-                temperature_c=float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
-                memory_used_bytes=int(mem.used), memory_total_bytes=int(mem.total),
-                processes=procs, throttle_reasons=throttle))
-        return out
+                pass
+        try:
+            throttle = self._throttle(nv, h)
+        except nv.NVMLError:
+            throttle = []
+        return GpuReading(
+            index=i, temperature_c=float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+            memory_used_bytes=int(mem.used), memory_total_bytes=int(mem.total),
+            processes=procs, throttle_reasons=throttle)
 
 
 def make_sensors(spec: str):

@@ -59,3 +59,61 @@ class FakeSensors:
         if self.gpus is None:
             raise SensorsUnavailable("no NVML in this test")
         return self.gpus
+
+
+class FakeNvml:
+    """Stands in for the pynvml module: one GPU whose NVML can be made to fail the way a GPU that
+    fell off the bus does (NVMLError_GpuIsLost), or never to initialize (no driver)."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_GpuIsLost(NVMLError):
+        pass
+
+    class NVMLError_DriverNotLoaded(NVMLError):
+        pass
+
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self, temperature_c: float = 60.0) -> None:
+        self.temperature_c = temperature_c
+        self.lost = False                  # every device call raises GpuIsLost
+        self.no_driver = False             # nvmlInit raises DriverNotLoaded
+        self.inits = 0
+
+    def nvmlInit(self) -> None:
+        self.inits += 1
+        if self.no_driver:
+            raise self.NVMLError_DriverNotLoaded("Driver Not Loaded")
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def _device(self):
+        if self.lost:
+            raise self.NVMLError_GpuIsLost("GPU is lost")
+        return object()
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._device()
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, i: int):
+        return self._device()
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        self._device()
+        return type("Mem", (), {"used": 1 << 30, "total": 11 << 30})()
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return []
+
+    nvmlDeviceGetGraphicsRunningProcesses = nvmlDeviceGetComputeRunningProcesses
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h) -> int:
+        return 0
+
+    def nvmlDeviceGetTemperature(self, h, sensor: int) -> float:
+        self._device()
+        return self.temperature_c

@@ -174,6 +174,43 @@ def test_thermal_guard_kills_the_paging_worker_and_holds_the_next(loop):
     assert d.store.get(second).state is RunState.STARTING
 
 
+def test_a_gpu_lost_mid_run_holds_and_stops_paging_and_the_daemon_recovers_with_nvml(tmp_path: Path):
+    from lab_attendant.host import NvmlSensors
+    from tests.unit.fakes import FakeNvml
+    cfg = parse_config({"paths": {"state_dir": "var"}, "worker": {"python": sys.executable},
+                        "guards": {"min_available_ram_bytes": 0, "sensors_lost_grace_s": 10.0}},
+                       base_dir=tmp_path, source=None)
+    host, nv = FakeHost(), FakeNvml()
+    launcher = FakeLauncher(host=host)
+    d = Daemon(cfg, experimental_paging=True, host=host, launcher=launcher,
+               sensors=NvmlSensors(nv, clock=host.monotonic))
+    d.open()
+    try:
+        first = _submit(d, "nightly_insights", archive="/a")
+        d.tick()
+        nv.lost = True                                    # Xid 79: the GPU fell off the bus
+        second = _submit(d, "nightly_insights", archive="/b")
+        host.advance(1.0)
+        d.tick()
+        run = d.store.get(second)
+        assert (run.state, run.hold_code) == (RunState.HELD, "sensors")
+        assert "NVMLError_GpuIsLost" in run.reason
+        assert d.store.get(first).state is RunState.STARTING   # not stopped within the grace
+        host.advance(10.0)
+        d.tick()
+        d.tick()
+        state, reason = _state(d, first)
+        assert state is RunState.FAILED and "limit cannot be enforced; paging run stopped" in reason
+        nv.lost = False
+        host.advance(60.0)
+        d.tick()
+        assert d.store.get(second).state is RunState.STARTING  # NVML is back: the hold lifts
+        assert [g.action for g in d.store.guard_events() if g.guard == "sensors"] == [
+            "hold", "kill", "resume"]
+    finally:
+        d.close()
+
+
 def test_timeout_sends_sigterm_then_sigkill_after_the_grace(loop):
     d, launcher, _ = loop()
     launcher.obeys_sigterm = False

@@ -1,6 +1,8 @@
 """The guard policy over a fake host and fake sensors: thresholds, hysteresis, ordering."""
 from __future__ import annotations
 
+import pytest
+
 from lab_attendant.config import GuardsConfig
 from lab_attendant.guards import Guards, WorkerInfo
 from lab_attendant.host import GpuReading
@@ -95,3 +97,46 @@ def test_sigkill_hint_blames_the_oom_killer_only_near_a_limit():
     host.rss[100] = 0                           # gone before the reap: keep the last reading
     g.poll([PAGING])
     assert g.sigkill_hint(1)[0]
+
+
+def test_nvml_init_failures_are_retried_with_back_off_not_cached_for_good():
+    from lab_attendant.host import NvmlSensors, SensorsFailed, SensorsUnavailable
+    from tests.unit.fakes import FakeNvml
+    host, nv = FakeHost(), FakeNvml()
+    nv.no_driver = True
+    sensors = NvmlSensors(nv, clock=host.monotonic)
+    for wait_s in (1.0, 2.0, 4.0):
+        with pytest.raises(SensorsUnavailable, match="DriverNotLoaded") as err:
+            sensors.read()
+        assert not isinstance(err.value, SensorsFailed)   # never answered: no GPU, not a lost one
+        inits = nv.inits
+        host.advance(wait_s - 0.1)
+        with pytest.raises(SensorsUnavailable):
+            sensors.read()
+        assert nv.inits == inits                          # still backing off
+        host.advance(0.1)
+    nv.no_driver = False
+    assert sensors.read()[0].temperature_c == 60.0        # the driver came: readings
+
+
+def test_a_lost_gpu_holds_paging_then_stops_paging_workers_and_recovers():
+    from lab_attendant.host import NvmlSensors
+    from tests.unit.fakes import FakeNvml
+    host, nv = FakeHost(), FakeNvml()
+    host.rss = {100: GiB, 200: GiB}
+    g = Guards(GuardsConfig(sensors_lost_grace_s=30.0), host, NvmlSensors(nv, clock=host.monotonic))
+    assert g.poll([PAGING, PLAIN]) == [] and g.hold is None
+    nv.lost = True
+    actions = g.poll([PAGING, PLAIN])
+    assert [(a.guard, a.action) for a in actions] == [("sensors", "hold")]
+    assert g.hold.code == "sensors" and "NVMLError_GpuIsLost" in g.hold.reason
+    host.advance(29.0)
+    assert g.poll([PAGING, PLAIN]) == []                  # within the grace: held, not stopped
+    host.advance(1.0)
+    kills = g.poll([PAGING, PLAIN])
+    assert [(a.run_id, a.action, a.state) for a in kills] == [(1, "kill", RunState.FAILED)]
+    assert "85 °C limit cannot be enforced" in kills[0].reason
+    nv.lost = False
+    host.advance(60.0)                                    # past any back-off
+    assert [a.action for a in g.poll([PLAIN])] == ["resume"] and g.hold is None
+    assert g.last_gpus[0].temperature_c == 60.0
