@@ -41,3 +41,8 @@ class UsageError(ValueError):
 class SettingError(ValueError):
     """A model setting the model's engine cannot honour (e.g. vram_budget_bytes on a MoE model);
     refused rather than dropped, and the message says which setting to remove."""
+
+
+class NonFiniteError(ValueError):
+    """A hidden state or logit became inf/NaN while generating (e.g. a model that overflows fp16); the run
+    fails instead of decoding garbage, and the message names the layer, the dtype and the setting to change."""

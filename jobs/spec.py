@@ -19,11 +19,15 @@ from .typed import ByteSize, Reader
 SPEC_VERSION = 1
 DEFAULT_MODEL = "gemma-3-270m"        # the embedded model (`lab-attendant model import-default`)
 DEFAULT_BATCH_SIZE = 8                # prompts per pass over the weights when a run does not say
-DType = Literal["fp32", "bf16", "fp16"]
+DType = Literal["fp32", "bf16", "fp16"]     # compute dtypes
+DTypeSetting = Literal["auto", "fp32", "bf16", "fp16"]  # auto: jobs.paging.capability.resolve_dtype
+Fp16Safe = Literal["auto", "on", "off"]
 VariantMode = Literal["precise", "fast", "auto"]
 KvKind = Literal["fp", "int8", "fp8"]
 KernelChoice = Literal["auto", "liger", "torch"]
 DTYPE_NAMES: tuple[str, ...] = typing.get_args(DType)
+DTYPE_SETTINGS: tuple[str, ...] = typing.get_args(DTypeSetting)
+FP16_SAFE_CHOICES: tuple[str, ...] = typing.get_args(Fp16Safe)
 VARIANT_MODES: tuple[str, ...] = typing.get_args(VariantMode)
 KV_KINDS: tuple[str, ...] = typing.get_args(KvKind)
 KERNEL_CHOICES: tuple[str, ...] = typing.get_args(KernelChoice)
@@ -34,7 +38,11 @@ class ModelSettings:
     """What a [models.NAME] table may set; the defaults live here and nowhere else."""
     kind: Literal["dense", "moe"] = "dense"  # dense: layer streaming; moe: expert paging
     device: str = "cpu"                    # "cpu", "cuda", "cuda:1"
-    dtype: DType = "fp32"  # fp32 is faster than bf16 on CPU
+    # auto: fp32 on the CPU (faster there than bf16), bf16 on CUDA from sm_80, fp16 on older cards
+    dtype: DTypeSetting = "auto"
+    # fp16 only: fp32 residual stream and scaled fp16 matmuls (jobs.paging.numerics); auto: on for models
+    # known to overflow fp16 (Gemma); off: plain fp16 (an overflow then fails the run, never empty text)
+    fp16_safe: Fp16Safe = "auto"
     vram_budget_bytes: ByteSize | None = None   # decoder layers on the device; None: all
     ram_budget_bytes: ByteSize | None = None    # streamed layers cached in host RAM
     expert_cache_bytes: ByteSize | None = None  # MoE only: device expert cache

@@ -14,7 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from jobs.errors import UsageError
-from jobs.spec import DEFAULT_BATCH_SIZE, DTYPE_NAMES, KV_KINDS, VARIANT_MODES, ModelSettings, ModelSpec
+from jobs.spec import (DEFAULT_BATCH_SIZE, DTYPE_SETTINGS, FP16_SAFE_CHOICES, KV_KINDS, VARIANT_MODES, ModelSettings,
+                       ModelSpec)
 from jobs.units import parse_size
 
 _LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -45,7 +46,11 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string; repeat for several")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--device", choices=("cpu", "cuda"), default=ModelSettings.device)
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help="compute dtype (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--dtype", choices=DTYPE_SETTINGS, default=ModelSettings.dtype,
+                   help="compute dtype; auto: fp32 on cpu, bf16 on CUDA from sm_80, fp16 on older cards")
+    p.add_argument("--fp16-safe", choices=FP16_SAFE_CHOICES, default=ModelSettings.fp16_safe,
+                   help="fp16 only: fp32 residual stream and scaled fp16 matmuls; auto: on for models that "
+                        "overflow fp16 (Gemma)")
     p.add_argument("--vram-budget", type=_size, help="bytes of decoder layers on the device (e.g. 2GiB)")
     p.add_argument("--ram-budget", type=_size, help="bytes of streamed layers cached in host RAM")
     p.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
@@ -99,7 +104,8 @@ def _model_spec(args: argparse.Namespace) -> ModelSpec:
     from jobs.paging.open import is_moe_folder
 
     return ModelSpec(name=args.model.name, path=str(args.model), kind="moe" if is_moe_folder(args.model) else "dense",
-                     device=args.device, dtype=args.dtype, vram_budget_bytes=args.vram_budget,
+                     device=args.device, dtype=args.dtype, fp16_safe=args.fp16_safe,
+                     vram_budget_bytes=args.vram_budget,
                      ram_budget_bytes=args.ram_budget, expert_cache_bytes=args.expert_cache_bytes,
                      variant=args.variant, keep_precise_layers=args.keep_precise, kv_cache=args.kv_cache,
                      cache_policy=args.cache_policy)
@@ -108,14 +114,13 @@ def _model_spec(args: argparse.Namespace) -> ModelSpec:
 def generate_main(argv: list[str] | None = None) -> int:
     import torch
 
+    from jobs.errors import NonFiniteError
     from jobs.paging.generate import generate
     from jobs.paging.open import open_model
 
     args = generate_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format=_LOG_FORMAT)
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device == "cuda" else "fp32"
     try:
         if args.max_new_tokens < 1 or args.batch_size < 1:
             raise UsageError("--max-new-tokens and --batch-size must be >= 1")
@@ -137,6 +142,9 @@ def generate_main(argv: list[str] | None = None) -> int:
                  "prefill_s": result.prefill_s, "decode_s": result.decode_s,
                  "prompt_tokens": result.prompt_tokens, "weight_passes": result.weight_passes,
                  "kv_cache": result.kv_cache, "kv_cache_peak_bytes": result.kv_cache_peak_bytes}
+    except NonFiniteError as exc:  # the run's failure, not bad input: exit 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         loaded.close()
     if args.json:

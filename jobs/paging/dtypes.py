@@ -15,3 +15,8 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
     return TORCH_DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The spec name of a compute dtype (what stats and error messages say)."""
+    return {d: n for n, d in TORCH_DTYPES.items()}.get(dtype, str(dtype))

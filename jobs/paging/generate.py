@@ -1,6 +1,7 @@
 """Batched text generation over a streamed (or paged) causal LM (its command line: cli.generate_main).
 
-Owns the decode loop: left padding, KV cache, greedy / top-p sampling, stop strings, progress, timing.
+Owns the decode loop: left padding, KV cache, greedy / top-p sampling, stop strings, progress, timing, and
+failing on a non-finite hidden state or logit (numerics.NonFiniteWatch) in the step's one host sync.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS, kv_cache_nbytes, make_cache
+from jobs.paging.numerics import NonFiniteWatch, non_finite_error
 from jobs.spec import DEFAULT_BATCH_SIZE
 
 ProgressFn = Callable[[int, int], None]
@@ -67,6 +69,7 @@ def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int
 
     progress(done, total) counts generated-token slots: total = len(prompts) * max_new_tokens.
     kv_cache picks the cache storage (fp, int8, fp8); kv_residual is int8's full-precision window in tokens.
+    Raises NonFiniteError when a decoder layer's output or a logit becomes inf/NaN (e.g. fp16 overflow).
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
@@ -79,17 +82,21 @@ def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int
     result = GenerationResult(outputs=[], kv_cache=kv_cache)
     total = len(prompts) * max_new_tokens
     start = time.perf_counter()
-    for first in range(0, len(prompts), batch_size):
-        batch = list(prompts[first:first + batch_size])
-        done_before = first * max_new_tokens
+    watch = NonFiniteWatch(loaded.model)
+    try:
+        for first in range(0, len(prompts), batch_size):
+            batch = list(prompts[first:first + batch_size])
+            done_before = first * max_new_tokens
 
-        def batch_progress(done_in_batch: int) -> None:
-            if progress is not None:
-                progress(done_before + done_in_batch, total)
+            def batch_progress(done_in_batch: int) -> None:
+                if progress is not None:
+                    progress(done_before + done_in_batch, total)
 
-        cache = make_cache(loaded.model.config, kv_cache, residual_length=kv_residual)
-        _generate_batch(loaded, batch, max_new_tokens, sampling, stop, pad_id, eos_ids, generator,
-                        result, batch_progress, cache)
+            cache = make_cache(loaded.model.config, kv_cache, residual_length=kv_residual)
+            _generate_batch(loaded, batch, max_new_tokens, sampling, stop, pad_id, eos_ids, generator,
+                            result, batch_progress, cache, watch)
+    finally:
+        watch.remove()
     result.wall_s = time.perf_counter() - start
     return result
 
@@ -97,7 +104,8 @@ def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int
 @torch.no_grad()
 def _generate_batch(loaded: LoadedModel, prompts: list[str], max_new_tokens: int, sampling: Sampling,
                     stop: Sequence[str], pad_id: int, eos_ids: set[int], generator: torch.Generator,
-                    result: GenerationResult, progress: Callable[[int], None], cache: Any = None) -> None:
+                    result: GenerationResult, progress: Callable[[int], None], cache: Any,
+                    watch: NonFiniteWatch) -> None:
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     input_ids = enc["input_ids"].to(device)
@@ -116,7 +124,13 @@ def _generate_batch(loaded: LoadedModel, prompts: list[str], max_new_tokens: int
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         result.kv_cache_peak_bytes = max(result.kv_cache_peak_bytes, kv_cache_nbytes(cache))
-        next_ids = _pick(out.logits[:, -1, :].float(), sampling, generator).tolist()
+        logits = out.logits[:, -1, :].float()
+        finite = torch.isfinite(logits).all(dim=-1)
+        # The flags ride on the picked ids' one device->host copy: detection costs no extra sync.
+        read = torch.cat([_pick(logits, finite, sampling, generator), watch.flags.long(), (~finite).long()]).tolist()
+        next_ids, flags = read[:rows], read[rows:]
+        if any(flags):
+            raise non_finite_error(flags[:-rows], step, watch.dtype, getattr(loaded, "fp16_safe", False))
         elapsed = time.perf_counter() - t0
         if step == 0:
             result.prefill_s += elapsed
@@ -157,9 +171,12 @@ def _finished_text(tokenizer: Any, ids: list[int], last: int, eos_ids: set[int],
     return None
 
 
-def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+def _pick(logits: torch.Tensor, finite: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """Token ids per row; a row with a non-finite logit samples from zeros (its pick is discarded: the step
+    raises), because torch.multinomial on NaN is a device-side assert on CUDA."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
+    logits = torch.where(finite.unsqueeze(1), logits, 0.0)
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.errors import BudgetError, ModelFolderError
-from jobs.paging.dtypes import torch_dtype
+from jobs.errors import BudgetError, KernelError, ModelFolderError
+from jobs.paging.dtypes import dtype_name
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.model_store import ModelStore
+from jobs.paging.numerics import Fp16Safe, resolve_numerics
 from jobs.paging.quant import QuantSpec, dequantize_weight
 from jobs.paging.variants import DEFAULT_KEEP_PRECISE, FAST, PRECISE, bytes_by_choice, choose_variants, summary
 from jobs.spec import VARIANT_MODES
@@ -152,7 +153,9 @@ class LayerStreamer:
         host = self._ram_cache.get(index)
         if host is None:
             read = self.store.read_layer_fast if fast else self.store.read_layer
-            host = read(index, self.dtype, pin=self._cuda)
+            # On CUDA a layer crosses as stored (narrowed on the host only if stored wider than the compute
+            # dtype) and the card converts it: a bf16 checkpoint on an fp16 card costs the CPU no conversion.
+            host = read(index, self.dtype, pin=self._cuda, narrow_only=self._cuda)
             with self._lock:  # stats() reads the cache from the caller's thread
                 if index >= self.plan.resident_layers and len(self._ram_cache) < self.plan.ram_cache_layers:
                     self._ram_cache[index] = host
@@ -164,6 +167,7 @@ class LayerStreamer:
                 if fast:
                     # On the side stream too, so expanding overlaps the previous layer's compute.
                     tensors = self._dequantize(index, tensors)
+                tensors = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
                 ready = torch.cuda.Event()
                 ready.record(self._side_stream)
         else:
@@ -259,8 +263,10 @@ class StreamedModel:
     """A transformers causal LM plus tokenizer whose decoder layers stream from disk."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device,
-                 store: ModelStore, streamer: LayerStreamer, kernels: dict[str, str] | None = None) -> None:
+                 store: ModelStore, streamer: LayerStreamer, kernels: dict[str, str] | None = None,
+                 fp16_safe: bool = False) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.fp16_safe = fp16_safe  # numerics.Fp16Safe hooks are on the layers
         self._store, self._streamer = store, streamer
         self.kernels = kernels or {"kernels": "torch", "kernels_reason": "not applied"}
         self._passes = 0
@@ -288,6 +294,8 @@ class StreamedModel:
             "passes": self._passes,
             "layer_bytes": self._store.layer_nbytes,
             "num_layers": self._store.num_layers,
+            "dtype": dtype_name(self._streamer.dtype),
+            "fp16_safe": self.fp16_safe,
             **self.kernels,
         }
 
@@ -303,11 +311,11 @@ class StreamedModel:
         self.close()
 
 
-def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "fp32",
+def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto",
                   vram_budget_bytes: int | None = None, ram_budget_bytes: int | None = None,
                   prefetch: bool = True, variant: str = PRECISE, keep_precise: int = DEFAULT_KEEP_PRECISE,
                   stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None,
-                  kernels: str = "auto") -> StreamedModel:
+                  kernels: str = "auto", fp16_safe: str = "auto") -> StreamedModel:
     """Open a decoder-only safetensors folder for layer streaming.
 
     vram_budget_bytes bounds the decoder layers on the device at once (None: no bound, all stay
@@ -321,15 +329,20 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
     Fast layers need `lab-attendant model quantize NAME --bits 4` to have run on the folder;
     variant_spec names the variant when the folder has several.
     kernels: "auto" patches Liger's fused kernels in on CUDA when installed, "liger" insists, "torch" never.
+    dtype "auto" and fp16_safe: numerics.resolve_numerics (fp32 on cpu, bf16 from sm_80, fp16 below; the fp16-safe
+    hooks in fp16 for models that overflow it, e.g. Gemma).
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch_dtype(dtype)
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but torch sees no CUDA device")
     store = ModelStore(model_dir)
+    dtype, safe = resolve_numerics(dtype, fp16_safe, torch_device, store.text_config.model_type)
+    if safe and kernels == "liger":
+        raise KernelError("kernels = \"liger\" fuses the MLP and norms past the fp16-safe hooks: use kernels "
+                          "\"torch\" or \"auto\", or dtype \"fp32\"/\"bf16\", or fp16_safe = \"off\"")
     if variant != PRECISE:
         if variant not in VARIANT_MODES:
             raise ValueError(f"variant {variant!r} is not one of {', '.join(VARIANT_MODES)}")
@@ -338,7 +351,12 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(store.text_config, dtype=dtype)
     model.eval()
-    applied = apply_kernels(model, torch_device, kernels)  # binds forwards only: fine on meta weights
+    if safe:
+        # Fused kernels would bypass the Linear hooks; hooks bind to modules, so meta weights are fine.
+        applied = {"kernels": "torch", "kernels_reason": "fp16-safe path runs transformers' own modules"}
+        Fp16Safe(model)
+    else:
+        applied = apply_kernels(model, torch_device, kernels)  # binds forwards only: fine on meta weights
     layers = model.get_decoder().layers
     layer_bytes = max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
     # The VRAM plan counts every layer at the compute dtype, fast or not: that is what sits on the
@@ -363,12 +381,12 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     _load_non_layer(model, store, torch_device, dtype)
     streamer = LayerStreamer(store, layers, plan, torch_device, dtype, prefetch, choice)  # thread starts last
-    return StreamedModel(model, tokenizer, torch_device, store, streamer, applied)
+    return StreamedModel(model, tokenizer, torch_device, store, streamer, applied, fp16_safe=safe)
 
 
 def _load_non_layer(model: nn.Module, store: ModelStore, device: torch.device, dtype: torch.dtype) -> None:
     """Embeddings, final norm and lm_head stay on the device for the model's lifetime."""
-    tensors = store.read_non_layer(dtype)
+    tensors = store.read_non_layer(dtype, narrow_only=device.type == "cuda")  # converted on the card
     for name, tensor in tensors.items():
         owner_name, _, attr = name.rpartition(".")
         try:
@@ -376,7 +394,8 @@ def _load_non_layer(model: nn.Module, store: ModelStore, device: torch.device, d
         except AttributeError:
             logger.warning("ignoring checkpoint tensor %s: the model has no such module", name)
             continue
-        _assign({name: (owner, attr, None)}, {name: tensor.to(device)})
+        tensor = tensor.to(device)
+        _assign({name: (owner, attr, None)}, {name: tensor.to(dtype) if tensor.is_floating_point() else tensor})
     head = model.get_output_embeddings()
     if head is not None and "lm_head.weight" not in tensors:
         if not any(getattr(c, "tie_word_embeddings", False) for c in (store.text_config, store.config)):

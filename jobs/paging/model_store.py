@@ -132,24 +132,32 @@ class ModelStore:
         if self.variant is None:
             raise RuntimeError("open_variant() must run before fast layers are read or sized")
 
-    def read_layer(self, index: int, dtype: torch.dtype, *, pin: bool = False) -> dict[str, torch.Tensor]:
-        """The tensors of decoder layer `index`, named relative to the layer module."""
-        return self._read(self.layer_entries[index], dtype, pin)
+    def read_layer(self, index: int, dtype: torch.dtype, *, pin: bool = False,
+                   narrow_only: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors of decoder layer `index`, named relative to the layer module, in `dtype`.
 
-    def read_layer_fast(self, index: int, dtype: torch.dtype, *, pin: bool = False) -> dict[str, torch.Tensor]:
+        narrow_only: convert only tensors stored wider than `dtype`; the rest travel as stored and the
+        device converts them (what crosses and what the RAM cache holds never exceed `dtype`'s bytes).
+        """
+        return self._read(self.layer_entries[index], dtype, pin, narrow_only=narrow_only)
+
+    def read_layer_fast(self, index: int, dtype: torch.dtype, *, pin: bool = False,
+                        narrow_only: bool = False) -> dict[str, torch.Tensor]:
         """Layer `index` from the variant: quantized weights as their packed parts (NAME.W_q uint8,
-        NAME.scale and NAME.zero fp16, as stored: dequantizing is the caller's, on its device), the rest in `dtype`.
+        NAME.scale and NAME.zero fp16, as stored: dequantizing is the caller's, on its device), the rest in `dtype`
+        (narrow_only: as read_layer).
         """
         self._need_variant()
         packed = {n for n in self.fast_entries[index] if n.rpartition(".")[0] in self.fast_shapes[index]}
-        return self._read(self.fast_entries[index], dtype, pin, keep_dtype=packed)
+        return self._read(self.fast_entries[index], dtype, pin, keep_dtype=packed, narrow_only=narrow_only)
 
-    def read_non_layer(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def read_non_layer(self, dtype: torch.dtype, *, narrow_only: bool = False) -> dict[str, torch.Tensor]:
         """Embeddings, final norm and lm_head (when not tied), named as in a *ForCausalLM model."""
-        return self._read(self.other_entries, dtype, pin=False)
+        return self._read(self.other_entries, dtype, pin=False, narrow_only=narrow_only)
 
     def _read(self, entries: dict[str, TensorEntry], dtype: torch.dtype, pin: bool,
-              keep_dtype: frozenset[str] | set[str] = frozenset()) -> dict[str, torch.Tensor]:
+              keep_dtype: frozenset[str] | set[str] = frozenset(), narrow_only: bool = False) -> dict[str, torch.Tensor]:
+        itemsize = torch.empty((), dtype=dtype).element_size()
         out: dict[str, torch.Tensor] = {}
         with self._lock:
             for name, entry in entries.items():
@@ -158,7 +166,8 @@ class ModelStore:
                     handle = self._handles[entry.file] = safe_open(str(entry.file), framework="pt", device="cpu")
                 tensor = handle.get_tensor(entry.key)  # copies just this tensor out of the mmap
                 self.bytes_read += entry.nbytes
-                if tensor.is_floating_point() and tensor.dtype != dtype and name not in keep_dtype:
+                convert = tensor.is_floating_point() and tensor.dtype != dtype and name not in keep_dtype
+                if convert and not (narrow_only and tensor.element_size() <= itemsize):
                     tensor = tensor.to(dtype)
                 if pin:
                     # Page-locked so the host->device copy can run async; torch caches pinned blocks.

@@ -14,9 +14,10 @@ from jobs.spec import ModelSettings, ModelSpec
 _IGNORED_BY = {
     "dense": (("expert_cache_bytes", "cache_policy"),
               "layer streaming has no experts to cache; its device budget is vram_budget_bytes"),
-    "moe": (("vram_budget_bytes", "keep_precise_layers"),
+    "moe": (("vram_budget_bytes", "keep_precise_layers", "fp16_safe"),
             "the expert pager keeps every non-expert weight on the device and budgets only the experts "
-            "(expert_cache_bytes); it streams no decoder layers and keeps none precise"),
+            "(expert_cache_bytes); it streams no decoder layers, keeps none precise and has no fp16-safe path "
+            "(a non-finite value still fails the run)"),
 }
 
 
@@ -47,9 +48,11 @@ def open_model(spec: ModelSpec, *, prefetch: bool = True) -> Any:
     """
     check_settings(spec)
     if spec.kind == "moe":
+        from jobs.paging.capability import resolve_dtype
         from jobs.paging.moe import load_paged_moe
 
-        return load_paged_moe(spec.path, device=spec.device, dtype=spec.dtype,
+        # The dense loader resolves "auto" itself (with the fp16-safe choice, numerics.resolve_numerics).
+        return load_paged_moe(spec.path, device=spec.device, dtype=resolve_dtype(spec.dtype, spec.device),
                               expert_cache_bytes=spec.expert_cache_bytes, cache_policy=spec.cache_policy,
                               ram_budget_bytes=spec.ram_budget_bytes, prefetch=prefetch, variant=spec.variant,
                               kernels=spec.kernels)
@@ -57,4 +60,4 @@ def open_model(spec: ModelSpec, *, prefetch: bool = True) -> Any:
 
     return load_streamed(spec.path, device=spec.device, dtype=spec.dtype, vram_budget_bytes=spec.vram_budget_bytes,
                          ram_budget_bytes=spec.ram_budget_bytes, prefetch=prefetch, variant=spec.variant,
-                         keep_precise=spec.keep_precise_layers, kernels=spec.kernels)
+                         keep_precise=spec.keep_precise_layers, kernels=spec.kernels, fp16_safe=spec.fp16_safe)
