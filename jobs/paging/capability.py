@@ -50,3 +50,33 @@ def resolve_dtype(requested: str, device: torch.device | str) -> str:
     if cap is None:
         return "fp32"
     return "bf16" if cap >= NATIVE_BF16_FROM else "fp16"
+
+
+def sdpa_backends(device: torch.device | str) -> str:
+    """The SDPA backends torch has enabled for `device`, in its order of preference ("cpu" off CUDA:
+    one CPU kernel, no choice). Enabled is not chosen: flash also needs sm_80+ and fp16/bf16 inputs."""
+    if torch.device(device).type != "cuda":
+        return "cpu"
+    cuda = torch.backends.cuda
+    enabled = {"flash": cuda.flash_sdp_enabled(), "efficient": cuda.mem_efficient_sdp_enabled(),
+               "cudnn": getattr(cuda, "cudnn_sdp_enabled", lambda: False)(), "math": cuda.math_sdp_enabled()}
+    return ",".join(name for name, on in enabled.items() if on) or "none"
+
+
+def attention_report(model, device: torch.device | str) -> dict[str, str]:
+    """What runs attention, for a run's metrics: transformers' implementation and torch's SDPA backends."""
+    return {"attn_implementation": str(getattr(model.config, "_attn_implementation", None)),
+            "sdpa_backends": sdpa_backends(device)}
+
+
+def fp8_kv_supported(device: torch.device | str) -> tuple[bool, str]:
+    """Whether the FP8 KV cache may run here, and why. It is a storage format (codes in float8_e4m3fn,
+    dequantized to the compute dtype before attention): on the CPU torch's casts make it work everywhere,
+    so it is offered for the memory it saves; on CUDA only where the card has FP8 (sm_89+), elsewhere int8."""
+    cap = device_capability(device)
+    if cap is None:
+        return True, f"{torch.device(device).type}: fp8 as storage, attention in the compute dtype"
+    if fp8_supported(device):
+        return True, f"sm_{cap[0]}{cap[1]} has FP8"
+    return False, (f"sm_{cap[0]}{cap[1]} has no FP8 (needs sm_{FP8_FROM[0]}{FP8_FROM[1]}+); "
+                   "use kv_cache int8 or fp")

@@ -1,7 +1,8 @@
 """Optional fused CUDA kernels: Liger's RMSNorm, RoPE and SwiGLU/GeGLU patched into a loaded model instance.
 
-Owns the decision (auto / liger / torch), the reason reported in stats, and keeping Liger's patches local.
-Liger needs `pip install liger-kernel` (it pulls triton) and a CUDA device; it is never used on CPU.
+Owns the decision (auto / liger / torch) and its reason in stats, the load-time warm-up that falls back to torch
+kernels, keeping Liger's patches local, and reporting what runs attention. Liger needs `pip install liger-kernel`
+(it pulls triton) and a CUDA device whose Triton can build its kernels in the model's dtype (capability.py).
 """
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import importlib
 import importlib.metadata
 import logging
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from jobs.errors import KernelError
+from jobs.paging import capability
+from jobs.paging.dtypes import dtype_name
 from jobs.spec import KERNEL_CHOICES
 
 logger = logging.getLogger(__name__)
@@ -30,31 +33,42 @@ _ROPE = "apply_rotary_pos_emb"
 
 
 def apply_kernels(model: Any, device: torch.device | str, choice: str = "auto") -> dict[str, str]:
-    """Patch `model` in place with Liger's kernels when they can run; returns {"kernels", "kernels_reason"}.
+    """Patch `model` in place with Liger's kernels when they can run; returns {"kernels", "kernels_reason"} and
+    what runs attention ({"attn_implementation", "sdpa_backends"}, capability.attention_report).
 
-    auto: Liger on CUDA when liger-kernel is installed and knows the model type, else torch with the reason.
-    liger: the same, but a KernelError when it cannot apply. torch: never patch.
+    auto: Liger where `why_not_liger` finds nothing against it and a warm-up of its kernels on the device in the
+    model's dtype succeeds, else torch with the reason. liger: the same, but a KernelError when it cannot apply.
+    torch: never patch.
     """
     if choice not in KERNEL_CHOICES:
         raise KernelError(f"kernels {choice!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    device = torch.device(device)
+    report = capability.attention_report(model, device)
     if choice == "torch":
-        return {"kernels": "torch", "kernels_reason": "asked for torch"}
-    reason = _why_not_liger(model, torch.device(device))
+        return {"kernels": "torch", "kernels_reason": "asked for torch", **report}
+    dtype = compute_dtype(model)
+    reason = why_not_liger(model.config.model_type, device, dtype)
+    if reason is None:
+        reason = _patch_and_warm_up(model, device, dtype)
     if reason is not None:
         if choice == "liger":
             raise KernelError(f"kernels 'liger' cannot apply: {reason}; use kernels 'auto' or 'torch' "
                               "(Liger needs a CUDA device and `pip install liger-kernel`)")
         logger.info("Liger kernels off: %s", reason)
-        return {"kernels": "torch", "kernels_reason": reason}
-    _patch_instance(model)
+        return {"kernels": "torch", "kernels_reason": reason, **report}
     version = importlib.metadata.version("liger-kernel")
-    return {"kernels": "liger", "kernels_reason": f"cuda, liger-kernel {version}"}
+    arch = capability.triton_supports(device, dtype)[1]
+    return {"kernels": "liger", "kernels_reason": f"{arch} {dtype_name(dtype)}, liger-kernel {version}", **report}
 
 
-def _why_not_liger(model: Any, device: torch.device) -> str | None:
+def why_not_liger(model_type: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why Liger cannot run `model_type` on `device` in `dtype`, or None. Pure but for capability's
+    device query (tests monkeypatch capability.device_capability) and the liger-kernel import."""
     if device.type != "cuda":
         return "cpu" if device.type == "cpu" else f"device {device.type}"
-    model_type = model.config.model_type
+    ok, why = capability.triton_supports(device, dtype)
+    if not ok:
+        return why
     if model_type not in _LIGER_PATCHES:
         return f"no Liger patch for model type {model_type!r}"
     try:
@@ -62,6 +76,73 @@ def _why_not_liger(model: Any, device: torch.device) -> str | None:
     except ImportError as exc:
         return f"liger-kernel is not installed ({exc.msg})"
     return None
+
+
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype the model computes in: config.dtype when set to a torch dtype, else its first float weight's."""
+    dtype = getattr(model.config, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _patch_and_warm_up(model: Any, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Patch, then run each patched kernel once: None when they ran, else the reason (and the patch undone).
+
+    Triton compiles a kernel at its first launch for the device and dtype, so an arch or dtype it cannot build
+    for fails here, at load, instead of at the run's first forward. The warm-up uses fresh tiny inputs, not the
+    model's weights: the layer streamer patches a model whose weights are still on the meta device."""
+    undo = _snapshot(model)
+    _patch_instance(model)
+    try:
+        _warm_up(model.config.model_type, device, dtype)
+    except Exception as exc:  # Triton's compile and launch errors share no base class worth naming
+        undo()
+        logger.warning("Liger warm-up failed on %s in %s, torch kernels instead", device, dtype_name(dtype),
+                       exc_info=True)
+        return f"Liger warm-up failed on {device} in {dtype_name(dtype)}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _warm_up(model_type: str, device: torch.device, dtype: torch.dtype) -> None:
+    """One call of each kernel the patch binds (RMSNorm, RoPE, the gated MLP), synchronized so a failed
+    launch raises here."""
+    from liger_kernel.transformers import LigerRMSNorm, liger_rotary_pos_emb
+
+    hidden, heads, seq = 64, 2, 4
+    x = torch.randn(1, seq, hidden, device=device, dtype=dtype)
+    LigerRMSNorm(hidden).to(device, dtype)(x)
+    q, k = torch.randn(2, 1, heads, seq, hidden, device=device, dtype=dtype)
+    cos, sin = torch.randn(2, 1, seq, hidden, device=device, dtype=dtype)
+    liger_rotary_pos_emb(q, k, cos, sin)
+    if model_type != "mixtral":  # Mixtral's experts are the pager's: Liger's MLP is not patched in
+        if _LIGER_PATCHES[model_type][1] == "geglu":
+            from liger_kernel.ops.geglu import LigerGELUMulFunction as GatedMul
+        else:
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction as GatedMul
+        GatedMul.apply(x, x.clone())
+    torch.cuda.synchronize(device)
+
+
+def _snapshot(model: Any) -> Callable[[], None]:
+    """An undo for `_patch_instance`: every module's instance attributes and its modeling module's globals as
+    they are now. Liger binds forwards onto instances and rebinds module-level functions; restoring both
+    leaves transformers' own code running, without depending on which attributes a Liger version sets."""
+    modeling = sys.modules[type(model).__module__]
+    module_globals = dict(vars(modeling))
+    instances = [(m, dict(vars(m))) for m in model.modules()]
+
+    def undo() -> None:
+        for name, value in list(vars(modeling).items()):
+            if name in module_globals and module_globals[name] is not value:
+                setattr(modeling, name, module_globals[name])
+        for module, before in instances:
+            now = vars(module)  # the instance dict itself: nn.Module.__setattr__ would re-register things
+            for name in set(now) - set(before):
+                del now[name]
+            now.update((name, value) for name, value in before.items() if now.get(name) is not value)
+
+    return undo
 
 
 def _patch_instance(model: Any) -> None:
