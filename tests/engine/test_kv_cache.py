@@ -8,7 +8,7 @@ from transformers.cache_utils import QuantizedCache
 from engine_helpers import PROMPTS
 from jobs.paging.cli import generate_main
 from jobs.paging.generate import generate
-from jobs.paging.kv_cache import kv_cache_nbytes, kv_layer_nbytes, make_cache, quantized_nbytes
+from jobs.paging.kv_cache import Int8Layer, TokenFp8Layer, kv_cache_nbytes, kv_layer_nbytes, make_cache, quantized_nbytes
 from jobs.paging.layer_stream import load_streamed
 
 pytestmark = pytest.mark.engine
@@ -121,7 +121,7 @@ def test_int8_logits_close_to_fp_on_a_full_attention_model(llama):
     fp = _decode_logits(llama, None, steps=20)
     cache = make_cache(config, "int8", residual_length=4)
     int8 = _decode_logits(llama, cache, steps=20)
-    assert type(cache).__name__ == "QuantizedCache" and quantized_nbytes(cache) > 0
+    assert isinstance(cache.layers[0], Int8Layer) and quantized_nbytes(cache) > 0
     # Same grouping at 4 bits: 15 levels per group instead of 255, so ~17x the rounding error.
     int4_cache = QuantizedCache("hqq", config, nbits=4, axis_key=1, axis_value=1, q_group_size=16,
                                 residual_length=4)
@@ -216,3 +216,55 @@ def test_cli_int8_reports_kind_peak_bytes_and_kernels(tiny_dirs, capsys):
     assert fp_stats["kv_cache"] == "fp" and 0 < stats["kv_cache_peak_bytes"] < fp_stats["kv_cache_peak_bytes"]
     assert generate_main(argv + ["--kv-cache", "int8", "--kv-residual", "0"]) == 2
     assert "--kv-residual must be >= 1 token" in capsys.readouterr().err
+
+
+def _growing_states(steps: int, growth: float = 4.0, seed: int = 0):
+    """A 6-token prompt of K/V around unit size, then single-token steps growing to `growth`x its range, with a
+    few outliers: [batch 2, kv heads 2, tokens, head_dim 64]."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randn(2, 2, 6, 64, generator=g)
+    steps_ = [torch.randn(2, 2, 1, 64, generator=g) * (1 + (growth - 1) * (i + 1) / steps) for i in range(steps)]
+    steps_[steps // 2][0, 1, 0, 5] = 50 * prompt.abs().max()
+    return prompt, steps_
+
+
+def _through(layer, prompt, steps):
+    """Feed prompt then steps through the layer's update API; the keys it returns after the last step."""
+    layer.update(prompt, prompt)
+    for step in steps:
+        keys, _ = layer.update(step, step)
+    return keys, torch.cat([prompt, *steps], dim=-2)
+
+
+def test_fp8_values_past_the_prompts_range_are_not_clipped():
+    """Each token's own scale: the error stays within e4m3's rounding (3 mantissa bits, unit roundoff 2**-4
+    of the value, and half of its smallest subnormal 2**-9 relative to the token's scale) for values up to 50x
+    the prompt's range. transformers' frozen per-tensor scale clipped them at the prompt's maximum."""
+    prompt, steps = _growing_states(20)
+    keys, exact = _through(TokenFp8Layer(), prompt, steps)
+    scale = exact.abs().amax(-1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max
+    bound = 2.0 ** -4 * exact.abs() + 2.0 ** -10 * scale
+    err = (keys - exact).abs()
+    print(f"fp8 per-token: max error {err.max():.4f} at max |value| {exact.abs().max():.1f}")
+    assert (err <= bound * (1 + 1e-6)).all()
+    assert exact.abs().max() > 10 * prompt.abs().max()  # the check saw values far past the prompt's range
+
+
+@pytest.mark.parametrize("residual", [1, 4])
+def test_int8_values_past_the_prompts_range_are_not_clipped_and_each_token_is_quantized_once(residual):
+    """Min-max groups per token: the error is at most half a step (the group's range / 255), whatever the
+    prompt held; and a flush quantizes only the window, so tokens quantized == tokens flushed, not the history
+    again at each flush (transformers' HQQ layer quantized prompt + all flushed tokens every time)."""
+    prompt, steps = _growing_states(23)
+    layer = Int8Layer(q_group_size=64, residual_length=residual)
+    keys, exact = _through(layer, prompt, steps)
+    groups = exact.unflatten(-1, (-1, 64))
+    half_step = ((groups.amax(-1) - groups.amin(-1)) / 255 / 2)[..., None].expand_as(groups).flatten(-2)
+    err = (keys - exact).abs()
+    print(f"int8 residual {residual}: max error {err.max():.4f} at max |value| {exact.abs().max():.1f}")
+    assert (err <= half_step * (1 + 1e-5) + 1e-6 * exact.abs()).all()
+    in_window = layer.keys.shape[-2] if layer.keys.dim() == 4 else 0
+    batch = prompt.shape[0]
+    # Keys and values, each token once: the prompt at the first update, then every flushed token.
+    assert layer.quantized_tokens == 2 * batch * (exact.shape[-2] - in_window)
+    assert layer._quantized_keys[0].shape[-2] == exact.shape[-2] - in_window
