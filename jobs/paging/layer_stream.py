@@ -351,12 +351,11 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(store.text_config, dtype=dtype)
     model.eval()
+    # Fused kernels would bypass the fp16-safe Linear hooks. Both bind to modules: fine on meta weights.
+    applied = apply_kernels(model, torch_device, "torch" if safe else kernels)
     if safe:
-        # Fused kernels would bypass the Linear hooks; hooks bind to modules, so meta weights are fine.
-        applied = {"kernels": "torch", "kernels_reason": "fp16-safe path runs transformers' own modules"}
+        applied["kernels_reason"] = "the fp16-safe path runs transformers' own modules"
         Fp16Safe(model)
-    else:
-        applied = apply_kernels(model, torch_device, kernels)  # binds forwards only: fine on meta weights
     layers = model.get_decoder().layers
     layer_bytes = max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
     # The VRAM plan counts every layer at the compute dtype, fast or not: that is what sits on the
