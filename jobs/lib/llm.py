@@ -2,13 +2,14 @@
 streaming, moe -> expert pager), complete prompts in batches, score answer options, report engine metrics."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from jobs.errors import ModelUnavailable
+from jobs.errors import ModelUnavailable, NonFiniteError
 from jobs.paging.generate import generate
 from jobs.paging.open import open_model
 from jobs.spec import ModelSpec
@@ -68,7 +69,13 @@ class Engine:
             logits = model(input_ids=enc["input_ids"].to(device), attention_mask=mask,
                            position_ids=positions, use_cache=False, logits_to_keep=1).logits
             logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
-            out += [{o: float(row[i]) for o, i in ids.items()} for row in logp]
+            scores = logp[:, list(ids.values())].tolist()   # the one sync of this batch
+            if not all(math.isfinite(x) for row in scores for x in row):
+                raise NonFiniteError(
+                    f"non-finite option scores (inf/NaN logits) from model '{self.name}' computing in "
+                    f"{self.loaded.stats().get('dtype', '?')}: set fp16_safe = \"on\" or dtype = "
+                    f"\"fp32\" in [models.{self.name}]")
+            out += [dict(zip(ids, row)) for row in scores]
             self.prompt_tokens += int(mask.sum())
             if progress:
                 progress(len(out), len(prompts))

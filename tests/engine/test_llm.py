@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jobs.errors import ModelUnavailable  # noqa: E402
+from jobs.errors import ModelUnavailable, NonFiniteError  # noqa: E402
 from jobs.lib import rubric  # noqa: E402
 from jobs.lib.llm import Engine  # noqa: E402
 from jobs.paging.convert import DEFAULT_OUT_DIR  # noqa: E402
@@ -50,6 +50,16 @@ def test_option_logprobs_with_left_padding_match_a_plain_forward(engine):
             token = tok(option, add_special_tokens=False)["input_ids"][0]
             assert value == pytest.approx(float(ref[token]), abs=2e-3)
     assert engine.ctx.metrics["prompt_tokens"] > 0
+
+
+def test_option_scores_from_nan_logits_fail_instead_of_ranking_garbage(engine):
+    head = engine.loaded.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda _m, _a, out: out * float("nan"))
+    try:
+        with pytest.raises(NonFiniteError, match=r"non-finite option scores .* in \[models.gemma-3-270m\]"):
+            engine.option_logprobs(["Q: Is fire cold?\nAnswer:"], rubric.OPTIONS)
+    finally:
+        hook.remove()
 
 
 def test_complete_reports_tokens_per_second(engine):
