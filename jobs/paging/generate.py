@@ -73,7 +73,8 @@ def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
-    make_cache(loaded.model.config, kv_cache, residual_length=kv_residual)  # bad kinds fail before any work
+    make_cache(loaded.model.config, kv_cache, residual_length=kv_residual,  # bad kinds fail before any work
+               device=loaded.device)
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"  # new tokens must line up at the right edge of every row
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -92,7 +93,8 @@ def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int
                 if progress is not None:
                     progress(done_before + done_in_batch, total)
 
-            cache = make_cache(loaded.model.config, kv_cache, residual_length=kv_residual)
+            cache = make_cache(loaded.model.config, kv_cache, residual_length=kv_residual,
+                               device=loaded.device)
             _generate_batch(loaded, batch, max_new_tokens, sampling, stop, pad_id, eos_ids, generator,
                             result, batch_progress, cache, watch)
     finally:

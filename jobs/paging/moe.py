@@ -15,7 +15,7 @@ from jobs.errors import ModelFolderError
 from jobs.paging.expert_cache import ExpertCache, cache_capacity
 from jobs.paging.expert_pager import ExpertPager
 from jobs.paging.expert_quant import QuantExpertStore
-from jobs.paging.dtypes import torch_dtype
+from jobs.paging.dtypes import dtype_name, torch_dtype
 from jobs.paging.expert_store import CheckpointIndex, ExpertStore, is_expert_key
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.open import is_moe_folder
@@ -46,7 +46,8 @@ class PagedMoE:
         """Counters since load (or the last reset_stats): hits, misses, prefetch_hits, bytes_h2d,
         stall_s, evictions, cpu_execs, prefetch accuracy, and the same per layer; the expert
         format (variant "precise" or e.g. "q4g64", bits per weight code, bytes per expert); the kernels."""
-        return {**self.cache.stats(), "expert_variant": self.store.variant,
+        return {**self.cache.stats(), "dtype": dtype_name(self.model.dtype),
+                "expert_variant": self.store.variant,
                 "expert_bits": self.store.bits, "expert_bytes": self.store.expert_bytes, **self.kernels}
 
     def reset_stats(self) -> None:

@@ -26,8 +26,8 @@ def test_two_resident_layers_never_more_than_four_materialized(tiny_dirs):
         alive: dict[int, list[weakref.ref]] = {}
         read_layer = store.read_layer
 
-        def spy_read_layer(index, dtype, *, pin=False):
-            tensors = read_layer(index, dtype, pin=pin)
+        def spy_read_layer(index, dtype, **kwargs):
+            tensors = read_layer(index, dtype, **kwargs)
             alive.setdefault(index, []).extend(weakref.ref(t) for t in tensors.values())
             return tensors
 

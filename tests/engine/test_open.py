@@ -32,6 +32,7 @@ def test_moe_spec_settings_reach_the_pager(tmp_path):
     assert (stats["policy"], stats["capacity_experts"]) == ("lfu", 2)
     assert (stats["kernels"], stats["kernels_reason"]) == ("torch", "asked for torch")
     assert stats["expert_variant"] == "precise"  # auto without a written variant
+    assert stats["dtype"] == "fp32"                # dtype auto resolved on the CPU
     assert paged.pager.prefetch is False
     # ram_budget_bytes is honoured as the expert store's host RAM bound, not dropped.
     with pytest.raises(BudgetError, match="ram_budget_bytes is 1000"):
