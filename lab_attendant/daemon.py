@@ -220,16 +220,16 @@ class Daemon:
             for ev in self.launcher.read_events(w):
                 self._handle_event(w, ev)
             self.launcher.cleanup(w)
-            near, hint, oom_kills = False, "", 0
+            near, rss, oom_kills = False, None, 0
             if code == -signal.SIGKILL:
-                near, hint = self.guards.sigkill_hint(w.run_id)
+                near, rss = self.guards.memory_evidence(w.run_id)
                 now_kills = self.host.oom_kill_count()
                 if now_kills is not None and w.oom_kills_at_start is not None:
                     oom_kills = now_kills - w.oom_kills_at_start
             state, reason = classify(WorkerExit(
                 code, w.stop_state, w.stop_reason, forced=w.kill_sent_mono is not None,
                 result_path=w.result_path, error=w.error, near_memory_limit=near,
-                memory_hint=hint, kernel_oom_kills=oom_kills))
+                rss_bytes=rss, kernel_oom_kills=oom_kills))
             fields: dict[str, Any] = {"exit_code": code if code >= 0 else None,
                                       "signal": signal_name(-code) if code < 0 else None}
             if state is RunState.QUEUED:

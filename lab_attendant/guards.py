@@ -197,18 +197,15 @@ class Guards:
                 for w in workers
                 if w.run_id not in self._acted_on and vram.get(w.run_id, 0) > limit]
 
-    def sigkill_hint(self, run_id: int) -> tuple[bool, str]:
-        """For a worker SIGKILLed by someone else: (near a memory limit?, text for the reason)."""
+    def memory_evidence(self, run_id: int) -> tuple[bool, int | None]:
+        """For a worker SIGKILLed by someone else: (was memory near a limit?, its last tree RSS)."""
         rss = self._last_rss.get(run_id)
         c = self.cfg
         near = bool(
             (rss and c.max_worker_rss_bytes and rss >= OOM_KILLER_NEAR * c.max_worker_rss_bytes)
             or (self._last_available is not None and c.min_available_ram_bytes
                 and self._last_available < 2 * c.min_available_ram_bytes))
-        text = f" at {format_size(rss)} RSS" if rss else ""
-        if near:
-            text += "; likely killed by the kernel OOM killer (memory was near its limit)"
-        return near, text
+        return near, rss
 
     def forget(self, run_id: int) -> None:
         self._acted_on.discard(run_id)

@@ -65,7 +65,7 @@ class WorkerExit:
     result_path: str | None = None         # from the worker's `result` event
     error: dict[str, Any] | None = None    # its `error` event
     near_memory_limit: bool = False        # guards' evidence for a SIGKILL from outside
-    memory_hint: str = ""                  # the readings behind it, for the reason
+    rss_bytes: int | None = None           # the worker tree's last RSS reading
     kernel_oom_kills: int = 0              # kernel OOM-killer kills on this host during the run
 
 
@@ -85,11 +85,14 @@ def classify(x: WorkerExit) -> tuple[RunState, str]:
     if x.code == protocol.EXIT_BAD_SPEC:
         return RunState.FAILED, f"worker refused its spec: {err or how}"
     if x.code == -signal.SIGKILL:
+        rss = f" at {format_size(x.rss_bytes)} RSS" if x.rss_bytes else ""
         if x.kernel_oom_kills:
-            return RunState.OOM, (f"worker {how}{x.memory_hint.split(';')[0]}; the kernel OOM killer "
-                                  f"killed {x.kernel_oom_kills} process(es) during the run "
-                                  "(/proc/vmstat oom_kill)")
-        return (RunState.OOM if x.near_memory_limit else RunState.FAILED), f"worker {how}{x.memory_hint}"
+            return RunState.OOM, (f"worker {how}{rss}; the kernel OOM killer killed "
+                                  f"{x.kernel_oom_kills} process(es) during the run (/proc/vmstat oom_kill)")
+        if x.near_memory_limit:
+            return RunState.OOM, (f"worker {how}{rss}; likely killed by the kernel OOM killer "
+                                  "(memory was near its limit)")
+        return RunState.FAILED, f"worker {how}{rss}"
     if x.code < 0:
         return RunState.FAILED, f"worker {how}" + (f" after error {err}" if err else "")
     return RunState.FAILED, f"{err} ({how})" if err else f"worker {how}"

@@ -86,17 +86,16 @@ def test_vram_budget_counts_the_workers_whole_process_tree():
     assert "1.5 GiB > 1.0 GiB budget" in a[0].reason
 
 
-def test_sigkill_hint_blames_the_oom_killer_only_near_a_limit():
+def test_memory_evidence_is_near_a_limit_only_near_a_limit():
     g, host, s = _guards(max_worker_rss_bytes=10 * GiB, min_available_ram_bytes=0)
     g.poll([PAGING])
-    assert g.sigkill_hint(1) == (False, " at 1.0 GiB RSS")
+    assert g.memory_evidence(1) == (False, GiB)
     host.rss[100] = int(9.5 * GiB)
     g.poll([PAGING])
-    near, text = g.sigkill_hint(1)
-    assert near and "likely killed by the kernel OOM killer" in text
+    assert g.memory_evidence(1) == (True, int(9.5 * GiB))
     host.rss[100] = 0                           # gone before the reap: keep the last reading
     g.poll([PAGING])
-    assert g.sigkill_hint(1)[0]
+    assert g.memory_evidence(1) == (True, int(9.5 * GiB))
 
 
 def test_nvml_init_failures_are_retried_with_back_off_not_cached_for_good():
