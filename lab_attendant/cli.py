@@ -27,7 +27,6 @@ from .status import cmd_status, fmt_time
 from .store import Store
 
 
-
 def _store(cfg: Config) -> Store:
     return Store(cfg.db_path)
 
@@ -122,10 +121,11 @@ def _wait(store: Store, run_id: int):
 
 
 def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
-    if args.state and args.state not in RunState._value2member_map_:
-        raise UserError(f"unknown state '{args.state}'; states: {', '.join(RunState)}")
-    runs = _store(cfg).list_runs(states=[RunState(args.state)] if args.state else (),
-                                 limit=args.limit)
+    try:
+        states = [RunState(args.state)] if args.state else []
+    except ValueError:
+        raise UserError(f"unknown state '{args.state}'; states: {', '.join(RunState)}") from None
+    runs = _store(cfg).list_runs(states=states, limit=args.limit)
     if args.json:
         print(json.dumps([r.to_dict() for r in runs]))
         return 0

@@ -46,10 +46,9 @@ def resolve_dtype(requested: str, device: torch.device | str) -> str:
     auto is fp32 on the CPU, bf16 where the card has it natively, fp16 on older CUDA cards."""
     if requested != "auto":
         return requested
-    cap = device_capability(device)
-    if cap is None:
+    if device_capability(device) is None:
         return "fp32"
-    return "bf16" if cap >= NATIVE_BF16_FROM else "fp16"
+    return "bf16" if native_bf16(device) else "fp16"
 
 
 def sdpa_backends(device: torch.device | str) -> str:

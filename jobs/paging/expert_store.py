@@ -68,7 +68,7 @@ def expert_numel(config) -> int:
 
 
 def expert_nbytes(config, dtype: torch.dtype) -> int:
-    return expert_numel(config) * torch.empty((), dtype=dtype).element_size()
+    return expert_numel(config) * dtype.itemsize
 
 
 def split_expert(flat: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +88,7 @@ class ExpertStore:
         self.num_experts = config.num_local_experts
         self.expert_bytes = expert_nbytes(config, dtype)
         self.variant = "precise"  # what the stats call the expert format; see expert_quant.py
-        self.bits = torch.empty((), dtype=dtype).element_size() * 8
+        self.bits = dtype.itemsize * 8
         self.pin_memory = pin_memory
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}
 

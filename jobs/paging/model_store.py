@@ -79,8 +79,7 @@ class ModelStore:
 
     def layer_nbytes_as(self, dtype: torch.dtype) -> list[int]:
         """Bytes each decoder layer needs once converted to `dtype` (what the budgets count)."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return [sum(e.numel * itemsize for e in layer.values()) for layer in self.layer_entries]
+        return [sum(e.numel * dtype.itemsize for e in layer.values()) for layer in self.layer_entries]
 
     @property
     def layer_nbytes_fast(self) -> list[int]:
@@ -91,8 +90,7 @@ class ModelStore:
     def layer_nbytes_fast_as(self, dtype: torch.dtype) -> list[int]:
         """Host bytes of each fast layer: packed parts as stored, the rest converted to `dtype`."""
         self._need_variant()
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return [sum(e.nbytes if name.rpartition(".")[0] in shapes else e.numel * itemsize
+        return [sum(e.nbytes if name.rpartition(".")[0] in shapes else e.numel * dtype.itemsize
                     for name, e in layer.items()) for layer, shapes in zip(self.fast_entries, self.fast_shapes)]
 
     def open_variant(self, spec: QuantSpec | None = None) -> None:
@@ -157,7 +155,6 @@ class ModelStore:
 
     def _read(self, entries: dict[str, TensorEntry], dtype: torch.dtype, pin: bool,
               keep_dtype: frozenset[str] | set[str] = frozenset(), narrow_only: bool = False) -> dict[str, torch.Tensor]:
-        itemsize = torch.empty((), dtype=dtype).element_size()
         out: dict[str, torch.Tensor] = {}
         with self._lock:
             for name, entry in entries.items():
@@ -167,7 +164,7 @@ class ModelStore:
                 tensor = handle.get_tensor(entry.key)  # copies just this tensor out of the mmap
                 self.bytes_read += entry.nbytes
                 convert = tensor.is_floating_point() and tensor.dtype != dtype and name not in keep_dtype
-                if convert and not (narrow_only and tensor.element_size() <= itemsize):
+                if convert and not (narrow_only and tensor.element_size() <= dtype.itemsize):
                     tensor = tensor.to(dtype)
                 if pin:
                     # Page-locked so the host->device copy can run async; torch caches pinned blocks.

@@ -15,6 +15,7 @@ from jobs.errors import ModelFolderError
 from jobs.paging.expert_cache import ExpertCache, cache_capacity
 from jobs.paging.expert_pager import ExpertPager
 from jobs.paging.expert_quant import QuantExpertStore
+from jobs.paging.capability import resolve_dtype
 from jobs.paging.dtypes import dtype_name, torch_dtype
 from jobs.paging.expert_store import CheckpointIndex, ExpertStore, is_expert_key
 from jobs.paging.kernels import apply_kernels
@@ -66,7 +67,7 @@ class PagedMoE:
 
 
 def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
-                   dtype: str | torch.dtype = "fp32", expert_cache_bytes: int | str | None = None,
+                   dtype: str | torch.dtype = "auto", expert_cache_bytes: int | str | None = None,
                    cache_policy: str = "lru", cache_scope: str = "global",
                    ram_budget_bytes: int | str | None = None, prefetch: bool = True,
                    cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4,
@@ -84,7 +85,7 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
         raise ValueError(f"{model_dir} is not a MoE model folder (config.json has no "
                          "num_local_experts); use the dense layer-streaming engine for it")
     device = torch.device(device)
-    dtype = torch_dtype(dtype)
+    dtype = torch_dtype(resolve_dtype(dtype, device))  # "auto": capability.resolve_dtype, as the dense loader
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type != "mixtral":
         raise ValueError(f"expert paging supports Mixtral checkpoints, not {config.model_type!r}")

@@ -48,11 +48,9 @@ def open_model(spec: ModelSpec, *, prefetch: bool = True) -> Any:
     """
     check_settings(spec)
     if spec.kind == "moe":
-        from jobs.paging.capability import resolve_dtype
         from jobs.paging.moe import load_paged_moe
 
-        # The dense loader resolves "auto" itself (with the fp16-safe choice, numerics.resolve_numerics).
-        return load_paged_moe(spec.path, device=spec.device, dtype=resolve_dtype(spec.dtype, spec.device),
+        return load_paged_moe(spec.path, device=spec.device, dtype=spec.dtype,
                               expert_cache_bytes=spec.expert_cache_bytes, cache_policy=spec.cache_policy,
                               ram_budget_bytes=spec.ram_budget_bytes, prefetch=prefetch, variant=spec.variant,
                               kernels=spec.kernels)
