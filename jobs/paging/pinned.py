@@ -1,0 +1,81 @@
+"""Host memory the device copies from: exact-size page-locked arenas, and what torch's own pinned
+allocator really takes for a request.
+
+torch's CachingHostAllocator rounds every pinned block up to a power of two (torch 2.4 .. 2.13 by
+default), so pinning a Mixtral expert of 336 MiB takes 512 MiB and 256 of them take 128 GiB. An arena
+is one ordinary host buffer of exactly the bytes asked for, page-locked in place with cudaHostRegister,
+and carved into views: what the plan counts is what the host gives.
+"""
+from __future__ import annotations
+
+import torch
+
+from jobs.units import format_size
+
+_ALIGN = 64  # every view starts on a 64-byte boundary: any dtype can view it, copies stay aligned
+
+
+def pinned_alloc_bytes(nbytes: int) -> int:
+    """Bytes `torch.empty(nbytes, pin_memory=True)` really pins: the next power of two."""
+    return 1 << max(0, int(nbytes) - 1).bit_length() if nbytes > 0 else 0
+
+
+def aligned(nbytes: int) -> int:
+    return -(-int(nbytes) // _ALIGN) * _ALIGN
+
+
+class PinnedHostError(MemoryError):
+    """Page-locking host memory failed; oom.oom_kind reads "pinned memory ... out of memory" as pinned_host."""
+
+
+class HostArena:
+    """One flat uint8 host buffer of exactly `nbytes`, page-locked when `pin` (CUDA), handed out as views.
+
+    On a CPU-only run nothing is pinned and `pinned_bytes` is 0; the carving and the byte counts are
+    the same, which is what the CPU tests check.
+    """
+
+    def __init__(self, nbytes: int, *, pin: bool, what: str = "host arena") -> None:
+        self.nbytes = aligned(nbytes)
+        self.what = what
+        try:
+            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8)
+        except RuntimeError as exc:  # DefaultCPUAllocator: can't allocate memory
+            raise MemoryError(f"{what}: cannot allocate {self.nbytes} bytes ({format_size(self.nbytes)}) of "
+                              f"host memory: {exc}") from None
+        self.pinned_bytes = 0
+        self._offset = 0
+        if pin and self.nbytes:
+            self._register()
+
+    def _register(self) -> None:
+        cudart = torch.cuda.cudart()
+        result = cudart.cudaHostRegister(self.buffer.data_ptr(), self.nbytes, 0)
+        try:
+            torch.cuda.check_error(result)
+        except torch.cuda.CudaError as exc:
+            raise PinnedHostError(
+                f"{self.what}: pinned memory of {self.nbytes} bytes ({format_size(self.nbytes)}) could not be "
+                f"page-locked (cudaHostRegister: {exc}), out of memory for pinning; lower ram_budget_bytes in "
+                "the model's table, or raise the locked-memory limit (ulimit -l / LimitMEMLOCK=)") from None
+        self.pinned_bytes = self.nbytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.nbytes - self._offset
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 view of the next `nbytes` (64-byte aligned); MemoryError when the arena is spent."""
+        size = aligned(nbytes)
+        if size > self.free_bytes:
+            raise MemoryError(f"{self.what}: {nbytes} bytes asked, {self.free_bytes} left of {self.nbytes}")
+        view = self.buffer[self._offset:self._offset + nbytes]
+        self._offset += size
+        return view
+
+    def close(self) -> None:
+        if self.pinned_bytes:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr()))
+            self.pinned_bytes = 0
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+        self._offset = 0
