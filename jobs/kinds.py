@@ -5,8 +5,10 @@ The supervisor validates a submission here without importing torch; the worker i
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -14,7 +16,7 @@ from .errors import ParamError
 from .spec import DEFAULT_BATCH_SIZE
 from .units import parse_size
 
-PARAM_TYPES = ("str", "int", "float", "bool", "size", "file", "dir", "path")
+PARAM_TYPES = ("str", "int", "float", "bool", "size", "date", "file", "dir", "path")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -25,6 +27,8 @@ class Param:
     required: bool = False
     default: Any = None
     help: str = ""
+    min: float | None = None      # int/float/size: inclusive bounds, checked at submit and load
+    max: float | None = None
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,10 @@ class Kind:
 # embedded gemma-3-270m), which the daemon resolves into the run's spec.
 _MODEL_PARAMS = (
     Param("model", "str", help="a [models.NAME] from the config (default: [worker] default_model)"),
-    Param("max_new_tokens", "int", help="tokens generated per answer (default: the kind's own)"),
-    Param("batch_size", "int", default=DEFAULT_BATCH_SIZE, help="prompts per pass over the weights"),
+    Param("max_new_tokens", "int", min=1, max=32768,
+          help="tokens generated per answer (default: the kind's own)"),
+    Param("batch_size", "int", default=DEFAULT_BATCH_SIZE, min=1, max=4096,
+          help="prompts per pass over the weights"),
 )
 
 BUILTIN_KINDS: tuple[Kind, ...] = (
@@ -50,16 +56,16 @@ BUILTIN_KINDS: tuple[Kind, ...] = (
          "Report the worker environment (python/torch/transformers, CUDA, free disk) and "
          "measure sequential read bandwidth of a file or the model folder.",
          params=(Param("path", "path", help="file or folder to read (default: models dir)"),
-                 Param("read_limit_bytes", "size", default=256 * 1024**2,
+                 Param("read_limit_bytes", "size", default=256 * 1024**2, min=1,
                        help="read at most this many bytes for the bandwidth figure"))),
     Kind("nightly_insights", "jobs.nightly_insights",
          "Read an archive of notes (.md/.txt) incrementally (only new or changed notes since the "
          "last successful run), summarize each with the model, group them into themes that cite "
          "their notes; writes insights.md and insights.json.",
          params=(Param("archive", "dir", required=True, help="folder of notes"),
-                 Param("since", "str", help="only notes dated on or after YYYY-MM-DD"),
-                 Param("max_notes", "int", help="process at most this many notes per run; the "
-                       "rest wait for the next run"),
+                 Param("since", "date", help="only notes dated on or after YYYY-MM-DD"),
+                 Param("max_notes", "int", min=1, help="process at most this many notes per "
+                       "run; the rest wait for the next run"),
                  *_MODEL_PARAMS), needs_paging=True),
     Kind("artifact_refinement", "jobs.artifact_refinement",
          "Rank artifacts (a folder of .md with front matter, or a .jsonl file) by rubric "
@@ -73,7 +79,7 @@ BUILTIN_KINDS: tuple[Kind, ...] = (
          "and matches.md.",
          params=(Param("cv", "file", required=True, help="the CV (markdown or text)"),
                  Param("postings", "dir", required=True, help="folder of postings (.md/.txt)"),
-                 Param("top_k", "int", default=3, help="postings to explain"),
+                 Param("top_k", "int", default=3, min=1, max=1000, help="postings to explain"),
                  *_MODEL_PARAMS), needs_paging=True),
 )
 
@@ -88,10 +94,28 @@ def registry(extra_modules: Iterable[str] = ()) -> dict[str, Kind]:
     return kinds
 
 
-def _coerce(param: Param, value: Any, roots: tuple[Path, ...], base_dir: Path | None) -> Any:
+def _in_range(param: Param, value: int | float) -> int | float:
+    """Finite and within the param's declared min/max; ParamError saying the range otherwise."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParamError(f"param '{param.name}' must be a finite number, got {value!r}")
+    lo, hi = param.min, param.max
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = (f"between {lo:g} and {hi:g}" if lo is not None and hi is not None else
+                  f"at least {lo:g}" if lo is not None else f"at most {hi:g}")
+        raise ParamError(f"param '{param.name}' must be {bounds}, got {value!r}")
+    return value
+
+
+def _coerce(param: Param, value: Any, roots: tuple[Path, ...], base_dir: Path | None,
+            must_exist: bool = True) -> Any:
     name, tp = param.name, param.type
     if tp == "str":
         return str(value)
+    if tp == "date":
+        try:
+            return date.fromisoformat(str(value)).isoformat()
+        except ValueError:
+            raise ParamError(f"param '{name}' must be a date like 2015-01-31, got {value!r}") from None
     if tp == "bool":
         if isinstance(value, bool):
             return value
@@ -100,24 +124,28 @@ def _coerce(param: Param, value: Any, roots: tuple[Path, ...], base_dir: Path | 
         raise ParamError(f"param '{name}' must be true or false, got {value!r}")
     if tp in ("int", "float"):
         try:
-            return int(value) if tp == "int" else float(value)
-        except (TypeError, ValueError):
+            if isinstance(value, bool) or (tp == "int" and isinstance(value, float)):
+                raise TypeError
+            number = int(value) if tp == "int" else float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ParamError(f"param '{name}' must be {'an integer' if tp == 'int' else 'a number'}"
                              f", got {value!r}") from None
+        return _in_range(param, number)
     if tp == "size":
         try:
-            return parse_size(value)
-        except ValueError as exc:
+            size = parse_size(value)
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ParamError(f"param '{name}': {exc}") from None
+        return _in_range(param, size)
     # Paths: resolved (symlinks too) and confined to the configured roots. A relative path is
     # relative to base_dir (a schedule's: the config file's folder), else to the working directory.
     path = Path(os.path.expanduser(str(value)))
     path = (base_dir / path if base_dir is not None else path).resolve()
-    if tp == "file" and not path.is_file():
+    if must_exist and tp == "file" and not path.is_file():
         raise ParamError(f"param '{name}': file {path} does not exist")
-    if tp == "dir" and not path.is_dir():
+    if must_exist and tp == "dir" and not path.is_dir():
         raise ParamError(f"param '{name}': folder {path} does not exist")
-    if tp == "path" and not path.exists():
+    if must_exist and tp == "path" and not path.exists():
         raise ParamError(f"param '{name}': {path} does not exist")
     if not any(path.is_relative_to(r.resolve()) for r in roots):
         raise ParamError(f"param '{name}': {path} is outside the allowed roots "
@@ -127,11 +155,12 @@ def _coerce(param: Param, value: Any, roots: tuple[Path, ...], base_dir: Path | 
 
 
 def validate_params(kind: Kind, raw: dict[str, Any], allowed_roots: Iterable[Path], *,
-                    base_dir: Path | None = None) -> dict[str, Any]:
+                    base_dir: Path | None = None, must_exist: bool = True) -> dict[str, Any]:
     """Return typed params with defaults filled in; ParamError names the first bad param.
 
     Relative path params resolve against base_dir when given (schedules: the config file's
-    folder, like every other path in the config), else against the working directory (`submit`)."""
+    folder, like every other path in the config), else against the working directory (`submit`).
+    must_exist=False (a schedule at config load) checks everything but whether files exist yet."""
     roots = tuple(allowed_roots)
     known = {p.name: p for p in kind.params}
     for key in raw:
@@ -141,7 +170,7 @@ def validate_params(kind: Kind, raw: dict[str, Any], allowed_roots: Iterable[Pat
     out: dict[str, Any] = {}
     for p in kind.params:
         if p.name in raw and raw[p.name] is not None:
-            out[p.name] = _coerce(p, raw[p.name], roots, base_dir)
+            out[p.name] = _coerce(p, raw[p.name], roots, base_dir, must_exist)
         elif p.required:
             raise ParamError(f"kind '{kind.name}' needs param '{p.name}' ({p.help or p.type}); "
                              f"pass -p {p.name}=VALUE")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -20,11 +21,12 @@ from jobs.units import format_size
 
 from . import PROJECT_ROOT, venv
 from .config import Config, load_config
-from .errors import UserError
+from .errors import EXIT_STORE_UNUSABLE, StoreUnusable, UserError
 from .logsetup import log_for, read_run_log, setup_logging
 from .states import TERMINAL, RunState
 from .status import cmd_status, fmt_time
 from .store import Store
+from .validate import check_run_id, check_submit_options, check_worker_python, dumps
 
 
 def _store(cfg: Config) -> Store:
@@ -46,11 +48,13 @@ def _read_params(args: argparse.Namespace) -> dict[str, Any]:
         if not path.is_file():
             raise UserError(f"params file {path} does not exist")
         try:
-            raw.update(json.loads(path.read_text()))
-        except ValueError as exc:
+            loaded = json.loads(path.read_bytes())
+        except (ValueError, RecursionError) as exc:
             raise UserError(f"params file {path} is not a JSON object: {exc}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"params file {path} must hold a JSON object")
+        if not isinstance(loaded, dict):
+            raise UserError(f"params file {path} must hold a JSON object like "
+                            f"{{\"key\": \"value\"}}, not {type(loaded).__name__}")
+        raw.update(loaded)
     for item in args.param or []:
         key, value = parse_assignment(item)
         raw[key] = value
@@ -75,8 +79,8 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     params = validate_params(kind, _read_params(args), cfg.allowed_roots)
     if any(p.name == "model" for p in kind.params):
         _check_model(cfg.model_spec(params.get("model")))  # fails here, not in the worker
-    if args.timeout is not None and args.timeout <= 0:
-        raise UserError("--timeout must be a positive number of seconds")
+    check_submit_options(args.priority, args.timeout)
+    check_worker_python(Path(cfg.worker.python))
     store = _store(cfg)
     run = store.submit(kind=kind.name, params=params, priority=args.priority,
                        timeout_s=args.timeout or cfg.limits.default_timeout_s,
@@ -84,7 +88,7 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     log_for(kind.needs_paging, "lab_attendant.cli").info("run submitted", run_id=run.id,
                                                           kind=kind.name)
     if args.json and not args.wait:
-        print(json.dumps(run.to_dict()))
+        print(dumps(run.to_dict()))
     elif not args.wait:
         print(run.id)
     if not args.wait:
@@ -93,7 +97,7 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
           file=sys.stderr)
     final = _wait(store, run.id)
     if args.json:
-        print(json.dumps(final.to_dict()))
+        print(dumps(final.to_dict()))
     else:
         print(f"run {final.id} {final.state}: {final.reason}")
     return 0 if final.state is RunState.SUCCEEDED else 1
@@ -125,9 +129,11 @@ def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
         states = [RunState(args.state)] if args.state else []
     except ValueError:
         raise UserError(f"unknown state '{args.state}'; states: {', '.join(RunState)}") from None
-    runs = _store(cfg).list_runs(states=states, limit=args.limit)
+    if args.limit < 0:
+        raise UserError(f"--limit must be 0 (all) or more, got {args.limit}")
+    runs = _store(cfg).list_runs(states=states, limit=min(args.limit, 2**62))
     if args.json:
-        print(json.dumps([r.to_dict() for r in runs]))
+        print(dumps([r.to_dict() for r in runs]))
         return 0
     print(f"{'ID':>5}  {'KIND':<20} {'STATE':<14} {'SUBMITTED':<19}  REASON")
     for r in runs:
@@ -136,6 +142,7 @@ def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _get_run(store: Store, run_id: int):
+    check_run_id(run_id)
     run = store.get(run_id)
     if run is None:
         raise UserError(f"no run {run_id}; see `lab-attendant list`")
@@ -152,7 +159,7 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
         out["events"] = [{"at": e.at, "kind": e.kind, "from": e.from_state, "to": e.to_state,
                           "reason": e.reason} for e in events]
         out["guard_events"] = [g.to_dict() for g in guard_events]
-        print(json.dumps(out))
+        print(dumps(out))
         return 0
     d = run.to_dict()
     for key in ("id", "kind", "state", "reason", "params", "priority", "pid", "exit_code", "signal",
@@ -176,6 +183,7 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
+    check_run_id(args.id)
     store = _store(cfg)
     run = store.request_cancel(args.id)
     if run is None:
@@ -221,7 +229,7 @@ def cmd_schedules(cfg: Config, args: argparse.Namespace) -> int:
              "timezone": s.timezone or "local", "next_fire_time": nxt.isoformat() if nxt else None}
             for s, nxt in next_fire_times(cfg)]
     if args.json:
-        print(json.dumps(rows))
+        print(dumps(rows))
         return 0
     if not rows:
         print("no schedules; add [[schedules]] tables to the config")
@@ -241,7 +249,7 @@ def cmd_venv(cfg: Config, args: argparse.Namespace) -> int:
                            log_path=cfg.paths.logs_dir / "venv-create.log")
     else:
         info = venv.check(_venv_dir(cfg))
-    print(json.dumps(info, indent=2))
+    print(dumps(info, indent=2))
     return 0
 
 
@@ -348,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list runs, newest first")
     ls.add_argument("--state")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=int, default=50, help="at most this many (default 50, 0 = all)")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_list)
 
@@ -419,12 +427,31 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.cmd != "daemon":
             setup_logging(cfg.paths.logs_dir, console=False)
-        return args.fn(cfg, args)
+        code = args.fn(cfg, args)
+        sys.stdout.flush()         # a closed pipe shows here, inside the handlers below
+        return code
     except (UserError, ParamError) as exc:
         print(f"lab-attendant: error: {exc}", file=sys.stderr)
         return 2
+    except StoreUnusable as exc:   # corrupt or unreadable store: the sentence names the fix
+        print(f"lab-attendant: error: {exc}", file=sys.stderr)
+        return EXIT_STORE_UNUSABLE if args.cmd == "daemon" else 1   # the unit won't restart 3
+    except OSError as exc:         # the machine, not the input: a folder we cannot create, ...
+        if isinstance(exc, BrokenPipeError):
+            return _quiet_broken_pipe()
+        print(f"lab-attendant: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader went away (`list --json | head`): stop quietly, as head asked. stdout goes to
+    /dev/null so the interpreter's final flush does not print a second BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 if __name__ == "__main__":

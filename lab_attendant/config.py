@@ -18,6 +18,7 @@ from jobs.typed import ByteSize, Reader
 
 from . import PROJECT_ROOT
 from .errors import ConfigError
+from .validate import check_config_numbers
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -225,6 +226,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None) -
 
 def _check(cfg: Config) -> None:
     """Checks that span keys, or that a type alone cannot express."""
+    check_config_numbers(cfg)
     for name in cfg.models:   # a setting its engine would ignore fails here, not in a worker
         try:
             check_settings(cfg.model_spec(name))

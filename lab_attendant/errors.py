@@ -16,6 +16,19 @@ class StoreError(Exception):
     """The SQLite store is unusable (e.g. schema from a newer version)."""
 
 
+class StoreUnusable(StoreError):
+    """The store file is corrupt or cannot be read; the message names the file and the fix.
+    The daemon exits with EXIT_STORE_UNUSABLE, which the systemd unit does not restart on."""
+
+
+class StoreWriteError(StoreError):
+    """A write to the store failed (disk full, I/O error, read-only): the daemon keeps
+    supervising from memory and retries; the CLI reports it and exits 1."""
+
+
+EXIT_STORE_UNUSABLE = 3   # systemd: RestartPreventExitStatus=2 3
+
+
 class TransitionError(Exception):
     """A state change that the table in states.py does not allow: a bug, not user input."""
 

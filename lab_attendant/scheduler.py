@@ -44,8 +44,13 @@ def parse_cron(expr: str, timezone: str = "") -> CronTrigger:
 
 def validate_schedules(cfg: "Config") -> None:
     """Fail at config load, naming the schedule: duplicate id, bad cron or timezone, unknown kind,
-    unknown param. Param values (paths that must exist) are checked at each firing."""
-    kinds = registry(cfg.worker.extra_kinds)
+    a param unknown, out of range or outside the allowed roots. Whether a path exists is checked
+    at each firing."""
+    try:
+        kinds = registry(cfg.worker.extra_kinds)
+    except ImportError as exc:
+        raise ConfigError(f"config key 'worker.extra_kinds': cannot import {exc.name or exc}; "
+                          "name a module on the supervisor's path that defines KINDS") from None
     seen: set[str] = set()
     for s in cfg.schedules:
         where = f"schedule '{s.id}'"
@@ -61,11 +66,11 @@ def validate_schedules(cfg: "Config") -> None:
         if kind is None:
             raise ConfigError(f"{where}: unknown kind '{s.kind}'; known kinds: "
                               f"{', '.join(sorted(kinds))}")
-        unknown = set(s.params) - {p.name for p in kind.params}
-        if unknown:
-            raise ConfigError(f"{where}: kind '{s.kind}' has no param "
-                              f"{', '.join(sorted(unknown))} (params: "
-                              f"{', '.join(p.name for p in kind.params) or 'none'})")
+        try:  # like submit, but a folder may appear before the first firing
+            validate_params(kind, s.params, cfg.allowed_roots, base_dir=cfg.base_dir,
+                            must_exist=False)
+        except ParamError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         if s.misfire_grace_s <= 0:
             raise ConfigError(f"{where}: misfire_grace_s must be > 0 seconds")
 

@@ -4,7 +4,6 @@ store and the state-dir lock only (the CLI never talks to the daemon otherwise).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
@@ -14,6 +13,7 @@ from .config import Config
 from .lock import DaemonLock
 from .states import ACTIVE, RunState
 from .store import Store
+from .validate import dumps
 
 
 def fmt_time(ts: float | None) -> str:
@@ -44,7 +44,7 @@ def gather(cfg: Config) -> dict[str, Any]:
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     st = gather(cfg)
     if args.json:
-        print(json.dumps(st))
+        print(dumps(st))
         return 0
     d = st["daemon"]
     if d["alive"]:

@@ -39,7 +39,7 @@ def test_six_field_cron_has_seconds():
     (_sched(cron="* * *"), "schedule 'nightly': bad cron"),
     (_sched(timezone="Mars/Olympus"), "schedule 'nightly': bad cron"),
     (_sched(kind="nope"), "schedule 'nightly': unknown kind 'nope'"),
-    (_sched(params={"naps": 2}), "schedule 'nightly': kind 'sleepy' has no param naps"),
+    (_sched(params={"naps": 2}), "schedule 'nightly': kind 'sleepy' has no param 'naps'"),
     (_sched(misfire_grace_s=0), "misfire_grace_s must be > 0"),
     ({"id": "x", "kind": "sleepy"}, "config key 'schedules[0].cron' is required"),
     (_sched(crn="1"), "unknown config key 'schedules[0].crn'"),

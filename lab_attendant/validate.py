@@ -1,0 +1,116 @@
+"""Validation of what a user types or writes that a type alone cannot express: finite numbers in
+declared ranges (config keys, submit options) and JSON output that never holds NaN/Infinity.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, UserError
+
+# Config keys with a range: (min, max, whether min itself is allowed). Every other float in the
+# config only has to be finite (TOML reads `nan` and `inf`).
+CONFIG_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "limits.max_concurrent": (1, 1024, True),
+    "limits.default_timeout_s": (0, None, False),
+    "limits.kill_grace_s": (0, None, True),
+    "limits.shutdown_grace_s": (0, None, True),
+    "worker.heartbeat_interval_s": (0, None, False),
+    "daemon.poll_interval_s": (0, 60, False),
+    "guards.guard_interval_s": (0, 60, False),
+    "guards.kill_grace_s": (0, None, True),
+    "guards.sensors_lost_grace_s": (0, None, True),
+    "logging.max_bytes": (0, None, True),
+    "logging.backup_count": (0, 1000, True),
+    "service.watchdog_s": (0, None, True),
+    "backups.keep": (1, 1000, True),
+    "backups.interval_s": (0, None, False),
+}
+COTENANT_RANGES = ("release_timeout_s", "restore_delay_s", "command_timeout_s", "retry_after_s")
+PRIORITY_RANGE = (-1_000_000, 1_000_000)
+MAX_TIMEOUT_S = 366 * 24 * 3600.0       # a year: beyond it a timeout is a typo, not a plan
+
+
+def _range_text(lo: float | None, hi: float | None, inclusive: bool) -> str:
+    low = None if lo is None else (f">= {lo:g}" if inclusive else f"> {lo:g}")
+    high = None if hi is None else f"<= {hi:g}"
+    return " and ".join(t for t in (low, high) if t)
+
+
+def check_number(key: str, value: float, lo: float | None, hi: float | None,
+                 inclusive: bool = True) -> None:
+    """`value` is finite and in range, else ConfigError naming `key` and the range."""
+    bad = (isinstance(value, float) and not math.isfinite(value)) or \
+        (lo is not None and (value < lo if inclusive else value <= lo)) or \
+        (hi is not None and value > hi)
+    if bad:
+        want = _range_text(lo, hi, inclusive) or "a finite number"
+        raise ConfigError(f"config key '{key}' must be {want}, got {value!r}")
+
+
+def _numbers(obj: Any, prefix: str = ""):
+    """(dotted key, value) for every int/float field of a config dataclass tree."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _numbers(getattr(obj, f.name), f"{prefix}{f.name}.")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{prefix}{k}.")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{prefix}{i}.")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield prefix.rstrip("."), obj
+
+
+def check_config_numbers(cfg: Any) -> None:
+    """Every number in the config finite; the keys in CONFIG_RANGES within their range."""
+    for key, value in _numbers(cfg):
+        if key in CONFIG_RANGES:
+            check_number(key, value, *CONFIG_RANGES[key])
+        elif key.startswith("cotenants.") and key.rsplit(".", 1)[1] in COTENANT_RANGES:
+            check_number(key, value, 0, None)
+        else:
+            check_number(key, value, None, None)
+
+
+def check_worker_python(python: Path) -> None:
+    """The worker interpreter exists and can be executed (daemon start, submit)."""
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        raise UserError(f"worker python {python} is missing or not executable; run "
+                        "`lab-attendant venv create` or set [worker] python in the config")
+
+
+def check_submit_options(priority: int, timeout_s: float | None) -> None:
+    lo, hi = PRIORITY_RANGE
+    if not lo <= priority <= hi:
+        raise UserError(f"--priority must be an integer from {lo} to {hi}, got {priority}")
+    if timeout_s is not None and not 0 < timeout_s <= MAX_TIMEOUT_S:   # False for NaN too
+        raise UserError(f"--timeout must be a positive number of seconds, at most "
+                        f"{MAX_TIMEOUT_S:.0f} (a year), got {timeout_s!r}")
+
+
+def check_run_id(run_id: int) -> None:
+    """Run ids are SQLite rowids: a positive 64-bit integer (larger ones overflow the driver)."""
+    if not 1 <= run_id < 2**63:
+        raise UserError(f"run id must be a positive integer, got {run_id}; see `lab-attendant list`")
+
+
+def finite(obj: Any) -> Any:
+    """obj with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON for output and storage: NaN/Infinity become null, never invalid JSON."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
