@@ -11,11 +11,12 @@ from datetime import datetime, timezone as dt_timezone
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.base import BaseTrigger
 
 from jobs.errors import ParamError
 from jobs.kinds import Kind, registry, validate_params
 
+from . import cron
 from .errors import ConfigError
 from .logsetup import get_logger, log_for
 
@@ -23,23 +24,13 @@ if TYPE_CHECKING:
     from .config import Config, ScheduleConfig
     from .store import Run, Store
 
-CRON_FIELDS = ("minute", "hour", "day", "month", "day_of_week")
-
-
 log = get_logger("lab_attendant.scheduler")
 
 
-def parse_cron(expr: str, timezone: str = "") -> CronTrigger:
-    """A CronTrigger from 5 crontab fields (minute first) or 6 (a seconds field first)."""
-    fields = expr.split()
-    if len(fields) == 5:
-        names = CRON_FIELDS
-    elif len(fields) == 6:
-        names = ("second", *CRON_FIELDS)
-    else:
-        raise ValueError(f"cron {expr!r} has {len(fields)} fields; write 5 (minute hour day "
-                         "month weekday) or 6 (second first)")
-    return CronTrigger(**dict(zip(names, fields)), timezone=timezone or None)
+def parse_cron(expr: str, timezone: str = "") -> BaseTrigger:
+    """A trigger with standard crontab semantics (lab_attendant.cron): 5 fields (minute first),
+    6 (a seconds field first) or a macro such as @daily."""
+    return cron.trigger(expr, timezone)
 
 
 def validate_schedules(cfg: "Config") -> None:
