@@ -41,7 +41,7 @@ def cache_capacity(expert_cache_bytes: int, expert_bytes: int, num_layers: int,
 
 
 class ExpertCache:
-    """Experts resident in preallocated device slots; the host copy is the truth, never written.
+    """Experts resident in preallocated device slots; the store's copy is the truth, never written.
 
     On CUDA, copies run non-blocking on a side stream and each slot has a "ready" event, so the
     compute stream waits only for the expert it is about to use, and a "free" event, so a slot is
@@ -64,8 +64,7 @@ class ExpertCache:
         self.expert_cache_bytes = expert_cache_bytes
         # One allocation up front: the budget is enforced by construction, not by checks later.
         # Slots hold what the store holds (compute-dtype weights, or a 4-bit store's uint8 bytes).
-        host = store.buffer((0, 0))
-        self._slots = torch.empty(self.capacity, host.numel(), dtype=host.dtype, device=self.device)
+        self._slots = torch.empty(self.capacity, store.slot_numel, dtype=store.slot_dtype, device=self.device)
         n_parts = store.num_layers if scope == "per_layer" else 1
         per_part = self.capacity // n_parts
         self._free = [list(range(p * per_part, (p + 1) * per_part)) for p in range(n_parts)]
@@ -223,12 +222,14 @@ class ExpertCache:
         return min(candidates, key=lambda k: self._uses[k])  # min() keeps the first of ties
 
     def _copy_in(self, key: Key, slot: int, *, demand: bool) -> None:
-        src, dst = self.store.buffer(key), self._slots[slot]
+        """The store copies the expert in: from its RAM arena, or read from the checkpoint (through its
+        pinned staging ring on CUDA, straight into the slot on CPU)."""
+        dst = self._slots[slot]
         self.count(key[0], "bytes_h2d", self.expert_bytes)
         if not self._cuda:
             # The CPU "device" copies synchronously; a demand copy is time compute waited.
             t0 = time.perf_counter()
-            dst.copy_(src)
+            self.store.copy_to(key, dst)
             if demand:
                 self.count(key[0], "stall_s", time.perf_counter() - t0)
             return
@@ -236,7 +237,7 @@ class ExpertCache:
         with torch.cuda.stream(self._stream):
             if freed is not None:
                 self._stream.wait_event(freed)
-            dst.copy_(src, non_blocking=True)
+            self.store.copy_to(key, dst)  # non-blocking, on the side stream
             ready = torch.cuda.Event()
             ready.record(self._stream)
         self._ready[slot] = ready

@@ -1,23 +1,18 @@
-"""Host-side store of 4-bit (HQQ) Mixtral experts: one flat uint8 buffer per (layer, expert).
+"""Host-side store of 4-bit (HQQ) Mixtral experts: one flat uint8 buffer per (layer, expert), in the
+arena or read on demand from the variant's shards, under the same RAM budget as expert_store.py.
 
 Owns laying out an expert's packed parts (codes, fp16 scale and zero of w1, w3, w2) in one buffer
 read from the folder's quantized variant, and expanding a buffer or device slot to (gate_up, down).
 """
 from __future__ import annotations
 
-import logging
 import re
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from jobs.errors import ModelFolderError
-from jobs.paging.expert_store import PER_EXPERT_RE, ExpertStore
+from jobs.paging.expert_store import PER_EXPERT_RE, ExpertStore, Key, Piece
 from jobs.paging.quant import PARTS, Variant, dequantize_weight
-from jobs.units import format_size
-
-log = logging.getLogger(__name__)
 
 # Variant keys of expert weights: released per-expert w1/w3/w2 (the checkpoint's own names), or
 # fused slices `KEY.E`.
@@ -62,12 +57,13 @@ class QuantExpertStore(ExpertStore):
         self.spec = variant.spec
         self.variant = variant.spec.name
         self.bits = variant.spec.bits
-        self._pieces = expert_pieces(variant, self.num_layers, self.num_experts)
-        first = self._pieces[(0, 0)]
+        self._keys = expert_pieces(variant, self.num_layers, self.num_experts)
+        first = self._keys[(0, 0)]
         self._shapes = [variant.shapes[k] for k in first]
         self._n_gate_up = len(first) - 1
         self.expert_bytes = sum(variant.nbytes(k) for k in first)
-        # (offset, nbytes, dtype, shape) of every part, filled from the first expert read
+        self.slot_dtype, self.slot_numel = torch.uint8, self.expert_bytes
+        # (offset, nbytes, dtype, shape) of every part of every weight, from expert (0, 0)'s headers
         self._layout: list[list[tuple[int, int, torch.dtype, torch.Size]]] = []
 
     def expand(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,43 +76,36 @@ class QuantExpertStore(ExpertStore):
         return gate_up, weights[-1]
 
     def load(self, index=None, ram_budget_bytes: int | None = None) -> "QuantExpertStore":
-        """Fill every expert buffer from the variant shards, part by part (the original
-        checkpoint's expert tensors are never read)."""
-        self.check_budget(ram_budget_bytes)
-        handles: dict[Path, object] = {}
+        """Lay out every expert from the variant shards' headers, then fill the arena's experts (the
+        original checkpoint's expert tensors are never read)."""
+        self._pieces = self._find_pieces()
+        return self._fill(ram_budget_bytes)
 
-        def read(key: str) -> torch.Tensor:
-            path = self.quant.file_of[key.rsplit(".", 1)[0]]
-            if path not in handles:
-                handles[path] = safe_open(path, framework="pt")
-            return handles[path].get_tensor(key)
-
-        for (layer, expert), keys in self._pieces.items():
-            parts = [[read(k) for k in self.quant.part_keys(key)] for key in keys]
+    def _find_pieces(self, index=None) -> dict[Key, list[Piece]]:
+        pieces = {}
+        for (layer, expert), keys in self._keys.items():
+            parts = [[(self.quant.file_of[key], part) for part in self.quant.part_keys(key)] for key in keys]
+            found = [[self._files[path].entries[part][:2] for path, part in weight] for weight in parts]
             if not self._layout:
-                self._layout = self._plan(parts)
-            flat = torch.empty(self.expert_bytes, dtype=torch.uint8, pin_memory=self.pin_memory)
-            for tensors, layout in zip(parts, self._layout):
-                for tensor, (off, n, dt, sh) in zip(tensors, layout):
-                    if tensor.dtype != dt or tensor.shape != sh:
+                self._layout = self._plan(found)
+            pieces[(layer, expert)] = []
+            for weight, shapes, layout in zip(parts, found, self._layout):
+                for (path, part), (dt, sh), (off, n, want_dt, want_sh) in zip(weight, shapes, layout):
+                    if dt != want_dt or tuple(sh) != tuple(want_sh):
                         raise ModelFolderError(f"variant {self.quant.path}: layer {layer} expert "
                                                f"{expert} has parts unlike expert 0's; quantize again")
-                    flat[off:off + n].copy_(tensor.contiguous().view(-1).view(torch.uint8))
-            self._buffers[(layer, expert)] = flat
-        handles.clear()
-        log.info("expert store (%s): %d experts, %s in host RAM%s", self.variant, len(self._buffers),
-                 format_size(self.total_bytes), " (pinned)" if self.pin_memory else "")
-        return self
+                    pieces[(layer, expert)].append(Piece(path, part, None, off, off + n, raw=True))
+        return pieces
 
-    def _plan(self, parts: list[list[torch.Tensor]]):
+    def _plan(self, parts: list[list[tuple[torch.dtype, tuple]]]):
         layout, offset = [], 0
         for tensors in parts:
             entry = []
-            for t in tensors:
-                n = t.numel() * t.element_size()
+            for dtype, shape in tensors:
+                n = torch.Size(shape).numel() * dtype.itemsize
                 # a part is viewed back as its dtype in place: its offset must be aligned to it
-                assert offset % t.element_size() == 0, "misaligned quantized part"
-                entry.append((offset, n, t.dtype, t.shape))
+                assert offset % dtype.itemsize == 0, "misaligned quantized part"
+                entry.append((offset, n, dtype, torch.Size(shape)))
                 offset += n
             layout.append(entry)
         if offset != self.expert_bytes:

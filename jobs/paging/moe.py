@@ -46,13 +46,16 @@ class PagedMoE:
     def stats(self) -> dict:
         """Counters since load (or the last reset_stats): hits, misses, prefetch_hits, bytes_h2d,
         stall_s, evictions, cpu_execs, prefetch accuracy, and the same per layer; the expert
-        format (variant "precise" or e.g. "q4g64", bits per weight code, bytes per expert); the kernels."""
-        return {**self.cache.stats(), "dtype": dtype_name(self.model.dtype),
+        format (variant "precise" or e.g. "q4g64", bits per weight code, bytes per expert); the host
+        side (host_ram_bytes, host_pinned_bytes, experts_in_ram, experts_from_disk, disk_reads,
+        disk_read_bytes, disk_read_s: ExpertStore.stats); the kernels."""
+        return {**self.cache.stats(), **self.store.stats(), "dtype": dtype_name(self.model.dtype),
                 "expert_variant": self.store.variant,
                 "expert_bits": self.store.bits, "expert_bytes": self.store.expert_bytes, **self.kernels}
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
+        self.store.reset_stats()
 
     def close(self) -> None:
         self.pager.close()
@@ -73,8 +76,10 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
                    cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4,
                    variant: str = "precise", quant_spec: QuantSpec | None = None,
                    kernels: str = "auto") -> PagedMoE:
-    """Non-expert weights resident on `device`, experts in host RAM behind a device cache of
-    `expert_cache_bytes` (None: every expert on CPU; free VRAM less headroom on CUDA).
+    """Non-expert weights resident on `device`, experts behind a device cache of `expert_cache_bytes`
+    (None: every expert on CPU; free VRAM less headroom on CUDA). The store holds at most
+    `ram_budget_bytes` of experts in host RAM (pinned on CUDA) and reads the others from the checkpoint
+    on demand (None: all of them on CPU; on CUDA all that fit in half of MemAvailable).
 
     variant "precise": experts in `dtype`. "fast": experts from the folder's quantized variant
     (`quant_spec`, or its only one), stored and copied 4-bit and dequantized to `dtype` where they
@@ -103,6 +108,7 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
         expert_cache_bytes = parse_size(expert_cache_bytes)
         cache_capacity(expert_cache_bytes, expert_bytes, n_layers, cache_scope)
     ram_budget_bytes = None if ram_budget_bytes is None else parse_size(ram_budget_bytes)
+    ram_budget_bytes = store.resolve_ram_budget(ram_budget_bytes)  # CUDA without one: a share of MemAvailable
     store.check_budget(ram_budget_bytes)
 
     index = CheckpointIndex(model_dir)

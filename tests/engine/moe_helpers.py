@@ -8,8 +8,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import MixtralConfig, MixtralForCausalLM
+
+from jobs.paging.quant import Variant, dequantize_weight
 
 TINY = dict(vocab_size=256, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
@@ -76,3 +79,37 @@ def expert_bytes(model: MixtralForCausalLM, itemsize: int = 4) -> int:
 def prompts(batch: int, length: int, seed: int = 1, vocab: int = 256) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+def dequantized_experts(folder) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """(gate_up, down) of every expert, read straight from the variant shards (not via the store)."""
+    variant = Variant.open(folder)
+    weights: dict[str, torch.Tensor] = {}
+    for key, shape in variant.shapes.items():
+        if ".experts." not in key:
+            continue
+        with safe_open(variant.file_of[key], framework="pt") as f:
+            parts = {p.rsplit(".", 1)[1]: f.get_tensor(p) for p in variant.part_keys(key)}
+        weights[key] = dequantize_weight(parts, shape, variant.spec, torch.float32)
+    out = {}
+    for layer in range(TINY["num_hidden_layers"]):
+        for e in range(TINY["num_local_experts"]):
+            fused = f"model.layers.{layer}.mlp.experts.gate_up_proj.{e}"
+            if fused in weights:
+                out[(layer, e)] = (weights[fused], weights[f"model.layers.{layer}.mlp.experts.down_proj.{e}"])
+            else:
+                p = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
+                out[(layer, e)] = (torch.cat([weights[p + "w1.weight"], weights[p + "w3.weight"]]),
+                                   weights[p + "w2.weight"])
+    return out
+
+
+def reference(folder, experts=None) -> MixtralForCausalLM:
+    """transformers' own model on the folder, its expert weights replaced by `experts` if given."""
+    model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for (layer, e), (gate_up, down) in (experts or {}).items():
+        mod = model.model.layers[layer].mlp.experts
+        with torch.no_grad():
+            mod.gate_up_proj[e].copy_(gate_up)
+            mod.down_proj[e].copy_(down)
+    return model

@@ -219,11 +219,14 @@ def test_bf16_experts_round_once_and_stay_near_fp32(folder, ref):
     paged.close()
 
 
-def test_ram_budget_too_small_names_bytes_needed(folder, ref):
-    needed = N_EXPERTS * expert_bytes(ref)
-    with pytest.raises(BudgetError, match=f"needs {needed} bytes"):
-        load_paged_moe(folder, ram_budget_bytes=needed - 1)
-    load_paged_moe(folder, ram_budget_bytes=needed).close()
+def test_ram_budget_below_the_staging_ring_names_bytes_needed(folder, ref):
+    """Below every expert the store serves the rest from disk through 2 staging slots (64-byte aligned
+    in the arena); below those slots it refuses, naming both numbers."""
+    staging = 2 * -(-expert_bytes(ref) // 64) * 64
+    with pytest.raises(BudgetError, match=f"needs at least {staging} bytes.*or to {N_EXPERTS * staging // 2} "):
+        load_paged_moe(folder, ram_budget_bytes=staging - 1)
+    with load_paged_moe(folder, ram_budget_bytes=N_EXPERTS * expert_bytes(ref) - 1) as paged:
+        assert paged.stats()["experts_in_ram"] == N_EXPERTS - 3  # one expert short: 2 make room for staging
 
 
 def test_cache_budget_below_one_expert_refused_before_reading_weights(folder, ref, tmp_path):

@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
-from transformers import MixtralForCausalLM
 
 from jobs.errors import ModelFolderError
 from jobs.paging.expert_store import expert_nbytes
 from jobs.paging.moe import load_paged_moe
-from jobs.paging.quant import QuantSpec, Variant, dequantize_weight, write_variant
-from moe_helpers import TINY, expert_bytes, prompts, save_fused, save_hf, tiny_mixtral
+from jobs.paging.quant import QuantSpec, write_variant
+from moe_helpers import (TINY, dequantized_experts, expert_bytes, prompts, reference, save_fused, save_hf,
+                         tiny_mixtral)
 
 pytestmark = pytest.mark.engine
 
@@ -31,40 +30,6 @@ def folders(tmp_path_factory):
         write_variant(folder, SPEC)
         out[name] = folder
     return out
-
-
-def dequantized_experts(folder) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
-    """(gate_up, down) of every expert, read straight from the variant shards (not via the store)."""
-    variant = Variant.open(folder)
-    weights: dict[str, torch.Tensor] = {}
-    for key, shape in variant.shapes.items():
-        if ".experts." not in key:
-            continue
-        with safe_open(variant.file_of[key], framework="pt") as f:
-            parts = {p.rsplit(".", 1)[1]: f.get_tensor(p) for p in variant.part_keys(key)}
-        weights[key] = dequantize_weight(parts, shape, variant.spec, torch.float32)
-    out = {}
-    for layer in range(TINY["num_hidden_layers"]):
-        for e in range(TINY["num_local_experts"]):
-            fused = f"model.layers.{layer}.mlp.experts.gate_up_proj.{e}"
-            if fused in weights:
-                out[(layer, e)] = (weights[fused], weights[f"model.layers.{layer}.mlp.experts.down_proj.{e}"])
-            else:
-                p = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
-                out[(layer, e)] = (torch.cat([weights[p + "w1.weight"], weights[p + "w3.weight"]]),
-                                   weights[p + "w2.weight"])
-    return out
-
-
-def reference(folder, experts=None) -> MixtralForCausalLM:
-    """transformers' own model on the folder, its expert weights replaced by `experts` if given."""
-    model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    for (layer, e), (gate_up, down) in (experts or {}).items():
-        mod = model.model.layers[layer].mlp.experts
-        with torch.no_grad():
-            mod.gate_up_proj[e].copy_(gate_up)
-            mod.down_proj[e].copy_(down)
-    return model
 
 
 def rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
