@@ -19,6 +19,7 @@ from .typed import ByteSize, Reader
 SPEC_VERSION = 1
 DEFAULT_MODEL = "gemma-3-270m"        # the embedded model (`lab-attendant model import-default`)
 DEFAULT_BATCH_SIZE = 8                # prompts per pass over the weights when a run does not say
+DEFAULT_CONTEXT_TOKENS = 2048         # prompt + generated tokens per row the memory plan makes room for
 DType = Literal["fp32", "bf16", "fp16"]     # compute dtypes
 DTypeSetting = Literal["auto", "fp32", "bf16", "fp16"]  # auto: jobs.paging.capability.resolve_dtype
 Fp16Safe = Literal["auto", "on", "off"]
@@ -54,6 +55,10 @@ class ModelSettings:
     kv_cache: KvKind = "fp"  # int8: HQQ 8-bit; fp8: e4m3 (speed needs Hopper+)
     kernels: KernelChoice = "auto"  # auto: Liger on CUDA when installed
     cache_policy: Literal["lru", "lfu"] = "lru"  # MoE only: which expert leaves the device cache
+    # The memory plan (jobs.paging.memplan) makes room for batch_size x context_tokens; a longer row is refused.
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    # Device memory the plan may use (None: what is free at load); e.g. to emulate a smaller card.
+    device_memory_bytes: ByteSize | None = None
 
     def settings(self) -> dict[str, Any]:
         """The ModelSettings fields only (a subclass's own fields left out)."""

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from jobs.errors import ModelUnavailable, NonFiniteError
-from jobs.paging.generate import generate
+from jobs.paging.generate import check_planned, generate
 from jobs.paging.open import open_model
 from jobs.spec import ModelSpec
 
@@ -30,7 +30,7 @@ class Engine:
                 f"model '{self.name}' folder {model_spec.path} has no config.json; run `lab-attendant model "
                 f"import-default` for the embedded model, or fix [models.{self.name}] path")
         start = time.perf_counter()
-        self.loaded = open_model(model_spec)
+        self.loaded = open_model(model_spec, batch_size=batch_size)
         self.load_s = time.perf_counter() - start
         self.tokens_generated = 0
         self.prompt_tokens = 0
@@ -65,6 +65,7 @@ class Engine:
             enc = tok(list(prompts[first:first + self.batch_size]), return_tensors="pt",
                       padding=True)
             mask = enc["attention_mask"].to(device)
+            check_planned(self.loaded, mask.shape[0], mask.shape[1])
             positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
             logits = model(input_ids=enc["input_ids"].to(device), attention_mask=mask,
                            position_ids=positions, use_cache=False, logits_to_keep=1).logits

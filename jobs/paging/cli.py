@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from jobs.errors import UsageError
-from jobs.spec import (DEFAULT_BATCH_SIZE, DTYPE_SETTINGS, FP16_SAFE_CHOICES, KV_KINDS, VARIANT_MODES, ModelSettings,
+from jobs.spec import (DEFAULT_BATCH_SIZE, DEFAULT_CONTEXT_TOKENS, DTYPE_SETTINGS, FP16_SAFE_CHOICES, KV_KINDS, VARIANT_MODES, ModelSettings,
                        ModelSpec)
 from jobs.units import parse_size
 
@@ -52,7 +52,11 @@ def generate_parser() -> argparse.ArgumentParser:
                    help="fp16 only: fp32 residual stream and scaled fp16 matmuls; auto: on for models that "
                         "overflow fp16 (Gemma)")
     p.add_argument("--vram-budget", type=_size, help="bytes of decoder layers on the device (e.g. 2GiB)")
-    p.add_argument("--ram-budget", type=_size, help="bytes of streamed layers cached in host RAM")
+    p.add_argument("--ram-budget", type=_size, help="bytes of streamed layers cached in host RAM (moe: experts)")
+    p.add_argument("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS,
+                   help=f"prompt + new tokens per row the memory plan makes room for (default {DEFAULT_CONTEXT_TOKENS})")
+    p.add_argument("--device-memory", type=_size,
+                   help="device bytes the memory plan may use (default: what is free at load)")
     p.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
     p.add_argument("--expert-cache-bytes", type=_size, help="MoE only: device bytes for cached experts")
     p.add_argument("--cache-policy", choices=POLICIES, default=ModelSettings.cache_policy,
@@ -108,7 +112,8 @@ def _model_spec(args: argparse.Namespace) -> ModelSpec:
                      vram_budget_bytes=args.vram_budget,
                      ram_budget_bytes=args.ram_budget, expert_cache_bytes=args.expert_cache_bytes,
                      variant=args.variant, keep_precise_layers=args.keep_precise, kv_cache=args.kv_cache,
-                     cache_policy=args.cache_policy)
+                     cache_policy=args.cache_policy, context_tokens=args.context_tokens,
+                     device_memory_bytes=args.device_memory)
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -131,7 +136,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda was given but torch sees no CUDA device")
         spec = _model_spec(args)
-        loaded = open_model(spec, prefetch=not args.no_prefetch)
+        loaded = open_model(spec, prefetch=not args.no_prefetch, batch_size=args.batch_size)
     except ValueError as exc:  # UsageError, BudgetError, ModelFolderError, SettingError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from jobs.errors import BudgetError
 from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS, kv_cache_nbytes, make_cache
 from jobs.paging.numerics import NonFiniteWatch, non_finite_error
 from jobs.spec import DEFAULT_BATCH_SIZE
@@ -103,6 +104,18 @@ def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int
     return result
 
 
+def check_planned(loaded: LoadedModel, rows: int, tokens: int) -> None:
+    """BudgetError when a batch is bigger than the memory plan made room for (batch x context_tokens)."""
+    plan = getattr(loaded, "plan", None)
+    if plan is None:
+        return
+    batch, context = plan.request["batch"], plan.request["context"]
+    if tokens > context or rows > batch:
+        raise BudgetError(f"a batch of {rows} rows x {tokens} tokens (prompt + new) does not fit the memory plan, "
+                          f"made for {batch} x {context}: raise context_tokens (or batch_size) in the model's "
+                          "table after `lab-attendant model plan NAME --context N` shows it fits, or shorten the input")
+
+
 @torch.no_grad()
 def _generate_batch(loaded: LoadedModel, prompts: list[str], max_new_tokens: int, sampling: Sampling,
                     stop: Sequence[str], pad_id: int, eos_ids: set[int], generator: torch.Generator,
@@ -116,6 +129,7 @@ def _generate_batch(loaded: LoadedModel, prompts: list[str], max_new_tokens: int
     positions = mask.long().cumsum(-1) - 1
     positions.masked_fill_(mask == 0, 0)
     rows = len(prompts)
+    check_planned(loaded, rows, input_ids.shape[1] + max_new_tokens)
     generated: list[list[int]] = [[] for _ in range(rows)]
     texts: list[str | None] = [None] * rows  # set when a row finishes
     result.prompt_tokens += int(mask.sum())

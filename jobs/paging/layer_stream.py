@@ -1,17 +1,13 @@
 """Runs a transformers causal LM whose decoder layers are streamed from safetensors during forward.
 
-Owns the budget plan (resident / streaming / RAM-cached layers), the prefetch thread, the I/O counters,
-and expanding fast (quantized) layers on the device before they run.
+Owns loading: the memory plan checked before any weight is read (memplan), the model built on the meta
+device, non-layer weights placed, the streamer (streamer.LayerStreamer) wired in; and the pass counters.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,242 +17,18 @@ from torch import nn
 from jobs.errors import BudgetError, KernelError, ModelFolderError
 from jobs.paging.dtypes import dtype_name
 from jobs.paging.kernels import apply_kernels
+from jobs.paging.memplan import MemoryPlan, PlanRequest, make_plan
 from jobs.paging.model_store import ModelStore
 from jobs.paging.numerics import Fp16Safe, resolve_numerics
-from jobs.paging.quant import QuantSpec, dequantize_weight
+from jobs.paging.quant import QuantSpec
+from jobs.paging.runtime import runtime_profile
+from jobs.paging.shape import shape_from_folder
+from jobs.paging.streamer import LayerStreamer, StreamPlan, assign_tensors
 from jobs.paging.variants import DEFAULT_KEEP_PRECISE, FAST, PRECISE, bytes_by_choice, choose_variants, summary
-from jobs.spec import VARIANT_MODES
+from jobs.spec import DEFAULT_BATCH_SIZE, DEFAULT_CONTEXT_TOKENS, VARIANT_MODES
 from jobs.units import format_size
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StreamPlan:
-    num_layers: int
-    layer_bytes: int          # largest decoder layer at the compute dtype
-    resident_layers: int      # layers 0..resident_layers-1 stay on the device after first use
-    streaming_slots: int      # layers in flight besides the resident ones: 2 with prefetch, else 1
-    ram_cache_layers: int     # streamed layers whose host copy is kept between passes
-
-
-def plan_budget(num_layers: int, layer_bytes: int, vram_budget_bytes: int | None,
-                ram_budget_bytes: int | None, prefetch: bool) -> StreamPlan:
-    """Split the budgets into layer counts; BudgetError when not even one layer fits."""
-    ram_layers = (ram_budget_bytes or 0) // layer_bytes
-    if vram_budget_bytes is None or vram_budget_bytes >= num_layers * layer_bytes:
-        return StreamPlan(num_layers, layer_bytes, num_layers, 0, 0)
-    if vram_budget_bytes < layer_bytes:
-        raise BudgetError(
-            f"vram budget {vram_budget_bytes} bytes ({format_size(vram_budget_bytes)}) cannot hold one decoder "
-            f"layer, which needs {layer_bytes} bytes ({format_size(layer_bytes)}); raise the budget to at least "
-            f"{layer_bytes} bytes ({2 * layer_bytes} to overlap reading with compute)"
-        )
-    # Prefetch needs a second slot: the next layer lands while the current one computes.
-    slots = 2 if prefetch and vram_budget_bytes >= 2 * layer_bytes else 1
-    if prefetch and slots == 1:
-        logger.warning("vram budget fits one layer only: prefetch is off, reads will not overlap compute")
-    resident = min(num_layers - 1, (vram_budget_bytes - slots * layer_bytes) // layer_bytes)
-    streamed = num_layers - resident
-    return StreamPlan(num_layers, layer_bytes, resident, slots, min(ram_layers, streamed))
-
-
-class LayerStreamer:
-    """Materializes each decoder layer in a forward pre-hook and releases it in a forward hook."""
-
-    def __init__(self, store: ModelStore, layers: nn.ModuleList, plan: StreamPlan,
-                 device: torch.device, dtype: torch.dtype, prefetch: bool,
-                 variants: list[str] | None = None) -> None:
-        self.store, self.layers, self.plan = store, layers, plan
-        self.device, self.dtype = device, dtype
-        self.variants = variants or [PRECISE] * plan.num_layers
-        precise_bytes = store.layer_nbytes
-        fast_bytes = store.layer_nbytes_fast if FAST in self.variants else precise_bytes
-        # What one pass reads from disk with the RAM cache cold: every streamed layer in its variant.
-        per_layer = bytes_by_choice(self.variants, precise_bytes, fast_bytes)
-        self.bytes_read_per_pass = sum(per_layer[plan.resident_layers:])
-        self._cuda = device.type == "cuda"
-        self._slots = _layer_slots(layers, store)
-        self._resident: dict[int, dict[str, torch.Tensor]] = {}
-        # Fill-and-keep rather than LRU: passes scan layers cyclically, where LRU would always miss.
-        self._ram_cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
-        self._pending: dict[int, Future] = {}
-        self._materialized: set[int] = set()
-        self._lock = threading.Lock()
-        self._executor = (ThreadPoolExecutor(1, thread_name_prefix="layer-prefetch")
-                          if prefetch and plan.streaming_slots >= 2 else None)
-        self._side_stream = torch.cuda.Stream(device) if self._cuda else None
-        self.bytes_h2d = 0
-        self.io_wait_s = 0.0
-        self.max_materialized = 0
-        self._hooks = []
-        for index, layer in enumerate(layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(index)))
-            self._hooks.append(layer.register_forward_hook(self._make_post_hook(index)))
-
-    # -- hooks -------------------------------------------------------------------------------
-    def _make_pre_hook(self, index: int):
-        def pre_hook(module: nn.Module, args: Any) -> None:
-            start = time.perf_counter()
-            tensors, ready = self._take(index)
-            if ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(ready)
-            self.io_wait_s += time.perf_counter() - start
-            if self._cuda:
-                main = torch.cuda.current_stream(self.device)
-                for t in tensors.values():
-                    t.record_stream(main)  # allocated on the side stream, freed after main-stream use
-            _assign(self._slots[index], tensors)
-            self._schedule_after(index)
-        return pre_hook
-
-    def _make_post_hook(self, index: int):
-        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
-            if index < self.plan.resident_layers:
-                return
-            _assign(self._slots[index], {name: meta for name, (_, _, meta) in self._slots[index].items()})
-            with self._lock:
-                self._materialized.discard(index)
-        return post_hook
-
-    # -- loading -----------------------------------------------------------------------------
-    def _take(self, index: int) -> tuple[dict[str, torch.Tensor], Any]:
-        if index in self._resident:
-            return self._resident[index], None
-        future = self._pending.pop(index, None)
-        tensors, ready = future.result() if future is not None else self._load(index)
-        if index < self.plan.resident_layers:
-            self._resident[index] = tensors
-        return tensors, ready
-
-    def _schedule_after(self, index: int) -> None:
-        """Start reading the next layer that is not on the device yet (wrapping to the next pass)."""
-        if self._executor is None:
-            return
-        for step in range(1, self.plan.num_layers + 1):
-            nxt = (index + step) % self.plan.num_layers
-            if nxt in self._resident:
-                continue
-            with self._lock:
-                busy = nxt in self._pending or nxt in self._materialized
-            if not busy:
-                self._pending[nxt] = self._executor.submit(self._load, nxt)
-            return
-
-    def _load(self, index: int) -> tuple[dict[str, torch.Tensor], Any]:
-        """Host tensors from the RAM cache or disk, then on the device; runs on the prefetch thread.
-
-        A fast layer's host copy (and RAM-cache entry) holds the packed parts: those are what crosses
-        to the device, and bytes_h2d counts them; they are expanded to the compute dtype there.
-        """
-        fast = self.variants[index] == FAST
-        host = self._ram_cache.get(index)
-        if host is None:
-            read = self.store.read_layer_fast if fast else self.store.read_layer
-            # On CUDA a layer crosses as stored (narrowed on the host only if stored wider than the compute
-            # dtype) and the card converts it: a bf16 checkpoint on an fp16 card costs the CPU no conversion.
-            host = read(index, self.dtype, pin=self._cuda, narrow_only=self._cuda)
-            with self._lock:  # stats() reads the cache from the caller's thread
-                if index >= self.plan.resident_layers and len(self._ram_cache) < self.plan.ram_cache_layers:
-                    self._ram_cache[index] = host
-        ready = None
-        if self._cuda:
-            with torch.cuda.stream(self._side_stream):
-                tensors = {k: t.to(self.device, non_blocking=True) for k, t in host.items()}
-                copied = sum(t.numel() * t.element_size() for t in tensors.values())
-                if fast:
-                    # On the side stream too, so expanding overlaps the previous layer's compute.
-                    tensors = self._dequantize(index, tensors)
-                tensors = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
-                ready = torch.cuda.Event()
-                ready.record(self._side_stream)
-        else:
-            # On cpu the host tensors are what the layer computes with; a fast layer is expanded
-            # here, on the prefetch thread when there is one, into new tensors (the cache keeps packed).
-            copied = sum(t.numel() * t.element_size() for t in host.values())
-            tensors = self._dequantize(index, host) if fast else host
-        with self._lock:
-            self.bytes_h2d += copied
-            self._materialized.add(index)
-            self.max_materialized = max(self.max_materialized, len(self._materialized))
-        return tensors, ready
-
-    def _dequantize(self, index: int, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Packed NAME.W_q/.scale/.zero become NAME in the compute dtype; other tensors pass through."""
-        spec = self.store.variant.spec
-        out = {}
-        for name, tensor in parts.items():
-            weight, _, part = name.rpartition(".")
-            shape = self.store.fast_shapes[index].get(weight)
-            if shape is None:
-                out[name] = tensor
-            elif part == "W_q":
-                out[weight] = dequantize_weight({p: parts[f"{weight}.{p}"] for p in ("W_q", "scale", "zero")},
-                                                shape, spec, self.dtype)
-        return out
-
-    # -- reporting ---------------------------------------------------------------------------
-    def stats(self) -> dict[str, Any]:
-        with self._lock:
-            materialized = len(self._materialized)
-            cached = list(self._ram_cache.values())
-        return {
-            "bytes_h2d": self.bytes_h2d,
-            "io_wait_s": self.io_wait_s,
-            "resident_layers": self.plan.resident_layers,
-            "streamed_layers": self.plan.num_layers - self.plan.resident_layers,
-            "streaming_slots": self.plan.streaming_slots,
-            "layer_bytes_compute": self.plan.layer_bytes,
-            "materialized_layers": materialized,
-            "max_materialized_layers": self.max_materialized,
-            "ram_cache_layers": len(cached),
-            "ram_cache_bytes": sum(t.numel() * t.element_size() for layer in cached for t in layer.values()),
-            "prefetch": self._executor is not None,
-            "variants": summary(self.variants),
-            "fast_layers": self.variants.count(FAST),
-            "precise_layers": self.variants.count(PRECISE),
-            "bytes_read_per_pass": self.bytes_read_per_pass,
-        }
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        self._pending.clear()
-        self._ram_cache.clear()
-
-
-def _layer_slots(layers: nn.ModuleList, store: ModelStore) -> list[dict[str, tuple]]:
-    """Per layer: checkpoint name -> (owning module, attribute, meta placeholder); strict both ways."""
-    slots = []
-    for index, layer in enumerate(layers):
-        wanted = {n: t for n, t in layer.named_parameters()}
-        wanted.update({n: b for n, b in layer.named_buffers() if b.is_meta})
-        have = set(store.layer_entries[index])
-        if have != set(wanted):
-            raise ModelFolderError(
-                f"layer {index} in {store.model_dir} does not match the config: missing "
-                f"{sorted(set(wanted) - have)[:5]}, unexpected {sorted(have - set(wanted))[:5]}"
-            )
-        layer_slots = {}
-        for name, meta in wanted.items():
-            owner_name, _, attr = name.rpartition(".")
-            layer_slots[name] = (layer.get_submodule(owner_name), attr, meta)
-        slots.append(layer_slots)
-    return slots
-
-
-def _assign(slots: dict[str, tuple], tensors: dict[str, torch.Tensor]) -> None:
-    """Swap tensors into the modules without copying (gpt-fast's assign=True, per tensor)."""
-    for name, tensor in tensors.items():
-        owner, attr, _ = slots[name]
-        if attr in owner._parameters:
-            owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
-        else:
-            owner._buffers[attr] = tensor
 
 
 class StreamedModel:
@@ -269,6 +41,7 @@ class StreamedModel:
         self.fp16_safe = fp16_safe  # numerics.Fp16Safe hooks are on the layers
         self._store, self._streamer = store, streamer
         self.kernels = kernels or {"kernels": "torch", "kernels_reason": "not applied"}
+        self.plan: MemoryPlan | None = None  # memplan's plan this load was made from
         self._passes = 0
         self._pass_s = 0.0
         self._pass_start = 0.0
@@ -276,6 +49,7 @@ class StreamedModel:
         model.register_forward_hook(self._pass_end)
 
     def _pass_begin(self, module: nn.Module, args: Any) -> None:
+        self._streamer.begin_pass()
         self._pass_start = time.perf_counter()
 
     def _pass_end(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -296,6 +70,9 @@ class StreamedModel:
             "num_layers": self._store.num_layers,
             "dtype": dtype_name(self._streamer.dtype),
             "fp16_safe": self.fp16_safe,
+            "plan_peak_device_bytes": self.plan.peak_device_bytes if self.plan else None,
+            "plan_peak_pinned_bytes": self.plan.peak_pinned_bytes if self.plan else None,
+            "plan_context_tokens": self.plan.request["context"] if self.plan else None,
             **self.kernels,
         }
 
@@ -315,12 +92,19 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
                   vram_budget_bytes: int | None = None, ram_budget_bytes: int | None = None,
                   prefetch: bool = True, variant: str = PRECISE, keep_precise: int = DEFAULT_KEEP_PRECISE,
                   stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None,
-                  kernels: str = "auto", fp16_safe: str = "auto") -> StreamedModel:
+                  kernels: str = "auto", fp16_safe: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE,
+                  context_tokens: int = DEFAULT_CONTEXT_TOKENS, kv_cache: str = "fp",
+                  device_memory_bytes: int | None = None) -> StreamedModel:
     """Open a decoder-only safetensors folder for layer streaming.
 
-    vram_budget_bytes bounds the decoder layers on the device at once (None: no bound, all stay
-    resident); embeddings, final norm, lm_head and the KV cache come on top of it.
-    ram_budget_bytes bounds streamed layers kept in host RAM between passes (None: none).
+    Before any weight is read, memplan.make_plan counts every byte the run takes on the device (CUDA
+    context, embeddings, KV cache for batch_size x context_tokens of kv_cache, prefill activations,
+    resident layers, streaming slots, margin) against the free device memory (runtime_profile, capped by
+    device_memory_bytes) and raises BudgetError, naming what would fit, when it cannot.
+    vram_budget_bytes bounds the decoder layers on the device at once (resident + slots), an upper bound:
+    None means as many as the device holds next to everything else.
+    ram_budget_bytes bounds streamed layers kept in host RAM between passes (None: none); on CUDA they sit
+    in one exact pinned arena.
     On cpu, "device" and host are the same memory: bytes_h2d then counts bytes handed to layers
     (packed bytes for fast layers).
     variant: "precise" (original weights), "fast" (the folder's quantized variant wherever it has
@@ -358,9 +142,21 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
         Fp16Safe(model)
     layers = model.get_decoder().layers
     layer_bytes = max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
-    # The VRAM plan counts every layer at the compute dtype, fast or not: that is what sits on the
-    # device while it computes (a fast layer's packed parts add ~30 % of a layer while it expands).
-    plan = plan_budget(len(layers), layer_bytes, vram_budget_bytes, ram_budget_bytes, prefetch)
+    # The plan counts every layer at the compute dtype, fast or not: that is what sits on the device while
+    # it computes; a fast layer's packed parts and its expansion temporaries are a row of their own.
+    spec = store.variant.spec if store.variant is not None else QuantSpec(4, 64)
+    memory = make_plan(shape_from_folder(model_dir), runtime_profile(torch_device, device_memory_bytes),
+                       PlanRequest(batch=batch_size, context=context_tokens, dtype=dtype_name(dtype), kv_cache=kv_cache,
+                                   attention=getattr(model.config, "_attn_implementation", None) or "sdpa",
+                                   fp16_safe=safe, prefetch=prefetch, variant=variant, keep_precise=keep_precise,
+                                   bits=spec.bits, group_size=spec.group_size, vram_budget_bytes=vram_budget_bytes,
+                                   ram_budget_bytes=ram_budget_bytes), Path(model_dir).name)
+    if not memory.fits:
+        raise BudgetError(f"model {Path(model_dir).name}: {memory.reason}")
+    if memory.streaming_slots == 1 and prefetch:
+        logger.warning("the device fits one streaming slot only: prefetch is off, reads will not overlap compute")
+    plan = StreamPlan(len(layers), layer_bytes, memory.resident_layers, memory.streaming_slots,
+                      memory.ram_cache_layers)
     choice = [PRECISE] * plan.num_layers
     if variant != PRECISE:
         choice = choose_variants(plan.num_layers, store.layer_nbytes, store.layer_nbytes_fast, variant,
@@ -380,7 +176,9 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     _load_non_layer(model, store, torch_device, dtype)
     streamer = LayerStreamer(store, layers, plan, torch_device, dtype, prefetch, choice)  # thread starts last
-    return StreamedModel(model, tokenizer, torch_device, store, streamer, applied, fp16_safe=safe)
+    loaded = StreamedModel(model, tokenizer, torch_device, store, streamer, applied, fp16_safe=safe)
+    loaded.plan = memory
+    return loaded
 
 
 def _load_non_layer(model: nn.Module, store: ModelStore, device: torch.device, dtype: torch.dtype) -> None:
@@ -394,7 +192,7 @@ def _load_non_layer(model: nn.Module, store: ModelStore, device: torch.device, d
             logger.warning("ignoring checkpoint tensor %s: the model has no such module", name)
             continue
         tensor = tensor.to(device)
-        _assign({name: (owner, attr, None)}, {name: tensor.to(dtype) if tensor.is_floating_point() else tensor})
+        assign_tensors({name: (owner, attr, None)}, {name: tensor.to(dtype) if tensor.is_floating_point() else tensor})
     head = model.get_output_embeddings()
     if head is not None and "lm_head.weight" not in tensors:
         if not any(getattr(c, "tie_word_embeddings", False) for c in (store.text_config, store.config)):
