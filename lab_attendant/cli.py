@@ -5,6 +5,7 @@ CLI and daemon talk only through the SQLite file: submit works with no daemon ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -16,13 +17,14 @@ from typing import Any
 
 from jobs.errors import ParamError
 from jobs.kinds import parse_assignment, registry, validate_params
-from jobs.spec import DEFAULT_MODEL, ModelSpec
+from jobs.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, KV_KINDS, VARIANT_MODES, ModelSpec
 from jobs.units import format_size
 
 from . import PROJECT_ROOT, venv
 from .config import Config, load_config
 from .errors import EXIT_STORE_UNUSABLE, StoreUnusable, UserError
 from .logsetup import log_for, read_run_log, setup_logging
+from .plan import PROFILE_CHOICES, check_fits, device_profile, folder_spec, plan_model
 from .states import TERMINAL, RunState
 from .status import cmd_status, fmt_time
 from .store import Store
@@ -78,7 +80,9 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
                         "(see `lab-attendant kinds`)")
     params = validate_params(kind, _read_params(args), cfg.allowed_roots)
     if any(p.name == "model" for p in kind.params):
-        _check_model(cfg.model_spec(params.get("model")))  # fails here, not in the worker
+        model = cfg.model_spec(params.get("model"))
+        _check_model(model)  # fails here, not in the worker
+        check_fits(model, params.get("batch_size"))  # an impossible plan is refused now, not after a load
     check_submit_options(args.priority, args.timeout)
     check_worker_python(Path(cfg.worker.python))
     store = _store(cfg)
@@ -279,6 +283,8 @@ def cmd_model(cfg: Config, args: argparse.Namespace) -> int:
         out = models_dir / DEFAULT_MODEL
         argv = [str(_worker_python(cfg)), "-m", "jobs.paging.convert", "--out", str(out)]
         return _run_worker_tool(argv, "model conversion")
+    if args.model_cmd == "plan":
+        return cmd_model_plan(cfg, args)
     if args.model_cmd == "quantize":
         path = Path(cfg.model_spec(args.name).path)  # ConfigError (a UserError) for an unknown name
         if not (path / "config.json").is_file():
@@ -296,6 +302,23 @@ def cmd_model(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     for d in sorted(p for p in models_dir.iterdir() if (p / "config.json").exists()):
         print(f"{d.name:<30} {format_size(_dir_size(d)):>10}  {d}")
+    return 0
+
+
+def cmd_model_plan(cfg: Config, args: argparse.Namespace) -> int:
+    """The memory plan as a table (or --json); exit 2 when it does not fit."""
+    folder = Path(args.name)
+    spec = folder_spec(folder) if (folder / "config.json").is_file() else cfg.model_spec(args.name)
+    overrides = {k: v for k, v in (("vram_budget_bytes", args.vram_budget), ("ram_budget_bytes", args.ram_budget),
+                                   ("kv_cache", args.kv_cache), ("variant", args.variant)) if v is not None}
+    spec = dataclasses.replace(spec, **overrides)
+    name = args.device_profile or ("cpu" if spec.device == "cpu" else "auto")
+    plan = plan_model(spec, device_profile(name), batch=args.batch, context=args.context,
+                      disk_bytes_per_s=args.disk_bandwidth)
+    print(dumps(plan.to_json(), indent=2) if args.json else plan.table())
+    if not plan.fits:
+        print(f"error: model '{spec.name}' does not fit {plan.device}: {plan.reason}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -330,6 +353,24 @@ def cmd_service(cfg: Config, args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own errors: exit 2, one line + hint
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _byte_size(text: str) -> int:
+    from jobs.units import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,6 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
     msub = m.add_subparsers(dest="model_cmd", required=True, parser_class=_Parser)
     msub.add_parser("import-default", help="convert the bundled Gemma-3-270M to safetensors")
     msub.add_parser("list", help="model folders with size on disk")
+    mp = msub.add_parser("plan", help="what a model's run takes on the device and in pinned RAM, before any "
+                                      "weight is read; exit 2 when it does not fit")
+    mp.add_argument("name", help="a [models.NAME], or a model folder (config.json alone is enough)")
+    mp.add_argument("--device-profile", choices=PROFILE_CHOICES,
+                    help="plan for this card (auto: the local GPU; default: the model's device)")
+    mp.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="prompts per pass")
+    mp.add_argument("--context", type=_positive_int, help="prompt + new tokens per row (default: context_tokens)")
+    mp.add_argument("--vram-budget", type=_byte_size, help="decoder-layer bytes on the device (an upper bound)")
+    mp.add_argument("--ram-budget", type=_byte_size, help="host RAM for cached layers / experts")
+    mp.add_argument("--kv-cache", choices=KV_KINDS)
+    mp.add_argument("--variant", choices=VARIANT_MODES)
+    mp.add_argument("--disk-bandwidth", type=_byte_size, help="measured read bytes/s (e.g. 2GB), for the disk bound")
+    mp.add_argument("--json", action="store_true")
     mq = msub.add_parser("quantize", help="write a 4-bit (HQQ) variant of a model beside its files "
                          "(MODEL/variants/q4g64); the original files are not changed")
     mq.add_argument("name", help=f"a [models.NAME] table or {DEFAULT_MODEL}")

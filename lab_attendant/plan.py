@@ -1,0 +1,109 @@
+"""`lab-attendant model plan` and the submit-time fit check: jobs.paging.memplan run by the supervisor
+(stdlib + NVML, no torch), so an impossible run is refused before it is queued, and a model can be planned
+from a folder holding only config.json, before its weights are downloaded."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from jobs.paging.memplan import (PROFILES, DeviceProfile, MemoryPlan, PlanRequest, host_available_bytes, make_plan,
+                                 profile)
+from jobs.paging.shape import shape_from_folder
+from jobs.spec import DEFAULT_BATCH_SIZE, ModelSpec
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+PROFILE_CHOICES = (*PROFILES, "cpu", "auto")
+_CONTEXT_BYTES = 400 * 1024**2      # what a CUDA context takes before the first tensor
+_PCIE_BYTES_PER_S = {3: 12e9, 4: 25e9, 5: 50e9}   # pinned copies on an x16 link, as measured on such links
+_OVERFLOWS_FP16 = ("gemma",)         # model types numerics.OVERFLOWS_FP16 runs fp16-safe under "auto"
+
+
+def local_gpu(nvml=None) -> DeviceProfile | None:
+    """GPU 0 as NVML sees it now (free memory, capability, PCIe link); None without one."""
+    try:
+        nv = nvml or __import__("pynvml")
+        nv.nvmlInit()
+        try:
+            handle = nv.nvmlDeviceGetHandleByIndex(0)
+            memory = nv.nvmlDeviceGetMemoryInfo(handle)
+            capability = tuple(nv.nvmlDeviceGetCudaComputeCapability(handle))
+            name = nv.nvmlDeviceGetName(handle)
+            gen = nv.nvmlDeviceGetMaxPcieLinkGeneration(handle)
+            width = nv.nvmlDeviceGetMaxPcieLinkWidth(handle)
+        finally:
+            nv.nvmlShutdown()
+    except Exception as exc:  # noqa: BLE001 - no driver, no GPU, or no pynvml: there is no local GPU to plan for
+        log.debug("no local GPU via NVML: %s", exc)
+        return None
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    bandwidth = _PCIE_BYTES_PER_S.get(int(gen), 12e9) * int(width) / 16
+    return DeviceProfile(f"auto ({name})", "cuda", int(memory.free), _CONTEXT_BYTES, bandwidth, capability,
+                         host_available_bytes(), note="GPU 0 via NVML: memory free now")
+
+
+def device_profile(name: str) -> DeviceProfile:
+    if name == "auto":
+        gpu = local_gpu()
+        if gpu is None:
+            raise UserError("--device-profile auto found no GPU (NVML did not answer); name one of "
+                            f"{', '.join(PROFILES)} or cpu")
+        return gpu
+    try:
+        return profile(name)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _dtype(setting: str, device: DeviceProfile) -> str:
+    """capability.resolve_dtype without torch: fp32 on cpu, bf16 from sm_80, fp16 below."""
+    if setting != "auto":
+        return setting
+    if device.capability is None:
+        return "fp32"
+    return "bf16" if device.capability >= (8, 0) else "fp16"
+
+
+def plan_model(spec: ModelSpec, device: DeviceProfile, *, batch: int, context: int | None = None,
+               disk_bytes_per_s: float | None = None) -> MemoryPlan:
+    path = Path(spec.path)
+    try:
+        shape = shape_from_folder(path)
+    except FileNotFoundError:
+        raise UserError(f"model '{spec.name}' folder {path} has no config.json; point [models.{spec.name}] path "
+                        "(or the folder argument) at a Hugging Face model folder") from None
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"config.json in {path} cannot be planned: {exc}") from None
+    dtype = _dtype(spec.dtype, device)
+    safe = spec.fp16_safe == "on" or (spec.fp16_safe == "auto" and dtype == "fp16"
+                                      and shape.model_type.startswith(_OVERFLOWS_FP16))
+    request = PlanRequest(batch=batch, context=context or spec.context_tokens, dtype=dtype, kv_cache=spec.kv_cache,
+                          fp16_safe=safe, variant=spec.variant, vram_budget_bytes=spec.vram_budget_bytes,
+                          ram_budget_bytes=spec.ram_budget_bytes, expert_cache_bytes=spec.expert_cache_bytes,
+                          disk_bytes_per_s=disk_bytes_per_s)
+    if spec.device_memory_bytes is not None and spec.device_memory_bytes < device.memory_bytes:
+        device = DeviceProfile(device.name, device.kind, spec.device_memory_bytes, device.context_bytes,
+                               device.h2d_bytes_per_s, device.capability, device.host_ram_bytes,
+                               note="capped by device_memory_bytes")
+    return make_plan(shape, device, request, spec.name)
+
+
+def folder_spec(folder: Path) -> ModelSpec:
+    """A model folder named on the command line, planned with the default settings."""
+    config = json.loads((folder / "config.json").read_text())
+    experts = config.get("num_local_experts") or (config.get("text_config") or {}).get("num_local_experts")
+    return ModelSpec(name=folder.name, path=str(folder), kind="moe" if experts else "dense", device="cuda")
+
+
+def check_fits(spec: ModelSpec, batch: int | None) -> None:
+    """Submit-time refusal of a run whose model cannot fit its device (UserError, exit 2). A CUDA model on a
+    machine whose GPU NVML cannot see is left to the worker, which plans against the real device at load."""
+    device = profile("cpu") if spec.device == "cpu" else local_gpu()
+    if device is None or not (Path(spec.path) / "config.json").is_file():
+        return
+    plan = plan_model(spec, device, batch=batch or DEFAULT_BATCH_SIZE)
+    if not plan.fits:
+        raise UserError(f"model '{spec.name}' does not fit {device.name}: {plan.reason} "
+                        f"(see `lab-attendant model plan {spec.name}`)")

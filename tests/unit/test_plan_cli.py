@@ -1,0 +1,48 @@
+"""`lab-attendant model plan` and the submit-time fit check, through the real CLI process."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+GEMMA_27B = ROOT / "examples/configs/gemma-3-27b-it"
+MIXTRAL = ROOT / "examples/configs/mixtral-8x7b-v0.1"
+
+
+def test_plan_json_for_the_27b_on_the_2080ti(lab):
+    out = lab.cli("model", "plan", str(GEMMA_27B), "--device-profile", "rtx2080ti", "--batch", "1",
+                  "--context", "2048", "--json")
+    plan = json.loads(out.stdout)
+    assert plan["fits"] is True and plan["peak_device_bytes"] <= int(10.76 * 1024**3)
+    for key in ("reason", "peak_pinned_bytes", "bytes_per_pass", "bound_tokens_per_s"):
+        assert key in plan
+    assert plan["bound_tokens_per_s"] > 0
+
+
+def test_plan_table_and_refusal_exit_2_with_one_line(lab):
+    table = lab.cli("model", "plan", str(MIXTRAL), "--device-profile", "rtx2080ti", "--ram-budget", "8GiB")
+    assert "expert store" in table.stdout and "pinned host" in table.stdout
+    refused = lab.cli("model", "plan", str(GEMMA_27B), "--device-profile", "rtx2080ti", "--batch", "8",
+                      "--context", "1024", "--vram-budget", "8GiB", check=False)
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1 and "what fits instead" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_submit_refuses_a_model_that_cannot_fit(tmp_path, lab):
+    archive = tmp_path / "notes"
+    archive.mkdir()
+    (archive / "a.md").write_text("a note\n")
+    lab.config = write_config(tmp_path, extra=f"""
+[models.big]
+path = "{GEMMA_27B}"
+device = "cpu"
+device_memory_bytes = "4GiB"
+""")
+    res = lab.cli("submit", "nightly_insights", "-p", f"archive={archive}", "-p", "model=big", check=False)
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert "model 'big' does not fit cpu" in res.stderr and "lab-attendant model plan big" in res.stderr
+    assert json.loads(lab.cli("list", "--json").stdout) == []
