@@ -7,8 +7,8 @@ import json
 import logging
 from pathlib import Path
 
-from jobs.paging.memplan import (PROFILES, DeviceProfile, MemoryPlan, PlanRequest, host_available_bytes, make_plan,
-                                 profile)
+from jobs.paging.expert_budget import mem_available_bytes
+from jobs.paging.memplan import PROFILES, DeviceProfile, MemoryPlan, PlanRequest, make_plan, profile
 from jobs.paging.shape import shape_from_folder
 from jobs.spec import DEFAULT_BATCH_SIZE, ModelSpec
 
@@ -41,7 +41,7 @@ def local_gpu(nvml=None) -> DeviceProfile | None:
     name = name.decode() if isinstance(name, bytes) else str(name)
     bandwidth = _PCIE_BYTES_PER_S.get(int(gen), 12e9) * int(width) / 16
     return DeviceProfile(f"auto ({name})", "cuda", int(memory.free), _CONTEXT_BYTES, bandwidth, capability,
-                         host_available_bytes(), note="GPU 0 via NVML: memory free now")
+                         mem_available_bytes(), note="GPU 0 via NVML: memory free now")
 
 
 def device_profile(name: str) -> DeviceProfile:

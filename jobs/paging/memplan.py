@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
+from jobs.errors import BudgetError
+from jobs.paging.expert_budget import STAGING_SLOTS, default_ram_budget_bytes, expert_host_plan, mem_available_bytes
 from jobs.paging.shape import DTYPE_BYTES, ModelShape
 from jobs.units import format_size
 
@@ -24,7 +25,6 @@ MARGIN_FRACTION = 0.05          # fragmentation: the caching allocator serves ~5
 MARGIN_MIN_BYTES = 256 * MiB    # ... and never less than this on a CUDA device
 KV_RESIDUAL_TOKENS = 128        # int8 KV keeps the newest tokens unquantized (kv_cache.DEFAULT_RESIDUAL_TOKENS)
 KV_GROUP = 64                   # int8 KV group along the head dimension
-STAGING_SLOTS = 2               # pinned host slots a layer (or expert) crosses through on its way over PCIe
 
 
 @dataclass(frozen=True)
@@ -53,20 +53,9 @@ PROFILES: dict[str, DeviceProfile] = {
 }
 
 
-def host_available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def cpu_profile() -> DeviceProfile:
     """The host itself as the device: layers compute where they are read."""
-    available = host_available_bytes() or 0
+    available = mem_available_bytes() or 0
     return DeviceProfile("cpu", "cpu", available, 0, 0.0, None, available, note="host RAM (MemAvailable)")
 
 
@@ -76,7 +65,7 @@ def profile(name: str, *, host_ram_bytes: int | None = None) -> DeviceProfile:
     if name not in PROFILES:
         raise ValueError(f"unknown device profile {name!r}: use one of {', '.join([*PROFILES, 'cpu', 'auto'])}")
     return replace(PROFILES[name], host_ram_bytes=host_ram_bytes if host_ram_bytes is not None
-                   else host_available_bytes())
+                   else mem_available_bytes())
 
 
 # -- the plan -----------------------------------------------------------------------------------------
@@ -323,8 +312,14 @@ def _plan_moe(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model:
     slots = min(total_experts, cache // expert)
     plan.expert_cache_slots = slots
     _add(plan, "expert cache", where, slots * expert, f"{slots} of {total_experts} experts x {format_size(expert)}")
-    in_ram, arena, staging = expert_host_split(total_experts, expert, req.ram_budget_bytes,
-                                               device.host_ram_bytes if cuda else None)
+    budget = req.ram_budget_bytes
+    if budget is None and cuda:   # pinned pages cannot be swapped: at most half of what the host has free
+        budget = default_ram_budget_bytes(total_experts, expert, device.host_ram_bytes)
+    try:
+        in_ram, arena, staging = expert_host_plan(total_experts, expert, budget)
+    except BudgetError as exc:
+        plan.fits, plan.reason = False, str(exc)
+        return _finish(plan, device)
     plan.experts_in_ram = in_ram
     host_where = "pinned host" if cuda else "host RAM"
     _add(plan, "expert store", host_where, arena, f"{in_ram} of {total_experts} experts in one arena; "
@@ -337,17 +332,6 @@ def _plan_moe(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model:
     plan.bytes_per_pass = int(shape.num_layers * active * miss * expert)
     plan.disk_bytes_per_pass = int(plan.bytes_per_pass * (1 - in_ram / total_experts))
     return _finish(plan, device, note="uniform routing")
-
-
-def expert_host_split(total_experts: int, expert_bytes: int, ram_budget_bytes: int | None,
-                      host_available: int | None) -> tuple[int, int, int]:
-    """(experts kept in host RAM, their arena bytes, staging bytes) under the RAM budget."""
-    if ram_budget_bytes is None:
-        cap = total_experts * expert_bytes if host_available is None else host_available // 2
-        ram_budget_bytes = cap + STAGING_SLOTS * expert_bytes
-    in_ram = max(0, min(total_experts, ram_budget_bytes // expert_bytes - STAGING_SLOTS))
-    staging = 0 if in_ram == total_experts else STAGING_SLOTS * expert_bytes
-    return in_ram, in_ram * expert_bytes, staging
 
 
 def _finish(plan: MemoryPlan, device: DeviceProfile, note: str = "") -> MemoryPlan:

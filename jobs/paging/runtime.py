@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from jobs.paging.memplan import DeviceProfile, host_available_bytes
+from jobs.paging.expert_budget import mem_available_bytes
+from jobs.paging.memplan import DeviceProfile
 
 
 def runtime_profile(device: torch.device, device_memory_bytes: int | None = None) -> DeviceProfile:
     """CUDA: torch.cuda.mem_get_info's free bytes (the context already exists, so it costs nothing more);
     device_memory_bytes caps it, e.g. to emulate a smaller card on a big one."""
-    host = host_available_bytes()
+    host = mem_available_bytes()
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         memory = free if device_memory_bytes is None else min(free, device_memory_bytes)
