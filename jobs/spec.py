@@ -45,7 +45,7 @@ class ModelSettings:
     # known to overflow fp16 (Gemma); off: plain fp16 (an overflow then fails the run, never empty text)
     fp16_safe: Fp16Safe = "auto"
     vram_budget_bytes: ByteSize | None = None   # decoder layers on the device; None: all
-    ram_budget_bytes: ByteSize | None = None    # streamed layers cached in host RAM
+    ram_budget_bytes: ByteSize | None = None    # host RAM cap: dense layer cache; MoE experts (pinned on CUDA)
     expert_cache_bytes: ByteSize | None = None  # MoE only: device expert cache
     # precise: the original weights; fast: the 4-bit variant of every decoder layer (dense) or
     # of the experts (moe), written by `lab-attendant model quantize NAME`; auto: dense layers by

@@ -10,7 +10,8 @@ from jobs.errors import SettingError
 from jobs.spec import DEFAULT_BATCH_SIZE, ModelSettings, ModelSpec
 
 # What each engine has no use for, and why: refused unless left at its default. ram_budget_bytes applies
-# to both: dense caches streamed layers in it, the expert pager refuses to load experts that exceed it.
+# to both: dense caches streamed layers in it, the expert pager holds at most that much of its experts in
+# host RAM (pinned on CUDA) and reads the rest from the checkpoint on demand.
 _IGNORED_BY = {
     "dense": (("expert_cache_bytes", "cache_policy"),
               "layer streaming has no experts to cache; its device budget is vram_budget_bytes"),

@@ -19,14 +19,19 @@ def folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("n_cached", [2, 5, 24])
-def test_cuda_4bit_matches_cpu_4bit(folder, n_cached):
+@pytest.mark.parametrize("n_cached,in_ram", [(2, None), (5, None), (24, None), (3, 8)])
+def test_cuda_4bit_matches_cpu_4bit(folder, n_cached, in_ram):
+    """in_ram None: every expert in the pinned arena; 8: the other 16 staged from the variant's mmap."""
     from jobs.paging.moe import load_paged_moe
 
     cpu = load_paged_moe(folder, variant="fast")
     eb = cpu.store.expert_bytes
-    gpu = load_paged_moe(folder, device="cuda", variant="fast", expert_cache_bytes=n_cached * eb)
+    budget = None if in_ram is None else (in_ram + 2) * (-(-eb // 64) * 64)
+    gpu = load_paged_moe(folder, device="cuda", dtype="fp32", variant="fast", expert_cache_bytes=n_cached * eb,
+                         ram_budget_bytes=budget)  # fp32 as on the CPU: "auto" is bf16 on a bf16 card
     assert gpu.store.buffer((0, 0)).is_pinned() and gpu.store.buffer((0, 0)).dtype == torch.uint8
+    assert gpu.stats()["host_pinned_bytes"] == gpu.stats()["host_ram_bytes"] <= (budget or float("inf"))
+    assert gpu.stats()["experts_from_disk"] == (0 if in_ram is None else 24 - in_ram)
     assert gpu.cache._slots.is_cuda and gpu.cache._slots.dtype == torch.uint8
     assert gpu.cache.allocated_bytes == n_cached * eb
     ids = prompts(3, 12)
