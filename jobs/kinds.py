@@ -10,9 +10,10 @@ import os
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import ParamError
+from .kv_rank_inputs import check_params as _kv_rank_check
 from .spec import DEFAULT_BATCH_SIZE
 from .units import parse_size
 
@@ -39,6 +40,9 @@ class Kind:
     params: tuple[Param, ...] = ()
     needs_paging: bool = False    # held unless the daemon runs with --experimental-paging
     function: str = "run"
+    # Checks across params past their types (stdlib only): check(params, model_dir) raises ParamError. model_dir
+    # is None in validate_params, the run's model folder in check_with_model (submit: e.g. a rank vs head_dim).
+    check: Callable[[dict[str, Any], Path | None], None] | None = None
 
 
 # Every model-using kind takes these; `model` names a [models.NAME] table (default: the
@@ -81,6 +85,21 @@ BUILTIN_KINDS: tuple[Kind, ...] = (
                  Param("postings", "dir", required=True, help="folder of postings (.md/.txt)"),
                  Param("top_k", "int", default=3, min=1, max=1000, help="postings to explain"),
                  *_MODEL_PARAMS), needs_paging=True),
+    Kind("kv_rank_study", "jobs.kv_rank_study",
+         "Measure whether a rank-r KV cache (truncated SVD of each layer's and head's K and V) keeps the "
+         "model's next token, against int8/int4/int2 quantization and keeping the last N tokens at equal "
+         "bytes, scoring passages teacher-forced; writes kv_rank.json, kv_rank.md and kv_rank.svg.",
+         params=(Param("texts", "path", required=True,
+                       help="folder of .txt/.md passages or a .jsonl with a 'text' per line"),
+                 Param("ranks", "str", default="4,8,16,32,64",
+                       help="comma-separated SVD ranks, each from 1 to the model's head_dim"),
+                 Param("context", "int", default=512, min=2, max=1_000_000,
+                       help="prefix tokens whose cache is compressed"),
+                 Param("continuation", "int", default=64, min=1, max=100_000,
+                       help="tokens scored after the prefix"),
+                 Param("max_texts", "int", min=1, help="study at most this many passages (default: all)"),
+                 *(p for p in _MODEL_PARAMS if p.name != "max_new_tokens")),
+         needs_paging=True, check=_kv_rank_check),
 )
 
 
@@ -176,7 +195,15 @@ def validate_params(kind: Kind, raw: dict[str, Any], allowed_roots: Iterable[Pat
                              f"pass -p {p.name}=VALUE")
         elif p.default is not None:
             out[p.name] = p.default
+    if kind.check is not None:
+        kind.check(out, None)
     return out
+
+
+def check_with_model(kind: Kind, params: dict[str, Any], model_dir: Path) -> None:
+    """The kind's checks that need its model folder (read as JSON, no torch); ParamError if one fails."""
+    if kind.check is not None:
+        kind.check(params, model_dir)
 
 
 def parse_assignment(text: str) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.errors import ParamError
-from jobs.kinds import parse_assignment, registry, validate_params
+from jobs.kinds import check_with_model, parse_assignment, registry, validate_params
 from jobs.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, KV_KINDS, VARIANT_MODES, ModelSpec
 from jobs.units import format_size
 
@@ -82,6 +82,7 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     if any(p.name == "model" for p in kind.params):
         model = cfg.model_spec(params.get("model"))
         _check_model(model)  # fails here, not in the worker
+        check_with_model(kind, params, Path(model.path))
         check_fits(model, params.get("batch_size"))  # an impossible plan is refused now, not after a load
     check_submit_options(args.priority, args.timeout)
     check_worker_python(Path(cfg.worker.python))
