@@ -20,7 +20,7 @@ from jobs.kinds import check_with_model, parse_assignment, registry, validate_pa
 from jobs.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, KV_KINDS, VARIANT_MODES, ModelSpec
 from jobs.units import format_size
 
-from . import PROJECT_ROOT, venv
+from . import PROJECT_ROOT, dbcli, venv
 from .config import Config, load_config
 from .errors import EXIT_STORE_UNUSABLE, StoreUnusable, UserError
 from .logsetup import log_for, read_run_log, setup_logging
@@ -38,6 +38,7 @@ def _store(cfg: Config) -> Store:
 # -- verbs ----------------------------------------------------------------------------------------
 def cmd_daemon(cfg: Config, args: argparse.Namespace) -> int:
     from .daemon import Daemon
+    check_worker_python(Path(cfg.worker.python))
     setup_logging(cfg.paths.logs_dir, console=True, max_bytes=cfg.logging.max_bytes,
                   backup_count=cfg.logging.backup_count)   # the daemon alone rotates
     return Daemon(cfg, experimental_paging=args.experimental_paging, burst=args.burst).run()
@@ -460,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     mq.add_argument("--force", action="store_true", help="write it again even if it exists")
     mq.add_argument("--device", help="run HQQ there, e.g. cuda (a Mixtral matrix takes ~1 min on CPU)")
     m.set_defaults(fn=cmd_model)
+
+    dbcli.add_parser(sub, _Parser)
 
     sv = sub.add_parser("service", help="install or remove the systemd unit (prints the "
                         "systemctl commands, does not run them)")

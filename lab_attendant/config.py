@@ -35,6 +35,7 @@ class PathsConfig:
     models_dir: Path = Path("models")      # converted model folders (model import-default)
     # Folders that file paths in job params must lie under; empty = examples/, state, models.
     allowed_roots: tuple[Path, ...] = ()
+    backups: Path | None = None            # automatic store backups; default state_dir/backups
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,12 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class BackupsConfig:
+    keep: int = 7                          # automatic backups kept in [paths] backups
+    interval_s: float = 24 * 3600.0        # one backup per interval while the daemon runs
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     # systemd WatchdogSec=: a main loop silent this long is killed and restarted (0 = off).
     watchdog_s: float = 30.0
@@ -158,11 +165,16 @@ class Config:
     schedules: tuple[ScheduleConfig, ...] = ()                     # [[schedules]]
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    backups: BackupsConfig = field(default_factory=BackupsConfig)
     source: Path | None = None             # the TOML file read, None for built-in defaults
 
     @property
     def db_path(self) -> Path:
         return self.paths.state_dir / "lab_attendant.sqlite3"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.paths.backups or self.paths.state_dir / "backups"
 
     @property
     def runs_dir(self) -> Path:

@@ -24,10 +24,14 @@ from .host import Host, make_sensors, signal_name
 from .launcher import Launcher, Worker, WorkerExit, classify
 from .lock import DaemonLock
 from .logsetup import RunOutput, get_logger, log_for
+from .reconcile import reconcile
 from .scheduler import Schedules
 from .sdnotify import Notifier, status_text
 from .states import ACTIVE, WAITING, Hold, RunState
+from .backup import AutoBackup
+from .errors import StoreWriteError
 from .store import Store
+from .storefaults import StatusFile, WriteBehind
 
 HOLD_PAGING_OFF = Hold("paging_off", "experimental paging is off; start the daemon with "
                        "--experimental-paging to run this kind")
@@ -49,6 +53,9 @@ class Daemon:
         self.kinds: dict[str, Kind] = registry(cfg.worker.extra_kinds)
         self.schedules = Schedules(cfg, self.kinds)      # not started in --burst mode
         self.store: Store | None = None
+        self.writes: WriteBehind | None = None          # every daemon write goes through it
+        self.status_file = StatusFile(cfg.paths.state_dir / "daemon-status.json")
+        self.auto_backup: AutoBackup | None = None
         self.guards = Guards(cfg.guards, self.host, sensors or make_sensors(cfg.guards.sensors))
         self.cotenants: Cotenants | None = None
         self._last_guard = float("-inf")
@@ -88,9 +95,14 @@ class Daemon:
     def open(self) -> None:
         """Open the store, reconcile what a dead daemon left, restore co-tenants, register."""
         self.store = Store(self.cfg.db_path)
+        self.writes = WriteBehind(self.store, self.host.monotonic, self._on_store_fault)
+        self.status_file.open()
+        self.auto_backup = AutoBackup(self.cfg.db_path, self.cfg.backups_dir,
+                                      keep=self.cfg.backups.keep,
+                                      interval_s=self.cfg.backups.interval_s)
         self.reconcile()
         self.cotenants = Cotenants(self.cfg.cotenants, self.host, self._cotenant_event,
-                                   self.store.set_cotenant)
+                                   lambda *a: self.writes.must("set_cotenant", *a))
         self.cotenants.restore_persisted({r.name for r in self.store.cotenants() if r.suspended})
         self._daemon_id = self.store.daemon_started(
             pid=os.getpid(), hostname=socket.gethostname(),
@@ -103,16 +115,20 @@ class Daemon:
             return
         if self.cotenants is not None:
             self.cotenants.restore_all("daemon shutdown")
+        if not self.writes.retry(force=True):
+            log.error("daemon exits with store writes it could not make; the next start "
+                      "reconciles those runs", pending=[(m, a) for m, a, _ in self.writes.pending])
         if self._daemon_id:
-            self.store.daemon_heartbeat(self._daemon_id, stopped=True)
+            self.writes.may("daemon_heartbeat", self._daemon_id, stopped=True)
+        self.status_file.close()
         self.store.close()
 
     def should_exit(self) -> bool:
-        if self.workers:
-            return False
+        if self.workers or (self.writes.pending and not self._cold):
+            return False  # outcomes still to write: wait for the store (a cold stop gives up)
         if self._stopping_since is not None:
             return True
-        return self.burst and not self._admissible_waiting()
+        return self.burst and self.writes.fault is None and not self._admissible_waiting()
 
     def _admissible_waiting(self) -> bool:
         return self.store.count_by_state().get(RunState.QUEUED, 0) > 0
@@ -160,21 +176,39 @@ class Daemon:
 
     # -- one tick -------------------------------------------------------------------------------
     def tick(self) -> None:
+        """Workers are supervised every tick; while the store refuses writes (disk full, I/O
+        error, read-only) nothing is admitted and store reads that fail are skipped."""
         self._pump()
         self._reap()
         self._handle_signals()
-        self._enforce()
-        self._guard_tick()
-        if self._stopping_since is None:
-            self.schedules.dispatch(self.store, self.experimental_paging)
-            self._admit()
+        for phase in (self._enforce, self._guard_tick):
+            try:
+                phase()
+            except StoreWriteError as exc:
+                self.writes.failed(exc)
+        if self.writes.retry() and self._stopping_since is None:
+            try:
+                self.schedules.dispatch(self.store, self.experimental_paging)
+                self._admit()
+                self.auto_backup.tick(self.host.time())
+            except StoreWriteError as exc:   # a claim is one transaction: nothing half-done
+                self.writes.failed(exc)
         now = self.host.monotonic()
         if now - self._last_heartbeat >= HEARTBEAT_EVERY_S and self._daemon_id:
-            self.store.daemon_heartbeat(self._daemon_id)
+            self.writes.may("daemon_heartbeat", self._daemon_id)
             self._last_heartbeat = now
         self.notifier.tick(now, self._sd_status)
 
+    def _on_store_fault(self, fault: str | None) -> None:
+        self.status_file.write({"store_fault": fault, "since": self.host.time(),
+                                "pending_writes": len(self.writes.pending),
+                                "retry_in_s": self.writes.backoff_s if fault else None})
+        self.notifier.send(f"STATUS={self._sd_status()}")
+
     def _sd_status(self) -> str:
+        if self.writes is not None and self.writes.fault is not None:
+            return (f"store not writable, admissions paused, {len(self.workers)} running, "
+                    f"{len(self.writes.pending)} writes pending: {self.writes.fault}")
         return status_text(self.store.count_by_state(), running=len(self.workers),
                            stopping=self._stopping_since is not None)
 
@@ -191,23 +225,24 @@ class Daemon:
         name, rid = ev["event"], w.run_id
         rlog = log_for(w.needs_paging, "lab_attendant.daemon").bind(run_id=rid)
         if name == protocol.STARTED:
-            self.store.transition(rid, RunState.RUNNING, f"worker pid {w.pid} started",
-                                  expect={RunState.STARTING}, running_at=ev.get("t"))
+            self.writes.must("transition", rid, RunState.RUNNING, f"worker pid {w.pid} started",
+                             expect={RunState.STARTING}, running_at=ev.get("t"))
             rlog.info("run running", pid=w.pid)
         elif name == protocol.PROGRESS:
-            self.store.update_run(rid, progress_done=ev.get("done"), progress_total=ev.get("total"),
-                                  progress_unit=ev.get("unit"), heartbeat_at=self.host.time())
+            self.writes.may("update_run", rid, progress_done=ev.get("done"),
+                            progress_total=ev.get("total"), progress_unit=ev.get("unit"),
+                            heartbeat_at=self.host.time())
         elif name == protocol.METRIC:
-            self.store.merge_metrics(rid, ev.get("metrics", {}))
+            self.writes.may("merge_metrics", rid, ev.get("metrics", {}))
         elif name == protocol.HEARTBEAT:
-            self.store.update_run(rid, heartbeat_at=self.host.time())
+            self.writes.may("update_run", rid, heartbeat_at=self.host.time())
         elif name == protocol.RESULT:
             w.result_path = ev.get("path")
-            self.store.update_run(rid, result_path=w.result_path)
-            self.store.add_event(rid, "result", str(w.result_path))
+            self.writes.must("update_run", rid, result_path=w.result_path)
+            self.writes.must("add_event", rid, "result", str(w.result_path))
         elif name == protocol.ERROR:
             w.error = ev
-            self.store.add_event(rid, "error", f"{ev.get('type')}: {ev.get('message')}")
+            self.writes.must("add_event", rid, "error", f"{ev.get('type')}: {ev.get('message')}")
             rlog.warning("worker reported an error", type=ev.get("type"), message=ev.get("message"))
 
     def _reap(self) -> None:
@@ -234,7 +269,7 @@ class Daemon:
                                       "signal": signal_name(-code) if code < 0 else None}
             if state is RunState.QUEUED:
                 fields.update(pid=None, pid_create_time=None, started_at=None, running_at=None)
-            self.store.transition(w.run_id, state, reason, **fields)
+            self.writes.must("transition", w.run_id, state, reason, **fields)
             log_for(w.needs_paging, "lab_attendant.daemon").info(
                 "run ended", run_id=w.run_id, state=str(state), reason=reason)
             self.outputs.pop(w.run_id).close()
@@ -314,14 +349,14 @@ class Daemon:
                             paging_active=any(w.needs_paging for w in self.workers.values()),
                             gpus=self.guards.last_gpus)
         hold = self._paging_hold()
-        self.store.set_meta("guard_readings", {
+        self.writes.may("set_meta", "guard_readings", {
             "at": self.host.time(), **self.guards.readings, "paging_hold": hold and hold.reason,
             "cotenants": {c.name: c.phase for c in self.cotenants.items}})
 
     def _guard_action(self, a: Action) -> None:
         w = self.workers.get(a.run_id) if a.run_id is not None else None
-        self.store.add_guard_event(guard=a.guard, action=a.action, reason=a.reason,
-                                   run_id=a.run_id, reading=a.reading)
+        self.writes.must("add_guard_event", guard=a.guard, action=a.action, reason=a.reason,
+                         run_id=a.run_id, reading=a.reading)
         paging = w.needs_paging if w else a.guard == "thermal"
         log_for(paging, "lab_attendant.guards").warning(
             "guard " + a.action, guard=a.guard, run_id=a.run_id, reason=a.reason)
@@ -329,7 +364,7 @@ class Daemon:
             self.launcher.stop(w, a.state, a.reason, grace_s=self.cfg.guards.kill_grace_s)
 
     def _cotenant_event(self, name: str, action: str, reason: str) -> None:
-        self.store.add_guard_event(guard=f"cotenant:{name}", action=action, reason=reason)
+        self.writes.must("add_guard_event", guard=f"cotenant:{name}", action=action, reason=reason)
         log_for(True, "lab_attendant.cotenants").info("co-tenant " + action, cotenant=name,
                                                       reason=reason)
 
@@ -337,20 +372,20 @@ class Daemon:
         kind = self.kinds.get(run.kind)
         python = self.cfg.worker.python
         if kind is None:
-            self.store.transition(run.id, RunState.FAILED,
-                                  f"unknown kind '{run.kind}' (not in this daemon's registry)")
+            self.writes.must("transition", run.id, RunState.FAILED,
+                             f"unknown kind '{run.kind}' (not in this daemon's registry)")
             return
         if not Path(python).exists():
-            self.store.transition(run.id, RunState.FAILED,
-                                  f"worker python {python} not found; run `lab-attendant venv "
-                                  "create` or set [worker] python in the config")
+            self.writes.must("transition", run.id, RunState.FAILED,
+                             f"worker python {python} not found; run `lab-attendant venv "
+                             "create` or set [worker] python in the config")
             return
         run_dir = self.cfg.runs_dir / str(run.id)
         try:
             model = (self.cfg.model_spec(run.params.get("model"))
                      if any(p.name == "model" for p in kind.params) else None)
         except ConfigError as exc:
-            self.store.transition(run.id, RunState.FAILED, str(exc))
+            self.writes.must("transition", run.id, RunState.FAILED, str(exc))
             return
         spec = RunSpec(
             version=SPEC_VERSION, run_id=run.id, kind=run.kind, module=kind.module,
@@ -364,42 +399,21 @@ class Daemon:
             w = self.launcher.spawn(spec, python=Path(python), timeout_s=run.timeout_s)
         except OSError as exc:
             output.close()
-            self.store.transition(run.id, RunState.FAILED, f"could not start worker: {exc}")
+            self.writes.must("transition", run.id, RunState.FAILED, f"could not start worker: {exc}")
             return
         self.workers[run.id] = w
         self.outputs[run.id] = output
-        self.store.update_run(run.id, pid=w.pid, run_dir=str(run_dir), log_path=str(output.path),
-                              pid_create_time=self.host.process_create_time(w.pid))
+        self.writes.must("update_run", run.id, pid=w.pid, run_dir=str(run_dir),
+                         log_path=str(output.path),
+                         pid_create_time=self.host.process_create_time(w.pid))
         log_for(run.needs_paging, "lab_attendant.daemon").info(
             "run spawned", run_id=run.id, kind=run.kind, pid=w.pid)
 
     # -- start-up reconciliation ----------------------------------------------------------------
     def reconcile(self) -> None:
-        """Runs left active by a dead daemon end `lost`; any live group of theirs is killed
-        (runs are not adopted: their event pipes died with the old daemon). All groups get
-        SIGTERM at once and share one kill_grace_s, so start-up waits one grace, not one per run
-        (systemd's start timeout runs until READY=1)."""
-        runs = self.store.list_runs(states=ACTIVE)
-        live = {r.id: r.pid for r in runs if r.pid and self.host.is_same_process(r.pid, r.pid_create_time)}
-        self._kill_groups(list(live.values()))
-        for run in runs:
-            if run.id in live:
-                reason = (f"daemon restarted: worker group {run.pid} of a previous daemon was "
-                          "still running and was killed (runs are not adopted)")
-            else:
-                if run.pid and not self.host.pid_alive(run.pid):
-                    # The leader is gone; anything left in its group is our orphan.
-                    self.host.killpg(run.pid, signal.SIGKILL)
-                reason = "daemon restarted: the worker of a previous daemon was gone"
-            self.store.transition(run.id, RunState.LOST, reason)
-            log_for(run.needs_paging, "lab_attendant.daemon").bind(run_id=run.id).warning(
-                "reconciled run", state="lost", reason=reason)
+        """Runs a dead daemon left active end `lost` (lab_attendant.reconcile); the systemd
+        watchdog keeps being fed while their groups are given kill_grace_s to go."""
+        reconcile(self.store, self.host, self.cfg.limits.kill_grace_s, self._feed_watchdog)
 
-    def _kill_groups(self, pgids: list[int]) -> None:
-        for pgid in pgids:
-            self.host.killpg(pgid, signal.SIGTERM)
-        deadline = self.host.monotonic() + self.cfg.limits.kill_grace_s
-        while any(self.host.group_alive(p) for p in pgids) and self.host.monotonic() < deadline:
-            self.host.sleep(0.05)
-        for pgid in pgids:
-            self.host.killpg(pgid, signal.SIGKILL)
+    def _feed_watchdog(self) -> None:
+        self.notifier.tick(self.host.monotonic(), lambda: "reconciling runs of a previous daemon")

@@ -13,6 +13,7 @@ from .config import Config
 from .lock import DaemonLock
 from .states import ACTIVE, RunState
 from .store import Store
+from .storefaults import StatusFile
 from .validate import dumps
 
 
@@ -21,15 +22,17 @@ def fmt_time(ts: float | None) -> str:
 
 
 def gather(cfg: Config) -> dict[str, Any]:
+    alive = DaemonLock(cfg.paths.state_dir).held_by_other()
+    fault = StatusFile.read(cfg.paths.state_dir / "daemon-status.json") if alive else {}
     store = Store(cfg.db_path)
     row = store.latest_daemon()
-    alive = DaemonLock(cfg.paths.state_dir).held_by_other()
     counts = store.count_by_state()
     running = store.list_runs(states=ACTIVE)
     return {
         "daemon": {"alive": alive, "pid": row.pid if row and alive else None,
                    "experimental_paging": bool(row and alive and row.experimental_paging),
                    "heartbeat_age_s": (time.time() - row.heartbeat_at) if row and alive else None},
+        "store_fault": fault.get("store_fault"),
         "queue_depth": counts.get(RunState.QUEUED, 0),
         "held": counts.get(RunState.HELD, 0),
         "running": [{"id": r.id, "kind": r.kind, "state": r.state, "pid": r.pid} for r in running],
@@ -52,6 +55,9 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
               f"{'on' if d['experimental_paging'] else 'off'}")
     else:
         print("daemon: not running (submitted runs wait in the queue)")
+    if st["store_fault"]:
+        print(f"STORE NOT WRITABLE: {st['store_fault']}; the daemon admits nothing, keeps "
+              "supervising running runs and retries (free space or fix the disk)")
     print(f"queue: {st['queue_depth']} queued, {st['held']} held; {len(st['running'])} running")
     for r in st["running"]:
         print(f"  run {r['id']} {r['kind']} {r['state']} pid {r['pid']}")

@@ -12,10 +12,12 @@ from typing import Any, Iterable, Iterator
 from sqlalchemy import (Boolean, Enum, Float, ForeignKey, Integer, String, Text, create_engine,
                         event, func, select, update)
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .errors import StoreError, TransitionError
 from .states import ACTIVE, TERMINAL, WAITING, RunState, can_transition
+from .storefaults import translate
 
 SCHEMA_VERSION = 2
 # Stored as the enum's values ("queued", ...), in a plain VARCHAR: version-1 rows read unchanged.
@@ -188,7 +190,19 @@ class Store:
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self.db_path = db_path
         self.engine = _make_engine(db_path)
-        self._init_schema()
+        with self._translated():
+            self._init_schema()
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """SQLite's errors as ours: StoreUnusable (damaged file) or StoreWriteError (full, I/O)."""
+        try:
+            yield
+        except DatabaseError as exc:
+            err = translate(exc, self.db_path)
+            if err is exc:
+                raise
+            raise err from exc
 
     def close(self) -> None:
         self.engine.dispose()
@@ -217,17 +231,19 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A BEGIN IMMEDIATE transaction; commits on success."""
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+        with self._translated(), Session(self.engine, expire_on_commit=False) as session, \
+                session.begin():
             yield session
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        conn = self.engine.connect().execution_options(sqlite_begin="DEFERRED")
-        try:
-            with Session(conn, expire_on_commit=False) as session, session.begin():
-                yield session
-        finally:
-            conn.close()
+        with self._translated():
+            conn = self.engine.connect().execution_options(sqlite_begin="DEFERRED")
+            try:
+                with Session(conn, expire_on_commit=False) as session, session.begin():
+                    yield session
+            finally:
+                conn.close()
 
     # -- runs ---------------------------------------------------------------------------------
     def submit(self, *, kind: str, params: dict[str, Any], priority: int, timeout_s: float,

@@ -15,8 +15,8 @@ if ! command -v systemd-analyze >/dev/null && [ "$(id -u)" = 0 ] && command -v a
         apt-get install -y -qq --no-install-recommends systemd; } >/dev/null 2>&1 \
         || echo "   could not install systemd; the systemd-analyze test will be skipped" >&2
 fi
-echo "== supervisor tests (unit + e2e), in .venv" >&2
-.venv/bin/python -m pytest tests/unit tests/e2e -p no:cacheprovider
+echo "== supervisor tests (unit + e2e + faults), in .venv" >&2
+.venv/bin/python -m pytest tests/unit tests/e2e tests/faults -p no:cacheprovider
 echo "== engine tests (engine + gpu; gpu skips without CUDA), in venvs/experimental" >&2
 venvs/experimental/bin/python -m pytest tests/engine tests/gpu -p no:cacheprovider
 echo "== suite took $((SECONDS - start)) s (setup included)" >&2

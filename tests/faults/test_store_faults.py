@@ -1,0 +1,79 @@
+"""The store under fault: a full state disk (real tmpfs) and a damaged store file, with the real
+daemon, real workers and real SQLite."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import check_invariant, fill, rows, wait_for
+
+pytestmark = pytest.mark.faults
+DISK_FULL_REPEATS = 3
+
+
+@pytest.mark.parametrize("attempt", range(DISK_FULL_REPEATS))
+def test_state_disk_full_pauses_admissions_and_loses_nothing(lab, small_tmpfs, attempt):
+    daemon = lab.start_daemon()
+    ids = [lab.submit("sleepy", "seconds=2", "quiet=true") for _ in range(2)]
+    wait_for(lambda: all(r[1] == "running" for r in rows(lab)), 20, "two runs running")
+    filler = fill(small_tmpfs)
+    status = small_tmpfs / "daemon-status.json"
+    wait_for(lambda: json.loads(status.read_bytes().strip() or b"{}").get("store_fault"), 20,
+             "the daemon to report the store fault")
+    st = json.loads(lab.cli("status", "--json").stdout)
+    assert st["store_fault"] and "full" in st["store_fault"]
+    # The workers end meanwhile (their result.json cannot be written either); the daemon
+    # reaps them, keeps their outcome in memory and stays alive.
+    wait_for(lambda: not any(_alive(p) for p in _worker_pids(lab)), 20, "workers to exit")
+    assert daemon.poll() is None
+    assert all(r[1] == "running" for r in rows(lab))     # nothing could be written yet
+    filler.unlink()
+    late = lab.submit("sleepy", "seconds=0.2")            # admitted once writes work again
+    ids.append(late)
+    wait_for(lambda: all(r[1] in ("succeeded", "failed") for r in rows(lab)), 40,
+             "every run to end after the disk has room again")
+    counts = check_invariant(lab, ids, allow_queued=False)
+    assert counts.get("failed", 0) + counts.get("succeeded", 0) == 3
+    assert lab.show(late)["state"] == "succeeded"
+    for rid in ids[:2]:
+        states = [e["to"] for e in lab.show(rid)["events"] if e["kind"] == "transition"]
+        assert states[:3] == ["queued", "starting", "running"] and len(states) == 4
+    assert "store fault" in lab.daemon_output() and "store writable again" in lab.daemon_output()
+    assert json.loads(lab.cli("status", "--json").stdout)["store_fault"] is None
+    daemon.terminate()
+    assert daemon.wait(timeout=30) == 0
+
+
+def _worker_pids(lab) -> list[int]:
+    return [int(p.read_text()) for p in lab.state_dir.glob("runs/*/output/worker.pid")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_damaged_store_stops_the_daemon_with_exit_3_and_one_sentence(lab):
+    ids = [lab.submit("sleepy", "seconds=0.1") for _ in range(2)]
+    assert lab.cli("db", "backup", str(lab.state_dir / "backups") + "/").returncode == 0
+    db = lab.state_dir / "lab_attendant.sqlite3"
+    with open(db, "r+b") as fh:
+        fh.write(b"this is no longer an sqlite file")
+    for suffix in ("-wal", "-shm"):
+        (lab.state_dir / f"lab_attendant.sqlite3{suffix}").unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "lab_attendant.cli", "--config", str(lab.config),
+                           "daemon"], capture_output=True, text=True, env=lab.env(), timeout=60)
+    assert proc.returncode == 3
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and str(db) in err[0] and "lab-attendant db restore" in err[0]
+    assert "Traceback" not in proc.stderr
+    assert lab.cli("db", "restore").returncode == 0
+    assert check_invariant(lab, ids) == {"queued": 2}
