@@ -94,4 +94,4 @@ def default_ram_budget_bytes(total_experts: int, expert_bytes: int, available_by
         return None
     cap = int(available_bytes * DEFAULT_PINNED_SHARE)
     everything = total_experts * slot_bytes(expert_bytes)
-    return everything if everything <= cap else cap
+    return min(everything, cap)

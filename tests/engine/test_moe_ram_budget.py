@@ -2,6 +2,10 @@
 rest read from the checkpoint through a staging ring, and the same logits and tokens as transformers."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
@@ -88,6 +92,13 @@ def test_plan_for_mixtral_8x7b_at_8_gib():
     assert default_ram_budget_bytes(256, eb, None) is None
 
 
+def test_plan_module_imports_without_torch():
+    """The supervisor and the memory plan import expert_budget; it must not pull torch in."""
+    code = "import sys, jobs.paging.expert_budget; sys.exit('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[2]
+    assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+
+
 def test_mem_available_reads_meminfo(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32768000 kB\nMemFree:  100 kB\nMemAvailable:   16000000 kB\n")
@@ -118,7 +129,7 @@ def test_third_in_ram_matches_transformers(model, ref, tmp_path, writer):
         with torch.no_grad():
             for _ in range(2):  # the second pass reads the same experts from disk again
                 assert (paged.model(ids).logits - ref(ids).logits).abs().max().item() <= 1e-5
-        kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        kwargs = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False}
         assert torch.equal(paged.model.generate(ids[:1], **kwargs), ref.generate(ids[:1], **kwargs))
         s = check_host_side(paged, budget, eb, ALL // 3)
         # every copy into the device cache came from the arena or from disk, never from elsewhere
@@ -143,6 +154,21 @@ def test_no_expert_in_ram_with_cpu_miss_exec(model, ref, tmp_path):
         assert paged.stats()["disk_reads"] == 0
 
 
+def test_bf16_from_disk_bit_identical_to_bf16_from_ram(model, tmp_path):
+    """Where an expert comes from changes no bit: bf16 experts converted from the fp32 checkpoint on
+    demand (no expert in RAM) give exactly the logits of the same run with every expert in RAM."""
+    folder = save_fused(model, tmp_path / "m")
+    eb16 = expert_bytes(model, 2)
+    ids = prompts(2, 8)
+    logits = {}
+    for budget in (None, min_ram_budget_bytes(eb16)):
+        with load_paged_moe(folder, dtype="bf16", ram_budget_bytes=budget, expert_cache_bytes=4 * eb16) as paged:
+            with torch.no_grad():
+                logits[budget] = paged.model(ids).logits
+            assert paged.stats()["experts_in_ram"] == (ALL if budget is None else 0)
+    assert torch.equal(*logits.values())
+
+
 @pytest.mark.parametrize("cpu_exec", [False, True])
 def test_4bit_third_in_ram_matches_transformers_on_dequantized(quant_folder, cpu_exec):
     """4-bit experts under the same budget rule, in 4-bit bytes: transformers' model holding the
@@ -156,7 +182,7 @@ def test_4bit_third_in_ram_matches_transformers_on_dequantized(quant_folder, cpu
                         cpu_miss_exec=cpu_exec, cpu_miss_max_tokens=2) as paged:
         with torch.no_grad():
             assert (paged.model(ids).logits - ref(ids).logits).abs().max().item() <= 1e-5
-        kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        kwargs = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False}
         assert torch.equal(paged.model.generate(ids[:1], **kwargs), ref.generate(ids[:1], **kwargs))
         s = check_host_side(paged, budget, eb, ALL // 3)
         assert s["expert_variant"] == SPEC.name and paged.store.slot_dtype == torch.uint8
