@@ -209,10 +209,10 @@ class ExpertStore:
         n_staging = STAGING_SLOTS if plan.staging_bytes else 0
         self._staging = [self._take() for _ in range(n_staging)]
         self._staged_copy = [None] * n_staging
-        log.info("expert store (%s): %d of %d experts in host RAM (%s%s), the rest read from %s through "
-                 "%d staging slots", self.variant, len(self._ram), self.total_experts,
-                 format_size(self._arena.nbytes), ", pinned" if self._arena.pinned_bytes else "",
-                 next(iter(self._pieces.values()))[0].path.parent, n_staging)
+        log.info("expert store (%s): %d of %d experts in host RAM, %s with %d staging slots%s; %d read on "
+                 "demand from %s", self.variant, len(self._ram), self.total_experts,
+                 format_size(self._arena.nbytes), n_staging, " (pinned)" if self._arena.pinned_bytes else "",
+                 self.total_experts - len(self._ram), next(iter(self._pieces.values()))[0].path.parent)
         return self
 
     def _take(self) -> torch.Tensor:
@@ -252,11 +252,11 @@ class ExpertStore:
         one. On CUDA the copy is non-blocking on the current stream: call it under the stream that
         should carry it."""
         src = self._ram.get(key)
-        if src is None and dst.device.type != "cuda":
-            self._count_read(self._timed_read(key, dst))
-            return
         if src is not None:
-            dst.copy_(src, non_blocking=dst.device.type == "cuda")
+            dst.copy_(src, non_blocking=dst.is_cuda)
+            return
+        if not dst.is_cuda:
+            self._read_on_demand(key, dst)
             return
         slot = self._stage(key)
         dst.copy_(self._staging[slot], non_blocking=True)
@@ -272,17 +272,14 @@ class ExpertStore:
         if pending is not None:
             pending.synchronize()
             self._staged_copy[slot] = None
-        self._count_read(self._timed_read(key, self._staging[slot]))
+        self._read_on_demand(key, self._staging[slot])
         return slot
 
-    def _timed_read(self, key: Key, flat: torch.Tensor) -> tuple[int, float]:
+    def _read_on_demand(self, key: Key, flat: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        return self._read(key, flat), time.perf_counter() - t0
-
-    def _count_read(self, read: tuple[int, float]) -> None:
+        self._counters["disk_read_bytes"] += self._read(key, flat)
+        self._counters["disk_read_s"] += time.perf_counter() - t0
         self._counters["disk_reads"] += 1
-        self._counters["disk_read_bytes"] += read[0]
-        self._counters["disk_read_s"] += read[1]
 
     def expand(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) in the compute dtype from one flat expert (arena view, staging slot or
