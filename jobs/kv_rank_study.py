@@ -21,8 +21,9 @@ METHOD = ("Per passage: the first `context` tokens (BOS included) are prefilled 
           "that prefix cache in every layer: svd r = each KV head's K and V matrix (cached positions x head_dim; "
           "keys after RoPE and k_norm, as cached) factorized in fp32 by torch.linalg.svd and rebuilt from its top r "
           "singular triplets; intB = min-max codes per token, head and group of channels (kv_cache.Int8Layer's "
-          "scheme at B bits); last N = attention masked off all but the newest N prefix positions. The next "
-          "`continuation` tokens are then fed teacher-forced on top (their own K/V stay uncompressed) and each of "
+          "scheme at B bits); last N = attention masked off all but the newest N prefix positions; first 4 + last "
+          "N = the same plus the 4 oldest (attention sinks, BOS first). The next `continuation` tokens are then "
+          "fed teacher-forced on top (their own K/V stay uncompressed) and each of "
           "their next-token distributions is compared with the full cache's: top-1 agreement, KL(full || variant), "
           "and the perplexity of the true next tokens. Bytes: what each variant would store for the prefix cache, "
           "every float (full cache, U S V factors, scales and zeros) at 2 bytes, codes at B bits.")
@@ -184,7 +185,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
             "claim_holds": report["claim"]["holds"]}
 
 
-_ORDER = {kc.FULL: 0, kc.SVD: 1, kc.INT: 2, kc.LAST_N: 3}
+_ORDER = {kc.FULL: 0, kc.SVD: 1, kc.INT: 2, kc.LAST_N: 3, kc.SINK_LAST: 4}
 
 
 def build_report(params: dict[str, Any], ctx, ranks: Sequence[int], usable: list, skipped: list,

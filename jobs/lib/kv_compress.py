@@ -1,5 +1,6 @@
 """Compressed stand-ins for a prefilled KV cache, for measuring what compression costs the next token: truncated
-SVD per layer, head, K and V; group-wise int8/int4/int2 codes; keeping only the last N tokens; and the bytes each holds.
+SVD per layer, head, K and V; group-wise int8/int4/int2 codes; keeping only the last N tokens (or those plus the
+first few); and the bytes each holds.
 
 Every variant is simulated on a copy of transformers' own cache: low-rank and quantized tensors are rebuilt to the
 cache's shape (the model runs on them unchanged), evicted tokens are masked out of attention. Bytes are counted for
@@ -16,7 +17,8 @@ import torch
 
 STORAGE_FLOAT_BYTES = 2   # bf16/fp16: the full cache, SVD factors, and quantization scales and zeros
 QUANT_GROUP = 64          # channels of one token and head per scale/zero, as kv_cache.Int8Layer (gcd with head_dim)
-FULL, SVD, INT, LAST_N = "full", "svd", "int", "last_n"
+SINK_TOKENS = 4           # SINK_LAST keeps the first tokens too: attention sinks (StreamingLLM), BOS among them
+FULL, SVD, INT, LAST_N, SINK_LAST = "full", "svd", "int", "last_n", "sink_last"
 
 
 @dataclass(frozen=True)
@@ -29,15 +31,16 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class Variant:
-    method: str               # FULL | SVD | INT | LAST_N
-    setting: int              # SVD: rank; INT: bits; LAST_N: tokens kept; FULL: 0
+    method: str               # FULL | SVD | INT | LAST_N | SINK_LAST
+    setting: int              # SVD: rank; INT: bits; LAST_N, SINK_LAST: tokens kept; FULL: 0
     bytes: int                # what the compressed prefix cache would store, all layers
-    matched_to: str = ""      # LAST_N: the variant whose bytes it was sized to match
+    matched_to: str = ""      # LAST_N, SINK_LAST: the variant whose bytes it was sized to match
 
     @property
     def label(self) -> str:
         return {FULL: "full", SVD: f"svd r={self.setting}", INT: f"int{self.setting}",
-                LAST_N: f"last {self.setting}"}[self.method]
+                LAST_N: f"last {self.setting}",
+                SINK_LAST: f"first {SINK_TOKENS} + last {self.setting - SINK_TOKENS}"}[self.method]
 
 
 def layer_shapes(cache: Any) -> list[LayerShape]:
@@ -86,7 +89,8 @@ def match_last_n(shapes: Sequence[LayerShape], target_bytes: int) -> int:
 
 
 def plan_variants(shapes: Sequence[LayerShape], ranks: Sequence[int], bits: Sequence[int]) -> list[Variant]:
-    """full, one SVD per rank, one quantization per bit width, then last-N sized to each of those (deduplicated)."""
+    """full, one SVD per rank, one quantization per bit width, then last-N, and the first SINK_TOKENS plus the
+    last N - SINK_TOKENS, sized to each of those (deduplicated)."""
     total = lambda fn, arg: sum(fn(s, arg) for s in shapes)  # noqa: E731 - a local sum over layers
     out = [Variant(FULL, 0, sum(full_bytes(s) for s in shapes))]
     out += [Variant(SVD, r, total(svd_bytes, r)) for r in ranks]
@@ -97,6 +101,8 @@ def plan_variants(shapes: Sequence[LayerShape], ranks: Sequence[int], bits: Sequ
         if keep not in seen:
             seen.add(keep)
             out.append(Variant(LAST_N, keep, total(last_n_bytes, keep), matched_to=target.label))
+            if keep > SINK_TOKENS:
+                out.append(Variant(SINK_LAST, keep, total(last_n_bytes, keep), matched_to=target.label))
     return out
 
 
@@ -146,7 +152,7 @@ def fake_quantize(tensor: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 
 def variant_states(variant: Variant, layer: Any, factors: dict[str, tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     """(keys, values) of one layer as `variant` would give them back, in the cache's shape and dtype.
-    LAST_N returns the full states: its evicted positions are masked (eviction_mask), not removed."""
+    LAST_N and SINK_LAST return the full states: their evicted positions are masked (eviction_mask), not removed."""
     keys, values = layer.keys, layer.values
     if variant.method == SVD:
         return (low_rank(factors["keys"], variant.setting).to(keys.dtype),
@@ -158,10 +164,13 @@ def variant_states(variant: Variant, layer: Any, factors: dict[str, tuple]) -> t
 
 
 def eviction_mask(variant: Variant, prefix_tokens: int, new_tokens: int, device: torch.device) -> torch.Tensor:
-    """A [1, prefix + new] attention mask: 0 on prefix positions LAST_N evicted (the oldest), 1 elsewhere."""
+    """A [1, prefix + new] attention mask: 0 on the prefix positions LAST_N evicted (the oldest) or SINK_LAST
+    evicted (the oldest after the first SINK_TOKENS), 1 elsewhere."""
     mask = torch.ones(1, prefix_tokens + new_tokens, dtype=torch.long, device=device)
     if variant.method == LAST_N:
         mask[:, :max(0, prefix_tokens - variant.setting)] = 0
+    elif variant.method == SINK_LAST:
+        mask[:, SINK_TOKENS:max(SINK_TOKENS, prefix_tokens - variant.setting + SINK_TOKENS)] = 0
     return mask
 
 

@@ -6,11 +6,13 @@ import math
 from typing import Any
 from xml.sax.saxutils import escape
 
+METHODS = ("svd", "int", "last_n", "sink_last", "full")
 CLAIM_RANK = 32
 CLAIM_FIDELITY = 0.95      # "> 95 % fidelity", read as top-1 agreement with the full cache
 CLAIM_CUT = 0.90           # "~95 % memory cut", read generously as at least 90 % of the bytes gone
-METHOD_NAMES = {"full": "full cache", "svd": "truncated SVD", "int": "int quantization", "last_n": "last N tokens"}
-COLORS = {"svd": "#1f77b4", "int": "#d62728", "last_n": "#2ca02c", "full": "#000000"}
+METHOD_NAMES = {"full": "full cache", "svd": "truncated SVD", "int": "int quantization", "last_n": "last N tokens",
+                "sink_last": "first 4 + last N"}
+COLORS = {"svd": "#1f77b4", "int": "#d62728", "last_n": "#2ca02c", "sink_last": "#ff7f0e", "full": "#000000"}
 
 
 def _pct(x: float) -> str:
@@ -62,25 +64,22 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _equal_bytes_sentence(report: dict[str, Any], target: dict[str, Any]) -> str:
-    """How rank 32 fares against the baselines nearest its bytes: last-N sized to it and the closest int width."""
-    label = target["label"]
-    evict = next((r for r in report["results"] if r["matched_to"] == label), None)
+    """How rank 32 fares against the baselines nearest its bytes: evictions sized to it and the closest int width."""
+    evicts = [r for r in report["results"] if r["matched_to"] == target["label"]]
     ints = _rows(report, "int")
-    said = []
-    if evict is not None:
-        said.append(f"keeping the last {evict['setting']} tokens ({_pct(evict['bytes_rel'])}) agrees at "
-                    f"{_pct(evict['top1_agreement'])} (KL {evict['mean_kl']:.3f})")
+    said = [f"keeping {r['label'].replace('last', 'the last')} tokens ({_pct(r['bytes_rel'])}) agrees at "
+            f"{_pct(r['top1_agreement'])} (KL {r['mean_kl']:.3f})" for r in evicts]
     if ints:
         near = min(ints, key=lambda r: abs(r["bytes_rel"] - target["bytes_rel"]))
         said.append(f"{near['label']} ({_pct(near['bytes_rel'])}) agrees at {_pct(near['top1_agreement'])} "
                     f"(KL {near['mean_kl']:.3f})")
     if not said:
         return ""
-    better = [r for r in ([evict] if evict else []) + ints
+    better = [r for r in evicts + ints
               if r["bytes"] <= target["bytes"] and r["top1_agreement"] > target["top1_agreement"]]
     tail = (f"; {', '.join(r['label'] for r in better)} beat{'s' if len(better) == 1 else ''} SVD with no more bytes"
-            if better else "; SVD is ahead of both at these bytes")
-    return f"At about the same bytes, {' and '.join(said)}{tail}."
+            if better else "; SVD is ahead of them all at these bytes")
+    return f"At about the same bytes, {', '.join(said[:-1]) + ' and ' if len(said) > 1 else ''}{said[-1]}{tail}."
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -132,7 +131,7 @@ def render_svg(report: dict[str, Any]) -> str:
     decades = range(round(math.log10(kl_lo)), round(math.log10(kl_hi)) + 1)
     out += kl.axes("bytes relative to the full cache", "mean KL(full || variant), nats",
                    [10.0 ** e for e in decades], lambda v: f"1e{round(math.log10(v))}")
-    for method in ("svd", "int", "last_n", "full"):
+    for method in METHODS:
         pts = sorted((r["bytes_rel"], r["top1_agreement"], r["mean_kl"], r["label"])
                      for r in rows if r["method"] == method)
         if not pts:
@@ -140,8 +139,8 @@ def render_svg(report: dict[str, Any]) -> str:
         color = COLORS[method]
         out += agree.series([(x, a) for x, a, _, _ in pts], color, [lab for *_, lab in pts])
         out += kl.series([(x, k) for x, _, k, _ in pts if k > 0], color, [lab for _, _, k, lab in pts if k > 0])
-    for i, method in enumerate(("svd", "int", "last_n", "full")):
-        x, y = 120 + 180 * i, 400
+    for i, method in enumerate(METHODS):
+        x, y = 40 + 175 * i, 400
         out += [f'<line x1="{x}" y1="{y - 4}" x2="{x + 24}" y2="{y - 4}" stroke="{COLORS[method]}" stroke-width="2"/>',
                 f'<text x="{x + 30}" y="{y}">{METHOD_NAMES[method]}</text>']
     return "\n".join(out + ["</svg>"]) + "\n"

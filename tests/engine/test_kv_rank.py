@@ -58,16 +58,19 @@ def test_full_cache_and_full_rank_svd_reproduce_one_plain_forward(reference, ids
     assert cache.layers[0].keys.shape[0] == 1          # the prefilled cache itself was not touched
 
 
-def test_masked_eviction_equals_a_cache_that_dropped_the_tokens(reference, ids, prefilled):
+@pytest.mark.parametrize("method, first", [(kc.LAST_N, 0), (kc.SINK_LAST, kc.SINK_TOKENS)])
+def test_masked_eviction_equals_a_cache_that_dropped_the_tokens(reference, ids, prefilled, method, first):
     model, _ = reference
     cache, factors = prefilled
     keep, cont = 40, ids[:, CONTEXT:CONTEXT + NEW]
-    masked = continuation_logits(model, cache, factors, [_variant(kc.LAST_N, keep)], cont)[0]
+    masked = continuation_logits(model, cache, factors, [_variant(method, keep)], cont)[0]
     dropped = copy.deepcopy(cache)
-    for layer in dropped.layers:
-        layer.keys, layer.values = layer.keys[:, :, -keep:], layer.values[:, :, -keep:]
+    for layer in dropped.layers:  # cached keys carry their RoPE positions: dropping rows keeps the rest right
+        layer.keys, layer.values = (torch.cat([t[:, :, :first], t[:, :, first - keep:]], dim=2)
+                                    for t in (layer.keys, layer.values))
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length = keep
+    assert dropped.layers[0].keys.shape[2] == keep
     with torch.no_grad():
         physical = model(input_ids=cont, position_ids=torch.arange(CONTEXT, CONTEXT + NEW)[None],
                          past_key_values=dropped, use_cache=True).logits[0]
@@ -126,7 +129,8 @@ def test_last_n_is_sized_to_each_compressed_variant():
     shapes = [kc.LayerShape(511, 1, 256, True)] * 15 + [kc.LayerShape(512, 1, 256, False)] * 3
     variants = kc.plan_variants(shapes, (4, 32), (8,))
     assert [v.label for v in variants][:4] == ["full", "svd r=4", "svd r=32", "int8"]
+    assert [v.method for v in variants[4:]] == [kc.LAST_N, kc.SINK_LAST] * 3
     per_token = 18 * 2 * 256 * 2
     for v in variants[4:]:
         target = next(t for t in variants if t.label == v.matched_to)
-        assert v.method == kc.LAST_N and abs(v.bytes - target.bytes) <= per_token
+        assert abs(v.bytes - target.bytes) <= per_token

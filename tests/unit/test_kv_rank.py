@@ -82,7 +82,8 @@ def test_a_rank_above_the_models_head_dim_is_refused(tmp_path: Path, texts: Path
 
 
 def _row(method: str, setting: int, bytes_rel: float, agree: float, kl: float, matched: str | None = None) -> dict:
-    label = {"full": "full", "svd": f"svd r={setting}", "int": f"int{setting}", "last_n": f"last {setting}"}[method]
+    label = {"full": "full", "svd": f"svd r={setting}", "int": f"int{setting}", "last_n": f"last {setting}",
+             "sink_last": f"first 4 + last {setting - 4}"}[method]
     return {"method": method, "setting": setting, "label": label, "bytes": round(bytes_rel * 1000),
             "bytes_rel": bytes_rel, "matched_to": matched, "top1_agreement": agree, "mean_kl": kl,
             "perplexity": 20 + 10 * kl, "energy_kept": {"keys": 0.9, "values": 0.6} if method == "svd" else None}
@@ -91,7 +92,8 @@ def _row(method: str, setting: int, bytes_rel: float, agree: float, kl: float, m
 def _report(svd32_agree: float, head_dim: int = 256) -> dict:
     results = [_row("full", 0, 1.0, 1.0, 0.0), _row("svd", 8, 0.05, 0.5, 1.0),
                _row("svd", 32, 0.19, svd32_agree, 0.4), _row("int", 2, 0.16, 0.2, 2.5),
-               _row("int", 4, 0.28, 0.86, 0.09), _row("last_n", 96, 0.19, 0.55, 0.7, "svd r=32")]
+               _row("int", 4, 0.28, 0.86, 0.09), _row("last_n", 96, 0.19, 0.55, 0.7, "svd r=32"),
+               _row("sink_last", 96, 0.19, 0.58, 0.6, "svd r=32")]
     return {"model": "m", "context": 512, "continuation": 64, "positions": 320, "texts": "t",
             "passages": [{"id": str(i)} for i in range(5)], "skipped": [{"id": "short", "tokens": 100}],
             "method": "how", "results": results,
@@ -106,9 +108,10 @@ def test_verdict_follows_the_numbers():
     assert "does not hold" in low["text"] and "32/256 = 12.5 %" in low["text"]
     # The baselines nearest rank 32's bytes are last-96 (sized to it) and int2; int4 is further away.
     assert "keeping the last 96 tokens (19.0 %) agrees at 55.0 %" in low["text"]
-    assert "int2 (16.0 %) agrees at 20.0 %" in low["text"] and "SVD is ahead of both" in low["text"]
+    assert "keeping first 4 + the last 92 tokens (19.0 %) agrees at 58.0 %" in low["text"]
+    assert "int2 (16.0 %) agrees at 20.0 %" in low["text"] and "SVD is ahead of them all" in low["text"]
     beaten = _report(0.5)
-    assert "last 96 beats SVD with no more bytes" in verdict(beaten)["text"]
+    assert "last 96, first 4 + last 92 beat SVD with no more bytes" in verdict(beaten)["text"]
     # Fidelity alone is not enough at head_dim 256: the bytes of rank 32 stay above 10 %.
     assert verdict(_report(0.97))["holds"] is False
     assert verdict(_report(0.97))["smallest_rank_keeping_fidelity"] == 32
@@ -130,5 +133,5 @@ def test_markdown_and_svg_render_every_row():
     assert "## Verdict" in md and "short (100 tokens)" in md and "90.0 % / 60.0 %" in md
     svg = ET.fromstring(render_svg(report))
     ns = "{http://www.w3.org/2000/svg}"
-    assert len(svg.findall(f"{ns}polyline")) == 4 + 3   # per method and panel; full has no KL > 0 to draw
+    assert len(svg.findall(f"{ns}polyline")) == 5 + 4   # per method and panel; full has no KL > 0 to draw
     assert len(svg.findall(f"{ns}circle")) == len(report["results"]) * 2 - 1  # full has KL 0: no log point
