@@ -2,7 +2,6 @@
 others, pass technical stories through verbatim (FEAT-075). Every prompt built goes to prompts.json."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
@@ -28,7 +27,7 @@ def summary_prompt(a: artifacts.Artifact) -> str:
 
 
 def run(params: dict[str, Any], ctx) -> dict[str, Any]:
-    items = artifacts.load(Path(params["gems"]))
+    items = artifacts.load(ctx.roots.param("gems", params["gems"]), ctx.roots)
     to_summarize = [a for a in items if not a.is_technical_story]
     scoring = [(a, name, rubric_prompt(a, q)) for a in items for name, q in CRITERIA.items()]
     summarizing = [(a, summary_prompt(a)) for a in to_summarize]

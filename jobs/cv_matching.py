@@ -51,16 +51,18 @@ def rationale_prompt(title: str, strengths: list[dict], gaps: list[dict]) -> str
 
 
 def run(params: dict[str, Any], ctx) -> dict[str, Any]:
-    cv_path, postings_dir = Path(params["cv"]), Path(params["postings"])
+    cv_path = ctx.roots.param("cv", params["cv"])
+    postings_dir = ctx.roots.param("postings", params["postings"])
     top_k = params["top_k"]  # defaulted by jobs.kinds.validate_params
     if top_k < 1:
         raise ValueError("param 'top_k' must be at least 1")
-    postings = sorted(p for p in postings_dir.iterdir() if p.suffix in POSTING_SUFFIXES)
+    postings = ctx.roots.keep(sorted(p for p in postings_dir.iterdir()
+                                     if p.suffix in POSTING_SUFFIXES))
     if not postings:
         raise ValueError(f"no postings (.md/.txt) in {postings_dir}; put one file per posting there")
-    texts = {p: p.read_text(encoding="utf-8") for p in postings}
+    texts = {p: ctx.roots.read_text(p) for p in postings}
     # Sentences, not paragraphs: the evidence quoted for a requirement stays short and precise.
-    cv_lines = [s for line in lines_of(cv_path.read_text(encoding="utf-8"))
+    cv_lines = [s for line in lines_of(ctx.roots.read_text(cv_path))
                 for s in re.split(r"(?<=[.!?])\s+", line) if s]
     reqs = {p: requirements(t) for p, t in texts.items()}
     total = len(postings) + min(top_k, len(postings))

@@ -52,12 +52,12 @@ def _since(params: dict[str, Any]) -> str | None:
 
 
 def run(params: dict[str, Any], ctx) -> dict[str, Any]:
-    archive = Path(params["archive"])
+    archive = ctx.roots.param("archive", params["archive"])
     since = _since(params)
     max_new_tokens = int(params.get("max_new_tokens") or 32)
     state_path = manifest.state_folder(ctx.state_dir, archive) / "manifest.json"
     old = manifest.load(state_path)
-    current = manifest.scan(archive)
+    current = manifest.scan(archive, ctx.roots)
     delta = manifest.diff(old["files"], current)
     dates = {rel: manifest.note_date(rel, info.mtime_ns) for rel, info in current.items()}
     todo = [rel for rel in delta.todo if since is None or dates[rel] >= since]
@@ -67,7 +67,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
                  archive, len(current), len(delta.new), len(delta.changed), len(delta.removed),
                  len(todo))
     ctx.progress(0, len(todo), "notes")
-    texts = {rel: (archive / rel).read_text(encoding="utf-8", errors="replace") for rel in todo}
+    texts = {rel: ctx.roots.read_text(archive / rel, errors="replace") for rel in todo}
     files = {rel: e for rel, e in old["files"].items() if rel in current and rel not in texts}
     engine = None
     try:

@@ -54,8 +54,10 @@ def _drop_cache(fd: int) -> bool:
         return False
 
 
-def measure_read_bandwidth(path: Path, limit_bytes: int, progress=None) -> dict[str, Any]:
-    files = _files(path)
+def measure_read_bandwidth(path: Path, limit_bytes: int, progress=None,
+                           keep=None) -> dict[str, Any]:
+    """`keep` (jobs.confine.Roots.keep) drops files that resolve outside the allowed roots."""
+    files = keep(_files(path)) if keep else _files(path)
     total, dropped, start = 0, True, time.perf_counter()
     buf = bytearray(CHUNK_BYTES)
     for f in files:
@@ -85,11 +87,12 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     }
     usage = shutil.disk_usage(ctx.state_dir if ctx.state_dir.exists() else ctx.output_dir)
     info["disk"] = {"path": str(ctx.state_dir), "free_bytes": usage.free, "total_bytes": usage.total}
-    target = Path(params["path"]) if params.get("path") else ctx.models_dir
+    target = ctx.roots.param("path", params["path"]) if params.get("path") else ctx.models_dir
     limit = params["read_limit_bytes"]  # defaulted by jobs.kinds.validate_params
     if target.exists() and _files(target):
         info["read_bandwidth"] = measure_read_bandwidth(
-            target, limit, progress=lambda d, t: ctx.progress(d, t, "bytes"))
+            target, limit, progress=lambda d, t: ctx.progress(d, t, "bytes"),
+            keep=ctx.roots.keep if params.get("path") else None)
         ctx.metric(read_bytes_per_s=info["read_bandwidth"]["bytes_per_s"])
     else:
         info["read_bandwidth"] = {"path": str(target), "bytes_per_s": None,

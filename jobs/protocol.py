@@ -18,7 +18,8 @@ METRIC = "metric"          # {"metrics": {...}} e.g. VRAM, RSS, cache hits, toke
 HEARTBEAT = "heartbeat"
 RESULT = "result"          # {"path": str}
 ERROR = "error"            # {"type": str, "message": str, ...}
-EVENTS = (STARTED, PROGRESS, METRIC, HEARTBEAT, RESULT, ERROR)
+WARNING = "warning"        # {"message": str}: e.g. a file skipped outside the allowed roots
+EVENTS = (STARTED, PROGRESS, METRIC, HEARTBEAT, RESULT, ERROR, WARNING)
 
 # Worker exit codes the supervisor interprets.
 EXIT_OK = 0

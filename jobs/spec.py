@@ -89,6 +89,9 @@ class RunSpec:
     logs_dir: str
     heartbeat_interval_s: float            # [worker] heartbeat_interval_s
     model: ModelSpec | None = None         # kinds with a `model` param only
+    # [paths] allowed_roots (resolved): every file a job reads must lie under one (jobs.confine);
+    # none = nothing may be read from params.
+    allowed_roots: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

@@ -19,6 +19,7 @@ from .atomic import write_atomic
 from .errors import SpecError
 from .oom import oom_details, oom_kind
 from .protocol import EventWriter
+from .confine import Roots
 from .spec import RunSpec
 
 log = logging.getLogger("jobs.worker")
@@ -40,6 +41,12 @@ class Context:
         self.state_dir = Path(spec.state_dir)
         self.events = events
         self.log = logging.getLogger(f"jobs.{spec.kind}")
+        self.roots = Roots(spec.allowed_roots, self.warn)   # every param file read goes through it
+
+    def warn(self, message: str) -> None:
+        """A warning event (the run's `show` lists it) and a log line."""
+        self.log.warning("%s", message)
+        self.events.emit(protocol.WARNING, message=message)
 
     def model(self, batch_size: int):
         """Open the run's model (spec.model) through the engine; reports engine metrics."""

@@ -240,6 +240,9 @@ class Daemon:
             w.result_path = ev.get("path")
             self.writes.must("update_run", rid, result_path=w.result_path)
             self.writes.must("add_event", rid, "result", str(w.result_path))
+        elif name == protocol.WARNING:
+            self.writes.must("add_event", rid, "warning", str(ev.get("message")))
+            rlog.warning("worker warning", message=ev.get("message"))
         elif name == protocol.ERROR:
             w.error = ev
             self.writes.must("add_event", rid, "error", f"{ev.get('type')}: {ev.get('message')}")
@@ -393,7 +396,8 @@ class Daemon:
             run_dir=str(run_dir), output_dir=str(run_dir / "output"),
             state_dir=str(self.cfg.paths.state_dir), models_dir=str(self.cfg.paths.models_dir),
             logs_dir=str(self.cfg.paths.logs_dir),
-            heartbeat_interval_s=self.cfg.worker.heartbeat_interval_s, model=model)
+            heartbeat_interval_s=self.cfg.worker.heartbeat_interval_s, model=model,
+            allowed_roots=tuple(str(r.resolve()) for r in self.cfg.allowed_roots))
         output = RunOutput(self.cfg.paths.logs_dir, run.id, run.needs_paging)
         try:
             w = self.launcher.spawn(spec, python=Path(python), timeout_s=run.timeout_s)

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.confine import Roots
 from jobs.errors import ArtifactError
 
 TECHNICAL_STORY = "technical-story"   # FEAT-075: passed through verbatim, never summarized
@@ -32,9 +33,13 @@ def _value(raw: str) -> str | tuple[str, ...]:
     return raw.strip("'\"")
 
 
-def parse_markdown(path: Path) -> Artifact:
+def _read(path: Path, roots: Roots | None) -> bytes:
+    return roots.read_bytes(path) if roots else path.read_bytes()
+
+
+def parse_markdown(path: Path, roots: Roots | None = None) -> Artifact:
     """`---` front matter of `key: value` lines (lists as [a, b]), then the body."""
-    text = path.read_bytes().decode("utf-8")
+    text = _read(path, roots).decode("utf-8")
     meta: dict = {}
     body = text
     if text.startswith("---\n"):
@@ -53,9 +58,9 @@ def parse_markdown(path: Path) -> Artifact:
                     tags=tags if isinstance(tags, tuple) else (tags,), body=body, source=str(path))
 
 
-def parse_jsonl(path: Path) -> list[Artifact]:
+def parse_jsonl(path: Path, roots: Roots | None = None) -> list[Artifact]:
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_read(path, roots).decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -73,11 +78,13 @@ def parse_jsonl(path: Path) -> list[Artifact]:
     return out
 
 
-def load(path: Path) -> list[Artifact]:
+def load(path: Path, roots: Roots | None = None) -> list[Artifact]:
+    """With `roots` (jobs.confine), .md files resolving outside them are skipped with a warning."""
     if path.is_dir():
-        items = [parse_markdown(p) for p in sorted(path.glob("*.md"))]
+        found = sorted(path.glob("*.md"))
+        items = [parse_markdown(p, roots) for p in (roots.keep(found) if roots else found)]
     elif path.suffix == ".jsonl":
-        items = parse_jsonl(path)
+        items = parse_jsonl(path, roots)
     else:
         raise ArtifactError(f"{path} is neither a folder of .md artifacts nor a .jsonl file")
     if not items:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.atomic import write_atomic
+from jobs.confine import Roots
 
 NOTE_SUFFIXES = (".md", ".txt")
 _DATE_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})")
@@ -42,19 +43,21 @@ def state_folder(state_dir: Path, archive: Path) -> Path:
     return state_dir / "insights" / key
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def sha256_file(path: Path, roots: Roots | None = None) -> str:
+    return hashlib.sha256(roots.read_bytes(path) if roots else path.read_bytes()).hexdigest()
 
 
-def scan(archive: Path) -> dict[str, FileInfo]:
-    """Every note (.md/.txt, hidden files skipped) under `archive`, keyed by relative path."""
+def scan(archive: Path, roots: Roots | None = None) -> dict[str, FileInfo]:
+    """Every note (.md/.txt, hidden files skipped) under `archive`, keyed by relative path; with
+    `roots`, notes resolving outside them are skipped with a warning (jobs.confine)."""
+    found = [p for p in sorted(archive.rglob("*"))
+             if p.is_file() and p.suffix.lower() in NOTE_SUFFIXES and not any(
+                 part.startswith(".") for part in p.relative_to(archive).parts)]
     out = {}
-    for p in sorted(archive.rglob("*")):
+    for p in (roots.keep(found) if roots else found):
         rel = p.relative_to(archive).as_posix()
-        if p.is_file() and p.suffix.lower() in NOTE_SUFFIXES and not any(
-                part.startswith(".") for part in rel.split("/")):
-            st = p.stat()
-            out[rel] = FileInfo(rel, st.st_mtime_ns, st.st_size, sha256_file(p))
+        st = p.stat()
+        out[rel] = FileInfo(rel, st.st_mtime_ns, st.st_size, sha256_file(p, roots))
     return out
 
 

@@ -40,6 +40,14 @@ def _succeeded(lab: Lab, rid: int) -> dict:
     return run
 
 
+def _outside_file(lab: Lab, name: str, text: str) -> Path:
+    """A file outside the lab's allowed root (a symlink to it is what confinement must refuse)."""
+    d = lab.root.parent / f"{lab.root.name}-outside"
+    d.mkdir(exist_ok=True)
+    (d / name).write_text(text)
+    return d / name
+
+
 def _copy(names: list[str], src: Path, dst: Path) -> list[Path]:
     dst.mkdir(parents=True, exist_ok=True)
     return [Path(shutil.copy2(src / n, dst / n)) for n in names]
@@ -53,11 +61,15 @@ def test_nightly_insights_incremental_and_a_killed_run_changes_nothing(model_lab
     lab = model_lab
     archive = lab.root / "archive"
     notes = _copy(NOTES, EXAMPLES / "archive", archive)
+    secret = _outside_file(lab, "2020-01-01-secret.md", "# Payroll\nThe password is hunter2.\n")
+    (archive / secret.name).symlink_to(secret)       # read by no one: it resolves outside
     rid = lab.submit("nightly_insights", f"archive={archive}", "max_new_tokens=8")
     _burst(lab)
     run = _succeeded(lab, rid)
     report = json.loads(Path(run["result_path"]).read_text())
     assert report["notes_processed"] == 3 and report["notes_total"] == 3
+    assert [e for e in run["events"] if e["kind"] == "warning" and secret.name in e["reason"]]
+    assert "hunter2" not in (Path(run["result_path"]).parent / "insights.md").read_text()
     assert (Path(run["result_path"]).parent / "insights.md").read_text().startswith("# Insights")
     cited = [n["path"] for t in report["themes"] for n in t["notes"]] + \
         [n["path"] for n in report["notes"]]
@@ -128,6 +140,8 @@ def test_cv_matching_ranks_postings_and_explains_the_top_k(model_lab: Lab):
                       "p6-ml-research-scientist.md"], EXAMPLES / "cv" / "postings",
                      lab.root / "postings")
     cv = _copy(["cv.md"], EXAMPLES / "cv", lab.root)[0]
+    secret = _outside_file(lab, "p9-secret.md", "# Secret posting\n- knows hunter2\n")
+    (lab.root / "postings" / secret.name).symlink_to(secret)
     rid = lab.submit("cv_matching", f"cv={cv}", f"postings={lab.root / 'postings'}", "top_k=2",
                      "max_new_tokens=8")
     _burst(lab)
