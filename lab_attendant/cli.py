@@ -28,7 +28,9 @@ from .plan import PROFILE_CHOICES, check_fits, device_profile, folder_spec, plan
 from .states import TERMINAL, RunState
 from .status import cmd_status, fmt_time
 from .store import Store
-from .validate import check_run_id, check_submit_options, check_worker_python, dumps
+from .retry import retry_now
+from .validate import (check_retries, check_run_id, check_submit_options, check_worker_python,
+                       dumps)
 
 
 def _store(cfg: Config) -> Store:
@@ -86,11 +88,14 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
         check_with_model(kind, params, Path(model.path))
         check_fits(model, params.get("batch_size"))  # an impossible plan is refused now, not after a load
     check_submit_options(args.priority, args.timeout)
+    check_retries(args.retries)
     check_worker_python(Path(cfg.worker.python))
     store = _store(cfg)
     run = store.submit(kind=kind.name, params=params, priority=args.priority,
                        timeout_s=args.timeout or cfg.limits.default_timeout_s,
-                       needs_paging=kind.needs_paging)
+                       needs_paging=kind.needs_paging,
+                       max_retries=cfg.retries_for(kind.name) if args.retries is None
+                       else args.retries)
     log_for(kind.needs_paging, "lab_attendant.cli").info("run submitted", run_id=run.id,
                                                           kind=kind.name)
     if args.json and not args.wait:
@@ -185,6 +190,19 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
         print("      guards:")
         for g in guard_events:
             print(f"    {fmt_time(g.at)}  {g.guard + ' ' + g.action:<22} {g.reason}")
+    return 0
+
+
+def cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
+    """A new run of an ended one, linked to it; its params are checked again like a submit's."""
+    store = _store(cfg)
+    old = _get_run(store, args.id)
+    kind = registry(cfg.worker.extra_kinds).get(old.kind)
+    if kind is None:
+        raise UserError(f"run {old.id}'s kind '{old.kind}' is not registered any more")
+    validate_params(kind, old.params, cfg.allowed_roots)   # still there, still confined
+    run = retry_now(store, old.id)
+    print(dumps(run.to_dict()) if args.json else f"run {run.id} retries run {old.id}")
     return 0
 
 
@@ -393,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params-file", metavar="F", help="JSON object of params")
     s.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     s.add_argument("--timeout", type=float, metavar="S", help="seconds before the run is stopped")
+    s.add_argument("--retries", type=int, metavar="N", help="retry a failed or lost run N times, "
+                   "with exponential back-off (default: [retries] kinds, else 0)")
     s.add_argument("--wait", action="store_true", help="follow progress; exit 0 only on success")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_submit)
@@ -407,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("id", type=int)
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(fn=cmd_show)
+
+    rt = sub.add_parser("retry", help="queue an ended run again (a new run linked to the old one)")
+    rt.add_argument("id", type=int)
+    rt.add_argument("--json", action="store_true")
+    rt.set_defaults(fn=cmd_retry)
 
     c = sub.add_parser("cancel", help="cancel a run (SIGTERM, then SIGKILL after grace)")
     c.add_argument("id", type=int)

@@ -120,6 +120,7 @@ class ScheduleConfig:
     params: dict[str, Any] = field(default_factory=dict)  # as `submit -p`, validated per firing
     timezone: str = ""                     # IANA name, e.g. "Europe/Berlin"; "" = local time
     misfire_grace_s: float = 3600.0        # a firing missed by more than this is dropped
+    retries: int | None = None             # failed/lost runs retried; None: [retries] kinds
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,15 @@ class LoggingConfig:
         if self.max_bytes and not self.backup_count:
             raise ConfigError("[logging] backup_count must be 1 or more when max_bytes is set "
                               "(or set max_bytes = 0 to never rotate)")
+
+
+@dataclass(frozen=True)
+class RetriesConfig:
+    # Runs that end failed or lost are retried this many times (`submit --retries` and a
+    # schedule's `retries` override it); guard kills, oom, cancels and timeouts never are.
+    kinds: dict[str, int] = field(default_factory=dict)   # kind name -> retries
+    base_s: float = 60.0                   # wait before the 1st retry; doubles for each next one
+    max_s: float = 3600.0                  # longest wait between attempts
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     backups: BackupsConfig = field(default_factory=BackupsConfig)
+    retries: RetriesConfig = field(default_factory=RetriesConfig)
     source: Path | None = None             # the TOML file read, None for built-in defaults
 
     @property
@@ -190,6 +201,11 @@ class Config:
         if self.paths.allowed_roots:
             return self.paths.allowed_roots
         return (PROJECT_ROOT / "examples", self.paths.state_dir, self.paths.models_dir)
+
+    def retries_for(self, kind: str, schedule: ScheduleConfig | None = None) -> int:
+        if schedule is not None and schedule.retries is not None:
+            return schedule.retries
+        return self.retries.kinds.get(kind, 0)
 
     def model_spec(self, name: str | None) -> ModelSpec:
         """The resolved [models.NAME] table a worker gets in its spec; the embedded default

@@ -25,6 +25,7 @@ from .launcher import Launcher, Worker, WorkerExit, classify
 from .lock import DaemonLock
 from .logsetup import RunOutput, get_logger, log_for
 from .reconcile import reconcile
+from .retry import ensure_retries
 from .scheduler import Schedules
 from .sdnotify import Notifier, status_text
 from .states import ACTIVE, WAITING, Hold, RunState
@@ -189,6 +190,8 @@ class Daemon:
         if self.writes.retry() and self._stopping_since is None:
             try:
                 self.schedules.dispatch(self.store, self.experimental_paging)
+                ensure_retries(self.store, base_s=self.cfg.retries.base_s,
+                               max_s=self.cfg.retries.max_s)
                 self._admit()
                 self.auto_backup.tick(self.host.time())
             except StoreWriteError as exc:   # a claim is one transaction: nothing half-done

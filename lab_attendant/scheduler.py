@@ -42,6 +42,10 @@ def validate_schedules(cfg: "Config") -> None:
     except ImportError as exc:
         raise ConfigError(f"config key 'worker.extra_kinds': cannot import {exc.name or exc}; "
                           "name a module on the supervisor's path that defines KINDS") from None
+    unknown = sorted(set(cfg.retries.kinds) - set(kinds))
+    if unknown:
+        raise ConfigError(f"[retries] kinds names unknown kind {', '.join(unknown)}; known kinds: "
+                          f"{', '.join(sorted(kinds))}")
     seen: set[str] = set()
     for s in cfg.schedules:
         where = f"schedule '{s.id}'"
@@ -141,6 +145,7 @@ class Schedules:
         run = store.submit(kind=kind.name, params=params or dict(s.params), priority=0,
                            timeout_s=self.cfg.limits.default_timeout_s,
                            needs_paging=kind.needs_paging, schedule_id=s.id,
+                           max_retries=self.cfg.retries_for(kind.name, s),
                            reason=f"fired by schedule '{s.id}' at {fired}",
                            skip_reason=None if skip is None else
                            f"schedule '{s.id}' fired at {fired}; skipped: {skip}")

@@ -19,11 +19,16 @@ from .errors import StoreError, TransitionError
 from .states import ACTIVE, TERMINAL, WAITING, RunState, can_transition
 from .storefaults import translate
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Stored as the enum's values ("queued", ...), in a plain VARCHAR: version-1 rows read unchanged.
 _STATE_COLUMN = Enum(RunState, native_enum=False, create_constraint=False, length=20,
                      values_callable=lambda states: [s.value for s in states])
-_MIGRATIONS = {1: ["ALTER TABLE runs ADD COLUMN hold_code VARCHAR"]}   # from version -> to +1
+_MIGRATIONS = {1: ["ALTER TABLE runs ADD COLUMN hold_code VARCHAR"],   # from version -> to +1
+               2: ["ALTER TABLE runs ADD COLUMN retry_of INTEGER",
+                   "ALTER TABLE runs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1",
+                   "ALTER TABLE runs ADD COLUMN max_retries INTEGER NOT NULL DEFAULT 0",
+                   "ALTER TABLE runs ADD COLUMN not_before FLOAT",
+                   "CREATE INDEX IF NOT EXISTS ix_runs_retry_of ON runs (retry_of)"]}
 BUSY_TIMEOUT_MS = 60_000
 
 
@@ -66,6 +71,12 @@ class Run(Base):
     metrics_json: Mapped[str] = mapped_column(Text, default="{}")
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     schedule_id: Mapped[str | None] = mapped_column(String, nullable=True, index=True)
+    # Retries (lab_attendant.retry): the run this one retries, its attempt number (1 = first),
+    # how many retries its chain may make, and the earliest time it may be admitted (back-off).
+    retry_of: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    max_retries: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -87,7 +98,8 @@ class Run(Base):
             "progress": {"done": self.progress_done, "total": self.progress_total,
                          "unit": self.progress_unit},
             "metrics": self.metrics, "heartbeat_at": self.heartbeat_at,
-            "schedule_id": self.schedule_id,
+            "schedule_id": self.schedule_id, "retry_of": self.retry_of, "attempt": self.attempt,
+            "max_retries": self.max_retries, "not_before": self.not_before,
         }
 
 
@@ -217,7 +229,11 @@ class Store:
                 return
             version = int(row[0])
             while version in _MIGRATIONS and version < SCHEMA_VERSION:
+                columns = {r[1] for r in conn.exec_driver_sql("PRAGMA table_info(runs)")}
                 for statement in _MIGRATIONS[version]:
+                    words = statement.split()
+                    if words[:4] == ["ALTER", "TABLE", "runs", "ADD"] and words[5] in columns:
+                        continue   # created by create_all above (a store that never had runs)
                     conn.exec_driver_sql(statement)
                 version += 1
                 conn.execute(update(Meta).where(Meta.key == "schema_version")
@@ -248,7 +264,8 @@ class Store:
     # -- runs ---------------------------------------------------------------------------------
     def submit(self, *, kind: str, params: dict[str, Any], priority: int, timeout_s: float,
                needs_paging: bool, schedule_id: str | None = None,
-               reason: str = "submitted", skip_reason: str | None = None) -> Run:
+               reason: str = "submitted", skip_reason: str | None = None,
+               max_retries: int = 0) -> Run:
         """Insert a queued run; with skip_reason it is skipped in the same transaction, so no
         reader (and no crash) ever sees a skipped firing as queued."""
         now = time.time()
@@ -256,7 +273,7 @@ class Store:
             run = Run(kind=kind, params_json=json.dumps(params, sort_keys=True),
                       priority=priority, timeout_s=timeout_s, needs_paging=needs_paging,
                       submitted_at=now, state=RunState.QUEUED, reason=reason,
-                      schedule_id=schedule_id)
+                      schedule_id=schedule_id, attempt=1, max_retries=max_retries)
             s.add(run)
             s.flush()
             s.add(RunEvent(run_id=run.id, at=now, kind="transition", from_state=None,
@@ -342,7 +359,8 @@ class Store:
     def claim_next(self, *, exclude_paging: bool) -> Run | None:
         """Atomically take the highest-priority, oldest queued run and mark it STARTING."""
         with self.write() as s:
-            q = select(Run).where(Run.state == RunState.QUEUED)
+            q = select(Run).where(Run.state == RunState.QUEUED,
+                                  Run.not_before.is_(None) | (Run.not_before <= time.time()))
             if exclude_paging:
                 q = q.where(Run.needs_paging.is_(False))
             run = s.scalars(q.order_by(Run.priority.desc(), Run.id).limit(1)).first()

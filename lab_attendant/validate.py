@@ -29,7 +29,10 @@ CONFIG_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "service.watchdog_s": (0, None, True),
     "backups.keep": (1, 1000, True),
     "backups.interval_s": (0, None, False),
+    "retries.base_s": (0, None, True),
+    "retries.max_s": (0, None, True),
 }
+RETRY_RANGE = (0, 100)
 COTENANT_RANGES = ("release_timeout_s", "restore_delay_s", "command_timeout_s", "retry_after_s")
 PRIORITY_RANGE = (-1_000_000, 1_000_000)
 MAX_TIMEOUT_S = 366 * 24 * 3600.0       # a year: beyond it a timeout is a typo, not a plan
@@ -74,6 +77,9 @@ def check_config_numbers(cfg: Any) -> None:
             check_number(key, value, *CONFIG_RANGES[key])
         elif key.startswith("cotenants.") and key.rsplit(".", 1)[1] in COTENANT_RANGES:
             check_number(key, value, 0, None)
+        elif key.startswith("retries.kinds.") or (key.startswith("schedules.")
+                                                  and key.endswith(".retries")):
+            check_number(key, value, *RETRY_RANGE)
         else:
             check_number(key, value, None, None)
 
@@ -83,6 +89,11 @@ def check_worker_python(python: Path) -> None:
     if not (python.is_file() and os.access(python, os.X_OK)):
         raise UserError(f"worker python {python} is missing or not executable; run "
                         "`lab-attendant venv create` or set [worker] python in the config")
+
+
+def check_retries(retries: int | None) -> None:
+    if retries is not None and not RETRY_RANGE[0] <= retries <= RETRY_RANGE[1]:
+        raise UserError(f"--retries must be from {RETRY_RANGE[0]} to {RETRY_RANGE[1]}, got {retries}")
 
 
 def check_submit_options(priority: int, timeout_s: float | None) -> None:

@@ -62,6 +62,7 @@ SECTION_KEYS = {
     "logging": ["max_bytes", "backup_count"],
     "service": ["watchdog_s"],
     "backups": ["keep", "interval_s"],
+    "retries": ["base_s", "max_s", "kinds"],
     "nosuch": ["x"],
 }
 
@@ -95,7 +96,7 @@ def config_text(draw, root: Path) -> str:
 @st.composite
 def argv(draw, root: Path) -> list[str]:
     verb = draw(st.sampled_from(["submit", "submit", "submit", "list", "show", "cancel", "logs",
-                                 "status", "kinds", "schedules", "db", "nonsense"]))
+                                 "retry", "status", "kinds", "schedules", "db", "nonsense"]))
     out = [verb]
     if verb == "submit":
         out.append(draw(st.sampled_from(["sleepy", "probe", "nightly_insights", "cv_matching",
@@ -107,6 +108,8 @@ def argv(draw, root: Path) -> list[str]:
         if draw(st.booleans()):
             out += ["--timeout", draw(NUMBER_TEXT)]
         if draw(st.booleans()):
+            out += ["--retries", draw(NUMBER_TEXT)]
+        if draw(st.booleans()):
             f = root / "params.json"
             f.write_text(json.dumps(draw(JSON_VALUES)) if draw(st.booleans()) else draw(TEXT))
             out += ["--params-file", str(f)]
@@ -115,7 +118,7 @@ def argv(draw, root: Path) -> list[str]:
             out += ["--state", draw(st.one_of(st.sampled_from(["queued", "lost", "running"]), TEXT))]
         if draw(st.booleans()):
             out += ["--limit", draw(NUMBER_TEXT)]
-    elif verb in ("show", "cancel", "logs"):
+    elif verb in ("show", "cancel", "logs", "retry"):
         out.append(draw(st.one_of(NUMBER_TEXT, st.sampled_from(["1", "2", "3"]))))
     elif verb == "db":
         out += draw(st.sampled_from([["check"], ["backup", str(root / "b.sqlite3")], ["backup"],

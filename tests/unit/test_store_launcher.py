@@ -10,7 +10,7 @@ import pytest
 from lab_attendant.errors import StoreError, TransitionError
 from lab_attendant.launcher import Launcher
 from lab_attendant.states import RunState
-from lab_attendant.store import Store
+from lab_attendant.store import SCHEMA_VERSION, Store
 from tests.unit.fakes import FakeHost
 
 
@@ -198,7 +198,7 @@ def test_a_version_1_store_is_migrated_in_place_and_its_rows_read_as_states(tmp_
         assert store.get(rid).state is RunState.QUEUED
         store.transition(rid, RunState.HELD, "paging off", hold_code="paging_off")
         assert store.get(rid).hold_code == "paging_off"
-        assert store.get_meta("schema_version") == 2
+        assert store.get_meta("schema_version") == SCHEMA_VERSION
         assert store.count_by_state() == {RunState.HELD: 1}
     finally:
         store.close()
