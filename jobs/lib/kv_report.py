@@ -59,8 +59,27 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
         parts.append(f"The smallest measured rank reaching {_pct(CLAIM_FIDELITY)} agreement is {first_ok['setting']}, "
                      f"at {_pct(first_ok['bytes_rel'])} of the bytes.")
     parts.append(_equal_bytes_sentence(report, target))
-    out["text"] = " ".join(parts)
+    parts.append(_dominance_sentence(report))
+    out["text"] = " ".join(p for p in parts if p)
     return out
+
+
+def _dominance_sentence(report: dict[str, Any]) -> str:
+    """At how many ranks some baseline with no more bytes agrees more often than SVD, with the largest such rank."""
+    baselines = [r for r in report["results"] if r["method"] not in ("svd", "full")]
+    beaten = []
+    for row in _rows(report, "svd"):
+        cheaper = [b for b in baselines if b["bytes"] <= row["bytes"]]
+        best = max(cheaper, key=lambda b: b["top1_agreement"], default=None)
+        if best is not None and best["top1_agreement"] > row["top1_agreement"]:
+            beaten.append((row, best))
+    if not beaten:
+        return "No baseline with no more bytes agrees more often than SVD at any measured rank."
+    row, best = beaten[-1]
+    return (f"A baseline with no more bytes agrees more often than SVD at {len(beaten)} of "
+            f"{len(_rows(report, 'svd'))} measured ranks (e.g. rank {row['setting']}, {_pct(row['bytes_rel'])} of "
+            f"the bytes, {_pct(row['top1_agreement'])}: {best['label']} at {_pct(best['bytes_rel'])} agrees at "
+            f"{_pct(best['top1_agreement'])}).")
 
 
 def _equal_bytes_sentence(report: dict[str, Any], target: dict[str, Any]) -> str:
@@ -137,7 +156,8 @@ def render_svg(report: dict[str, Any]) -> str:
         if not pts:
             continue
         color = COLORS[method]
-        out += agree.series([(x, a) for x, a, _, _ in pts], color, [lab for *_, lab in pts])
+        out += agree.series([(x, a) for x, a, _, _ in pts], color, [lab for *_, lab in pts],
+                            annotate=method in ("svd", "int"))
         out += kl.series([(x, k) for x, _, k, _ in pts if k > 0], color, [lab for _, _, k, lab in pts if k > 0])
     for i, method in enumerate(METHODS):
         x, y = 40 + 175 * i, 400
@@ -180,12 +200,17 @@ class _Panel:
                 f'transform="rotate(-90 {l - 46} {t + h / 2})">{escape(ylabel)}</text>']
         return out
 
-    def series(self, pts: list[tuple[float, float]], color: str, labels: list[str]) -> list[str]:
+    def series(self, pts: list[tuple[float, float]], color: str, labels: list[str],
+               annotate: bool = False) -> list[str]:
         if not pts:
             return []
         coords = [self.px(x, y) for x, y in pts]
         out = [f'<polyline fill="none" stroke="{color}" stroke-width="2" '
                f'points="{" ".join(f"{x},{y}" for x, y in coords)}"/>']
-        for (x, y), label in zip(coords, labels):
+        for i, ((x, y), label) in enumerate(zip(coords, labels)):
             out += [f'<circle cx="{x}" cy="{y}" r="3" fill="{color}"><title>{escape(label)}</title></circle>']
+            if annotate:  # alternately below and above: neighbouring small ranks sit a few pixels apart
+                dy = 15 if i % 2 == 0 else -6
+                out += [f'<text x="{x + 3}" y="{y + dy}" font-size="10" fill="{color}">'
+                        f'{escape(label.replace("svd ", ""))}</text>']
         return out

@@ -112,6 +112,9 @@ def test_verdict_follows_the_numbers():
     assert "int2 (16.0 %) agrees at 20.0 %" in low["text"] and "SVD is ahead of them all" in low["text"]
     beaten = _report(0.5)
     assert "last 96, first 4 + last 92 beat SVD with no more bytes" in verdict(beaten)["text"]
+    assert "No baseline with no more bytes agrees more often than SVD at any measured rank" in low["text"]
+    assert ("agrees more often than SVD at 1 of 2 measured ranks (e.g. rank 32, 19.0 % of the bytes, 50.0 %: "
+            "first 4 + last 92 at 19.0 % agrees at 58.0 %)") in verdict(beaten)["text"]
     # Fidelity alone is not enough at head_dim 256: the bytes of rank 32 stay above 10 %.
     assert verdict(_report(0.97))["holds"] is False
     assert verdict(_report(0.97))["smallest_rank_keeping_fidelity"] == 32
