@@ -1,5 +1,8 @@
 """GPU co-tenants (EarNode): stopped before the first paging run is admitted, restored when
 none remain; the suspension is persisted so that a daemon restarted after a crash restores it.
+
+Every wait is a phase the daemon's tick steps through (a command running, memory being released,
+a start after a failed stop), so the loop never blocks; only shutdown waits, feeding the watchdog.
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ from .host import GpuReading
 from .states import Hold
 
 # Phases of one co-tenant, as the daemon's tick drives it.
-RUNNING, STOPPING, RELEASING, SUSPENDED, STARTING = (
-    "running", "stopping", "releasing", "suspended", "starting")
+RUNNING, STOPPING, RELEASING, SUSPENDED, STARTING, RECOVERING = (
+    "running", "stopping", "releasing", "suspended", "starting", "recovering")
+POLL_S = 0.1
 
 Record = Callable[[str, str, str], None]   # (cotenant name, action, reason) -> guard event
 
@@ -28,9 +32,10 @@ class _Cmd:
 
 class Cotenant:
     def __init__(self, name: str, cfg: CotenantConfig, host, record: Record,
-                 persist: Callable[[str, bool, str], None]) -> None:
+                 persist: Callable[[str, bool, str], None],
+                 feed: Callable[[], None] = lambda: None) -> None:
         self.name, self.cfg, self.host = name, cfg, host
-        self.record, self.persist = record, persist
+        self.record, self.persist, self.feed = record, persist, feed
         self.phase = RUNNING
         self.failure: str | None = None        # why the last stop failed (runs stay held)
         self.retry_at = 0.0
@@ -63,14 +68,19 @@ class Cotenant:
         tail = out.splitlines()[-1][:200] if out else ""
         return ok, what + (f": {tail}" if tail else "")
 
+    def _wait(self) -> tuple[bool, str]:
+        """Shutdown only: wait (bounded by command_timeout_s) for the command, feeding the
+        systemd watchdog meanwhile."""
+        while (done := self._finished()) is None:
+            self.feed()
+            self.host.sleep(POLL_S)
+        return done
+
     def run_blocking(self, argv: tuple[str, ...]) -> tuple[bool, str]:
-        """For start-up and shutdown, where waiting (bounded) is right."""
+        if self._cmd is not None:      # one in flight (a stop, a start): let it end first
+            self._wait()
         self._launch(argv)
-        try:
-            self._cmd.proc.wait(timeout=self.cfg.command_timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-        return self._finished()
+        return self._wait()
 
     def _read_pid(self) -> int | None:
         try:
@@ -123,9 +133,16 @@ class Cotenant:
                 self._fail(f"co-tenant {self.name} did not release the GPU within "
                            f"{self.cfg.release_timeout_s:g} s ({detail})")
         elif (self.phase == SUSPENDED and not want_suspended
-              and idle_s >= self.cfg.restore_delay_s):
+              and idle_s >= self.cfg.restore_delay_s and now >= self.retry_at):
             self._launch(self.cfg.start_argv)
             self.phase = STARTING
+        elif self.phase == RECOVERING:   # the start after a failed stop
+            done = self._finished()
+            if done is None:
+                return
+            ok, detail = done
+            self.persist(self.name, not ok, "stop failed; " + ("restored" if ok else detail))
+            self.phase = RUNNING   # never "ready" after a failure; the stop is retried at retry_at
         elif self.phase == STARTING:
             done = self._finished()
             if done is None:
@@ -142,13 +159,18 @@ class Cotenant:
                             f"retrying in {self.cfg.retry_after_s:g} s")
 
     def _fail(self, why: str) -> None:
-        # It may be half-stopped: try to bring it back, and leave paging runs held with `why`.
+        # It may be half-stopped: start it again (a phase, not a wait), and leave paging runs
+        # held with `why`.
         self.failure = why + f"; retrying in {self.cfg.retry_after_s:g} s"
         self.retry_at = self.host.monotonic() + self.cfg.retry_after_s
         self.record(self.name, "stop_failed", self.failure)
-        ok, detail = self.run_blocking(self.cfg.start_argv)
-        self.persist(self.name, not ok, "stop failed; " + ("restored" if ok else detail))
-        self.phase = RUNNING   # never "ready" after a failure; the stop is retried at retry_at
+        self._launch(self.cfg.start_argv)
+        self.phase = RECOVERING
+
+    def restore_later(self) -> None:
+        """Daemon start found it suspended by an earlier daemon: start it, as a phase."""
+        self._launch(self.cfg.start_argv)
+        self.phase = STARTING
 
     def restore_now(self, why: str) -> None:
         ok, detail = self.run_blocking(self.cfg.start_argv)
@@ -163,16 +185,20 @@ class Cotenants:
     """All configured co-tenants, stepped together by the daemon."""
 
     def __init__(self, cfgs: dict[str, CotenantConfig], host, record: Record,
-                 persist: Callable[[str, bool, str], None]) -> None:
-        self.items = [Cotenant(n, c, host, record, persist) for n, c in cfgs.items()]
+                 persist: Callable[[str, bool, str], None],
+                 feed: Callable[[], None] = lambda: None) -> None:
+        self.items = [Cotenant(n, c, host, record, persist, feed) for n, c in cfgs.items()]
         self.host = host
         self._last_paging = host.monotonic()
 
     def restore_persisted(self, suspended_names: set[str]) -> None:
-        """On daemon start: a crash may have left some suspended."""
+        """On daemon start: a crash may have left some suspended; their start runs as a phase
+        the loop steps (paging runs stay held meanwhile), not as a wait before READY=1."""
         for c in self.items:
             if c.name in suspended_names:
-                c.restore_now("daemon start found it suspended by an earlier daemon")
+                c.record(c.name, "restore", f"co-tenant {c.name} was left suspended by an "
+                         "earlier daemon; starting it")
+                c.restore_later()
 
     def step(self, *, paging_wanted: bool, paging_active: bool,
              gpus: list[GpuReading] | None) -> None:

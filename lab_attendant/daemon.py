@@ -103,7 +103,8 @@ class Daemon:
                                       interval_s=self.cfg.backups.interval_s)
         self.reconcile()
         self.cotenants = Cotenants(self.cfg.cotenants, self.host, self._cotenant_event,
-                                   lambda *a: self.writes.must("set_cotenant", *a))
+                                   lambda *a: self.writes.must("set_cotenant", *a),
+                                   feed=self._feed_watchdog)
         self.cotenants.restore_persisted({r.name for r in self.store.cotenants() if r.suspended})
         self._daemon_id = self.store.daemon_started(
             pid=os.getpid(), hostname=socket.gethostname(),
@@ -423,4 +424,5 @@ class Daemon:
         reconcile(self.store, self.host, self.cfg.limits.kill_grace_s, self._feed_watchdog)
 
     def _feed_watchdog(self) -> None:
-        self.notifier.tick(self.host.monotonic(), lambda: "reconciling runs of a previous daemon")
+        self.notifier.tick(self.host.monotonic(),
+                           lambda: "waiting for worker groups or co-tenant commands")

@@ -205,6 +205,29 @@ def test_daemon_killed_while_earnode_is_suspended_restores_it_on_start(tmp_path,
     assert lab.wait_state(rid, ENDED)["state"] == "lost"
 
 
+def test_a_slow_cotenant_start_after_a_failed_stop_does_not_block_the_loop(tmp_path, lab,
+                                                                          earnode_cleanup):
+    """The start after a failed stop is a phase of the loop, not a wait inside a tick: a plain
+    run submitted meanwhile is admitted and finishes while the start command still runs."""
+    d = _earnode_lab(tmp_path, lab)
+    earnode_cleanup.append(d)
+    (d / "fail-stop").write_text("")
+    (d / "slow-start").write_text("4")
+    lab.start_daemon("--experimental-paging")
+    held = lab.submit("paging_sleepy", "seconds=0.2")
+    wait_for(lambda: any(e["action"] == "stop_failed" for e in _guard_events(lab)), 15,
+             "the failed stop")                     # recorded before the start is launched
+    failed_at = time.time()
+    plain = lab.submit("sleepy", "seconds=0.2")
+    run = lab.wait_state(plain, ENDED, timeout_s=15)
+    assert run["state"] == "succeeded"
+    starts = wait_for(lambda: [float(l.split()[0]) for l in
+                               (d / "earnode.log").read_text().splitlines() if " start " in l
+                               and float(l.split()[0]) > failed_at], 20, "the slow start to end")
+    assert run["ended_at"] < starts[0]              # finished while the start still ran
+    assert lab.show(held)["state"] == "held"
+
+
 def test_earnode_that_will_not_stop_keeps_the_run_held_with_the_reason(tmp_path, lab, earnode_cleanup):
     d = _earnode_lab(tmp_path, lab)
     earnode_cleanup.append(d)

@@ -172,6 +172,19 @@ def test_reconcile_kills_all_live_groups_within_one_shared_grace(tmp_path: Path,
         daemon.store.close()
 
 
+def test_reconcile_feeds_the_watchdog_while_it_waits_for_groups():
+    """A grace of 10 s spent waiting for SIGTERM-deaf groups: the watchdog callback keeps being
+    called (systemd would otherwise kill a daemon still reconciling)."""
+    from lab_attendant.reconcile import kill_groups
+
+    host = _DeafGroupsHost()
+    host.alive_groups.update({10, 11})
+    feeds: list[float] = []
+    kill_groups(host, [10, 11], 10.0, lambda: feeds.append(host.now))
+    assert not host.alive_groups and len(feeds) > 50
+    assert max(b - a for a, b in zip(feeds, feeds[1:])) < 1.0
+
+
 def test_merge_metrics_folds_keys_in_and_keeps_the_rest(tmp_path: Path):
     store = Store(tmp_path / "db.sqlite3")
     try:
