@@ -351,7 +351,10 @@ def cmd_service(cfg: Config, args: argparse.Namespace) -> int:
         if not removed:
             print(f"nothing to remove: no {service.UNIT_NAME} in {service.unit_dir(args.user)}")
     else:
-        files = service.render(cfg, user=args.user, experimental_paging=args.experimental_paging)
+        files = service.render(cfg, user=args.user, experimental_paging=args.experimental_paging,
+                               nvidia_modprobe=args.nvidia_modprobe)
+        for warning in files.warnings:
+            print(f"lab-attendant: warning: {warning}", file=sys.stderr)
         if args.print:
             print(files.unit_text, end="")
             if files.dropin_text is not None:
@@ -497,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--experimental-paging", action="store_true",
                     help="also write a drop-in that starts the daemon with the flag")
     si.add_argument("--print", action="store_true", help="print the unit, write nothing")
+    si.add_argument("--nvidia-modprobe", action="store_true",
+                    help="run nvidia-modprobe as root before the daemon starts (creates "
+                    "/dev/nvidia-uvm after a boot; NoNewPrivileges= blocks its setuid bit)")
     su = svsub.add_parser("uninstall", help="remove the unit, its drop-in and enable links")
     for p_ in (si, su):
         p_.add_argument("--user", action="store_true", help="a systemd --user unit")

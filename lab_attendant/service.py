@@ -25,6 +25,11 @@ TEMPLATE_DIR = PROJECT_ROOT / "systemd"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 # After the last worker group is gone the daemon still reaps, writes the store and exits.
 STOP_MARGIN_S = 15.0
+# A system unit installed by root itself (no sudo) runs as this user, not as root.
+DEDICATED_USER = "lab-attendant"
+NVIDIA_MODPROBE = "/usr/bin/nvidia-modprobe"
+# PrivateTmp= gives the service its own /tmp: anything of ours there is invisible to it.
+PRIVATE_TMP_DIRS = (Path("/tmp"), Path("/var/tmp"))
 _PLACEHOLDER = re.compile(r"@[A-Z_]+@")
 _BARE = re.compile(r"[A-Za-z0-9_+=:,./-]+")
 
@@ -35,6 +40,8 @@ class UnitFiles:
     unit_text: str
     dropin_path: Path                  # where the experimental-paging drop-in goes
     dropin_text: str | None            # None: no drop-in (paging stays off)
+    user: str | None = None            # User= of a system unit
+    warnings: tuple[str, ...] = ()     # what the installer should read before starting it
 
 
 def unit_dir(user: bool) -> Path:
@@ -73,8 +80,26 @@ def timeout_stop_s(cfg: Config) -> int:
 
 
 def run_as_user() -> str:
-    """Whom a system unit runs as: the user behind sudo, else the caller."""
-    return os.environ.get("SUDO_USER") or getpass.getuser()
+    """Whom a system unit runs as: the user behind sudo, else the caller; root installing
+    without sudo gets a dedicated system user (DEDICATED_USER), never root."""
+    who = os.environ.get("SUDO_USER") or getpass.getuser()
+    return DEDICATED_USER if who == "root" else who
+
+
+def _tmp_warnings(cfg: Config, working_dir: Path) -> tuple[str, ...]:
+    """Paths the unit needs that PrivateTmp= would hide."""
+    named = {"state_dir": cfg.paths.state_dir, "logs_dir": cfg.paths.logs_dir,
+             "models_dir": cfg.paths.models_dir, "the checkout": PROJECT_ROOT,
+             "WorkingDirectory": working_dir, "the venv": Path(sys.executable).parent,
+             **({"the config file": cfg.source} if cfg.source else {})}
+    out = []
+    for what, path in named.items():
+        absolute = Path(os.path.abspath(path))
+        for tmp in PRIVATE_TMP_DIRS:
+            if absolute.is_relative_to(tmp):
+                out.append(f"{what} {absolute} is under {tmp}, which the unit's PrivateTmp=yes "
+                           "hides from the service; move it elsewhere and re-run service install")
+    return tuple(out)
 
 
 def _fill(template: Path, values: dict[str, str]) -> str:
@@ -90,18 +115,26 @@ def _fill(template: Path, values: dict[str, str]) -> str:
 
 
 def render(cfg: Config, *, user: bool, experimental_paging: bool,
-           working_dir: Path | None = None) -> UnitFiles:
+           working_dir: Path | None = None, nvidia_modprobe: bool = False) -> UnitFiles:
     if cfg.service.watchdog_s and cfg.service.watchdog_s < 1:
         raise UserError("[service] watchdog_s must be 0 (off) or at least 1 s")
+    if nvidia_modprobe and user:
+        raise UserError("--nvidia-modprobe needs a system unit (it runs as root); for a --user "
+                        "unit install the udev rule from README.md (\"Run as a service\")")
+    modprobe = shutil.which("nvidia-modprobe") or NVIDIA_MODPROBE
+    working_dir = (working_dir or Path.cwd()).absolute()
+    unit_user = run_as_user()
     base = unit_dir(user)
     paths = [os.path.abspath(p) for p in (cfg.paths.state_dir, cfg.paths.logs_dir,
                                           cfg.paths.models_dir)]
     values = {
         "PROJECT_ROOT": str(PROJECT_ROOT).replace("%", "%%"),
-        "WORKING_DIRECTORY": str((working_dir or Path.cwd()).absolute()).replace("%", "%%"),
+        "WORKING_DIRECTORY": str(working_dir).replace("%", "%%"),
         "WATCHDOG_SEC": f"{cfg.service.watchdog_s:g}s",
         "TIMEOUT_STOP_SEC": f"{timeout_stop_s(cfg)}s",
-        "USER": run_as_user(),
+        "USER": unit_user,
+        "NVIDIA_COMMENT": "" if nvidia_modprobe else "#",
+        "NVIDIA_MODPROBE": quote(modprobe),
         "READ_WRITE_PATHS": " ".join(quote(p) for p in dict.fromkeys(paths)),
         "SYSTEM_ONLY": "#" if user else "",
         "WANTED_BY": "default.target" if user else "multi-user.target",
@@ -114,7 +147,8 @@ def render(cfg: Config, *, user: bool, experimental_paging: bool,
         paging_argv = daemon_argv(cfg, experimental_paging=True)
         dropin = _fill(TEMPLATE_DIR / DROPIN_NAME,
                        {"EXEC_START": " ".join(quote(a) for a in paging_argv)})
-    return UnitFiles(base / UNIT_NAME, unit, base / f"{UNIT_NAME}.d" / DROPIN_NAME, dropin)
+    return UnitFiles(base / UNIT_NAME, unit, base / f"{UNIT_NAME}.d" / DROPIN_NAME, dropin,
+                     user=None if user else unit_user, warnings=_tmp_warnings(cfg, working_dir))
 
 
 def _permission_hint(path: Path, user: bool) -> UserError:
@@ -136,10 +170,26 @@ def install(files: UnitFiles, cfg: Config, *, user: bool) -> list[list[str]]:
         else:
             _remove(files.dropin_path)
         for path in (cfg.paths.state_dir, cfg.paths.logs_dir, cfg.paths.models_dir):
-            _make_dir_for_service(path, None if user else run_as_user())
+            _make_dir_for_service(path, files.user)
     except PermissionError as exc:
         raise _permission_hint(Path(exc.filename or files.unit_path), user) from None
-    return [systemctl(user, "daemon-reload"), systemctl(user, "enable", "--now", UNIT_NAME)]
+    commands = []
+    if files.user == DEDICATED_USER and not _user_exists(DEDICATED_USER):
+        # The dedicated user is made by you, like the systemctl calls: we print, never run.
+        commands += [["useradd", "--system", "--user-group", "--no-create-home", "--shell",
+                      "/usr/sbin/nologin", DEDICATED_USER],
+                     ["chown", "-R", f"{DEDICATED_USER}:{DEDICATED_USER}",
+                      *(os.path.abspath(p) for p in (cfg.paths.state_dir, cfg.paths.logs_dir))]]
+    return commands + [systemctl(user, "daemon-reload"),
+                       systemctl(user, "enable", "--now", UNIT_NAME)]
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _make_dir_for_service(path: Path, owner: str | None) -> None:
@@ -148,7 +198,7 @@ def _make_dir_for_service(path: Path, owner: str | None) -> None:
     if path.is_dir():
         return
     path.mkdir(parents=True)
-    if owner and os.geteuid() == 0 and owner != "root":
+    if owner and os.geteuid() == 0 and owner != "root" and _user_exists(owner):
         shutil.chown(path, user=owner, group=pwd.getpwnam(owner).pw_gid)
 
 

@@ -77,6 +77,7 @@ def test_quote_for_unit_command_lines(word, rendered):
 def test_install_rewrites_and_removes_a_stale_dropin_then_uninstall_cleans_up(tmp_path,
                                                                             monkeypatch):
     monkeypatch.setattr(service, "SYSTEM_UNIT_DIR", tmp_path / "system")
+    monkeypatch.setenv("SUDO_USER", "nobody")
     cfg = _cfg(tmp_path)
     paged = service.render(cfg, user=False, experimental_paging=True)
     commands = service.install(paged, cfg, user=False)
@@ -107,3 +108,59 @@ def test_sudo_system_install_gives_new_folders_to_the_unit_user(tmp_path, monkey
     service.install(files, cfg, user=False)
     assert (tmp_path / "state dir").stat().st_uid == pwd.getpwnam("nobody").pw_uid
     assert (tmp_path / "logs").stat().st_uid == 0
+
+
+def test_hardening_keeps_the_gpu_usable_and_caches_writable(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUDO_USER", "nobody")
+    files = service.render(_cfg(tmp_path), user=False, experimental_paging=False,
+                           working_dir=tmp_path)
+    s = _parse(files.unit_text)["Service"]
+    for key in ("PrivateDevices", "DevicePolicy", "MemoryDenyWriteExecute", "SystemCallFilter"):
+        assert key not in s                               # /dev/nvidia* and CUDA's JIT keep working
+    for key, value in [("ProtectHome", "read-only"), ("ProtectKernelModules", "yes"),
+                       ("RestrictSUIDSGID", "yes"), ("CapabilityBoundingSet", ""),
+                       ("PrivateNetwork", "yes"), ("UMask", "0027"),
+                       ("CacheDirectory", "lab-attendant")]:
+        assert s[key] == value, key
+    env = " ".join(ln for ln in files.unit_text.splitlines() if ln.startswith("Environment="))
+    assert "TRITON_CACHE_DIR=%C/lab-attendant/triton" in env
+    assert "CUDA_CACHE_PATH=%C/lab-attendant/cuda" in env
+    assert "ExecStartPre" not in s and "#ExecStartPre=+" in files.unit_text   # opt-in only
+
+
+def test_nvidia_modprobe_opt_in_runs_as_root_before_the_daemon(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUDO_USER", "nobody")
+    files = service.render(_cfg(tmp_path), user=False, experimental_paging=False,
+                           nvidia_modprobe=True)
+    s = _parse(files.unit_text)["Service"]
+    assert s["ExecStartPre"].startswith("+/") and s["ExecStartPre"].endswith("nvidia-modprobe -u -c=0")
+    assert s["NoNewPrivileges"] == "yes"                  # the daemon itself keeps it
+    with pytest.raises(service.UserError, match="udev rule"):
+        service.render(_cfg(tmp_path), user=True, experimental_paging=False, nvidia_modprobe=True)
+
+
+def test_root_without_sudo_gets_a_dedicated_user_it_is_told_to_create(tmp_path, monkeypatch):
+    monkeypatch.setattr(service, "SYSTEM_UNIT_DIR", tmp_path / "system")
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    monkeypatch.setattr(service.getpass, "getuser", lambda: "root")
+    monkeypatch.setattr(service, "DEDICATED_USER", "lab-attendant-test-nouser")
+    cfg = _cfg(tmp_path)
+    files = service.render(cfg, user=False, experimental_paging=False)
+    assert _parse(files.unit_text)["Service"]["User"] == "lab-attendant-test-nouser"
+    commands = service.install(files, cfg, user=False)
+    assert commands[0][0] == "useradd" and commands[0][-1] == "lab-attendant-test-nouser"
+    assert commands[1][:3] == ["chown", "-R", "lab-attendant-test-nouser:lab-attendant-test-nouser"]
+
+
+def test_paths_under_tmp_are_warned_about(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUDO_USER", "nobody")
+    cfg = parse_config({"paths": {"state_dir": "/tmp/lab-state"}}, base_dir=Path("/srv"),
+                       source=None)
+    files = service.render(cfg, user=False, experimental_paging=False, working_dir=Path("/srv"))
+    assert any("state_dir /tmp/lab-state is under /tmp" in w and "PrivateTmp" in w
+               for w in files.warnings)
+    cfg = parse_config({"paths": {"state_dir": "/srv/lab-state", "logs_dir": "/srv/logs",
+                                  "models_dir": "/srv/models"}}, base_dir=Path("/srv"), source=None)
+    files = service.render(cfg, user=False, experimental_paging=False, working_dir=Path("/srv"))
+    assert not [w for w in files.warnings if w.split()[0] in ("state_dir", "logs_dir", "models_dir",
+                                                              "WorkingDirectory")]
