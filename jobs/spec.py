@@ -16,7 +16,7 @@ from typing import Any, Literal
 from .errors import SpecError
 from .typed import ByteSize, Reader
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2                      # 2: ModelSettings gained context_tokens and device_memory_bytes
 DEFAULT_MODEL = "gemma-3-270m"        # the embedded model (`lab-attendant model import-default`)
 DEFAULT_BATCH_SIZE = 8                # prompts per pass over the weights when a run does not say
 DEFAULT_CONTEXT_TOKENS = 2048         # prompt + generated tokens per row the memory plan makes room for

@@ -277,9 +277,9 @@ def _plan_dense(shape: ModelShape, device: DeviceProfile, req: PlanRequest, mode
         ram_layers = min(streamed, (req.ram_budget_bytes or 0) // host_layer)
         plan.ram_cache_layers = ram_layers
         host_where = "pinned host" if cuda else "host RAM"
-        if cuda:
-            _add(plan, "staging ring", host_where, STAGING_SLOTS * host_layer,
-                 f"{STAGING_SLOTS} x {format_size(host_layer)}, one exact arena")
+        if cuda:   # one pinned staging buffer per slot (slots.SlotRing)
+            _add(plan, "staging ring", host_where, slots * host_layer,
+                 f"{slots} x {format_size(host_layer)}, one exact arena")
         if ram_layers:
             _add(plan, "RAM cache", host_where, ram_layers * host_layer,
                  f"{ram_layers} of {streamed} streamed layers kept between passes")
@@ -383,6 +383,8 @@ def _suggest(shape: ModelShape, device: DeviceProfile, req: PlanRequest, failed:
         return (_plan_moe if shape.moe else _plan_dense)(shape, device, trial, "").fits
 
     tips = []
+    if req.vram_budget_bytes is not None and req.vram_budget_bytes < shape.layer_numel * DTYPE_BYTES[req.dtype]:
+        return ""  # the reason already names the least budget that holds a layer
     if req.vram_budget_bytes is not None and fits(vram_budget_bytes=None):
         free = _plan_dense(shape, device, replace(req, vram_budget_bytes=None), "")
         tips.append(f"vram_budget_bytes <= {free.resident_layers * free.layer_bytes + free.streaming_slots * free.layer_bytes}"

@@ -28,6 +28,14 @@ class PinnedHostError(MemoryError):
     """Page-locking host memory failed; oom.oom_kind reads "pinned memory ... out of memory" as pinned_host."""
 
 
+def pinned_error(what: str, nbytes: int, cause: str) -> PinnedHostError:
+    """The failure as jobs.oom reads it: kind pinned_host, requested_bytes from "you tried to allocate N bytes"."""
+    return PinnedHostError(
+        f"{what}: pinned memory out of memory, you tried to allocate {nbytes} bytes ({format_size(nbytes)}) "
+        f"of page-locked host memory ({cause}); lower ram_budget_bytes in the model's table, or raise the "
+        "locked-memory limit (ulimit -l / LimitMEMLOCK=)")
+
+
 class HostArena:
     """One flat uint8 host buffer of exactly `nbytes`, page-locked when `pin` (CUDA), handed out as views.
 
@@ -54,10 +62,7 @@ class HostArena:
         try:
             torch.cuda.check_error(result)
         except torch.cuda.CudaError as exc:
-            raise PinnedHostError(
-                f"{self.what}: pinned memory of {self.nbytes} bytes ({format_size(self.nbytes)}) could not be "
-                f"page-locked (cudaHostRegister: {exc}), out of memory for pinning; lower ram_budget_bytes in "
-                "the model's table, or raise the locked-memory limit (ulimit -l / LimitMEMLOCK=)") from None
+            raise pinned_error(self.what, self.nbytes, f"cudaHostRegister: {exc}") from None
         self.pinned_bytes = self.nbytes
 
     @property

@@ -15,7 +15,7 @@ from torch import nn
 
 from jobs.errors import ModelFolderError
 from jobs.paging.model_store import ModelStore
-from jobs.paging.pinned import HostArena
+from jobs.paging.pinned import HostArena, aligned
 from jobs.paging.quant import dequantize_weight
 from jobs.paging.slots import SlotRing, layout, views
 from jobs.paging.variants import FAST, PRECISE, bytes_by_choice, summary
@@ -45,8 +45,6 @@ class LayerStreamer:
         # What one pass reads from disk with the RAM cache cold: every streamed layer in its variant.
         per_layer = bytes_by_choice(self.variants, precise_bytes, fast_bytes)
         self.bytes_read_per_pass = sum(per_layer[plan.resident_layers:])
-        per_layer = bytes_by_choice(self.variants, store.layer_nbytes_as(dtype),
-                                    store.layer_nbytes_fast_as(dtype) if FAST in self.variants else precise_bytes)
         self._cuda = device.type == "cuda"
         self._slots = _layer_slots(layers, store)
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
@@ -63,15 +61,19 @@ class LayerStreamer:
                                  for n, (_, _, meta) in self._slots[i].items()})
                          for i in range(plan.num_layers)]
         slot_bytes = max((size for parts, size in self._layouts[plan.resident_layers:]), default=0)
-        packed_bytes = max((f for f, v in zip(fast_bytes, self.variants) if v == FAST), default=0) if self._cuda else 0
+        crossing = [self._crossing_bytes(i) for i in range(plan.num_layers)]
+        packed_bytes = max((c for c, v in zip(crossing, self.variants) if v == FAST), default=0) if self._cuda else 0
         # Device slot = [expanded layer | packed parts of a fast layer]; the staging buffer holds what crosses.
-        self._ring = (SlotRing(plan.streaming_slots, slot_bytes + packed_bytes, device, staging_bytes=slot_bytes)
-                      if plan.streaming_slots else None)
+        self._ring = (SlotRing(plan.streaming_slots, slot_bytes + packed_bytes, device,
+                               staging_bytes=max(slot_bytes, packed_bytes)) if plan.streaming_slots else None)
         self._slot_of: dict[int, int] = {}
         self._expanded_bytes = slot_bytes
-        # On CUDA the RAM cache is one exact pinned arena (no power-of-two rounding per tensor).
-        self._cache_arena = (HostArena(plan.ram_cache_layers * max(per_layer), pin=True, what="RAM cache")
+        # On CUDA the RAM cache is one exact pinned arena (no power-of-two rounding per tensor), sized for the
+        # largest streamed layers as they cross.
+        cached = sorted(crossing[plan.resident_layers:], reverse=True)[:plan.ram_cache_layers]
+        self._cache_arena = (HostArena(sum(cached), pin=True, what="RAM cache")
                              if self._cuda and plan.ram_cache_layers else None)
+        self._cache_reserved = 0
         self.bytes_h2d = 0
         self.io_wait_s = 0.0
         self.max_materialized = 0
@@ -171,7 +173,10 @@ class LayerStreamer:
             read = self.store.read_layer_fast if fast else self.store.read_layer
             # Stored wider than the compute dtype: narrowed at read; otherwise converted while it is staged.
             host = read(index, self.dtype, pin=False, narrow_only=self._cuda)
-            if index >= self.plan.resident_layers and len(self._ram_cache) < self.plan.ram_cache_layers:
+            with self._lock:  # the caller's thread may load a layer while the prefetch thread does
+                keep = index >= self.plan.resident_layers and self._cache_reserved < self.plan.ram_cache_layers
+                self._cache_reserved += keep
+            if keep:
                 host = self._cache_copy(index, host)
                 with self._lock:  # stats() reads the cache from the caller's thread
                     self._ram_cache[index] = host
@@ -221,6 +226,15 @@ class LayerStreamer:
             ready = ring.after_copy_in(slot, side)
         return out, ready
 
+    def _crossing_bytes(self, index: int) -> int:
+        """Slot bytes of layer `index` as it crosses (packed parts as stored, the rest in the compute dtype),
+        from the safetensors headers, 64-byte aligned per tensor as slots.layout places them."""
+        if self.variants[index] != FAST:
+            return self._layouts[index][1]
+        packed = self._packed_names(index)
+        return sum(aligned(e.nbytes if name in packed else e.numel * self.dtype.itemsize)
+                   for name, e in self.store.fast_entries[index].items())
+
     def _packed_names(self, index: int) -> set[str]:
         if self.variants[index] != FAST:
             return set()
@@ -231,8 +245,10 @@ class LayerStreamer:
         if self._cache_arena is None:
             return host
         out = {}
-        for (name, _, dtype, shape), t in zip(self._crossing(index, host), host.values()):
-            out[name] = self._cache_arena.take(shape.numel() * dtype.itemsize).view(dtype).view(shape)
+        with self._lock:
+            for (name, _, dtype, shape) in self._crossing(index, host):
+                out[name] = self._cache_arena.take(shape.numel() * dtype.itemsize).view(dtype).view(shape)
+        for name, t in host.items():
             out[name].copy_(t)
         return out
 

@@ -11,6 +11,7 @@ import torch
 
 from engine_helpers import REPO_ROOT
 from jobs.paging.model_store import ModelStore
+from jobs.units import format_size
 
 pytestmark = pytest.mark.engine
 
@@ -46,7 +47,8 @@ def test_budget_too_small_exits_2_before_work(tiny_dirs):
                    "--vram-budget", f"{layer_bytes // 2}", "--json")
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert f"needs {layer_bytes} bytes" in proc.stderr
+    assert f"cannot hold one decoder layer of {format_size(layer_bytes)}; give at least {layer_bytes} bytes" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_non_model_folder_exits_2_naming_what_is_missing(tmp_path):

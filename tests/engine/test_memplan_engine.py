@@ -169,3 +169,13 @@ def test_host_arena_carves_exact_aligned_views():
     assert (b.data_ptr() - a.data_ptr()) == 64 and arena.free_bytes == 1024 - 64 - 128
     with pytest.raises(MemoryError):
         arena.take(2000)
+
+
+def test_a_failed_pin_is_an_oom_with_its_numbers():
+    from jobs.oom import oom_details, oom_kind
+    from jobs.paging.pinned import pinned_error
+
+    exc = pinned_error("RAM cache", 8 * 1024**3, "cudaHostRegister: out of memory")
+    assert isinstance(exc, MemoryError)
+    assert oom_kind(exc) == "pinned_host"
+    assert oom_details(exc)["requested_bytes"] == 8 * 1024**3

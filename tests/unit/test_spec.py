@@ -71,7 +71,7 @@ def test_spec_rejects_unknown_missing_and_mistyped_keys(tmp_path: Path, mutate, 
 
 
 @pytest.mark.parametrize("content, needle", [
-    ('{"version": 1, "run_id": 1}', "spec key 'kind' is required"),
+    ('{"version": 2, "run_id": 1}', "spec key 'kind' is required"),
     ("not json", "spec is not valid JSON"),
 ])
 def test_worker_exits_bad_spec_with_a_sentence(tmp_path: Path, content, needle):
