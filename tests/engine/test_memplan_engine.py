@@ -179,3 +179,22 @@ def test_a_failed_pin_is_an_oom_with_its_numbers():
     assert isinstance(exc, MemoryError)
     assert oom_kind(exc) == "pinned_host"
     assert oom_details(exc)["requested_bytes"] == 8 * 1024**3
+
+
+def test_the_runtime_device_is_the_free_memory_cuda_reports(monkeypatch):
+    """Injected CUDA numbers (no GPU here): the plan sees mem_get_info's free bytes, capped by
+    device_memory_bytes, and refuses the 27B at batch 8 x 4096 on a 2080 Ti's worth of free memory."""
+    from jobs.paging.memplan import PlanRequest, make_plan
+    from jobs.paging.runtime import runtime_profile
+
+    free = int(10.36 * 1024**3)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 11 * 1024**3))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 2080 Ti")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    device = runtime_profile(torch.device("cuda"))
+    assert (device.kind, device.memory_bytes, device.context_bytes, device.capability) == ("cuda", free, 0, (7, 5))
+    assert runtime_profile(torch.device("cuda"), device_memory_bytes=4 * 1024**3).memory_bytes == 4 * 1024**3
+    shape = shape_from_folder(ROOT / "examples/configs/gemma-3-27b-it")
+    assert make_plan(shape, device, PlanRequest(batch=1, context=2048, fp16_safe=True)).fits
+    refused = make_plan(shape, device, PlanRequest(batch=8, context=4096, fp16_safe=True))
+    assert not refused.fits and "what fits instead" in refused.reason
