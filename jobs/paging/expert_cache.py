@@ -1,4 +1,4 @@
-"""Byte-budgeted device cache of Mixtral experts: preallocated slots, LRU or LFU, counters.
+"""Byte-budgeted device cache of MoE experts (any family the pager supports): preallocated slots, LRU or LFU, counters.
 
 Owns which expert sits in which device slot, the host->device copies and the paging statistics.
 """
@@ -66,6 +66,8 @@ class ExpertCache:
         # Slots hold what the store holds (compute-dtype weights, or a 4-bit store's uint8 bytes).
         self._slots = torch.empty(self.capacity, store.slot_numel, dtype=store.slot_dtype, device=self.device)
         n_parts = store.num_layers if scope == "per_layer" else 1
+        # per_layer: one partition per MoE layer (a dense layer mixed in has none)
+        self._part_of = {layer: i for i, layer in enumerate(store.layers)} if n_parts > 1 else {}
         per_part = self.capacity // n_parts
         self._free = [list(range(p * per_part, (p + 1) * per_part)) for p in range(n_parts)]
         self._resident: list[OrderedDict[Key, int]] = [OrderedDict() for _ in range(n_parts)]
@@ -195,14 +197,14 @@ class ExpertCache:
 
     # -- internals --------------------------------------------------------------------------
     def _part(self, key: Key) -> OrderedDict[Key, int]:
-        return self._resident[key[0] if len(self._resident) > 1 else 0]
+        return self._resident[self._part_of.get(key[0], 0)]
 
     def _touch(self, key: Key) -> None:
         self._part(key).move_to_end(key)
         self._uses[key] += 1
 
     def _take_slot(self, key: Key) -> int | None:
-        free = self._free[key[0] if len(self._free) > 1 else 0]
+        free = self._free[self._part_of.get(key[0], 0)]
         if free:
             return free.pop(0)
         victim = self._victim(self._part(key))

@@ -1,4 +1,5 @@
-"""The paged stand-in for transformers' MixtralExperts, and the schedule that feeds it.
+"""The paged stand-in for a transformers MoE family's experts module (MixtralExperts, Qwen3MoeExperts,
+DeepseekV2Experts, ...: the seam moe_families.find_experts checks), and the schedule that feeds it.
 
 Owns the order in which a layer's experts are paged in and run, router look-ahead prefetch and
 CPU execution of misses; the cache decides where experts live, transformers does the rest.
@@ -11,16 +12,16 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 from jobs.paging.expert_cache import ExpertCache
 from jobs.paging.expert_store import ExpertStore
+from jobs.paging.moe_families import find_experts
 
 log = logging.getLogger(__name__)
 
 
 class PagedExperts(nn.Module):
-    """Same call as MixtralExperts.forward(hidden_states, top_k_index, top_k_weights); no weights."""
+    """Same call as the family's experts: forward(hidden_states, top_k_index, top_k_weights); no weights."""
 
     def __init__(self, layer_idx: int, pager: "ExpertPager"):
         super().__init__()
@@ -35,12 +36,14 @@ class ExpertPager:
     """Runs one layer's experts from the cache, hits first, paging misses in a bounded window."""
 
     def __init__(self, model, store: ExpertStore, cache: ExpertCache, *, prefetch: bool = True,
-                 cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4):
-        config = model.config
+                 cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4, experts: dict | None = None):
+        """`experts`: decoder layer -> the family's experts module it replaces (moe_families.find_experts;
+        found on `model` when not given). Routers, shared experts and dense MLP layers stay as they are."""
+        experts = find_experts(model) if experts is None else experts
         self.store, self.cache = store, cache
         self.device = cache.device
-        self.num_experts = config.num_local_experts
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.num_experts = store.num_experts
+        self.act_fn = next(iter(experts.values())).act_fn  # the family's own activation module
         self.prefetch = prefetch
         # A miss with few tokens (batch-1 decode) costs one expert copy over PCIe but only a few
         # GEMVs on the host: cheaper to run where the weights already are.
@@ -50,13 +53,27 @@ class ExpertPager:
         self._after_attention: dict[int, torch.Tensor] = {}
         self._guesses: dict[int, set[int]] = {}
         self._hooks = []
+        # Look-ahead: layer L guesses layer L+1's experts when L+1 has any (a MoE layer after a dense one
+        # included); the first layer is never guessed.
+        self._target = {idx: idx + 1 for idx in range(len(self._layers) - 1) if idx + 1 in experts}
         for idx, layer in enumerate(self._layers):
-            layer.mlp.experts = PagedExperts(idx, self)
-            if prefetch and idx + 1 < len(self._layers):
-                # The residual stream right after layer L's attention is what L+1's router will
-                # roughly see; capture it at the input of L's post-attention norm.
-                self._hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
-                    self._capture_hook(idx)))
+            if idx in experts:
+                layer.mlp.experts = PagedExperts(idx, self)
+            if not prefetch or idx not in self._target or not hasattr(layer, "post_attention_layernorm"):
+                continue
+            # The residual stream right after layer L's attention is what L+1's router will roughly see;
+            # capture it at the input of L's post-attention norm.
+            self._hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
+                self._capture_hook(idx)))
+            if idx not in experts:
+                # A dense layer has no run_layer to start the look-ahead from: its MLP's start does,
+                # so the first MoE layer after dense ones (DeepSeek's layer 1) is prefetched too.
+                self._hooks.append(layer.mlp.register_forward_pre_hook(self._dense_hook(idx)))
+
+    def _dense_hook(self, idx: int):
+        def hook(_module, _args):
+            self._prefetch_next(idx)
+        return hook
 
     def _capture_hook(self, idx: int):
         def hook(_module, args):
@@ -122,23 +139,27 @@ class ExpertPager:
         return (self.cpu_miss_exec and n_tokens <= self.cpu_miss_max_tokens
                 and not self.cache.is_resident((layer, expert)))
 
+    @torch.no_grad()
     def _prefetch_next(self, layer: int) -> None:
-        """Guess layer+1's experts with its own norm and router on the post-attention residual."""
+        """Guess layer+1's experts with its own norm and router on the post-attention residual of
+        `layer`. The router is the family's own, so DeepSeek's group-limited routing and
+        scaling apply to the guess as they will to the real routing."""
         residual = self._after_attention.pop(layer, None)
         if not self.prefetch or residual is None:
             return
-        nxt = self._layers[layer + 1]
+        target = self._target[layer]
+        nxt = self._layers[target]
         # .forward() bypasses module hooks, so transformers' router-logit recorder never sees it.
         normed = nxt.post_attention_layernorm.forward(residual)
         _, scores, indices = nxt.mlp.gate.forward(normed.reshape(-1, normed.shape[-1]))
-        weight = torch.zeros(self.num_experts, device=scores.device, dtype=scores.dtype)
-        weight.index_add_(0, indices.flatten(), scores.flatten())
+        weight = torch.zeros(self.num_experts, device=scores.device, dtype=torch.float32)
+        weight.index_add_(0, indices.flatten(), scores.flatten().float())
         weight_list = weight.tolist()  # one device sync, not one per expert
         ranked = sorted((e for e, w in enumerate(weight_list) if w > 0),
                         key=lambda e: -weight_list[e])
-        self._guesses[layer + 1] = set(ranked)
-        for expert in ranked[:self.cache.slots_for(layer + 1)]:
-            if not self.cache.fetch((layer + 1, expert), prefetch=True):
+        self._guesses[target] = set(ranked)
+        for expert in ranked[:self.cache.slots_for(target)]:
+            if not self.cache.fetch((target, expert), prefetch=True):
                 break
 
     def _score_guess(self, layer: int, needed: list[int]) -> None:

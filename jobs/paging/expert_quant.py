@@ -1,7 +1,7 @@
-"""Host-side store of 4-bit (HQQ) Mixtral experts: one flat uint8 buffer per (layer, expert), in the
+"""Host-side store of 4-bit (HQQ) MoE experts: one flat uint8 buffer per (layer, expert), in the
 arena or read on demand from the variant's shards, under the same RAM budget as expert_store.py.
 
-Owns laying out an expert's packed parts (codes, fp16 scale and zero of w1, w3, w2) in one buffer
+Owns laying out an expert's packed parts (codes, fp16 scale and zero of gate, up, down) in one buffer
 read from the folder's quantized variant, and expanding a buffer or device slot to (gate_up, down).
 """
 from __future__ import annotations
@@ -11,18 +11,17 @@ import re
 import torch
 
 from jobs.errors import ModelFolderError
-from jobs.paging.expert_store import PER_EXPERT_RE, ExpertStore, Key, Piece
+from jobs.paging.expert_store import ExpertStore, Key, Piece
+from jobs.paging.moe_families import PER_EXPERT_RE, PIECE_ORDER
 from jobs.paging.quant import PARTS, Variant, dequantize_weight
 
-# Variant keys of expert weights: released per-expert w1/w3/w2 (the checkpoint's own names), or
-# fused slices `KEY.E`.
+# Variant keys of expert weights: per-expert gate/up/down (w1/w3/w2 in Mixtral; the checkpoint's own
+# names), or fused slices `KEY.E`.
 _FUSED_RE = re.compile(
     r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj)\.(\d+)$")
-# gate_up is w1 rows then w3 rows (what the pager's SwiGLU chunks), then down.
-_PIECE_ORDER = {"w1": 0, "w3": 1, "gate_up_proj": 0, "w2": 2, "down_proj": 2}
 
 
-def expert_pieces(variant: Variant, num_layers: int, num_experts: int) -> dict[tuple[int, int], list[str]]:
+def expert_pieces(variant: Variant, layers, num_experts: int) -> dict[tuple[int, int], list[str]]:
     """Per (layer, expert) the variant keys that make it, gate_up pieces first, down last."""
     found: dict[tuple[int, int], list[tuple[int, str]]] = {}
     for key in variant.shapes:
@@ -32,9 +31,9 @@ def expert_pieces(variant: Variant, num_layers: int, num_experts: int) -> dict[t
             layer, expert, name = int(m[1]), int(m[3]), m[2]
         else:
             continue  # attention and the rest: the pager keeps them precise and resident
-        found.setdefault((layer, expert), []).append((_PIECE_ORDER[name], key))
+        found.setdefault((layer, expert), []).append((PIECE_ORDER[name], key))
     pieces = {}
-    for layer in range(num_layers):
+    for layer in layers:
         for expert in range(num_experts):
             got = sorted(found.get((layer, expert), []))
             if [o for o, _ in got] not in ([0, 1, 2], [0, 2]):
@@ -51,19 +50,19 @@ class QuantExpertStore(ExpertStore):
     """Same interface as ExpertStore; buffers are the 4-bit bytes, `expand` dequantizes them on
     whatever device they sit (host for CPU execution of a miss, the GPU for a cache slot)."""
 
-    def __init__(self, config, variant: Variant, dtype: torch.dtype, *, pin_memory: bool = False):
-        super().__init__(config, dtype, pin_memory=pin_memory)
+    def __init__(self, layout, variant: Variant, dtype: torch.dtype, *, pin_memory: bool = False):
+        super().__init__(layout, dtype, pin_memory=pin_memory)
         self.quant = variant
         self.spec = variant.spec
         self.variant = variant.spec.name
         self.bits = variant.spec.bits
-        self._keys = expert_pieces(variant, self.num_layers, self.num_experts)
-        first = self._keys[(0, 0)]
+        self._keys = expert_pieces(variant, self.layers, self.num_experts)
+        first = self._keys[(self.layers[0], 0)]
         self._shapes = [variant.shapes[k] for k in first]
         self._n_gate_up = len(first) - 1
         self.expert_bytes = sum(variant.nbytes(k) for k in first)
         self.slot_dtype, self.slot_numel = torch.uint8, self.expert_bytes
-        # (offset, nbytes, dtype, shape) of every part of every weight, from expert (0, 0)'s headers
+        # (offset, nbytes, dtype, shape) of every part of every weight, from the first expert's headers
         self._layout: list[list[tuple[int, int, torch.dtype, torch.Size]]] = []
 
     def expand(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

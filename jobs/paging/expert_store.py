@@ -1,14 +1,14 @@
-"""Host-side Mixtral expert store: up to ram_budget_bytes of experts in one exact-size arena (pinned on
-CUDA), every other expert read on demand from the checkpoint's mmap through a small staging ring.
+"""Host-side expert store: up to ram_budget_bytes of experts in one exact-size arena (pinned on CUDA),
+every other expert read on demand from the checkpoint's mmap through a small staging ring.
 
-Owns finding each expert's tensors in a Mixtral safetensors folder (either layout) and serving an expert
-to the device cache or to the host, wherever it lives; which experts stay in RAM is expert_budget's rule.
+Owns finding each expert's tensors in a MoE safetensors folder (per-expert or fused keys, any family
+moe_families.py describes) and serving an expert to the device cache or to the host, wherever it lives;
+which experts stay in RAM is expert_budget's rule.
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,21 +21,14 @@ from jobs.errors import ModelFolderError
 from jobs.paging.expert_budget import (STAGING_SLOTS, ExpertHostPlan, default_ram_budget_bytes,
                                        expert_host_plan, mem_available_bytes, resident_experts)
 from jobs.paging.mapped import MappedFiles
+from jobs.paging.moe_families import (FUSED_RE, PER_EXPERT_RE, PIECE_ORDER, ExpertLayout, expert_layout,
+                                      is_expert_key)
 from jobs.paging.pinned import HostArena
 from jobs.units import format_size
 
 log = logging.getLogger(__name__)
 
-# Released checkpoints (and transformers 5's save_pretrained, which reverts its own fusion)
-# store w1 (gate), w3 (up), w2 (down) per expert; transformers 5 in memory fuses them.
-PER_EXPERT_RE = re.compile(
-    r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight$")
-_FUSED_RE = re.compile(
-    r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj)$")
-
-
-def is_expert_key(name: str) -> bool:
-    return bool(PER_EXPERT_RE.match(name) or _FUSED_RE.match(name))
+__all__ = ["CheckpointIndex", "ExpertStore", "PER_EXPERT_RE", "is_expert_key", "expert_nbytes"]
 
 
 class CheckpointIndex:
@@ -71,9 +64,14 @@ class CheckpointIndex:
         self._handles.clear()
 
 
+def as_layout(config_or_layout) -> ExpertLayout:
+    """An ExpertLayout as is, or the one a (Mixtral-style or other MoE) transformers config implies."""
+    return config_or_layout if isinstance(config_or_layout, ExpertLayout) else expert_layout(config_or_layout)
+
+
 def expert_numel(config) -> int:
     """Elements of one expert: gate_up [2I, H] followed by down [H, I]."""
-    return 3 * config.intermediate_size * config.hidden_size
+    return as_layout(config).expert_numel
 
 
 def expert_nbytes(config, dtype: torch.dtype) -> int:
@@ -82,7 +80,8 @@ def expert_nbytes(config, dtype: torch.dtype) -> int:
 
 def split_expert(flat: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
     """Views (gate_up [2I, H], down [H, I]) into one flat expert buffer or device slot."""
-    hidden, inter = config.hidden_size, config.intermediate_size
+    layout = as_layout(config)
+    hidden, inter = layout.hidden, layout.intermediate
     n_gate_up = 2 * inter * hidden
     return flat[:n_gate_up].view(2 * inter, hidden), flat[n_gate_up:].view(hidden, inter)
 
@@ -105,17 +104,19 @@ class ExpertStore:
     """Every expert of every layer, served read-only: from the arena when it is in RAM, else from the
     checkpoint through a staging slot. The checkpoint is the truth; nothing is written back."""
 
-    def __init__(self, config, dtype: torch.dtype, *, pin_memory: bool = False):
-        self.config = config
+    def __init__(self, layout, dtype: torch.dtype, *, pin_memory: bool = False):
+        """`layout`: an ExpertLayout (moe_families.layout_of the built model) or a transformers config."""
+        self.layout = layout = as_layout(layout)
         self.dtype = dtype
-        self.num_layers = config.num_hidden_layers
-        self.num_experts = config.num_local_experts
-        self.expert_bytes = expert_nbytes(config, dtype)
+        self.layers = layout.layers  # decoder layer indices with experts; keys are (layer, expert)
+        self.num_layers = layout.num_layers
+        self.num_experts = layout.num_experts
+        self.expert_bytes = expert_nbytes(layout, dtype)
         self.variant = "precise"  # what the stats call the expert format; see expert_quant.py
         self.bits = dtype.itemsize * 8
         self.pin_memory = pin_memory
         # One expert's flat buffer (arena view, staging slot, device slot): its dtype and length.
-        self.slot_dtype, self.slot_numel = dtype, expert_numel(config)
+        self.slot_dtype, self.slot_numel = dtype, layout.expert_numel
         self.ram_budget_bytes: int | None = None  # the budget in effect once loaded
         self._pieces: dict[Key, list[Piece]] = {}
         self._files = MappedFiles()
@@ -165,23 +166,23 @@ class ExpertStore:
         per_expert, fused = {}, {}
         for name in index.keys():
             if m := PER_EXPERT_RE.match(name):
-                per_expert[(int(m[1]), int(m[2]), m[3])] = name
-            elif m := _FUSED_RE.match(name):
+                per_expert[(int(m[1]), int(m[2]), PIECE_ORDER[m[3]])] = name
+            elif m := FUSED_RE.match(name):
                 fused[(int(m[1]), m[2])] = name
-        n_w = self.config.intermediate_size * self.config.hidden_size  # elements of w1, w3 or w2
+        n_w = self.layout.intermediate * self.layout.hidden  # elements of gate, up or down
         pieces = {}
-        for layer in range(self.num_layers):
+        for layer in self.layers:
             for expert in range(self.num_experts):
                 if (layer, "gate_up_proj") in fused and (layer, "down_proj") in fused:
                     found = [(fused[(layer, "gate_up_proj")], expert, 0, 2 * n_w),
                              (fused[(layer, "down_proj")], expert, 2 * n_w, 3 * n_w)]
                 else:
-                    names = [per_expert.get((layer, expert, w)) for w in ("w1", "w3", "w2")]
+                    names = [per_expert.get((layer, expert, i)) for i in range(3)]
                     if None in names:
                         raise KeyError(
-                            f"checkpoint {index.model_dir} has no weights for layer {layer} "
-                            f"expert {expert} (neither experts.{expert}.w1/w2/w3 nor fused "
-                            "experts.gate_up_proj/down_proj)")
+                            f"checkpoint {index.model_dir} has no weights for layer {layer} expert {expert} "
+                            f"(neither experts.{expert}.gate_proj/up_proj/down_proj or w1/w3/w2 nor fused "
+                            "experts.gate_up_proj/down_proj); is config.json the one of these weights?")
                     found = [(name, None, i * n_w, (i + 1) * n_w) for i, name in enumerate(names)]
                 pieces[(layer, expert)] = [Piece(index.file_of[name], name, row, start, end)
                                            for name, row, start, end in found]
@@ -203,7 +204,8 @@ class ExpertStore:
         self.ram_budget_bytes = self.resolve_ram_budget(ram_budget_bytes)
         plan = self.host_plan(self.ram_budget_bytes)
         self._arena = HostArena(plan.host_bytes, pin=self.pin_memory, what="expert store")
-        for key in resident_experts(self.num_layers, self.num_experts, plan.experts_in_ram):
+        for nth, expert in resident_experts(self.num_layers, self.num_experts, plan.experts_in_ram):
+            key = (self.layers[nth], expert)
             self._ram[key] = self._take()
             self._read(key, self._ram[key])
         n_staging = STAGING_SLOTS if plan.staging_bytes else 0
@@ -284,7 +286,7 @@ class ExpertStore:
     def expand(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) in the compute dtype from one flat expert (arena view, staging slot or
         device slot), on its device; here plain views, a 4-bit store dequantizes."""
-        return split_expert(flat, self.config)
+        return split_expert(flat, self.layout)
 
     # -- accounting -------------------------------------------------------------------------
     def stats(self) -> dict:

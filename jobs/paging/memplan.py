@@ -293,13 +293,16 @@ def _plan_moe(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model:
     plan, s = _common(shape, device, req, model)
     cuda = device.kind == "cuda"
     where = "device" if cuda else "host RAM"
-    dense = shape.num_layers * shape.layer_numel * s
-    _add(plan, "attention, norms, routers", where, dense, f"{shape.num_layers} layers, resident")
+    # every decoder layer without its routed experts: attention, norms, routers, shared experts, dense MLPs
+    dense = (shape.decoder_numel or shape.num_layers * shape.layer_numel) * s
+    moe_layers = shape.moe_layers or shape.num_layers
+    _add(plan, "attention, norms, routers", where, dense, f"{shape.num_layers} layers, resident"
+         + (f", {shape.num_layers - moe_layers} of them with a dense MLP" if moe_layers < shape.num_layers else ""))
     fast = req.variant in ("fast", "auto")
     expert = packed_bytes(shape.expert_numel, req.bits, req.group_size) if fast else shape.expert_numel * s
     if fast:
         _add(plan, "expert expansion", where, shape.expert_numel * (1 + 2 * s), "one expert dequantized at a time")
-    total_experts = shape.num_layers * shape.num_experts
+    total_experts = moe_layers * shape.num_experts
     fixed = sum(r["bytes"] for r in plan.rows)
     room = _room(device.memory_bytes, fixed, device)
     cache = min(total_experts * expert, room) if req.expert_cache_bytes is None else req.expert_cache_bytes
@@ -329,7 +332,7 @@ def _plan_moe(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model:
     # Per decode step with uniform routing: distinct experts a layer needs, the share not on the device.
     active = shape.num_experts * (1 - (1 - shape.experts_per_token / shape.num_experts) ** req.batch)
     miss = 1 - slots / total_experts
-    plan.bytes_per_pass = int(shape.num_layers * active * miss * expert)
+    plan.bytes_per_pass = int(moe_layers * active * miss * expert)
     plan.disk_bytes_per_pass = int(plan.bytes_per_pass * (1 - in_ram / total_experts))
     return _finish(plan, device, note="uniform routing")
 

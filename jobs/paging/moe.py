@@ -1,6 +1,7 @@
-"""Loading a Mixtral folder for expert paging: `load_paged_moe()` and the `PagedMoE` it returns.
+"""Loading a MoE folder for expert paging: `load_paged_moe()` and the `PagedMoE` it returns.
 
-Owns building transformers' MixtralForCausalLM without expert weights and wiring in the pager.
+Owns building the family's own transformers model (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE, ...)
+without expert weights and wiring in the pager; moe_families.py says which families qualify.
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, MixtralForCausalLM
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from jobs.errors import ModelFolderError
 from jobs.paging.expert_cache import ExpertCache, cache_capacity
@@ -17,7 +19,8 @@ from jobs.paging.expert_pager import ExpertPager
 from jobs.paging.expert_quant import QuantExpertStore
 from jobs.paging.capability import resolve_dtype
 from jobs.paging.dtypes import dtype_name, torch_dtype
-from jobs.paging.expert_store import CheckpointIndex, ExpertStore, is_expert_key
+from jobs.paging.expert_store import CheckpointIndex, ExpertStore
+from jobs.paging.moe_families import REFUSED, SUPPORTED_SENTENCE, find_experts, is_expert_key, layout_of
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.open import is_moe_folder
 from jobs.paging.quant import QuantSpec, Variant
@@ -33,9 +36,9 @@ _CUDA_HEADROOM_BYTES = 2 * 1024**3
 
 @dataclass
 class PagedMoE:
-    """A Mixtral model whose experts are paged; `.model` is a normal MixtralForCausalLM."""
+    """A MoE model whose experts are paged; `.model` is the family's normal *ForCausalLM."""
 
-    model: MixtralForCausalLM
+    model: PreTrainedModel
     tokenizer: object | None
     device: torch.device
     store: ExpertStore
@@ -87,20 +90,28 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
     folder has a variant, else precise."""
     model_dir = Path(model_dir)
     if not is_moe_folder(model_dir):
-        raise ValueError(f"{model_dir} is not a MoE model folder (config.json has no "
-                         "num_local_experts); use the dense layer-streaming engine for it")
+        raise ValueError(f"{model_dir} is not a MoE model folder (config.json has no num_local_experts, "
+                         "num_experts or n_routed_experts); use the dense layer-streaming engine for it")
     device = torch.device(device)
     dtype = torch_dtype(resolve_dtype(dtype, device))  # "auto": capability.resolve_dtype, as the dense loader
     config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type != "mixtral":
-        raise ValueError(f"expert paging supports Mixtral checkpoints, not {config.model_type!r}")
-    n_layers, n_experts = config.num_hidden_layers, config.num_local_experts
+    if config.model_type in REFUSED:
+        raise ValueError(f"{model_dir.name}: {REFUSED[config.model_type]}. {SUPPORTED_SENTENCE}")
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        raise ValueError(f"{model_dir.name}: transformers has no causal LM class for {config.model_type!r}. "
+                         f"{SUPPORTED_SENTENCE}")
+    with torch.device("meta"):
+        model = model_class(config)  # no memory: weights are filled in by _load_dense
+    experts = find_experts(model)    # the family's experts modules, checked against the seam
+    layout = layout_of(model, experts)
+    n_layers, n_experts = layout.num_layers, layout.num_experts
     pin = device.type == "cuda"
     quantized = _open_variant(model_dir, variant, quant_spec)
     if quantized is None:
-        store = ExpertStore(config, dtype, pin_memory=pin)
+        store = ExpertStore(layout, dtype, pin_memory=pin)
     else:
-        store = QuantExpertStore(config, quantized, dtype, pin_memory=pin)
+        store = QuantExpertStore(layout, quantized, dtype, pin_memory=pin)
     expert_bytes = store.expert_bytes
 
     # Budgets the user gave are checked before reading a byte of weights.
@@ -113,7 +124,7 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
 
     index = CheckpointIndex(model_dir)
     try:
-        model = _build_dense(config, index, device, dtype)
+        model = _load_dense(model, experts, index, device, dtype)
         applied = apply_kernels(model, device, kernels)  # norms and RoPE only: the experts are the pager's
         store.load(index, ram_budget_bytes)
     finally:
@@ -123,12 +134,12 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
     cache = ExpertCache(store, expert_cache_bytes, device=device, policy=cache_policy,
                         scope=cache_scope)
     pager = ExpertPager(model, store, cache, prefetch=prefetch, cpu_miss_exec=cpu_miss_exec,
-                        cpu_miss_max_tokens=cpu_miss_max_tokens)
+                        cpu_miss_max_tokens=cpu_miss_max_tokens, experts=experts)
     tokenizer = None
     if any((model_dir / name).exists() for name in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    log.info("paged MoE %s: %d layers x %d experts (%s), cache %d/%d experts (%s) on %s",
-             model_dir.name, n_layers, n_experts, store.variant, cache.capacity,
+    log.info("paged MoE %s (%s): %d MoE layers x %d experts (%s), cache %d/%d experts (%s) on %s",
+             model_dir.name, config.model_type, n_layers, n_experts, store.variant, cache.capacity,
              n_layers * n_experts, format_size(cache.allocated_bytes), device)
     return PagedMoE(model=model, tokenizer=tokenizer, device=device, store=store, cache=cache,
                     pager=pager, kernels=applied)
@@ -159,14 +170,14 @@ def _default_cache_bytes(device: torch.device, all_experts_bytes: int) -> int:
     return min(all_experts_bytes, max(0, free_bytes - _CUDA_HEADROOM_BYTES))
 
 
-def _build_dense(config, index: CheckpointIndex, device: torch.device,
-                 dtype: torch.dtype) -> MixtralForCausalLM:
-    """The transformers model with every non-expert weight loaded and no expert weights at all:
-    built on the meta device, then filled tensor by tensor with assign=True (no extra copy)."""
-    with torch.device("meta"):
-        model = MixtralForCausalLM(config)
-    for layer in model.model.layers:
-        layer.mlp.experts = torch.nn.Module()  # placeholder until the pager installs its own
+def _load_dense(model: PreTrainedModel, experts: dict, index: CheckpointIndex, device: torch.device,
+                dtype: torch.dtype) -> PreTrainedModel:
+    """The meta-built transformers model with every non-expert weight loaded (attention, norms, routers,
+    shared experts, dense MLP layers) and no expert weights at all: filled tensor by tensor with
+    assign=True (no extra copy)."""
+    config = model.config
+    for idx in experts:
+        model.model.layers[idx].mlp.experts = torch.nn.Module()  # placeholder until the pager installs its own
     state = {}
     for name in index.keys():
         if is_expert_key(name):
@@ -177,7 +188,7 @@ def _build_dense(config, index: CheckpointIndex, device: torch.device,
     missing = [k for k in result.missing_keys if k != "lm_head.weight" or
                not config.tie_word_embeddings]
     if missing or result.unexpected_keys:
-        raise KeyError(f"checkpoint {index.model_dir} does not match MixtralForCausalLM: "
+        raise KeyError(f"checkpoint {index.model_dir} does not match {type(model).__name__}: "
                        f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -23,12 +23,15 @@ _IGNORED_BY = {
 
 
 def is_moe_folder(model_dir: str | Path) -> bool:
-    """True when the folder's config.json names experts (`num_local_experts`, top level or text_config)."""
+    """True when the folder's config.json names routed experts (`num_local_experts`: Mixtral, gpt-oss;
+    `num_experts`: Qwen-MoE, OLMoE; `n_routed_experts`: DeepSeek), top level or text_config."""
+    from jobs.paging.moe_families import num_routed_experts
+
     try:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return False  # the dense engine says what is wrong with the folder
-    return bool(config.get("num_local_experts") or config.get("text_config", {}).get("num_local_experts"))
+    return bool(num_routed_experts(config) or num_routed_experts(config.get("text_config") or {}))
 
 
 def check_settings(spec: ModelSpec) -> None:

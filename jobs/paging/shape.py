@@ -31,6 +31,8 @@ class ModelShape:
     num_experts: int = 0
     experts_per_token: int = 0
     expert_numel: int = 0
+    moe_layers: int = 0               # MoE: layers with routed experts (the others have a dense MLP)
+    decoder_numel: int = 0            # MoE: every decoder layer without its routed experts, elements
     source: str = "config.json"       # or "safetensors headers" when sizes were read from the files
 
     @property
@@ -44,8 +46,12 @@ def text_config(config: dict) -> dict:
 
 def shape_from_config(config: dict) -> ModelShape:
     """Element counts from config.json alone, for the decoder layouts transformers gives llama-like
-    models (Llama, Mistral, Qwen2, Gemma 1-3, Mixtral); cross-checked against transformers' own classes on
-    the meta device in tests/engine/test_memplan.py."""
+    models (Llama, Mistral, Qwen2/3, Gemma 1-3) and the MoE families of moe_families.py (Mixtral,
+    Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3 with MLA attention, shared experts and dense layers mixed in);
+    cross-checked against transformers' own classes on the meta device in tests/engine/test_memplan_engine.py
+    and tests/engine/test_moe_families.py."""
+    from jobs.paging.moe_families import expert_layout, num_routed_experts
+
     tc = text_config(config)
     model_type = tc.get("model_type") or config.get("model_type", "")
     hidden, inter = tc["hidden_size"], tc["intermediate_size"]
@@ -54,15 +60,29 @@ def shape_from_config(config: dict) -> ModelShape:
     head_dim = tc.get("head_dim") or hidden // heads
     vocab = tc.get("vocab_size") or (262208 if model_type.startswith("gemma3") else 32000)
     layers = tc["num_hidden_layers"]
-    bias = bool(tc.get("attention_bias")) or model_type == "qwen2"
+    bias = bool(tc.get("attention_bias")) or model_type in ("qwen2", "qwen2_moe")
     attn = hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + heads * head_dim * hidden
     if bias:
         attn += heads * head_dim + 2 * kv_heads * head_dim + (hidden if tc.get("attention_bias") else 0)
+    if tc.get("kv_lora_rank"):
+        attn, kv_heads, head_dim = _mla(tc, hidden, heads)
     gemma3 = model_type.startswith("gemma3")
     norms = (4 * hidden + 2 * head_dim) if gemma3 else 2 * hidden
-    experts = tc.get("num_local_experts") or 0
-    expert_numel = 3 * hidden * inter if experts else 0
-    mlp = hidden * experts if experts else 3 * hidden * inter      # the router, or the dense MLP
+    if model_type in ("qwen3", "qwen3_moe"):
+        norms += 2 * head_dim                                       # q_norm, k_norm per head
+    elif model_type == "olmoe":
+        norms += (heads + kv_heads) * head_dim                      # q_norm, k_norm over all heads
+    experts, expert_numel, moe_layers, decoder = num_routed_experts(tc), 0, 0, 0
+    mlp = 3 * hidden * inter                                        # the dense MLP
+    if experts:
+        moe = expert_layout(tc)
+        expert_numel, moe_layers = moe.expert_numel, moe.num_layers
+        # the widest MLP a token passes through (prefill activations): a routed, shared or dense one
+        inter = max(moe.intermediate, moe.shared_intermediate, moe.dense_intermediate)
+        # a MoE layer keeps its router, shared expert(s) and their gate resident; the experts are paged
+        mlp_moe = hidden * experts + 3 * hidden * moe.shared_intermediate + (hidden if moe.shared_gate else 0)
+        decoder = moe_layers * (attn + norms + mlp_moe) + (layers - moe_layers) * (attn + norms + mlp)
+        mlp = max(mlp_moe, mlp if moe_layers < layers else 0)
     tied = bool(tc.get("tie_word_embeddings", config.get("tie_word_embeddings", gemma3 or
                                                          model_type.startswith("gemma"))))
     non_layer = vocab * hidden * (1 if tied else 2) + hidden
@@ -80,7 +100,24 @@ def shape_from_config(config: dict) -> ModelShape:
     return ModelShape(model_type, layers, hidden, inter, heads, kv_heads, head_dim, vocab, tied, stored,
                       attn + norms + mlp, non_layer, max(hidden * inter, hidden * heads * head_dim),
                       tuple(types), window if window and "sliding_attention" in types else None,
-                      experts, tc.get("num_experts_per_tok") or 0, expert_numel)
+                      experts, tc.get("num_experts_per_tok") or 0, expert_numel, moe_layers, decoder)
+
+
+def _mla(tc: dict, hidden: int, heads: int) -> tuple[int, int, int]:
+    """DeepSeek-V2/V3 multi-head latent attention: (attention elements, kv_heads, head_dim). transformers
+    caches the compressed latent, kv_lora_rank + qk_rope_head_dim per token and layer, so the KV cache is
+    counted as one head of half that width (K and V each)."""
+    q_head = tc["qk_nope_head_dim"] + tc["qk_rope_head_dim"]
+    kv_lora, rope, v_head, q_lora = tc["kv_lora_rank"], tc["qk_rope_head_dim"], tc["v_head_dim"], tc.get("q_lora_rank")
+    bias = bool(tc.get("attention_bias"))
+    if q_lora:   # q_a_proj (+bias), q_a_layernorm, q_b_proj
+        q = hidden * q_lora + (q_lora if bias else 0) + q_lora + q_lora * heads * q_head
+    else:
+        q = hidden * heads * q_head
+    kv = hidden * (kv_lora + rope) + ((kv_lora + rope) if bias else 0) + kv_lora \
+        + kv_lora * heads * (tc["qk_nope_head_dim"] + v_head)
+    out = heads * v_head * hidden + (hidden if bias else 0)
+    return q + kv + out, 1, (kv_lora + rope) // 2
 
 
 def shape_from_folder(model_dir: str | Path) -> ModelShape:
