@@ -17,7 +17,7 @@ from jobs.paging.kv_cache import Int8Layer
 
 pytestmark = pytest.mark.engine
 
-CONTEXT, NEW = 96, 32     # short: the method is the same at 512, and both stay inside the 512-token window
+CONTEXT, NEW = 96, 16     # short: the method is the same at 512, and both stay inside the 512-token window
 # fp32 through 18 layers: logits of ~30 agree to ~1e-5 between two summation orders; 1e-4 is the bound.
 LOGIT_TOL = 1e-4
 
@@ -58,38 +58,39 @@ def test_full_cache_and_full_rank_svd_reproduce_one_plain_forward(reference, ids
     assert cache.layers[0].keys.shape[0] == 1          # the prefilled cache itself was not touched
 
 
-@pytest.mark.parametrize("method, first", [(kc.LAST_N, 0), (kc.SINK_LAST, kc.SINK_TOKENS)])
-def test_masked_eviction_equals_a_cache_that_dropped_the_tokens(reference, ids, prefilled, method, first):
+def test_masked_eviction_equals_a_cache_that_dropped_the_tokens(reference, ids, prefilled):
     model, _ = reference
     cache, factors = prefilled
     keep, cont = 40, ids[:, CONTEXT:CONTEXT + NEW]
-    masked = continuation_logits(model, cache, factors, [_variant(method, keep)], cont)[0]
-    dropped = copy.deepcopy(cache)
-    for layer in dropped.layers:  # cached keys carry their RoPE positions: dropping rows keeps the rest right
-        layer.keys, layer.values = (torch.cat([t[:, :, :first], t[:, :, first - keep:]], dim=2)
-                                    for t in (layer.keys, layer.values))
-        if hasattr(layer, "cumulative_length"):
-            layer.cumulative_length = keep
-    assert dropped.layers[0].keys.shape[2] == keep
-    with torch.no_grad():
-        physical = model(input_ids=cont, position_ids=torch.arange(CONTEXT, CONTEXT + NEW)[None],
-                         past_key_values=dropped, use_cache=True).logits[0]
-    assert (masked - physical).abs().max() <= LOGIT_TOL
-    full = continuation_logits(model, cache, factors, [_variant(kc.FULL, 0)], cont)[0]
-    assert (masked - full).abs().max() > 0.1
+    variants = [_variant(kc.LAST_N, keep), _variant(kc.SINK_LAST, keep), _variant(kc.FULL, 0)]
+    masked = continuation_logits(model, cache, factors, variants, cont)
+    for row, first in ((0, 0), (1, kc.SINK_TOKENS)):
+        dropped = copy.deepcopy(cache)
+        for layer in dropped.layers:  # cached keys carry their RoPE positions: dropping rows keeps the rest right
+            layer.keys, layer.values = (torch.cat([t[:, :, :first], t[:, :, first - keep:]], dim=2)
+                                        for t in (layer.keys, layer.values))
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = keep
+        assert dropped.layers[0].keys.shape[2] == keep
+        with torch.no_grad():
+            physical = model(input_ids=cont, position_ids=torch.arange(CONTEXT, CONTEXT + NEW)[None],
+                             past_key_values=dropped, use_cache=True).logits[0]
+        assert (masked[row] - physical).abs().max() <= LOGIT_TOL
+        assert (masked[row] - masked[2]).abs().max() > 0.1
 
 
 def test_agreement_and_kl_improve_with_rank(reference, ids):
     model, _ = reference
     scored = []
-    variants, scores, shapes = study_passage(model, ids, CONTEXT, NEW, lambda s: kc.plan_variants(s, (4, 64), ()),
-                                             8, lambda n, of: scored.append((n, of)))
+    variants, scores, shapes = study_passage(model, ids, CONTEXT, NEW,
+                                             lambda s: kc.plan_variants(s, (4, 64), ())[:3],  # full, r=4, r=64
+                                             2, lambda n, of: scored.append((n, of)))
     by = {v.label: s for v, s in zip(variants, scores)}
     assert by["full"].agree == by["full"].positions == NEW and by["full"].kl_sum == 0
     low, high = by["svd r=4"], by["svd r=64"]
     assert high.agree >= low.agree and high.kl_sum < low.kl_sum and high.nll_sum < low.nll_sum
     assert high.energy["keys"] > low.energy["keys"] and high.energy["values"] > low.energy["values"]
-    assert sum(n for n, _ in scored) == len(variants) and {of for _, of in scored} == {len(variants)}
+    assert scored == [(2, 3), (1, 3)]  # two passes of at most 2 variants: the reference row comes first
     assert all(s.tokens == CONTEXT for s in shapes)  # under the window every layer holds the whole prefix
 
 
