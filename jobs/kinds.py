@@ -98,7 +98,9 @@ BUILTIN_KINDS: tuple[Kind, ...] = (
                  Param("continuation", "int", default=64, min=1, max=100_000,
                        help="tokens scored after the prefix"),
                  Param("max_texts", "int", min=1, help="study at most this many passages (default: all)"),
-                 *(p for p in _MODEL_PARAMS if p.name != "max_new_tokens")),
+                 *(p for p in _MODEL_PARAMS if p.name == "model"),
+                 Param("batch_size", "int", default=DEFAULT_BATCH_SIZE, min=1, max=4096,
+                       help="cache variants scored per pass over the weights")),
          needs_paging=True, check=_kv_rank_check),
 )
 
