@@ -173,12 +173,15 @@ class FileSensors:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.name = f"file:{path}"
+        self._answered = False     # like NVML: failing after it answered is a lost GPU
 
     def read(self) -> list[GpuReading]:
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError) as exc:
-            raise SensorsUnavailable(f"sensor file {self.path} unreadable: {exc}") from None
+            error = SensorsFailed if self._answered else SensorsUnavailable
+            raise error(f"sensor file {self.path} unreadable: {exc}") from None
+        self._answered = True
         out = []
         for i, g in enumerate(data.get("gpus", [])):
             out.append(GpuReading(

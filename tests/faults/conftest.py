@@ -106,3 +106,23 @@ def fill(folder: Path) -> Path:
             except OSError:
                 break
     return filler
+
+
+REPORT_ENV = "LAB_ATTENDANT_FAULT_REPORT"
+
+
+def report(scenario: str, **counts) -> None:
+    """Append one scenario's measured counts (JSON line) to $LAB_ATTENDANT_FAULT_REPORT, the
+    source of the table in docs/reliability.md; a no-op without it."""
+    path = os.environ.get(REPORT_ENV)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"scenario": scenario, **counts}) + "\n")
+
+
+def sensors_file(path: Path, temperature_c: float = 60.0) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"gpus": [{"index": 0, "temperature_c": temperature_c,
+                                         "memory_used_bytes": 1 << 30,
+                                         "memory_total_bytes": 11811160064, "processes": []}]}))
+    os.replace(tmp, path)

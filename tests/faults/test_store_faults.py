@@ -9,17 +9,18 @@ import sys
 
 import pytest
 
-from .conftest import check_invariant, fill, rows, wait_for
+from .conftest import check_invariant, fill, report, rows, wait_for
 
 pytestmark = pytest.mark.faults
-DISK_FULL_REPEATS = 3
+DISK_FULL_REPEATS, CORRUPT_REPEATS = 3, 3
 
 
 @pytest.mark.parametrize("attempt", range(DISK_FULL_REPEATS))
 def test_state_disk_full_pauses_admissions_and_loses_nothing(lab, small_tmpfs, attempt):
     daemon = lab.start_daemon()
-    ids = [lab.submit("sleepy", "seconds=2", "quiet=true") for _ in range(2)]
-    wait_for(lambda: all(r[1] == "running" for r in rows(lab)), 20, "two runs running")
+    ids = [lab.submit("sleepy", "seconds=5", "quiet=true") for _ in range(2)]
+    wait_for(lambda: all(r[1] == "running" for r in rows(lab)) and len(_worker_pids(lab)) == 2,
+             30, "two runs running")
     filler = fill(small_tmpfs)
     status = small_tmpfs / "daemon-status.json"
     wait_for(lambda: json.loads(status.read_bytes().strip() or b"{}").get("store_fault"), 20,
@@ -28,7 +29,7 @@ def test_state_disk_full_pauses_admissions_and_loses_nothing(lab, small_tmpfs, a
     assert st["store_fault"] and "full" in st["store_fault"]
     # The workers end meanwhile (their result.json cannot be written either); the daemon
     # reaps them, keeps their outcome in memory and stays alive.
-    wait_for(lambda: not any(_alive(p) for p in _worker_pids(lab)), 20, "workers to exit")
+    wait_for(lambda: not any(_alive(p) for p in _worker_pids(lab)), 40, "workers to exit")
     assert daemon.poll() is None
     assert all(r[1] == "running" for r in rows(lab))     # nothing could be written yet
     filler.unlink()
@@ -46,10 +47,12 @@ def test_state_disk_full_pauses_admissions_and_loses_nothing(lab, small_tmpfs, a
     assert json.loads(lab.cli("status", "--json").stdout)["store_fault"] is None
     daemon.terminate()
     assert daemon.wait(timeout=30) == 0
+    report("state disk full (4 MiB tmpfs) with 2 runs in flight", repeats=1,
+           runs=len(ids), daemon_survived=1, ended=sum(counts.values()), late_run_admitted=1)
 
 
 def _worker_pids(lab) -> list[int]:
-    return [int(p.read_text()) for p in lab.state_dir.glob("runs/*/output/worker.pid")]
+    return [int(t) for p in lab.state_dir.glob("runs/*/output/worker.pid") if (t := p.read_text())]
 
 
 def _alive(pid: int) -> bool:
@@ -61,7 +64,8 @@ def _alive(pid: int) -> bool:
         return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_damaged_store_stops_the_daemon_with_exit_3_and_one_sentence(lab):
+@pytest.mark.parametrize("attempt", range(CORRUPT_REPEATS))
+def test_damaged_store_stops_the_daemon_with_exit_3_and_one_sentence(lab, attempt):
     ids = [lab.submit("sleepy", "seconds=0.1") for _ in range(2)]
     assert lab.cli("db", "backup", str(lab.state_dir / "backups") + "/").returncode == 0
     db = lab.state_dir / "lab_attendant.sqlite3"
@@ -77,3 +81,4 @@ def test_damaged_store_stops_the_daemon_with_exit_3_and_one_sentence(lab):
     assert "Traceback" not in proc.stderr
     assert lab.cli("db", "restore").returncode == 0
     assert check_invariant(lab, ids) == {"queued": 2}
+    report("corrupt store", repeats=1, exit_3_one_line=1, restored_rows=2, runs_lost=0)
