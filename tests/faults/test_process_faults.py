@@ -16,7 +16,7 @@ from lab_attendant.config import load_config
 from lab_attendant.store import Store
 from tests.conftest import ROOT, Lab, write_config
 
-from .conftest import check_invariant, report, rows, sensors_file, wait_for
+from .conftest import check_invariant, pid_alive, report, rows, sensors_file, wait_for
 
 pytestmark = pytest.mark.faults
 DAEMON_KILLS, WORKER_KILLS, SENSOR_FAULTS, COTENANT_FAULTS = 20, 10, 3, 3
@@ -51,19 +51,10 @@ def test_daemon_sigkill_with_runs_in_flight(lab: Lab):
     assert counts == {"lost": 2 * DAEMON_KILLS}
     grandchildren = [int(p.read_text()) for p in lab.state_dir.glob("runs/*/output/grandchild.pid")]
     assert len(grandchildren) == 2 * DAEMON_KILLS
-    orphans = [p for p in grandchildren if _alive(p)]
+    orphans = [p for p in grandchildren if pid_alive(p)]
     assert not orphans
     report("daemon SIGKILL with 2 runs in flight", repeats=DAEMON_KILLS, runs=len(ids),
            reconciled_lost=counts["lost"], orphans=len(orphans), rows=len(rows(lab)))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_worker_sigkill(lab: Lab):
@@ -165,7 +156,7 @@ def test_cotenant_start_failure(lab: Lab):
         pid = (d / "earnode.pid").read_text() if (d / "earnode.pid").exists() else ""
         daemon.terminate()
         daemon.wait(timeout=30)
-        if pid and _alive(int(pid)):
+        if pid and pid_alive(int(pid)):
             os.kill(int(pid), signal.SIGKILL)
     counts = check_invariant(lab, ids, allow_queued=False)
     assert counts == {"succeeded": 2 * COTENANT_FAULTS} and restored == COTENANT_FAULTS

@@ -3,13 +3,12 @@ daemon, real workers and real SQLite."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import check_invariant, fill, report, rows, wait_for
+from .conftest import check_invariant, fill, pid_alive, report, rows, wait_for
 
 pytestmark = pytest.mark.faults
 DISK_FULL_REPEATS, CORRUPT_REPEATS = 3, 3
@@ -29,7 +28,7 @@ def test_state_disk_full_pauses_admissions_and_loses_nothing(lab, small_tmpfs, a
     assert st["store_fault"] and "full" in st["store_fault"]
     # The workers end meanwhile (their result.json cannot be written either); the daemon
     # reaps them, keeps their outcome in memory and stays alive.
-    wait_for(lambda: not any(_alive(p) for p in _worker_pids(lab)), 40, "workers to exit")
+    wait_for(lambda: not any(pid_alive(p) for p in _worker_pids(lab)), 40, "workers to exit")
     assert daemon.poll() is None
     assert all(r[1] == "running" for r in rows(lab))     # nothing could be written yet
     filler.unlink()
@@ -53,15 +52,6 @@ def test_state_disk_full_pauses_admissions_and_loses_nothing(lab, small_tmpfs, a
 
 def _worker_pids(lab) -> list[int]:
     return [int(t) for p in lab.state_dir.glob("runs/*/output/worker.pid") if (t := p.read_text())]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.mark.parametrize("attempt", range(CORRUPT_REPEATS))
