@@ -6,6 +6,7 @@ Not a test: prints a table, writes bench/results/moe_<host>_<date>.json, never a
   python bench/moe_bench.py --device cuda --mixtral-8x7b-shape --layers 4   # on a GPU box
   python bench/moe_bench.py --variant both                    # + 4-bit (HQQ q4g64) expert rows
   python bench/moe_bench.py --device cuda --mixtral-8x7b-shape --layers 4 --variant fast
+  python bench/moe_bench.py --family all --configs tiny,small  # DeepSeek-V2, Qwen3/Qwen2-MoE, OLMoE
 
 --variant fast writes the folder's q4g64 variant first, with HQQ running on --device: one
 14336x4096 weight took ~85 s on the shared 2-core CPU host, so a 4-layer Mixtral-shape variant
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import MixtralConfig, MixtralForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,6 +44,25 @@ CONFIGS = {  # random weights: routing is near uniform, so hit rates are a floor
     "mixtral-8x7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_local_experts=8, num_attention_heads=32, num_key_value_heads=8,
                          vocab_size=32000),
+}
+# --family: the released models' expert counts and top-k, scaled down (hidden, layers, expert width);
+# DeepSeek keeps its dense first layer and shared experts, Qwen2-MoE its gated shared expert.
+FAMILY_SHAPES = {
+    "deepseek_v2": dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1,
+                        q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                        topk_method="greedy", n_group=1, topk_group=1),
+    # DeepSeek-V2 (236B)'s group-limited routing at the Lite's 64 experts: 8 groups, top-6 within the best 3
+    "deepseek_v2_grouped": dict(model_type="deepseek_v2", n_routed_experts=64, num_experts_per_tok=6,
+                                n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None, qk_nope_head_dim=32,
+                                qk_rope_head_dim=16, v_head_dim=32, topk_method="group_limited_greedy", n_group=8,
+                                topk_group=3),
+    "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, norm_topk_prob=True),
+    "qwen2_moe": dict(num_experts=60, num_experts_per_tok=4),
+    "olmoe": dict(num_experts=64, num_experts_per_tok=8),
+}
+FAMILY_SIZES = {  # (hidden, layers, expert intermediate, dense/shared intermediate, vocab)
+    "tiny": (64, 4, 32, 128, 512),
+    "small": (256, 6, 128, 512, 2048),
 }
 CACHE_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
 CARD_BYTES = 11 * 1024**3          # the 2080 Ti the seed targets
@@ -135,13 +155,14 @@ def paged_row(folder, config, *, device, dtype, cache_bytes, policy, batch, new_
         run_tok_s = timed_generate(paged.model, ids, new_tokens, torch.device(device))
         if run_tok_s > tok_s:
             tok_s, s = run_tok_s, paged.stats()
+        moe_layers = paged.store.num_layers  # a dense layer mixed in pages nothing
         paged.close()
     tokens = batch * new_tokens
     # The physical bound: what crossed the host->device link per token, at the measured
     # bandwidth. At batch-1 decode without prefetch that is layers x top_k x (1 - hit rate) x
     # expert bytes; prefetch copies count too, since they use the same link.
     bytes_per_token = s["bytes_h2d"] / tokens
-    formula_bytes = (config.num_hidden_layers * config.num_experts_per_tok
+    formula_bytes = (moe_layers * config.num_experts_per_tok
                      * (1 - s["hit_rate_without_prefetch"]) * s["expert_bytes"])
     copy_bound = bandwidth / bytes_per_token if bytes_per_token else None
     return {"label": label, "variant": s["expert_variant"], "expert_bytes": s["expert_bytes"],
@@ -155,7 +176,9 @@ def paged_row(folder, config, *, device, dtype, cache_bytes, policy, batch, new_
             "tok_s": round(tok_s, 2),
             "copy_bound_tok_s": round(copy_bound, 2) if copy_bound else None,
             "achieved_vs_bound": round(tok_s / copy_bound, 4) if copy_bound else None,
-            "cpu_execs": s["cpu_execs"]}
+            "cpu_execs": s["cpu_execs"],
+            "prefetch_accuracy_by_layer": {layer: round(c["prefetch_guess_hits"] / c["prefetch_guesses"], 4)
+                                           for layer, c in s["per_layer"].items() if c["prefetch_guesses"]}}
 
 
 def best_tok_s(model, ids, new_tokens, device, repeats: int) -> float:
@@ -264,6 +287,65 @@ def run_config(name: str, shape: dict, args, out_rows: list) -> None:
         print_table(name, rows, expert_bytes, bandwidth)
 
 
+def write_family_model(folder: Path, family: str, size: str, seed: int = 0) -> tuple[Path, object]:
+    """A random model of `family` at `size`, written by transformers' own save_pretrained."""
+    hidden, layers, inter, dense, vocab = FAMILY_SIZES[size]
+    extra = dict(FAMILY_SHAPES[family])
+    family = extra.pop("model_type", family)
+    if family == "deepseek_v2":
+        extra.update(kv_lora_rank=hidden // 2, num_key_value_heads=4)
+    if family in ("deepseek_v2", "qwen3_moe", "qwen2_moe"):
+        extra["moe_intermediate_size"] = inter
+    if family == "qwen2_moe":
+        extra["shared_expert_intermediate_size"] = dense
+    config = AutoConfig.for_model(family, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                  num_key_value_heads=extra.pop("num_key_value_heads", 2), vocab_size=vocab,
+                                  intermediate_size=inter if family == "olmoe" else dense,
+                                  max_position_embeddings=4096, initializer_range=0.1, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **extra)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder, config
+
+
+def run_family(family: str, size: str, args, out_rows: list) -> None:
+    """Hit rate vs cache size (LRU and LFU, no prefetch), then look-ahead prefetch and CPU execution of
+    misses at a quarter of the experts, against transformers resident: batch 1."""
+    device, dtype = torch.device(args.device), torch_dtype(args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, config = write_family_model(Path(tmp) / family, family, size)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config)
+        from jobs.paging.moe_families import find_experts, layout_of
+        layout = layout_of(meta, find_experts(meta))
+        expert_bytes = layout.expert_numel * dtype.itemsize
+        all_experts = layout.num_layers * layout.num_experts
+        bandwidth = copy_bandwidth_bytes_per_s(expert_bytes, device)
+        common = dict(device=args.device, dtype=args.dtype, bandwidth=bandwidth, repeats=args.repeats,
+                      new_tokens=args.new_tokens, batch=1)
+        rows = []
+        for frac in CACHE_FRACTIONS:
+            for policy in ("lru", "lfu"):
+                rows.append(paged_row(folder, config, policy=policy, label="paged, no prefetch", prefetch=False,
+                                      cache_bytes=max(1, round(frac * all_experts)) * expert_bytes, **common))
+        ids = torch.randint(3, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1)).to(device)
+        resident = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        rows.append({"label": "resident (transformers)", "batch": 1,
+                     "tok_s": best_tok_s(resident, ids, args.new_tokens, device, args.repeats)})
+        del resident
+        quarter = max(1, all_experts // 4) * expert_bytes
+        for label, flags in (("paged 25% + prefetch", {}), ("paged 25% + prefetch + cpu exec", {"cpu_miss_exec": True})):
+            rows.append(paged_row(folder, config, policy="lru", cache_bytes=quarter, label=label, **flags, **common))
+        name = f"{family}-{size}"
+        for row in rows:
+            row.setdefault("expert_bytes", expert_bytes)
+            row.update(config=name, family=family, moe_layers=list(layout.layers), experts=layout.num_experts,
+                       top_k=layout.experts_per_token, copy_bandwidth_gb_s=bandwidth / 1e9)
+        out_rows += rows
+        print_table(f"{name}: {layout.num_layers} MoE layers {list(layout.layers)} of {config.num_hidden_layers} x "
+                    f"{layout.num_experts} experts, top-{layout.experts_per_token}", rows, expert_bytes, bandwidth)
+
+
 def print_table(name: str, rows: list, expert_bytes: int, bandwidth: float) -> None:
     print(f"\n## {name}: precise expert {format_size(expert_bytes)}, copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s")
@@ -285,6 +367,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="fp32 on CPU, bf16 on CUDA by default")
     parser.add_argument("--configs", default="tiny,small", help="comma list of " + ",".join(CONFIGS))
+    parser.add_argument("--family", default=None, help="a non-Mixtral family instead (" + ",".join(FAMILY_SHAPES)
+                        + ", or all), at the --configs sizes " + ",".join(FAMILY_SIZES))
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--mixtral-8x7b-shape", action="store_true",
                         help="random bf16 weights of Mixtral-8x7B shape, 11 GB-card cache budget")
@@ -302,7 +386,12 @@ def main() -> None:
     info = machine()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     rows: list = []
-    if args.mixtral_8x7b_shape:
+    if args.family:
+        for family in (["deepseek_v2", "qwen3_moe", "qwen2_moe", "olmoe"] if args.family == "all"
+                       else args.family.split(",")):
+            for size in args.configs.split(","):
+                run_family(family, size, args, rows)
+    elif args.mixtral_8x7b_shape:
         shape = {**CONFIGS["mixtral-8x7b"], "num_hidden_layers": args.layers}
         run_config(f"mixtral-8x7b-shape-{args.layers}L", shape, args, rows)
     else:
@@ -311,6 +400,7 @@ def main() -> None:
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(exist_ok=True)
     suffix = "" if args.variant == "precise" else f"_{args.variant}"  # precise runs keep their name
+    suffix += ("_families" if args.family == "all" else f"_{args.family.replace(',', '_')}") if args.family else ""
     path = out_dir / f"moe_{info['hostname']}_{datetime.date.today().isoformat()}{suffix}.json"
     path.write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows}, indent=1))
     print(f"\nwrote {path}")

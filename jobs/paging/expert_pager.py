@@ -145,13 +145,19 @@ class ExpertPager:
         `layer`. The router is the family's own, so DeepSeek's group-limited routing and
         scaling apply to the guess as they will to the real routing."""
         residual = self._after_attention.pop(layer, None)
-        if not self.prefetch or residual is None:
+        target = self._target.get(layer)
+        if not self.prefetch or residual is None or target is None:
             return
-        target = self._target[layer]
         nxt = self._layers[target]
         # .forward() bypasses module hooks, so transformers' router-logit recorder never sees it.
         normed = nxt.post_attention_layernorm.forward(residual)
-        _, scores, indices = nxt.mlp.gate.forward(normed.reshape(-1, normed.shape[-1]))
+        routed = nxt.mlp.gate.forward(normed.reshape(-1, normed.shape[-1]))
+        if not (isinstance(routed, tuple) and len(routed) == 3):
+            # a router that returns only logits leaves top-k to its MoE block: no guess to make
+            log.warning("layer %d's router returns no (logits, weights, indices); no look-ahead for it", target)
+            self._target.pop(layer)
+            return
+        _, scores, indices = routed
         weight = torch.zeros(self.num_experts, device=scores.device, dtype=torch.float32)
         weight.index_add_(0, indices.flatten(), scores.flatten().float())
         weight_list = weight.tolist()  # one device sync, not one per expert

@@ -20,7 +20,8 @@ from jobs.paging.expert_quant import QuantExpertStore
 from jobs.paging.capability import resolve_dtype
 from jobs.paging.dtypes import dtype_name, torch_dtype
 from jobs.paging.expert_store import CheckpointIndex, ExpertStore
-from jobs.paging.moe_families import REFUSED, SUPPORTED_SENTENCE, find_experts, is_expert_key, layout_of
+from jobs.paging.moe_families import (REFUSED, SUPPORTED_SENTENCE, TESTED, find_experts, is_expert_key,
+                                      layout_of)
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.open import is_moe_folder
 from jobs.paging.quant import QuantSpec, Variant
@@ -105,6 +106,10 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
         model = model_class(config)  # no memory: weights are filled in by _load_dense
     experts = find_experts(model)    # the family's experts modules, checked against the seam
     layout = layout_of(model, experts)
+    if config.model_type not in TESTED:
+        log.warning("%s: %s has the experts seam the pager replaces but is not among the families tested "
+                    "against transformers (%s); compare a few outputs with the resident model before relying "
+                    "on it", model_dir.name, config.model_type, ", ".join(TESTED))
     n_layers, n_experts = layout.num_layers, layout.num_experts
     pin = device.type == "cuda"
     quantized = _open_variant(model_dir, variant, quant_spec)

@@ -86,7 +86,9 @@ def expert_layout(config) -> ExpertLayout:
         raise ValueError(f"config.json of {model_type!r} names no experts (num_local_experts, num_experts or "
                          f"n_routed_experts); use the dense layer-streaming engine for it")
     n_layers = tc["num_hidden_layers"]
-    if "first_k_dense_replace" in tc:            # DeepSeek: the first k layers are dense
+    if tc.get("mlp_layer_types"):                # newer families: "dense" or "sparse" per layer
+        layers = tuple(i for i, kind in enumerate(tc["mlp_layer_types"]) if kind == "sparse")
+    elif "first_k_dense_replace" in tc:          # DeepSeek: the first k layers are dense
         layers = tuple(range(tc["first_k_dense_replace"] or 0, n_layers))
     else:                                        # Qwen-MoE: mlp_only_layers, every decoder_sparse_step-th
         only = set(tc.get("mlp_only_layers") or ())

@@ -81,3 +81,13 @@ def test_plan_counts_shared_experts_and_only_moe_layers_experts():
     assert "of 1664 experts" in rows["expert cache"]["detail"]                       # 26 MoE layers x 64, not 27
     expert = shape.expert_numel * 2
     assert plan.expert_cache_slots == 10 * 1024**3 // expert
+
+
+def test_mlp_layer_types_config_gives_the_models_moe_layers():
+    """Families that name each layer "dense" or "sparse" (here GLM-4-MoE-Lite): the plan's layers are the
+    model's."""
+    config = AutoConfig.for_model("glm4_moe_lite", num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    found = layout_of(model, find_experts(model))
+    assert found.layers == (1, 2) == expert_layout(config.to_dict()).layers
