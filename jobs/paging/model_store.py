@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from jobs.errors import ModelFolderError
+from jobs.paging.mapped import MappedFiles
 from jobs.paging.quant import QuantSpec, Variant
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class ModelStore:
         self.fast_shapes: list[dict[str, tuple[int, int]]] = []  # per layer, quantized name -> weight shape
         self._lock = threading.Lock()  # the prefetch thread and the caller may both read
         self._handles: dict[Path, object] = {}
+        self._mapped = MappedFiles()  # zero-copy views for read_layer_into
 
     @property
     def layer_nbytes(self) -> list[int]:
@@ -149,6 +151,26 @@ class ModelStore:
         packed = {n for n in self.fast_entries[index] if n.rpartition(".")[0] in self.fast_shapes[index]}
         return self._read(self.fast_entries[index], dtype, pin, keep_dtype=packed, narrow_only=narrow_only)
 
+    def read_layer_into(self, index: int, out: dict[str, torch.Tensor], *, fast: bool = False) -> None:
+        """Copy layer `index` (its fast variant's packed parts when `fast`) straight from the page cache into
+        `out` (views of a streaming slot or its pinned staging buffer), converting to each view's dtype on the
+        way: no intermediate tensor is allocated."""
+        entries = self.fast_entries[index] if fast else self.layer_entries[index]
+        for name, entry in entries.items():
+            with self._lock:
+                source = self._mapped[entry.file].view(entry.key)
+                self.bytes_read += entry.nbytes
+            out[name].copy_(source.view(out[name].shape))
+
+    def layer_parts(self, index: int, *, fast: bool = False) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """(shape, stored dtype) of each tensor of layer `index` (or its fast parts), from the headers."""
+        entries = self.fast_entries[index] if fast else self.layer_entries[index]
+        out = {}
+        for name, entry in entries.items():
+            dtype, shape, *_ = self._mapped[entry.file].entries[entry.key]
+            out[name] = (torch.Size(shape), dtype)
+        return out
+
     def read_non_layer(self, dtype: torch.dtype, *, narrow_only: bool = False) -> dict[str, torch.Tensor]:
         """Embeddings, final norm and lm_head (when not tied), named as in a *ForCausalLM model."""
         return self._read(self.other_entries, dtype, pin=False, narrow_only=narrow_only)
@@ -175,6 +197,7 @@ class ModelStore:
     def close(self) -> None:
         with self._lock:
             self._handles.clear()
+            self._mapped.close()
 
 
 def _load_config(model_dir: Path):

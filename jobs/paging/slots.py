@@ -63,8 +63,7 @@ class SlotRing:
         self._freed: dict[int, Any] = {}    # slot -> event on the compute stream after its last reader
         self._copied: dict[int, Any] = {}   # slot -> event on the side stream after its last copy in
         # One allocation each, up front: the plan's numbers are what exists.
-        self.device_buffers = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=device)
-                               for _ in range(count)] if cuda else []
+        self.device_buffers = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=device) for _ in range(count)]
         self.staging = HostArena(count * staging_bytes, pin=cuda if pin is None else pin,
                                  what="streaming staging ring") if cuda else None
         self.staging_buffers = [self.staging.take(staging_bytes) for _ in range(count)] if self.staging else []

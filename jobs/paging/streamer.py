@@ -15,7 +15,7 @@ from torch import nn
 
 from jobs.errors import ModelFolderError
 from jobs.paging.model_store import ModelStore
-from jobs.paging.pinned import HostArena, aligned
+from jobs.paging.pinned import HostArena
 from jobs.paging.quant import dequantize_weight
 from jobs.paging.slots import SlotRing, layout, views
 from jobs.paging.variants import FAST, PRECISE, bytes_by_choice, summary
@@ -61,8 +61,15 @@ class LayerStreamer:
                                  for n, (_, _, meta) in self._slots[i].items()})
                          for i in range(plan.num_layers)]
         slot_bytes = max((size for parts, size in self._layouts[plan.resident_layers:]), default=0)
-        crossing = [self._crossing_bytes(i) for i in range(plan.num_layers)]
-        packed_bytes = max((c for c, v in zip(crossing, self.variants) if v == FAST), default=0) if self._cuda else 0
+        # A fast layer as it crosses: packed parts as stored, the rest in the compute dtype.
+        self._fast_layouts = {i: layout({n: (shape, stored if n in self._packed_names(i) or not stored.is_floating_point
+                                             else dtype)
+                                         for n, (shape, stored) in store.layer_parts(i, fast=True).items()})
+                              for i, v in enumerate(self.variants) if v == FAST}
+        crossing = [self._fast_layouts[i][1] if i in self._fast_layouts else self._layouts[i][1]
+                    for i in range(plan.num_layers)]
+        packed_bytes = max((self._fast_layouts[i][1] for i in self._fast_layouts if i >= plan.resident_layers),
+                           default=0)
         # Device slot = [expanded layer | packed parts of a fast layer]; the staging buffer holds what crosses.
         self._ring = (SlotRing(plan.streaming_slots, slot_bytes + packed_bytes, device,
                                staging_bytes=max(slot_bytes, packed_bytes)) if plan.streaming_slots else None)
@@ -169,13 +176,17 @@ class LayerStreamer:
         """
         fast = self.variants[index] == FAST
         host = self._ram_cache.get(index)
+        if host is None and slot is not None:
+            with self._lock:  # the caller's thread may load a layer while the prefetch thread does
+                keep = self._cache_reserved < self.plan.ram_cache_layers
+                self._cache_reserved += keep
+            if not keep:
+                return self._read_to_slot(index, slot, fast)
         if host is None:
+            keep = slot is not None  # reserved above
             read = self.store.read_layer_fast if fast else self.store.read_layer
             # Stored wider than the compute dtype: narrowed at read; otherwise converted while it is staged.
             host = read(index, self.dtype, pin=False, narrow_only=self._cuda)
-            with self._lock:  # the caller's thread may load a layer while the prefetch thread does
-                keep = index >= self.plan.resident_layers and self._cache_reserved < self.plan.ram_cache_layers
-                self._cache_reserved += keep
             if keep:
                 host = self._cache_copy(index, host)
                 with self._lock:  # stats() reads the cache from the caller's thread
@@ -198,15 +209,41 @@ class LayerStreamer:
             return tensors, ready
         return self._copy_to_slot(index, slot, host, fast)
 
-    def _copy_to_slot(self, index: int, slot: int, host: dict[str, torch.Tensor], fast: bool):
+    def _read_to_slot(self, index: int, slot: int, fast: bool) -> tuple[dict[str, torch.Tensor], Any]:
+        """A streamed layer not kept in RAM: straight from the page cache into the slot (cpu) or the slot's
+        pinned staging buffer (CUDA), converted on the way; no host tensor is allocated."""
+        ring = self._ring
+        parts = self._fast_layouts[index][0] if fast else self._layouts[index][0]
+        nbytes = sum(p.nbytes for p in parts)
+        with self._lock:
+            self.bytes_h2d += nbytes
+        if self._cuda:
+            ring.before_copy_in(slot, self._side_stream)  # the staging buffer's last copy has left it
+            staged = views(ring.staging_buffers[slot], parts)
+            self.store.read_layer_into(index, staged, fast=fast)
+            return self._copy_to_slot(index, slot, staged, fast, staged=True)
+        buffer = ring.device_buffers[slot]
+        out = views(buffer, self._layouts[index][0])
+        if fast:
+            packed = views(buffer[self._expanded_bytes:], parts)
+            self.store.read_layer_into(index, packed, fast=True)
+            for k, t in self._dequantize(index, packed).items():
+                out[k].copy_(t)
+        else:
+            self.store.read_layer_into(index, out)
+        return out, None
+
+    def _copy_to_slot(self, index: int, slot: int, host: dict[str, torch.Tensor], fast: bool,
+                      staged: bool = False):
         """Pinned source (the cache arena, or the slot's staging buffer) -> the slot's device buffer, on the
         side stream, after the compute that last read the slot; a fast layer expands inside the slot."""
         ring, side = self._ring, self._side_stream
-        parts = self._layouts[index]
+        parts = self._layouts[index][0]
         device_slot = ring.device_buffers[slot]
         crossing, _ = layout({k: (shape, dtype) for k, _, dtype, shape in self._crossing(index, host)})
-        ring.before_copy_in(slot, side)
-        if index in self._ram_cache:
+        if not staged:
+            ring.before_copy_in(slot, side)
+        if staged or index in self._ram_cache:
             src = host
         else:
             src = views(ring.staging_buffers[slot], crossing)
@@ -225,15 +262,6 @@ class LayerStreamer:
                     out[k].copy_(t, non_blocking=True)
             ready = ring.after_copy_in(slot, side)
         return out, ready
-
-    def _crossing_bytes(self, index: int) -> int:
-        """Slot bytes of layer `index` as it crosses (packed parts as stored, the rest in the compute dtype),
-        from the safetensors headers, 64-byte aligned per tensor as slots.layout places them."""
-        if self.variants[index] != FAST:
-            return self._layouts[index][1]
-        packed = self._packed_names(index)
-        return sum(aligned(e.nbytes if name in packed else e.numel * self.dtype.itemsize)
-                   for name, e in self.store.fast_entries[index].items())
 
     def _packed_names(self, index: int) -> set[str]:
         if self.variants[index] != FAST:
