@@ -28,7 +28,7 @@ from jobs.units import format_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointIndex", "ExpertStore", "PER_EXPERT_RE", "is_expert_key", "expert_nbytes"]
+__all__ = ["PER_EXPERT_RE", "CheckpointIndex", "ExpertStore", "expert_nbytes", "is_expert_key"]
 
 
 class CheckpointIndex:

@@ -14,15 +14,15 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from jobs.errors import ModelFolderError
+from jobs.paging.capability import resolve_dtype
+from jobs.paging.dtypes import dtype_name, torch_dtype
 from jobs.paging.expert_cache import ExpertCache, cache_capacity
 from jobs.paging.expert_pager import ExpertPager
 from jobs.paging.expert_quant import QuantExpertStore
-from jobs.paging.capability import resolve_dtype
-from jobs.paging.dtypes import dtype_name, torch_dtype
 from jobs.paging.expert_store import CheckpointIndex, ExpertStore
+from jobs.paging.kernels import apply_kernels
 from jobs.paging.moe_families import (REFUSED, SUPPORTED_SENTENCE, TESTED, find_experts, is_expert_key,
                                       layout_of)
-from jobs.paging.kernels import apply_kernels
 from jobs.paging.open import is_moe_folder
 from jobs.paging.quant import QuantSpec, Variant
 from jobs.spec import VARIANT_MODES

@@ -12,11 +12,12 @@ import re
 from dataclasses import dataclass
 
 # Checked on transformers 5.23 (tests/engine/test_moe_families.py pages each on CPU).
-TESTED = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "olmoe")
+TESTED = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe")
 SUPPORTED_SENTENCE = ("expert paging supports transformers MoE models whose experts are one fused "
                       "gate_up_proj/down_proj module called as experts(hidden_states, top_k_index, "
                       "top_k_weights) under layer.mlp.experts, with the router at layer.mlp.gate: Mixtral, "
-                      "Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, OLMoE (tested) and families built the same way")
+                      "Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, GLM-4-MoE, OLMoE (tested) and families built the "
+                      "same way")
 # Families with experts that look like MoE in config.json but not like the seam above.
 REFUSED = {
     "gpt_oss": "gpt-oss experts take (router_indices, routing_weights), keep gate and up interleaved in a "

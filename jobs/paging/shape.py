@@ -47,7 +47,7 @@ def text_config(config: dict) -> dict:
 def shape_from_config(config: dict) -> ModelShape:
     """Element counts from config.json alone, for the decoder layouts transformers gives llama-like
     models (Llama, Mistral, Qwen2/3, Gemma 1-3) and the MoE families of moe_families.py (Mixtral,
-    Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3 with MLA attention, shared experts and dense layers mixed in);
+    Qwen2/3-MoE, OLMoE, GLM-4-MoE, DeepSeek-V2/V3 with MLA attention, shared experts and dense layers mixed in);
     cross-checked against transformers' own classes on the meta device in tests/engine/test_memplan_engine.py
     and tests/engine/test_moe_families.py."""
     from jobs.paging.moe_families import expert_layout, num_routed_experts
@@ -68,7 +68,7 @@ def shape_from_config(config: dict) -> ModelShape:
         attn, kv_heads, head_dim = _mla(tc, hidden, heads)
     gemma3 = model_type.startswith("gemma3")
     norms = (4 * hidden + 2 * head_dim) if gemma3 else 2 * hidden
-    if model_type in ("qwen3", "qwen3_moe"):
+    if model_type in ("qwen3", "qwen3_moe") or (model_type == "glm4_moe" and tc.get("use_qk_norm")):
         norms += 2 * head_dim                                       # q_norm, k_norm per head
     elif model_type == "olmoe":
         norms += (heads + kv_heads) * head_dim                      # q_norm, k_norm over all heads

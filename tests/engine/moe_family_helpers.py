@@ -17,13 +17,21 @@ COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention
 # What each exercises: DeepSeek-V2 MLA attention, two shared experts, a dense first layer and group-limited
 # routing with a scaling factor; Qwen3-MoE many small experts with top-4; Qwen2-MoE a gated shared expert
 # and a dense layer between two MoE layers (mlp_only_layers);
-# OLMoE every layer MoE with q/k norms over all heads.
+# OLMoE every layer MoE with q/k norms over all heads; DeepSeek-V3 (and GLM-4-MoE, built on it) sigmoid scores
+# with a score-correction bias chosen per group (noaux_tc), q LoRA, a shared expert, a dense first layer.
 FAMILIES = {
     "deepseek_v2": dict(intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=2,
                         num_experts_per_tok=3, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, topk_method="group_limited_greedy",
                         n_group=2, topk_group=1, routed_scaling_factor=1.5,
                         num_key_value_heads=4),  # MLA expands K/V to every head, as the released configs say
+    "deepseek_v3": dict(intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+                        num_experts_per_tok=3, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1,
+                        routed_scaling_factor=2.5, num_key_value_heads=4),
+    "glm4_moe": dict(intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+                     num_experts_per_tok=3, first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=8,
+                     partial_rotary_factor=0.5),
     "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=16, num_experts=16, num_experts_per_tok=4,
                       head_dim=8, norm_topk_prob=True),
     "qwen2_moe": dict(intermediate_size=64, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
@@ -38,7 +46,12 @@ def family_config(family: str, **overrides):
 
 def tiny_family(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(family_config(family, **overrides)).eval()
+    model = AutoModelForCausalLM.from_config(family_config(family, **overrides)).eval()
+    with torch.no_grad():
+        for module in model.modules():   # DeepSeek-V3's correction bias starts at zero: make it matter
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.normal_(0, 0.05)
+    return model
 
 
 def save_family(model, folder: Path) -> Path:

@@ -1,5 +1,5 @@
-"""Expert paging of DeepSeek-V2, Qwen3-MoE, Qwen2-MoE and OLMoE against unmodified transformers on the same
-save_pretrained checkpoints: logits, greedy tokens, counters against the routing, 4-bit experts, refusals."""
+"""Expert paging of DeepSeek-V2/V3, GLM-4-MoE, Qwen3-MoE, Qwen2-MoE and OLMoE against unmodified transformers on
+the same save_pretrained checkpoints: logits, greedy tokens, counters against the routing, 4-bit experts, refusals."""
 from __future__ import annotations
 
 import json
@@ -151,5 +151,5 @@ def test_gpt_oss_and_unknown_experts_are_refused_with_what_is_supported(tmp_path
         assert is_moe_folder(folder)
         with pytest.raises(ValueError) as err:
             load_paged_moe(folder)   # refused from config.json and the meta model: no weights needed
-        assert "Qwen3-MoE, DeepSeek-V2/V3, OLMoE" in str(err.value)
+        assert "Qwen3-MoE, DeepSeek-V2/V3, GLM-4-MoE, OLMoE" in str(err.value)
         assert ("MXFP4" in str(err.value)) == (name == "gpt-oss")

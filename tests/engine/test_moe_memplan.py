@@ -31,6 +31,9 @@ CONFIGS = {
     "qwen2_moe decoder_sparse_step": ("qwen2_moe", TINY | dict(
         intermediate_size=64, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
         shared_expert_intermediate_size=32, decoder_sparse_step=2)),
+    "glm4_moe qk norm": ("glm4_moe", TINY | dict(
+        intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+        first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=8, use_qk_norm=True)),
     "olmoe": ("olmoe", TINY | dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, eos_token_id=2)),
     "mixtral": ("mixtral", TINY | dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)),
     # Released shapes (meta device: no memory): DeepSeek-Coder-V2-Lite and Qwen3-30B-A3B.
