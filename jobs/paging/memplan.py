@@ -23,6 +23,10 @@ GiB = 1024**3
 MiB = 1024**2
 MARGIN_FRACTION = 0.05          # fragmentation: the caching allocator serves ~5 % more than is live
 MARGIN_MIN_BYTES = 256 * MiB    # ... and never less than this on a CUDA device
+# On the host (a cpu run): the tokenizer (Gemma's 262k vocabulary: 320 MiB RSS), malloc arenas and small
+# temporaries, measured at 0.35-0.8 GiB above the counted bytes with Gemma-3-270M (bench/plan_bench.py).
+HOST_MARGIN_FRACTION = 0.20
+HOST_MARGIN_MIN_BYTES = 512 * MiB
 KV_RESIDUAL_TOKENS = 128        # int8 KV keeps the newest tokens unquantized (kv_cache.DEFAULT_RESIDUAL_TOKENS)
 KV_GROUP = 64                   # int8 KV group along the head dimension
 
@@ -122,7 +126,8 @@ class MemoryPlan:
         for r in self.rows:
             lines.append(f"  {r['item']:<{width}}  {r['where']:<11} {format_size(r['bytes']):>10}  {r['detail']}")
         lines += ["",
-                  f"  peak device memory   {format_size(self.peak_device_bytes)} of "
+                  f"  peak {'host' if self.device.startswith('cpu') else 'device'} memory   "
+                  f"{format_size(self.peak_device_bytes)} of "
                   f"{format_size(self.device_memory_bytes)}",
                   f"  peak pinned host RAM {format_size(self.peak_pinned_bytes)}   host RAM held "
                   f"{format_size(self.host_ram_bytes)}",
@@ -181,15 +186,20 @@ def packed_bytes(numel: int, bits: int, group_size: int) -> int:
     return math.ceil(numel * bits / 8) + 4 * math.ceil(numel / group_size)
 
 
+def _margins(device: DeviceProfile) -> tuple[float, int]:
+    return ((HOST_MARGIN_FRACTION, HOST_MARGIN_MIN_BYTES) if device.kind == "cpu"
+            else (MARGIN_FRACTION, MARGIN_MIN_BYTES))
+
+
 def _margin(used: int, device: DeviceProfile) -> int:
-    return 0 if device.kind == "cpu" else max(MARGIN_MIN_BYTES, math.ceil(used * MARGIN_FRACTION))
+    fraction, least = _margins(device)
+    return max(least, math.ceil(used * fraction))
 
 
 def _room(capacity: int, fixed: int, device: DeviceProfile) -> int:
     """Largest L with fixed + L + margin(fixed + L) <= capacity."""
-    if device.kind == "cpu":
-        return capacity - fixed
-    return min(int(capacity / (1 + MARGIN_FRACTION)), capacity - MARGIN_MIN_BYTES) - fixed
+    fraction, least = _margins(device)
+    return min(int(capacity / (1 + fraction)), capacity - least) - fixed
 
 
 def make_plan(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model: str = "model") -> MemoryPlan:
@@ -340,11 +350,12 @@ def _plan_moe(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model:
 def _finish(plan: MemoryPlan, device: DeviceProfile, note: str = "") -> MemoryPlan:
     cuda = device.kind == "cuda"
     used = _device_sum(plan, device)
-    if cuda:
-        margin = _margin(used, device)
-        plan.rows.append({"item": "fragmentation margin", "where": "device", "bytes": margin,
-                          "detail": f"{MARGIN_FRACTION:.0%} of the above, at least {format_size(MARGIN_MIN_BYTES)}"})
-        used += margin
+    fraction, least = _margins(device)
+    plan.rows.append({"item": "fragmentation margin" if cuda else "host margin", "where": "device" if cuda
+                      else "host RAM", "bytes": _margin(used, device),
+                      "detail": f"{fraction:.0%} of the above, at least {format_size(least)}"
+                      + ("" if cuda else ": tokenizer, malloc arenas, temporaries")})
+    used += plan.rows[-1]["bytes"]
     plan.peak_device_bytes = used
     plan.peak_pinned_bytes = sum(r["bytes"] for r in plan.rows if r["where"] == "pinned host")
     plan.host_ram_bytes = sum(r["bytes"] for r in plan.rows if r["where"] in ("pinned host", "host RAM"))
