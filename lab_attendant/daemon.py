@@ -183,11 +183,11 @@ class Daemon:
         self._pump()
         self._reap()
         self._handle_signals()
-        for phase in (self._enforce, self._guard_tick):
-            try:
-                phase()
-            except StoreWriteError as exc:
-                self.writes.failed(exc)
+        self._enforce()
+        try:
+            self._guard_tick()
+        except StoreWriteError as exc:   # guard actions were taken; the co-tenant step waits
+            self.writes.failed(exc)
         if self.writes.retry() and self._stopping_since is None:
             try:
                 self.schedules.dispatch(self.store, self.experimental_paging)
@@ -285,11 +285,13 @@ class Daemon:
 
     def _enforce(self) -> None:
         now = self.host.monotonic()
+        cancelled: set[int] = set()
         if self.workers:
-            cancelled = {r.id for r in self.store.list_runs(states=ACTIVE)
-                         if r.cancel_requested}
-        else:
-            cancelled = set()
+            try:   # an unreadable store costs cancels this tick, never timeouts or shutdown
+                cancelled = {r.id for r in self.store.list_runs(states=ACTIVE)
+                             if r.cancel_requested}
+            except StoreWriteError as exc:
+                self.writes.failed(exc)
         grace_over = (self._stopping_since is not None and
                       now - self._stopping_since >= self.cfg.limits.shutdown_grace_s)
         for w in self.workers.values():

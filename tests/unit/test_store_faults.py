@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from lab_attendant.states import RunState
 from lab_attendant.store import Store
 from lab_attendant.storefaults import StatusFile, WriteBehind
 
-from ..conftest import write_config
+from ..conftest import ROOT, write_config
 
 
 class ReadOnlySwitch:
@@ -92,11 +94,18 @@ def test_status_file_is_rewritten_in_place(tmp_path: Path):
 def test_db_check_backup_restore(tmp_path: Path, capsys):
     cfg = write_config(tmp_path)
     argv = ["--config", str(cfg)]
-    assert main([*argv, "submit", "sleepy"]) == 0
-    assert main([*argv, "db", "check"]) == 0 and ": ok" in capsys.readouterr().out
+
+    def cli(*args: str) -> str:
+        # In its own process, so no connection of ours outlives it: a late WAL checkpoint from
+        # one would write back the header this test damages.
+        return subprocess.run([sys.executable, "-m", "lab_attendant.cli", *argv, *args],
+                              check=True, capture_output=True, text=True, cwd=ROOT).stdout
+
+    cli("submit", "sleepy")
+    assert ": ok" in cli("db", "check")
     bdir = tmp_path / "var" / "backups"
-    assert main([*argv, "db", "backup", str(bdir / "lab_attendant-20260101-000000.sqlite3")]) == 0
-    assert main([*argv, "submit", "sleepy"]) == 0            # after the backup: not in it
+    cli("db", "backup", str(bdir / "lab_attendant-20260101-000000.sqlite3"))
+    cli("submit", "sleepy")                                  # after the backup: not in it
     db = tmp_path / "var" / "lab_attendant.sqlite3"
     with open(db, "r+b") as fh:                                # damage the header
         fh.write(b"garbage garbage garbage garbage!")
