@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from jobs.errors import ModelUnavailable, NonFiniteError
-from jobs.paging.generate import check_planned, generate
+from jobs.paging.generate import Sampling, check_planned, generate
 from jobs.paging.open import open_model
 from jobs.spec import ModelSpec
 
@@ -38,11 +38,13 @@ class Engine:
         ctx.log.info("model %s loaded in %.1f s", self.name, self.load_s)
 
     def complete(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = (),
-                 progress: ProgressFn | None = None) -> list[str]:
-        """Greedy completions, one per prompt (text only, stripped)."""
+                 progress: ProgressFn | None = None, no_repeat_ngram_size: int = 0) -> list[str]:
+        """Greedy completions, one per prompt (text only, stripped); no_repeat_ngram_size > 0 keeps
+        a completion from repeating its own n-grams (small models loop)."""
         if not prompts:
             return []
         res = generate(self.loaded, list(prompts), max_new_tokens=max_new_tokens,
+                       sampling=Sampling(no_repeat_ngram_size=no_repeat_ngram_size),
                        batch_size=self.batch_size, stop=stop, progress=progress, kv_cache=self.kv_cache)
         self.kv_cache_peak_bytes = max(self.kv_cache_peak_bytes, res.kv_cache_peak_bytes)
         self.tokens_generated += res.tokens_generated

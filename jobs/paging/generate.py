@@ -35,10 +35,13 @@ class Sampling:
     temperature: float = 1.0   # divides the logits before softmax; only when not greedy
     top_p: float = 1.0         # nucleus mass kept; 1.0 keeps the whole distribution
     seed: int = 0              # seeds a generator private to this call
+    no_repeat_ngram_size: int = 0  # > 0: a row never repeats one of its generated n-grams (0: off)
 
     def __post_init__(self) -> None:
         if not self.greedy and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError("no_repeat_ngram_size must be >= 0 (0 turns it off)")
 
 
 @dataclass
@@ -142,6 +145,8 @@ def _generate_batch(loaded: LoadedModel, prompts: list[str], max_new_tokens: int
         result.kv_cache_peak_bytes = max(result.kv_cache_peak_bytes, kv_cache_nbytes(cache))
         logits = out.logits[:, -1, :].float()
         finite = torch.isfinite(logits).all(dim=-1)
+        if sampling.no_repeat_ngram_size:
+            _ban_repeats(logits, generated, sampling.no_repeat_ngram_size)
         # The flags ride on the picked ids' one device->host copy: detection costs no extra sync.
         read = torch.cat([_pick(logits, finite, sampling, generator), watch.flags.long(), (~finite).long()]).tolist()
         next_ids, flags = read[:rows], read[rows:]
@@ -172,6 +177,18 @@ def _generate_batch(loaded: LoadedModel, prompts: list[str], max_new_tokens: int
         if text is None:
             text = tokenizer.decode(generated[row], skip_special_tokens=True)
         result.outputs.append(Completion(prompt=prompt, text=text, token_ids=generated[row]))
+
+
+def _ban_repeats(logits: torch.Tensor, generated: list[list[int]], n: int) -> None:
+    """Set to -inf every token that would complete an n-gram the row already generated (the prompt's
+    own n-grams stay allowed: few-shot prompts share phrasing with the answer on purpose)."""
+    for row, ids in enumerate(generated):
+        if len(ids) < n:
+            continue
+        tail = tuple(ids[len(ids) - n + 1:]) if n > 1 else ()
+        banned = {ids[i + n - 1] for i in range(len(ids) - n + 1) if tuple(ids[i:i + n - 1]) == tail}
+        if banned:
+            logits[row, list(banned)] = float("-inf")
 
 
 def _finished_text(tokenizer: Any, ids: list[int], last: int, eos_ids: set[int],

@@ -1,0 +1,75 @@
+"""Theme keyphrases: candidate words and two-word phrases (stoplist-filtered), class-based TF-IDF
+over groups of documents, and MMR to keep the chosen phrases diverse. Stdlib only."""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Sequence
+
+from .stoplist import STOPWORDS
+
+_TOKEN = re.compile(r"[A-Za-z][A-Za-z'-]*|[.,;:!?()\"\n]")
+
+
+def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+def candidates(text: str, top: int = 40) -> list[str]:
+    """The text's content words and two-word phrases (both words content words, no punctuation
+    between them), most frequent first (ties: first seen). Possessives fold to the noun."""
+    runs: list[list[str]] = [[]]
+    for tok in _TOKEN.findall(text):
+        w = tok.lower().removesuffix("'s").strip("'-")
+        if len(w) < 3 or w in STOPWORDS or not w.isalpha():
+            runs.append([])
+        else:
+            runs[-1].append(w)
+    counts: Counter[str] = Counter()
+    for run in runs:
+        counts.update(run)
+        counts.update(f"{a} {b}" for a, b in zip(run, run[1:]))
+    return [p for p, _ in counts.most_common(top)]
+
+
+def class_tfidf(groups: Sequence[Sequence[Sequence[str]]]) -> list[dict[str, float]]:
+    """c-TF-IDF (as in BERTopic) with document counts: a phrase scores by the share of the group's
+    documents using it times log(1 + mean phrases per group / documents using it anywhere).
+    `groups` holds, per group, each document's candidate phrases."""
+    df = Counter(p for g in groups for doc in g for p in set(doc))
+    mean_len = sum(len(set(doc)) for g in groups for doc in g) / max(1, len(groups))
+    out = []
+    for g in groups:
+        tf = Counter(p for doc in g for p in set(doc))
+        n = max(1, len(g))
+        # Two-word phrases are rarer by nature; a small lift keeps a shared bigram above its parts.
+        out.append({p: (c / n) * math.log(1 + mean_len / df[p]) * (1.2 if " " in p else 1.0)
+                    for p, c in tf.items()})
+    return out
+
+
+def mmr(phrases: Sequence[str], vectors: Sequence[Sequence[float]], centroid: Sequence[float],
+        k: int = 4, diversity: float = 0.6) -> list[str]:
+    """Maximal marginal relevance: next the phrase most like the theme's centroid and least like
+    those already chosen (vectors L2-normalised); also drops a phrase contained in a chosen one."""
+    chosen: list[int] = []
+    left = list(range(len(phrases)))
+    while left and len(chosen) < k:
+        def gain(i: int) -> float:
+            redundancy = max((_dot(vectors[i], vectors[j]) for j in chosen), default=0.0)
+            return (1 - diversity) * _dot(vectors[i], centroid) - diversity * redundancy
+        best = max(left, key=lambda i: (gain(i), -i))
+        left.remove(best)
+        if any(set(phrases[best].split()) & set(phrases[j].split()) for j in chosen):
+            continue
+        chosen.append(best)
+    return [phrases[i] for i in chosen]
+
+
+def label(phrases: Sequence[str]) -> str:
+    """A readable fallback title from the top keyphrases: "Print shop and layout"."""
+    if not phrases:
+        return "Untitled theme"
+    text = phrases[0] if len(phrases) == 1 else f"{phrases[0]} and {phrases[1]}"
+    return text[0].upper() + text[1:]
