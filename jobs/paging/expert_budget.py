@@ -1,4 +1,4 @@
-"""How much host RAM the Mixtral expert store holds, and which experts live in it (stdlib only, so the
+"""How much host RAM the MoE expert store holds, and which experts live in it (stdlib only, so the
 supervisor and the memory plan can call it without torch or a single weight read).
 
 The store keeps `experts_in_ram` experts in one exact-size arena (pinned on CUDA) and serves every other

@@ -65,9 +65,8 @@ class ExpertLayout:
 
 
 def _as_dict(config) -> dict:
-    if isinstance(config, dict):
-        return config.get("text_config") or config
-    return config.to_dict()
+    config = config if isinstance(config, dict) else config.to_dict()
+    return config.get("text_config") or config
 
 
 def num_routed_experts(tc: dict) -> int:
@@ -107,15 +106,17 @@ def expert_layout(config) -> ExpertLayout:
 def find_experts(model) -> dict[int, object]:
     """Decoder layer index -> its experts module, for every layer whose `mlp.experts` is the seam the
     pager replaces; ValueError naming what is supported when a MoE-looking layer is not that seam."""
-    from transformers.integrations.moe import _default_apply_gate
+    from transformers.integrations import moe
 
+    # transformers' own act(gate) * up (5.23); a family that brings its own _apply_gate is refused
+    default_apply_gate = getattr(moe, "_default_apply_gate", None)
     found = {}
     for idx, layer in enumerate(model.model.layers):
         mlp = getattr(layer, "mlp", None)
         experts = getattr(mlp, "experts", None)
         if experts is None:
             continue  # a dense MLP layer: stays resident, untouched
-        why = _unsupported(experts, mlp, _default_apply_gate)
+        why = _unsupported(experts, mlp, default_apply_gate)
         if why:
             raise ValueError(f"{type(model).__name__} layer {idx}: {type(experts).__name__} {why}. "
                              f"{SUPPORTED_SENTENCE}")
@@ -144,7 +145,9 @@ def _unsupported(experts, mlp, default_apply_gate) -> str:
     if flags != {"is_transposed": False, "has_bias": False, "is_concatenated": True, "has_gate": True,
                  "has_post_expert_norm": False}:
         return f"declares {flags}"
-    if getattr(type(experts), "_apply_gate", default_apply_gate) is not default_apply_gate:
+    # (a transformers without _default_apply_gate: the signature, shape and flag checks above stand alone)
+    if default_apply_gate is not None and getattr(type(experts), "_apply_gate", default_apply_gate) \
+            is not default_apply_gate:
         return "applies its own gating function, not act(gate) * up"
     if not callable(getattr(experts, "act_fn", None)):
         return "has no act_fn"
