@@ -33,6 +33,7 @@ from machine import machine  # noqa: E402
 from jobs.paging.dtypes import torch_dtype  # noqa: E402
 from jobs.paging.expert_store import expert_nbytes  # noqa: E402
 from jobs.paging.moe import load_paged_moe  # noqa: E402
+from jobs.paging.moe_families import find_experts, layout_of  # noqa: E402
 from jobs.paging.quant import QuantSpec, write_variant  # noqa: E402
 from jobs.units import format_size  # noqa: E402
 
@@ -47,15 +48,13 @@ CONFIGS = {  # random weights: routing is near uniform, so hit rates are a floor
 }
 # --family: the released models' expert counts and top-k, scaled down (hidden, layers, expert width);
 # DeepSeek keeps its dense first layer and shared experts, Qwen2-MoE its gated shared expert.
+_LITE = dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1,
+             q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
 FAMILY_SHAPES = {
-    "deepseek_v2": dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1,
-                        q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                        topk_method="greedy", n_group=1, topk_group=1),
+    "deepseek_v2": {**_LITE, "topk_method": "greedy", "n_group": 1, "topk_group": 1},
     # DeepSeek-V2 (236B)'s group-limited routing at the Lite's 64 experts: 8 groups, top-6 within the best 3
-    "deepseek_v2_grouped": dict(model_type="deepseek_v2", n_routed_experts=64, num_experts_per_tok=6,
-                                n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None, qk_nope_head_dim=32,
-                                qk_rope_head_dim=16, v_head_dim=32, topk_method="group_limited_greedy", n_group=8,
-                                topk_group=3),
+    "deepseek_v2_grouped": {**_LITE, "model_type": "deepseek_v2", "topk_method": "group_limited_greedy",
+                            "n_group": 8, "topk_group": 3},
     "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, norm_topk_prob=True),
     "qwen2_moe": dict(num_experts=60, num_experts_per_tok=4),
     "olmoe": dict(num_experts=64, num_experts_per_tok=8),
@@ -316,7 +315,6 @@ def run_family(family: str, size: str, args, out_rows: list) -> None:
         folder, config = write_family_model(Path(tmp) / family, family, size)
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(config)
-        from jobs.paging.moe_families import find_experts, layout_of
         layout = layout_of(meta, find_experts(meta))
         expert_bytes = layout.expert_numel * dtype.itemsize
         all_experts = layout.num_layers * layout.num_experts
@@ -333,9 +331,9 @@ def run_family(family: str, size: str, args, out_rows: list) -> None:
         rows.append({"label": "resident (transformers)", "batch": 1,
                      "tok_s": best_tok_s(resident, ids, args.new_tokens, device, args.repeats)})
         del resident
-        quarter = max(1, all_experts // 4) * expert_bytes
         for label, flags in (("paged 25% + prefetch", {}), ("paged 25% + prefetch + cpu exec", {"cpu_miss_exec": True})):
-            rows.append(paged_row(folder, config, policy="lru", cache_bytes=quarter, label=label, **flags, **common))
+            rows.append(paged_row(folder, config, policy="lru", cache_bytes=max(1, all_experts // 4) * expert_bytes,
+                                  label=label, **flags, **common))
         name = f"{family}-{size}"
         for row in rows:
             row.setdefault("expert_bytes", expert_bytes)
