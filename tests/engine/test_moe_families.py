@@ -18,6 +18,7 @@ pytestmark = pytest.mark.engine
 
 FP32_TOL = 1e-5     # fp32 logits: same weights, summation order differs (experts in page-in order)
 NEAR_TIE = 1e-4     # a greedy step whose top-2 logits are closer than this may go either way: not compared
+BEYOND_THE_ISSUE = ("deepseek_v3", "glm4_moe")
 GEN = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
 
 
@@ -49,6 +50,8 @@ def agree_until_near_tie(got: torch.Tensor, want: torch.Tensor, margins: torch.T
 def test_paged_matches_transformers(family, policy, cpu_miss_exec):
     """A cache smaller than one layer's experts: logits and greedy tokens as transformers, and every
     demand lookup the routing made is counted once, as a hit or a miss."""
+    if family["name"] in BEYOND_THE_ISSUE and (policy, cpu_miss_exec) != ("lfu", True):
+        pytest.skip("families beyond issue #22's four run one policy/miss combination (test time)")
     model, folder = family["model"], family["folder"]
     slots = num_experts(model) // 2 - 1
     paged = load_paged_moe(folder, expert_cache_bytes=slots * expert_bytes(model), cache_policy=policy,
