@@ -1,6 +1,6 @@
 """Tiny random checkpoints of the non-Mixtral MoE families, written by transformers' save_pretrained.
 
-Shared by tests/engine/test_moe_families.py and bench/moe_bench.py --family; imported by path.
+Used by tests/engine/test_moe_families.py (bench/moe_bench.py --family writes its own, larger shapes).
 """
 from __future__ import annotations
 
