@@ -1,16 +1,22 @@
-"""The `cv_matching` kind: rank postings against a CV by MiniLM cosine similarity, then explain the
-top-k: requirements the CV covers (with its best line as evidence), gaps, and a model rationale."""
+"""The `cv_matching` kind: match each posting requirement against each CV sentence or list item
+(MiniLM), rank postings by how well their requirements are met, and explain the top k: strengths
+with the CV evidence quoted, gaps where nothing in the CV supports a requirement, a rationale."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 from typing import Any
 
+from .lib import fewshot, guard
 from .lib.clustering import cosine
 from .lib.embed import Embedder
-from .lib.llm import first_sentence
 
-STRENGTH_SIMILARITY = 0.4   # a requirement whose best CV line is at least this close is covered
+# A requirement whose closest CV unit is at least this similar is covered. Calibrated with
+# bench/quality_bench.py --calibrate on tests/data/quality/cv_pairs.jsonl (labelled pairs written
+# for this, none from examples/): the threshold with the best F1 there; see docs/quality.md.
+STRENGTH_SIMILARITY = 0.41
+LIST_ITEMS_MIN = 3          # a line with this many commas is a list: each item is its own unit
+RATIONALE_RULES = guard.Rules(min_words=6, max_words=40)
 POSTING_SUFFIXES = (".md", ".txt")
 
 
@@ -31,6 +37,20 @@ def requirements(text: str) -> list[str]:
     return bullets or [s for s in re.split(r"(?<=[.!?])\s+", " ".join(lines_of(text))) if s]
 
 
+def cv_units(text: str) -> list[str]:
+    """The CV as short units to match: sentences, and the items of list-like lines ("Python, SQL and
+    PostgreSQL, Linux servers, …"), so one long Skills line does not dilute every match."""
+    out = []
+    for line in lines_of(text):
+        for sent in re.split(r"(?<=[.!?])\s+", line):
+            body = sent.split(":", 1)[1] if re.match(r"^[^,]{1,30}:\s", sent) else sent
+            if body.count(",") >= LIST_ITEMS_MIN:
+                out += [i.strip(" .") for i in re.split(r",|;|\band\b", body) if i.strip(" .")]
+            elif sent.strip():
+                out.append(sent.strip())
+    return out
+
+
 def title_of(path: Path, text: str) -> str:
     for line in text.splitlines():
         if line.startswith("# "):
@@ -42,12 +62,36 @@ def _mean(vectors: list[list[float]]) -> list[float]:
     return [sum(col) / len(vectors) for col in zip(*vectors)]
 
 
-def rationale_prompt(title: str, strengths: list[dict], gaps: list[dict]) -> str:
-    have = "; ".join(s["requirement"] for s in strengths) or "none"
-    lack = "; ".join(g["requirement"] for g in gaps) or "none"
-    return (f"Job: {title}\nRequirements the candidate meets: {have}\n"
-            f"Requirements the candidate lacks: {lack}\n"
-            "In one sentence, how well the candidate fits this job: The candidate")
+def rationale_prompt(title: str, strengths: list[dict], gaps: list[dict], example: int = 0) -> str:
+    """Few-shot for a base model: fixed neutral jobs with matched and missing requirements, then
+    one connecting sentence; this job's block is built from the evidence found."""
+    def block(job: str, have: list[str], lack: list[str]) -> str:
+        return (f"Job: {job}\nMeets: {'; '.join(have) or 'none'}\nLacks: {'; '.join(lack) or 'none'}"
+                "\nIn one sentence:")
+    shots = "".join(f"{block(j, h, l)} {y}\n\n" for j, h, l, y in
+                    fewshot.rotate(fewshot.RATIONALES, example, 2))
+    have = [f"{s['requirement']} (CV: \"{s['evidence']}\")" for s in strengths]
+    return (f"How well a candidate fits a job, from the evidence in the CV.\n\n{shots}"
+            + block(title, have, [g["requirement"] for g in gaps]) + " The candidate")
+
+
+def facts(s: dict) -> str:
+    """The template part of a rationale: coverage counts and what is missing."""
+    n, k = len(s["requirements"]), len(s["strengths"])
+    lack = "; ".join(g["requirement"] for g in s["gaps"])
+    return (f"The CV supports {k} of {n} requirements" + (f"; missing: {lack}." if lack else "."))
+
+
+def match(reqs: list[str], req_vecs: list[list[float]], units: list[str],
+          unit_vecs: list[list[float]]) -> list[dict[str, Any]]:
+    """Each requirement against every CV unit: the closest unit is its evidence."""
+    out = []
+    for req, rv in zip(reqs, req_vecs):
+        sims = [cosine(rv, u) for u in unit_vecs]
+        best = max(range(len(sims)), key=lambda i: (sims[i], -i))
+        out.append({"requirement": req, "evidence": units[best], "similarity": round(sims[best], 4),
+                    "covered": sims[best] >= STRENGTH_SIMILARITY})
+    return out
 
 
 def run(params: dict[str, Any], ctx) -> dict[str, Any]:
@@ -61,49 +105,54 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     if not postings:
         raise ValueError(f"no postings (.md/.txt) in {postings_dir}; put one file per posting there")
     texts = {p: ctx.roots.read_text(p) for p in postings}
-    # Sentences, not paragraphs: the evidence quoted for a requirement stays short and precise.
-    cv_lines = [s for line in lines_of(ctx.roots.read_text(cv_path))
-                for s in re.split(r"(?<=[.!?])\s+", line) if s]
+    cv_text = ctx.roots.read_text(cv_path)
+    units = cv_units(cv_text)
     reqs = {p: requirements(t) for p, t in texts.items()}
+    # Progress counts steps: one per posting matched, one per rationale written.
     total = len(postings) + min(top_k, len(postings))
-    ctx.progress(0, total, "postings")
+    ctx.progress(0, total, "steps")
     embedder = Embedder()
-    cv_vecs = embedder.embed(cv_lines)
-    cv_vec = _mean(cv_vecs)
+    unit_vecs = embedder.embed(units)
     scored = []
     for i, p in enumerate(postings, 1):
-        req_vecs = embedder.embed(reqs[p])
-        per_req = []
-        for req, rv in zip(reqs[p], req_vecs):
-            sims = [cosine(rv, cv) for cv in cv_vecs]
-            best = max(range(len(sims)), key=sims.__getitem__)
-            per_req.append({"requirement": req, "evidence": cv_lines[best],
-                            "similarity": round(sims[best], 4)})
+        per_req = match(reqs[p], embedder.embed(reqs[p]), units, unit_vecs)
         scored.append({"path": str(p), "title": title_of(p, texts[p]),
-                       "score": round(cosine(cv_vec, _mean(req_vecs)), 4),
-                       "coverage": round(sum(r["similarity"] >= STRENGTH_SIMILARITY
-                                             for r in per_req) / len(per_req), 4),
+                       # Mean best similarity per requirement: a posting ranks by how well each of
+                       # its requirements is met, not by one averaged vector.
+                       "score": round(sum(r["similarity"] for r in per_req) / len(per_req), 4),
+                       "coverage": round(sum(r["covered"] for r in per_req) / len(per_req), 4),
                        "requirements": per_req})
-        ctx.progress(i, total, "postings")
-    scored.sort(key=lambda s: (-s["score"], s["path"]))
+        ctx.progress(i, total, "steps")
+    scored.sort(key=lambda s: (-s["coverage"], -s["score"], s["path"]))
     top = scored[:top_k]
     for s in top:
-        s["strengths"] = [r for r in s["requirements"] if r["similarity"] >= STRENGTH_SIMILARITY]
-        s["gaps"] = [r for r in s["requirements"] if r["similarity"] < STRENGTH_SIMILARITY]
+        s["strengths"] = [r for r in s["requirements"] if r["covered"]]
+        s["gaps"] = [r for r in s["requirements"] if not r["covered"]]
+    asks = [guard.Ask(prompts=[rationale_prompt(s["title"], s["strengths"], s["gaps"], e)
+                               for e in (0, 1)], prefix="The candidate", rules=RATIONALE_RULES,
+                      source=" ".join([s["title"], *(r["requirement"] + " " + r["evidence"]
+                                                     for r in s["requirements"])]),
+                      echoes=[y for *_, y in fewshot.RATIONALES], fallback="",
+                      forbid=[g["requirement"] for g in s["gaps"]])
+            for s in top]
     engine = ctx.model(params["batch_size"])
     try:
-        prompts = [rationale_prompt(s["title"], s["strengths"], s["gaps"]) for s in top]
-        outs = engine.complete(prompts, max_new_tokens=int(params.get("max_new_tokens") or 40),
-                               stop=("\n",), progress=lambda d, t: ctx.progress(
-                                   len(postings) + d * len(top) // t, total, "postings"))
+        answers = guard.generate(asks, lambda prompts: engine.complete(
+            prompts, max_new_tokens=int(params.get("max_new_tokens") or 40), stop=("\n",),
+            no_repeat_ngram_size=3, progress=lambda d, t: ctx.progress(
+                min(total - 1, len(postings) + d * len(top) // t), total, "steps")))
         metrics = engine.summary()
     finally:
         engine.close()
-    for s, prompt, out in zip(top, prompts, outs):
-        s.update(rationale=first_sentence(f"The candidate {out}") if out else "",
-                 rationale_prompt=prompt)
+    ctx.progress(total, total, "steps")
+    for s, ask, ans in zip(top, asks, answers):
+        s.update(rationale=" ".join(x for x in (facts(s), ans.text) if x),
+                 rationale_model=None if ans.extractive else ans.text,
+                 rationale_extractive=ans.extractive,
+                 rationale_rejected=ans.rejected, rationale_prompt=ask.prompts[0])
     report = {"cv": str(cv_path), "postings_dir": str(postings_dir), "top_k": top_k,
-              "strength_similarity": STRENGTH_SIMILARITY,
+              "postings": len(postings), "strength_similarity": STRENGTH_SIMILARITY,
+              "cv_units": units,
               "ranking": [{"rank": i, "path": s["path"], "title": s["title"], "score": s["score"],
                            "coverage": s["coverage"]} for i, s in enumerate(scored, 1)],
               "top": top, "engine": metrics}
@@ -113,16 +162,18 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# CV matches for {report['cv']}", "", "| rank | posting | similarity | coverage |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['rank']} | {r['title']} | {r['score']:.2f} | {r['coverage']:.0%} |"
+    lines = [f"# CV matches for {report['cv']}", "",
+             f"{report['postings']} postings; a requirement counts as covered when a CV sentence or "
+             f"list item reaches similarity {report['strength_similarity']:.2f}.", "",
+             "| rank | posting | requirements covered | mean similarity |", "|---|---|---|---|"]
+    lines += [f"| {r['rank']} | {r['title']} | {r['coverage']:.0%} | {r['score']:.2f} |"
               for r in report["ranking"]]
     for i, s in enumerate(report["top"], 1):
         lines += ["", f"## {i}. {s['title']}", "", f"Posting: {s['path']}", "",
-                  f"Rationale (model): {s['rationale'] or '(no answer)'}", "", "Strengths:"]
+                  f"Rationale: {s['rationale']}", "", "Strengths:"]
         lines += [f"- {r['requirement']} — CV: \"{r['evidence']}\" ({r['similarity']:.2f})"
                   for r in s["strengths"]] or ["- none found"]
         lines += ["", "Gaps:"]
-        lines += [f"- {r['requirement']} (closest CV line {r['similarity']:.2f})"
+        lines += [f"- {r['requirement']} (closest CV: \"{r['evidence']}\", {r['similarity']:.2f})"
                   for r in s["gaps"]] or ["- none found"]
     return "\n".join(lines) + "\n"

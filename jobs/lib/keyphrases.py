@@ -18,11 +18,12 @@ def _dot(a: Sequence[float], b: Sequence[float]) -> float:
 
 def candidates(text: str, top: int = 40) -> list[str]:
     """The text's content words and two-word phrases (both words content words, no punctuation
-    between them), most frequent first (ties: first seen). Possessives fold to the noun."""
+    between them, said at least twice: once is a collocation by chance), most frequent first
+    (ties: first seen). Possessives fold to the noun; adverbs in -ly are dropped."""
     runs: list[list[str]] = [[]]
     for tok in _TOKEN.findall(text):
         w = tok.lower().removesuffix("'s").strip("'-")
-        if len(w) < 3 or w in STOPWORDS or not w.isalpha():
+        if len(w) < 3 or w in STOPWORDS or not w.isalpha() or w.endswith("ly"):
             runs.append([])
         else:
             runs[-1].append(w)
@@ -30,7 +31,7 @@ def candidates(text: str, top: int = 40) -> list[str]:
     for run in runs:
         counts.update(run)
         counts.update(f"{a} {b}" for a, b in zip(run, run[1:]))
-    return [p for p, _ in counts.most_common(top)]
+    return [p for p, c in counts.most_common() if c >= 2 or " " not in p][:top]
 
 
 def class_tfidf(groups: Sequence[Sequence[Sequence[str]]]) -> list[dict[str, float]]:

@@ -32,3 +32,17 @@ def reason(per_criterion: Mapping[str, float]) -> str:
     if best == worst:
         return f"{best}: {p_best:.2f}"
     return f"strongest on {best} ({p_best:.2f}), weakest on {worst} ({p_worst:.2f})"
+
+
+def explain(per_criterion: Mapping[str, float], quote: Mapping[str, str],
+            baseline: Mapping[str, float] | None = None) -> str:
+    """The criterion this artifact does best and worst on, relative to `baseline` (the collection's
+    mean per criterion: a small model rates every text alike on some criteria, so raw order would
+    name the same pair every time), with the artifact's own phrase closest to the strongest one."""
+    base = baseline or {c: 0.0 for c in per_criterion}
+    ranked = sorted(per_criterion, key=lambda c: (-(per_criterion[c] - base[c]), c))
+    best, worst = ranked[0], ranked[-1]
+    if best == worst:
+        return f"{best} ({per_criterion[best]:.2f}), as in \"{quote[best]}\"."
+    return (f"strongest on {best} ({per_criterion[best]:.2f}), as in \"{quote[best]}\"; "
+            f"weakest on {worst} ({per_criterion[worst]:.2f}).")

@@ -70,7 +70,13 @@ def test_nightly_insights_incremental_and_a_killed_run_changes_nothing(model_lab
     assert report["notes_processed"] == 3 and report["notes_total"] == 3
     assert [e for e in run["events"] if e["kind"] == "warning" and secret.name in e["reason"]]
     assert "hunter2" not in (Path(run["result_path"]).parent / "insights.md").read_text()
-    assert (Path(run["result_path"]).parent / "insights.md").read_text().startswith("# Insights")
+    md = (Path(run["result_path"]).parent / "insights.md").read_text()
+    assert md.startswith("# Insights") and "3 of 3 notes" in md
+    assert "return to this theme" not in md                  # no template insight
+    for t in report["themes"]:
+        assert t["title"] and "," not in t["title"] and str(archive) in t["insight"]
+    for n in report["notes"]:
+        assert n["summary"] and n["summary"] != n["title"] and "extractive" in n
     cited = [n["path"] for t in report["themes"] for n in t["notes"]] + \
         [n["path"] for n in report["notes"]]
     assert cited and all(Path(p).is_file() and Path(p).parent == archive for p in cited)
@@ -121,7 +127,7 @@ def test_artifact_refinement_ranks_all_and_never_summarizes_technical_stories(mo
     refined = (out / "refined.md").read_text()
     prompts = json.loads((out / "prompts.json").read_text())
     summarize = [p for p in prompts if p["purpose"] == "summarize"]
-    assert [p["artifact"] for p in summarize] == ["g04-sourdough-card"]
+    assert {p["artifact"] for p in summarize} == {"g04-sourdough-card"}   # two few-shot variants
     for gem in (gems[0], gems[2]):
         body = gem.read_text().split("\n---\n", 1)[1]
         row = by_id[gem.stem]
@@ -130,8 +136,15 @@ def test_artifact_refinement_ranks_all_and_never_summarizes_technical_stories(mo
         assert body.rstrip("\n") in refined
         first_line = body.splitlines()[0]
         assert not any(first_line[:60] in p["prompt"] for p in summarize)
-    assert by_id["g04-sourdough-card"]["treatment"] == "summarized"
-    assert sum(p["purpose"] == "rubric" for p in prompts) == 3 * 2
+    card = by_id["g04-sourdough-card"]
+    assert card["treatment"] == "summarized" and card["summary"] and "extractive" in card
+    assert card["extractive"] or card["summary"] not in gems[1].read_text()   # generated, or...
+    assert not card["extractive"] or card["summary"].rstrip(" …") in " ".join(
+        gems[1].read_text().split())                                            # ...quoted from it
+    assert sum(p["purpose"] == "rubric" for p in prompts) == 3 * 4        # four criteria
+    for r in ranking:   # the reason quotes this artifact's own words
+        quote = r["reason"].split('"')[1].rstrip(" …")
+        assert quote and quote in " ".join(Path(r["source"]).read_text().split())
 
 
 def test_cv_matching_ranks_postings_and_explains_the_top_k(model_lab: Lab):
@@ -154,6 +167,9 @@ def test_cv_matching_ranks_postings_and_explains_the_top_k(model_lab: Lab):
     for top in report["top"]:
         assert Path(top["path"]).is_file()
         assert all(s["evidence"] in cv_text.replace("**", "") for s in top["strengths"])
+        assert top["rationale"].startswith("The CV supports")
+    md = (Path(run["result_path"]).parent / "matches.md").read_text()
+    assert "3 postings" in md
     assert (Path(run["result_path"]).parent / "matches.md").read_text().startswith("# CV matches")
     assert run["metrics"]["model"] == "gemma-3-270m"
 
