@@ -3,12 +3,12 @@
 from a folder holding only config.json, before its weights are downloaded."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from jobs.paging.expert_budget import mem_available_bytes
 from jobs.paging.memplan import PROFILES, DeviceProfile, MemoryPlan, PlanRequest, make_plan, profile
+from jobs.paging.open import is_moe_folder
 from jobs.paging.shape import shape_from_folder
 from jobs.spec import DEFAULT_BATCH_SIZE, ModelSpec
 
@@ -92,9 +92,8 @@ def plan_model(spec: ModelSpec, device: DeviceProfile, *, batch: int, context: i
 
 def folder_spec(folder: Path) -> ModelSpec:
     """A model folder named on the command line, planned with the default settings."""
-    config = json.loads((folder / "config.json").read_text())
-    experts = config.get("num_local_experts") or (config.get("text_config") or {}).get("num_local_experts")
-    return ModelSpec(name=folder.name, path=str(folder), kind="moe" if experts else "dense", device="cuda")
+    return ModelSpec(name=folder.name, path=str(folder), kind="moe" if is_moe_folder(folder) else "dense",
+                     device="cuda")
 
 
 def check_fits(spec: ModelSpec, batch: int | None) -> None:

@@ -46,3 +46,15 @@ device_memory_bytes = "4GiB"
     assert len(res.stderr.strip().splitlines()) == 1
     assert "model 'big' does not fit cpu" in res.stderr and "lab-attendant model plan big" in res.stderr
     assert json.loads(lab.cli("list", "--json").stdout) == []
+
+
+def test_a_config_only_qwen3_moe_folder_plans_as_moe(tmp_path, lab):
+    folder = tmp_path / "qwen3-moe"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_hidden_layers": 48,
+        "num_experts": 128, "num_experts_per_tok": 8, "vocab_size": 151936, "torch_dtype": "bfloat16"}))
+    plan = json.loads(lab.cli("model", "plan", str(folder), "--device-profile", "rtx2080ti", "--batch", "1",
+                              "--json").stdout)
+    assert plan["fits"] and plan["expert_cache_slots"] > 0 and plan["experts_in_ram"] > 0
