@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import write_results  # noqa: E402
 
-from jobs.paging.memplan import PlanRequest, make_plan, profile  # noqa: E402
+from jobs.paging.memplan import PlanRequest, make_plan  # noqa: E402
+from jobs.paging.profiles import profile  # noqa: E402
 from jobs.paging.shape import shape_from_folder  # noqa: E402
 from jobs.units import format_size  # noqa: E402
 

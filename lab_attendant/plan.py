@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from jobs.paging.expert_budget import mem_available_bytes
-from jobs.paging.memplan import PROFILES, DeviceProfile, MemoryPlan, PlanRequest, make_plan, profile
+from jobs.paging.memplan import MemoryPlan, PlanRequest, make_plan
+from jobs.paging.profiles import PROFILES, DeviceProfile, profile
 from jobs.paging.open import is_moe_folder
 from jobs.paging.shape import shape_from_folder
 from jobs.spec import DEFAULT_BATCH_SIZE, ModelSpec

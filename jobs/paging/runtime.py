@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from jobs.paging.expert_budget import mem_available_bytes
-from jobs.paging.memplan import DeviceProfile
+from jobs.paging.profiles import DeviceProfile
 
 
 def runtime_profile(device: torch.device, device_memory_bytes: int | None = None) -> DeviceProfile:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from jobs.paging.memplan import DeviceProfile, PlanRequest, make_plan
+from jobs.paging.memplan import PlanRequest, make_plan
+from jobs.paging.profiles import DeviceProfile
 from jobs.paging.moe_families import expert_layout, find_experts, layout_of
 from jobs.paging.shape import shape_from_config
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.paging.memplan import (PROFILES, DeviceProfile, PlanRequest, activation_bytes, kv_cache_bytes,
-                                 make_plan, profile)
+from jobs.paging.memplan import PlanRequest, activation_bytes, kv_cache_bytes, make_plan
+from jobs.paging.profiles import PROFILES, DeviceProfile, profile
 from jobs.paging.shape import shape_from_config, shape_from_folder
 
 ROOT = Path(__file__).resolve().parents[2]
