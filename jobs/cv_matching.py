@@ -37,17 +37,20 @@ def requirements(text: str) -> list[str]:
     return bullets or [s for s in re.split(r"(?<=[.!?])\s+", " ".join(lines_of(text))) if s]
 
 
+def cv_sentences(text: str) -> list[str]:
+    return [s for line in lines_of(text) for s in re.split(r"(?<=[.!?])\s+", line) if s]
+
+
 def cv_units(text: str) -> list[str]:
     """The CV as short units to match: sentences, and the items of list-like lines ("Python, SQL and
     PostgreSQL, Linux servers, …"), so one long Skills line does not dilute every match."""
     out = []
-    for line in lines_of(text):
-        for sent in re.split(r"(?<=[.!?])\s+", line):
-            body = sent.split(":", 1)[1] if re.match(r"^[^,]{1,30}:\s", sent) else sent
-            if body.count(",") >= LIST_ITEMS_MIN:
-                out += [i.strip(" .") for i in re.split(r",|;|\band\b", body) if i.strip(" .")]
-            elif sent.strip():
-                out.append(sent.strip())
+    for sent in cv_sentences(text):
+        body = sent.split(":", 1)[1] if re.match(r"^[^,]{1,30}:\s", sent) else sent
+        if body.count(",") >= LIST_ITEMS_MIN:
+            out += [i.strip(" .") for i in re.split(r",|;|\band\b", body) if i.strip(" .")]
+        elif sent.strip():
+            out.append(sent.strip())
     return out
 
 
@@ -113,17 +116,19 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     ctx.progress(0, total, "steps")
     embedder = Embedder()
     unit_vecs = embedder.embed(units)
+    # Ranking stays at the posting level (the CV's sentences as a whole against the posting's
+    # requirements as a whole: the role's overall fit); requirements are matched one by one.
+    profile = _mean(embedder.embed(cv_sentences(cv_text)))
     scored = []
     for i, p in enumerate(postings, 1):
-        per_req = match(reqs[p], embedder.embed(reqs[p]), units, unit_vecs)
+        req_vecs = embedder.embed(reqs[p])
+        per_req = match(reqs[p], req_vecs, units, unit_vecs)
         scored.append({"path": str(p), "title": title_of(p, texts[p]),
-                       # Mean best similarity per requirement: a posting ranks by how well each of
-                       # its requirements is met, not by one averaged vector.
-                       "score": round(sum(r["similarity"] for r in per_req) / len(per_req), 4),
+                       "score": round(cosine(profile, _mean(req_vecs)), 4),
                        "coverage": round(sum(r["covered"] for r in per_req) / len(per_req), 4),
                        "requirements": per_req})
         ctx.progress(i, total, "steps")
-    scored.sort(key=lambda s: (-s["coverage"], -s["score"], s["path"]))
+    scored.sort(key=lambda s: (-s["score"], s["path"]))
     top = scored[:top_k]
     for s in top:
         s["strengths"] = [r for r in s["requirements"] if r["covered"]]
@@ -165,8 +170,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# CV matches for {report['cv']}", "",
              f"{report['postings']} postings; a requirement counts as covered when a CV sentence or "
              f"list item reaches similarity {report['strength_similarity']:.2f}.", "",
-             "| rank | posting | requirements covered | mean similarity |", "|---|---|---|---|"]
-    lines += [f"| {r['rank']} | {r['title']} | {r['coverage']:.0%} | {r['score']:.2f} |"
+             "| rank | posting | similarity | requirements covered |", "|---|---|---|---|"]
+    lines += [f"| {r['rank']} | {r['title']} | {r['score']:.2f} | {r['coverage']:.0%} |"
               for r in report["ranking"]]
     for i, s in enumerate(report["top"], 1):
         lines += ["", f"## {i}. {s['title']}", "", f"Posting: {s['path']}", "",

@@ -13,6 +13,7 @@ from .lib.embed import Embedder
 from .lib.llm import Engine
 
 NOTE_CHARS = 800           # of each note shown to the model (the map prompt's budget)
+RESULT_FORMAT = 2          # bump when per-note results change meaning: cached ones are redone
 
 
 def _title(rel: str, text: str) -> str:
@@ -75,6 +76,10 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     max_new_tokens = int(params.get("max_new_tokens") or 40)
     state_path = manifest.state_folder(ctx.state_dir, archive) / "manifest.json"
     old = manifest.load(state_path)
+    if old["files"] and old.get("result_format") != RESULT_FORMAT:
+        ctx.log.info("manifest %s holds results of an older format; every note is read again",
+                     state_path)
+        old = {"files": {}, "themes": []}
     current = manifest.scan(archive, ctx.roots)
     delta = manifest.diff(old["files"], current)
     dates = {rel: manifest.note_date(rel, info.mtime_ns) for rel, info in current.items()}
@@ -133,7 +138,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
         result = ctx.write_json("insights.json", report)
         # Last, and only after the outputs exist: a run killed before here changes nothing.
         manifest.save(state_path, {"archive": str(archive), "since": since, "files": files,
-                                   "themes": themes})
+                                   "themes": themes, "result_format": RESULT_FORMAT})
     finally:
         if engine is not None:
             engine.close()
