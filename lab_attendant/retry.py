@@ -49,6 +49,9 @@ def ensure_retries(store: Store, *, base_s: float, max_s: float) -> list[Run]:
     child = aliased(Run)
     q = select(Run).where(Run.state.in_(RETRIED_STATES), Run.attempt <= Run.max_retries,
                           ~exists().where(and_(child.retry_of == Run.id)))
+    with store.read() as s:   # the common case, nothing to retry, takes no write lock
+        if s.scalars(q.limit(1)).first() is None:
+            return []
     made = []
     with store.write() as s:
         for old in s.scalars(q.order_by(Run.id)).all():

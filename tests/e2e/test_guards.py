@@ -212,7 +212,7 @@ def test_a_slow_cotenant_start_after_a_failed_stop_does_not_block_the_loop(tmp_p
     d = _earnode_lab(tmp_path, lab)
     earnode_cleanup.append(d)
     (d / "fail-stop").write_text("")
-    (d / "slow-start").write_text("4")
+    (d / "slow-start").write_text("10")            # long enough for a loaded 2-core machine
     lab.start_daemon("--experimental-paging")
     held = lab.submit("paging_sleepy", "seconds=0.2")
     wait_for(lambda: any(e["action"] == "stop_failed" for e in _guard_events(lab)), 15,
