@@ -44,7 +44,7 @@ def theme_prompt(phrases: list[str], example: int = 0) -> str:
 EXAMPLE_TEXTS = [x for *_, x in fewshot.NOTES] + [n[1] for n in fewshot.NOTES] + \
     [y for *_, y in fewshot.THEMES]
 SUMMARY_RULES = guard.Rules(min_words=5, max_words=45)
-TITLE_RULES = guard.Rules(min_words=2, max_words=7, sentence=False, max_commas=0)
+TITLE_RULES = guard.Rules(min_words=2, max_words=7, sentence=False, max_commas=0, echo_exact=True)
 
 
 def _since(params: dict[str, Any]) -> str | None:
@@ -154,14 +154,24 @@ def theme_phrases(groups: list[list[dict[str, Any]]], embedder: Embedder, k: int
              for m in g] for g in groups]
     out = []
     for g, scores in zip(groups, keyphrases.class_tfidf(docs)):
-        top = [p for p, _ in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:12]]
+        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:12]
+        top = [p for p, _ in ranked]
         if not top:
             out.append(keyphrases.candidates(" ".join(m["title"] for m in g))[:k])
             continue
         vecs = embedder.embed(top)
         centroid = [sum(col) / len(g) for col in zip(*(m["embedding"] for m in g))]
-        out.append(keyphrases.mmr(top, vecs, centroid, k=k))
+        out.append(keyphrases.mmr(top, vecs, centroid, k=k, weights=[w for _, w in ranked]))
     return out
+
+
+def fallback_title(members: list[dict[str, Any]], phrases: list[str]) -> str:
+    """The keyphrase label when a keyphrase is shared by two of the theme's notes; else the theme
+    is named by its first and last notes (two words that each occur once name nothing)."""
+    uses = [set(m.get("phrases") or ()) for m in members]
+    if any(sum(p in u for u in uses) >= 2 for p in phrases):
+        return keyphrases.label(phrases)
+    return f"{members[0]['title']} … {members[-1]['title']}"
 
 
 def insight(members: list[dict[str, Any]], archive: Path) -> str:
@@ -198,7 +208,7 @@ def reduce_themes(archive: Path, files: dict[str, dict[str, Any]], considered: l
     phrases = theme_phrases(groups, embedder)
     asks = [guard.Ask(prompts=[theme_prompt(p, 0), theme_prompt(p, 1)],
                       source=" ".join([*p, *(m["title"] + " " + m["summary"] for m in g)]),
-                      fallback=keyphrases.label(p), rules=TITLE_RULES,
+                      fallback=fallback_title(g, p), rules=TITLE_RULES,
                       echoes=[*EXAMPLE_TEXTS, *(m["title"] for m in g)])
             for g, p in zip(groups, phrases)]
     titles = guard.generate(asks, lambda prompts: engine.complete(

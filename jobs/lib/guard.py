@@ -44,6 +44,8 @@ class Rules:
     min_overlap: int = 1             # content words shared with the source
     sentence: bool = True            # must read as a clause: no trailing ':' or dangling phrase
     max_commas: int | None = None    # a title with more commas is a keyword list
+    echo_exact: bool = False         # an echo only when it repeats one whole (titles: "Bike tour"
+                                     # may name a theme whose note is "First bike tour")
 
 
 def check(text: str, *, source: str, echoes: Sequence[str] = (), rules: Rules = Rules(),
@@ -70,7 +72,10 @@ def check(text: str, *, source: str, echoes: Sequence[str] = (), rules: Rules = 
     own = content_words(text)
     for echo in echoes:
         e = content_words(echo)
-        if echo and (_norm(text) in _norm(echo) or (own and own <= e)):
+        if rules.echo_exact:
+            if _norm(text) == _norm(echo):
+                return "echo"
+        elif echo and (_norm(text) in _norm(echo) or (own and own <= e)):
             return "echo"
     grams = [tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
     if len(grams) != len(set(grams)) or any(

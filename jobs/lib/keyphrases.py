@@ -51,15 +51,19 @@ def class_tfidf(groups: Sequence[Sequence[Sequence[str]]]) -> list[dict[str, flo
 
 
 def mmr(phrases: Sequence[str], vectors: Sequence[Sequence[float]], centroid: Sequence[float],
-        k: int = 4, diversity: float = 0.6) -> list[str]:
-    """Maximal marginal relevance: next the phrase most like the theme's centroid and least like
-    those already chosen (vectors L2-normalised); also drops a phrase contained in a chosen one."""
+        k: int = 4, diversity: float = 0.6, weights: Sequence[float] | None = None) -> list[str]:
+    """Maximal marginal relevance: next the phrase most relevant (like the theme's centroid, times
+    its c-TF-IDF weight scaled to 0..1 when given) and least like those already chosen (vectors
+    L2-normalised); also drops a phrase sharing a word with a chosen one."""
+    top = max(weights) if weights else 0.0
+    rel = [_dot(v, centroid) * (0.5 + 0.5 * weights[i] / top if top else 1.0)
+           for i, v in enumerate(vectors)]
     chosen: list[int] = []
     left = list(range(len(phrases)))
     while left and len(chosen) < k:
         def gain(i: int) -> float:
             redundancy = max((_dot(vectors[i], vectors[j]) for j in chosen), default=0.0)
-            return (1 - diversity) * _dot(vectors[i], centroid) - diversity * redundancy
+            return (1 - diversity) * rel[i] - diversity * redundancy
         best = max(left, key=lambda i: (gain(i), -i))
         left.remove(best)
         if any(set(phrases[best].split()) & set(phrases[j].split()) for j in chosen):
@@ -69,8 +73,10 @@ def mmr(phrases: Sequence[str], vectors: Sequence[Sequence[float]], centroid: Se
 
 
 def label(phrases: Sequence[str]) -> str:
-    """A readable fallback title from the top keyphrases: "Print shop and layout"."""
+    """A readable fallback title from the top keyphrases: the first two-word phrase ("Print shop"),
+    else the first two words ("Bread and oven")."""
     if not phrases:
         return "Untitled theme"
-    text = phrases[0] if len(phrases) == 1 else f"{phrases[0]} and {phrases[1]}"
+    two = [p for p in phrases[:2] if " " in p]
+    text = two[0] if two else phrases[0] if len(phrases) == 1 else f"{phrases[0]} and {phrases[1]}"
     return text[0].upper() + text[1:]

@@ -84,7 +84,8 @@ def test_keyphrases_drop_stopwords_and_prefer_what_the_group_shares():
     assert keyphrases.candidates("the print shop's new print shop")[:2] == ["print", "shop"]
     assert "print shop" in keyphrases.candidates("the print shop's new print shop")
     assert "hands blistered" not in keyphrases.candidates("my hands blistered on the bike")
-    assert keyphrases.label(["print shop", "layout"]) == "Print shop and layout"
+    assert keyphrases.label(["layout", "print shop"]) == "Print shop"
+    assert keyphrases.label(["bread", "oven"]) == "Bread and oven"
 
 
 def test_mmr_skips_near_duplicates():
