@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .confine import Roots
 from .errors import ParamError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -34,16 +35,24 @@ def parse_ranks(raw: Any) -> tuple[int, ...]:
     return tuple(sorted(set(ranks)))
 
 
-def load_passages(path: str | Path) -> list[Passage]:
+def load_passages(path: str | Path, roots: Roots | None = None) -> list[Passage]:
     """A folder's .txt/.md files (sorted by name, one passage each) or a .jsonl's lines ({"text": ...});
-    ParamError when there is none or a line is malformed."""
-    path = Path(path)
+    ParamError when there is none or a line is malformed. With `roots` (the worker), the path is resolved
+    again and confined, files that resolve outside are skipped with a warning, and each read is checked
+    (jobs.confine)."""
+    path = Path(path) if roots is None else roots.param("texts", path)
+
+    def read(p: Path) -> str:
+        return p.read_text(encoding="utf-8") if roots is None else roots.read_text(p)
+
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        passages = [Passage(p.stem, p.read_text(encoding="utf-8"), str(p)) for p in files]
+        if roots is not None:
+            files = roots.keep(files)
+        passages = [Passage(p.stem, read(p), str(p)) for p in files]
     elif path.is_file() and path.suffix == ".jsonl":
         passages = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -146,7 +146,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     check_params(params, ctx.spec.model.path if ctx.spec.model else None)  # the supervisor did; specs may not
     ranks = parse_ranks(params["ranks"])
     context, continuation = params["context"], params["continuation"]
-    passages = load_passages(params["texts"])
+    passages = load_passages(params["texts"], ctx.roots)
     engine = ctx.model(params["batch_size"])
     try:
         loaded = engine.loaded

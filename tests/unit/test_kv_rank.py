@@ -138,3 +138,20 @@ def test_markdown_and_svg_render_every_row():
     ns = "{http://www.w3.org/2000/svg}"
     assert len(svg.findall(f"{ns}polyline")) == 5 + 4   # per method and panel; full has no KL > 0 to draw
     assert len(svg.findall(f"{ns}circle")) == len(report["results"]) * 2 - 1  # full has KL 0: no log point
+
+
+def test_passages_are_confined_in_the_worker(tmp_path):
+    from jobs.confine import OutsideRoots, Roots
+
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir(), outside.mkdir()
+    (inside / "a.txt").write_text("a passage that stays inside")
+    (outside / "secret.txt").write_text("must never be read")
+    (inside / "b.txt").symlink_to(outside / "secret.txt")
+    warnings: list[str] = []
+    roots = Roots([str(inside)], warnings.append)
+    assert [p.text for p in load_passages(inside, roots)] == ["a passage that stays inside"]
+    assert len(warnings) == 1 and "b.txt" in warnings[0] and "outside the allowed roots" in warnings[0]
+    (tmp_path / "swapped").symlink_to(outside)         # a folder param that resolves outside fails the run
+    with pytest.raises(OutsideRoots):
+        load_passages(tmp_path / "swapped", roots)
