@@ -44,6 +44,13 @@ def test_each_rule_rejects_a_real_bad_output():
                        forbid=["Experience leading a small engineering team"]) == "contradiction"
 
 
+def test_a_title_may_reuse_words_of_a_note_title_but_not_repeat_it():
+    rules = guard.Rules(min_words=2, sentence=False, max_commas=0, echo_exact=True)
+    assert guard.check("Bike tour", source="bike tour", echoes=["First bike tour"], rules=rules) is None
+    assert guard.check("First bike tour", source="bike tour", echoes=["First bike tour"],
+                       rules=rules) == "echo"
+
+
 def test_a_grounded_sentence_passes():
     assert guard.check("I copied my grandmother's recipes into a notebook and measured them.",
                        source=RECIPES, echoes=["Grandmother's recipes"]) is None
