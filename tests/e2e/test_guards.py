@@ -56,14 +56,15 @@ def test_thermal_alarm_kills_a_sigterm_deaf_paging_worker_and_holds_admissions(g
     plain = lab.submit("sleepy", "seconds=60")
     run = lab.wait_state(rid, {"running"})
     wait_for(lambda: (Path(run["run_dir"]) / "output" / "worker.pid").exists(), what="job start")
-    t0 = time.monotonic()
+    t0 = time.time()
     _sensors(sensors, 91.0)
     run = lab.wait_state(rid, ENDED, timeout_s=20)
-    reaction_s = time.monotonic() - t0
     assert run["state"] == "killed_thermal"
     assert "GPU 0 at 91 °C > 85 °C limit" in run["reason"] and "SIGKILL after grace" in run["reason"]
-    # Measured with `show` polling over a CLI subprocess each ~0.3 s: allow for that too.
-    assert reaction_s <= GUARD_INTERVAL_S + KILL_GRACE_S + 1.0 + 1.0, reaction_s
+    # From the hot reading to the daemon's own end time (not to when `show` polling saw it): one guard
+    # interval to notice, the grace before SIGKILL, and a second for the daemon's tick on a busy host.
+    reaction_s = run["ended_at"] - t0
+    assert reaction_s <= GUARD_INTERVAL_S + KILL_GRACE_S + 1.0, reaction_s
     assert not pid_alive(run["pid"])
     assert lab.state(plain) == "running"            # not a paging run: untouched
     # New paging runs wait while hot, and also between the limit and resume_below_c.
