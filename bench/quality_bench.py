@@ -83,7 +83,7 @@ def score_insights(out: Path, labels: dict) -> dict:
         on_topic.append(quality.on_topic(t["title"], major, labels["topic_words"]))
         titles_ok.append(guard.check(t["title"], source=" ".join(
             [*t.get("keyphrases", t.get("keywords", [])), *(n["title"] for n in t["notes"])]),
-            echoes=[n["title"] for n in t["notes"]],
+            exact=[n["title"] for n in t["notes"]],
             rules=guard.Rules(min_words=2, max_words=7, sentence=False, max_commas=0)) is None)
     extractive = sum(bool(n.get("extractive")) for n in rep["notes"])
     return {"notes": len(names), "themes": len(rep["themes"]),
@@ -127,7 +127,8 @@ def score_cv(out: Path, labels: dict) -> dict:
         text = t.get("rationale_model") if "rationale_model" in t else t.get("rationale", "")
         src = " ".join([t["title"], *(r["requirement"] + " " + r["evidence"]
                                      for r in t["requirements"])])
-        valid.append(bool(text) and guard.check(text, source=src) is None)
+        valid.append(bool(text) and guard.check(
+            text, source=src, forbid=[g["requirement"] for g in t.get("gaps", ())]) is None)
     return {"postings": len(rep["ranking"]), "ndcg3": round(quality.ndcg(rel, 3), 3),
             "covered_shown": round(shown / max(1, covered), 3), "false_gaps": false_gaps,
             "strength_precision": round(right / max(1, strengths), 3),

@@ -44,7 +44,8 @@ def theme_prompt(phrases: list[str], example: int = 0) -> str:
 EXAMPLE_TEXTS = [x for *_, x in fewshot.NOTES] + [n[1] for n in fewshot.NOTES] + \
     [y for *_, y in fewshot.THEMES]
 SUMMARY_RULES = guard.Rules(min_words=5, max_words=45)
-TITLE_RULES = guard.Rules(min_words=2, max_words=7, sentence=False, max_commas=0, echo_exact=True)
+TITLE_RULES = guard.Rules(min_words=2, max_words=7, sentence=False, max_commas=0,
+                          grounded_share=1.0)
 
 
 def _since(params: dict[str, Any]) -> str | None:
@@ -209,7 +210,7 @@ def reduce_themes(archive: Path, files: dict[str, dict[str, Any]], considered: l
     asks = [guard.Ask(prompts=[theme_prompt(p, 0), theme_prompt(p, 1)],
                       source=" ".join([*p, *(m["title"] + " " + m["summary"] for m in g)]),
                       fallback=fallback_title(g, p), rules=TITLE_RULES,
-                      echoes=[*EXAMPLE_TEXTS, *(m["title"] for m in g)])
+                      echoes=EXAMPLE_TEXTS, exact=[m["title"] for m in g])
             for g, p in zip(groups, phrases)]
     titles = guard.generate(asks, lambda prompts: engine.complete(
         prompts, max_new_tokens=min(max_new_tokens, 16), stop=("\n",), no_repeat_ngram_size=2)

@@ -19,9 +19,21 @@ def tokens(text: str) -> list[str]:
     return [w.lower().strip("'-") for w in _WORD.findall(text)]
 
 
+_SUFFIX = re.compile(r"(?:ing|ed|es|s)$")
+NUMBER_WORDS = frozenset("""one two three four five six seven eight nine ten eleven twelve twenty
+thirty forty fifty hundred thousand million""".split())
+
+
 def stem(word: str) -> str:
-    # Crude but enough to match "recipes"/"recipe", "measured"/"measuring": the first 5 letters.
-    return word[:5] if len(word) > 5 else word.rstrip("s")
+    # Crude but enough to match "recipes"/"recipe", "working"/"work", "measured"/"measure".
+    if len(word) > 4:
+        word = _SUFFIX.sub("", word)
+    return word[:5]
+
+
+def numbers(text: str) -> set[str]:
+    """Digits and number words: a number the source does not hold is an invented fact."""
+    return {w for w in tokens(text) if w.isdigit() or w in NUMBER_WORDS}
 
 
 def content_words(text: str) -> set[str]:
@@ -44,15 +56,16 @@ class Rules:
     min_overlap: int = 1             # content words shared with the source
     sentence: bool = True            # must read as a clause: no trailing ':' or dangling phrase
     max_commas: int | None = None    # a title with more commas is a keyword list
-    echo_exact: bool = False         # an echo only when it repeats one whole (titles: "Bike tour"
-                                     # may name a theme whose note is "First bike tour")
+    grounded_share: float = 0.0      # share of its content words the source must hold (titles: 1)
 
 
 def check(text: str, *, source: str, echoes: Sequence[str] = (), rules: Rules = Rules(),
-          forbid: Sequence[str] = ()) -> str | None:
+          forbid: Sequence[str] = (), exact: Sequence[str] = ()) -> str | None:
     """None when `text` is acceptable, else why not: empty, punctuation, too short/long, dangling,
-    keyword list, echo (of the title, a date or the few-shot example), loop, contradiction (claims
-    every content word of a `forbid` phrase, e.g. a requirement the CV lacks), ungrounded."""
+    keyword list, echo (of a date, of anything in `echoes` such as the title or the few-shot
+    example, or repeating one of `exact` whole: a theme title may reuse a note title's words),
+    loop, contradiction (claims most content words of a `forbid` phrase, e.g. a requirement the
+    CV lacks), invented number, ungrounded."""
     text = text.strip()
     if not text:
         return "empty"
@@ -70,12 +83,10 @@ def check(text: str, *, source: str, echoes: Sequence[str] = (), rules: Rules = 
     if _DATE.search(text):
         return "echo: date"
     own = content_words(text)
+    if any(_norm(text) == _norm(x) for x in exact):
+        return "echo"
     for echo in echoes:
-        e = content_words(echo)
-        if rules.echo_exact:
-            if _norm(text) == _norm(echo):
-                return "echo"
-        elif echo and (_norm(text) in _norm(echo) or (own and own <= e)):
+        if echo and (_norm(text) in _norm(echo) or (own and own <= content_words(echo))):
             return "echo"
     grams = [tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
     if len(grams) != len(set(grams)) or any(
@@ -83,9 +94,12 @@ def check(text: str, *, source: str, echoes: Sequence[str] = (), rules: Rules = 
         return "loop"
     for phrase in forbid:
         f = content_words(phrase)
-        if len(f) >= 2 and f <= own:
+        if len(f) >= 2 and len(f & own) >= max(2, 0.6 * len(f)):
             return "contradiction"
-    if len(own & content_words(source)) < rules.min_overlap:
+    if numbers(text) - numbers(source):
+        return "invented number"
+    grounded = own & content_words(source)
+    if len(grounded) < rules.min_overlap or len(grounded) < rules.grounded_share * len(own):
         return "ungrounded"
     return None
 
@@ -114,6 +128,7 @@ class Ask:
     rules: Rules = Rules()
     prefix: str = ""                # text the prompt already committed to ("The candidate")
     forbid: Sequence[str] = ()      # phrases the answer must not claim (see check)
+    exact: Sequence[str] = ()       # texts the answer must not repeat whole (see check)
 
 
 @dataclass
@@ -143,7 +158,7 @@ def generate(asks: Sequence[Ask], complete: Complete) -> list[Answer]:
             a = asks[i]
             text = clean(f"{a.prefix} {out}" if a.prefix else out)
             why = check(out if a.prefix else text, source=a.source, echoes=a.echoes, rules=a.rules,
-                        forbid=a.forbid)
+                        forbid=a.forbid, exact=a.exact)
             if why is None:
                 answers[i] = Answer(text, False, rejected[i])
             else:

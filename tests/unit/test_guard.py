@@ -35,6 +35,13 @@ def test_each_rule_rejects_a_real_bad_output():
     assert guard.check("print, shop, appeared", source="print shop",
                        rules=guard.Rules(min_words=2, sentence=False, max_commas=0)) == "keyword list"
     assert guard.check("the tour", source="tour") == "too short"
+    # cv_matching, ML research scientist: the CV has none of it.
+    assert guard.check("has worked in a research lab and has a PhD in machine learning.",
+                       source="PhD in machine learning", forbid=[
+                           "PhD in machine learning or a related field"]) == "contradiction"
+    # cv_matching, team lead: "a team of 10 people" (the CV says seven).
+    assert guard.check("has lead a team of 10 people and has experience in cloud infrastructure.",
+                       source="Lead a team of seven. cloud infrastructure") == "invented number"
     # cv_matching, site reliability engineer: a stutter.
     assert guard.check("has been in the field for 10 years and has been a reliable and reliable "
                        "site reliability engineer.", source="Site reliability engineer") == "loop"
@@ -45,10 +52,15 @@ def test_each_rule_rejects_a_real_bad_output():
 
 
 def test_a_title_may_reuse_words_of_a_note_title_but_not_repeat_it():
-    rules = guard.Rules(min_words=2, sentence=False, max_commas=0, echo_exact=True)
-    assert guard.check("Bike tour", source="bike tour", echoes=["First bike tour"], rules=rules) is None
-    assert guard.check("First bike tour", source="bike tour", echoes=["First bike tour"],
+    rules = guard.Rules(min_words=2, sentence=False, max_commas=0, grounded_share=1.0)
+    assert guard.check("Bike tour", source="bike tour", exact=["First bike tour"], rules=rules) is None
+    assert guard.check("First bike tour", source="bike tour", exact=["First bike tour"],
                        rules=rules) == "echo"
+    # nightly_insights, whole archive: the few-shot example's title, reworded, for a health theme.
+    assert guard.check("Work in the garden", source="desk physiotherapist burnout work",
+                       echoes=["Working in the garden"], rules=rules) == "echo"
+    assert guard.check("Work in the office", source="desk physiotherapist burnout work",
+                       rules=rules) == "ungrounded"
 
 
 def test_a_grounded_sentence_passes():
