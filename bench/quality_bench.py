@@ -32,13 +32,14 @@ from jobs.lib import guard, quality  # noqa: E402
 EX = ROOT / "examples"
 
 
-def run_jobs(code: Path, work: Path, max_notes: int) -> dict[str, Path]:
+def run_jobs(code: Path, work: Path, max_notes: int, model: str | None) -> dict[str, Path]:
     """Submit the three kinds with `code`'s lab_attendant/jobs, run a burst daemon, return the
     output folder of each kind."""
     cfg = work / "lab.toml"
     cfg.write_text(f'[paths]\nstate_dir = "{work}/var"\nlogs_dir = "{work}/logs"\n'
                    f'models_dir = "{ROOT}/models"\nallowed_roots = ["{EX}"]\n'
-                   f'[worker]\npython = "{ROOT}/venvs/experimental/bin/python"\n')
+                   f'[worker]\npython = "{ROOT}/venvs/experimental/bin/python"\n'
+                   + ((work / "models.toml").read_text() if (work / "models.toml").exists() else ""))
     env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1"}
 
     def cli(*args: str) -> str:
@@ -47,12 +48,14 @@ def run_jobs(code: Path, work: Path, max_notes: int) -> dict[str, Path]:
                                *args], env=env, check=True, capture_output=True, text=True,
                               cwd=work).stdout   # not ROOT: `python -c` puts the cwd first on sys.path
 
+    extra = ["-p", f"model={model}"] if model else []
     ids = {
         "nightly_insights": cli("submit", "nightly_insights", "-p", f"archive={EX / 'archive'}",
-                                "-p", f"max_notes={max_notes}"),
-        "artifact_refinement": cli("submit", "artifact_refinement", "-p", f"gems={EX / 'gems'}"),
+                                "-p", f"max_notes={max_notes}", *extra),
+        "artifact_refinement": cli("submit", "artifact_refinement", "-p", f"gems={EX / 'gems'}",
+                                   *extra),
         "cv_matching": cli("submit", "cv_matching", "-p", f"cv={EX / 'cv/cv.md'}", "-p",
-                           f"postings={EX / 'cv/postings'}", "-p", "top_k=6"),
+                           f"postings={EX / 'cv/postings'}", "-p", "top_k=6", *extra),
     }
     cli("daemon", "--burst", "--experimental-paging")
     out = {}
@@ -183,8 +186,11 @@ def main() -> None:
     ap.add_argument("--label", default="after", help="name of this measurement (before/after)")
     ap.add_argument("--code", type=Path, default=ROOT, help="checkout whose jobs are measured")
     ap.add_argument("--max-notes", type=int, default=41)
+    ap.add_argument("--model", help="a [models.NAME] of --config (default: the embedded model)")
+    ap.add_argument("--config", type=Path, help="TOML whose [models.*] tables are copied in")
     ap.add_argument("--calibrate", action="store_true", help="only calibrate the cv threshold")
     ap.add_argument("--keep", action="store_true", help="keep the run folders (path printed)")
+    ap.add_argument("--score", type=Path, help="only score the run folders --keep left there")
     ap.add_argument("--report", action="store_true",
                     help="only rewrite docs/quality.md's table from the before/after JSON")
     args = ap.parse_args()
@@ -200,9 +206,18 @@ def main() -> None:
         if args.keep:
             tmp = tempfile.mkdtemp(prefix="quality-kept-")
             print(f"run folders kept in {tmp}")
-        outs = run_jobs(args.code.resolve(), Path(tmp), args.max_notes)
+        if args.config:   # the private config gets the user's [models.*] tables, nothing else
+            import tomllib
+            models = tomllib.loads(args.config.read_text()).get("models", {})
+            (Path(tmp) / "models.toml").write_text("".join(
+                f"[models.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in t.items())
+                for name, t in models.items()))
+        outs = ({k: args.score / "var/runs" / str(i) / "output" for i, k in enumerate(
+                    ("nightly_insights", "artifact_refinement", "cv_matching"), 1)}
+                if args.score else run_jobs(args.code.resolve(), Path(tmp), args.max_notes,
+                                            args.model))
         res = {"label": args.label, "machine": f"{platform.node()} {platform.machine()} "
-               f"{os.cpu_count()} cpus", "model": "gemma-3-270m (fp32, cpu)",
+               f"{os.cpu_count()} cpus", "model": args.model or "gemma-3-270m (fp32, cpu)",
                "insights": score_insights(outs["nightly_insights"], labels),
                "artifacts": score_artifacts(outs["artifact_refinement"], labels),
                "cv": score_cv(outs["cv_matching"], labels), "wall_s": round(time.time() - start)}

@@ -12,6 +12,7 @@ _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|\d+")
 _DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 LOOP_NGRAM = 3              # a word 3-gram said twice in one field is a loop
+ECHO_NGRAM = 4              # a word 4-gram taken from a title or an example is an echo
 DANGLING = ("the following", "as follows", "following:")
 
 
@@ -85,8 +86,12 @@ def check(text: str, *, source: str, echoes: Sequence[str] = (), rules: Rules = 
     own = content_words(text)
     if any(_norm(text) == _norm(x) for x in exact):
         return "echo"
+    grams4 = {tuple(words[i:i + ECHO_NGRAM]) for i in range(len(words) - ECHO_NGRAM + 1)}
     for echo in echoes:
         if echo and (_norm(text) in _norm(echo) or (own and own <= content_words(echo))):
+            return "echo"
+        e = tokens(echo)
+        if grams4 & {tuple(e[i:i + ECHO_NGRAM]) for i in range(len(e) - ECHO_NGRAM + 1)}:
             return "echo"
     grams = [tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
     if len(grams) != len(set(grams)) or any(

@@ -44,5 +44,8 @@ def explain(per_criterion: Mapping[str, float], quote: Mapping[str, str],
     best, worst = ranked[0], ranked[-1]
     if best == worst:
         return f"{best} ({per_criterion[best]:.2f}), as in \"{quote[best]}\"."
-    return (f"strongest on {best} ({per_criterion[best]:.2f}), as in \"{quote[best]}\"; "
-            f"weakest on {worst} ({per_criterion[worst]:.2f}).")
+    def rel(c: str) -> str:
+        return (f"{per_criterion[c]:.2f}" if baseline is None else
+                f"{per_criterion[c]:.2f}, {per_criterion[c] - base[c]:+.2f} vs the collection")
+    return (f"strongest on {best} ({rel(best)}), as in \"{quote[best]}\"; "
+            f"weakest on {worst} ({rel(worst)}).")

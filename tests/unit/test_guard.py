@@ -35,6 +35,11 @@ def test_each_rule_rejects_a_real_bad_output():
     assert guard.check("print, shop, appeared", source="print shop",
                        rules=guard.Rules(min_words=2, sentence=False, max_commas=0)) == "keyword list"
     assert guard.check("the tour", source="tour") == "too short"
+    # artifact_refinement, g10: the few-shot example's summary pasted onto the bike-tour list.
+    assert guard.check("Packing list for a week-long bike tour: fuel, cleaning, mileage, key and "
+                       "damage reports.", source="bike tour packing list", echoes=[
+                           "A checklist for returning the club van: fuel, cleaning, mileage, key "
+                           "and damage reports."]) == "echo"
     # cv_matching, ML research scientist: the CV has none of it.
     assert guard.check("has worked in a research lab and has a PhD in machine learning.",
                        source="PhD in machine learning", forbid=[
