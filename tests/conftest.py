@@ -160,3 +160,16 @@ def pid_alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+MODEL_DIR = ROOT / "models" / "gemma-3-270m"
+NEEDS_MODEL = pytest.mark.skipif(not EXPERIMENTAL_PYTHON.exists() or not (MODEL_DIR / "config.json").exists(),
+                                 reason="needs venvs/experimental and models/gemma-3-270m (scripts/setup.sh)")
+
+
+@pytest.fixture
+def model_lab(lab: Lab) -> Lab:
+    """The `lab` fixture with the experimental python as worker and the real models folder."""
+    write_config(lab.root, python=EXPERIMENTAL_PYTHON, default_timeout_s=900)
+    (lab.root / "models").symlink_to(ROOT / "models")
+    return lab

@@ -9,24 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXPERIMENTAL_PYTHON, ROOT, Lab, write_config
+from tests.conftest import EXPERIMENTAL_PYTHON, MODEL_DIR, NEEDS_MODEL, ROOT, Lab, write_config
 
-MODEL_DIR = ROOT / "models" / "gemma-3-270m"
 EXAMPLES = ROOT / "examples"
 
-pytestmark = [
-    pytest.mark.e2e, pytest.mark.slow,
-    pytest.mark.skipif(not EXPERIMENTAL_PYTHON.exists() or not (MODEL_DIR / "config.json").exists(),
-                       reason="needs venvs/experimental and models/gemma-3-270m (scripts/setup.sh)"),
-]
-
-
-@pytest.fixture
-def model_lab(lab: Lab) -> Lab:
-    """The `lab` fixture with the experimental python as worker and the real models folder."""
-    write_config(lab.root, python=EXPERIMENTAL_PYTHON, default_timeout_s=900)
-    (lab.root / "models").symlink_to(ROOT / "models")
-    return lab
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, NEEDS_MODEL]
 
 
 def _burst(lab: Lab) -> None:

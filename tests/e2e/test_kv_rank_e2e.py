@@ -9,22 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXPERIMENTAL_PYTHON, ROOT, Lab, write_config
+from tests.conftest import NEEDS_MODEL, ROOT, Lab
 
-MODEL_DIR = ROOT / "models" / "gemma-3-270m"
 TEXTS = ROOT / "examples" / "kv_texts"
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not EXPERIMENTAL_PYTHON.exists() or not (MODEL_DIR / "config.json").exists(),
-                       reason="needs venvs/experimental and models/gemma-3-270m (scripts/setup.sh)"),
-]
+pytestmark = [pytest.mark.e2e, NEEDS_MODEL]
 
 
 @pytest.fixture
-def model_lab(lab: Lab) -> Lab:
-    write_config(lab.root, python=EXPERIMENTAL_PYTHON, default_timeout_s=900)
-    (lab.root / "models").symlink_to(ROOT / "models")
+def kv_lab(model_lab: Lab) -> Lab:
+    """model_lab (tests/conftest.py) with two of the sample passages copied in."""
+    lab = model_lab
     texts = lab.root / "texts"
     texts.mkdir()
     for name in sorted(p.name for p in TEXTS.iterdir())[:2]:
@@ -37,20 +32,20 @@ def model_lab(lab: Lab) -> Lab:
     (["ranks=8,257"], "> head_dim 256"),            # read from the model's config.json, no torch
     (["texts=EMPTY"], "no passages"),
 ])
-def test_bad_params_exit_2_at_submit(model_lab: Lab, params: list[str], needle: str):
-    (model_lab.root / "empty").mkdir()
-    raw = {"texts": str(model_lab.root / "texts")}
+def test_bad_params_exit_2_at_submit(kv_lab: Lab, params: list[str], needle: str):
+    (kv_lab.root / "empty").mkdir()
+    raw = {"texts": str(kv_lab.root / "texts")}
     raw.update(p.split("=", 1) for p in params)
-    raw["texts"] = raw["texts"].replace("EMPTY", str(model_lab.root / "empty"))
+    raw["texts"] = raw["texts"].replace("EMPTY", str(kv_lab.root / "empty"))
     args = [a for k, v in raw.items() for a in ("-p", f"{k}={v}")]
-    proc = model_lab.cli("submit", "kv_rank_study", *args, check=False)
+    proc = kv_lab.cli("submit", "kv_rank_study", *args, check=False)
     assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert json.loads(model_lab.cli("list", "--json").stdout) == []
+    assert json.loads(kv_lab.cli("list", "--json").stdout) == []
 
 
 @pytest.mark.slow
-def test_a_small_study_runs_through_the_daemon(model_lab: Lab):
-    lab = model_lab
+def test_a_small_study_runs_through_the_daemon(kv_lab: Lab):
+    lab = kv_lab
     rid = lab.submit("kv_rank_study", f"texts={lab.root / 'texts'}", "context=64", "continuation=16",
                      "ranks=4,32", "batch_size=6")
     lab.cli("daemon", "--burst", "--experimental-paging", timeout=400)
