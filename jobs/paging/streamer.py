@@ -185,7 +185,7 @@ class LayerStreamer:
         if host is None:
             keep = slot is not None  # reserved above
             read = self.store.read_layer_fast if fast else self.store.read_layer
-            # Stored wider than the compute dtype: narrowed at read; otherwise converted while it is staged.
+            # Stored wider than the compute dtype: narrowed at read; otherwise converted into the cache arena.
             host = read(index, self.dtype, pin=False, narrow_only=self._cuda)
             if keep:
                 host = self._cache_copy(index, host)
@@ -207,13 +207,14 @@ class LayerStreamer:
                 ready = torch.cuda.Event()
                 ready.record(self._side_stream)
             return tensors, ready
+        self._ring.before_copy_in(slot, self._side_stream)  # a cached layer: after the slot's last reader
         return self._copy_to_slot(index, slot, host, fast)
 
     def _read_to_slot(self, index: int, slot: int, fast: bool) -> tuple[dict[str, torch.Tensor], Any]:
         """A streamed layer not kept in RAM: straight from the page cache into the slot (cpu) or the slot's
         pinned staging buffer (CUDA), converted on the way; no host tensor is allocated."""
         ring = self._ring
-        parts = self._fast_layouts[index][0] if fast else self._layouts[index][0]
+        parts = self._crossing(index)
         nbytes = sum(p.nbytes for p in parts)
         with self._lock:
             self.bytes_h2d += nbytes
@@ -221,7 +222,7 @@ class LayerStreamer:
             ring.before_copy_in(slot, self._side_stream)  # the staging buffer's last copy has left it
             staged = views(ring.staging_buffers[slot], parts)
             self.store.read_layer_into(index, staged, fast=fast)
-            return self._copy_to_slot(index, slot, staged, fast, staged=True)
+            return self._copy_to_slot(index, slot, staged, fast)
         buffer = ring.device_buffers[slot]
         out = views(buffer, self._layouts[index][0])
         if fast:
@@ -233,26 +234,17 @@ class LayerStreamer:
             self.store.read_layer_into(index, out)
         return out, None
 
-    def _copy_to_slot(self, index: int, slot: int, host: dict[str, torch.Tensor], fast: bool,
-                      staged: bool = False):
-        """Pinned source (the cache arena, or the slot's staging buffer) -> the slot's device buffer, on the
-        side stream, after the compute that last read the slot; a fast layer expands inside the slot."""
+    def _copy_to_slot(self, index: int, slot: int, src: dict[str, torch.Tensor], fast: bool):
+        """Pinned source (the cache arena, or the slot's staging buffer, laid out as the layer crosses) -> the
+        slot's device buffer on the side stream, which the caller made wait for the slot's last reader
+        (SlotRing.before_copy_in); a fast layer expands inside the slot."""
         ring, side = self._ring, self._side_stream
         parts = self._layouts[index][0]
         device_slot = ring.device_buffers[slot]
-        crossing, _ = layout({k: (shape, dtype) for k, _, dtype, shape in self._crossing(index, host)})
-        if not staged:
-            ring.before_copy_in(slot, side)
-        if staged or index in self._ram_cache:
-            src = host
-        else:
-            src = views(ring.staging_buffers[slot], crossing)
-            for k, t in host.items():
-                src[k].copy_(t)  # host memcpy into pinned memory, converting to the compute dtype
         out = views(device_slot, parts)
         with torch.cuda.stream(side):
             if fast:
-                packed = views(device_slot[self._expanded_bytes:], crossing)
+                packed = views(device_slot[self._expanded_bytes:], self._crossing(index))
                 for k, t in src.items():
                     packed[k].copy_(t, non_blocking=True)
                 for k, t in self._dequantize(index, packed).items():
@@ -269,23 +261,22 @@ class LayerStreamer:
         return {n for n in self.store.fast_entries[index] if n.rpartition(".")[0] in self.store.fast_shapes[index]}
 
     def _cache_copy(self, index: int, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """On CUDA a cached layer lives in the pinned cache arena, as it crosses; on cpu the host tensors are kept."""
+        """On CUDA a cached layer lives in the pinned cache arena, laid out as it crosses; on cpu the host
+        tensors are kept."""
         if self._cache_arena is None:
             return host
-        out = {}
+        parts, size = self._fast_layouts[index] if index in self._fast_layouts else self._layouts[index]
         with self._lock:
-            for (name, _, dtype, shape) in self._crossing(index, host):
-                out[name] = self._cache_arena.take(shape.numel() * dtype.itemsize).view(dtype).view(shape)
+            block = self._cache_arena.take(size)
+        out = views(block, parts)
         for name, t in host.items():
-            out[name].copy_(t)
+            out[name].copy_(t)  # converting to the compute dtype where the layer is stored wider or other
         return out
 
-    def _crossing(self, index: int, host: dict[str, torch.Tensor]) -> list[tuple[str, int, torch.dtype, torch.Size]]:
-        """(name, -, dtype, shape) of each tensor as it crosses: packed parts as stored, other floats in the
+    def _crossing(self, index: int) -> list:
+        """Layer `index` as it crosses (slots.Part list): a fast layer's packed parts as stored, the rest in the
         compute dtype."""
-        packed = self._packed_names(index)
-        return [(k, 0, self.dtype if t.is_floating_point() and k not in packed else t.dtype, t.shape)
-                for k, t in host.items()]
+        return self._fast_layouts[index][0] if index in self._fast_layouts else self._layouts[index][0]
 
     def _dequantize(self, index: int, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Packed NAME.W_q/.scale/.zero become NAME in the compute dtype; other tensors pass through."""
