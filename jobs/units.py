@@ -4,6 +4,7 @@ Accepts plain integers and suffixed sizes: '500MB' (10^6), '2GiB' (2^30), '1.5G'
 """
 from __future__ import annotations
 
+import argparse
 import re
 
 _UNITS = {
@@ -40,3 +41,11 @@ def format_size(n_bytes: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def size_arg(text: str) -> int:
+    """parse_size as an argparse `type=`: a bad size is a usage error (exit 2), not a traceback."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

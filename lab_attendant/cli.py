@@ -18,7 +18,7 @@ from typing import Any
 from jobs.errors import ParamError
 from jobs.kinds import check_with_model, parse_assignment, registry, validate_params
 from jobs.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, KV_KINDS, VARIANT_MODES, ModelSpec
-from jobs.units import format_size
+from jobs.units import format_size, size_arg
 
 from . import PROJECT_ROOT, dbcli, venv
 from .config import Config, load_config
@@ -388,14 +388,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _byte_size(text: str) -> int:
-    from jobs.units import parse_size
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lab-attendant", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="TOML config (default: $LAB_ATTENDANT_CONFIG, "
@@ -475,11 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="plan for this card (auto: the local GPU; default: the model's device)")
     mp.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="prompts per pass")
     mp.add_argument("--context", type=_positive_int, help="prompt + new tokens per row (default: context_tokens)")
-    mp.add_argument("--vram-budget", type=_byte_size, help="decoder-layer bytes on the device (an upper bound)")
-    mp.add_argument("--ram-budget", type=_byte_size, help="host RAM for cached layers / experts")
+    mp.add_argument("--vram-budget", type=size_arg, help="decoder-layer bytes on the device (an upper bound)")
+    mp.add_argument("--ram-budget", type=size_arg, help="host RAM for cached layers / experts")
     mp.add_argument("--kv-cache", choices=KV_KINDS)
     mp.add_argument("--variant", choices=VARIANT_MODES)
-    mp.add_argument("--disk-bandwidth", type=_byte_size, help="measured read bytes/s (e.g. 2GB), for the disk bound")
+    mp.add_argument("--disk-bandwidth", type=size_arg, help="measured read bytes/s (e.g. 2GB), for the disk bound")
     mp.add_argument("--json", action="store_true")
     mq = msub.add_parser("quantize", help="write a 4-bit (HQQ) variant of a model beside its files "
                          "(MODEL/variants/q4g64); the original files are not changed")

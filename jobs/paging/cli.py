@@ -16,16 +16,9 @@ from pathlib import Path
 from jobs.errors import UsageError
 from jobs.spec import (DEFAULT_BATCH_SIZE, DEFAULT_CONTEXT_TOKENS, DTYPE_SETTINGS, FP16_SAFE_CHOICES, KV_KINDS, VARIANT_MODES, ModelSettings,
                        ModelSpec)
-from jobs.units import parse_size
+from jobs.units import size_arg
 
 _LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def generate_parser() -> argparse.ArgumentParser:
@@ -51,14 +44,14 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16-safe", choices=FP16_SAFE_CHOICES, default=ModelSettings.fp16_safe,
                    help="fp16 only: fp32 residual stream and scaled fp16 matmuls; auto: on for models that "
                         "overflow fp16 (Gemma)")
-    p.add_argument("--vram-budget", type=_size, help="bytes of decoder layers on the device (e.g. 2GiB)")
-    p.add_argument("--ram-budget", type=_size, help="bytes of streamed layers cached in host RAM (moe: experts)")
+    p.add_argument("--vram-budget", type=size_arg, help="bytes of decoder layers on the device (e.g. 2GiB)")
+    p.add_argument("--ram-budget", type=size_arg, help="bytes of streamed layers cached in host RAM (moe: experts)")
     p.add_argument("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS,
                    help=f"prompt + new tokens per row the memory plan makes room for (default {DEFAULT_CONTEXT_TOKENS})")
-    p.add_argument("--device-memory", type=_size,
+    p.add_argument("--device-memory", type=size_arg,
                    help="device bytes the memory plan may use (default: what is free at load)")
     p.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
-    p.add_argument("--expert-cache-bytes", type=_size, help="MoE only: device bytes for cached experts")
+    p.add_argument("--expert-cache-bytes", type=size_arg, help="MoE only: device bytes for cached experts")
     p.add_argument("--cache-policy", choices=POLICIES, default=ModelSettings.cache_policy,
                    help="MoE only: expert eviction")
     p.add_argument("--variant", choices=VARIANT_MODES, default=ModelSettings.variant,
