@@ -8,7 +8,7 @@ from pathlib import Path
 
 from jobs.paging.expert_budget import mem_available_bytes
 from jobs.paging.memplan import MemoryPlan, PlanRequest, make_plan
-from jobs.paging.profiles import PROFILES, DeviceProfile, profile
+from jobs.paging.profiles import PROFILES, DeviceProfile, dtype_for, fp16_safe_for, profile
 from jobs.paging.open import is_moe_folder
 from jobs.paging.shape import shape_from_folder
 from jobs.spec import DEFAULT_BATCH_SIZE, ModelSpec
@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 PROFILE_CHOICES = (*PROFILES, "cpu", "auto")
 _CONTEXT_BYTES = 400 * 1024**2      # what a CUDA context takes before the first tensor
 _PCIE_BYTES_PER_S = {3: 12e9, 4: 25e9, 5: 50e9}   # pinned copies on an x16 link, as measured on such links
-_OVERFLOWS_FP16 = ("gemma",)         # model types numerics.OVERFLOWS_FP16 runs fp16-safe under "auto"
 
 
 def local_gpu(nvml=None) -> DeviceProfile | None:
@@ -58,15 +57,6 @@ def device_profile(name: str) -> DeviceProfile:
         raise UserError(str(exc)) from None
 
 
-def _dtype(setting: str, device: DeviceProfile) -> str:
-    """capability.resolve_dtype without torch: fp32 on cpu, bf16 from sm_80, fp16 below."""
-    if setting != "auto":
-        return setting
-    if device.capability is None:
-        return "fp32"
-    return "bf16" if device.capability >= (8, 0) else "fp16"
-
-
 def plan_model(spec: ModelSpec, device: DeviceProfile, *, batch: int, context: int | None = None,
                disk_bytes_per_s: float | None = None) -> MemoryPlan:
     path = Path(spec.path)
@@ -77,9 +67,8 @@ def plan_model(spec: ModelSpec, device: DeviceProfile, *, batch: int, context: i
                         "(or the folder argument) at a Hugging Face model folder") from None
     except (KeyError, ValueError) as exc:
         raise UserError(f"config.json in {path} cannot be planned: {exc}") from None
-    dtype = _dtype(spec.dtype, device)
-    safe = spec.fp16_safe == "on" or (spec.fp16_safe == "auto" and dtype == "fp16"
-                                      and shape.model_type.startswith(_OVERFLOWS_FP16))
+    dtype = dtype_for(spec.dtype, device.capability)     # as the engine resolves them on that device
+    safe = fp16_safe_for(spec.fp16_safe, dtype, shape.model_type)
     request = PlanRequest(batch=batch, context=context or spec.context_tokens, dtype=dtype, kv_cache=spec.kv_cache,
                           fp16_safe=safe, variant=spec.variant, vram_budget_bytes=spec.vram_budget_bytes,
                           ram_budget_bytes=spec.ram_budget_bytes, expert_cache_bytes=spec.expert_cache_bytes,

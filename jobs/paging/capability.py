@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from jobs.paging.profiles import NATIVE_BF16_FROM, dtype_for
+
 # CUDA compute capability from which a feature runs natively (Ampere: bf16 tensor cores and Triton's
 # bf16 kernels; Ada/Hopper: FP8). A Turing card (RTX 2080 Ti, sm_75) has none of them.
-NATIVE_BF16_FROM = (8, 0)
 TRITON_BF16_FROM = (8, 0)
 FP8_FROM = (8, 9)
 
@@ -44,11 +45,7 @@ def triton_supports(device: torch.device | str, dtype: torch.dtype) -> tuple[boo
 def resolve_dtype(requested: str, device: torch.device | str) -> str:
     """The compute dtype name for `requested` ("auto", "fp32", "bf16", "fp16") on `device`:
     auto is fp32 on the CPU, bf16 where the card has it natively, fp16 on older CUDA cards."""
-    if requested != "auto":
-        return requested
-    if device_capability(device) is None:
-        return "fp32"
-    return "bf16" if native_bf16(device) else "fp16"
+    return dtype_for(requested, device_capability(device))
 
 
 def sdpa_backends(device: torch.device | str) -> str:

@@ -15,10 +15,8 @@ from torch import nn
 from jobs.errors import NonFiniteError
 from jobs.paging import capability
 from jobs.paging.dtypes import dtype_name, torch_dtype
+from jobs.paging.profiles import fp16_safe_for
 
-# model_type values whose activations are known to exceed fp16's range (65504): Gemma's residual stream
-# grows to ~1e5 and its MLP products saturate; fp16_safe = "auto" turns the path on for these only.
-OVERFLOWS_FP16 = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text"})
 # A Linear's input is scaled down (by a power of two, per token) until its largest magnitude is at most
 # 2**INPUT_MAX_EXP. Measured on Gemma-3-270M: the largest fp16 product is then ~530 (q_proj), 120x below
 # fp16's 65504, while small entries stay clear of fp16's subnormals (2**4 lost greedy agreement on a prompt).
@@ -37,12 +35,8 @@ def resolve_numerics(dtype: str | torch.dtype, fp16_safe: str, device: torch.dev
 
 
 def resolve_fp16_safe(setting: str, dtype: torch.dtype, model_type: str) -> bool:
-    """Whether the fp16-safe path runs: "on"/"off" as set; "auto" in fp16 for models in OVERFLOWS_FP16."""
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"fp16_safe {setting!r} is not one of auto, on, off")
-    if dtype != torch.float16:
-        return False  # bf16 and fp32 have fp32's range: nothing to guard
-    return setting == "on" or (setting == "auto" and model_type in OVERFLOWS_FP16)
+    """Whether the fp16-safe path runs (profiles.fp16_safe_for: "auto" in fp16 for models in OVERFLOWS_FP16)."""
+    return fp16_safe_for(setting, dtype_name(dtype), model_type)
 
 
 class Fp16Safe:

@@ -1,5 +1,6 @@
-"""Devices the memory plan plans for: named card profiles, the host as a device, and what a profile holds
-(stdlib only; jobs.paging.runtime builds one from the real CUDA device at load)."""
+"""Devices the memory plan plans for: named card profiles, the host as a device, what a profile holds, and
+the numerics a device implies (dtype "auto", fp16-safe "auto"), stdlib only so the supervisor resolves them
+as the engine does (jobs.paging.runtime builds a profile from the real CUDA device at load)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -8,6 +9,28 @@ from jobs.paging.expert_budget import mem_available_bytes
 
 GiB = 1024**3
 MiB = 1024**2
+NATIVE_BF16_FROM = (8, 0)   # Ampere: bf16 tensor cores; Turing (sm_75) computes bf16 only emulated
+# model_type values whose activations are known to exceed fp16's range (65504): Gemma's residual stream
+# grows to ~1e5 and its MLP products saturate; fp16_safe = "auto" turns the fp16-safe path on for these only.
+OVERFLOWS_FP16 = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text"})
+
+
+def dtype_for(requested: str, capability: tuple[int, int] | None) -> str:
+    """The compute dtype name for `requested` ("auto", "fp32", "bf16", "fp16") on a device of `capability`
+    (None: the CPU): auto is fp32 on the CPU, bf16 where the card has it natively, fp16 on older CUDA cards."""
+    if requested != "auto":
+        return requested
+    if capability is None:
+        return "fp32"
+    return "bf16" if tuple(capability) >= NATIVE_BF16_FROM else "fp16"
+
+
+def fp16_safe_for(setting: str, dtype: str, model_type: str) -> bool:
+    """Whether the fp16-safe path runs: "on"/"off" as set, "auto" in fp16 for models in OVERFLOWS_FP16; only
+    fp16 ever needs it (bf16 and fp32 have fp32's range)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"fp16_safe {setting!r} is not one of auto, on, off")
+    return dtype == "fp16" and (setting == "on" or (setting == "auto" and model_type in OVERFLOWS_FP16))
 
 
 @dataclass(frozen=True)
