@@ -9,7 +9,6 @@ import json
 import math
 import logging
 import re
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors import safe_open
 
 from jobs.errors import ModelFolderError
 from jobs.paging.mapped import MappedFiles
+from jobs.paging.shape import safetensors_header
 from jobs.paging.quant import QuantSpec, Variant
 
 logger = logging.getLogger(__name__)
@@ -43,12 +43,8 @@ class TensorEntry:
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     """Tensor sizes from a file's JSON header alone (no tensor data is touched)."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
     return {k: TensorEntry(k, path, v["data_offsets"][1] - v["data_offsets"][0], math.prod(v["shape"]))
-            for k, v in header.items()}
+            for k, v in safetensors_header(path).items()}
 
 
 class ModelStore:

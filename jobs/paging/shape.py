@@ -134,7 +134,7 @@ def shape_from_folder(model_dir: str | Path) -> ModelShape:
     per_layer: dict[int, int] = {}
     other, largest, width = 0, 0, 0
     for f in files:
-        for key, entry in _header(f).items():
+        for key, entry in safetensors_header(f).items():
             numel = math.prod(entry["shape"])
             parts = key.split(".")
             if "layers" in parts and parts[parts.index("layers") + 1].isdigit():
@@ -157,7 +157,8 @@ def shape_from_folder(model_dir: str | Path) -> ModelShape:
 _DT_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "F8_E4M3": 1}
 
 
-def _header(path: Path) -> dict:
+def safetensors_header(path: Path) -> dict:
+    """A safetensors file's JSON header (name -> dtype, shape, data_offsets), __metadata__ dropped."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
