@@ -3,6 +3,7 @@
 from a folder holding only config.json, before its weights are downloaded."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -74,9 +75,7 @@ def plan_model(spec: ModelSpec, device: DeviceProfile, *, batch: int, context: i
                           ram_budget_bytes=spec.ram_budget_bytes, expert_cache_bytes=spec.expert_cache_bytes,
                           disk_bytes_per_s=disk_bytes_per_s)
     if spec.device_memory_bytes is not None and spec.device_memory_bytes < device.memory_bytes:
-        device = DeviceProfile(device.name, device.kind, spec.device_memory_bytes, device.context_bytes,
-                               device.h2d_bytes_per_s, device.capability, device.host_ram_bytes,
-                               note="capped by device_memory_bytes")
+        device = dataclasses.replace(device, memory_bytes=spec.device_memory_bytes, note="capped by device_memory_bytes")
     return make_plan(shape, device, request, spec.name)
 
 
