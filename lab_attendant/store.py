@@ -19,7 +19,7 @@ from .errors import StoreError, TransitionError
 from .states import ACTIVE, TERMINAL, WAITING, RunState, can_transition
 from .storefaults import translate
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Stored as the enum's values ("queued", ...), in a plain VARCHAR: version-1 rows read unchanged.
 _STATE_COLUMN = Enum(RunState, native_enum=False, create_constraint=False, length=20,
                      values_callable=lambda states: [s.value for s in states])
@@ -28,7 +28,12 @@ _MIGRATIONS = {1: ["ALTER TABLE runs ADD COLUMN hold_code VARCHAR"],   # from ve
                    "ALTER TABLE runs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1",
                    "ALTER TABLE runs ADD COLUMN max_retries INTEGER NOT NULL DEFAULT 0",
                    "ALTER TABLE runs ADD COLUMN not_before FLOAT",
-                   "CREATE INDEX IF NOT EXISTS ix_runs_retry_of ON runs (retry_of)"]}
+                   "CREATE INDEX IF NOT EXISTS ix_runs_retry_of ON runs (retry_of)"],
+               3: ["ALTER TABLE runs ADD COLUMN name VARCHAR",
+                   "ALTER TABLE runs ADD COLUMN after_json TEXT NOT NULL DEFAULT '[]'",
+                   "ALTER TABLE runs ADD COLUMN executor VARCHAR NOT NULL DEFAULT 'local'",
+                   "ALTER TABLE runs ADD COLUMN executor_job_id VARCHAR",
+                   "CREATE INDEX IF NOT EXISTS ix_runs_name ON runs (name)"]}
 BUSY_TIMEOUT_MS = 60_000
 
 
@@ -77,6 +82,12 @@ class Run(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     max_retries: Mapped[int] = mapped_column(Integer, default=0)
     not_before: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # A user's label (`submit --name`), the runs this one waits on (afterok, a JSON list of ids),
+    # where its worker runs ("local" or "slurm") and that executor's id for it (a Slurm job id).
+    name: Mapped[str | None] = mapped_column(String, nullable=True, index=True)
+    after_json: Mapped[str] = mapped_column(Text, default="[]")
+    executor: Mapped[str] = mapped_column(String, default="local")
+    executor_job_id: Mapped[str | None] = mapped_column(String, nullable=True)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -85,6 +96,10 @@ class Run(Base):
     @property
     def metrics(self) -> dict[str, Any]:
         return json.loads(self.metrics_json)
+
+    @property
+    def after(self) -> list[int]:
+        return json.loads(self.after_json)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +115,8 @@ class Run(Base):
             "metrics": self.metrics, "heartbeat_at": self.heartbeat_at,
             "schedule_id": self.schedule_id, "retry_of": self.retry_of, "attempt": self.attempt,
             "max_retries": self.max_retries, "not_before": self.not_before,
+            "name": self.name, "after": self.after, "executor": self.executor,
+            "executor_job_id": self.executor_job_id,
         }
 
 
@@ -265,7 +282,8 @@ class Store:
     def submit(self, *, kind: str, params: dict[str, Any], priority: int, timeout_s: float,
                needs_paging: bool, schedule_id: str | None = None,
                reason: str = "submitted", skip_reason: str | None = None,
-               max_retries: int = 0) -> Run:
+               max_retries: int = 0, name: str | None = None, after: Iterable[int] = (),
+               executor: str = "local", not_before: float | None = None) -> Run:
         """Insert a queued run; with skip_reason it is skipped in the same transaction, so no
         reader (and no crash) ever sees a skipped firing as queued."""
         now = time.time()
@@ -273,7 +291,9 @@ class Store:
             run = Run(kind=kind, params_json=json.dumps(params, sort_keys=True),
                       priority=priority, timeout_s=timeout_s, needs_paging=needs_paging,
                       submitted_at=now, state=RunState.QUEUED, reason=reason,
-                      schedule_id=schedule_id, attempt=1, max_retries=max_retries)
+                      schedule_id=schedule_id, attempt=1, max_retries=max_retries, name=name,
+                      after_json=json.dumps(sorted(set(after))), executor=executor,
+                      not_before=not_before)
             s.add(run)
             s.flush()
             s.add(RunEvent(run_id=run.id, at=now, kind="transition", from_state=None,

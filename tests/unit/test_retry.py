@@ -116,7 +116,24 @@ def test_a_version_2_store_gains_the_retry_columns(tmp_path: Path):
             conn.execute(f"ALTER TABLE runs DROP COLUMN {col}")
         conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     store = Store(db)
-    assert store.get_meta("schema_version") == SCHEMA_VERSION == 3
+    assert store.get_meta("schema_version") == SCHEMA_VERSION == 4
     run = store.get(rid)
     assert run.attempt == 1 and run.max_retries == 0 and run.retry_of is None
+    store.close()
+
+
+def test_a_version_3_store_gains_name_dependencies_and_executor(tmp_path: Path):
+    db = tmp_path / "db.sqlite3"
+    store = Store(db)
+    rid = store.submit(kind="sleepy", params={}, priority=0, timeout_s=60, needs_paging=False).id
+    store.close()
+    with sqlite3.connect(db) as conn:                    # what a version-3 daemon left behind
+        conn.execute("DROP INDEX ix_runs_name")
+        for col in ("name", "after_json", "executor", "executor_job_id"):
+            conn.execute(f"ALTER TABLE runs DROP COLUMN {col}")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    store = Store(db)
+    assert store.get_meta("schema_version") == SCHEMA_VERSION
+    run = store.get(rid)
+    assert (run.name, run.after, run.executor, run.executor_job_id) == (None, [], "local", None)
     store.close()
