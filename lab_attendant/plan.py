@@ -9,7 +9,8 @@ from pathlib import Path
 
 from jobs.paging.expert_budget import mem_available_bytes
 from jobs.paging.memplan import MemoryPlan, PlanRequest, make_plan
-from jobs.paging.profiles import PROFILES, DeviceProfile, dtype_for, fp16_safe_for, profile
+from jobs.paging.profiles import (PROFILES, DeviceProfile, dtype_for, fp16_safe_for, pcie_bytes_per_s,
+                                  profile)
 from jobs.paging.open import is_moe_folder
 from jobs.paging.shape import shape_from_folder
 from jobs.spec import DEFAULT_BATCH_SIZE, ModelSpec
@@ -19,7 +20,6 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 PROFILE_CHOICES = (*PROFILES, "cpu", "auto")
 _CONTEXT_BYTES = 400 * 1024**2      # what a CUDA context takes before the first tensor
-_PCIE_BYTES_PER_S = {3: 12e9, 4: 25e9, 5: 50e9}   # pinned copies on an x16 link, as measured on such links
 
 
 def local_gpu(nvml=None) -> DeviceProfile | None:
@@ -40,7 +40,7 @@ def local_gpu(nvml=None) -> DeviceProfile | None:
         log.debug("no local GPU via NVML: %s", exc)
         return None
     name = name.decode() if isinstance(name, bytes) else str(name)
-    bandwidth = _PCIE_BYTES_PER_S.get(int(gen), 12e9) * int(width) / 16
+    bandwidth = pcie_bytes_per_s(gen, width)
     return DeviceProfile(f"auto ({name})", "cuda", int(memory.free), _CONTEXT_BYTES, bandwidth, capability,
                          mem_available_bytes(), note="GPU 0 via NVML: memory free now")
 

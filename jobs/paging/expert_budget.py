@@ -28,9 +28,14 @@ class ExpertHostPlan(NamedTuple):
         return self.arena_bytes + self.staging_bytes
 
 
+def aligned(nbytes: int) -> int:
+    """nbytes rounded up to HOST_ALIGN: what one view takes in a host arena (pinned.HostArena)."""
+    return -(-int(nbytes) // HOST_ALIGN) * HOST_ALIGN
+
+
 def slot_bytes(expert_bytes: int) -> int:
     """Bytes one expert takes in the arena: its size rounded up to the arena's alignment."""
-    return -(-int(expert_bytes) // HOST_ALIGN) * HOST_ALIGN
+    return aligned(expert_bytes)
 
 
 def min_ram_budget_bytes(expert_bytes: int, staging_slots: int = STAGING_SLOTS) -> int:

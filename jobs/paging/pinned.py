@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from jobs.units import format_size
-
-_ALIGN = 64  # every view starts on a 64-byte boundary: any dtype can view it, copies stay aligned
+from jobs.paging.expert_budget import aligned  # every view starts on a 64-byte boundary: any dtype
+from jobs.units import format_size                 # can view it, copies stay aligned
 
 
 def pinned_alloc_bytes(nbytes: int) -> int:
     """Bytes `torch.empty(nbytes, pin_memory=True)` really pins: the next power of two."""
     return 1 << max(0, int(nbytes) - 1).bit_length() if nbytes > 0 else 0
-
-
-def aligned(nbytes: int) -> int:
-    return -(-int(nbytes) // _ALIGN) * _ALIGN
 
 
 class PinnedHostError(MemoryError):

@@ -45,16 +45,24 @@ class DeviceProfile:
     note: str = ""
 
 
-# Usable memory as CUDA reports it once the driver has its share; h2d is pinned copies as measured on
-# such links (PCIe 3.0 x16 ~12 GB/s, 4.0 ~25 GB/s, 5.0 ~50 GB/s).
+# Pinned host -> device copies on an x16 link of each PCIe generation, as measured on such links; a
+# narrower link scales by width/16 (pcie_bytes_per_s).
+PCIE_X16_BYTES_PER_S = {3: 12e9, 4: 25e9, 5: 50e9}
+
+
+def pcie_bytes_per_s(gen: int, width: int = 16) -> float:
+    return PCIE_X16_BYTES_PER_S.get(int(gen), PCIE_X16_BYTES_PER_S[3]) * int(width) / 16
+
+
+# Usable memory as CUDA reports it once the driver has its share; h2d from the link's generation.
 PROFILES: dict[str, DeviceProfile] = {
-    "rtx2080ti": DeviceProfile("rtx2080ti", "cuda", int(10.76 * GiB), 400 * MiB, 12e9, (7, 5),
+    "rtx2080ti": DeviceProfile("rtx2080ti", "cuda", int(10.76 * GiB), 400 * MiB, pcie_bytes_per_s(3), (7, 5),
                                note="RTX 2080 Ti 11 GB, Turing sm_75 (fp16 only), PCIe 3.0 x16"),
-    "rtx3060": DeviceProfile("rtx3060", "cuda", int(11.76 * GiB), 400 * MiB, 24e9, (8, 6),
+    "rtx3060": DeviceProfile("rtx3060", "cuda", int(11.76 * GiB), 400 * MiB, pcie_bytes_per_s(4), (8, 6),
                              note="RTX 3060 12 GB, Ampere sm_86, PCIe 4.0 x16"),
-    "rtx4090": DeviceProfile("rtx4090", "cuda", int(23.64 * GiB), 450 * MiB, 25e9, (8, 9),
+    "rtx4090": DeviceProfile("rtx4090", "cuda", int(23.64 * GiB), 450 * MiB, pcie_bytes_per_s(4), (8, 9),
                              note="RTX 4090 24 GB, Ada sm_89, PCIe 4.0 x16"),
-    "h100": DeviceProfile("h100", "cuda", int(79.1 * GiB), 500 * MiB, 50e9, (9, 0),
+    "h100": DeviceProfile("h100", "cuda", int(79.1 * GiB), 500 * MiB, pcie_bytes_per_s(5), (9, 0),
                           note="H100 80 GB, Hopper sm_90, PCIe 5.0 x16"),
 }
 

@@ -5,19 +5,22 @@ from __future__ import annotations
 import torch
 
 from jobs.paging.expert_budget import mem_available_bytes
-from jobs.paging.profiles import DeviceProfile
+from dataclasses import replace
+
+from jobs.paging.profiles import DeviceProfile, cpu_profile
 
 
 def runtime_profile(device: torch.device, device_memory_bytes: int | None = None) -> DeviceProfile:
     """CUDA: torch.cuda.mem_get_info's free bytes (the context already exists, so it costs nothing more);
     device_memory_bytes caps it, e.g. to emulate a smaller card on a big one."""
-    host = mem_available_bytes()
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         memory = free if device_memory_bytes is None else min(free, device_memory_bytes)
         return DeviceProfile(f"{device} ({torch.cuda.get_device_name(device)})", "cuda", int(memory), 0, 0.0,
-                             torch.cuda.get_device_capability(device), host, note="free memory at load")
-    memory = host or 0
-    if device_memory_bytes is not None:
-        memory = min(memory, device_memory_bytes) if memory else device_memory_bytes
-    return DeviceProfile("cpu", "cpu", int(memory), 0, 0.0, None, host, note="host RAM (MemAvailable)")
+                             torch.cuda.get_device_capability(device), mem_available_bytes(),
+                             note="free memory at load")
+    cpu = cpu_profile()
+    if device_memory_bytes is None:
+        return cpu
+    memory = min(cpu.memory_bytes, device_memory_bytes) if cpu.memory_bytes else device_memory_bytes
+    return replace(cpu, memory_bytes=int(memory))

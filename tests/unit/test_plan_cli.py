@@ -58,3 +58,49 @@ def test_a_config_only_qwen3_moe_folder_plans_as_moe(tmp_path, lab):
     plan = json.loads(lab.cli("model", "plan", str(folder), "--device-profile", "rtx2080ti", "--batch", "1",
                               "--json").stdout)
     assert plan["fits"] and plan["expert_cache_slots"] > 0 and plan["experts_in_ram"] > 0
+
+
+class _FakeNvml:
+    """pynvml's calls that local_gpu makes, answering like a PCIe 4.0 x8 card with 6 GiB free."""
+    class _Memory:
+        free = 6 * 1024**3
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.shutdowns = fail, 0
+
+    def nvmlInit(self):
+        if self.fail:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return self._Memory()
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle):
+        return (8, 6)
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA GeForce RTX 3060"
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, handle):
+        return 4
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, handle):
+        return 8
+
+
+def test_local_gpu_reads_free_memory_and_the_pcie_link_like_the_named_profiles():
+    from jobs.paging.profiles import PROFILES, pcie_bytes_per_s
+    from lab_attendant.plan import local_gpu
+    nvml = _FakeNvml()
+    gpu = local_gpu(nvml)
+    assert gpu.memory_bytes == 6 * 1024**3 and gpu.capability == (8, 6) and nvml.shutdowns == 1
+    assert "RTX 3060" in gpu.name
+    # x8 is half an x16 link of the same generation, and the same figure the rtx3060 profile uses
+    assert gpu.h2d_bytes_per_s == pcie_bytes_per_s(4) / 2 == PROFILES["rtx3060"].h2d_bytes_per_s / 2
+    assert local_gpu(_FakeNvml(fail=True)) is None
