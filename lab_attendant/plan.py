@@ -70,10 +70,9 @@ def plan_model(spec: ModelSpec, device: DeviceProfile, *, batch: int, context: i
         raise UserError(f"config.json in {path} cannot be planned: {exc}") from None
     dtype = dtype_for(spec.dtype, device.capability)     # as the engine resolves them on that device
     safe = fp16_safe_for(spec.fp16_safe, dtype, shape.model_type)
-    request = PlanRequest(batch=batch, context=context or spec.context_tokens, dtype=dtype, kv_cache=spec.kv_cache,
-                          fp16_safe=safe, variant=spec.variant, vram_budget_bytes=spec.vram_budget_bytes,
-                          ram_budget_bytes=spec.ram_budget_bytes, expert_cache_bytes=spec.expert_cache_bytes,
-                          disk_bytes_per_s=disk_bytes_per_s)
+    request = PlanRequest.for_model(spec, batch=batch, dtype=dtype, fp16_safe=safe, disk_bytes_per_s=disk_bytes_per_s)
+    if context:
+        request = dataclasses.replace(request, context=context)
     if spec.device_memory_bytes is not None and spec.device_memory_bytes < device.memory_bytes:
         device = dataclasses.replace(device, memory_bytes=spec.device_memory_bytes, note="capped by device_memory_bytes")
     return make_plan(shape, device, request, spec.name)

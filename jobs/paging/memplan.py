@@ -52,6 +52,14 @@ class PlanRequest:
     expert_cache_bytes: int | None = None   # moe: the device expert cache (None: what fits)
     disk_bytes_per_s: float | None = None   # measured read bandwidth (probe), for the disk bound
 
+    @classmethod
+    def for_model(cls, spec: Any, *, batch: int, dtype: str, **fields: Any) -> "PlanRequest":
+        """What a [models.NAME] entry (jobs.spec.ModelSpec) asks for at this batch and compute dtype;
+        `fields` add what only the caller knows (fp16_safe, the disk bound)."""
+        return cls(batch=batch, dtype=dtype, context=spec.context_tokens, kv_cache=spec.kv_cache,
+                   variant=spec.variant, vram_budget_bytes=spec.vram_budget_bytes,
+                   ram_budget_bytes=spec.ram_budget_bytes, expert_cache_bytes=spec.expert_cache_bytes, **fields)
+
 
 @dataclass
 class MemoryPlan:

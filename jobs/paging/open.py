@@ -85,8 +85,7 @@ def _check_moe_plan(spec: ModelSpec, batch_size: int) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         return  # load_paged_moe says so
     plan = make_plan(shape_from_folder(spec.path), runtime_profile(device, spec.device_memory_bytes),
-                     PlanRequest(batch=batch_size, context=spec.context_tokens, dtype=resolve_dtype(spec.dtype, device),
-                                 kv_cache=spec.kv_cache, variant=spec.variant, ram_budget_bytes=spec.ram_budget_bytes,
-                                 expert_cache_bytes=spec.expert_cache_bytes), spec.name)
+                     PlanRequest.for_model(spec, batch=batch_size, dtype=resolve_dtype(spec.dtype, device)),
+                     spec.name)
     if not plan.fits:
         raise BudgetError(f"model {spec.name}: {plan.reason}")
