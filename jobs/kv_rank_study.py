@@ -4,6 +4,8 @@ true continuation teacher-forced with each, against the full cache; writes kv_ra
 """
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -167,9 +169,13 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
 
         shapes: list[kc.LayerShape] = []
         for i, (passage, ids) in enumerate(usable):
+            start = time.perf_counter()
             variants, scores, shapes = study_passage(
                 loaded.model, ids.to(loaded.device), context, continuation,
                 lambda s: kc.plan_variants(s, ranks, QUANT_BITS), params["batch_size"], on_scored)
+            # one prefill of the context, then the continuation through every variant's cache
+            engine.account(prompt_tokens=context + continuation * len(variants),
+                           busy_s=time.perf_counter() - start)
             for v, score in zip(variants, scores):
                 tallies.setdefault(v.label, Tally(v)).add(passage.id, score)
             ctx.log.info("passage %s (%d/%d) scored on %d caches", passage.id, i + 1, len(usable), len(variants))

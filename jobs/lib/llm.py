@@ -98,6 +98,12 @@ class Engine:
                                         if self.busy_s else None),
                 **{f"engine_{k}": v for k, v in stats.items()}}
 
+    def account(self, *, prompt_tokens: int, busy_s: float) -> None:
+        """Work a job did on self.loaded.model by its own passes (kv_rank_study), counted like ours."""
+        self.prompt_tokens += prompt_tokens
+        self.busy_s += busy_s
+        self.report()
+
     def report(self) -> None:
         self.ctx.metric(**self.summary())
 

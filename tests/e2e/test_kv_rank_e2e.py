@@ -64,6 +64,9 @@ def test_a_small_study_runs_through_the_daemon(kv_lab: Lab):
     assert rows["svd r=32"]["mean_kl"] < rows["svd r=4"]["mean_kl"]
     assert report["cache"]["head_dim"] == 256 and report["cache"]["sliding_layers"] == 15
     assert report["claim"]["rank"] == 32 and report["claim"]["text"]
+    # the study's own passes are the engine's work: counted, not left at zero
+    assert report["engine"]["prompt_tokens"] == 2 * (64 + 16 * len(rows)) and report["engine"]["engine_busy_s"] > 0
+    assert run["metrics"]["prompt_tokens_per_s"] > 0
     assert run["progress"]["total"] == 2 * len(rows)
     md = (out / "kv_rank.md").read_text()
     assert md.startswith("# KV rank study: gemma-3-270m") and "## Verdict" in md
