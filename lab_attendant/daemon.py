@@ -20,7 +20,7 @@ from jobs.spec import SPEC_VERSION, RunSpec
 from .config import Config
 from .cotenants import Cotenants
 from .errors import ConfigError
-from .executors import OFFSETS_META, Executors
+from .executors import Executors
 from .guards import Action, Guards, WorkerInfo
 from .host import Host, make_sensors, signal_name
 from .launcher import Launcher, Worker, WorkerExit, classify
@@ -30,7 +30,6 @@ from .reconcile import reconcile
 from .retry import ensure_retries
 from .scheduler import Schedules
 from .sdnotify import Notifier, status_text
-from .slurm import SlurmExecutor
 from .states import ACTIVE, WAITING, Hold, RunState
 from .backup import AutoBackup
 from .errors import StoreWriteError
@@ -53,12 +52,9 @@ class Daemon:
         self.experimental_paging = experimental_paging   # in memory only, never persisted
         self.burst = burst
         self.host = host or Host()
-        self.launcher = Executors(
-            cfg, launcher or Launcher(self.host, kill_grace_s=cfg.limits.kill_grace_s),
-            SlurmExecutor(cfg.executor.slurm, self.host, state_dir=cfg.paths.state_dir,
-                          kill_grace_s=cfg.limits.kill_grace_s,
-                          save_offsets=lambda rid, offs: self.writes.may(
-                              "set_meta", OFFSETS_META.format(run_id=rid), offs)))
+        self.launcher = Executors(   # local, or Slurm (whose re-attach offsets it may write)
+            cfg, self.host, launcher or Launcher(self.host, kill_grace_s=cfg.limits.kill_grace_s),
+            may_write=lambda *a: self.writes.may(*a))
         self.kinds: dict[str, Kind] = registry(cfg.worker.extra_kinds)
         self.schedules = Schedules(cfg, self.kinds)      # not started in --burst mode
         self.store: Store | None = None
@@ -434,17 +430,12 @@ class Daemon:
     def reconcile(self) -> None:
         """Runs a dead daemon left active end `lost` (lab_attendant.reconcile); the systemd
         watchdog keeps being fed while their groups are given kill_grace_s to go."""
-        runs = self.store.list_runs(states=ACTIVE)
-        for run in runs:
-            self.launcher.forget_unrecorded(run)
+        runs = self.launcher.forget_unrecorded(self.store.list_runs(states=ACTIVE))
         reconcile(self.store, self.host, self.cfg.limits.kill_grace_s, self._feed_watchdog,
                   keep=self.launcher.reattachable)
-        for run in filter(self.launcher.reattachable, runs):
-            self.workers[run.id] = self.launcher.attach(
-                run, self.store.get_meta(OFFSETS_META.format(run_id=run.id)))
+        for run in filter(self.launcher.reattachable, runs):   # Slurm runs, by job id
+            self.workers[run.id] = self.launcher.attach(run, self.store.get_meta)
             self.outputs[run.id] = RunOutput(self.cfg.paths.logs_dir, run.id, run.needs_paging)
-            log_for(run.needs_paging, "lab_attendant.daemon").info(
-                "re-attached run", run_id=run.id, job_id=run.executor_job_id)
 
     def _detach_remote(self) -> None:
         """Runs on Slurm go on without us; the next start re-attaches them by job id."""

@@ -9,12 +9,14 @@ runs outlive the daemon: a stopping daemon detaches from them and the next start
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jobs.spec import RunSpec
 
 from .config import Config
+from .host import Host
 from .launcher import Launcher, RunHandle, Worker
+from .logsetup import log_for
 from .slurm import SlurmExecutor, SlurmWorker
 from .states import RunState
 
@@ -22,10 +24,15 @@ OFFSETS_META = "slurm_offsets:{run_id}"   # meta key: where a re-attached run's 
 
 
 class Executors:
-    def __init__(self, cfg: Config, local: Launcher, slurm: SlurmExecutor) -> None:
+    def __init__(self, cfg: Config, host: Host, local: Launcher, *,
+                 may_write: Callable[..., None]) -> None:
         self.cfg = cfg
         self.local = local
-        self.slurm = slurm
+        self.slurm = SlurmExecutor(
+            cfg.executor.slurm, host, state_dir=cfg.paths.state_dir,
+            kill_grace_s=cfg.limits.kill_grace_s,
+            save_offsets=lambda rid, offs: may_write(
+                "set_meta", OFFSETS_META.format(run_id=rid), offs))
 
     def _of(self, w: RunHandle) -> Any:
         return self.slurm if isinstance(w, SlurmWorker) else self.local
@@ -54,13 +61,20 @@ class Executors:
     def reattachable(self, run: Any) -> bool:
         return run.executor == "slurm" and bool(run.executor_job_id) and bool(run.run_dir)
 
-    def attach(self, run: Any, offsets: dict[str, int] | None) -> RunHandle:
-        return self.slurm.attach(run, offsets)
+    def attach(self, run: Any, get_meta: Callable[[str], Any]) -> RunHandle:
+        """Follow a previous daemon's Slurm run again, from the offsets it saved."""
+        w = self.slurm.attach(run, get_meta(OFFSETS_META.format(run_id=run.id)))
+        log_for(run.needs_paging, "lab_attendant.daemon").info(
+            "re-attached run", run_id=run.id, job_id=run.executor_job_id)
+        return w
 
-    def forget_unrecorded(self, run: Any) -> None:
-        """A Slurm run whose job id never reached the store: cancel its job, if any, by name."""
-        if run.executor == "slurm" and not run.executor_job_id:
-            self.slurm.cancel_by_name(run.id)
+    def forget_unrecorded(self, runs: list[Any]) -> list[Any]:
+        """Slurm runs whose job id never reached the store (the daemon died right after sbatch):
+        cancel their job, if any, by name. Returns `runs`."""
+        for run in runs:
+            if run.executor == "slurm" and not run.executor_job_id:
+                self.slurm.cancel_by_name(run.id)
+        return runs
 
     def read_events(self, w: RunHandle) -> list[dict[str, Any]]:
         return self._of(w).read_events(w)
