@@ -179,6 +179,8 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
         print(f"{key:>12}: {d[key]}")
     for key in ("submitted_at", "started_at", "ended_at"):
         print(f"{key:>12}: {fmt_time(d[key])}")
+    if run.executor != "local":
+        print(f"{'executor':>12}: {run.executor}, job {run.executor_job_id or '(not submitted)'}")
     if run.progress_total:
         print(f"{'progress':>12}: {run.progress_done}/{run.progress_total} {run.progress_unit}")
     if run.metrics:

@@ -6,16 +6,19 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from jobs import protocol
-from lab_attendant.config import SlurmConfig
+from lab_attendant.config import ExecutorConfig, SlurmConfig, parse_config
+from lab_attendant.errors import UserError
 from lab_attendant.eventfile import FileTail, read_events
 from lab_attendant.slurm import (SlurmExecutor, SlurmWorker, batch_script, map_state,
                                  parse_exit_code, sbatch_argv, time_limit_min)
 from lab_attendant.states import RunState
+from lab_attendant.validate import check_executor
 from tests.unit.fakes import FakeHost
 
 
@@ -204,3 +207,21 @@ def test_stop_cancels_once_and_escalates_to_sigkill_after_grace(tmp_path: Path):
     assert not ex.escalate(w)
     host.advance(2.0)
     assert ex.escalate(w) and host.calls[-1] == ["scancel", "--full", "--signal=KILL", "41"]
+
+
+def test_the_executor_is_chosen_by_submit_then_model_then_kind_then_default():
+    ex = ExecutorConfig(default="local", kinds={"probe": "slurm"}, models={"big": "slurm",
+                                                                            "small": "local"})
+    assert ex.choose("probe", None) == "slurm"
+    assert ex.choose("probe", "small") == "local"         # the model is more specific
+    assert ex.choose("nightly_insights", "big") == "slurm"
+    assert ex.choose("nightly_insights", None) == "local"
+    assert ex.choose("probe", "big", "local") == "local"   # submit --executor wins
+
+
+def test_a_slurm_submit_without_sbatch_says_what_to_do(tmp_path: Path, monkeypatch):
+    cfg = parse_config({"worker": {"python": sys.executable}}, base_dir=tmp_path, source=None)
+    monkeypatch.setenv("PATH", str(tmp_path))               # no sbatch on it
+    check_executor("local", cfg)
+    with pytest.raises(UserError, match="sbatch is not on PATH.*--executor local"):
+        check_executor("slurm", cfg)
