@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXPERIMENTAL_PYTHON, MODEL_DIR, ROOT, Lab, wait_for, write_config
+from tests.conftest import EXPERIMENTAL_PYTHON, NEEDS_MODEL, ROOT, Lab, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
 ENDED = {"succeeded", "failed", "cancelled", "timed_out", "oom", "lost", "killed_thermal"}
@@ -65,8 +65,8 @@ def transitions(run: dict) -> list[tuple[str | None, str]]:
     return [(e["from"], e["to"]) for e in run["events"] if e["kind"] == "transition"]
 
 
-@pytest.mark.skipif(not EXPERIMENTAL_PYTHON.exists() or not (MODEL_DIR / "config.json").exists(),
-                    reason="needs venvs/experimental and models/gemma-3-270m (scripts/setup.sh)")
+@pytest.mark.slow
+@NEEDS_MODEL
 def test_probe_and_nightly_insights_succeed_through_slurm(slurm_lab: Lab):
     lab = slurm_lab
     write_config(lab.root, python=EXPERIMENTAL_PYTHON, extra=SLURM_TOML, default_timeout_s=600)
