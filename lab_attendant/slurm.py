@@ -255,6 +255,10 @@ class SlurmExecutor:
         now = self.host.monotonic()
         if w.ended_mono is None:
             status = self._status(w)
+            if status is not None and status.phase == "waiting":
+                # The run's timeout counts from when Slurm runs it, not from its queue wait.
+                w.deadline_mono += now - w.started_mono
+                w.started_mono = now
             if status is None or status.phase != "ended":
                 return None
             w.ended_mono = now

@@ -225,3 +225,17 @@ def test_a_slurm_submit_without_sbatch_says_what_to_do(tmp_path: Path, monkeypat
     check_executor("local", cfg)
     with pytest.raises(UserError, match="sbatch is not on PATH.*--executor local"):
         check_executor("slurm", cfg)
+
+
+def test_time_waiting_in_slurms_queue_does_not_count_towards_the_timeout(tmp_path: Path):
+    host, ex, w = _watched(tmp_path)
+    w.deadline_mono = w.started_mono + 60.0
+    host.jobs["41"] = ("PENDING", "0:0")
+    for _ in range(3):
+        host.advance(100.0)
+        assert ex.poll(w) is None
+    assert w.deadline_mono == host.monotonic() + 60.0
+    host.jobs["41"] = ("RUNNING", "0:0")
+    host.advance(30.0)
+    ex.poll(w)
+    assert w.deadline_mono == host.monotonic() + 30.0     # running: the clock runs
