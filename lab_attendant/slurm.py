@@ -145,7 +145,6 @@ class SlurmExecutor:
         self._jobs: dict[str, tuple[str, str]] = {}  # job id -> (state, reason), last squeue
         self._tracked: set[str] = set()
         self._polled_mono = float("-inf")
-        self._listing_ok = False                   # the last squeue call answered
 
     # -- commands ---------------------------------------------------------------------------
     def _run(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -160,7 +159,7 @@ class SlurmExecutor:
         spec_path = write_atomic(run_dir / "spec.json", spec.to_json().encode())
         script = write_atomic(run_dir / SCRIPT_FILE,
                               batch_script(spec.run_id, str(python), spec_path).encode())
-        for name in (EVENTS_FILE, OUTPUT_FILE):   # a retry of this run id starts clean
+        for name in (EVENTS_FILE, OUTPUT_FILE):   # a requeued run starts clean
             (run_dir / name).unlink(missing_ok=True)
         argv = sbatch_argv(self.cfg, job_name=job_name(self.state_dir, spec.run_id),
                            run_dir=run_dir, timeout_s=timeout_s, script=script)
@@ -209,9 +208,8 @@ class SlurmExecutor:
                               f"--jobs={','.join(sorted(self._tracked))}"])
         except OSError as exc:
             proc = subprocess.CompletedProcess([], 1, "", str(exc))
-        # One unknown id makes squeue fail; the others are then asked one by one by scontrol.
-        self._listing_ok = proc.returncode == 0
-        if not self._listing_ok:
+        # A lone unknown id makes squeue fail: jobs it does not list are asked by scontrol.
+        if proc.returncode != 0:
             log.warning("squeue failed; keeping the last known job states",
                         error=proc.stderr.strip()[:300])
         for line in proc.stdout.splitlines():
