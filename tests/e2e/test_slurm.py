@@ -148,3 +148,12 @@ def test_daemon_restarts_reattach_to_a_slurm_run(slurm_lab: Lab):
                                 ("starting", "running"), ("running", "succeeded")]
     assert [e["kind"] for e in run["events"]].count("result") == 1
     assert run["progress"]["done"] and run["progress"]["total"] == 80
+
+
+def test_a_request_the_cluster_cannot_satisfy_fails_at_sbatch_with_its_message(slurm_lab: Lab):
+    lab = slurm_lab                     # the test node has no GPU: Slurm refuses, it never pends
+    write_config(lab.root, extra=SLURM_TOML + 'gres = "gpu:1"\n')
+    lab.start_daemon()
+    run = lab.wait_state(lab.submit("sleepy", "seconds=1", extra=SLURM), ENDED, timeout_s=60)
+    assert run["state"] == "failed" and run["executor_job_id"] is None
+    assert "sbatch refused the job" in run["reason"] and "gres" in run["reason"].lower()
