@@ -1,6 +1,8 @@
 """Worker -> supervisor event lines, imported by both sides (stdlib only).
 
-A worker writes one JSON object per line to the pipe fd named by $LAB_ATTENDANT_EVENT_FD.
+A worker writes one JSON object per line to the pipe fd named by $LAB_ATTENDANT_EVENT_FD (local
+runs), or appends it to the file named by $LAB_ATTENDANT_EVENT_FILE (runs on another machine, e.g.
+Slurm: events.jsonl in the run folder on the shared filesystem, tailed by the supervisor).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import time
 from typing import Any, Iterator
 
 EVENT_FD_ENV = "LAB_ATTENDANT_EVENT_FD"
+EVENT_FILE_ENV = "LAB_ATTENDANT_EVENT_FILE"
 
 # Event names, in the order a healthy run emits them (progress/metric/heartbeat repeat).
 STARTED = "started"
@@ -61,19 +64,25 @@ class LineBuffer:
 
 
 class EventWriter:
-    """Worker-side writer; a no-op sink when the supervisor gave no fd (ad-hoc runs)."""
+    """Worker-side writer to the pipe fd or the events file the supervisor named; a no-op sink
+    when it named neither (ad-hoc runs)."""
 
     def __init__(self, fd: int | None = None) -> None:
         if fd is None:
-            env = os.environ.get(EVENT_FD_ENV)
-            fd = int(env) if env else None
+            env, path = os.environ.get(EVENT_FD_ENV), os.environ.get(EVENT_FILE_ENV)
+            if env:
+                fd = int(env)
+            elif path:
+                # O_APPEND: each line lands whole at the end, wherever the file's end is now.
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._fd = fd
 
     def emit(self, event: str, **fields: Any) -> None:
         if self._fd is None:
             return
         data = encode(event, **fields)
-        # One write per line: pipe writes <= PIPE_BUF are atomic, larger ones are looped.
+        # One write per line: pipe writes <= PIPE_BUF are atomic, larger ones are looped; the
+        # tailer of an events file ignores a trailing partial line until its newline arrives.
         while data:
             n = os.write(self._fd, data)
             data = data[n:]

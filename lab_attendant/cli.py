@@ -29,8 +29,8 @@ from .states import TERMINAL, RunState
 from .status import cmd_status, fmt_time
 from .store import Store
 from .retry import retry_now
-from .validate import (check_retries, check_run_id, check_submit_options, check_worker_python,
-                       dumps)
+from .validate import (check_executor, check_retries, check_run_id, check_submit_options,
+                       check_worker_python, dumps)
 
 
 def _store(cfg: Config) -> Store:
@@ -89,9 +89,10 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
         check_fits(model, params.get("batch_size"))  # an impossible plan is refused now, not after a load
     check_submit_options(args.priority, args.timeout)
     check_retries(args.retries)
-    check_worker_python(Path(cfg.worker.python))
+    executor = cfg.executor.choose(kind.name, params.get("model"), args.executor)
+    check_executor(executor, cfg)
     store = _store(cfg)
-    run = store.submit(kind=kind.name, params=params, priority=args.priority,
+    run = store.submit(kind=kind.name, params=params, priority=args.priority, executor=executor,
                        timeout_s=args.timeout or cfg.limits.default_timeout_s,
                        needs_paging=kind.needs_paging,
                        max_retries=cfg.retries_for(kind.name) if args.retries is None
@@ -178,6 +179,8 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
         print(f"{key:>12}: {d[key]}")
     for key in ("submitted_at", "started_at", "ended_at"):
         print(f"{key:>12}: {fmt_time(d[key])}")
+    if run.executor != "local":
+        print(f"{'executor':>12}: {run.executor}, job {run.executor_job_id or '(not submitted)'}")
     if run.progress_total:
         print(f"{'progress':>12}: {run.progress_done}/{run.progress_total} {run.progress_unit}")
     if run.metrics:
@@ -408,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, metavar="S", help="seconds before the run is stopped")
     s.add_argument("--retries", type=int, metavar="N", help="retry a failed or lost run N times, "
                    "with exponential back-off (default: [retries] kinds, else 0)")
+    s.add_argument("--executor", choices=("local", "slurm"), help="where the worker runs: this "
+                   "machine, or a Slurm batch job (default: [executor] in the config)")
     s.add_argument("--wait", action="store_true", help="follow progress; exit 0 only on success")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_submit)

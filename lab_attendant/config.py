@@ -9,7 +9,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jobs.errors import SettingError
 from jobs.paging.open import check_settings   # stdlib at import: no torch on this side
@@ -163,6 +163,37 @@ class ServiceConfig:
             raise ConfigError("[service] watchdog_s must be 0 (off) or more seconds")
 
 
+Executor = Literal["local", "slurm"]
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """[executor.slurm]: how runs go to Slurm; unset values leave the cluster's defaults."""
+    partition: str = ""                    # sbatch --partition; "" = the default partition
+    account: str = ""                      # sbatch --account
+    gres: str = ""                         # sbatch --gres, e.g. "gpu:1"
+    cpus: int = 0                          # sbatch --cpus-per-task; 0 = cluster default
+    mem_bytes: ByteSize = ByteSize(0)      # sbatch --mem (rounded up to MiB); 0 = cluster default
+    time_grace_s: float = 60.0             # --time = the run's timeout + this, rounded up to min
+    extra_args: tuple[str, ...] = ()       # more sbatch arguments, an argv list
+    python: Path | None = None             # worker python as the nodes see it; None: [worker]
+    poll_interval_s: float = 1.0           # one squeue call per interval serves every run
+    settle_s: float = 5.0                  # after a job ends: wait for its last events this long
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Where a run's worker runs: `submit --executor`, else models[NAME], kinds[KIND], default."""
+    default: Executor = "local"
+    kinds: dict[str, Executor] = field(default_factory=dict)    # kind name -> executor
+    models: dict[str, Executor] = field(default_factory=dict)   # [models.NAME] name -> executor
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def choose(self, kind: str, model: str | None, requested: str | None = None) -> str:
+        return (requested or (self.models.get(model) if model else None)
+                or self.kinds.get(kind) or self.default)
+
+
 @dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -177,6 +208,7 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     backups: BackupsConfig = field(default_factory=BackupsConfig)
     retries: RetriesConfig = field(default_factory=RetriesConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     source: Path | None = None             # the TOML file read, None for built-in defaults
 
     @property

@@ -1,7 +1,8 @@
 """The daemon's main loop: reap -> read worker events -> handle signals -> enforce -> admit.
 
 Signal handlers only set flags; the loop does the work (supervisord's runforever). Runs found
-active at start-up belonged to a dead daemon: their groups are killed and they end `lost`.
+active at start-up belonged to a dead daemon: their groups are killed and they end `lost`, except
+Slurm runs, which are re-attached by job id (a stopping daemon detaches from them).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from jobs.spec import SPEC_VERSION, RunSpec
 from .config import Config
 from .cotenants import Cotenants
 from .errors import ConfigError
+from .executors import Executors
 from .guards import Action, Guards, WorkerInfo
 from .host import Host, make_sensors, signal_name
 from .launcher import Launcher, Worker, WorkerExit, classify
@@ -50,7 +52,9 @@ class Daemon:
         self.experimental_paging = experimental_paging   # in memory only, never persisted
         self.burst = burst
         self.host = host or Host()
-        self.launcher = launcher or Launcher(self.host, kill_grace_s=cfg.limits.kill_grace_s)
+        self.launcher = Executors(   # local, or Slurm (whose re-attach offsets it may write)
+            cfg, self.host, launcher or Launcher(self.host, kill_grace_s=cfg.limits.kill_grace_s),
+            may_write=lambda *a: self.writes.may(*a))
         self.kinds: dict[str, Kind] = registry(cfg.worker.extra_kinds)
         self.schedules = Schedules(cfg, self.kinds)      # not started in --burst mode
         self.store: Store | None = None
@@ -157,6 +161,7 @@ class Daemon:
                          signal=signal_name(sig), grace_s=self.cfg.limits.shutdown_grace_s,
                          running=len(self.workers))
                 self.notifier.stopping(self._sd_status())
+                self._detach_remote()
             elif not self._cold:
                 self._cold = True
                 log.info("cold shutdown: stopping running runs now", signal=signal_name(sig))
@@ -164,7 +169,7 @@ class Daemon:
     def _wait(self) -> None:
         fds = [self._wake_r]
         for w in self.workers.values():
-            fds += [w.events_fd, w.output_fd]
+            fds += self.launcher.fds(w)
         try:
             select.select(fds, [], [], min(self.cfg.daemon.poll_interval_s,
                                            self.cfg.guards.guard_interval_s))
@@ -229,7 +234,7 @@ class Daemon:
         name, rid = ev["event"], w.run_id
         rlog = log_for(w.needs_paging, "lab_attendant.daemon").bind(run_id=rid)
         if name == protocol.STARTED:
-            self.writes.must("transition", rid, RunState.RUNNING, f"worker pid {w.pid} started",
+            self.writes.must("transition", rid, RunState.RUNNING, f"{w.where} started",
                              expect={RunState.STARTING}, running_at=ev.get("t"))
             rlog.info("run running", pid=w.pid)
         elif name == protocol.PROGRESS:
@@ -271,8 +276,8 @@ class Daemon:
             state, reason = classify(WorkerExit(
                 code, w.stop_state, w.stop_reason, forced=w.kill_sent_mono is not None,
                 result_path=w.result_path, error=w.error, near_memory_limit=near,
-                rss_bytes=rss, kernel_oom_kills=oom_kills))
-            fields: dict[str, Any] = {"exit_code": code if code >= 0 else None,
+                rss_bytes=rss, kernel_oom_kills=oom_kills, how=w.exit_how))
+            fields: dict[str, Any] = {"exit_code": code if code >= 0 and not w.exit_how else None,
                                       "signal": signal_name(-code) if code < 0 else None}
             if state is RunState.QUEUED:
                 fields.update(pid=None, pid_create_time=None, started_at=None, running_at=None)
@@ -347,7 +352,7 @@ class Daemon:
             return
         self._last_guard = now
         infos = [WorkerInfo(w.run_id, w.pid, w.needs_paging) for w in self.workers.values()
-                 if w.kill_sent_mono is None]
+                 if w.kill_sent_mono is None and w.pid is not None]   # local workers only
         for action in self.guards.poll(infos):
             self._guard_action(action)
         waiting = self.store.list_runs(states=WAITING)
@@ -355,7 +360,8 @@ class Daemon:
                          and self._stopping_since is None
                          and any(r.needs_paging for r in waiting))
         self.cotenants.step(paging_wanted=paging_wanted,
-                            paging_active=any(w.needs_paging for w in self.workers.values()),
+                            paging_active=any(w.needs_paging and w.pid is not None
+                                              for w in self.workers.values()),
                             gpus=self.guards.last_gpus)
         hold = self._paging_hold()
         self.writes.may("set_meta", "guard_readings", {
@@ -379,12 +385,12 @@ class Daemon:
 
     def _spawn(self, run) -> None:
         kind = self.kinds.get(run.kind)
-        python = self.cfg.worker.python
+        python = self.launcher.python_for(run.executor)
         if kind is None:
             self.writes.must("transition", run.id, RunState.FAILED,
                              f"unknown kind '{run.kind}' (not in this daemon's registry)")
             return
-        if not Path(python).exists():
+        if run.executor == "local" and not Path(python).exists():
             self.writes.must("transition", run.id, RunState.FAILED,
                              f"worker python {python} not found; run `lab-attendant venv "
                              "create` or set [worker] python in the config")
@@ -406,7 +412,8 @@ class Daemon:
             allowed_roots=tuple(str(r.resolve()) for r in self.cfg.allowed_roots))
         output = RunOutput(self.cfg.paths.logs_dir, run.id, run.needs_paging)
         try:
-            w = self.launcher.spawn(spec, python=Path(python), timeout_s=run.timeout_s)
+            w = self.launcher.spawn(spec, python=Path(python), timeout_s=run.timeout_s,
+                                    executor=run.executor)
         except OSError as exc:
             output.close()
             self.writes.must("transition", run.id, RunState.FAILED, f"could not start worker: {exc}")
@@ -414,16 +421,29 @@ class Daemon:
         self.workers[run.id] = w
         self.outputs[run.id] = output
         self.writes.must("update_run", run.id, pid=w.pid, run_dir=str(run_dir),
-                         log_path=str(output.path),
-                         pid_create_time=self.host.process_create_time(w.pid))
+                         log_path=str(output.path), executor_job_id=w.job_id,
+                         pid_create_time=w.pid and self.host.process_create_time(w.pid))
         log_for(run.needs_paging, "lab_attendant.daemon").info(
-            "run spawned", run_id=run.id, kind=run.kind, pid=w.pid)
+            "run spawned", run_id=run.id, kind=run.kind, pid=w.pid, job_id=w.job_id)
 
     # -- start-up reconciliation ----------------------------------------------------------------
     def reconcile(self) -> None:
         """Runs a dead daemon left active end `lost` (lab_attendant.reconcile); the systemd
         watchdog keeps being fed while their groups are given kill_grace_s to go."""
-        reconcile(self.store, self.host, self.cfg.limits.kill_grace_s, self._feed_watchdog)
+        runs = self.launcher.forget_unrecorded(self.store.list_runs(states=ACTIVE))
+        reconcile(self.store, self.host, self.cfg.limits.kill_grace_s, self._feed_watchdog,
+                  keep=self.launcher.reattachable)
+        for run in filter(self.launcher.reattachable, runs):   # Slurm runs, by job id
+            self.workers[run.id] = self.launcher.attach(run, self.store.get_meta)
+            self.outputs[run.id] = RunOutput(self.cfg.paths.logs_dir, run.id, run.needs_paging)
+
+    def _detach_remote(self) -> None:
+        """Runs on Slurm go on without us; the next start re-attaches them by job id."""
+        for rid in [rid for rid, w in self.workers.items() if self.launcher.outlives_daemon(w)]:
+            self.launcher.cleanup(self.workers.pop(rid))
+            self.outputs.pop(rid).close()
+            log.info("detached from a Slurm run; the next daemon start re-attaches it",
+                     run_id=rid)
 
     def _feed_watchdog(self) -> None:
         self.notifier.tick(self.host.monotonic(),

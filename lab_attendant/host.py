@@ -105,6 +105,13 @@ class Host:
             proc = subprocess.Popen(["false"])
         return proc, out
 
+    def run(self, argv: Sequence[str], *, timeout_s: float,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """A short command (argv list, never a shell) run to its end; text output captured.
+        OSError or subprocess.TimeoutExpired when it cannot run or runs too long."""
+        return subprocess.run(list(argv), env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout_s)
+
     def rss_tree_bytes(self, pid: int) -> int:
         """RSS of a process and all its descendants (0 if it is gone)."""
         try:

@@ -15,7 +15,7 @@ from typing import Any
 
 from jobs import protocol
 from jobs.atomic import write_atomic
-from jobs.protocol import EVENT_FD_ENV, LineBuffer
+from jobs.protocol import EVENT_FD_ENV, EVENT_FILE_ENV, LineBuffer
 from jobs.spec import RunSpec
 from jobs.units import format_size
 
@@ -26,17 +26,13 @@ from .states import RunState
 READ_CHUNK = 65536
 
 
-@dataclass
-class Worker:
+@dataclass(kw_only=True)
+class RunHandle:
+    """What the daemon tracks of a worker wherever it runs: its deadline and how it is stopped."""
     run_id: int
     needs_paging: bool
-    proc: subprocess.Popen
-    events_fd: int                       # read end of the event pipe
-    output_fd: int                       # read end of stdout+stderr
     started_mono: float
     deadline_mono: float
-    events: LineBuffer = field(default_factory=LineBuffer)
-    output_tail: bytes = b""
     stop_state: RunState | None = None   # why we are stopping it, decided before the signal
     stop_reason: str = ""
     kill_grace_s: float | None = None    # this stop's grace; None: the launcher's default
@@ -45,6 +41,42 @@ class Worker:
     result_path: str | None = None
     error: dict[str, Any] | None = None
     oom_kills_at_start: int | None = None  # host.oom_kill_count() when it was spawned
+    exit_how: str | None = None          # how it ended when no exit code is known (classify)
+    job_id: str | None = None            # the executor's id for it (a Slurm job id)
+
+    @property
+    def pid(self) -> int | None:
+        return None                      # a worker on another machine has no local pid
+
+    @property
+    def where(self) -> str:
+        return f"worker pid {self.pid}"
+
+    def mark_stop(self, state: RunState, reason: str, grace_s: float | None, now: float) -> bool:
+        """Record why it is being stopped (the first reason wins); True if no SIGTERM (or its
+        equivalent) was sent yet, i.e. the caller sends it now."""
+        if self.stop_state is None:
+            self.stop_state, self.stop_reason, self.kill_grace_s = state, reason, grace_s
+        if self.term_sent_mono is None:
+            self.term_sent_mono = now
+            return True
+        return False
+
+    def grace_over(self, default_grace_s: float, now: float) -> bool:
+        """SIGTERM went out longer than its grace ago and no SIGKILL yet."""
+        grace = default_grace_s if self.kill_grace_s is None else self.kill_grace_s
+        return (self.term_sent_mono is not None and self.kill_sent_mono is None
+                and now - self.term_sent_mono >= grace)
+
+
+@dataclass(kw_only=True)
+class Worker(RunHandle):
+    """A local worker: a process group of ours with an event pipe and an output pipe."""
+    proc: subprocess.Popen
+    events_fd: int                       # read end of the event pipe
+    output_fd: int                       # read end of stdout+stderr
+    events: LineBuffer = field(default_factory=LineBuffer)
+    output_tail: bytes = b""
 
     @property
     def pid(self) -> int:
@@ -67,11 +99,13 @@ class WorkerExit:
     near_memory_limit: bool = False        # guards' evidence for a SIGKILL from outside
     rss_bytes: int | None = None           # the worker tree's last RSS reading
     kernel_oom_kills: int = 0              # kernel OOM-killer kills on this host during the run
+    how: str | None = None                 # how it ended, where `code` is not known (Slurm)
 
 
 def classify(x: WorkerExit) -> tuple[RunState, str]:
     """The final state of a reaped worker and the sentence that says why."""
-    how = f"exited by {signal_name(-x.code)}" if x.code < 0 else f"exited with code {x.code}"
+    how = x.how or (f"exited by {signal_name(-x.code)}" if x.code < 0
+                    else f"exited with code {x.code}")
     if x.stop_state is not None:
         forced = " (SIGKILL after grace)" if x.forced else ""
         return x.stop_state, f"{x.stop_reason}; worker {how}{forced}"
@@ -116,11 +150,17 @@ def _oom_sentence(e: dict[str, Any]) -> str:
     return f"out of {what}: " + (" ".join(parts) + "; " if parts else "")
 
 
-def worker_env(event_fd: int) -> dict[str, str]:
+def worker_env(event_fd: int | None = None, event_file: Path | None = None) -> dict[str, str]:
+    """The worker's environment: events go to the pipe `event_fd` or the file `event_file`."""
     env = dict(os.environ)
     # The worker imports `jobs` from this checkout whatever venv its python comes from.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    env[EVENT_FD_ENV] = str(event_fd)
+    env.pop(EVENT_FD_ENV, None)
+    env.pop(EVENT_FILE_ENV, None)
+    if event_fd is not None:
+        env[EVENT_FD_ENV] = str(event_fd)
+    if event_file is not None:
+        env[EVENT_FILE_ENV] = str(event_file)
     env["PYTHONUNBUFFERED"] = "1"
     # Workers never reach a model hub: weights come from local folders only.
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -184,10 +224,7 @@ class Launcher:
 
     def stop(self, w: Worker, state: RunState, reason: str, *, grace_s: float | None = None) -> None:
         """Ask the group to stop (SIGTERM); the first reason given wins."""
-        if w.stop_state is None:
-            w.stop_state, w.stop_reason, w.kill_grace_s = state, reason, grace_s
-        if w.term_sent_mono is None:
-            w.term_sent_mono = self.host.monotonic()
+        if w.mark_stop(state, reason, grace_s, self.host.monotonic()):
             self.host.killpg(w.pgid, signal.SIGTERM)
 
     def kill_now(self, w: Worker) -> None:
@@ -197,9 +234,7 @@ class Launcher:
 
     def escalate(self, w: Worker) -> bool:
         """SIGKILL a group that outlived its grace after SIGTERM; True if it did so now."""
-        grace = self.kill_grace_s if w.kill_grace_s is None else w.kill_grace_s
-        if (w.term_sent_mono is not None and w.kill_sent_mono is None
-                and self.host.monotonic() - w.term_sent_mono >= grace):
+        if w.grace_over(self.kill_grace_s, self.host.monotonic()):
             self.kill_now(w)
             return True
         return False

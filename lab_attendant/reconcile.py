@@ -1,5 +1,6 @@
 """Start-up reconciliation: runs a dead daemon left active end `lost`, and any live process group
-of theirs is killed (runs are not adopted: their event pipes died with the old daemon).
+of theirs is killed (local runs are not adopted: their event pipes died with the old daemon;
+Slurm runs are, by the daemon, since their events are in a file).
 """
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from .store import Run, Store
 
 
 def reconcile(store: Store, host: Host, kill_grace_s: float,
-              feed: Callable[[], None] = lambda: None) -> list[Run]:
+              feed: Callable[[], None] = lambda: None,
+              keep: Callable[[Run], bool] = lambda run: False) -> list[Run]:
     """All groups get SIGTERM at once and share one kill_grace_s, so start-up waits one grace,
-    not one per run; `feed` (the systemd watchdog) is called while it waits. Returns the runs
-    it ended `lost`."""
-    runs = store.list_runs(states=ACTIVE)
+    not one per run; `feed` (the systemd watchdog) is called while it waits. Runs `keep` says
+    the caller re-attaches (Slurm jobs) are left alone. Returns the runs it ended `lost`."""
+    runs = [r for r in store.list_runs(states=ACTIVE) if not keep(r)]
     live = {r.id: r.pid for r in runs if r.pid and host.is_same_process(r.pid, r.pid_create_time)}
     kill_groups(host, list(live.values()), kill_grace_s, feed)
     lost = []

@@ -146,6 +146,7 @@ class Schedules:
                            timeout_s=self.cfg.limits.default_timeout_s,
                            needs_paging=kind.needs_paging, schedule_id=s.id,
                            max_retries=self.cfg.retries_for(kind.name, s),
+                           executor=self.cfg.executor.choose(kind.name, params.get("model")),
                            reason=f"fired by schedule '{s.id}' at {fired}",
                            skip_reason=None if skip is None else
                            f"schedule '{s.id}' fired at {fired}; skipped: {skip}")

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ CONFIG_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "daemon.poll_interval_s": (0, 60, False),
     "guards.guard_interval_s": (0, 60, False),
     "guards.kill_grace_s": (0, None, True),
+    "executor.slurm.poll_interval_s": (0, 60, False),
+    "executor.slurm.settle_s": (0, None, True),
+    "executor.slurm.time_grace_s": (0, None, True),
+    "executor.slurm.cpus": (0, 4096, True),
     "guards.sensors_lost_grace_s": (0, None, True),
     "logging.max_bytes": (0, None, True),
     "logging.backup_count": (0, 1000, True),
@@ -89,6 +94,17 @@ def check_worker_python(python: Path) -> None:
     if not (python.is_file() and os.access(python, os.X_OK)):
         raise UserError(f"worker python {python} is missing or not executable; run "
                         "`lab-attendant venv create` or set [worker] python in the config")
+
+
+def check_executor(executor: str, cfg: Any) -> None:
+    """The chosen executor can take the run: the worker python for local runs (and for Slurm
+    runs whose nodes use the same path), Slurm's sbatch on PATH for Slurm runs."""
+    if executor == "local" or cfg.executor.slurm.python is None:
+        check_worker_python(Path(cfg.worker.python))
+    if executor == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("Slurm's sbatch is not on PATH: install the Slurm client (Debian: "
+                        "apt-get install slurm-client), point $SLURM_CONF at the cluster's "
+                        "slurm.conf, or submit with --executor local")
 
 
 def check_retries(retries: int | None) -> None:

@@ -15,6 +15,13 @@ if ! command -v systemd-analyze >/dev/null && [ "$(id -u)" = 0 ] && command -v a
         apt-get install -y -qq --no-install-recommends systemd; } >/dev/null 2>&1 \
         || echo "   could not install systemd; the systemd-analyze test will be skipped" >&2
 fi
+# A real single-node Slurm for tests/e2e/test_slurm.py: scripts/slurm.sh installs slurm-wlm and
+# munge as root with apt (~15 s). Once Slurm is installed, its tests must run, not skip.
+if [ -z "${LAB_ATTENDANT_NO_APT:-}" ] && bash scripts/slurm.sh install; then
+    export LAB_ATTENDANT_REQUIRE_SLURM=1
+else
+    echo "   Slurm is not installed; the Slurm e2e tests will be skipped" >&2
+fi
 echo "== supervisor tests (unit + e2e + faults), in .venv" >&2
 .venv/bin/python -m pytest tests/unit tests/e2e tests/faults -p no:cacheprovider
 echo "== engine tests (engine + gpu; gpu skips without CUDA), in venvs/experimental" >&2
