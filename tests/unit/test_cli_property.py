@@ -148,7 +148,8 @@ def root(tmp_path_factory) -> Path:
 @settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
-def test_random_argv_and_config_exit_cleanly(root: Path, data, capsys):
+def test_random_argv_and_config_exit_cleanly(root: Path, data, capsys, monkeypatch):
+    monkeypatch.chdir(root)   # `db backup TEXT` writes where it is told: inside root, never the checkout
     cfg = root / "lab-attendant.toml"
     cfg.write_text(data.draw(config_text(root)), errors="surrogateescape")
     args = data.draw(argv(root))
