@@ -15,10 +15,10 @@ from .states import ACTIVE, RunState
 from .store import Store
 from .storefaults import StatusFile
 from .validate import dumps
+from .views import local_time
 
 
-def fmt_time(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+fmt_time = local_time      # local time with its zone
 
 
 def gather(cfg: Config) -> dict[str, Any]:
