@@ -26,10 +26,16 @@ STATE_STYLE = {RunState.SUCCEEDED: "green", RunState.RUNNING: "cyan", RunState.S
 PIPE_WIDTH = 160      # columns when stdout is not a terminal and $COLUMNS is unset
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit 1 here; the CLI's own handler ends a closed pipe quietly with 0
+        raise BrokenPipeError
+
+
 def console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() or os.environ.get("COLUMNS") else PIPE_WIDTH
-    return Console(file=stream, width=width, highlight=False, soft_wrap=False)
+    return _Console(file=stream, width=width, highlight=False, soft_wrap=False)
 
 
 # -- units ----------------------------------------------------------------------------------------
@@ -92,6 +98,8 @@ def metric(key: str, value: Any) -> str:
             return format_size(value)
         if key.endswith("bytes_per_s"):
             return f"{format_size(value)}/s"
+        if key.endswith("_per_s"):                       # tokens_per_s -> '12.3 tokens/s'
+            return f"{number(value)} {key[:-6].replace('_', ' ')}/s"
         if key.endswith("_s"):
             return duration(value)
         return number(value)
@@ -165,7 +173,8 @@ def runs_table(runs: Iterable[Any], why: dict[int, str] | None = None,
     now = now or time.time()
     why = why or {}
     table = Table(box=None, pad_edge=False, header_style="bold", expand=True)
-    for name, kw in (("ID", {"justify": "right", "min_width": 2}), ("NAME", {"max_width": 16}), ("KIND", {}),
+    for name, kw in (("ID", {"justify": "right", "min_width": 2}), ("NAME", {"max_width": 16}),
+                     ("KIND", {}),
                      ("STATE", {}), ("PROGRESS", {}), ("ELAPSED", {"justify": "right"}),
                      ("PRI", {"justify": "right"}), ("SUBMITTED", {}),
                      ("REASON", {"ratio": 1, "min_width": 20})):
