@@ -124,11 +124,12 @@ class Retention:
 
     def __init__(self, cfg: Config, store: Store) -> None:
         self.cfg, self.store, self.rc = cfg, store, cfg.retention
-        self.last_wall = 0.0
+        self.last_wall: float | None = None
 
     def tick(self, now_wall: float) -> Pruned | None:
         rc: RetentionConfig = self.rc
-        if not rc.older_than_days or now_wall - self.last_wall < rc.interval_s:
+        if not rc.older_than_days or (self.last_wall is not None
+                                      and now_wall - self.last_wall < rc.interval_s):
             return None
         self.last_wall = now_wall
         return prune(self.cfg, self.store, older_than_s=rc.older_than_days * 86400,

@@ -4,6 +4,9 @@ run) and stats over a seeded history."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,8 +83,30 @@ def test_wait_says_when_no_daemon_runs_and_times_out_with_code_3(lab: Lab):
     assert late.returncode == 3 and json.loads(late.stdout)["runs"][0]["state"] == "running"
     follow = lab.cli("logs", "-f", str(lab.submit("sleepy", "seconds=1.5")), timeout=60)
     assert "progress" in follow.stderr and "succeeded" in follow.stderr
+    waiter = subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config",
+                               str(lab.config), "wait", str(rid)], stderr=subprocess.PIPE,
+                              text=True, env=lab.env(), cwd=lab.root)
+    assert f"run {rid} running" in waiter.stderr.readline()        # it is in its loop
+    waiter.send_signal(signal.SIGINT)
+    assert waiter.wait(60) == 130
+    assert f"Re-attach with: lab-attendant wait {rid}" in waiter.stderr.read()
+    assert lab.state(rid) == "running"                              # Ctrl-C stops the waiting only
     lab.cli("cancel", str(rid))
     assert lab.cli("wait", str(rid), check=False, timeout=60).returncode == 1
+
+
+def test_schedules_run_fires_one_now(lab: Lab):
+    with open(lab.config, "a") as fh:
+        fh.write('\n[[schedules]]\nid = "nightly"\ncron = "30 2 * * *"\nkind = "sleepy"\n'
+                 'params = { seconds = 0.1 }\n')
+    out = json.loads(lab.cli("schedules", "run", "nightly", "--json").stdout)
+    assert out["schedule_id"] == "nightly" and out["state"] == "queued"
+    assert "by hand" in out["reason"] and out["params"]["seconds"] == 0.1
+    again = lab.cli("schedules", "run", "nightly", check=False)     # one open run per schedule
+    assert again.returncode == 1 and f"previous run {out['id']}" in again.stdout
+    unknown = lab.cli("schedules", "run", "weekly", check=False)
+    assert unknown.returncode == 2 and "no schedule 'weekly'; schedules: nightly" in unknown.stderr
+    assert _ids(lab, "--schedule", "nightly") == [out["id"] + 1, out["id"]]   # newest first
 
 
 DAY_S = 86400.0
@@ -138,6 +163,9 @@ def test_stats_over_a_seeded_history(lab: Lab):
     assert every["kinds"]["sleepy"]["success_rate"] == pytest.approx(3 / 4)  # cancelled: no verdict
     table = lab.cli("stats", "--since", "7d", "--kind", "sleepy").stdout
     assert "67%" in table and "25 s" in table and "5.00 → 6.00 (+20%) over 2 days" in table
+    assert _ids(lab, "--kind", "crash") == [ids["old_failed"]]
+    assert _ids(lab, "--since", "7d", "--state", "succeeded,oom") == [ids["new_oom"], ids["new_ok"],
+                                                                     ids["mid_ok"]]
     shown = lab.cli("show", str(ids["new_ok"])).stdout
     assert shown.index("report.md") < shown.index("result.json")   # the human file first
     assert "6.00 tokens/s" in shown and "ran for" in shown and "{" not in shown
