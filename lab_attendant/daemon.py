@@ -359,7 +359,7 @@ class Daemon:
         waiting = self.store.list_runs(states=WAITING)
         paging_wanted = (self.experimental_paging and self.guards.hold is None
                          and self._stopping_since is None
-                         and any(r.needs_paging for r in waiting))
+                         and any(r.needs_paging and r.hold_code != USER_HOLD for r in waiting))
         self.cotenants.step(paging_wanted=paging_wanted,
                             paging_active=any(w.needs_paging for w in self.workers.values()),
                             gpus=self.guards.last_gpus)

@@ -122,17 +122,19 @@ def cancel_unsatisfiable(store: Store) -> list[int]:
     return cancelled
 
 
+def must_get(s: Session, run_id: int) -> Run:
+    """The run in this transaction, or a UserError a person can act on."""
+    check_run_id(run_id)
+    run = s.get(Run, run_id)
+    if run is None:
+        raise UserError(f"no run {run_id}; see `lab-attendant list`")
+    return run
+
+
 def _batch(store: Store, ids: list[int], act) -> list[str]:
     """All ids checked and changed in one transaction: a bad id changes nothing."""
-    for rid in ids:
-        check_run_id(rid)
     with store.write() as s:
-        runs = []
-        for rid in ids:
-            run = s.get(Run, rid)
-            if run is None:
-                raise UserError(f"no run {rid}; see `lab-attendant list`")
-            runs.append(run)
+        runs = [must_get(s, rid) for rid in ids]
         return [act(s, run) for run in runs]
 
 

@@ -19,11 +19,12 @@ from sqlalchemy import delete, func, select
 from jobs.units import format_size
 
 from .config import Config, RetentionConfig
+from .deps import must_get
 from .errors import UserError
 from .logsetup import get_logger
 from .states import TERMINAL, WAITING, RunState
 from .store import GuardEvent, Run, RunEvent, Store
-from .validate import check_run_id, dumps
+from .validate import dumps
 from .views import console, duration
 from .when import AGE_HELP, age_arg
 
@@ -73,10 +74,7 @@ def select_runs(store: Store, *, older_than_s: float | None, keep_failed: bool,
                   for p in r.after}
         if ids:
             for rid in ids:
-                check_run_id(rid)
-                run = s.get(Run, rid)
-                if run is None:
-                    raise UserError(f"no run {rid}; see `lab-attendant list`")
+                run = must_get(s, rid)
                 if run.state not in TERMINAL:
                     raise UserError(f"run {rid} is {run.state}; only ended runs are pruned "
                                     f"(cancel it first: `lab-attendant cancel {rid}`)")

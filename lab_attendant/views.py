@@ -94,12 +94,12 @@ def metric(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if key.endswith(("_bytes", "_bytes_peak")) or key in ("bytes", "rss", "vram"):
-            return format_size(value)
         if key.endswith("bytes_per_s"):
             return f"{format_size(value)}/s"
         if key.endswith("_per_s"):                       # tokens_per_s -> '12.3 tokens/s'
             return f"{number(value)} {key[:-6].replace('_', ' ')}/s"
+        if "bytes" in key.split("_"):                    # kv_cache_peak_bytes, engine_bytes_read
+            return format_size(value)
         if key.endswith("_s"):
             return duration(value)
         return number(value)
@@ -181,6 +181,8 @@ def runs_table(runs: Iterable[Any], why: dict[int, str] | None = None,
         table.add_column(name, no_wrap=True, overflow="ellipsis", **kw)
     for r in runs:
         reason = why.get(r.id) or r.reason
+        if r.state is RunState.QUEUED and r.not_before and r.not_before > now:
+            reason = f"starts {ago(r.not_before, now)} (--begin or back-off); {reason}"
         table.add_row(str(r.id), r.name or "", r.kind, state_text(r), progress_cell(r),
                       duration(elapsed_s(r, now)), str(r.priority), ago(r.submitted_at, now),
                       Ellipsized(reason))
@@ -193,7 +195,9 @@ def ellipsize(text: str, width: int) -> str:
     if len(text) <= width:
         return text
     head = text[:max(1, width - 1)]
-    cut = head.rsplit(" ", 1)[0] if " " in head[1:] else head
+    cut = head.rsplit(" ", 1)[0]
+    if len(cut) < len(head) * 2 // 3:   # one long word (a path): a word cut would hide it all
+        cut = head
     return cut.rstrip(" ,;:") + "…"
 
 

@@ -91,6 +91,9 @@ def test_units_people_read():
     assert metric("tokens_generated", 12345) == "12,345"
     text = "dependency failed, not started: run 4 (failed): ValueError"
     assert ellipsize(text, 30) == "dependency failed, not…" and ellipsize(text, 200) == text
+    assert ellipsize("result written to /var/runs/1/output/matches.json", 30) == \
+        "result written to /var/runs/1…"                 # a path is cut, not dropped whole
+    assert metric("engine_bytes_read", 8 * 1024**3) == "8.0 GiB"
 
 
 def _run(**kw):
