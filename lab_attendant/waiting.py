@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .config import Config
 from .deps import waiting_for
+from .errors import UserError
 from .lock import DaemonLock
 from .runinfo import get_run
 from .states import TERMINAL, RunState
@@ -135,6 +136,8 @@ def report(code: int, runs: list[Any], as_json: bool, single: bool = False) -> N
 
 
 def cmd_wait(cfg: Config, args: argparse.Namespace) -> int:
+    if args.timeout is not None and not args.timeout >= 0:     # NaN too
+        raise UserError(f"--timeout must be 0 or more seconds, got {args.timeout}")
     store = Store(cfg.db_path)
     for rid in args.ids:
         get_run(store, rid)            # every id exists before we wait on any

@@ -61,6 +61,9 @@ def test_hold_keeps_a_run_waiting_until_release(lab: Lab):
     bad = lab.cli("hold", str(held), "999", check=False)
     assert bad.returncode == 2 and "no run 999" in bad.stderr
     lab.start_daemon()
+    # This daemon runs without the flag: submit says it will hold a paging run.
+    wait_for(lambda: "without --experimental-paging" in lab.cli("submit", "paging_echo").stderr,
+             what="submit to warn that the daemon will hold a paging run")
     later = lab.submit("sleepy", "seconds=0.2")
     assert lab.cli("wait", str(later), timeout=120).returncode == 0   # the daemon is working
     run = lab.show(held)
@@ -81,18 +84,19 @@ def test_wait_says_when_no_daemon_runs_and_times_out_with_code_3(lab: Lab):
     lab.wait_state(rid, {"running"})
     late = lab.cli("wait", str(rid), "--timeout", "0.5", "--json", check=False, timeout=60)
     assert late.returncode == 3 and json.loads(late.stdout)["runs"][0]["state"] == "running"
-    follow = lab.cli("logs", "-f", str(lab.submit("sleepy", "seconds=1.5")), timeout=60)
-    assert "progress" in follow.stderr and "succeeded" in follow.stderr
-    waiter = subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config",
-                               str(lab.config), "wait", str(rid)], stderr=subprocess.PIPE,
-                              text=True, env=lab.env(), cwd=lab.root)
-    assert f"run {rid} running" in waiter.stderr.readline()        # it is in its loop
+    follow, waiter = (subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config",
+                                        str(lab.config), *argv, str(rid)], stderr=subprocess.PIPE,
+                                       text=True, env=lab.env(), cwd=lab.root)
+                      for argv in (["logs", "-f"], ["wait"]))
+    assert "ticks" in follow.stderr.readline()                      # logs -f: progress lines
+    assert f"run {rid} running" in waiter.stderr.readline()        # wait is in its loop
     waiter.send_signal(signal.SIGINT)
     assert waiter.wait(60) == 130
     assert f"Re-attach with: lab-attendant wait {rid}" in waiter.stderr.read()
     assert lab.state(rid) == "running"                              # Ctrl-C stops the waiting only
     lab.cli("cancel", str(rid))
     assert lab.cli("wait", str(rid), check=False, timeout=60).returncode == 1
+    assert follow.wait(60) == 0 and f"run {rid} cancelled" in follow.stderr.read()
 
 
 def test_schedules_run_fires_one_now(lab: Lab):
