@@ -82,6 +82,8 @@ def test_wait_says_when_no_daemon_runs_and_times_out_with_code_3(lab: Lab):
     assert submitted.returncode == 4 and "no daemon is running" in submitted.stderr
     lab.start_daemon()
     lab.wait_state(rid, {"running"})
+    assert wait_for(lambda: "ticks" in (out := lab.cli("status").stdout) and out,
+                    what="status to show the running run's progress")
     late = lab.cli("wait", str(rid), "--timeout", "0.5", "--json", check=False, timeout=60)
     assert late.returncode == 3 and json.loads(late.stdout)["runs"][0]["state"] == "running"
     follow, waiter = (subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config",
