@@ -1,4 +1,4 @@
-"""The `lab-attendant` command: a job daemon for one GPU workstation, and the verbs to feed and watch it.
+"""The `lab-attendant` command: a job daemon for one GPU workstation and the verbs to feed it.
 
 CLI and daemon talk only through the SQLite file: submit works with no daemon running. This module
 is the parser and the verbs that fit in a few lines; the others live in a module per noun.
