@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 CHUNK_BYTES = 8 * 1024**2
+MIB = 1024**2                # progress is reported in MiB read, not raw bytes
 
 
 def _version(dist: str) -> str | None:
@@ -58,6 +59,7 @@ def measure_read_bandwidth(path: Path, limit_bytes: int, progress=None,
                            keep=None) -> dict[str, Any]:
     """`keep` (jobs.confine.Roots.keep) drops files that resolve outside the allowed roots."""
     files = keep(_files(path)) if keep else _files(path)
+    want = min(limit_bytes, sum(f.stat().st_size for f in files))   # what progress counts to
     total, dropped, start = 0, True, time.perf_counter()
     buf = bytearray(CHUNK_BYTES)
     for f in files:
@@ -69,7 +71,7 @@ def measure_read_bandwidth(path: Path, limit_bytes: int, progress=None,
                     break
                 total += n
                 if progress:
-                    progress(total, limit_bytes)
+                    progress(total, want)
         if total >= limit_bytes:
             break
     elapsed = time.perf_counter() - start
@@ -91,7 +93,8 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     limit = params["read_limit_bytes"]  # defaulted by jobs.kinds.validate_params
     if target.exists() and _files(target):
         info["read_bandwidth"] = measure_read_bandwidth(
-            target, limit, progress=lambda d, t: ctx.progress(d, t, "bytes"),
+            target, limit, progress=lambda d, t: ctx.progress(d // MIB, max(1, -(-t // MIB)),
+                                                              "MiB"),
             keep=ctx.roots.keep if params.get("path") else None)
         ctx.metric(read_bytes_per_s=info["read_bandwidth"]["bytes_per_s"])
     else:

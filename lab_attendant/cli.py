@@ -1,6 +1,7 @@
-"""The `lab-attendant` command: daemon, submit, list, show, cancel, logs, status, kinds, venv, model.
+"""The `lab-attendant` command: a job daemon for one GPU workstation and the verbs to feed it.
 
-CLI and daemon talk only through the SQLite file: submit works with no daemon running.
+CLI and daemon talk only through the SQLite file: submit works with no daemon running. This module
+is the parser and the verbs that fit in a few lines; the others live in a module per noun.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,20 @@ from jobs.kinds import check_with_model, parse_assignment, registry, validate_pa
 from jobs.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, KV_KINDS, VARIANT_MODES, ModelSpec
 from jobs.units import format_size, size_arg
 
-from . import PROJECT_ROOT, dbcli, venv
+from . import PROJECT_ROOT, dbcli, deps, history, prune, runinfo, venv, waiting, watch
 from .config import Config, load_config
 from .errors import EXIT_STORE_UNUSABLE, StoreUnusable, UserError
-from .logsetup import log_for, read_run_log, setup_logging
+from .logsetup import log_for, setup_logging
 from .plan import PROFILE_CHOICES, check_fits, device_profile, folder_spec, plan_model
+from .deps import check_after
+from .runinfo import get_run
 from .states import TERMINAL, RunState
-from .status import cmd_status, fmt_time
+from .status import cmd_status
 from .store import Store
 from .retry import retry_now
-from .validate import (check_executor, check_retries, check_run_id, check_submit_options,
-                       check_worker_python, dumps)
+from .validate import (check_executor, check_retries, check_submit_options, check_worker_python,
+                       dumps)
+from .when import BEGIN_HELP, begin_arg
 
 
 def _store(cfg: Config) -> Store:
@@ -92,114 +95,56 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     executor = cfg.executor.choose(kind.name, params.get("model"), args.executor)
     check_executor(executor, cfg)
     store = _store(cfg)
+    after = check_after(store, [int(x) for x in args.after]) if args.after else []
     run = store.submit(kind=kind.name, params=params, priority=args.priority, executor=executor,
                        timeout_s=args.timeout or cfg.limits.default_timeout_s,
                        needs_paging=kind.needs_paging,
                        max_retries=cfg.retries_for(kind.name) if args.retries is None
-                       else args.retries)
+                       else args.retries, name=args.name, after=after, not_before=args.begin,
+                       reason=_submit_reason(after))
     log_for(kind.needs_paging, "lab_attendant.cli").info("run submitted", run_id=run.id,
                                                           kind=kind.name)
     if args.json and not args.wait:
         print(dumps(run.to_dict()))
     elif not args.wait:
         print(run.id)
+    _submit_notes(cfg, store, run)
     if not args.wait:
         return 0
     print(f"submitted run {run.id} ({kind.name}); waiting (Ctrl-C stops waiting, not the run)",
           file=sys.stderr)
-    final = _wait(store, run.id)
-    if args.json:
-        print(dumps(final.to_dict()))
-    else:
-        print(f"run {final.id} {final.state}: {final.reason}")
-    return 0 if final.state is RunState.SUCCEEDED else 1
+    code, runs = waiting.Follower(cfg, store, [run.id], timeout_s=None,
+                                  no_daemon=args.no_daemon).follow()
+    if code != waiting.EXIT_INTERRUPTED:
+        waiting.report(code, runs, args.json, single=True)
+    return code
 
 
-def _wait(store: Store, run_id: int):
-    tty = sys.stderr.isatty()
-    last = ""
-    while True:
-        run = store.get(run_id)
-        line = f"run {run_id} {run.state}"
-        if run.progress_total:
-            frac = min(1.0, (run.progress_done or 0) / run.progress_total)
-            bar = "#" * int(frac * 30)
-            line += f" [{bar:<30}] {run.progress_done}/{run.progress_total} {run.progress_unit or ''}"
-        if line != last:
-            print(("\r" if tty else "") + line + ("" if tty else "\n"), end="", file=sys.stderr,
-                  flush=True)
-            last = line
-        if run.state in TERMINAL:
-            if tty:
-                print(file=sys.stderr)
-            return run
-        time.sleep(0.2)
+def _submit_reason(after: list[int]) -> str:
+    if not after:
+        return "submitted"
+    if len(after) == 1:
+        return f"submitted; starts once run {after[0]} has succeeded"
+    return f"submitted; starts once runs {', '.join(map(str, after))} have succeeded"
 
 
-def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
-    try:
-        states = [RunState(args.state)] if args.state else []
-    except ValueError:
-        raise UserError(f"unknown state '{args.state}'; states: {', '.join(RunState)}") from None
-    if args.limit < 0:
-        raise UserError(f"--limit must be 0 (all) or more, got {args.limit}")
-    runs = _store(cfg).list_runs(states=states, limit=min(args.limit, 2**62))
-    if args.json:
-        print(dumps([r.to_dict() for r in runs]))
-        return 0
-    print(f"{'ID':>5}  {'KIND':<20} {'STATE':<14} {'SUBMITTED':<19}  REASON")
-    for r in runs:
-        print(f"{r.id:>5}  {r.kind:<20} {r.state:<14} {fmt_time(r.submitted_at):<19}  {r.reason[:70]}")
-    return 0
-
-
-def _get_run(store: Store, run_id: int):
-    check_run_id(run_id)
-    run = store.get(run_id)
-    if run is None:
-        raise UserError(f"no run {run_id}; see `lab-attendant list`")
-    return run
-
-
-def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
-    store = _store(cfg)
-    run = _get_run(store, args.id)
-    events = store.events(run.id)
-    guard_events = store.guard_events(run_id=run.id)
-    if args.json:
-        out = run.to_dict()
-        out["events"] = [{"at": e.at, "kind": e.kind, "from": e.from_state, "to": e.to_state,
-                          "reason": e.reason} for e in events]
-        out["guard_events"] = [g.to_dict() for g in guard_events]
-        print(dumps(out))
-        return 0
-    d = run.to_dict()
-    for key in ("id", "kind", "state", "reason", "params", "priority", "pid", "exit_code", "signal",
-                "log_path", "result_path"):
-        print(f"{key:>12}: {d[key]}")
-    for key in ("submitted_at", "started_at", "ended_at"):
-        print(f"{key:>12}: {fmt_time(d[key])}")
-    if run.executor != "local":
-        print(f"{'executor':>12}: {run.executor}, job {run.executor_job_id or '(not submitted)'}")
-    if run.progress_total:
-        print(f"{'progress':>12}: {run.progress_done}/{run.progress_total} {run.progress_unit}")
-    if run.metrics:
-        print(f"{'metrics':>12}: {json.dumps(run.metrics)}")
-    print("      events:")
-    for e in events:
-        what = f"{e.from_state or '-'} -> {e.to_state}" if e.kind == "transition" else e.kind
-        print(f"    {fmt_time(e.at)}  {what:<22} {e.reason}")
-    if guard_events:
-        print("      guards:")
-        for g in guard_events:
-            print(f"    {fmt_time(g.at)}  {g.guard + ' ' + g.action:<22} {g.reason}")
-    return 0
+def _submit_notes(cfg: Config, store: Store, run) -> None:
+    """What the user cannot see from the queue: nobody will run it yet, or it will be held."""
+    if not waiting.daemon_alive(cfg):
+        print(f"lab-attendant: no daemon is running; run {run.id} waits in the queue until one "
+              "starts (`lab-attendant daemon`)", file=sys.stderr)
+        return
+    row = store.latest_daemon()
+    if run.needs_paging and row is not None and not row.experimental_paging:
+        print(f"lab-attendant: run {run.id} is a paging kind and the daemon (pid {row.pid}) "
+              "runs without --experimental-paging: it holds the run until a daemon starts "
+              "with that flag", file=sys.stderr)
 
 
 def cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
     """A new run of an ended one, linked to it; its params are checked again like a submit's."""
     store = _store(cfg)
-    old = _get_run(store, args.id)
+    old = get_run(store, args.id)
     kind = registry(cfg.worker.extra_kinds).get(old.kind)
     if kind is None:
         raise UserError(f"run {old.id}'s kind '{old.kind}' is not registered any more")
@@ -210,48 +155,27 @@ def cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
-    check_run_id(args.id)
     store = _store(cfg)
-    run = store.request_cancel(args.id)
-    if run is None:
-        raise UserError(f"no run {args.id}; see `lab-attendant list`")
-    if run.state is RunState.CANCELLED:
-        print(f"run {run.id} cancelled")
-    elif run.state in TERMINAL:
-        print(f"run {run.id} already ended ({run.state}); nothing to cancel")
-    else:
-        print(f"run {run.id} is {run.state}; the daemon will stop it (SIGTERM, then SIGKILL "
-              f"after {cfg.limits.kill_grace_s:g} s)")
-    return 0
-
-
-def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
-    store = _store(cfg)
-    run = _get_run(store, args.id)
-    shown = 0
-    while True:
-        lines = read_run_log(cfg.paths.logs_dir, run.id, run.needs_paging)
-        for line in lines[shown:]:
-            print(line, flush=True)
-        shown = len(lines)
-        if not args.follow or run.state in TERMINAL:
-            return 0
-        time.sleep(0.5)
-        run = _get_run(store, args.id)
-
-
-def cmd_kinds(cfg: Config, args: argparse.Namespace) -> int:
-    for kind in registry(cfg.worker.extra_kinds).values():
-        flag = " [needs --experimental-paging]" if kind.needs_paging else ""
-        print(f"{kind.name}{flag}\n    {kind.help}")
-        for p in kind.params:
-            req = "required" if p.required else f"default {p.default!r}"
-            print(f"    -p {p.name}=<{p.type}>  ({req}) {p.help}")
+    for rid in args.ids:           # every id exists before any is cancelled
+        get_run(store, rid)
+    for rid in args.ids:
+        run = store.request_cancel(rid)
+        if run.state is RunState.CANCELLED:
+            print(f"run {run.id} cancelled")
+        elif run.state in TERMINAL:
+            print(f"run {run.id} already ended ({run.state}); nothing to cancel")
+        else:
+            print(f"run {run.id} is {run.state}; the daemon will stop it (SIGTERM, then SIGKILL "
+                  f"after {cfg.limits.kill_grace_s:g} s)")
     return 0
 
 
 def cmd_schedules(cfg: Config, args: argparse.Namespace) -> int:
-    from .scheduler import next_fire_times
+    from .scheduler import Schedules, next_fire_times
+    if args.schedules_cmd == "run":
+        run = Schedules(cfg, registry(cfg.worker.extra_kinds)).fire_now(_store(cfg), args.id)
+        print(dumps(run.to_dict()) if args.json else f"run {run.id} {run.state}: {run.reason}")
+        return 0 if run.state is not RunState.SKIPPED else 1
     rows = [{"id": s.id, "cron": s.cron, "kind": s.kind, "params": s.params,
              "timezone": s.timezone or "local", "next_fire_time": nxt.isoformat() if nxt else None}
             for s, nxt in next_fire_times(cfg)]
@@ -381,6 +305,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("lab-attendant")
+    except PackageNotFoundError:     # a checkout run without `pip install -e .`
+        return "unknown (not installed)"
+
+
+def _id_list(text: str) -> list[int]:
+    """'3,4' -> [3, 4] for --after."""
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run id list like 3 or 3,4") from None
+    if not ids or any(i < 1 for i in ids):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run id list like 3 or 3,4")
+    return ids
+
+
+def cmd_completion(cfg: Config, args: argparse.Namespace) -> int:
+    import shtab
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -395,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lab-attendant", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="TOML config (default: $LAB_ATTENDANT_CONFIG, "
                    "./lab-attendant.toml, built-in defaults)")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="VERB")
 
     d = sub.add_parser("daemon", help="run the supervisor loop")
     d.add_argument("--burst", action="store_true", help="process the queue, exit when it is empty")
@@ -403,53 +354,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow paging kinds (in memory only: off again on next start)")
     d.set_defaults(fn=cmd_daemon)
 
-    s = sub.add_parser("submit", help="queue a run")
-    s.add_argument("kind")
-    s.add_argument("-p", "--param", action="append", metavar="KEY=VALUE")
+    s = sub.add_parser("submit", help="queue a run (sbatch)")
+    s.add_argument("kind", help="a job kind (see `lab-attendant kinds`)")
+    s.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
+                   help="a job param, repeatable (see `lab-attendant kinds` for each kind's)")
     s.add_argument("--params-file", metavar="F", help="JSON object of params")
+    s.add_argument("-J", "--name", help="a label for the run, shown by list and matched by "
+                   "`list --name`")
+    s.add_argument("--after", type=_id_list, action="extend", metavar="ID[,ID]",
+                   help="start only once these runs have succeeded (afterok); if one of them "
+                   "fails for good, this run is cancelled with a reason naming it")
+    s.add_argument("--begin", type=begin_arg, metavar="TIME", help=BEGIN_HELP)
     s.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     s.add_argument("--timeout", type=float, metavar="S", help="seconds before the run is stopped")
     s.add_argument("--retries", type=int, metavar="N", help="retry a failed or lost run N times, "
                    "with exponential back-off (default: [retries] kinds, else 0)")
     s.add_argument("--executor", choices=("local", "slurm"), help="where the worker runs: this "
                    "machine, or a Slurm batch job (default: [executor] in the config)")
-    s.add_argument("--wait", action="store_true", help="follow progress; exit 0 only on success")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--wait", action="store_true", help="follow progress; exit as `wait` does "
+                   "(0 only on success)")
+    waiting.add_no_daemon(s)
+    s.add_argument("--json", action="store_true", help="machine-readable: the run as JSON")
     s.set_defaults(fn=cmd_submit)
 
-    ls = sub.add_parser("list", help="list runs, newest first")
-    ls.add_argument("--state")
-    ls.add_argument("--limit", type=int, default=50, help="at most this many (default 50, 0 = all)")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(fn=cmd_list)
-
-    sh = sub.add_parser("show", help="one run with its events")
-    sh.add_argument("id", type=int)
-    sh.add_argument("--json", action="store_true")
-    sh.set_defaults(fn=cmd_show)
+    runinfo.add_parsers(sub)
+    waiting.add_parsers(sub)
+    watch.add_parsers(sub)
 
     rt = sub.add_parser("retry", help="queue an ended run again (a new run linked to the old one)")
-    rt.add_argument("id", type=int)
-    rt.add_argument("--json", action="store_true")
+    rt.add_argument("id", type=int, help="an ended run that did not succeed")
+    rt.add_argument("--json", action="store_true", help="machine-readable: the new run as JSON")
     rt.set_defaults(fn=cmd_retry)
 
-    c = sub.add_parser("cancel", help="cancel a run (SIGTERM, then SIGKILL after grace)")
-    c.add_argument("id", type=int)
+    c = sub.add_parser("cancel", help="cancel runs (waiting ones at once; running ones SIGTERM, "
+                       "then SIGKILL after grace)")
+    c.add_argument("ids", type=int, nargs="+", metavar="ID", help="runs to cancel")
     c.set_defaults(fn=cmd_cancel)
-
-    lg = sub.add_parser("logs", help="a run's output")
-    lg.add_argument("id", type=int)
-    lg.add_argument("-f", "--follow", action="store_true")
-    lg.set_defaults(fn=cmd_logs)
+    deps.add_parsers(sub, _Parser)
 
     st = sub.add_parser("status", help="daemon, queue and running runs")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="machine-readable: the status as JSON")
     st.set_defaults(fn=cmd_status)
 
-    sub.add_parser("kinds", help="job kinds and their params").set_defaults(fn=cmd_kinds)
+    history.add_parsers(sub)
+    prune.add_parsers(sub)
 
-    sc = sub.add_parser("schedules", help="configured schedules and their next fire times")
-    sc.add_argument("--json", action="store_true")
+    sc = sub.add_parser("schedules", help="configured schedules and their next fire times; "
+                        "`schedules run ID` fires one now")
+    sc.add_argument("--json", action="store_true", help="machine-readable output")
+    scsub = sc.add_subparsers(dest="schedules_cmd", parser_class=_Parser, metavar="run")
+    sr = scsub.add_parser("run", help="fire a schedule now (a run as its next firing would make)")
+    sr.add_argument("id", help="the schedule's id in the config")
+    sr.add_argument("--json", action="store_true", help="machine-readable: the run as JSON")
     sc.set_defaults(fn=cmd_schedules)
 
     v = sub.add_parser("venv", help="the experimental venv workers run in")
@@ -474,20 +430,27 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--context", type=_positive_int, help="prompt + new tokens per row (default: context_tokens)")
     mp.add_argument("--vram-budget", type=size_arg, help="decoder-layer bytes on the device (an upper bound)")
     mp.add_argument("--ram-budget", type=size_arg, help="host RAM for cached layers / experts")
-    mp.add_argument("--kv-cache", choices=KV_KINDS)
-    mp.add_argument("--variant", choices=VARIANT_MODES)
+    mp.add_argument("--kv-cache", choices=KV_KINDS, help="KV cache layout to plan for "
+                    "(default: the model's kv_cache)")
+    mp.add_argument("--variant", choices=VARIANT_MODES, help="precise weights or a quantized "
+                    "variant (default: the model's variant)")
     mp.add_argument("--disk-bandwidth", type=size_arg, help="measured read bytes/s (e.g. 2GB), for the disk bound")
-    mp.add_argument("--json", action="store_true")
+    mp.add_argument("--json", action="store_true", help="machine-readable: the plan as JSON")
     mq = msub.add_parser("quantize", help="write a 4-bit (HQQ) variant of a model beside its files "
                          "(MODEL/variants/q4g64); the original files are not changed")
     mq.add_argument("name", help=f"a [models.NAME] table or {DEFAULT_MODEL}")
-    mq.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    mq.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits per weight (default 4)")
     mq.add_argument("--group-size", type=int, default=64, help="weights per scale/zero pair (default 64)")
     mq.add_argument("--force", action="store_true", help="write it again even if it exists")
     mq.add_argument("--device", help="run HQQ there, e.g. cuda (a Mixtral matrix takes ~1 min on CPU)")
     m.set_defaults(fn=cmd_model)
 
     dbcli.add_parser(sub, _Parser)
+
+    co = sub.add_parser("completion", help="print a shell completion script (generated from "
+                        "this parser by shtab), e.g. `source <(lab-attendant completion bash)`")
+    co.add_argument("shell", choices=("bash", "zsh", "tcsh"), help="the shell to complete in")
+    co.set_defaults(fn=cmd_completion)
 
     sv = sub.add_parser("service", help="install or remove the systemd unit (prints the "
                         "systemctl commands, does not run them)")

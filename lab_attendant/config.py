@@ -154,6 +154,15 @@ class BackupsConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    # The daemon prunes ended runs (rows, run folders, run logs) that ended this many days ago,
+    # once every interval_s; 0 = never (`lab-attendant prune --older-than 30d` does it by hand).
+    older_than_days: float = 0.0
+    keep_failed: bool = True               # keep failed/oom/timed_out/lost runs for post-mortems
+    interval_s: float = 24 * 3600.0
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     # systemd WatchdogSec=: a main loop silent this long is killed and restarted (0 = off).
     watchdog_s: float = 30.0
@@ -209,6 +218,7 @@ class Config:
     backups: BackupsConfig = field(default_factory=BackupsConfig)
     retries: RetriesConfig = field(default_factory=RetriesConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     source: Path | None = None             # the TOML file read, None for built-in defaults
 
     @property

@@ -19,12 +19,14 @@ from jobs.spec import SPEC_VERSION, RunSpec
 
 from .config import Config
 from .cotenants import Cotenants
+from .deps import USER_HOLD, cancel_unsatisfiable
 from .errors import ConfigError
 from .executors import Executors
 from .guards import Action, Guards, WorkerInfo
 from .host import Host, make_sensors, signal_name
 from .launcher import Launcher, Worker, WorkerExit, classify
 from .lock import DaemonLock
+from .prune import Retention
 from .logsetup import RunOutput, get_logger, log_for
 from .reconcile import reconcile
 from .retry import ensure_retries
@@ -105,6 +107,7 @@ class Daemon:
         self.auto_backup = AutoBackup(self.cfg.db_path, self.cfg.backups_dir,
                                       keep=self.cfg.backups.keep,
                                       interval_s=self.cfg.backups.interval_s)
+        self.retention = Retention(self.cfg, self.store)
         self.reconcile()
         self.cotenants = Cotenants(self.cfg.cotenants, self.host, self._cotenant_event,
                                    lambda *a: self.writes.must("set_cotenant", *a),
@@ -198,8 +201,10 @@ class Daemon:
                 self.schedules.dispatch(self.store, self.experimental_paging)
                 ensure_retries(self.store, base_s=self.cfg.retries.base_s,
                                max_s=self.cfg.retries.max_s)
+                cancel_unsatisfiable(self.store)
                 self._admit()
                 self.auto_backup.tick(self.host.time())
+                self.retention.tick(self.host.time())
             except StoreWriteError as exc:   # a claim is one transaction: nothing half-done
                 self.writes.failed(exc)
         now = self.host.monotonic()
@@ -333,7 +338,8 @@ class Daemon:
 
     def _apply_holds(self, hold: Hold | None) -> None:
         for run in self.store.list_runs(states=[RunState.HELD]):
-            if run.needs_paging and (hold is None or run.hold_code != hold.code):
+            if run.needs_paging and run.hold_code != USER_HOLD and (   # only `release` lifts it
+                    hold is None or run.hold_code != hold.code):
                 self.store.transition(run.id, RunState.QUEUED,
                                       "hold lifted" if hold is None else "hold changed",
                                       expect={RunState.HELD})
@@ -358,7 +364,7 @@ class Daemon:
         waiting = self.store.list_runs(states=WAITING)
         paging_wanted = (self.experimental_paging and self.guards.hold is None
                          and self._stopping_since is None
-                         and any(r.needs_paging for r in waiting))
+                         and any(r.needs_paging and r.hold_code != USER_HOLD for r in waiting))
         self.cotenants.step(paging_wanted=paging_wanted,
                             paging_active=any(w.needs_paging and w.pid is not None
                                               for w in self.workers.values()),

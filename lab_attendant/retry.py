@@ -34,7 +34,8 @@ def _new_attempt(s, old: Run, *, not_before: float | None, reason: str) -> Run:
               timeout_s=old.timeout_s, needs_paging=old.needs_paging, submitted_at=now,
               state=RunState.QUEUED, reason=reason, schedule_id=old.schedule_id,
               retry_of=old.id, attempt=old.attempt + 1, max_retries=old.max_retries,
-              not_before=not_before, executor=old.executor)
+              not_before=not_before, name=old.name, after_json=old.after_json,
+              executor=old.executor)
     s.add(run)
     s.flush()
     s.add(RunEvent(run_id=run.id, at=now, kind="transition", from_state=None,

@@ -123,7 +123,17 @@ class Schedules:
                 return runs
             runs.append(self._submit(store, firing, experimental_paging))
 
-    def _submit(self, store: "Store", firing: Firing, experimental_paging: bool) -> "Run":
+    def fire_now(self, store: "Store", schedule_id: str) -> "Run":
+        """`schedules run ID`: the run a firing would make, now. A paging kind is queued (not
+        skipped) whatever the daemon's flag: a daemon without it holds the run and says why."""
+        if schedule_id not in self.by_id:
+            known = ", ".join(sorted(self.by_id)) or "none configured"
+            raise ConfigError(f"no schedule '{schedule_id}'; schedules: {known}")
+        return self._submit(store, Firing(schedule_id, time.time()), experimental_paging=True,
+                            by_hand=True)
+
+    def _submit(self, store: "Store", firing: Firing, experimental_paging: bool,
+                by_hand: bool = False) -> "Run":
         s = self.by_id[firing.schedule_id]
         kind = self.kinds[s.kind]
         fired = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(firing.fired_at))
@@ -147,7 +157,8 @@ class Schedules:
                            needs_paging=kind.needs_paging, schedule_id=s.id,
                            max_retries=self.cfg.retries_for(kind.name, s),
                            executor=self.cfg.executor.choose(kind.name, params.get("model")),
-                           reason=f"fired by schedule '{s.id}' at {fired}",
+                           reason=f"fired by schedule '{s.id}' at {fired}"
+                           + (" by hand (`schedules run`)" if by_hand else ""),
                            skip_reason=None if skip is None else
                            f"schedule '{s.id}' fired at {fired}; skipped: {skip}")
         rlog = log_for(kind.needs_paging, "lab_attendant.scheduler").bind(run_id=run.id,

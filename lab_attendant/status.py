@@ -15,10 +15,10 @@ from .states import ACTIVE, RunState
 from .store import Store
 from .storefaults import StatusFile
 from .validate import dumps
+from .views import duration, elapsed_s, local_time, progress_text
 
 
-def fmt_time(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+fmt_time = local_time      # local time with its zone
 
 
 def gather(cfg: Config) -> dict[str, Any]:
@@ -35,7 +35,8 @@ def gather(cfg: Config) -> dict[str, Any]:
         "store_fault": fault.get("store_fault"),
         "queue_depth": counts.get(RunState.QUEUED, 0),
         "held": counts.get(RunState.HELD, 0),
-        "running": [{"id": r.id, "kind": r.kind, "state": r.state, "pid": r.pid} for r in running],
+        "running": [{"id": r.id, "kind": r.kind, "state": r.state, "pid": r.pid,
+                     "progress": progress_text(r), "elapsed_s": elapsed_s(r)} for r in running],
         "counts": counts, "state_dir": str(cfg.paths.state_dir),
         "guards": store.get_meta("guard_readings") if alive else None,
         "guard_events": [g.to_dict() for g in store.guard_events(limit=20)],
@@ -60,7 +61,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
               "supervising running runs and retries (free space or fix the disk)")
     print(f"queue: {st['queue_depth']} queued, {st['held']} held; {len(st['running'])} running")
     for r in st["running"]:
-        print(f"  run {r['id']} {r['kind']} {r['state']} pid {r['pid']}")
+        print(f"  run {r['id']} {r['kind']} {r['state']} pid {r['pid']}, for "
+              f"{duration(r['elapsed_s'])}, progress {r['progress']}")
     g = st["guards"]
     if g:
         print(f"guards (read {time.time() - g['at']:.0f} s ago):")

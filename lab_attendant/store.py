@@ -377,17 +377,19 @@ class Store:
         return run or self.get(run_id)
 
     def claim_next(self, *, exclude_paging: bool) -> Run | None:
-        """Atomically take the highest-priority, oldest queued run and mark it STARTING."""
+        """Atomically take the highest-priority, oldest queued run whose parents (`after`) have
+        all succeeded, and mark it STARTING; the parents are checked in the same transaction."""
+        from .deps import ready   # deps builds on this module
         with self.write() as s:
             q = select(Run).where(Run.state == RunState.QUEUED,
                                   Run.not_before.is_(None) | (Run.not_before <= time.time()))
             if exclude_paging:
                 q = q.where(Run.needs_paging.is_(False))
-            run = s.scalars(q.order_by(Run.priority.desc(), Run.id).limit(1)).first()
-            if run is None:
-                return None
-            _apply_transition(s, run, RunState.STARTING, "claimed by daemon")
-            return run
+            for run in s.scalars(q.order_by(Run.priority.desc(), Run.id)):
+                if ready(s, run):
+                    _apply_transition(s, run, RunState.STARTING, "claimed by daemon")
+                    return run
+            return None
 
     def count_by_state(self) -> dict[RunState, int]:
         with self.read() as s:

@@ -36,6 +36,8 @@ CONFIG_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "backups.interval_s": (0, None, False),
     "retries.base_s": (0, None, True),
     "retries.max_s": (0, None, True),
+    "retention.older_than_days": (0, None, True),
+    "retention.interval_s": (0, None, False),
 }
 RETRY_RANGE = (0, 100)
 COTENANT_RANGES = ("release_timeout_s", "restore_delay_s", "command_timeout_s", "retry_after_s")

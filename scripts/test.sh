@@ -6,14 +6,19 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 bash scripts/setup.sh
 venvs/experimental/bin/python -m pip install -q --disable-pip-version-check pytest pytest-timeout
-# systemd-analyze lets a test verify the rendered unit file. Best effort: as root with apt (CI,
-# a fresh Debian 12), install Debian's `systemd` package; without it that test is skipped.
-if ! command -v systemd-analyze >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+# systemd-analyze lets a test verify the rendered unit file; tmux drives `watch` in a real
+# terminal. Best effort: as root with apt (CI, a fresh Debian 12), install Debian's `systemd` and
+# `tmux` packages; without them those tests are skipped.
+apt_pkgs=""
+command -v systemd-analyze >/dev/null || apt_pkgs="$apt_pkgs systemd"
+command -v tmux >/dev/null || apt_pkgs="$apt_pkgs tmux"
+if [ -n "$apt_pkgs" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
         && [ -z "${LAB_ATTENDANT_NO_APT:-}" ]; then
-    echo "== systemd-analyze (apt-get install systemd)" >&2
+    echo "== apt-get install$apt_pkgs" >&2
+    # shellcheck disable=SC2086 # one word per package
     { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 \
-        apt-get install -y -qq --no-install-recommends systemd; } >/dev/null 2>&1 \
-        || echo "   could not install systemd; the systemd-analyze test will be skipped" >&2
+        apt-get install -y -qq --no-install-recommends $apt_pkgs; } >/dev/null 2>&1 \
+        || echo "   could not install$apt_pkgs; the tests that need them will be skipped" >&2
 fi
 # A real single-node Slurm for tests/e2e/test_slurm.py: scripts/slurm.sh installs slurm-wlm and
 # munge as root with apt (~15 s). Once Slurm is installed, its tests must run, not skip.

@@ -96,7 +96,8 @@ def config_text(draw, root: Path) -> str:
 @st.composite
 def argv(draw, root: Path) -> list[str]:
     verb = draw(st.sampled_from(["submit", "submit", "submit", "list", "show", "cancel", "logs",
-                                 "retry", "status", "kinds", "schedules", "db", "nonsense"]))
+                                 "retry", "status", "kinds", "schedules", "db", "nonsense",
+                                 "hold", "release", "stats", "prune"]))
     out = [verb]
     if verb == "submit":
         out.append(draw(st.sampled_from(["sleepy", "probe", "nightly_insights", "cv_matching",
@@ -118,12 +119,22 @@ def argv(draw, root: Path) -> list[str]:
             out += ["--state", draw(st.one_of(st.sampled_from(["queued", "lost", "running"]), TEXT))]
         if draw(st.booleans()):
             out += ["--limit", draw(NUMBER_TEXT)]
-    elif verb in ("show", "cancel", "logs", "retry"):
+    elif verb in ("show", "cancel", "logs", "retry", "hold", "release"):
         out.append(draw(st.one_of(NUMBER_TEXT, st.sampled_from(["1", "2", "3"]))))
+        if verb in ("cancel", "hold", "release") and draw(st.booleans()):
+            out.append(draw(st.one_of(NUMBER_TEXT, st.sampled_from(["1", "2", "3"]))))
+    elif verb in ("stats", "prune"):
+        if draw(st.booleans()):
+            out += ["--since" if verb == "stats" else "--older-than",
+                    draw(st.one_of(st.sampled_from(["7d", "0s", "30m", "1.5h", "2w"]), TEXT))]
+        if verb == "prune":
+            out += draw(st.lists(st.sampled_from(["--dry-run", "--keep-failed", "1", "2"]),
+                                 max_size=2, unique=True))
     elif verb == "db":
         out += draw(st.sampled_from([["check"], ["backup", str(root / "b.sqlite3")], ["backup"],
                                      ["frob"]]))
-    if verb in ("submit", "list", "show", "status", "schedules") and draw(st.booleans()):
+    if verb in ("submit", "list", "show", "status", "schedules", "stats", "prune") and \
+            draw(st.booleans()):
         out.append("--json")
     return out + ([draw(TEXT)] if draw(st.integers(0, 9)) == 9 else [])
 
