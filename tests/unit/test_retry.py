@@ -3,7 +3,6 @@ back-off, derived idempotently from the store; guard kills, oom, cancels and tim
 `retry ID` by hand; a version-2 store migrates."""
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from lab_attendant.config import parse_config
 from lab_attendant.errors import ConfigError, UserError
 from lab_attendant.retry import backoff_s, ensure_retries, retry_now
 from lab_attendant.states import RunState
-from lab_attendant.store import SCHEMA_VERSION, Store
+from lab_attendant.store import Store
 
 from ..conftest import write_config
 
@@ -103,37 +102,3 @@ def test_retries_config(tmp_path: Path):
     cfg = parse_config({**base, "retries": {"kinds": {"sleepy": 4}}, "schedules": [s]},
                        base_dir=tmp_path, source=None)
     assert cfg.retries_for("sleepy", cfg.schedules[0]) == 1
-
-
-def test_a_version_2_store_gains_the_retry_columns(tmp_path: Path):
-    db = tmp_path / "db.sqlite3"
-    store = Store(db)
-    rid = store.submit(kind="sleepy", params={}, priority=0, timeout_s=60, needs_paging=False).id
-    store.close()
-    with sqlite3.connect(db) as conn:                    # what a version-2 daemon left behind
-        conn.execute("DROP INDEX ix_runs_retry_of")
-        for col in ("retry_of", "attempt", "max_retries", "not_before"):
-            conn.execute(f"ALTER TABLE runs DROP COLUMN {col}")
-        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    store = Store(db)
-    assert store.get_meta("schema_version") == SCHEMA_VERSION == 4
-    run = store.get(rid)
-    assert run.attempt == 1 and run.max_retries == 0 and run.retry_of is None
-    store.close()
-
-
-def test_a_version_3_store_gains_name_dependencies_and_executor(tmp_path: Path):
-    db = tmp_path / "db.sqlite3"
-    store = Store(db)
-    rid = store.submit(kind="sleepy", params={}, priority=0, timeout_s=60, needs_paging=False).id
-    store.close()
-    with sqlite3.connect(db) as conn:                    # what a version-3 daemon left behind
-        conn.execute("DROP INDEX ix_runs_name")
-        for col in ("name", "after_json", "executor", "executor_job_id"):
-            conn.execute(f"ALTER TABLE runs DROP COLUMN {col}")
-        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
-    store = Store(db)
-    assert store.get_meta("schema_version") == SCHEMA_VERSION
-    run = store.get(rid)
-    assert (run.name, run.after, run.executor, run.executor_job_id) == (None, [], "local", None)
-    store.close()

@@ -10,7 +10,7 @@ import pytest
 from lab_attendant.errors import StoreError, TransitionError
 from lab_attendant.launcher import Launcher
 from lab_attendant.states import RunState
-from lab_attendant.store import SCHEMA_VERSION, Store
+from lab_attendant.store import Store
 from tests.unit.fakes import FakeHost
 
 
@@ -193,25 +193,5 @@ def test_merge_metrics_folds_keys_in_and_keeps_the_rest(tmp_path: Path):
         store.merge_metrics(rid, {"tokens": 5, "engine_variants": "PFFP"})
         assert store.get(rid).metrics == {"tokens": 5, "model": "a", "engine_variants": "PFFP"}
         store.merge_metrics(rid + 100, {"x": 1})      # a run that is gone: nothing to fold into
-    finally:
-        store.close()
-
-
-def test_a_version_1_store_is_migrated_in_place_and_its_rows_read_as_states(tmp_path: Path):
-    import sqlite3
-    db = tmp_path / "db.sqlite3"
-    store = Store(db)
-    rid = store.submit(kind="sleepy", params={}, priority=0, timeout_s=60, needs_paging=True).id
-    store.close()
-    with sqlite3.connect(db) as conn:                    # what a version-1 daemon left behind
-        conn.execute("ALTER TABLE runs DROP COLUMN hold_code")
-        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    store = Store(db)
-    try:
-        assert store.get(rid).state is RunState.QUEUED
-        store.transition(rid, RunState.HELD, "paging off", hold_code="paging_off")
-        assert store.get(rid).hold_code == "paging_off"
-        assert store.get_meta("schema_version") == SCHEMA_VERSION
-        assert store.count_by_state() == {RunState.HELD: 1}
     finally:
         store.close()
