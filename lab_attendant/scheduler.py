@@ -8,13 +8,14 @@ import queue
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone as dt_timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 
 from jobs.errors import ParamError
-from jobs.kinds import Kind, registry, validate_params
+from jobs.kinds import Kind, check_with_model, registry, validate_params
 
 from . import cron
 from .errors import ConfigError
@@ -150,8 +151,11 @@ class Schedules:
             try:
                 params = validate_params(kind, s.params, self.cfg.allowed_roots,
                                          base_dir=self.cfg.base_dir)
-            except ParamError as exc:
+                if any(p.name == "model" for p in kind.params):   # as submit checks them
+                    check_with_model(kind, params, Path(self.cfg.model_spec(params.get("model")).path))
+            except (ParamError, ConfigError) as exc:
                 skip = f"bad params in the config: {exc}"
+                params = {}
         run = store.submit(kind=kind.name, params=params or dict(s.params), priority=0,
                            timeout_s=self.cfg.limits.default_timeout_s,
                            needs_paging=kind.needs_paging, schedule_id=s.id,

@@ -123,3 +123,33 @@ def test_a_model_setting_its_engine_cannot_honour_fails_at_load(tmp_path: Path):
         _cfg(tmp_path, models={"mix": {"kind": "moe", "vram_budget_bytes": "2GiB"}})
     with pytest.raises(ConfigError, match=r"model 'big' is dense and cannot honour cache_policy = 'lfu'"):
         _cfg(tmp_path, models={"big": {"cache_policy": "lfu"}})
+
+
+def test_a_firing_is_checked_against_its_model_like_a_submit(tmp_path: Path):
+    """kv_rank_study's rank above the model's head_dim is refused at submit; a schedule's firing is
+    skipped with the same sentence instead of starting a worker that would fail on it."""
+    import json
+
+    from jobs.kinds import registry
+    from lab_attendant.config import load_config
+    from lab_attendant.scheduler import Firing, Schedules
+    from lab_attendant.store import Store
+
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "head_dim": 64}))
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("A passage the study would read. " * 100)
+    cfg_file = tmp_path / "lab-attendant.toml"
+    cfg_file.write_text(f'[paths]\nallowed_roots = ["{tmp_path}"]\n[models.tiny]\npath = "{model}"\n'
+                        '[[schedules]]\nid = "k"\ncron = "30 2 * * *"\nkind = "kv_rank_study"\n'
+                        'params = { texts = "texts", model = "tiny", ranks = "8,128", context = 256 }\n')
+    cfg = load_config(cfg_file)
+    schedules = Schedules(cfg, registry(cfg.worker.extra_kinds))
+    schedules.firings.put(Firing("k", 0.0))
+    store = Store(tmp_path / "db.sqlite3")
+    try:
+        (run,) = schedules.dispatch(store, experimental_paging=True)
+    finally:
+        store.close()
+    assert run.state == "skipped" and "128 > head_dim 64" in run.reason, run.reason
