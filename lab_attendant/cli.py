@@ -20,7 +20,7 @@ from jobs.kinds import check_with_model, parse_assignment, registry, validate_pa
 from jobs.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, KV_KINDS, VARIANT_MODES, ModelSpec
 from jobs.units import format_size, size_arg
 
-from . import PROJECT_ROOT, dbcli, venv
+from . import PROJECT_ROOT, dbcli, samples, venv
 from .config import Config, load_config
 from .errors import EXIT_STORE_UNUSABLE, StoreUnusable, UserError
 from .logsetup import log_for, read_run_log, setup_logging
@@ -165,11 +165,13 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
     run = _get_run(store, args.id)
     events = store.events(run.id)
     guard_events = store.guard_events(run_id=run.id)
+    summary = samples.summarize(samples.load_from(store, run.id), cfg.guards.resume_below_c)
     if args.json:
         out = run.to_dict()
         out["events"] = [{"at": e.at, "kind": e.kind, "from": e.from_state, "to": e.to_state,
                           "reason": e.reason} for e in events]
         out["guard_events"] = [g.to_dict() for g in guard_events]
+        out["samples"] = summary and summary.to_dict()
         print(dumps(out))
         return 0
     d = run.to_dict()
@@ -190,7 +192,16 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
         print("      guards:")
         for g in guard_events:
             print(f"    {fmt_time(g.at)}  {g.guard + ' ' + g.action:<22} {g.reason}")
+    if summary:   # sensor history (lab_attendant.samples)
+        print("     samples:")
+        for line in summary.lines():
+            print(f"    {line}")
     return 0
+
+
+def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
+    from .dashboard.app import serve   # the web stack is imported only by this verb
+    return serve(cfg, args.bind, allow_remote=args.allow_remote)
 
 
 def cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
@@ -442,6 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_status)
 
     sub.add_parser("kinds", help="job kinds and their params").set_defaults(fn=cmd_kinds)
+
+    db = sub.add_parser("dashboard", help="serve a read-only web view of runs, guards and "
+                        "schedules, with /metrics and /api/runs (opens the store read-only)")
+    db.add_argument("--bind", default="127.0.0.1:8765", metavar="HOST:PORT",
+                    help="where to listen (default 127.0.0.1:8765; loopback only unless "
+                    "--allow-remote)")
+    db.add_argument("--allow-remote", action="store_true",
+                    help="allow a non-loopback --bind: the dashboard has no login, so anyone "
+                    "who can reach the port sees run params, logs and outputs")
+    db.set_defaults(fn=cmd_dashboard)
 
     sc = sub.add_parser("schedules", help="configured schedules and their next fire times")
     sc.add_argument("--json", action="store_true")

@@ -23,6 +23,8 @@ from .guards import Action, Guards, WorkerInfo
 from .host import Host, make_sensors, signal_name
 from .launcher import Launcher, Worker, WorkerExit, classify
 from .lock import DaemonLock
+from . import samples
+from .outcomes import Outcomes
 from .logsetup import RunOutput, get_logger, log_for
 from .reconcile import reconcile
 from .retry import ensure_retries
@@ -59,6 +61,8 @@ class Daemon:
         self.auto_backup: AutoBackup | None = None
         self.guards = Guards(cfg.guards, self.host, sensors or make_sensors(cfg.guards.sensors))
         self.cotenants: Cotenants | None = None
+        self.sampler = samples.Sampler(self.host)        # per-run sensor history
+        self.outcomes = Outcomes(cfg, lambda: self.store.read(), self.host)  # log, notify, metrics
         self._last_guard = float("-inf")
         self.workers: dict[int, Worker] = {}
         self.outputs: dict[int, RunOutput] = {}
@@ -228,6 +232,7 @@ class Daemon:
     def _handle_event(self, w: Worker, ev: dict[str, Any]) -> None:
         name, rid = ev["event"], w.run_id
         rlog = log_for(w.needs_paging, "lab_attendant.daemon").bind(run_id=rid)
+        self.sampler.observe(rid, ev)
         if name == protocol.STARTED:
             self.writes.must("transition", rid, RunState.RUNNING, f"worker pid {w.pid} started",
                              expect={RunState.STARTING}, running_at=ev.get("t"))
@@ -279,8 +284,11 @@ class Daemon:
             self.writes.must("transition", w.run_id, state, reason, **fields)
             log_for(w.needs_paging, "lab_attendant.daemon").info(
                 "run ended", run_id=w.run_id, state=str(state), reason=reason)
+            self.outcomes.ended(w.run_id, state, reason, now=self.host.time(),
+                                exit_code=fields["exit_code"], signal=fields["signal"])
             self.outputs.pop(w.run_id).close()
             self.guards.forget(w.run_id)
+            self.sampler.forget(w.run_id)
             del self.workers[w.run_id]
 
     def _enforce(self) -> None:
@@ -350,6 +358,9 @@ class Daemon:
                  if w.kill_sent_mono is None]
         for action in self.guards.poll(infos):
             self._guard_action(action)
+        self.writes.may(samples.save, self.sampler.take(self.host.time(), self.workers.values(),
+                                                        self.guards), self.cfg.metrics.samples_per_run)
+        self.outcomes.tick(now)
         waiting = self.store.list_runs(states=WAITING)
         paging_wanted = (self.experimental_paging and self.guards.hold is None
                          and self._stopping_since is None
@@ -413,6 +424,7 @@ class Daemon:
             return
         self.workers[run.id] = w
         self.outputs[run.id] = output
+        self.outcomes.started(run, w.pid)
         self.writes.must("update_run", run.id, pid=w.pid, run_dir=str(run_dir),
                          log_path=str(output.path),
                          pid_create_time=self.host.process_create_time(w.pid))
@@ -423,7 +435,10 @@ class Daemon:
     def reconcile(self) -> None:
         """Runs a dead daemon left active end `lost` (lab_attendant.reconcile); the systemd
         watchdog keeps being fed while their groups are given kill_grace_s to go."""
-        reconcile(self.store, self.host, self.cfg.limits.kill_grace_s, self._feed_watchdog)
+        for run in reconcile(self.store, self.host, self.cfg.limits.kill_grace_s,
+                             self._feed_watchdog):
+            self.outcomes.ended(run.id, RunState.LOST, run.reason, now=self.host.time(),
+                                run=run)
 
     def _feed_watchdog(self) -> None:
         self.notifier.tick(self.host.monotonic(),
