@@ -126,6 +126,7 @@ class Daemon:
                       "reconciles those runs", pending=[(m, a) for m, a, _ in self.writes.pending])
         if self._daemon_id:
             self.writes.may("daemon_heartbeat", self._daemon_id, stopped=True)
+        self.outcomes.close()                           # notifications in flight
         self.status_file.close()
         self.store.close()
 

@@ -53,6 +53,11 @@ class Notifications:
         t.start()
         return t
 
+    def join(self) -> None:
+        """At daemon exit: let notifications in flight finish (each is bounded by timeout_s)."""
+        for t in self.threads:
+            t.join(self.cfg.timeout_s + 5)
+
     def _guarded(self, target, info: dict[str, Any]) -> None:
         try:
             target(info)

@@ -61,6 +61,11 @@ class Outcomes:
         if self.textfile is not None:
             self.textfile.write()
 
+    def close(self) -> None:
+        self.notifications.join()
+        if self.textfile is not None:
+            self.textfile.write()
+
     def tick(self, now_mono: float) -> None:
         if self.textfile is not None:
             self.textfile.tick(now_mono)
