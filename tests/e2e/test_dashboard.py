@@ -47,6 +47,9 @@ def test_samples_from_file_sensors_reach_show_api_and_plot(dash):
     assert shown["series"]["tokens_per_s"]["max"] >= 20.0
     assert shown["series"]["read_bytes_per_s"]["max"] > 0
     assert shown["above_resume_s"] > 0                    # 80 °C > 75 °C resume level
+    assert shown["series"]["gpu_power_w"]["max"] == 240.5
+    assert shown["series"]["gpu_sm_clock_mhz"]["min"] == 1545
+    assert shown["throttle_reasons"] == ["SwPowerCap"]
     text = pop.lab.cli("show", str(pop.report)).stdout
     assert "GPU temperature" in text and "max 80.0 °C" in text and "above 75 °C" in text
 
@@ -57,6 +60,7 @@ def test_samples_from_file_sensors_reach_show_api_and_plot(dash):
     assert f'id="plot-temperature" xmlns="http://www.w3.org/2000/svg"' in html
     assert f'data-points="{len(temps)}"' in html and "85 °C limit" in html
     assert "<h1>Insights: fixture archive</h1>" in html   # insights.md rendered
+    assert "note batch 1: summarized" in html             # the log tail
     runs = json.loads(get(f"{url}/api/runs?state=failed"))
     assert [r["id"] for r in runs] == [pop.crash]
 

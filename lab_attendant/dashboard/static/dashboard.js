@@ -11,7 +11,13 @@ function fmtDuration(s) {
 }
 
 function fmtTime(ts) {
-  return ts ? new Date(ts * 1000).toLocaleString() : "–";
+  // As the server renders it (local time), so a refresh does not change how times look.
+  if (!ts) return "–";
+  const d = new Date(ts * 1000), pad = (n) => String(n).padStart(2, "0");
+  const zone = new Intl.DateTimeFormat([], {timeZoneName: "short"}).formatToParts(d)
+    .find((p) => p.type === "timeZoneName");
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
+    `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}` + (zone ? ` ${zone.value}` : "");
 }
 
 function cell(tr, content) {
