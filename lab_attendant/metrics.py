@@ -137,6 +137,7 @@ class Textfile:
 
     def write(self) -> None:
         try:
+            self.cfg.textfile.parent.mkdir(parents=True, exist_ok=True)
             write_to_textfile(str(self.cfg.textfile), self.registry)
         except Exception as exc:  # noqa: BLE001 - metrics are a view; never stop the daemon
             log.warning("cannot write the metrics textfile", path=str(self.cfg.textfile),

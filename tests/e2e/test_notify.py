@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Lab, wait_for, write_config
 
@@ -26,11 +27,12 @@ def _main_log(lab: Lab) -> list[dict]:
     return [json.loads(line) for line in (lab.logs_dir / "lab_attendant.log").read_text().splitlines()]
 
 
-def test_notify_command_receives_the_env_of_a_failed_run(lab: Lab):
+def test_notify_command_receives_the_env_of_a_failed_run_and_the_textfile_counts_it(lab: Lab):
     script, dump = lab.root / "dump_env.py", lab.root / "notified.jsonl"
     script.write_text(DUMP_ENV)
     lab.config = write_config(lab.root, extra=f'\n[notify]\non = ["failed"]\n'
-                              f'command = ["{sys.executable}", "{script}", "{dump}"]\n')
+                              f'command = ["{sys.executable}", "{script}", "{dump}"]\n'
+                              '[metrics]\ntextfile = "textfile/lab_attendant.prom"\n')
     failed = lab.submit("crash")
     ok = lab.submit("sleepy", "seconds=0.2")
     lab.cli("daemon", "--burst", timeout=60)       # waits for notifications in flight at exit
@@ -44,6 +46,10 @@ def test_notify_command_receives_the_env_of_a_failed_run(lab: Lab):
     assert ended[ok]["level"] == "info" and ended[ok]["state"] == "succeeded"
     started = [l["run_id"] for l in _main_log(lab) if l.get("event") == "run started"]
     assert sorted(started) == sorted([failed, ok])
+    prom = (lab.root / "textfile" / "lab_attendant.prom").read_text()   # node_exporter's input
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(prom) for s in fam.samples}
+    assert samples[("lab_attendant_runs_total", (("kind", "crash"), ("state", "failed")))] == 1
 
 
 class _SilentServer:
