@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import re
 import sqlite3
 import urllib.error
 import urllib.request
@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lab_attendant.dashboard.readonly import connect_readonly
 from tests.conftest import ROOT, Lab, wait_for, write_config
-from tests.fixtures.dashboard import (Populated, browser_missing, chrome, full_page_screenshot, get,
+from tests.fixtures.dashboard import (browser_missing, chrome, full_page_screenshot, get,
                                       page_load_ms, populate, start_dashboard, stop)
 
 pytestmark = pytest.mark.e2e
@@ -57,7 +57,7 @@ def test_samples_from_file_sensors_reach_show_api_and_plot(dash):
     temps = [s["gpu_temperature_c"] for s in api["samples"]]
     assert len(temps) == shown["samples"] and 60.0 in temps and 80.0 in temps
     html = get(f"{url}/runs/{pop.report}").decode()
-    assert f'id="plot-temperature" xmlns="http://www.w3.org/2000/svg"' in html
+    assert 'id="plot-temperature" xmlns="http://www.w3.org/2000/svg"' in html
     assert f'data-points="{len(temps)}"' in html and "85 °C limit" in html
     assert "<h1>Insights: fixture archive</h1>" in html   # insights.md rendered
     assert "note batch 1: summarized" in html             # the log tail
@@ -108,6 +108,11 @@ def test_metrics_parse_and_counters_move_when_runs_end(dash):
     pop.lab.cli("daemon", "--burst", timeout=60)
     after = _metrics(url)
     assert after[key] == before[key] + 1
+    # The Grafana dashboard we ship asks only for series /metrics has.
+    grafana = (ROOT / "examples" / "grafana" / "lab-attendant.json").read_text()
+    asked = set(re.findall(r"lab_attendant_[a-z_]+", grafana))
+    served = set(re.findall(r"lab_attendant_[a-z_]+", get(url + "/metrics").decode()))
+    assert asked and asked <= served, asked - served
 
 
 def test_bind_beyond_loopback_is_refused_and_a_missing_store_is_named(tmp_path: Path):
