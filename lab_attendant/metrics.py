@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from .config import MetricsConfig
 from .logsetup import get_logger
+from .samples import number
 from .states import TERMINAL, RunState
 from .store import CotenantRow, GuardEvent, Meta, Run
 
@@ -77,9 +78,9 @@ class StoreCollector(Collector):
                               labels=["kind"])
         newest = select(func.max(Run.id)).where(Run.state == RunState.SUCCEEDED).group_by(Run.kind)
         for run in s.scalars(select(Run).where(Run.id.in_(newest))):
-            tps = run.metrics.get("tokens_per_s")
-            if isinstance(tps, (int, float)) and not isinstance(tps, bool):
-                g.add_metric([run.kind], float(tps))
+            tps = number(run.metrics.get("tokens_per_s"))
+            if tps is not None:
+                g.add_metric([run.kind], tps)
         yield g
 
     def _guards(self, s: Session) -> Iterator[Metric]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -79,12 +79,12 @@ class Sampler:
             st.done, st.total = ev.get("done"), ev.get("total")
         elif ev["event"] == protocol.METRIC:
             m = ev.get("metrics") or {}
-            if _number(m.get("tokens_per_s")) is not None:
+            if number(m.get("tokens_per_s")) is not None:
                 st.tokens_per_s = float(m["tokens_per_s"])
-            if _number(m.get("read_bytes_per_s")) is not None:
+            if number(m.get("read_bytes_per_s")) is not None:
                 st.read_rate = float(m["read_bytes_per_s"])
             for key in READ_COUNTERS:
-                if _number(m.get(key)) is not None:
+                if number(m.get(key)) is not None:
                     st.read_bytes = int(m[key])
                     break
 
@@ -167,7 +167,7 @@ class SeriesStats:
     mean: float
 
     def text(self) -> str:
-        f = _formatter(self.unit)
+        f = formatter(self.unit)
         return f"min {f(self.min)}  max {f(self.max)}  mean {f(self.mean)}"
 
 
@@ -217,11 +217,13 @@ def summarize(rows: list[RunSample], resume_below_c: float) -> Summary | None:
     return Summary(len(rows), rows[-1].at - rows[0].at, stats, above, resume_below_c, reasons)
 
 
-def _number(v: Any) -> float | None:
+def number(v: Any) -> float | None:
+    """A reported value as a float, or None for a missing or non-numeric one (bools included)."""
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _formatter(unit: str):
+def formatter(unit: str) -> Callable[[float], str]:
+    """How a person reads a value of this unit: sizes for bytes, else the number and unit."""
     if unit == "bytes":
         return format_size
     if unit == "bytes/s":

@@ -10,6 +10,8 @@ from typing import Any, Callable, Sequence
 
 from jobs.units import format_size
 
+from ..samples import formatter
+
 WIDTH, HEIGHT = 640, 190
 LEFT, RIGHT, TOP, BOTTOM = 70, 12, 24, 28       # margins, px
 MARKERS_UP_TO = 240                             # points drawn as dots too (beyond: the line only)
@@ -22,18 +24,10 @@ class Line:
     color: str = "#c0392b"
 
 
-def _fmt_for(unit: str) -> Callable[[float], str]:
-    if unit == "bytes":
-        return format_size
-    if unit == "bytes/s":
-        return lambda v: format_size(v) + "/s"
-    return lambda v: f"{v:.4g} {unit}".rstrip()
-
-
 def chart(title: str, points: Sequence[tuple[float, float]], *, unit: str = "",
           lines: Sequence[Line] = (), css_id: str = "") -> str:
     """An <svg> of (unix time, value) points; an empty figure says that nothing was recorded."""
-    fmt = _fmt_for(unit)
+    fmt = formatter(unit)
     head = (f'<svg class="plot" id="{escape(css_id)}" xmlns="http://www.w3.org/2000/svg" '
             f'viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img" '
             f'aria-label="{escape(title)}" data-points="{len(points)}">'

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from ..config import Config
 from ..errors import UserError
 from ..logsetup import read_run_log
-from ..samples import load, summarize
+from ..samples import load, number, summarize
 from ..states import ACTIVE, RunState
 from ..store import CotenantRow, GuardEvent, Meta, Run, RunEvent
 
@@ -43,8 +43,7 @@ def run_row(run: Run, now: float) -> dict[str, Any]:
     d["state"] = run.state.value
     ran_from = run.running_at or run.started_at
     d["duration_s"] = ((run.ended_at or now) - ran_from) if ran_from else None
-    tps = run.metrics.get("tokens_per_s")
-    d["tokens_per_s"] = tps if isinstance(tps, (int, float)) and not isinstance(tps, bool) else None
+    d["tokens_per_s"] = number(run.metrics.get("tokens_per_s"))
     done, total = run.progress_done, run.progress_total
     d["progress_fraction"] = min(1.0, max(0.0, (done or 0) / total)) if total else None
     return d
