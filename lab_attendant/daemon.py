@@ -393,20 +393,18 @@ class Daemon:
         kind = self.kinds.get(run.kind)
         python = self.cfg.worker.python
         if kind is None:
-            self.writes.must("transition", run.id, RunState.FAILED,
-                             f"unknown kind '{run.kind}' (not in this daemon's registry)")
+            self._spawn_failed(run, f"unknown kind '{run.kind}' (not in this daemon's registry)")
             return
         if not Path(python).exists():
-            self.writes.must("transition", run.id, RunState.FAILED,
-                             f"worker python {python} not found; run `lab-attendant venv "
-                             "create` or set [worker] python in the config")
+            self._spawn_failed(run, f"worker python {python} not found; run `lab-attendant venv "
+                               "create` or set [worker] python in the config")
             return
         run_dir = self.cfg.runs_dir / str(run.id)
         try:
             model = (self.cfg.model_spec(run.params.get("model"))
                      if any(p.name == "model" for p in kind.params) else None)
         except ConfigError as exc:
-            self.writes.must("transition", run.id, RunState.FAILED, str(exc))
+            self._spawn_failed(run, str(exc))
             return
         spec = RunSpec(
             version=SPEC_VERSION, run_id=run.id, kind=run.kind, module=kind.module,
@@ -421,7 +419,7 @@ class Daemon:
             w = self.launcher.spawn(spec, python=Path(python), timeout_s=run.timeout_s)
         except OSError as exc:
             output.close()
-            self.writes.must("transition", run.id, RunState.FAILED, f"could not start worker: {exc}")
+            self._spawn_failed(run, f"could not start worker: {exc}")
             return
         self.workers[run.id] = w
         self.outputs[run.id] = output
@@ -431,6 +429,10 @@ class Daemon:
                          pid_create_time=self.host.process_create_time(w.pid))
         log_for(run.needs_paging, "lab_attendant.daemon").info(
             "run spawned", run_id=run.id, kind=run.kind, pid=w.pid)
+
+    def _spawn_failed(self, run, reason: str) -> None:
+        self.writes.must("transition", run.id, RunState.FAILED, reason)
+        self.outcomes.ended(run.id, RunState.FAILED, reason, now=self.host.time(), run=run)
 
     # -- start-up reconciliation ----------------------------------------------------------------
     def reconcile(self) -> None:

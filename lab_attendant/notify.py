@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -55,8 +56,9 @@ class Notifications:
 
     def join(self) -> None:
         """At daemon exit: let notifications in flight finish (each is bounded by timeout_s)."""
+        deadline = time.monotonic() + self.cfg.timeout_s + 5   # one wait for all, not one each
         for t in self.threads:
-            t.join(self.cfg.timeout_s + 5)
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _guarded(self, target, info: dict[str, Any]) -> None:
         try:

@@ -33,6 +33,7 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".log", ".csv", ".tsv")
 # Markdown from job outputs: raw HTML off, so a model's output cannot inject markup or script.
 _markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
 
@@ -93,8 +94,10 @@ def create_app(cfg: Config) -> Starlette:
         if path.suffix == ".md":
             return page(request, "output.html", run_id=run.id, name=path.name,
                         html=_markdown.render(path.read_text(errors="replace")))
-        return FileResponse(path, media_type="text/plain; charset=utf-8"
-                            if path.suffix in (".txt", ".json", ".jsonl", ".log") else None)
+        if path.suffix in TEXT_SUFFIXES:
+            return FileResponse(path, media_type="text/plain; charset=utf-8")
+        # Anything else is a download, never rendered here (an .html output cannot run script).
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
     def guards_page(request: Request) -> Response:
         with session(engine) as s:
