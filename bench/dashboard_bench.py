@@ -24,7 +24,8 @@ from tests.fixtures.dashboard import (browser_missing, chrome, full_page_screens
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--loads", type=int, default=10, help="loads of each page (default 10)")
-    ap.add_argument("--screenshots", type=Path, help="save dashboard-runs.png / dashboard-run.png here")
+    ap.add_argument("--screenshots", type=Path,
+                    help="save dashboard-runs.png, dashboard-run.png, dashboard-guards.png here")
     args = ap.parse_args()
     why = browser_missing()
     if why:
@@ -48,6 +49,8 @@ def main() -> int:
                 full_page_screenshot(driver, args.screenshots / "dashboard-runs.png")
                 driver.get(pages["run detail"])
                 full_page_screenshot(driver, args.screenshots / "dashboard-run.png")
+                driver.get(pages["guards"])
+                full_page_screenshot(driver, args.screenshots / "dashboard-guards.png")
         finally:
             driver.quit()
             rss_end = psutil.Process(proc.pid).memory_info().rss

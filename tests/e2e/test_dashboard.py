@@ -76,7 +76,7 @@ def test_dashboard_never_writes_the_store(dash):
                          None if p.name.endswith("-shm") else p.stat().st_mtime_ns)
                 for p in sorted(db.parent.glob(db.name + "*"))}
     before = snapshot()
-    for path in ("/", f"/runs/{pop.report}", f"/runs/{pop.crash}", "/guards", "/schedules",
+    for path in ("/", f"/runs/{pop.report}", f"/runs/{pop.hot}", "/guards", "/schedules",
                  "/api/runs", f"/api/runs/{pop.report}", "/metrics",
                  f"/runs/{pop.report}/outputs/insights.md"):
         get(url + path)
@@ -102,6 +102,9 @@ def test_metrics_parse_and_counters_move_when_runs_end(dash):
                                                 ("state", "succeeded")))] == 1.0
     assert before[("lab_attendant_last_run_tokens_per_second", (("kind", "insights_report"),))] >= 20
     assert ("lab_attendant_gpu_temperature_celsius", (("gpu", "0"),)) in before
+    assert before[("lab_attendant_guard_kills_total", (("reason", "thermal"),))] == 1.0
+    assert before[("lab_attendant_runs_total", (("kind", "paging_sleepy"),
+                                                ("state", "killed_thermal")))] == 1.0
     count = ("lab_attendant_run_duration_seconds_count", (("kind", "insights_report"),))
     assert before[count] == 1.0
     pop.lab.submit("crash")
@@ -151,6 +154,10 @@ def test_pages_in_headless_chromium(dash, tmp_path: Path):
         assert md.find_element(By.TAG_NAME, "h1").text == "Insights: fixture archive"
         full_page_screenshot(driver, shots / "dashboard-run.png")
         driver.get(url + "/guards")
+        marks = driver.find_elements(By.CSS_SELECTOR, "svg#plot-guards rect.plot-mark")
+        assert len(marks) >= 3                               # kill, hold, resume
+        rows = driver.find_elements(By.CSS_SELECTOR, "table.events tbody tr.act-kill")
+        assert any(f"{pop.hot}" in r.text and "91 °C" in r.text for r in rows)
         driver.get(url + "/schedules")
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == [], errors
