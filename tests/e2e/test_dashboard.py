@@ -61,6 +61,9 @@ def test_samples_from_file_sensors_reach_show_api_and_plot(dash):
     assert f'data-points="{len(temps)}"' in html and "85 °C limit" in html
     assert "<h1>Insights: fixture archive</h1>" in html   # insights.md rendered
     assert "note batch 1: summarized" in html             # the log tail
+    table = get(f"{url}/?kind=insights_report").decode()
+    assert '<progress max="1" value="1.000"></progress> 10/10 notes' in table
+    assert f'data-run-id="{pop.crash}"' not in table                  # filtered by kind
     runs = json.loads(get(f"{url}/api/runs?state=failed"))
     assert pop.crash in [r["id"] for r in runs] and {r["state"] for r in runs} == {"failed"}
 
