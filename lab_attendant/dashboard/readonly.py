@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -35,8 +36,14 @@ def open_readonly(db_path: Path) -> Engine:
                         "daemon's --config")
     engine = create_engine("sqlite://", creator=lambda: connect_readonly(db_path),
                            poolclass=NullPool)
-    with Session(engine) as s:
-        row = s.execute(select(Meta.value).where(Meta.key == "schema_version")).first()
+    try:
+        with Session(engine) as s:
+            row = s.execute(select(Meta.value).where(Meta.key == "schema_version")).first()
+    except OperationalError as exc:
+        raise UserError(f"cannot read the store {db_path} ({exc.orig}); in WAL mode a reader needs "
+                        f"the -wal/-shm files beside it, which SQLite creates in {db_path.parent} "
+                        "when no daemon has them: run the dashboard as the daemon's user, or "
+                        "while the daemon runs") from None
     if row is None or int(row[0]) != SCHEMA_VERSION:
         raise UserError(f"store {db_path} has schema version {row and row[0]}, this dashboard "
                         f"reads {SCHEMA_VERSION}; start this version's daemon once to migrate it")
