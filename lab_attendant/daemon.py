@@ -359,9 +359,6 @@ class Daemon:
                  if w.kill_sent_mono is None]
         for action in self.guards.poll(infos):
             self._guard_action(action)
-        self.writes.may(samples.save, self.sampler.take(self.host.time(), self.workers.values(),
-                                                        self.guards), self.cfg.metrics.samples_per_run)
-        self.outcomes.tick(now)
         waiting = self.store.list_runs(states=WAITING)
         paging_wanted = (self.experimental_paging and self.guards.hold is None
                          and self._stopping_since is None
@@ -370,9 +367,14 @@ class Daemon:
                             paging_active=any(w.needs_paging for w in self.workers.values()),
                             gpus=self.guards.last_gpus)
         hold = self._paging_hold()
-        self.writes.may("set_meta", "guard_readings", {
-            "at": self.host.time(), **self.guards.readings, "paging_hold": hold and hold.reason,
-            "cotenants": {c.name: c.phase for c in self.cotenants.items}})
+        readings = {"at": self.host.time(), **self.guards.readings,
+                    "paging_hold": hold and hold.reason,
+                    "cotenants": {c.name: c.phase for c in self.cotenants.items}}
+        # One commit per tick: the readings `status` shows and the run samples taken from them.
+        self.writes.may(samples.save, self.sampler.take(self.host.time(), self.workers.values(),
+                                                        self.guards),
+                        self.cfg.metrics.samples_per_run, readings=readings)
+        self.outcomes.tick(now)
 
     def _guard_action(self, a: Action) -> None:
         w = self.workers.get(a.run_id) if a.run_id is not None else None

@@ -3,6 +3,7 @@ tick, the 2:1 thinning that bounds it, and the min/max/mean summary `show` print
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -13,7 +14,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from jobs import protocol
 from jobs.units import format_size
 
-from .store import Base, Store
+from .store import Base, Meta, Store
 
 # Column, label, unit ("bytes" and "bytes/s" are printed as sizes). The order is the one `show`
 # and the dashboard use.
@@ -28,6 +29,7 @@ SERIES: tuple[tuple[str, str, str], ...] = (
     ("read_bytes_per_s", "bytes read/s", "bytes/s"),
 )
 # Cumulative byte counters a worker may report in its metric events; their rate is the read rate.
+READINGS_KEY = "guard_readings"   # meta row with the guards' last readings
 READ_COUNTERS = ("engine_bytes_read", "engine_disk_read_bytes", "bytes_read")
 
 
@@ -123,12 +125,17 @@ class Sampler:
         self._runs.pop(run_id, None)
 
 
-def save(store: Store, rows: list[RunSample], keep_per_run: int) -> None:
-    """Insert one tick's samples; a run past keep_per_run has every second one of its oldest
-    half deleted, so old history gets coarser while the total stays bounded."""
-    if not rows:
+def save(store: Store, rows: list[RunSample], keep_per_run: int,
+         readings: dict[str, Any] | None = None) -> None:
+    """Insert one tick's samples, with the guard readings they came from (meta guard_readings,
+    what `status` shows) in the same transaction: sampling costs the daemon no extra commit. A
+    run past keep_per_run has every second one of its oldest half deleted, so old history gets
+    coarser while the total stays bounded."""
+    if not rows and readings is None:
         return
     with store.write() as s:
+        if readings is not None:
+            s.merge(Meta(key=READINGS_KEY, value=json.dumps(readings, default=str)))
         s.add_all(rows)
         s.flush()
         for run_id in {r.run_id for r in rows}:

@@ -107,3 +107,12 @@ def test_notify_and_metrics_config_is_checked(tmp_path: Path):
         _cfg(tmp_path, notify={"url": "ftp://example"})
     with pytest.raises(ConfigError, match="notify.command"):
         _cfg(tmp_path, notify={"command": "curl -d x http://h"})   # a shell string, not argv
+
+
+def test_a_tick_writes_its_readings_and_samples_in_one_transaction(store: Store):
+    rid = _run(store)
+    samples.save(store, _rows(rid, [61.0]), 100, readings={"at": 5.0, "gpus": []})
+    assert store.get_meta("guard_readings") == {"at": 5.0, "gpus": []}
+    assert [r.gpu_temperature_c for r in samples.load_from(store, rid)] == [61.0]
+    samples.save(store, [], 100, readings={"at": 6.0})        # no run active: readings only
+    assert store.get_meta("guard_readings") == {"at": 6.0}
