@@ -54,7 +54,8 @@ class Outcomes:
                         run_duration_s=duration_s)
         level = ("error" if state in ERROR_ENDS else "warning" if state in WARNING_ENDS
                  else "info")
-        getattr(log, level)("run ended", run_id=run.id, kind=run.kind, state=state.value,
+        event = "run requeued" if state is RunState.QUEUED else "run ended"   # daemon stopped
+        getattr(log, level)(event, run_id=run.id, kind=run.kind, state=state.value,
                             reason=reason, duration_s=duration_s, exit_code=exit_code,
                             signal=signal)
         self.notifications.run_ended(info)
