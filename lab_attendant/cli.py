@@ -141,6 +141,11 @@ def _submit_notes(cfg: Config, store: Store, run) -> None:
               "with that flag", file=sys.stderr)
 
 
+def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
+    from .dashboard.app import serve   # the web stack is imported only by this verb
+    return serve(cfg, args.bind, allow_remote=args.allow_remote)
+
+
 def cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
     """A new run of an ended one, linked to it; its params are checked again like a submit's."""
     store = _store(cfg)
@@ -398,6 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     history.add_parsers(sub)
     prune.add_parsers(sub)
+
+    db = sub.add_parser("dashboard", help="serve a read-only web view of runs, guards and "
+                        "schedules, with /metrics and /api/runs (opens the store read-only)")
+    db.add_argument("--bind", default="127.0.0.1:8765", metavar="HOST:PORT",
+                    help="where to listen (default 127.0.0.1:8765; loopback only unless "
+                    "--allow-remote)")
+    db.add_argument("--allow-remote", action="store_true",
+                    help="allow a non-loopback --bind: the dashboard has no login, so anyone "
+                    "who can reach the port sees run params, logs and outputs")
+    db.set_defaults(fn=cmd_dashboard)
 
     sc = sub.add_parser("schedules", help="configured schedules and their next fire times; "
                         "`schedules run ID` fires one now")

@@ -18,6 +18,7 @@ from jobs.typed import ByteSize, Reader
 
 from . import PROJECT_ROOT
 from .errors import ConfigError
+from .states import TERMINAL
 from .validate import check_config_numbers
 
 if sys.version_info >= (3, 11):
@@ -204,6 +205,21 @@ class ExecutorConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    textfile: Path | None = None           # node_exporter textfile the daemon rewrites (*.prom)
+    textfile_interval_s: float = 15.0      # ... this often, and whenever a run ends
+    samples_per_run: int = 2000            # sensor samples kept per run; older ones thinned 2:1
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    on: tuple[str, ...] = ("failed", "oom", "killed_thermal", "lost")   # run end states
+    command: tuple[str, ...] = ()          # argv; run info in LAB_ATTENDANT_* env vars, no shell
+    url: str = ""                          # or an HTTP POST (ntfy-style topic URL), outbound only
+    timeout_s: float = 10.0                # a command or POST taking longer has failed
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -219,6 +235,8 @@ class Config:
     retries: RetriesConfig = field(default_factory=RetriesConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     source: Path | None = None             # the TOML file read, None for built-in defaults
 
     @property
@@ -311,9 +329,27 @@ def _check(cfg: Config) -> None:
                           "guards.thermal_limit_c")
     if g.guard_interval_s <= 0 or cfg.daemon.poll_interval_s <= 0:
         raise ConfigError("guards.guard_interval_s and daemon.poll_interval_s must be > 0")
+    _check_observers(cfg)
     for name, c in cfg.cotenants.items():
         if bool(c.unit) == bool(c.stop or c.start):
             raise ConfigError(f"[cotenants.{name}] needs either unit = \"NAME.service\" or "
                               "both stop = [argv] and start = [argv]")
         if not c.unit and not (c.stop and c.start):
             raise ConfigError(f"[cotenants.{name}] needs both stop = [argv] and start = [argv]")
+
+
+def _check_observers(cfg: Config) -> None:
+    ended = sorted(s.value for s in TERMINAL)
+    for state in cfg.notify.on:
+        if state not in ended:
+            raise ConfigError(f"config key 'notify.on' has unknown end state {state!r}; "
+                              f"use some of: {', '.join(ended)}")
+    if cfg.notify.command and cfg.notify.url:
+        raise ConfigError("[notify] takes either command = [argv] or url = \"...\", not both")
+    if cfg.notify.url and not cfg.notify.url.startswith(("http://", "https://")):
+        raise ConfigError(f"config key 'notify.url' must start with http:// or https://, got "
+                          f"{cfg.notify.url!r}")
+    if cfg.notify.timeout_s <= 0 or cfg.metrics.textfile_interval_s <= 0:
+        raise ConfigError("notify.timeout_s and metrics.textfile_interval_s must be > 0")
+    if cfg.metrics.samples_per_run < 10:
+        raise ConfigError("config key 'metrics.samples_per_run' must be 10 or more")

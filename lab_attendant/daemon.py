@@ -27,6 +27,8 @@ from .host import Host, make_sensors, signal_name
 from .launcher import Launcher, Worker, WorkerExit, classify
 from .lock import DaemonLock
 from .prune import Retention
+from . import samples
+from .outcomes import Outcomes
 from .logsetup import RunOutput, get_logger, log_for
 from .reconcile import reconcile
 from .retry import ensure_retries
@@ -65,6 +67,8 @@ class Daemon:
         self.auto_backup: AutoBackup | None = None
         self.guards = Guards(cfg.guards, self.host, sensors or make_sensors(cfg.guards.sensors))
         self.cotenants: Cotenants | None = None
+        self.sampler = samples.Sampler(self.host)        # per-run sensor history
+        self.outcomes = Outcomes(cfg, lambda: self.store.read(), self.host)  # log, notify, metrics
         self._last_guard = float("-inf")
         self.workers: dict[int, Worker] = {}
         self.outputs: dict[int, RunOutput] = {}
@@ -129,6 +133,7 @@ class Daemon:
                       "reconciles those runs", pending=[(m, a) for m, a, _ in self.writes.pending])
         if self._daemon_id:
             self.writes.may("daemon_heartbeat", self._daemon_id, stopped=True)
+        self.outcomes.close()                           # notifications in flight
         self.status_file.close()
         self.store.close()
 
@@ -238,6 +243,7 @@ class Daemon:
     def _handle_event(self, w: Worker, ev: dict[str, Any]) -> None:
         name, rid = ev["event"], w.run_id
         rlog = log_for(w.needs_paging, "lab_attendant.daemon").bind(run_id=rid)
+        self.sampler.observe(rid, ev)
         if name == protocol.STARTED:
             self.writes.must("transition", rid, RunState.RUNNING, f"{w.where} started",
                              expect={RunState.STARTING}, running_at=ev.get("t"))
@@ -289,8 +295,11 @@ class Daemon:
             self.writes.must("transition", w.run_id, state, reason, **fields)
             log_for(w.needs_paging, "lab_attendant.daemon").info(
                 "run ended", run_id=w.run_id, state=str(state), reason=reason)
+            self.outcomes.ended(w.run_id, state, reason, now=self.host.time(),
+                                exit_code=fields["exit_code"], signal=fields["signal"])
             self.outputs.pop(w.run_id).close()
             self.guards.forget(w.run_id)
+            self.sampler.forget(w.run_id)
             del self.workers[w.run_id]
 
     def _enforce(self) -> None:
@@ -370,9 +379,14 @@ class Daemon:
                                               for w in self.workers.values()),
                             gpus=self.guards.last_gpus)
         hold = self._paging_hold()
-        self.writes.may("set_meta", "guard_readings", {
-            "at": self.host.time(), **self.guards.readings, "paging_hold": hold and hold.reason,
-            "cotenants": {c.name: c.phase for c in self.cotenants.items}})
+        readings = {"at": self.host.time(), **self.guards.readings,
+                    "paging_hold": hold and hold.reason,
+                    "cotenants": {c.name: c.phase for c in self.cotenants.items}}
+        # One commit per tick: the readings `status` shows and the run samples taken from them.
+        self.writes.may(samples.save, self.sampler.take(self.host.time(), self.workers.values(),
+                                                        self.guards),
+                        self.cfg.metrics.samples_per_run, readings=readings)
+        self.outcomes.tick(now)
 
     def _guard_action(self, a: Action) -> None:
         w = self.workers.get(a.run_id) if a.run_id is not None else None
@@ -393,20 +407,18 @@ class Daemon:
         kind = self.kinds.get(run.kind)
         python = self.launcher.python_for(run.executor)
         if kind is None:
-            self.writes.must("transition", run.id, RunState.FAILED,
-                             f"unknown kind '{run.kind}' (not in this daemon's registry)")
+            self._spawn_failed(run, f"unknown kind '{run.kind}' (not in this daemon's registry)")
             return
         if run.executor == "local" and not Path(python).exists():
-            self.writes.must("transition", run.id, RunState.FAILED,
-                             f"worker python {python} not found; run `lab-attendant venv "
-                             "create` or set [worker] python in the config")
+            self._spawn_failed(run, f"worker python {python} not found; run `lab-attendant venv "
+                               "create` or set [worker] python in the config")
             return
         run_dir = self.cfg.runs_dir / str(run.id)
         try:
             model = (self.cfg.model_spec(run.params.get("model"))
                      if any(p.name == "model" for p in kind.params) else None)
         except ConfigError as exc:
-            self.writes.must("transition", run.id, RunState.FAILED, str(exc))
+            self._spawn_failed(run, str(exc))
             return
         spec = RunSpec(
             version=SPEC_VERSION, run_id=run.id, kind=run.kind, module=kind.module,
@@ -422,23 +434,30 @@ class Daemon:
                                     executor=run.executor)
         except OSError as exc:
             output.close()
-            self.writes.must("transition", run.id, RunState.FAILED, f"could not start worker: {exc}")
+            self._spawn_failed(run, f"could not start worker: {exc}")
             return
         self.workers[run.id] = w
         self.outputs[run.id] = output
+        self.outcomes.started(run, w.pid)
         self.writes.must("update_run", run.id, pid=w.pid, run_dir=str(run_dir),
                          log_path=str(output.path), executor_job_id=w.job_id,
                          pid_create_time=w.pid and self.host.process_create_time(w.pid))
         log_for(run.needs_paging, "lab_attendant.daemon").info(
             "run spawned", run_id=run.id, kind=run.kind, pid=w.pid, job_id=w.job_id)
 
+    def _spawn_failed(self, run, reason: str) -> None:
+        self.writes.must("transition", run.id, RunState.FAILED, reason)
+        self.outcomes.ended(run.id, RunState.FAILED, reason, now=self.host.time(), run=run)
+
     # -- start-up reconciliation ----------------------------------------------------------------
     def reconcile(self) -> None:
         """Runs a dead daemon left active end `lost` (lab_attendant.reconcile); the systemd
         watchdog keeps being fed while their groups are given kill_grace_s to go."""
         runs = self.launcher.forget_unrecorded(self.store.list_runs(states=ACTIVE))
-        reconcile(self.store, self.host, self.cfg.limits.kill_grace_s, self._feed_watchdog,
-                  keep=self.launcher.reattachable)
+        for run in reconcile(self.store, self.host, self.cfg.limits.kill_grace_s,
+                             self._feed_watchdog, keep=self.launcher.reattachable):
+            self.outcomes.ended(run.id, RunState.LOST, run.reason, now=self.host.time(),
+                                run=run)
         for run in filter(self.launcher.reattachable, runs):   # Slurm runs, by job id
             self.workers[run.id] = self.launcher.attach(run, self.store.get_meta)
             self.outputs[run.id] = RunOutput(self.cfg.paths.logs_dir, run.id, run.needs_paging)

@@ -93,13 +93,14 @@ class Host:
     def available_ram_bytes(self) -> int:
         return int(psutil.virtual_memory().available)
 
-    def start_command(self, argv: Sequence[str]) -> tuple[subprocess.Popen, IO[bytes]]:
+    def start_command(self, argv: Sequence[str], env: dict[str, str] | None = None
+                      ) -> tuple[subprocess.Popen, IO[bytes]]:
         """A configured command (argv list, never a shell string); its output goes to a temp
         file, not a pipe: a service it daemonizes may keep a pipe open forever."""
         out = tempfile.TemporaryFile()
         try:
             proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True, env=env)
         except OSError as exc:
             out.write(f"cannot run {argv[0]}: {exc}".encode())
             proc = subprocess.Popen(["false"])
@@ -144,9 +145,12 @@ class GpuReading:
     memory_total_bytes: int | None = None
     processes: dict[int, int] = field(default_factory=dict)   # pid -> GPU bytes used
     throttle_reasons: list[str] = field(default_factory=list)
+    power_w: float | None = None
+    sm_clock_mhz: float | None = None
 
     def to_dict(self) -> dict:
         return {"index": self.index, "temperature_c": self.temperature_c,
+                "power_w": self.power_w, "sm_clock_mhz": self.sm_clock_mhz,
                 "memory_used_bytes": self.memory_used_bytes,
                 "memory_total_bytes": self.memory_total_bytes,
                 "processes": [{"pid": p, "used_bytes": b} for p, b in self.processes.items()],
@@ -173,8 +177,8 @@ class FileSensors:
     """Readings from a JSON file re-read at every poll: for simulation and e2e tests only.
 
     Format: {"gpus": [{"index": 0, "temperature_c": 60.0, "memory_used_bytes": 0,
-    "memory_total_bytes": 11811160064, "processes": [{"pid": 123, "used_bytes": 0}]}]};
-    a missing field means unknown.
+    "memory_total_bytes": 11811160064, "processes": [{"pid": 123, "used_bytes": 0}],
+    "power_w": 180.0, "sm_clock_mhz": 1545, "throttle_reasons": []}]}; a missing field means unknown.
     """
 
     def __init__(self, path: Path) -> None:
@@ -197,7 +201,8 @@ class FileSensors:
                 memory_total_bytes=g.get("memory_total_bytes"),
                 processes={int(p["pid"]): int(p.get("used_bytes") or 0)
                            for p in g.get("processes", [])},
-                throttle_reasons=list(g.get("throttle_reasons", []))))
+                throttle_reasons=list(g.get("throttle_reasons", [])),
+                power_w=g.get("power_w"), sm_clock_mhz=g.get("sm_clock_mhz")))
         return out
 
 
@@ -283,7 +288,17 @@ class NvmlSensors:
         return GpuReading(
             index=i, temperature_c=float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
             memory_used_bytes=int(mem.used), memory_total_bytes=int(mem.total),
-            processes=procs, throttle_reasons=throttle)
+            processes=procs, throttle_reasons=throttle,
+            power_w=_optional(nv, lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0),
+            sm_clock_mhz=_optional(nv, lambda: float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM))))
+
+
+def _optional(nv, read: Callable[[], float]) -> float | None:
+    """A reading not every board or driver offers (power, clocks): None where it fails."""
+    try:
+        return read()
+    except (nv.NVMLError, AttributeError):
+        return None
 
 
 def make_sensors(spec: str):

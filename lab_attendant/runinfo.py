@@ -9,6 +9,7 @@ import time
 
 from jobs.kinds import registry
 
+from . import samples
 from .config import Config
 from .deps import waiting_for
 from .errors import UserError
@@ -63,14 +64,17 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
     run = get_run(store, args.id)
     events = store.events(run.id)
     guard_events = store.guard_events(run_id=run.id)
+    summary = samples.summarize(samples.load_from(store, run.id), cfg.guards.resume_below_c)
     if args.json:
         out = run.to_dict()
         out["events"] = [{"at": e.at, "kind": e.kind, "from": e.from_state, "to": e.to_state,
                           "reason": e.reason} for e in events]
         out["guard_events"] = [g.to_dict() for g in guard_events]
+        out["samples"] = summary and summary.to_dict()
         print(dumps(out))
         return 0
-    console().print(run_details(run, events, guard_events, waiting_for(store, [run]).get(run.id)))
+    console().print(run_details(run, events, guard_events, waiting_for(store, [run]).get(run.id),
+                                sensors=summary))
     return 0
 
 

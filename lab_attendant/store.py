@@ -447,3 +447,7 @@ class Store:
     def latest_daemon(self) -> DaemonRow | None:
         with self.read() as s:
             return s.scalars(select(DaemonRow).order_by(DaemonRow.id.desc()).limit(1)).first()
+
+
+# Tables owned by other modules share Base; importing them here makes create_all see them.
+from . import samples as _samples  # noqa: E402,F401 - run_samples (lab_attendant.samples)

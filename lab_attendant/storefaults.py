@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,20 +96,25 @@ class WriteBehind:
         self.backoff_s = BACKOFF_FIRST_S
         self.retry_at = 0.0
 
+    def _call(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A Store method by name, or a function that takes the store first (samples.save)."""
+        fn = getattr(self.store, method) if isinstance(method, str) else partial(method, self.store)
+        return fn(*args, **kwargs)
+
     def must(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self.fault is None and not self.pending:
             try:
-                return getattr(self.store, method)(*args, **kwargs)
+                return self._call(method, *args, **kwargs)
             except StoreWriteError as exc:
                 self.failed(exc)
         self.pending.append((method, args, kwargs))
         return None
 
-    def may(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def may(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.fault is not None:
             return None
         try:
-            return getattr(self.store, method)(*args, **kwargs)
+            return self._call(method, *args, **kwargs)
         except StoreWriteError as exc:
             self.failed(exc)
             return None
@@ -131,7 +137,7 @@ class WriteBehind:
             while self.pending:
                 method, args, kwargs = self.pending[0]
                 try:
-                    getattr(self.store, method)(*args, **kwargs)
+                    self._call(method, *args, **kwargs)
                 except TransitionError as exc:   # the table says no: log it, do not loop on it
                     log.error("queued store write refused", method=method, error=str(exc))
                 self.pending.popleft()

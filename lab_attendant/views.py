@@ -233,7 +233,7 @@ def output_files(run: Any) -> list[Path]:
 
 
 def run_details(run: Any, events: list[Any], guard_events: list[Any], why: str | None = None,
-                now: float | None = None):
+                now: float | None = None, sensors: Any = None):
     """`show`: the run, its outputs, metrics and events, in words and units."""
     now = now or time.time()
     head = kv_table()
@@ -277,8 +277,25 @@ def run_details(run: Any, events: list[Any], guard_events: list[Any], why: str |
         for key, value in sorted(run.metrics.items()):
             mt.add_row(key, metric(key, value))
         parts += [Text(""), mt]
+    if sensors is not None:   # samples.Summary: the run's sensor history
+        parts += [Text(""), sensors_table(sensors)]
     parts += [Text(""), _events_table(events, guard_events)]
     return Group(*parts)
+
+
+def sensors_table(summary: Any) -> Table:
+    st = Table(title=f"sensors ({summary.samples} samples over {duration(summary.span_s)})",
+               title_justify="left", box=None, show_header=False, pad_edge=False)
+    st.add_column(style="bold", no_wrap=True)
+    st.add_column(overflow="fold")
+    for series in summary.series:
+        st.add_row(series.label, series.text())
+    if summary.above_resume_s is not None:
+        st.add_row(f"above {summary.resume_below_c:g} °C",
+                   f"{duration(summary.above_resume_s)} (the thermal resume level)")
+    if summary.throttle_reasons:
+        st.add_row("throttled by", ", ".join(summary.throttle_reasons))
+    return st
 
 
 def _exit_text(run: Any) -> str:

@@ -7,16 +7,19 @@ start=$SECONDS
 bash scripts/setup.sh
 venvs/experimental/bin/python -m pip install -q --disable-pip-version-check pytest pytest-timeout
 # systemd-analyze lets a test verify the rendered unit file; tmux drives `watch` in a real
-# terminal. Best effort: as root with apt (CI, a fresh Debian 12), install Debian's `systemd` and
-# `tmux` packages; without them those tests are skipped.
+# terminal; headless Chromium (selenium drives Debian's chromium through chromium-driver, nothing
+# downloaded) runs the dashboard's browser tests. Best effort: as root with apt (CI, a fresh
+# Debian 12), install Debian's packages; without them those tests are skipped with the reason.
 apt_pkgs=""
 command -v systemd-analyze >/dev/null || apt_pkgs="$apt_pkgs systemd"
 command -v tmux >/dev/null || apt_pkgs="$apt_pkgs tmux"
+command -v chromium >/dev/null || apt_pkgs="$apt_pkgs chromium"
+command -v chromedriver >/dev/null || apt_pkgs="$apt_pkgs chromium-driver"
 if [ -n "$apt_pkgs" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
         && [ -z "${LAB_ATTENDANT_NO_APT:-}" ]; then
     echo "== apt-get install$apt_pkgs" >&2
     # shellcheck disable=SC2086 # one word per package
-    { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 \
+    { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 \
         apt-get install -y -qq --no-install-recommends $apt_pkgs; } >/dev/null 2>&1 \
         || echo "   could not install$apt_pkgs; the tests that need them will be skipped" >&2
 fi

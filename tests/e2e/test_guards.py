@@ -18,12 +18,15 @@ ENDED = {"succeeded", "failed", "cancelled", "timed_out", "oom", "lost", "killed
 GUARD_INTERVAL_S, KILL_GRACE_S = 0.2, 1.0
 
 
-def _sensors(path: Path, temperature_c: float, processes: dict[int, int] | None = None) -> None:
+def _sensors(path: Path, temperature_c: float, processes: dict[int, int] | None = None,
+             **more: object) -> None:
+    """One GPU's readings; `more` adds fields such as power_w or sm_clock_mhz."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"gpus": [{
         "index": 0, "temperature_c": temperature_c, "memory_used_bytes": 1 << 30,
         "memory_total_bytes": 11811160064,
-        "processes": [{"pid": p, "used_bytes": b} for p, b in (processes or {}).items()]}]}))
+        "processes": [{"pid": p, "used_bytes": b} for p, b in (processes or {}).items()],
+        **more}]}))
     os.replace(tmp, path)
 
 
