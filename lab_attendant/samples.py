@@ -97,7 +97,9 @@ class Sampler:
         for w in workers:
             st = self._runs.setdefault(w.run_id, _RunState())
             mine = readings.get(str(w.run_id)) or {}
-            gpu = self._gpu_of(w.pid, guards.last_gpus or [])
+            # A worker with no local pid (a Slurm job) runs on another node: this host's GPU
+            # readings say nothing about it; its progress and rates still do.
+            gpu = self._gpu_of(w.pid, guards.last_gpus or []) if w.pid is not None else None
             rate = st.read_rate
             if st.read_bytes is not None:
                 if st.last is not None and now > st.last[0]:

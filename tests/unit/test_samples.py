@@ -60,6 +60,17 @@ def test_sampler_takes_the_workers_gpu_and_differentiates_bytes_read():
     assert second.read_bytes_per_s == 2000.0
 
 
+def test_a_slurm_run_has_no_local_gpu_but_keeps_its_progress():
+    """A worker on another node (no local pid) is sampled for what it reports, never for this
+    host's GPUs."""
+    sampler = Sampler(FakeHost())
+    guards = SimpleNamespace(readings={}, last_gpus=[GpuReading(0, temperature_c=80.0)])
+    sampler.observe(9, {"event": protocol.PROGRESS, "done": 3, "total": 4})
+    (row,) = sampler.take(100.0, [SimpleNamespace(run_id=9, pid=None)], guards)
+    assert (row.progress_done, row.progress_total) == (3, 4)
+    assert row.gpu_index is None and row.gpu_temperature_c is None and row.throttle_reasons == ""
+
+
 def test_thinning_keeps_a_long_run_bounded_and_its_ends(store: Store):
     rid = _run(store)
     keep = 40
