@@ -7,15 +7,12 @@ Slurm runs, which are re-attached by job id (a stopping daemon detaches from the
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 from pathlib import Path
 from typing import Any
 
-from jobs import protocol
 from jobs.kinds import Kind, registry
-from jobs.spec import SPEC_VERSION, RunSpec
 
 from .config import Config
 from .cotenants import Cotenants
@@ -30,7 +27,10 @@ from .prune import Retention
 from . import samples
 from .outcomes import Outcomes
 from .logsetup import RunOutput, get_logger, log_for
+from .wakeup import Wakeup
+from .workerevents import apply_event
 from .reconcile import reconcile
+from .runspec import build_spec
 from .retry import ensure_retries
 from .scheduler import Schedules
 from .sdnotify import Notifier, status_text
@@ -72,12 +72,11 @@ class Daemon:
         self._last_guard = float("-inf")
         self.workers: dict[int, Worker] = {}
         self.outputs: dict[int, RunOutput] = {}
-        self._signals: list[int] = []
         self._stopping_since: float | None = None       # warm shutdown started (monotonic)
         self._cold = False
         self._daemon_id = 0
         self._last_heartbeat = 0.0
-        self._wake_r, self._wake_w = -1, -1
+        self.wakeup = Wakeup()                          # signals as flags; the loop's select()
         self.notifier = Notifier.from_env()             # systemd Type=notify; no-op outside it
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -85,7 +84,7 @@ class Daemon:
         lock = DaemonLock(self.cfg.paths.state_dir)
         lock.acquire()
         try:
-            self._install_signals()
+            self.wakeup.install(self._on_signal)
             self.open()
             if not self.burst:
                 self.schedules.start()
@@ -148,21 +147,12 @@ class Daemon:
         return self.store.count_by_state().get(RunState.QUEUED, 0) > 0
 
     # -- signals --------------------------------------------------------------------------------
-    def _install_signals(self) -> None:
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        signal.set_wakeup_fd(self._wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop's select()
-
     def _on_signal(self, signum: int, _frame: Any = None) -> None:
-        self._signals.append(signum)
+        self.wakeup.signals.append(signum)
 
     def _handle_signals(self) -> None:
-        while self._signals:
-            sig = self._signals.pop(0)
+        while self.wakeup.signals:
+            sig = self.wakeup.signals.pop(0)
             if self._stopping_since is None:
                 self._stopping_since = self.host.monotonic()
                 log.info("warm shutdown: no new runs; running ones may finish",
@@ -175,19 +165,9 @@ class Daemon:
                 log.info("cold shutdown: stopping running runs now", signal=signal_name(sig))
 
     def _wait(self) -> None:
-        fds = [self._wake_r]
-        for w in self.workers.values():
-            fds += self.launcher.fds(w)
-        try:
-            select.select(fds, [], [], min(self.cfg.daemon.poll_interval_s,
-                                           self.cfg.guards.guard_interval_s))
-        except InterruptedError:
-            pass
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        fds = [fd for w in self.workers.values() for fd in self.launcher.fds(w)]
+        self.wakeup.wait(fds, min(self.cfg.daemon.poll_interval_s,
+                                  self.cfg.guards.guard_interval_s))
 
     # -- one tick -------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -241,32 +221,8 @@ class Daemon:
         self.outputs[w.run_id].write_lines(lines)
 
     def _handle_event(self, w: Worker, ev: dict[str, Any]) -> None:
-        name, rid = ev["event"], w.run_id
-        rlog = log_for(w.needs_paging, "lab_attendant.daemon").bind(run_id=rid)
-        self.sampler.observe(rid, ev)
-        if name == protocol.STARTED:
-            self.writes.must("transition", rid, RunState.RUNNING, f"{w.where} started",
-                             expect={RunState.STARTING}, running_at=ev.get("t"))
-            rlog.info("run running", pid=w.pid)
-        elif name == protocol.PROGRESS:
-            self.writes.may("update_run", rid, progress_done=ev.get("done"),
-                            progress_total=ev.get("total"), progress_unit=ev.get("unit"),
-                            heartbeat_at=self.host.time())
-        elif name == protocol.METRIC:
-            self.writes.may("merge_metrics", rid, ev.get("metrics", {}))
-        elif name == protocol.HEARTBEAT:
-            self.writes.may("update_run", rid, heartbeat_at=self.host.time())
-        elif name == protocol.RESULT:
-            w.result_path = ev.get("path")
-            self.writes.must("update_run", rid, result_path=w.result_path)
-            self.writes.must("add_event", rid, "result", str(w.result_path))
-        elif name == protocol.WARNING:
-            self.writes.must("add_event", rid, "warning", str(ev.get("message")))
-            rlog.warning("worker warning", message=ev.get("message"))
-        elif name == protocol.ERROR:
-            w.error = ev
-            self.writes.must("add_event", rid, "error", f"{ev.get('type')}: {ev.get('message')}")
-            rlog.warning("worker reported an error", type=ev.get("type"), message=ev.get("message"))
+        self.sampler.observe(w.run_id, ev)
+        apply_event(self.writes, w, ev, self.host.time())
 
     def _reap(self) -> None:
         for w in list(self.workers.values()):
@@ -404,30 +360,13 @@ class Daemon:
                                                       reason=reason)
 
     def _spawn(self, run) -> None:
-        kind = self.kinds.get(run.kind)
         python = self.launcher.python_for(run.executor)
-        if kind is None:
-            self._spawn_failed(run, f"unknown kind '{run.kind}' (not in this daemon's registry)")
-            return
-        if run.executor == "local" and not Path(python).exists():
-            self._spawn_failed(run, f"worker python {python} not found; run `lab-attendant venv "
-                               "create` or set [worker] python in the config")
-            return
-        run_dir = self.cfg.runs_dir / str(run.id)
         try:
-            model = (self.cfg.model_spec(run.params.get("model"))
-                     if any(p.name == "model" for p in kind.params) else None)
+            spec = build_spec(self.cfg, self.kinds, run, python)
         except ConfigError as exc:
             self._spawn_failed(run, str(exc))
             return
-        spec = RunSpec(
-            version=SPEC_VERSION, run_id=run.id, kind=run.kind, module=kind.module,
-            function=kind.function, params=run.params, needs_paging=run.needs_paging,
-            run_dir=str(run_dir), output_dir=str(run_dir / "output"),
-            state_dir=str(self.cfg.paths.state_dir), models_dir=str(self.cfg.paths.models_dir),
-            logs_dir=str(self.cfg.paths.logs_dir),
-            heartbeat_interval_s=self.cfg.worker.heartbeat_interval_s, model=model,
-            allowed_roots=tuple(str(r.resolve()) for r in self.cfg.allowed_roots))
+        run_dir = Path(spec.run_dir)
         output = RunOutput(self.cfg.paths.logs_dir, run.id, run.needs_paging)
         try:
             w = self.launcher.spawn(spec, python=Path(python), timeout_s=run.timeout_s,
