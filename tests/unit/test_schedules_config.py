@@ -17,6 +17,24 @@ def _cfg(tmp_path: Path, **sections):
     return parse_config({**BASE, **sections}, base_dir=tmp_path, source=None)
 
 
+def _fire_once(cfg_file: Path, schedule_id: str, db: Path, *, experimental_paging: bool):
+    """The run one firing of the schedule makes in a fresh store, as the daemon loop dispatches it."""
+    from jobs.kinds import registry
+    from lab_attendant.config import load_config
+    from lab_attendant.scheduler import Firing, Schedules
+    from lab_attendant.store import Store
+
+    cfg = load_config(cfg_file)
+    schedules = Schedules(cfg, registry(cfg.worker.extra_kinds))
+    schedules.firings.put(Firing(schedule_id, 0.0))
+    store = Store(db)
+    try:
+        (run,) = schedules.dispatch(store, experimental_paging=experimental_paging)
+    finally:
+        store.close()
+    return run
+
+
 def _sched(**kw):
     return {"id": "nightly", "cron": "30 2 * * *", "kind": "sleepy", **kw}
 
@@ -94,26 +112,14 @@ def test_bad_model_tables_name_the_key(tmp_path: Path, model, message):
 def test_relative_path_params_of_a_schedule_resolve_against_the_config_folder(tmp_path: Path):
     """Like every path in the config, and unlike `submit -p` (the caller's cwd): the daemon's cwd
     (often / under systemd) must not decide which folder a nightly run reads."""
-    from lab_attendant.config import load_config
-    from lab_attendant.scheduler import Firing, Schedules
-    from lab_attendant.store import Store
-    from jobs.kinds import registry
-
     conf_dir = tmp_path / "conf"
     (conf_dir / "notes").mkdir(parents=True)
     cfg_file = conf_dir / "lab-attendant.toml"
     cfg_file.write_text(f'[paths]\nallowed_roots = ["{tmp_path}"]\n[worker]\nextra_kinds = ["tests.fixtures.kinds"]\n'
                         '[[schedules]]\nid = "n"\ncron = "30 2 * * *"\nkind = "probe"\n'
                         'params = { path = "notes" }\n')
-    cfg = load_config(cfg_file)
     assert Path.cwd() != conf_dir
-    schedules = Schedules(cfg, registry(cfg.worker.extra_kinds))
-    schedules.firings.put(Firing("n", 0.0))
-    store = Store(tmp_path / "db.sqlite3")
-    try:
-        (run,) = schedules.dispatch(store, experimental_paging=False)
-    finally:
-        store.close()
+    run = _fire_once(cfg_file, "n", tmp_path / "db.sqlite3", experimental_paging=False)
     assert run.state == "queued", run.reason
     assert run.params["path"] == str(conf_dir / "notes")
 
@@ -130,11 +136,6 @@ def test_a_firing_is_checked_against_its_model_like_a_submit(tmp_path: Path):
     skipped with the same sentence instead of starting a worker that would fail on it."""
     import json
 
-    from jobs.kinds import registry
-    from lab_attendant.config import load_config
-    from lab_attendant.scheduler import Firing, Schedules
-    from lab_attendant.store import Store
-
     model = tmp_path / "tiny"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "head_dim": 64}))
@@ -144,12 +145,5 @@ def test_a_firing_is_checked_against_its_model_like_a_submit(tmp_path: Path):
     cfg_file.write_text(f'[paths]\nallowed_roots = ["{tmp_path}"]\n[models.tiny]\npath = "{model}"\n'
                         '[[schedules]]\nid = "k"\ncron = "30 2 * * *"\nkind = "kv_rank_study"\n'
                         'params = { texts = "texts", model = "tiny", ranks = "8,128", context = 256 }\n')
-    cfg = load_config(cfg_file)
-    schedules = Schedules(cfg, registry(cfg.worker.extra_kinds))
-    schedules.firings.put(Firing("k", 0.0))
-    store = Store(tmp_path / "db.sqlite3")
-    try:
-        (run,) = schedules.dispatch(store, experimental_paging=True)
-    finally:
-        store.close()
+    run = _fire_once(cfg_file, "k", tmp_path / "db.sqlite3", experimental_paging=True)
     assert run.state == "skipped" and "128 > head_dim 64" in run.reason, run.reason
