@@ -14,7 +14,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from jobs import protocol
 from jobs.units import format_size
 
-from .store import Base, Meta, Store
+from .store import Store
+from .tables import Base, Meta
 
 # Column, label, unit ("bytes" and "bytes/s" are printed as sizes). The order is the one `show`
 # and the dashboard use.
