@@ -73,10 +73,7 @@ class Notifications:
         try:
             code = proc.wait(timeout=self.cfg.timeout_s)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self.host.killpg(proc.pid, signal.SIGKILL)   # its own session: the whole group
             proc.wait()
             log.error("notify command timed out and was killed", run_id=info["run_id"],
                       command=list(argv), timeout_s=self.cfg.timeout_s)
