@@ -18,7 +18,6 @@ from . import dbcli, deps, history, modelcli, prune, runinfo, submit, waiting, w
 from .config import Config, load_config
 from .errors import EXIT_STORE_UNUSABLE, StoreUnusable, UserError
 from .logsetup import setup_logging
-from .runinfo import get_run
 from .states import TERMINAL, RunState
 from .status import cmd_status
 from .store import Store
@@ -46,7 +45,7 @@ def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
     store = _store(cfg)
     for rid in args.ids:           # every id exists before any is cancelled
-        get_run(store, rid)
+        store.must_get(rid)
     for rid in args.ids:
         run = store.request_cancel(rid)
         if run.state is RunState.CANCELLED:

@@ -22,7 +22,7 @@ from .errors import UserError
 from .logsetup import get_logger
 from .retry import RETRIED_STATES
 from .states import TERMINAL, WAITING, RunState
-from .store import Run, RunEvent, Store, _apply_transition
+from .store import Run, RunEvent, Store, _apply_transition, must_get
 from .validate import check_run_id
 
 USER_HOLD = "user"
@@ -120,15 +120,6 @@ def cancel_unsatisfiable(store: Store) -> list[int]:
     for rid in cancelled:
         log.info("run cancelled: a dependency failed", run_id=rid)
     return cancelled
-
-
-def must_get(s: Session, run_id: int) -> Run:
-    """The run in this transaction, or a UserError a person can act on."""
-    check_run_id(run_id)
-    run = s.get(Run, run_id)
-    if run is None:
-        raise UserError(f"no run {run_id}; see `lab-attendant list`")
-    return run
 
 
 def _batch(store: Store, ids: list[int], act) -> list[str]:

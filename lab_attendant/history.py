@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from typing import Any, Iterable
 
 from rich.table import Table
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from .config import Config
 from .states import TERMINAL, RunState
@@ -27,10 +27,12 @@ NOT_A_VERDICT = frozenset({RunState.CANCELLED, RunState.SKIPPED})
 FAILED_STATES = TERMINAL - NOT_A_VERDICT - {RunState.SUCCEEDED}
 
 
-def query_runs(store: Store, *, states: Iterable[RunState] = (), kind: str | None = None,
-               schedule: str | None = None, name: str | None = None,
-               since_s: float | None = None, limit: int | None = None,
-               oldest_first: bool = False) -> list[Run]:
+def runs_select(*, states: Iterable[RunState] = (), kind: str | None = None,
+                schedule: str | None = None, name: str | None = None, since: float | None = None,
+                until: float | None = None, limit: int | None = None,
+                oldest_first: bool = False) -> Select:
+    """The runs a filter selects, newest first (`list`, the dashboard's runs table); since and
+    until bound the submit time (unix time), name is a glob."""
     q = select(Run)
     states = list(states)
     if states:
@@ -41,13 +43,19 @@ def query_runs(store: Store, *, states: Iterable[RunState] = (), kind: str | Non
         q = q.where(Run.schedule_id == schedule)
     if name:
         q = q.where(Run.name.op("GLOB")(name))
-    if since_s is not None:
-        q = q.where(Run.submitted_at >= time.time() - since_s)
+    if since is not None:
+        q = q.where(Run.submitted_at >= since)
+    if until is not None:
+        q = q.where(Run.submitted_at <= until)
     q = q.order_by(Run.id if oldest_first else Run.id.desc())
-    if limit:
-        q = q.limit(limit)
+    return q.limit(limit) if limit else q
+
+
+def query_runs(store: Store, *, since_s: float | None = None, **filters: Any) -> list[Run]:
+    """runs_select's runs from the store; since_s: submitted in the last since_s seconds."""
+    since = None if since_s is None else time.time() - since_s
     with store.read() as s:
-        return list(s.scalars(q))
+        return list(s.scalars(runs_select(since=since, **filters)))
 
 
 def p95(values: list[float]) -> float | None:

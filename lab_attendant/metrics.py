@@ -4,7 +4,6 @@ guard events, co-tenants and the guard readings at each scrape. The dashboard se
 """
 from __future__ import annotations
 
-import json
 from contextlib import AbstractContextManager
 from typing import Callable, Iterator
 
@@ -19,7 +18,7 @@ from .config import MetricsConfig
 from .logsetup import get_logger
 from .samples import number
 from .states import TERMINAL, RunState
-from .store import CotenantRow, GuardEvent, Meta, Run
+from .tables import GUARD_READINGS, CotenantRow, GuardEvent, Meta, Run
 
 log = get_logger("lab_attendant.metrics")
 
@@ -101,8 +100,7 @@ class StoreCollector(Collector):
                                  "GPU temperature at the guard's last reading", labels=["gpu"])
         at = GaugeMetricFamily("lab_attendant_guard_reading_timestamp_seconds",
                                "Unix time of the guard's last reading")
-        meta = s.get(Meta, "guard_readings")
-        readings = json.loads(meta.value) if meta else None
+        readings = Meta.read(s, GUARD_READINGS)
         if readings:
             at.add_metric([], float(readings.get("at") or 0))
             for gpu in readings.get("gpus") or []:

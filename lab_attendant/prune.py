@@ -19,11 +19,10 @@ from sqlalchemy import delete, func, select
 from jobs.units import format_size
 
 from .config import Config, RetentionConfig
-from .deps import must_get
 from .errors import UserError
 from .logsetup import get_logger
 from .states import TERMINAL, WAITING, RunState
-from .store import GuardEvent, Run, RunEvent, Store
+from .store import GuardEvent, Run, RunEvent, Store, must_get
 from .validate import dumps
 from .views import console, duration
 from .when import AGE_HELP, age_arg

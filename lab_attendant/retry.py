@@ -15,7 +15,7 @@ from sqlalchemy.orm import aliased
 from .errors import UserError
 from .logsetup import get_logger
 from .states import TERMINAL, RunState
-from .store import Run, RunEvent, Store
+from .store import Run, RunEvent, Store, must_get
 
 RETRIED_STATES = frozenset({RunState.FAILED, RunState.LOST})
 MAX_RETRIES = 100
@@ -70,9 +70,7 @@ def retry_now(store: Store, run_id: int) -> Run:
     """`lab-attendant retry ID`: a new queued run with the same kind and params, linked to the
     old one, admitted at once. The old run must have ended and not have been retried already."""
     with store.write() as s:
-        old = s.get(Run, run_id)
-        if old is None:
-            raise UserError(f"no run {run_id}; see `lab-attendant list`")
+        old = must_get(s, run_id)
         if old.state not in TERMINAL:
             raise UserError(f"run {run_id} is {old.state}; only a run that has ended can be "
                             f"retried (cancel it first: `lab-attendant cancel {run_id}`)")

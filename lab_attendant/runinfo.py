@@ -17,17 +17,9 @@ from .history import query_runs
 from .logsetup import read_run_log
 from .states import TERMINAL, RunState
 from .store import Store
-from .validate import check_run_id, dumps
+from .validate import dumps
 from .views import console, progress_text, run_details, runs_table
 from .when import AGE_HELP, age_arg
-
-
-def get_run(store: Store, run_id: int):
-    check_run_id(run_id)
-    run = store.get(run_id)
-    if run is None:
-        raise UserError(f"no run {run_id}; see `lab-attendant list`")
-    return run
 
 
 def parse_states(text: str | None) -> list[RunState]:
@@ -61,14 +53,13 @@ def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
     store = Store(cfg.db_path)
-    run = get_run(store, args.id)
+    run = store.must_get(args.id)
     events = store.events(run.id)
     guard_events = store.guard_events(run_id=run.id)
     summary = samples.summarize(samples.load_from(store, run.id), cfg.guards.resume_below_c)
     if args.json:
         out = run.to_dict()
-        out["events"] = [{"at": e.at, "kind": e.kind, "from": e.from_state, "to": e.to_state,
-                          "reason": e.reason} for e in events]
+        out["events"] = [e.to_dict() for e in events]
         out["guard_events"] = [g.to_dict() for g in guard_events]
         out["samples"] = summary and summary.to_dict()
         print(dumps(out))
@@ -80,7 +71,7 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
     store = Store(cfg.db_path)
-    run = get_run(store, args.id)
+    run = store.must_get(args.id)
     shown, last_progress = 0, None
     while True:
         lines = read_run_log(cfg.paths.logs_dir, run.id, run.needs_paging)
@@ -97,7 +88,7 @@ def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             last_progress = progress
         time.sleep(0.5)
-        run = get_run(store, args.id)
+        run = store.must_get(args.id)
 
 
 def cmd_kinds(cfg: Config, args: argparse.Namespace) -> int:

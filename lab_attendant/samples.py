@@ -3,7 +3,6 @@ tick, the 2:1 thinning that bounds it, and the min/max/mean summary `show` print
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -15,7 +14,7 @@ from jobs import protocol
 from jobs.units import format_size
 
 from .store import Store
-from .tables import Base, Meta
+from .tables import GUARD_READINGS, Base, Meta
 
 # Column, label, unit ("bytes" and "bytes/s" are printed as sizes). The order is the one `show`
 # and the dashboard use.
@@ -30,7 +29,6 @@ SERIES: tuple[tuple[str, str, str], ...] = (
     ("read_bytes_per_s", "bytes read/s", "bytes/s"),
 )
 # Cumulative byte counters a worker may report in its metric events; their rate is the read rate.
-READINGS_KEY = "guard_readings"   # meta row with the guards' last readings
 READ_COUNTERS = ("engine_bytes_read", "engine_disk_read_bytes", "bytes_read")
 
 
@@ -138,7 +136,7 @@ def save(store: Store, rows: list[RunSample], keep_per_run: int,
         return
     with store.write() as s:
         if readings is not None:
-            s.merge(Meta(key=READINGS_KEY, value=json.dumps(readings, default=str)))
+            s.merge(Meta.of(GUARD_READINGS, readings))
         s.add_all(rows)
         s.flush()
         for run_id in {r.run_id for r in rows}:

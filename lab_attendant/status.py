@@ -14,6 +14,7 @@ from .lock import DaemonLock
 from .states import ACTIVE, RunState
 from .store import Store
 from .storefaults import StatusFile
+from .tables import GUARD_READINGS
 from .validate import dumps
 from .views import duration, elapsed_s, local_time, progress_text
 
@@ -38,10 +39,9 @@ def gather(cfg: Config) -> dict[str, Any]:
         "running": [{"id": r.id, "kind": r.kind, "state": r.state, "pid": r.pid,
                      "progress": progress_text(r), "elapsed_s": elapsed_s(r)} for r in running],
         "counts": counts, "state_dir": str(cfg.paths.state_dir),
-        "guards": store.get_meta("guard_readings") if alive else None,
+        "guards": store.get_meta(GUARD_READINGS) if alive else None,
         "guard_events": [g.to_dict() for g in store.guard_events(limit=20)],
-        "cotenants": [{"name": c.name, "suspended": c.suspended, "changed_at": c.changed_at,
-                       "note": c.note} for c in store.cotenants()],
+        "cotenants": [c.to_dict() for c in store.cotenants()],
     }
 
 

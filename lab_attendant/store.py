@@ -15,9 +15,10 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
 
-from .errors import StoreError, TransitionError
+from .errors import StoreError, TransitionError, UserError
 from .states import ACTIVE, TERMINAL, WAITING, RunState, can_transition
 from .storefaults import translate
+from .validate import check_run_id
 from .tables import (_MIGRATIONS, SCHEMA_VERSION, Base, CotenantRow, DaemonRow, GuardEvent, Meta,
                      Run, RunEvent)
 
@@ -69,6 +70,15 @@ def _apply_transition(s: Session, run: Run, dst: RunState, reason: str, **fields
         run.ended_at = now
     s.add(RunEvent(run_id=run.id, at=now, kind="transition", from_state=src.value,
                    to_state=dst.value, reason=reason))
+
+
+def must_get(s: Session, run_id: int) -> Run:
+    """The run in this transaction, or a UserError a person can act on."""
+    check_run_id(run_id)
+    run = s.get(Run, run_id)
+    if run is None:
+        raise UserError(f"no run {run_id}; see `lab-attendant list`")
+    return run
 
 
 class Store:
@@ -172,6 +182,11 @@ class Store:
     def get(self, run_id: int) -> Run | None:
         with self.read() as s:
             return s.get(Run, run_id)
+
+    def must_get(self, run_id: int) -> Run:
+        """`get` for an id a person typed: a UserError that says what to do when there is none."""
+        with self.read() as s:
+            return must_get(s, run_id)
 
     def list_runs(self, *, states: Iterable[RunState] = (), limit: int | None = None,
                   oldest_first: bool = False) -> list[Run]:
@@ -279,12 +294,11 @@ class Store:
 
     def set_meta(self, key: str, value: Any) -> None:
         with self.write() as s:
-            s.merge(Meta(key=key, value=json.dumps(value, default=str)))
+            s.merge(Meta.of(key, value))
 
     def get_meta(self, key: str) -> Any:
         with self.read() as s:
-            row = s.get(Meta, key)
-            return json.loads(row.value) if row else None
+            return Meta.read(s, key)
 
     # -- daemon heartbeat ---------------------------------------------------------------------
     def daemon_started(self, *, pid: int, hostname: str, experimental_paging: bool) -> int:

@@ -18,7 +18,6 @@ from .errors import UserError
 from .logsetup import log_for
 from .plan import check_fits
 from .retry import retry_now
-from .runinfo import get_run
 from .store import Store
 from .validate import check_executor, check_retries, check_submit_options, dumps
 from .when import BEGIN_HELP, begin_arg
@@ -119,7 +118,7 @@ def _submit_notes(cfg: Config, store: Store, run) -> None:
 def cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
     """A new run of an ended one, linked to it; its params are checked again like a submit's."""
     store = Store(cfg.db_path)
-    old = get_run(store, args.id)
+    old = store.must_get(args.id)
     kind = registry(cfg.worker.extra_kinds).get(old.kind)
     if kind is None:
         raise UserError(f"run {old.id}'s kind '{old.kind}' is not registered any more")

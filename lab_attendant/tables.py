@@ -31,10 +31,25 @@ class Base(DeclarativeBase):
     pass
 
 
+GUARD_READINGS = "guard_readings"   # meta key: the guards' last readings, as `status` shows them
+
+
 class Meta(Base):
+    """Small named values, stored as JSON (schema_version, guard_readings, tailer offsets)."""
     __tablename__ = "meta"
     key: Mapped[str] = mapped_column(String, primary_key=True)
     value: Mapped[str] = mapped_column(String)
+
+    @classmethod
+    def of(cls, key: str, value: Any) -> "Meta":
+        """The row that stores `value`; merge() it into a session to set the key."""
+        return cls(key=key, value=json.dumps(value, default=str))
+
+    @staticmethod
+    def read(s: Any, key: str) -> Any:
+        """The value stored under `key` in session `s`, None when there is none."""
+        row = s.get(Meta, key)
+        return json.loads(row.value) if row else None
 
 
 class Run(Base):
@@ -120,6 +135,10 @@ class RunEvent(Base):
     to_state: Mapped[str | None] = mapped_column(String, nullable=True)
     reason: Mapped[str] = mapped_column(Text, default="")
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "kind": self.kind, "from": self.from_state, "to": self.to_state,
+                "reason": self.reason}
+
 
 class DaemonRow(Base):
     """One row per daemon start; `status` reads the newest to tell whether one is alive."""
@@ -156,3 +175,7 @@ class CotenantRow(Base):
     suspended: Mapped[bool] = mapped_column(Boolean)
     changed_at: Mapped[float] = mapped_column(Float)
     note: Mapped[str] = mapped_column(Text, default="")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "suspended": self.suspended, "changed_at": self.changed_at,
+                "note": self.note}

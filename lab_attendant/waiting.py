@@ -18,7 +18,6 @@ from .config import Config
 from .deps import waiting_for
 from .errors import UserError
 from .lock import DaemonLock
-from .runinfo import get_run
 from .states import TERMINAL, RunState
 from .store import Store
 from .validate import dumps
@@ -61,7 +60,7 @@ class Follower:
         self._lines: dict[int, tuple] = {}
 
     def runs(self) -> list[Any]:
-        return [get_run(self.store, rid) for rid in self.ids]
+        return [self.store.must_get(rid) for rid in self.ids]
 
     def _daemon_gone(self, runs: list[Any]) -> bool:
         """Say so when the daemon is missing (once per change); True when we should stop."""
@@ -140,7 +139,7 @@ def cmd_wait(cfg: Config, args: argparse.Namespace) -> int:
         raise UserError(f"--timeout must be 0 or more seconds, got {args.timeout}")
     store = Store(cfg.db_path)
     for rid in args.ids:
-        get_run(store, rid)            # every id exists before we wait on any
+        store.must_get(rid)            # every id exists before we wait on any
     code, runs = Follower(cfg, store, args.ids, timeout_s=args.timeout,
                           no_daemon=args.no_daemon).follow()
     if code != EXIT_INTERRUPTED:

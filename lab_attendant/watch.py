@@ -19,6 +19,7 @@ from .deps import waiting_for
 from .errors import UserError
 from .states import ACTIVE, TERMINAL, WAITING
 from .store import Store
+from .tables import GUARD_READINGS
 from .views import (ago, console, duration, elapsed_s, eta_s, local_time, number, progress_cell,
                     runs_table, state_text, tokens_per_s)
 from .waiting import daemon_alive
@@ -38,7 +39,7 @@ def _header(cfg: Config, store: Store, now: float) -> Text:
         text.append("no daemon running (runs wait in the queue)", style="red")
     text.append("  ·  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=str)
                                     if s in WAITING or s in ACTIVE) or "  ·  idle")
-    g = store.get_meta("guard_readings") if alive else None
+    g = store.get_meta(GUARD_READINGS) if alive else None
     if g:
         text.append(f"\nguards ({ago(g.get('at'), now)}): ")
         parts = [f"GPU {gpu['index']} {gpu.get('temperature_c')} °C "
@@ -78,7 +79,7 @@ def frame(cfg: Config, store: Store) -> Group:
     active = store.list_runs(states=ACTIVE, oldest_first=True)
     waiting = store.list_runs(states=WAITING, oldest_first=True)
     ended = store.list_runs(states=TERMINAL, limit=RECENT)
-    guards = store.get_meta("guard_readings") or {}
+    guards = store.get_meta(GUARD_READINGS) or {}
     parts: list[Any] = [_header(cfg, store, now), Text("")]
     parts.append(_running(active, guards.get("workers") or {}, now) if active
                  else Text("nothing running", style="dim"))

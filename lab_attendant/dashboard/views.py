@@ -3,7 +3,6 @@ the HTML templates and the JSON API show the same values.
 """
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -14,10 +13,12 @@ from sqlalchemy.orm import Session
 
 from ..config import Config
 from ..errors import UserError
+from ..history import runs_select
 from ..logsetup import read_run_log
-from ..samples import load, number, summarize
+from ..samples import load, summarize
 from ..states import ACTIVE, RunState
-from ..store import CotenantRow, GuardEvent, Meta, Run, RunEvent
+from ..tables import GUARD_READINGS, CotenantRow, GuardEvent, Meta, Run, RunEvent
+from ..views import elapsed_s, fraction, tokens_per_s
 
 LOG_TAIL_LINES = 200
 OUTPUT_PREVIEW_BYTES = 512 * 1024       # markdown outputs rendered on the run page up to this size
@@ -41,34 +42,23 @@ def parse_when(text: str | None, what: str) -> float | None:
 def run_row(run: Run, now: float) -> dict[str, Any]:
     d = run.to_dict()
     d["state"] = run.state.value
-    ran_from = run.running_at or run.started_at
-    d["duration_s"] = ((run.ended_at or now) - ran_from) if ran_from else None
-    d["tokens_per_s"] = number(run.metrics.get("tokens_per_s"))
-    done, total = run.progress_done, run.progress_total
-    d["progress_fraction"] = min(1.0, max(0.0, (done or 0) / total)) if total else None
+    d["duration_s"] = elapsed_s(run, now)
+    d["tokens_per_s"] = tokens_per_s(run)
+    d["progress_fraction"] = fraction(run)
     return d
 
 
 def runs(s: Session, *, state: str | None = None, kind: str | None = None,
          schedule: str | None = None, since: str | None = None, until: str | None = None,
          limit: int = 200) -> list[dict[str, Any]]:
-    q = select(Run)
-    if state:
-        try:
-            q = q.where(Run.state == RunState(state))
-        except ValueError:
-            raise UserError(f"unknown state {state!r}; states: {', '.join(RunState)}") from None
-    if kind:
-        q = q.where(Run.kind == kind)
-    if schedule:
-        q = q.where(Run.schedule_id == schedule)
-    t0, t1 = parse_when(since, "since"), parse_when(until, "until")
-    if t0 is not None:
-        q = q.where(Run.submitted_at >= t0)
-    if t1 is not None:
-        q = q.where(Run.submitted_at <= t1)
+    try:
+        states = [RunState(state)] if state else []
+    except ValueError:
+        raise UserError(f"unknown state {state!r}; states: {', '.join(RunState)}") from None
+    q = runs_select(states=states, kind=kind, schedule=schedule,
+                    since=parse_when(since, "since"), until=parse_when(until, "until")).limit(limit)
     now = time.time()
-    return [run_row(r, now) for r in s.scalars(q.order_by(Run.id.desc()).limit(limit))]
+    return [run_row(r, now) for r in s.scalars(q)]
 
 
 def choices(s: Session) -> dict[str, list[str]]:
@@ -116,8 +106,7 @@ def run_detail(s: Session, cfg: Config, run_id: int) -> dict[str, Any]:
                        .order_by(GuardEvent.id))
     return {
         "run": run_row(run, time.time()),
-        "events": [{"at": e.at, "kind": e.kind, "from": e.from_state, "to": e.to_state,
-                    "reason": e.reason} for e in events],
+        "events": [e.to_dict() for e in events],
         "guard_events": [g.to_dict() for g in guards],
         "samples": [r.to_dict() for r in rows],
         "summary": summary and summary.to_dict(),
@@ -132,11 +121,9 @@ def log_tail(cfg: Config, run: Run) -> list[str]:
 
 def guard_timeline(s: Session, limit: int = 300) -> dict[str, Any]:
     events = list(s.scalars(select(GuardEvent).order_by(GuardEvent.id.desc()).limit(limit)))
-    meta = s.get(Meta, "guard_readings")
     return {"events": [g.to_dict() for g in reversed(events)],
-            "cotenants": [{"name": c.name, "suspended": c.suspended, "changed_at": c.changed_at,
-                           "note": c.note} for c in s.scalars(select(CotenantRow))],
-            "readings": json.loads(meta.value) if meta else None}
+            "cotenants": [c.to_dict() for c in s.scalars(select(CotenantRow))],
+            "readings": Meta.read(s, GUARD_READINGS)}
 
 
 def schedules(s: Session, cfg: Config) -> list[dict[str, Any]]:
