@@ -17,8 +17,16 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import machine, write_results  # noqa: E402
-from tests.fixtures.dashboard import (browser_missing, chrome, full_page_screenshot,  # noqa: E402
-                                      page_load_ms, populate, start_dashboard, stop)
+
+from tests.fixtures.dashboard import (  # noqa: E402
+    browser_missing,
+    chrome,
+    full_page_screenshot,
+    page_load_ms,
+    populate,
+    start_dashboard,
+    stop,
+)
 
 
 def main() -> int:

@@ -24,8 +24,8 @@ from machine import machine, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from lab_attendant.states import TERMINAL  # noqa: E402
-from lab_attendant.store import Store  # noqa: E402
+from lab_attendant.store.db import Store  # noqa: E402
+from lab_attendant.store.states import TERMINAL  # noqa: E402
 
 
 def lab(executor: str, max_concurrent: int) -> tuple[Path, Path]:
@@ -49,7 +49,7 @@ def wait_all(store: Store, ids: list[int]) -> list:
 def measure(executor: str, args: argparse.Namespace) -> dict:
     tmp, cfg = lab(executor, args.concurrency)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    daemon = subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config", str(cfg),
+    daemon = subprocess.Popen([sys.executable, "-m", "lab_attendant.cli.main", "--config", str(cfg),
                                "daemon"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     store = Store(tmp / "var" / "lab_attendant.sqlite3")

@@ -9,8 +9,8 @@ Steps (each timed; a failing step is recorded and the next one runs):
             against the plan's peak, the streamer's H2D bytes/s against the pcie figure
   moe       a Mixtral-8x7B-shaped folder (--moe-layers of its 32) paged under the same cap with ram_budget_bytes
             below its experts: exact pinned bytes, logits finite, peak vs plan
-  oom       a provoked CUDA OOM under the cap: jobs.oom names it "cuda" with the allocator's numbers
-  nvml      real readings through lab_attendant.host.NvmlSensors (in the supervisor's venv)
+  oom       a provoked CUDA OOM under the cap: jobs.contract.oom names it "cuda" with the allocator's numbers
+  nvml      real readings through lab_attendant.guards.host.NvmlSensors (in the supervisor's venv)
 Run pytest tests/gpu with TORCH_CUDA_SANITIZER=1 first (scripts/gpu-check.sh does).
 """
 from __future__ import annotations
@@ -61,8 +61,8 @@ def step_pcie() -> dict:
 def step_stream27(work: Path, layers: int, pcie: float | None) -> dict:
     from stream_bench import build_synthetic_27b
 
+    from jobs.paging.dense.layer_stream import load_streamed
     from jobs.paging.generate import generate
-    from jobs.paging.layer_stream import load_streamed
 
     folder = build_synthetic_27b(work / "gemma27-shape", layers, ROOT / "models" / "gemma-3-270m")
     layer_bytes = 825_797_120
@@ -87,7 +87,7 @@ def step_stream27(work: Path, layers: int, pcie: float | None) -> dict:
 def step_moe(work: Path, layers: int) -> dict:
     from moe_bench import CONFIGS, write_random_model
 
-    from jobs.paging.moe import load_paged_moe
+    from jobs.paging.moe.load import load_paged_moe
 
     shape = {**CONFIGS["mixtral-8x7b"], "num_hidden_layers": layers}
     folder = write_random_model(work / "mixtral-shape", shape, torch.bfloat16)
@@ -107,7 +107,7 @@ def step_moe(work: Path, layers: int) -> dict:
 
 
 def step_oom() -> dict:
-    from jobs.oom import oom_details, oom_kind
+    from jobs.contract.oom import oom_details, oom_kind
 
     try:
         torch.empty(2 * CARD_BYTES, dtype=torch.uint8, device="cuda")
@@ -118,7 +118,7 @@ def step_oom() -> dict:
 
 def step_nvml() -> dict:
     python = ROOT / ".venv" / "bin" / "python"
-    code = ("import json; from lab_attendant.host import NvmlSensors; s = NvmlSensors(); "
+    code = ("import json; from lab_attendant.guards.host import NvmlSensors; s = NvmlSensors(); "
             "import dataclasses; print(json.dumps([dataclasses.asdict(r) for r in s.read()], default=str))")
     proc = subprocess.run([str(python if python.exists() else sys.executable), "-c", code], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)

@@ -49,7 +49,7 @@ def trial(ignore_sigterm: bool) -> float:
                    f'[limits]\nkill_grace_s = {GRACE_S}\n[daemon]\npoll_interval_s = 0.25\n'
                    f'[guards]\nsensors = "file:{sensors}"\nguard_interval_s = {INTERVAL_S}\n')
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cli = [sys.executable, "-m", "lab_attendant.cli", "--config", str(cfg)]
+    cli = [sys.executable, "-m", "lab_attendant.cli.main", "--config", str(cfg)]
     subprocess.run([*cli, "submit", "paging_sleepy", "-p", "seconds=120", "-p",
                     f"ignore_sigterm={str(ignore_sigterm).lower()}"], check=True, env=env,
                    capture_output=True)

@@ -25,12 +25,12 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 from machine import machine, write_results  # noqa: E402
 from transformers import AutoConfig, DynamicCache  # noqa: E402
 
+from jobs.contract.units import format_size, parse_size  # noqa: E402
 from jobs.paging.convert import DEFAULT_OUT_DIR as GEMMA  # noqa: E402
+from jobs.paging.dense.layer_stream import load_streamed  # noqa: E402
 from jobs.paging.dtypes import TORCH_DTYPES  # noqa: E402
 from jobs.paging.generate import generate  # noqa: E402
 from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS, kv_cache_nbytes, make_cache  # noqa: E402
-from jobs.paging.layer_stream import load_streamed  # noqa: E402
-from jobs.units import format_size, parse_size  # noqa: E402
 
 KINDS = [("fp", torch.float32), ("fp", torch.bfloat16), ("int8", torch.float32), ("int8", torch.bfloat16),
          ("fp8", torch.float32), ("fp8", torch.bfloat16)]

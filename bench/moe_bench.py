@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
+from jobs.contract.units import format_size  # noqa: E402
 from jobs.paging.dtypes import torch_dtype  # noqa: E402
-from jobs.paging.expert_store import expert_nbytes  # noqa: E402
-from jobs.paging.moe import load_paged_moe  # noqa: E402
-from jobs.paging.moe_families import find_experts, layout_of  # noqa: E402
+from jobs.paging.moe.families import find_experts, layout_of  # noqa: E402
+from jobs.paging.moe.load import load_paged_moe  # noqa: E402
+from jobs.paging.moe.store import expert_nbytes  # noqa: E402
 from jobs.paging.quant import QuantSpec, write_variant  # noqa: E402
-from jobs.units import format_size  # noqa: E402
 
 CONFIGS = {  # random weights: routing is near uniform, so hit rates are a floor for real models
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_local_experts=8,

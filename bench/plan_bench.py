@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import write_results  # noqa: E402
 
-from jobs.paging.memplan import PlanRequest, make_plan  # noqa: E402
-from jobs.paging.profiles import profile  # noqa: E402
-from jobs.paging.shape import shape_from_folder  # noqa: E402
-from jobs.units import format_size  # noqa: E402
+from jobs.contract.units import format_size  # noqa: E402
+from jobs.paging.plan.memplan import PlanRequest, make_plan  # noqa: E402
+from jobs.paging.plan.profiles import profile  # noqa: E402
+from jobs.paging.plan.shape import shape_from_folder  # noqa: E402
 
 MODEL = ROOT / "models" / "gemma-3-270m"
 CASES = [  # (label, batch, context, vram_budget_layers): None = the plan's choice (all resident here)
@@ -38,9 +38,9 @@ NEW_TOKENS = 8
 
 CHILD = r"""
 import json, sys, threading, time, torch
-from jobs.paging.layer_stream import load_streamed
+from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.generate import generate
-from jobs.paging.model_store import ModelStore
+from jobs.paging.dense.model_store import ModelStore
 args = json.loads(sys.argv[1])
 def anon():  # anonymous resident memory: what the run allocated, not the checkpoint's mmapped pages
     for line in open("/proc/self/status"):

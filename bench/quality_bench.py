@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jobs.lib import guard, quality  # noqa: E402
+from jobs.lib import grounded as guard  # noqa: E402
+from jobs.lib import quality
 
 EX = ROOT / "examples"
 
@@ -44,7 +45,7 @@ def run_jobs(code: Path, work: Path, max_notes: int, model: str | None) -> dict[
 
     def cli(*args: str) -> str:
         return subprocess.run([str(ROOT / ".venv/bin/python"), "-c",
-                               "from lab_attendant.cli import main; main()", "--config", str(cfg),
+                               "from lab_attendant.cli.main import main; main()", "--config", str(cfg),
                                *args], env=env, check=True, capture_output=True, text=True,
                               cwd=work).stdout   # not ROOT: `python -c` puts the cwd first on sys.path
 

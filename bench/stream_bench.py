@@ -24,14 +24,14 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 from machine import machine  # noqa: E402
 
+from jobs.contract.spec import DTYPE_NAMES, VARIANT_MODES  # noqa: E402
+from jobs.contract.units import parse_size  # noqa: E402
 from jobs.paging.convert import DEFAULT_OUT_DIR  # noqa: E402
+from jobs.paging.dense.layer_stream import load_streamed  # noqa: E402
+from jobs.paging.dense.model_store import ModelStore  # noqa: E402
 from jobs.paging.dtypes import TORCH_DTYPES  # noqa: E402
 from jobs.paging.generate import GenerationResult, generate  # noqa: E402
-from jobs.paging.layer_stream import load_streamed  # noqa: E402
-from jobs.paging.model_store import ModelStore  # noqa: E402
 from jobs.paging.quant import QuantSpec, write_variant  # noqa: E402
-from jobs.spec import DTYPE_NAMES, VARIANT_MODES  # noqa: E402
-from jobs.units import parse_size  # noqa: E402
 
 BASE_PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz",

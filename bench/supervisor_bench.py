@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(cfg: Path, *args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "lab_attendant.cli", "--config", str(cfg), *args],
+    return subprocess.run([sys.executable, "-m", "lab_attendant.cli.main", "--config", str(cfg), *args],
                           check=True, capture_output=True, text=True, cwd=ROOT).stdout
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     cfg = tmp / "cfg.toml"
     cfg.write_text(f'[paths]\nstate_dir = "var"\nlogs_dir = "logs"\nallowed_roots = ["{tmp}"]\n'
                    f'[worker]\npython = "{args.python}"\n[limits]\nmax_concurrent = 1\n')
-    daemon = subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config", str(cfg),
+    daemon = subprocess.Popen([sys.executable, "-m", "lab_attendant.cli.main", "--config", str(cfg),
                                "daemon"], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     time.sleep(2.0)

@@ -1,4 +1,4 @@
-"""Worker side of lab-attendant. The root holds the stdlib contract the supervisor imports (`kinds`,
-`protocol`, `units`, `atomic`, `spec`, `errors`, `venv_check`), the worker entry and one module per
-job kind; `lib/` holds the helpers the kinds share and `paging/` the engine (experimental venv only).
+"""Worker side of lab-attendant. `contract/` is the stdlib-only contract the supervisor imports too
+(kinds registry, protocol, specs, errors, units, atomic writes, confinement); `kinds/` holds one module
+per job kind, `lib/` the helpers they share, `paging/` the engine; `worker.py` is the worker's entry.
 """

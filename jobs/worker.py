@@ -14,13 +14,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import protocol
-from .atomic import write_atomic
-from .errors import SpecError
-from .oom import oom_details, oom_kind
-from .protocol import EventWriter
-from .confine import Roots
-from .spec import RunSpec
+from jobs.contract import protocol
+from jobs.contract.atomic import write_atomic
+from jobs.contract.confine import Roots
+from jobs.contract.errors import SpecError
+from jobs.contract.oom import oom_details, oom_kind
+from jobs.contract.protocol import EventWriter
+from jobs.contract.spec import RunSpec
 
 log = logging.getLogger("jobs.worker")
 

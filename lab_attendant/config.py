@@ -11,15 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from jobs.errors import SettingError
-from jobs.paging.open import check_settings   # stdlib at import: no torch on this side
-from jobs.spec import DEFAULT_MODEL, ModelSettings, ModelSpec
-from jobs.typed import ByteSize, Reader
-
-from . import PROJECT_ROOT
-from .errors import ConfigError
-from .states import TERMINAL
-from .validate import check_config_numbers
+from jobs.contract.errors import SettingError
+from jobs.contract.spec import DEFAULT_MODEL, ModelSettings, ModelSpec
+from jobs.contract.typed import ByteSize, Reader
+from jobs.paging.plan.settings import check_settings
+from lab_attendant import PROJECT_ROOT
+from lab_attendant.errors import ConfigError
+from lab_attendant.store.states import TERMINAL
+from lab_attendant.validate import check_config_numbers
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -100,7 +99,7 @@ class CotenantConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(ModelSettings):
-    """A [models.NAME] table: the settings (defaults in jobs.spec.ModelSettings) and a folder."""
+    """A [models.NAME] table: the settings (defaults in jobs.contract.spec.ModelSettings) and a folder."""
     path: Path | None = None               # model folder; default models_dir/NAME
 
     def __post_init__(self) -> None:
@@ -306,7 +305,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None) -
         raise ConfigError("unknown config section [source]")
     reader = Reader("config", ConfigError, base_dir=base_dir, tables=True)
     cfg = dataclasses.replace(reader.build(Config, data), source=source)
-    from .scheduler import validate_schedules  # needs the kind registry; import here, not at top
+    from lab_attendant.scheduler import validate_schedules  # needs the kind registry; import here, not at top
     validate_schedules(cfg)
     _check(cfg)
     return cfg

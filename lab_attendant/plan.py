@@ -1,4 +1,4 @@
-"""`lab-attendant model plan` and the submit-time fit check: jobs.paging.memplan run by the supervisor
+"""`lab-attendant model plan` and the submit-time fit check: jobs.paging.plan.memplan run by the supervisor
 (stdlib + NVML, no torch), so an impossible run is refused before it is queued, and a model can be planned
 from a folder holding only config.json, before its weights are downloaded."""
 from __future__ import annotations
@@ -7,15 +7,13 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from jobs.paging.expert_budget import mem_available_bytes
-from jobs.paging.memplan import MemoryPlan, PlanRequest, make_plan
-from jobs.paging.profiles import (PROFILES, DeviceProfile, dtype_for, fp16_safe_for, pcie_bytes_per_s,
-                                  profile)
-from jobs.paging.open import is_moe_folder
-from jobs.paging.shape import shape_from_folder
-from jobs.spec import DEFAULT_BATCH_SIZE, ModelSpec
-
-from .errors import UserError
+from jobs.contract.spec import DEFAULT_BATCH_SIZE, ModelSpec
+from jobs.paging.plan.expert_budget import mem_available_bytes
+from jobs.paging.plan.memplan import MemoryPlan, PlanRequest, make_plan
+from jobs.paging.plan.profiles import PROFILES, DeviceProfile, dtype_for, fp16_safe_for, pcie_bytes_per_s, profile
+from jobs.paging.plan.settings import is_moe_folder
+from jobs.paging.plan.shape import shape_from_folder
+from lab_attendant.errors import UserError
 
 log = logging.getLogger(__name__)
 PROFILE_CHOICES = (*PROFILES, "cpu", "auto")

@@ -7,23 +7,23 @@ from __future__ import annotations
 import queue
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone as dt_timezone
+from datetime import datetime
+from datetime import timezone as dt_timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 
-from jobs.errors import ParamError
-from jobs.kinds import Kind, check_with_model, registry, validate_params
-
-from . import cron
-from .errors import ConfigError
-from .logsetup import get_logger, log_for
+from jobs.contract.errors import ParamError
+from jobs.contract.kinds import Kind, check_with_model, registry, validate_params
+from lab_attendant import cron
+from lab_attendant.errors import ConfigError
+from lab_attendant.service.logsetup import get_logger, log_for
 
 if TYPE_CHECKING:
-    from .config import Config, ScheduleConfig
-    from .store import Run, Store
+    from lab_attendant.config import Config, ScheduleConfig
+    from lab_attendant.store.db import Run, Store
 
 log = get_logger("lab_attendant.scheduler")
 

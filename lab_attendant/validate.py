@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, UserError
+from lab_attendant.errors import ConfigError, UserError
 
 # Config keys with a range: (min, max, whether min itself is allowed). Every other float in the
 # config only has to be finite (TOML reads `nan` and `inf`).

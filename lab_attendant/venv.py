@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import PROJECT_ROOT
-from .errors import UserError
+from lab_attendant import PROJECT_ROOT
+from lab_attendant.errors import UserError
 
 TORCH_SPEC_ENV = "LAB_ATTENDANT_TORCH_SPEC"
 DEFAULT_TORCH_SPEC = "torch==2.13.0"

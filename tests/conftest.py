@@ -49,7 +49,7 @@ class Lab:
         return env
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "lab_attendant.cli", "--config",
+        proc = subprocess.run([sys.executable, "-m", "lab_attendant.cli.main", "--config",
                                str(self.config), *args], capture_output=True, text=True,
                               env=self.env(), timeout=timeout, cwd=self.root)
         if check and proc.returncode != 0:
@@ -77,7 +77,7 @@ class Lab:
 
     def start_daemon(self, *flags: str) -> subprocess.Popen:
         log = open(self.root / "daemon.out", "ab")
-        return subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config",
+        return subprocess.Popen([sys.executable, "-m", "lab_attendant.cli.main", "--config",
                                  str(self.config), "daemon", *flags], stdout=log, stderr=log,
                                 env=self.env(), cwd=self.root, start_new_session=True)
 

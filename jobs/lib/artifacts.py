@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.confine import Roots
-from jobs.errors import ArtifactError
+from jobs.contract.confine import Roots
+from jobs.contract.errors import ArtifactError
 
 TECHNICAL_STORY = "technical-story"   # FEAT-075: passed through verbatim, never summarized
 
@@ -79,7 +79,7 @@ def parse_jsonl(path: Path, roots: Roots | None = None) -> list[Artifact]:
 
 
 def load(path: Path, roots: Roots | None = None) -> list[Artifact]:
-    """With `roots` (jobs.confine), .md files resolving outside them are skipped with a warning."""
+    """With `roots` (jobs.contract.confine), .md files resolving outside them are skipped with a warning."""
     if path.is_dir():
         found = sorted(path.glob("*.md"))
         items = [parse_markdown(p, roots) for p in (roots.keep(found) if roots else found)]

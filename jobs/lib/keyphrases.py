@@ -7,7 +7,7 @@ import re
 from collections import Counter
 from typing import Sequence
 
-from .stoplist import STOPWORDS
+from jobs.lib.stoplist import STOPWORDS
 
 _TOKEN = re.compile(r"[A-Za-z][A-Za-z'-]*|[.,;:!?()\"\n]")
 

@@ -9,10 +9,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from jobs.errors import ModelUnavailable, NonFiniteError
+from jobs.contract.errors import ModelUnavailable, NonFiniteError
+from jobs.contract.spec import ModelSpec
 from jobs.paging.generate import Sampling, check_planned, generate
 from jobs.paging.open import open_model
-from jobs.spec import ModelSpec
 
 ProgressFn = Callable[[int, int], None]
 

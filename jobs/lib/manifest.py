@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.atomic import write_atomic
-from jobs.confine import Roots
+from jobs.contract.atomic import write_atomic
+from jobs.contract.confine import Roots
 
 NOTE_SUFFIXES = (".md", ".txt")
 _DATE_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})")
@@ -49,7 +49,7 @@ def sha256_file(path: Path, roots: Roots | None = None) -> str:
 
 def scan(archive: Path, roots: Roots | None = None) -> dict[str, FileInfo]:
     """Every note (.md/.txt, hidden files skipped) under `archive`, keyed by relative path; with
-    `roots`, notes resolving outside them are skipped with a warning (jobs.confine)."""
+    `roots`, notes resolving outside them are skipped with a warning (jobs.contract.confine)."""
     found = [p for p in sorted(archive.rglob("*"))
              if p.is_file() and p.suffix.lower() in NOTE_SUFFIXES and not any(
                  part.startswith(".") for part in p.relative_to(archive).parts)]

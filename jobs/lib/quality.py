@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Hashable, Sequence
 
-from .guard import content_words, stem
+from jobs.lib.grounded import content_words, stem
 
 LABELS = Path(__file__).resolve().parents[2] / "tests" / "data" / "quality"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from jobs.paging.profiles import NATIVE_BF16_FROM, dtype_for
+from jobs.paging.plan.profiles import NATIVE_BF16_FROM, dtype_for
 
 # CUDA compute capability from which a feature runs natively (Ampere: bf16 tensor cores and Triton's
 # bf16 kernels; Ada/Hopper: FP8). A Turing card (RTX 2080 Ti, sm_75) has none of them.

@@ -13,17 +13,25 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from jobs.errors import UsageError
-from jobs.spec import (DEFAULT_BATCH_SIZE, DEFAULT_CONTEXT_TOKENS, DTYPE_SETTINGS, FP16_SAFE_CHOICES, KV_KINDS, VARIANT_MODES, ModelSettings,
-                       ModelSpec)
-from jobs.units import size_arg
+from jobs.contract.errors import UsageError
+from jobs.contract.spec import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONTEXT_TOKENS,
+    DTYPE_SETTINGS,
+    FP16_SAFE_CHOICES,
+    KV_KINDS,
+    VARIANT_MODES,
+    ModelSettings,
+    ModelSpec,
+)
+from jobs.contract.units import size_arg
 
 _LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    from jobs.paging.expert_cache import POLICIES
     from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS
+    from jobs.paging.moe.cache import POLICIES
 
     p = argparse.ArgumentParser(prog="python -m jobs.paging.generate",
                                 description="Generate completions with a layer-streamed (or expert-paged) model.")
@@ -98,7 +106,7 @@ def _sampling(args: argparse.Namespace):
 
 def _model_spec(args: argparse.Namespace) -> ModelSpec:
     """The flags as the ModelSpec a [models.NAME] table would give; MoE when config.json names experts."""
-    from jobs.paging.open import is_moe_folder
+    from jobs.paging.plan.settings import is_moe_folder
 
     return ModelSpec(name=args.model.name, path=str(args.model), kind="moe" if is_moe_folder(args.model) else "dense",
                      device=args.device, dtype=args.dtype, fp16_safe=args.fp16_safe,
@@ -112,7 +120,7 @@ def _model_spec(args: argparse.Namespace) -> ModelSpec:
 def generate_main(argv: list[str] | None = None) -> int:
     import torch
 
-    from jobs.errors import NonFiniteError
+    from jobs.contract.errors import NonFiniteError
     from jobs.paging.generate import generate
     from jobs.paging.open import open_model
 

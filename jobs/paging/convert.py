@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from jobs.spec import DEFAULT_MODEL
+from jobs.contract.spec import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 

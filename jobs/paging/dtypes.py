@@ -1,9 +1,9 @@
-"""The engine's one mapping from the spec's dtype names (jobs.spec.DTYPE_NAMES) to torch dtypes."""
+"""The engine's one mapping from the spec's dtype names (jobs.contract.spec.DTYPE_NAMES) to torch dtypes."""
 from __future__ import annotations
 
 import torch
 
-from jobs.spec import DTYPE_NAMES
+from jobs.contract.spec import DTYPE_NAMES
 
 TORCH_DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))  # DTYPE_NAMES' order
 

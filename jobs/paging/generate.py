@@ -11,10 +11,10 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from jobs.errors import BudgetError
+from jobs.contract.errors import BudgetError
+from jobs.contract.spec import DEFAULT_BATCH_SIZE
 from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS, kv_cache_nbytes, make_cache
 from jobs.paging.numerics import NonFiniteWatch, non_finite_error
-from jobs.spec import DEFAULT_BATCH_SIZE
 
 ProgressFn = Callable[[int, int], None]
 

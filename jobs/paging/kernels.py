@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from jobs.errors import KernelError
+from jobs.contract.errors import KernelError
+from jobs.contract.spec import KERNEL_CHOICES
 from jobs.paging import capability
 from jobs.paging.dtypes import dtype_name
-from jobs.spec import KERNEL_CHOICES
 
 logger = logging.getLogger(__name__)
 

@@ -9,11 +9,16 @@ import math
 from typing import Any
 
 import torch
-from transformers.cache_utils import (DYNAMIC_LAYER_TYPE_MAPPING, Cache, Fp8QuantizedLayer, QuantizedLayer,
-                                      get_layer_types_and_kwargs)
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    Fp8QuantizedLayer,
+    QuantizedLayer,
+    get_layer_types_and_kwargs,
+)
 
+from jobs.contract.spec import KV_KINDS
 from jobs.paging import capability
-from jobs.spec import KV_KINDS
 
 DEFAULT_RESIDUAL_TOKENS = 128  # transformers' KIVI default: newest tokens kept unquantized before a flush
 _MAX_GROUP = 64                # int8 group along the head dimension; smaller when head_dim is not a multiple

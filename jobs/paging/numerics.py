@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.errors import NonFiniteError
+from jobs.contract.errors import NonFiniteError
 from jobs.paging import capability
 from jobs.paging.dtypes import dtype_name, torch_dtype
-from jobs.paging.profiles import fp16_safe_for
+from jobs.paging.plan.profiles import fp16_safe_for
 
 # A Linear's input is scaled down (by a power of two, per token) until its largest magnitude is at most
 # 2**INPUT_MAX_EXP. Measured on Gemma-3-270M: the largest fp16 product is then ~530 (q_proj), 120x below

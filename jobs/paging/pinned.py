@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from jobs.paging.expert_budget import aligned  # every view starts on a 64-byte boundary: any dtype
-from jobs.units import format_size                 # can view it, copies stay aligned
+from jobs.contract.units import format_size  # can view it, copies stay aligned
+from jobs.paging.plan.expert_budget import aligned  # every view starts on a 64-byte boundary: any dtype
 
 
 def pinned_alloc_bytes(nbytes: int) -> int:
@@ -24,7 +24,7 @@ class PinnedHostError(MemoryError):
 
 
 def pinned_error(what: str, nbytes: int, cause: str) -> PinnedHostError:
-    """The failure as jobs.oom reads it: kind pinned_host, requested_bytes from "you tried to allocate N bytes"."""
+    """The failure as jobs.contract.oom reads it: kind pinned_host, requested_bytes from "you tried to allocate N bytes"."""
     return PinnedHostError(
         f"{what}: pinned memory out of memory, you tried to allocate {nbytes} bytes ({format_size(nbytes)}) "
         f"of page-locked host memory ({cause}); lower ram_budget_bytes in the model's table, or raise the "

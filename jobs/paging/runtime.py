@@ -2,12 +2,12 @@
 MemAvailable on cpu), capped by the model's device_memory_bytes; read at load, before any weight."""
 from __future__ import annotations
 
-import torch
-
-from jobs.paging.expert_budget import mem_available_bytes
 from dataclasses import replace
 
-from jobs.paging.profiles import DeviceProfile, cpu_profile
+import torch
+
+from jobs.paging.plan.expert_budget import mem_available_bytes
+from jobs.paging.plan.profiles import DeviceProfile, cpu_profile
 
 
 def runtime_profile(device: torch.device, device_memory_bytes: int | None = None) -> DeviceProfile:

@@ -17,13 +17,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from jobs.units import format_size
-
-from .. import metrics
-from ..config import Config
-from ..errors import UserError
-from . import plots, views
-from .readonly import open_readonly, session
+from jobs.contract.units import format_size
+from lab_attendant.config import Config
+from lab_attendant.dashboard import metrics, plots
+from lab_attendant.dashboard import pages as views
+from lab_attendant.dashboard.readonly import open_readonly, session
+from lab_attendant.errors import UserError
 
 HERE = Path(__file__).resolve().parent
 SECURITY_HEADERS = {

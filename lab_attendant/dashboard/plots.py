@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any, Callable, Sequence
 
-from jobs.units import format_size
-
-from ..samples import formatter
+from jobs.contract.units import format_size
+from lab_attendant.store.samples import formatter
 
 WIDTH, HEIGHT = 640, 190
 LEFT, RIGHT, TOP, BOTTOM = 70, 12, 24, 28       # margins, px

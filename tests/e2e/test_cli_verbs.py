@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lab_attendant.states import RunState
-from lab_attendant.store import Store
+from lab_attendant.store.db import Store
+from lab_attendant.store.states import RunState
 from tests.conftest import Lab, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -86,7 +86,7 @@ def test_wait_says_when_no_daemon_runs_and_times_out_with_code_3(lab: Lab):
                     what="status to show the running run's progress")
     late = lab.cli("wait", str(rid), "--timeout", "0.5", "--json", check=False, timeout=60)
     assert late.returncode == 3 and json.loads(late.stdout)["runs"][0]["state"] == "running"
-    follow, waiter = (subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config",
+    follow, waiter = (subprocess.Popen([sys.executable, "-m", "lab_attendant.cli.main", "--config",
                                         str(lab.config), *argv, str(rid)], stderr=subprocess.PIPE,
                                        text=True, env=lab.env(), cwd=lab.root)
                       for argv in (["logs", "-f"], ["wait"]))

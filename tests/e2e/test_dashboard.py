@@ -16,8 +16,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lab_attendant.dashboard.readonly import connect_readonly
 from tests.conftest import ROOT, Lab, wait_for, write_config
-from tests.fixtures.dashboard import (browser_missing, chrome, full_page_screenshot, get,
-                                      page_load_ms, populate, start_dashboard, stop)
+from tests.fixtures.dashboard import (
+    browser_missing,
+    chrome,
+    full_page_screenshot,
+    get,
+    page_load_ms,
+    populate,
+    start_dashboard,
+    stop,
+)
 
 pytestmark = pytest.mark.e2e
 

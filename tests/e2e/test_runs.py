@@ -28,7 +28,7 @@ def test_probe_runs_in_the_experimental_venv_and_succeeds(tmp_path: Path):
     data = tmp_path / "blob.bin"
     data.write_bytes(os.urandom(4 * 1024**2))
     rid = lab.submit("probe", f"path={data}")
-    proc = subprocess.run([sys.executable, "-m", "lab_attendant.cli", "--config", str(lab.config),
+    proc = subprocess.run([sys.executable, "-m", "lab_attendant.cli.main", "--config", str(lab.config),
                            "daemon", "--burst"], env=lab.env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -52,7 +52,7 @@ def test_daemon_notifies_ready_watchdog_status_and_stopping(lab: Lab, tmp_path: 
     lab.submit("sleepy", "seconds=30")
     env = {**lab.env(), "NOTIFY_SOCKET": notify_socket, "WATCHDOG_USEC": "1000000"}
     log = open(lab.root / "daemon.out", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "lab_attendant.cli.main", "--config",
                              str(lab.config), "daemon"], stdout=log, stderr=log, env=env,
                             cwd=lab.root, start_new_session=True)
     try:

@@ -24,7 +24,7 @@ def _rows(lab: Lab) -> int:
 
 def test_hundred_concurrent_submits_all_land(lab: Lab):
     lab.cli("status")  # create the store first, as any install would have
-    procs = [subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config",
+    procs = [subprocess.Popen([sys.executable, "-m", "lab_attendant.cli.main", "--config",
                                str(lab.config), "submit", "sleepy", "-p", f"seconds={i}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=lab.env(), cwd=lab.root) for i in range(100)]
@@ -37,7 +37,7 @@ def test_hundred_concurrent_submits_all_land(lab: Lab):
 
 
 def test_new_store_created_by_many_processes_at_once(lab: Lab):
-    procs = [subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config",
+    procs = [subprocess.Popen([sys.executable, "-m", "lab_attendant.cli.main", "--config",
                                str(lab.config), "submit", "sleepy"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=lab.env(), cwd=lab.root)
              for _ in range(20)]
@@ -77,14 +77,14 @@ def test_a_quantized_variant_that_was_never_written_is_refused_at_submit(lab: La
 def test_bad_config_names_the_key(tmp_path: Path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[limits]\nmax_concurent = 2\n")
-    proc = subprocess.run([sys.executable, "-m", "lab_attendant.cli", "--config", str(cfg),
+    proc = subprocess.run([sys.executable, "-m", "lab_attendant.cli.main", "--config", str(cfg),
                            "status"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "limits.max_concurent" in proc.stderr
 
 
 def test_paging_kind_is_held_without_the_flag_and_runs_with_it(lab: Lab):
     rid = lab.submit("paging_echo", "lines=4")
-    plain = subprocess.run([sys.executable, "-m", "lab_attendant.cli", "--config",
+    plain = subprocess.run([sys.executable, "-m", "lab_attendant.cli.main", "--config",
                             str(lab.config), "daemon", "--burst"], env=lab.env(),
                            capture_output=True, text=True, timeout=60)
     assert plain.returncode == 0
@@ -136,8 +136,8 @@ def test_supervisor_never_imports_torch_or_transformers():
         "import sys, pkgutil, importlib, lab_attendant\n"
         "for m in pkgutil.walk_packages(lab_attendant.__path__, 'lab_attendant.'):\n"
         "    importlib.import_module(m.name)\n"
-        "import jobs.kinds, jobs.protocol, jobs.units, jobs.atomic\n"
-        "from lab_attendant.cli import main\n"
+        "import jobs.contract.kinds, jobs.contract.protocol, jobs.contract.units, jobs.contract.atomic\n"
+        "from lab_attendant.cli.main import main\n"
         "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'transformers', "
         "'safetensors', 'accelerate'))\n"
         "print(len([m for m in sys.modules if m.startswith('lab_attendant.')]), bad)\n"

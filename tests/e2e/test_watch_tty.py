@@ -23,7 +23,7 @@ def test_watch_shows_progress_advancing_and_leaves_on_ctrl_c(lab: Lab):
     rid = lab.submit("sleepy", "seconds=120")
     lab.wait_state(rid, {"running"})
     tmux = [TMUX, "-S", str(lab.root / "tmux.sock")]
-    watch = shlex.join([sys.executable, "-m", "lab_attendant.cli", "--config", str(lab.config),
+    watch = shlex.join([sys.executable, "-m", "lab_attendant.cli.main", "--config", str(lab.config),
                         "watch", "--interval", "0.5"])
     subprocess.run([*tmux, "new-session", "-d", "-x", "150", "-y", "40", "-s", "w",
                     f"{watch}; echo WATCH-EXIT=$?; sleep 120"], env=lab.env(), check=True,

@@ -13,7 +13,6 @@ import pytest
 try:
     import torch
     import transformers
-
     from engine_helpers import PROMPTS, find_test_model
 except ImportError:  # the supervisor's venv: these tests need the experimental one
     collect_ignore_glob = ["test_*.py"]

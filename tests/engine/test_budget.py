@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from engine_helpers import PROMPTS
+
+from jobs.contract.errors import BudgetError
+from jobs.paging.dense.layer_stream import load_streamed
+from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.generate import generate
-from jobs.errors import BudgetError
-from jobs.paging.layer_stream import load_streamed
-from jobs.paging.model_store import ModelStore
 
 pytestmark = pytest.mark.engine
 RESIDENT = 2

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-
 from engine_helpers import REPO_ROOT
-from jobs.paging.model_store import ModelStore
-from jobs.units import format_size
+
+from jobs.contract.units import format_size
+from jobs.paging.dense.model_store import ModelStore
 
 pytestmark = pytest.mark.engine
 

@@ -5,11 +5,11 @@ import random
 
 import pytest
 import torch
-
-from jobs.errors import BudgetError
-from jobs.paging.expert_cache import ExpertCache
-from jobs.paging.expert_store import CheckpointIndex, ExpertStore
 from moe_helpers import save_hf, tiny_mixtral
+
+from jobs.contract.errors import BudgetError
+from jobs.paging.moe.cache import ExpertCache
+from jobs.paging.moe.store import CheckpointIndex, ExpertStore
 
 pytestmark = pytest.mark.engine
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
-
 from engine_helpers import PROMPTS
+
+from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.generate import Sampling, generate
-from jobs.paging.layer_stream import load_streamed
 
 pytestmark = pytest.mark.engine
 

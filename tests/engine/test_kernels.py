@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from jobs.errors import KernelError
+from jobs.contract.errors import KernelError
+from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.kernels import apply_kernels
-from jobs.paging.layer_stream import load_streamed
 
 pytestmark = pytest.mark.engine
 
@@ -39,8 +39,9 @@ def test_unknown_choice_names_the_choices(tiny_dirs):
 
 
 def test_paged_moe_reports_kernels_attention_and_refuses_liger_on_cpu(tmp_path):
-    from jobs.paging.moe import load_paged_moe
     from moe_helpers import save_hf, tiny_mixtral
+
+    from jobs.paging.moe.load import load_paged_moe
 
     folder = save_hf(tiny_mixtral(), tmp_path)
     with load_paged_moe(folder) as moe:

@@ -3,13 +3,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import PROMPTS
 from transformers.cache_utils import QuantizedCache
 
-from engine_helpers import PROMPTS
 from jobs.paging.cli import generate_main
+from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.generate import generate
-from jobs.paging.kv_cache import Int8Layer, TokenFp8Layer, kv_cache_nbytes, kv_layer_nbytes, make_cache, quantized_nbytes
-from jobs.paging.layer_stream import load_streamed
+from jobs.paging.kv_cache import (
+    Int8Layer,
+    TokenFp8Layer,
+    kv_cache_nbytes,
+    kv_layer_nbytes,
+    make_cache,
+    quantized_nbytes,
+)
 
 pytestmark = pytest.mark.engine
 

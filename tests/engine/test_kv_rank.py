@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
+from engine_helpers import REPO_ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine_helpers import REPO_ROOT
-from jobs.kv_rank_inputs import load_passages
-from jobs.kv_rank_study import continuation_logits, prefill, study_passage
+from jobs.contract.kv_rank_inputs import load_passages
+from jobs.kinds.kv_rank_study import continuation_logits, prefill, study_passage
 from jobs.lib import kv_compress as kc
 from jobs.paging.kv_cache import Int8Layer
 

@@ -9,11 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jobs.errors import ModelUnavailable, NonFiniteError  # noqa: E402
+from jobs.contract.errors import ModelUnavailable, NonFiniteError  # noqa: E402
+from jobs.contract.spec import DEFAULT_MODEL, ModelSpec  # noqa: E402
 from jobs.lib import rubric  # noqa: E402
 from jobs.lib.llm import Engine  # noqa: E402
 from jobs.paging.convert import DEFAULT_OUT_DIR  # noqa: E402
-from jobs.spec import DEFAULT_MODEL, ModelSpec  # noqa: E402
 
 MODEL = ModelSpec(name=DEFAULT_MODEL, path=str(DEFAULT_OUT_DIR))
 

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import PROMPTS
 from transformers import AutoConfig, AutoModelForCausalLM, MixtralForCausalLM
 
-from engine_helpers import PROMPTS
-from jobs.errors import BudgetError
+from jobs.contract.errors import BudgetError
+from jobs.paging.dense.layer_stream import load_streamed
+from jobs.paging.dense.model_store import ModelStore
+from jobs.paging.dense.slots import SlotRing
 from jobs.paging.generate import generate
-from jobs.paging.layer_stream import load_streamed
-from jobs.paging.model_store import ModelStore
 from jobs.paging.pinned import HostArena, pinned_alloc_bytes
-from jobs.paging.shape import shape_from_config, shape_from_folder
-from jobs.paging.slots import SlotRing
+from jobs.paging.plan.shape import shape_from_config, shape_from_folder
 
 pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,7 +172,7 @@ def test_host_arena_carves_exact_aligned_views():
 
 
 def test_a_failed_pin_is_an_oom_with_its_numbers():
-    from jobs.oom import oom_details, oom_kind
+    from jobs.contract.oom import oom_details, oom_kind
     from jobs.paging.pinned import pinned_error
 
     exc = pinned_error("RAM cache", 8 * 1024**3, "cudaHostRegister: out of memory")
@@ -184,7 +184,7 @@ def test_a_failed_pin_is_an_oom_with_its_numbers():
 def test_the_runtime_device_is_the_free_memory_cuda_reports(monkeypatch):
     """Injected CUDA numbers (no GPU here): the plan sees mem_get_info's free bytes, capped by
     device_memory_bytes, and refuses the 27B at batch 8 x 4096 on a 2080 Ti's worth of free memory."""
-    from jobs.paging.memplan import PlanRequest, make_plan
+    from jobs.paging.plan.memplan import PlanRequest, make_plan
     from jobs.paging.runtime import runtime_profile
 
     free = int(10.36 * 1024**3)

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-
 from engine_helpers import header_sizes
-from jobs.paging import model_store
-from jobs.errors import ModelFolderError
-from jobs.paging.model_store import ModelStore
+
+from jobs.contract.errors import ModelFolderError
+from jobs.paging.dense import model_store
+from jobs.paging.dense.model_store import ModelStore
 
 pytestmark = pytest.mark.engine
 

@@ -6,13 +6,23 @@ import json
 
 import pytest
 import torch
+from moe_family_helpers import (
+    FAMILIES,
+    dequantized_reference,
+    expert_bytes,
+    family_config,
+    moe_layers,
+    num_experts,
+    record_routing,
+    save_family,
+    tiny_family,
+)
 
-from jobs.paging.moe import load_paged_moe
-from jobs.paging.open import is_moe_folder, open_model
+from jobs.contract.spec import ModelSpec
+from jobs.paging.moe.load import load_paged_moe
+from jobs.paging.open import open_model
+from jobs.paging.plan.settings import is_moe_folder
 from jobs.paging.quant import QuantSpec, write_variant
-from jobs.spec import ModelSpec
-from moe_family_helpers import (FAMILIES, dequantized_reference, expert_bytes, family_config, moe_layers,
-                                num_experts, record_routing, save_family, tiny_family)
 
 pytestmark = pytest.mark.engine
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from jobs.paging.memplan import PlanRequest, make_plan
-from jobs.paging.profiles import DeviceProfile
-from jobs.paging.moe_families import expert_layout, find_experts, layout_of
-from jobs.paging.shape import shape_from_config
+from jobs.paging.moe.families import find_experts, layout_of
+from jobs.paging.plan.memplan import PlanRequest, make_plan
+from jobs.paging.plan.moe_layout import expert_layout
+from jobs.paging.plan.profiles import DeviceProfile
+from jobs.paging.plan.shape import shape_from_config
 
 pytestmark = pytest.mark.engine
 

@@ -6,13 +6,12 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from moe_helpers import expert_bytes, prompts, save_fused, save_hf, save_per_expert_sharded, tiny_mixtral
 from transformers import MixtralForCausalLM
 
-from jobs.errors import BudgetError
-from jobs.paging.moe import load_paged_moe
-from jobs.paging.open import is_moe_folder
-from moe_helpers import (expert_bytes, prompts, save_fused, save_hf, save_per_expert_sharded,
-                         tiny_mixtral)
+from jobs.contract.errors import BudgetError
+from jobs.paging.moe.load import load_paged_moe
+from jobs.paging.plan.settings import is_moe_folder
 
 pytestmark = pytest.mark.engine
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from jobs.paging.moe import load_paged_moe
 from moe_helpers import expert_bytes, save_hf, tiny_mixtral
+
+from jobs.paging.moe.load import load_paged_moe
 
 pytestmark = pytest.mark.engine
 

@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
+from moe_helpers import TINY, dequantized_experts, expert_bytes, prompts, reference, save_fused, save_hf, tiny_mixtral
 
-from jobs.errors import ModelFolderError
-from jobs.paging.expert_store import expert_nbytes
-from jobs.paging.moe import load_paged_moe
+from jobs.contract.errors import ModelFolderError
+from jobs.paging.moe.load import load_paged_moe
+from jobs.paging.moe.store import expert_nbytes
 from jobs.paging.quant import QuantSpec, write_variant
-from moe_helpers import (TINY, dequantized_experts, expert_bytes, prompts, reference, save_fused, save_hf,
-                         tiny_mixtral)
 
 pytestmark = pytest.mark.engine
 

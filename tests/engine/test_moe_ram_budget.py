@@ -8,18 +8,32 @@ from pathlib import Path
 
 import pytest
 import torch
+from moe_helpers import (
+    TINY,
+    dequantized_experts,
+    expert_bytes,
+    prompts,
+    reference,
+    save_fused,
+    save_hf,
+    save_per_expert_sharded,
+    tiny_mixtral,
+)
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from jobs.errors import BudgetError
-from jobs.oom import oom_kind
-from jobs.paging.expert_budget import (default_ram_budget_bytes, expert_host_plan, mem_available_bytes,
-                                       min_ram_budget_bytes, resident_experts)
-from jobs.paging.expert_store import CheckpointIndex, ExpertStore, expert_nbytes
-from jobs.paging.moe import load_paged_moe
+from jobs.contract.errors import BudgetError
+from jobs.contract.oom import oom_kind
+from jobs.paging.moe.load import load_paged_moe
+from jobs.paging.moe.store import CheckpointIndex, ExpertStore, expert_nbytes
 from jobs.paging.pinned import HostArena, PinnedHostError, pinned_alloc_bytes
+from jobs.paging.plan.expert_budget import (
+    default_ram_budget_bytes,
+    expert_host_plan,
+    mem_available_bytes,
+    min_ram_budget_bytes,
+    resident_experts,
+)
 from jobs.paging.quant import QuantSpec, write_variant
-from moe_helpers import (TINY, dequantized_experts, expert_bytes, prompts, reference, save_fused, save_hf,
-                         save_per_expert_sharded, tiny_mixtral)
 
 pytestmark = pytest.mark.engine
 
@@ -94,7 +108,7 @@ def test_plan_for_mixtral_8x7b_at_8_gib():
 
 def test_plan_module_imports_without_torch():
     """The supervisor and the memory plan import expert_budget; it must not pull torch in."""
-    code = "import sys, jobs.paging.expert_budget; sys.exit('torch' in sys.modules)"
+    code = "import sys, jobs.paging.plan.expert_budget; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from engine_helpers import PROMPTS
-from jobs.errors import NonFiniteError
-from jobs.paging import capability
-from jobs.paging.generate import Sampling, generate
-from jobs.paging.layer_stream import load_streamed
-from jobs.paging.model_store import ModelStore
-from jobs.paging.numerics import resolve_numerics
-from jobs.spec import DTYPE_NAMES, ModelSettings
 from test_cli import run_cli
+
+from jobs.contract.errors import NonFiniteError
+from jobs.contract.spec import DTYPE_NAMES, ModelSettings
+from jobs.paging import capability
+from jobs.paging.dense.layer_stream import load_streamed
+from jobs.paging.dense.model_store import ModelStore
+from jobs.paging.generate import Sampling, generate
+from jobs.paging.numerics import resolve_numerics
 
 pytestmark = pytest.mark.engine
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from jobs.errors import BudgetError, SettingError
-from jobs.paging.open import is_moe_folder, open_model
-from jobs.spec import ModelSpec
 from moe_helpers import expert_bytes, save_hf, tiny_mixtral
+
+from jobs.contract.errors import BudgetError, SettingError
+from jobs.contract.spec import ModelSpec
+from jobs.paging.open import open_model
+from jobs.paging.plan.settings import is_moe_folder
 
 pytestmark = pytest.mark.engine
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs import cv_matching
-from jobs.lib import clustering, guard, quality
+from jobs.contract.kinds import cv_matching
+from jobs.lib import clustering, quality
+from jobs.lib import grounded as guard
 from jobs.lib.embed import Embedder
 from jobs.paging.convert import DEFAULT_OUT_DIR
 
@@ -82,9 +83,9 @@ def test_extractive_fallback_is_a_sentence_of_the_source(embedder):
 
 @pytest.mark.skipif(not (DEFAULT_OUT_DIR / "config.json").exists(), reason="no default model")
 def test_no_repeat_ngram_size_stops_a_loop_and_is_off_by_default():
+    from jobs.contract.spec import DEFAULT_MODEL, ModelSpec
     from jobs.paging.generate import Sampling, generate
     from jobs.paging.open import open_model
-    from jobs.spec import DEFAULT_MODEL, ModelSpec
     loaded = open_model(ModelSpec(name=DEFAULT_MODEL, path=str(DEFAULT_OUT_DIR)), batch_size=1)
     try:
         prompt = ["one two three, one two three, one two three, one two three,"]

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import PROMPTS, resident_greedy, resident_logits
 from transformers import AutoModelForCausalLM
 
-from engine_helpers import PROMPTS, resident_greedy, resident_logits
+from jobs.paging.dense.layer_stream import load_streamed
+from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.generate import generate
-from jobs.paging.layer_stream import load_streamed
-from jobs.paging.model_store import ModelStore
 
 pytestmark = pytest.mark.engine
 NEW_TOKENS = 32

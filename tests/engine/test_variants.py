@@ -11,18 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import PROMPTS, resident_greedy
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from engine_helpers import PROMPTS, resident_greedy
+from jobs.contract.errors import BudgetError, ModelFolderError
 from jobs.paging import quant
-from jobs.errors import BudgetError, ModelFolderError
-from jobs.paging.generate import generate
 from jobs.paging.cli import generate_main
-from jobs.paging.layer_stream import load_streamed
-from jobs.paging.model_store import ModelStore
+from jobs.paging.dense.layer_stream import load_streamed
+from jobs.paging.dense.model_store import ModelStore
+from jobs.paging.dense.variants import choose_variants, summary
+from jobs.paging.generate import generate
 from jobs.paging.quant import QuantSpec
-from jobs.paging.variants import choose_variants, summary
 
 pytestmark = pytest.mark.engine
 SPEC = QuantSpec(4, 64)

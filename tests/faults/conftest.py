@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lab_attendant.states import TERMINAL, RunState
+from lab_attendant.store.states import TERMINAL, RunState
 
-from ..conftest import Lab, pid_alive, wait_for   # noqa: F401 - re-exported for the tests
+from ..conftest import Lab, pid_alive, wait_for  # noqa: F401 - re-exported for the tests
 
 TERMINAL_NAMES = {s.value for s in TERMINAL}
 

@@ -7,13 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from lab_attendant.config import load_config
-from lab_attendant.store import Store
+from lab_attendant.store.db import Store
 from tests.conftest import ROOT, Lab, write_config
 
 from .conftest import check_invariant, pid_alive, report, rows, sensors_file, wait_for
@@ -128,7 +125,7 @@ def test_cotenant_start_failure(lab: Lab):
     d = lab.root / "earnode"
     d.mkdir()
     script = ROOT / "tests" / "fixtures" / "earnode.py"
-    cfg = write_config(lab.root, extra=(
+    write_config(lab.root, extra=(
         f'[cotenants.earnode]\nstop = ["{sys.executable}", "{script}", "stop", "{d}"]\n'
         f'start = ["{sys.executable}", "{script}", "start", "{d}"]\npid_file = "{d / "earnode.pid"}"\n'
         "restore_delay_s = 0.2\nrelease_timeout_s = 5\nretry_after_s = 0.5\ncommand_timeout_s = 10\n"))
@@ -166,7 +163,7 @@ def test_cotenant_start_failure(lab: Lab):
 
 SUBMITTER = """
 import contextlib, io, json, sys
-from lab_attendant.cli import main
+from lab_attendant.cli.main import main
 ids = []
 for _ in range({n}):
     out = io.StringIO()

@@ -64,7 +64,7 @@ def test_damaged_store_stops_the_daemon_with_exit_3_and_one_sentence(lab, attemp
         fh.write(b"this is no longer an sqlite file")
     for suffix in ("-wal", "-shm"):
         (lab.state_dir / f"lab_attendant.sqlite3{suffix}").unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "lab_attendant.cli", "--config", str(lab.config),
+    proc = subprocess.run([sys.executable, "-m", "lab_attendant.cli.main", "--config", str(lab.config),
                            "daemon"], capture_output=True, text=True, env=lab.env(), timeout=60)
     assert proc.returncode == 3
     err = proc.stderr.strip().splitlines()

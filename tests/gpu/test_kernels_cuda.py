@@ -23,8 +23,8 @@ def _logits(loaded) -> torch.Tensor:
 
 
 def test_liger_streamed_gemma_matches_torch_kernels_in_bf16():
-    from jobs.paging.layer_stream import load_streamed
-    from jobs.paging.model_store import ModelStore
+    from jobs.paging.dense.layer_stream import load_streamed
+    from jobs.paging.dense.model_store import ModelStore
 
     gemma_dir = find_test_model()
     # Four layers' worth on the device: the rest stream, so patched norms see swapped weights every pass.

@@ -4,17 +4,15 @@ Skipped without CUDA; run with: venvs/experimental/bin/python -m pytest tests/gp
 """
 from __future__ import annotations
 
-
 import pytest
 
 torch = pytest.importorskip("torch")
 from engine_helpers import PROMPTS, find_test_model  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def gemma():
-    from jobs.paging.layer_stream import load_streamed
+    from jobs.paging.dense.layer_stream import load_streamed
 
     with load_streamed(find_test_model(), device="cuda", dtype="bf16") as loaded:
         yield loaded
@@ -22,9 +20,10 @@ def gemma():
 
 @pytest.mark.parametrize("kind,code_dtype", [("int8", torch.uint8), ("fp8", torch.float8_e4m3fn)])
 def test_quantized_kv_cache_on_cuda_agrees_with_bf16(gemma, kind, code_dtype):
+    from test_kv_cache import LONG_PROMPTS, forced_agreement
+
     from jobs.paging.generate import generate
     from jobs.paging.kv_cache import make_cache, quantized_nbytes
-    from test_kv_cache import LONG_PROMPTS, forced_agreement
 
     prompts = PROMPTS + LONG_PROMPTS
     reference = [o.token_ids for o in generate(gemma, prompts, max_new_tokens=32).outputs]

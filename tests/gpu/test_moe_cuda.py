@@ -5,12 +5,9 @@ Skipped without CUDA; the CPU suite in tests/engine checks the same bookkeeping.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from moe_helpers import expert_bytes, prompts, save_hf, tiny_mixtral  # noqa: E402
-
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +20,7 @@ def folder(tmp_path_factory):
 def test_cuda_logits_match_transformers(folder, policy, n_cached):
     from transformers import MixtralForCausalLM
 
-    from jobs.paging.moe import load_paged_moe
+    from jobs.paging.moe.load import load_paged_moe
 
     ref = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
     # fp32 explicitly: dtype "auto" is bf16 on a card with native bf16, and the reference is fp32
@@ -47,7 +44,7 @@ def test_cuda_logits_match_transformers(folder, policy, n_cached):
 
 
 def test_cuda_cpu_miss_exec_same_logits(folder):
-    from jobs.paging.moe import load_paged_moe
+    from jobs.paging.moe.load import load_paged_moe
 
     ids = prompts(1, 6).cuda()
     kw = dict(device="cuda", dtype="fp32", expert_cache_bytes=2 * expert_bytes(tiny_mixtral()), prefetch=False)
@@ -60,7 +57,7 @@ def test_cuda_cpu_miss_exec_same_logits(folder):
 
 
 def test_cuda_bf16_prefetch_reports(folder):
-    from jobs.paging.moe import load_paged_moe
+    from jobs.paging.moe.load import load_paged_moe
 
     paged = load_paged_moe(folder, device="cuda", dtype="bf16",
                            expert_cache_bytes=6 * expert_bytes(tiny_mixtral(), 2))
@@ -83,7 +80,7 @@ def test_cuda_ram_budget_stages_from_disk(folder, in_ram, cpu_exec):
     change the logits). in_ram 0: every copy goes through the 2-slot ring."""
     from transformers import MixtralForCausalLM
 
-    from jobs.paging.moe import load_paged_moe
+    from jobs.paging.moe.load import load_paged_moe
 
     ref = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
     eb = expert_bytes(ref)

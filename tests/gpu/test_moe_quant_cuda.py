@@ -2,12 +2,9 @@
 logits as the CPU 4-bit pager. Skipped without CUDA; tests/engine/test_moe_quant.py checks the rest."""
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from moe_helpers import prompts, save_hf, tiny_mixtral  # noqa: E402
-
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +19,7 @@ def folder(tmp_path_factory):
 @pytest.mark.parametrize("n_cached,in_ram", [(2, None), (5, None), (24, None), (3, 8)])
 def test_cuda_4bit_matches_cpu_4bit(folder, n_cached, in_ram):
     """in_ram None: every expert in the pinned arena; 8: the other 16 staged from the variant's mmap."""
-    from jobs.paging.moe import load_paged_moe
+    from jobs.paging.moe.load import load_paged_moe
 
     cpu = load_paged_moe(folder, variant="fast")
     eb = cpu.store.expert_bytes
@@ -48,7 +45,7 @@ def test_cuda_4bit_matches_cpu_4bit(folder, n_cached, in_ram):
 
 
 def test_cuda_4bit_bf16_and_cpu_miss_exec(folder):
-    from jobs.paging.moe import load_paged_moe
+    from jobs.paging.moe.load import load_paged_moe
 
     kw = dict(device="cuda", dtype="bf16", variant="fast", prefetch=False)
     eb = load_paged_moe(folder, variant="fast").store.expert_bytes

@@ -21,7 +21,7 @@ def gemma_dir():
 
 
 def test_auto_follows_the_card(gemma_dir):
-    from jobs.paging.layer_stream import load_streamed
+    from jobs.paging.dense.layer_stream import load_streamed
 
     native_bf16 = torch.cuda.get_device_capability() >= (8, 0)
     with load_streamed(gemma_dir, device="cuda") as loaded:
@@ -30,10 +30,10 @@ def test_auto_follows_the_card(gemma_dir):
 
 
 def test_fp16_safe_matches_fp32_and_unsafe_fails(gemma_dir):
-    from jobs.errors import NonFiniteError
+    from jobs.contract.errors import NonFiniteError
+    from jobs.paging.dense.layer_stream import load_streamed
+    from jobs.paging.dense.model_store import ModelStore
     from jobs.paging.generate import Sampling, generate
-    from jobs.paging.layer_stream import load_streamed
-    from jobs.paging.model_store import ModelStore
 
     def run(loaded, sampling=Sampling()):
         return generate(loaded, HIDDEN_PROMPTS, max_new_tokens=NEW_TOKENS, batch_size=3, sampling=sampling)

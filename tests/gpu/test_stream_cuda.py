@@ -12,7 +12,6 @@ torch = pytest.importorskip("torch")
 from engine_helpers import PROMPTS, find_test_model  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def gemma_dir() -> Path:
     return find_test_model()
@@ -22,9 +21,9 @@ def gemma_dir() -> Path:
 def test_cuda_stream_matches_resident(gemma_dir, ram_budget_layers):
     from transformers import AutoModelForCausalLM
 
+    from jobs.paging.dense.layer_stream import load_streamed
+    from jobs.paging.dense.model_store import ModelStore
     from jobs.paging.generate import generate
-    from jobs.paging.layer_stream import load_streamed
-    from jobs.paging.model_store import ModelStore
 
     layer_bytes = max(ModelStore(gemma_dir).layer_nbytes_as(torch.float32))
     ref = AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).to("cuda").eval()

@@ -31,9 +31,9 @@ def _logits(streamed):
 
 @pytest.mark.parametrize("ram_budget_layers", [0, 100])
 def test_cuda_fast_layers_match_cpu_fast_path(gemma_q4, ram_budget_layers):
+    from jobs.paging.dense.layer_stream import load_streamed
+    from jobs.paging.dense.model_store import ModelStore
     from jobs.paging.generate import generate
-    from jobs.paging.layer_stream import load_streamed
-    from jobs.paging.model_store import ModelStore
 
     layer_bytes = max(ModelStore(gemma_q4).layer_nbytes_as(torch.float32))
     with load_streamed(gemma_q4, device="cpu", dtype="fp32", variant="fast") as cpu:
@@ -56,8 +56,8 @@ def test_cuda_fast_layers_match_cpu_fast_path(gemma_q4, ram_budget_layers):
 
 def test_cuda_fast_pass_copies_packed_bytes(gemma_q4):
     """One pass with every layer streamed copies exactly the packed parts (plus fp32 norms) to the device."""
-    from jobs.paging.layer_stream import load_streamed
-    from jobs.paging.model_store import ModelStore
+    from jobs.paging.dense.layer_stream import load_streamed
+    from jobs.paging.dense.model_store import ModelStore
 
     store = ModelStore(gemma_q4)
     store.open_variant()

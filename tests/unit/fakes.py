@@ -1,4 +1,4 @@
-"""FakeHost: a controllable clock and a record of signals, in place of lab_attendant.host.Host."""
+"""FakeHost: a controllable clock and a record of signals, in place of lab_attendant.guards.host.Host."""
 from __future__ import annotations
 
 
@@ -55,7 +55,7 @@ class FakeSensors:
         self.gpus = []
 
     def read(self):
-        from lab_attendant.host import SensorsUnavailable
+        from lab_attendant.guards.host import SensorsUnavailable
         if self.gpus is None:
             raise SensorsUnavailable("no NVML in this test")
         return self.gpus

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from lab_attendant.cli import build_parser, main
-from lab_attendant.states import RunState
-from lab_attendant.views import duration, ellipsize, eta_s, metric, runs_table
-from lab_attendant.when import parse_age, parse_begin
+from lab_attendant.cli.main import build_parser, main
+from lab_attendant.cli.render import duration, ellipsize, eta_s, metric, runs_table
+from lab_attendant.cli.when import parse_age, parse_begin
+from lab_attendant.store.states import RunState
 
 
 def _walk(parser: argparse.ArgumentParser, path: str):

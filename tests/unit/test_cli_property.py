@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
-from lab_attendant.cli import main
+from lab_attendant.cli.main import main
 
 NUMBER_TEXT = st.one_of(
     st.integers(min_value=-(10**25), max_value=10**25).map(str),

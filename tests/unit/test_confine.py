@@ -1,4 +1,4 @@
-"""Worker-side path confinement (jobs.confine) on real files and symlinks: a file param or
+"""Worker-side path confinement (jobs.contract.confine) on real files and symlinks: a file param or
 folder that resolves outside fails, a symlinked file inside a folder is skipped with a warning,
 and a read re-checks what was opened."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.confine import OutsideRoots, Roots
+from jobs.contract.confine import OutsideRoots, Roots
 from jobs.lib import artifacts, manifest
 
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from jobs import protocol
-from jobs.errors import ParamError
-from jobs.kinds import Kind, Param, parse_assignment, registry, validate_params
-from jobs.units import format_size, parse_size
+from jobs.contract import protocol
+from jobs.contract.errors import ParamError
+from jobs.contract.kinds import Kind, Param, parse_assignment, registry, validate_params
+from jobs.contract.units import format_size, parse_size
 from lab_attendant.config import load_config, parse_config
 from lab_attendant.errors import ConfigError
-from lab_attendant.states import ALLOWED, TERMINAL, RunState, can_transition
+from lab_attendant.store.states import ALLOWED, TERMINAL, RunState, can_transition
 
 
 def test_terminal_states_have_no_way_out_and_every_state_is_in_the_table():

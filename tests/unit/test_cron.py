@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 from croniter import croniter
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lab_attendant.config import parse_config
 from lab_attendant.cron import CronError, parse, trigger

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from jobs import protocol
-from jobs.spec import RunSpec
+from jobs.contract import protocol
+from jobs.contract.spec import RunSpec
 from lab_attendant.config import parse_config
-from lab_attendant.daemon import HOLD_PAGING_OFF, Daemon
-from lab_attendant.host import GpuReading
-from lab_attendant.launcher import Launcher, Worker, WorkerExit, classify
-from lab_attendant.states import RunState
+from lab_attendant.daemon.loop import HOLD_PAGING_OFF, Daemon
+from lab_attendant.executors.local import Launcher, Worker, WorkerExit, classify
+from lab_attendant.guards.host import GpuReading
+from lab_attendant.store.states import RunState
 from tests.unit.fakes import FakeHost, FakeSensors
 
 EXIT_TERMINATED = 128 + signal.SIGTERM          # what jobs.worker returns after SIGTERM
@@ -119,7 +119,7 @@ def test_admits_a_run_writes_its_typed_spec_and_ends_succeeded(loop):
     assert _state(d, rid)[0] is RunState.STARTING
     spec = launcher.specs[0]
     assert (spec.run_id, spec.kind, spec.module, spec.params) == (
-        rid, "nightly_insights", "jobs.nightly_insights", {"archive": "/a", "batch_size": 4})
+        rid, "nightly_insights", "jobs.kinds.nightly_insights", {"archive": "/a", "batch_size": 4})
     assert spec.model is not None and spec.model.name == "gemma-3-270m"
     launcher.emit(rid, protocol.STARTED, t=1.0)
     launcher.emit(rid, protocol.PROGRESS, done=2, total=5, unit="notes")
@@ -175,7 +175,7 @@ def test_thermal_guard_kills_the_paging_worker_and_holds_the_next(loop):
 
 
 def test_a_gpu_lost_mid_run_holds_and_stops_paging_and_the_daemon_recovers_with_nvml(tmp_path: Path):
-    from lab_attendant.host import NvmlSensors
+    from lab_attendant.guards.host import NvmlSensors
     from tests.unit.fakes import FakeNvml
     cfg = parse_config({"paths": {"state_dir": "var"}, "worker": {"python": sys.executable},
                         "guards": {"min_available_ram_bytes": 0, "sensors_lost_grace_s": 10.0}},
@@ -303,7 +303,7 @@ def test_a_sigkill_from_outside_with_kernel_oom_evidence_ends_oom(loop):
 
 
 def test_the_real_host_reads_the_kernel_oom_kill_count():
-    from lab_attendant.host import Host
+    from lab_attendant.guards.host import Host
     count = Host().oom_kill_count()
     assert count is None or (isinstance(count, int) and count >= 0)
 

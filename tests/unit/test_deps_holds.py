@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs import protocol
-from lab_attendant.deps import (USER_HOLD, _batch, _hold, _release, cancel_unsatisfiable,
-                                check_after, waiting_for)
+from jobs.contract import protocol
 from lab_attendant.errors import UserError
-from lab_attendant.states import RunState
-from lab_attendant.store import Store
+from lab_attendant.store.db import Store
+from lab_attendant.store.deps import USER_HOLD, _batch, _hold, _release, cancel_unsatisfiable, check_after, waiting_for
+from lab_attendant.store.states import RunState
 from tests.unit.test_daemon_loop import _submit, loop  # noqa: F401 - the fixture
 
 
@@ -60,7 +59,7 @@ def test_a_failed_parent_cancels_the_dependent_naming_it(store: Store):
 
 
 def test_a_parent_that_will_be_retried_keeps_its_dependent_waiting(store: Store):
-    from lab_attendant.retry import ensure_retries
+    from lab_attendant.store.retry import ensure_retries
     parent = _run(store, max_retries=1)
     child = _run(store, after=[parent])
     _end(store, parent, RunState.FAILED, "flaky")

@@ -1,11 +1,12 @@
-"""The validators of guarded generation (jobs/lib/guard.py), each rejection rule shown with a real
+"""The validators of guarded generation (jobs/lib/grounded.py), each rejection rule shown with a real
 bad output captured from the jobs on Gemma-3-270M (2026-11-30 runs over examples/), and the
 retry-then-extractive policy with a scripted completer."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.lib import guard, keyphrases
+from jobs.lib import grounded as guard
+from jobs.lib import keyphrases
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = (ROOT / "examples/archive/2007-11-19-grandmother-recipes.md").read_text()

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from lab_attendant.config import GuardsConfig
-from lab_attendant.guards import Guards, WorkerInfo
-from lab_attendant.host import GpuReading
-from lab_attendant.states import RunState
+from lab_attendant.guards.host import GpuReading
+from lab_attendant.guards.policy import Guards, WorkerInfo
+from lab_attendant.store.states import RunState
 from tests.unit.fakes import FakeHost, FakeSensors
 
 GiB = 1024**3
@@ -99,7 +99,7 @@ def test_memory_evidence_is_near_a_limit_only_near_a_limit():
 
 
 def test_nvml_init_failures_are_retried_with_back_off_not_cached_for_good():
-    from lab_attendant.host import NvmlSensors, SensorsFailed, SensorsUnavailable
+    from lab_attendant.guards.host import NvmlSensors, SensorsFailed, SensorsUnavailable
     from tests.unit.fakes import FakeNvml
     host, nv = FakeHost(), FakeNvml()
     nv.no_driver = True
@@ -119,7 +119,7 @@ def test_nvml_init_failures_are_retried_with_back_off_not_cached_for_good():
 
 
 def test_a_lost_gpu_holds_paging_then_stops_paging_workers_and_recovers():
-    from lab_attendant.host import NvmlSensors
+    from lab_attendant.guards.host import NvmlSensors
     from tests.unit.fakes import FakeNvml
     host, nv = FakeHost(), FakeNvml()
     host.rss = {100: GiB, 200: GiB}

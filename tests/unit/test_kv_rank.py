@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import ParamError
-from jobs.kinds import check_with_model, registry, validate_params
-from jobs.kv_rank_inputs import load_passages, parse_ranks
+from jobs.contract.errors import ParamError
+from jobs.contract.kinds import check_with_model, registry, validate_params
+from jobs.contract.kv_rank_inputs import load_passages, parse_ranks
 from jobs.lib.kv_report import render_markdown, render_svg, verdict
 
 KIND = registry()["kv_rank_study"]
@@ -141,7 +141,7 @@ def test_markdown_and_svg_render_every_row():
 
 
 def test_passages_are_confined_in_the_worker(tmp_path):
-    from jobs.confine import OutsideRoots, Roots
+    from jobs.contract.confine import OutsideRoots, Roots
 
     inside, outside = tmp_path / "inside", tmp_path / "outside"
     inside.mkdir(), outside.mkdir()

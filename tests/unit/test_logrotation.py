@@ -12,8 +12,16 @@ import pytest
 
 from lab_attendant.config import parse_config
 from lab_attendant.errors import ConfigError
-from lab_attendant.logsetup import (MAIN_LOG, PAGING_LOG, PAGING_LOGGER, RunOutput, get_logger,
-                                    read_run_log, rotated_files, setup_logging)
+from lab_attendant.service.logsetup import (
+    MAIN_LOG,
+    PAGING_LOG,
+    PAGING_LOGGER,
+    RunOutput,
+    get_logger,
+    read_run_log,
+    rotated_files,
+    setup_logging,
+)
 
 
 @pytest.fixture
@@ -31,7 +39,7 @@ def restore_logging():
 
 def test_daemon_rotation_keeps_at_most_n_files_of_at_most_m_bytes(tmp_path, restore_logging):
     setup_logging(tmp_path, console=False, max_bytes=2000, backup_count=2)
-    log = get_logger("lab_attendant.daemon")
+    log = get_logger("lab_attendant.daemon.loop")
     for i in range(200):
         log.info("tick", i=i, pad="x" * 40)
     out = RunOutput(tmp_path, run_id=7, needs_paging=True)
@@ -51,7 +59,7 @@ def test_daemon_rotation_keeps_at_most_n_files_of_at_most_m_bytes(tmp_path, rest
 
 def test_cli_logging_appends_and_never_rotates(tmp_path, restore_logging):
     setup_logging(tmp_path, console=False)              # what every non-daemon verb does
-    log = get_logger("lab_attendant.cli")
+    log = get_logger("lab_attendant.cli.main")
     for i in range(200):
         log.info("submitted", i=i, pad="x" * 40)
     assert rotated_files(tmp_path / MAIN_LOG) == [tmp_path / MAIN_LOG]
@@ -62,9 +70,9 @@ def test_cli_logging_appends_and_never_rotates(tmp_path, restore_logging):
                                                     ({"INVOCATION_ID": "abc"}, "<4>", False),
                                                     ({"JOURNAL_STREAM": "8:123"}, "<4>", False)])
 def test_console_lines_under_journald_drop_the_timestamp(tmp_path, env, prefix, has_time):
-    code = ("import sys; from pathlib import Path; from lab_attendant.logsetup import *; "
+    code = ("import sys; from pathlib import Path; from lab_attendant.service.logsetup import *; "
             "setup_logging(Path(sys.argv[1]), console=True); "
-            "get_logger('lab_attendant.daemon').warning('disk is slow', mb_s=12)")
+            "get_logger('lab_attendant.daemon.loop').warning('disk is slow', mb_s=12)")
     clean = {k: v for k, v in os.environ.items() if k not in ("INVOCATION_ID", "JOURNAL_STREAM")}
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                           text=True, env={**clean, **env}, check=True)

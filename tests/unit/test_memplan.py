@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.paging.memplan import PlanRequest, activation_bytes, kv_cache_bytes, make_plan
-from jobs.paging.profiles import PROFILES, DeviceProfile, profile
-from jobs.paging.shape import shape_from_config, shape_from_folder
+from jobs.paging.plan.memplan import PlanRequest, activation_bytes, kv_cache_bytes, make_plan
+from jobs.paging.plan.profiles import PROFILES, DeviceProfile, profile
+from jobs.paging.plan.shape import shape_from_config, shape_from_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 GEMMA_27B = ROOT / "examples/configs/gemma-3-27b-it"

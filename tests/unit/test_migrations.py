@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lab_attendant.states import RunState
-from lab_attendant.store import SCHEMA_VERSION, Store
+from lab_attendant.store.db import SCHEMA_VERSION, Store
+from lab_attendant.store.states import RunState
 
 # What each version added to `runs`: a store of version V lacks the columns of every later one.
 ADDED = {2: (["hold_code"], []),

@@ -1,4 +1,4 @@
-"""Which worker failures are out-of-memory (jobs/oom.py), with the texts torch and CUDA really use."""
+"""Which worker failures are out-of-memory (jobs/contract/oom.py), with the texts torch and CUDA really use."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from jobs.oom import oom_details, oom_kind
+from jobs.contract.oom import oom_details, oom_kind
 
 
 class OutOfMemoryError(RuntimeError):

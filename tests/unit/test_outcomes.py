@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from lab_attendant.host import Host
-from lab_attendant.states import RunState
+from lab_attendant.guards.host import Host
+from lab_attendant.store.states import RunState
 from tests.unit.test_daemon_loop import _daemon, _state
 
 

@@ -95,7 +95,7 @@ class _FakeNvml:
 
 
 def test_local_gpu_reads_free_memory_and_the_pcie_link_like_the_named_profiles():
-    from jobs.paging.profiles import PROFILES, pcie_bytes_per_s
+    from jobs.paging.plan.profiles import PROFILES, pcie_bytes_per_s
     from lab_attendant.plan import local_gpu
     nvml = _FakeNvml()
     gpu = local_gpu(nvml)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from lab_attendant.prune import prune
-from lab_attendant.states import RunState
+from lab_attendant.store.prune import prune
+from lab_attendant.store.states import RunState
 from tests.unit.test_daemon_loop import loop  # noqa: F401 - the fixture
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from lab_attendant.cli import main
+from lab_attendant.cli.main import main
 from lab_attendant.config import parse_config
 from lab_attendant.errors import ConfigError, UserError
-from lab_attendant.retry import backoff_s, ensure_retries, retry_now
-from lab_attendant.states import RunState
-from lab_attendant.store import Store
+from lab_attendant.store.db import Store
+from lab_attendant.store.retry import backoff_s, ensure_retries, retry_now
+from lab_attendant.store.states import RunState
 
 from ..conftest import write_config
 

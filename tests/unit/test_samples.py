@@ -3,7 +3,6 @@ run, the summary `show` prints, deletion with the run, and the [notify]/[metrics
 from __future__ import annotations
 
 import re
-
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,14 +11,14 @@ import pytest
 from rich.console import Console
 from sqlalchemy import delete
 
-from jobs import protocol
-from lab_attendant import samples
+from jobs.contract import protocol
+from lab_attendant.cli.render import sensors_table
 from lab_attendant.config import parse_config
 from lab_attendant.errors import ConfigError
-from lab_attendant.host import GpuReading
-from lab_attendant.samples import RunSample, Sampler
-from lab_attendant.store import Run, RunEvent, Store
-from lab_attendant.views import sensors_table
+from lab_attendant.guards.host import GpuReading
+from lab_attendant.store import samples
+from lab_attendant.store.db import Run, RunEvent, Store
+from lab_attendant.store.samples import RunSample, Sampler
 from tests.unit.fakes import FakeHost
 
 

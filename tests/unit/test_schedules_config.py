@@ -19,10 +19,10 @@ def _cfg(tmp_path: Path, **sections):
 
 def _fire_once(cfg_file: Path, schedule_id: str, db: Path, *, experimental_paging: bool):
     """The run one firing of the schedule makes in a fresh store, as the daemon loop dispatches it."""
-    from jobs.kinds import registry
+    from jobs.contract.kinds import registry
     from lab_attendant.config import load_config
     from lab_attendant.scheduler import Firing, Schedules
-    from lab_attendant.store import Store
+    from lab_attendant.store.db import Store
 
     cfg = load_config(cfg_file)
     schedules = Schedules(cfg, registry(cfg.worker.extra_kinds))

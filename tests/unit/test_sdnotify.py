@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from lab_attendant.sdnotify import Notifier, status_text
+from lab_attendant.service.sdnotify import Notifier, status_text
 
 
 def _abstract_socket() -> tuple[socket.socket, str]:
@@ -56,7 +56,7 @@ def test_send_to_a_vanished_socket_is_false_not_an_exception(tmp_path):
 
 
 def test_from_process_env_removes_the_variables_so_workers_do_not_inherit_them():
-    code = ("import os; from lab_attendant.sdnotify import Notifier; n = Notifier.from_env(); "
+    code = ("import os; from lab_attendant.service.sdnotify import Notifier; n = Notifier.from_env(); "
             "print(n.address, n.watchdog_interval_s, "
             "[k for k in ('NOTIFY_SOCKET','WATCHDOG_USEC','WATCHDOG_PID') if k in os.environ])")
     env = {**os.environ, "NOTIFY_SOCKET": "/run/x.sock", "WATCHDOG_USEC": "30000000"}

@@ -11,13 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from jobs import protocol
+from jobs.contract import protocol
 from lab_attendant.config import ExecutorConfig, SlurmConfig, parse_config
 from lab_attendant.errors import UserError
-from lab_attendant.eventfile import FileTail, read_events
-from lab_attendant.slurm import (SlurmExecutor, SlurmWorker, batch_script, map_state,
-                                 parse_exit_code, sbatch_argv, time_limit_min)
-from lab_attendant.states import RunState
+from lab_attendant.executors.eventfile import FileTail, read_events
+from lab_attendant.executors.slurm import (
+    SlurmExecutor,
+    SlurmWorker,
+    batch_script,
+    map_state,
+    parse_exit_code,
+    sbatch_argv,
+    time_limit_min,
+)
+from lab_attendant.store.states import RunState
 from lab_attendant.validate import check_executor
 from tests.unit.fakes import FakeHost
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs import protocol
-from jobs.errors import SpecError
-from jobs.spec import SPEC_VERSION, ModelSettings, ModelSpec, RunSpec
+from jobs.contract import protocol
+from jobs.contract.errors import SpecError
+from jobs.contract.spec import SPEC_VERSION, ModelSettings, ModelSpec, RunSpec
 from lab_attendant import PROJECT_ROOT
 from lab_attendant.config import parse_config
 
@@ -22,7 +22,7 @@ def _spec(tmp_path: Path, **over) -> RunSpec:
     cfg = parse_config({"models": {"big": {"vram_budget_bytes": "2GiB", "dtype": "fp16",
                                            "ram_budget_bytes": 1000, "kv_cache": "int8"}}},
                        base_dir=tmp_path, source=None)
-    fields = dict(version=SPEC_VERSION, run_id=7, kind="cv_matching", module="jobs.cv_matching",
+    fields = dict(version=SPEC_VERSION, run_id=7, kind="cv_matching", module="jobs.kinds.cv_matching",
                   function="run", params={"cv": "/x/cv.md", "top_k": 3, "flag": True},
                   needs_paging=True, run_dir=str(tmp_path / "r"), output_dir=str(tmp_path / "r/o"),
                   state_dir=str(tmp_path), models_dir=str(tmp_path / "m"), logs_dir=str(tmp_path),

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event
 
-from lab_attendant import backup
-from lab_attendant.cli import main
+from lab_attendant.cli.main import main
 from lab_attendant.errors import StoreUnusable, StoreWriteError
-from lab_attendant.states import RunState
-from lab_attendant.store import Store
-from lab_attendant.storefaults import StatusFile, WriteBehind
+from lab_attendant.store import backup
+from lab_attendant.store.db import Store
+from lab_attendant.store.faults import StatusFile, WriteBehind
+from lab_attendant.store.states import RunState
 
 from ..conftest import ROOT, write_config
 
@@ -98,7 +98,7 @@ def test_db_check_backup_restore(tmp_path: Path, capsys):
     def cli(*args: str) -> str:
         # In its own process, so no connection of ours outlives it: a late WAL checkpoint from
         # one would write back the header this test damages.
-        return subprocess.run([sys.executable, "-m", "lab_attendant.cli", *argv, *args],
+        return subprocess.run([sys.executable, "-m", "lab_attendant.cli.main", *argv, *args],
                               check=True, capture_output=True, text=True, cwd=ROOT).stdout
 
     cli("submit", "sleepy")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from lab_attendant.errors import StoreError, TransitionError
-from lab_attendant.launcher import Launcher
-from lab_attendant.states import RunState
-from lab_attendant.store import Store
+from lab_attendant.executors.local import Launcher
+from lab_attendant.store.db import Store
+from lab_attendant.store.states import RunState
 from tests.unit.fakes import FakeHost
 
 
@@ -83,7 +83,7 @@ class _Proc:
 
 
 def _worker(launcher: Launcher):
-    from lab_attendant.launcher import Worker
+    from lab_attendant.executors.local import Worker
     return Worker(run_id=1, needs_paging=False, proc=_Proc(), events_fd=-1, output_fd=-1,
                   started_mono=0.0, deadline_mono=10.0)
 
@@ -145,7 +145,7 @@ def test_reconcile_kills_all_live_groups_within_one_shared_grace(tmp_path: Path,
     """Every leftover group gets SIGTERM before any SIGKILL: start-up waits one kill_grace_s in
     all, not one per run, and every run ends lost."""
     from lab_attendant.config import parse_config
-    from lab_attendant.daemon import Daemon
+    from lab_attendant.daemon.loop import Daemon
 
     cfg = parse_config({"paths": {"state_dir": "var"}, "limits": {"kill_grace_s": 2.0}},
                        base_dir=tmp_path, source=None)
@@ -175,7 +175,7 @@ def test_reconcile_kills_all_live_groups_within_one_shared_grace(tmp_path: Path,
 def test_reconcile_feeds_the_watchdog_while_it_waits_for_groups():
     """A grace of 10 s spent waiting for SIGTERM-deaf groups: the watchdog callback keeps being
     called (systemd would otherwise kill a daemon still reconciling)."""
-    from lab_attendant.reconcile import kill_groups
+    from lab_attendant.daemon.reconcile import kill_groups
 
     host = _DeafGroupsHost()
     host.alive_groups.update({10, 11})

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import ParamError
-from jobs.kinds import Kind, Param, registry, validate_params
-from lab_attendant.cli import main
+from jobs.contract.errors import ParamError
+from jobs.contract.kinds import Kind, Param, registry, validate_params
+from lab_attendant.cli.main import main
 from lab_attendant.config import parse_config
 from lab_attendant.errors import ConfigError
 from lab_attendant.validate import dumps
@@ -144,7 +144,7 @@ def test_a_closed_pipe_ends_quietly(cfg_file: Path):
     for _ in range(3):
         assert main(["--config", str(cfg_file), "submit", "sleepy", "--json"]) == 0
     for argv in (["list", "--json"], ["status"], ["list"]):
-        proc = subprocess.Popen([sys.executable, "-m", "lab_attendant.cli", "--config",
+        proc = subprocess.Popen([sys.executable, "-m", "lab_attendant.cli.main", "--config",
                                  str(cfg_file), *argv], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=ROOT)
         proc.stdout.close()          # like `| head -0`: the reader is gone before we write

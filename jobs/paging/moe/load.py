@@ -1,0 +1,210 @@
+"""Loading a MoE folder for expert paging: `load_paged_moe()` and the `PagedMoE` it returns.
+
+Owns building the family's own transformers model (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE, ...)
+without expert weights and wiring in the pager; plan/moe_layout.py says which families qualify.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from jobs.contract.errors import ModelFolderError
+from jobs.contract.spec import VARIANT_MODES
+from jobs.contract.units import format_size, parse_size
+from jobs.paging.capability import resolve_dtype
+from jobs.paging.dtypes import dtype_name, torch_dtype
+from jobs.paging.kernels import apply_kernels
+from jobs.paging.moe.cache import ExpertCache, cache_capacity
+from jobs.paging.moe.families import find_experts, layout_of
+from jobs.paging.moe.pager import ExpertPager
+from jobs.paging.moe.quant import QuantExpertStore
+from jobs.paging.moe.store import CheckpointIndex, ExpertStore
+from jobs.paging.plan.moe_layout import REFUSED, SUPPORTED_SENTENCE, TESTED, is_expert_key
+from jobs.paging.plan.settings import is_moe_folder
+from jobs.paging.quant import QuantSpec, Variant
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# Room left on the card for activations, KV cache and the CUDA context when no budget is given.
+_CUDA_HEADROOM_BYTES = 2 * 1024**3
+
+
+@dataclass
+class PagedMoE:
+    """A MoE model whose experts are paged; `.model` is the family's normal *ForCausalLM."""
+
+    model: PreTrainedModel
+    tokenizer: object | None
+    device: torch.device
+    store: ExpertStore
+    cache: ExpertCache
+    pager: ExpertPager
+    kernels: dict = field(default_factory=lambda: {"kernels": "torch", "kernels_reason": "not applied"})
+
+    def stats(self) -> dict:
+        """Counters since load (or the last reset_stats): hits, misses, prefetch_hits, bytes_h2d,
+        stall_s, evictions, cpu_execs, prefetch accuracy, and the same per layer; the expert
+        format (variant "precise" or e.g. "q4g64", bits per weight code, bytes per expert); the host
+        side (host_ram_bytes, host_pinned_bytes, experts_in_ram, experts_from_disk, disk_reads,
+        disk_read_bytes, disk_read_s: ExpertStore.stats); the kernels."""
+        return {**self.cache.stats(), **self.store.stats(), "dtype": dtype_name(self.model.dtype),
+                "expert_variant": self.store.variant,
+                "expert_bits": self.store.bits, "expert_bytes": self.store.expert_bytes, **self.kernels}
+
+    def reset_stats(self) -> None:
+        self.cache.reset_stats()
+        self.store.reset_stats()
+
+    def close(self) -> None:
+        self.pager.close()
+        self.cache.close()
+        self.store.close()
+
+    def __enter__(self) -> "PagedMoE":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
+                   dtype: str | torch.dtype = "auto", expert_cache_bytes: int | str | None = None,
+                   cache_policy: str = "lru", cache_scope: str = "global",
+                   ram_budget_bytes: int | str | None = None, prefetch: bool = True,
+                   cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4,
+                   variant: str = "precise", quant_spec: QuantSpec | None = None,
+                   kernels: str = "auto") -> PagedMoE:
+    """Non-expert weights resident on `device`, experts behind a device cache of `expert_cache_bytes`
+    (None: every expert on CPU; free VRAM less headroom on CUDA). The store holds at most
+    `ram_budget_bytes` of experts in host RAM (pinned on CUDA) and reads the others from the checkpoint
+    on demand (None: all of them on CPU; on CUDA all that fit in half of MemAvailable).
+
+    variant "precise": experts in `dtype`. "fast": experts from the folder's quantized variant
+    (`quant_spec`, or its only one), stored and copied 4-bit and dequantized to `dtype` where they
+    run; attention, norms, routers and embeddings stay precise and resident. "auto": fast when the
+    folder has a variant, else precise."""
+    model_dir = Path(model_dir)
+    if not is_moe_folder(model_dir):
+        raise ValueError(f"{model_dir} is not a MoE model folder (config.json has no num_local_experts, "
+                         "num_experts or n_routed_experts); use the dense layer-streaming engine for it")
+    device = torch.device(device)
+    dtype = torch_dtype(resolve_dtype(dtype, device))  # "auto": capability.resolve_dtype, as the dense loader
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type in REFUSED:
+        raise ValueError(f"{model_dir.name}: {REFUSED[config.model_type]}. {SUPPORTED_SENTENCE}")
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        raise ValueError(f"{model_dir.name}: transformers has no causal LM class for {config.model_type!r}. "
+                         f"{SUPPORTED_SENTENCE}")
+    with torch.device("meta"):
+        model = model_class(config)  # no memory: weights are filled in by _load_dense
+    experts = find_experts(model)    # the family's experts modules, checked against the seam
+    layout = layout_of(model, experts)
+    if config.model_type not in TESTED:
+        log.warning("%s: %s has the experts seam the pager replaces but is not among the families tested "
+                    "against transformers (%s); compare a few outputs with the resident model before relying "
+                    "on it", model_dir.name, config.model_type, ", ".join(TESTED))
+    n_layers, n_experts = layout.num_layers, layout.num_experts
+    pin = device.type == "cuda"
+    quantized = _open_variant(model_dir, variant, quant_spec)
+    if quantized is None:
+        store = ExpertStore(layout, dtype, pin_memory=pin)
+    else:
+        store = QuantExpertStore(layout, quantized, dtype, pin_memory=pin)
+    expert_bytes = store.expert_bytes
+
+    # Budgets the user gave are checked before reading a byte of weights.
+    if expert_cache_bytes is not None:
+        expert_cache_bytes = parse_size(expert_cache_bytes)
+        cache_capacity(expert_cache_bytes, expert_bytes, n_layers, cache_scope)
+    ram_budget_bytes = None if ram_budget_bytes is None else parse_size(ram_budget_bytes)
+    ram_budget_bytes = store.resolve_ram_budget(ram_budget_bytes)  # CUDA without one: a share of MemAvailable
+    store.check_budget(ram_budget_bytes)
+
+    index = CheckpointIndex(model_dir)
+    try:
+        model = _load_dense(model, experts, index, device, dtype)
+        applied = apply_kernels(model, device, kernels)  # norms and RoPE only: the experts are the pager's
+        store.load(index, ram_budget_bytes)
+    finally:
+        index.close()
+    if expert_cache_bytes is None:  # measured now that the dense weights sit on the device
+        expert_cache_bytes = _default_cache_bytes(device, store.total_bytes)
+    cache = ExpertCache(store, expert_cache_bytes, device=device, policy=cache_policy,
+                        scope=cache_scope)
+    pager = ExpertPager(model, store, cache, prefetch=prefetch, cpu_miss_exec=cpu_miss_exec,
+                        cpu_miss_max_tokens=cpu_miss_max_tokens, experts=experts)
+    tokenizer = None
+    if any((model_dir / name).exists() for name in _TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    log.info("paged MoE %s (%s): %d MoE layers x %d experts (%s), cache %d/%d experts (%s) on %s",
+             model_dir.name, config.model_type, n_layers, n_experts, store.variant, cache.capacity,
+             n_layers * n_experts, format_size(cache.allocated_bytes), device)
+    return PagedMoE(model=model, tokenizer=tokenizer, device=device, store=store, cache=cache,
+                    pager=pager, kernels=applied)
+
+
+def _open_variant(model_dir: Path, variant: str, spec: QuantSpec | None) -> Variant | None:
+    """The quantized variant the experts come from, or None for precise experts."""
+    if variant not in VARIANT_MODES:
+        raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANT_MODES)}")
+    if variant == "precise":
+        return None
+    try:
+        return Variant.open(model_dir, spec)
+    except FileNotFoundError as exc:
+        if variant == "auto":
+            return None
+        name = spec.name if spec else "a 4-bit"
+        raise ModelFolderError(
+            f"variant 'fast' needs {name} variant of {model_dir}, and there is none ({exc}); write "
+            f"it with `lab-attendant model quantize NAME --bits 4` or `python -m jobs.paging.quant "
+            f"--model {model_dir} --bits 4`, or use variant 'precise'") from None
+
+
+def _default_cache_bytes(device: torch.device, all_experts_bytes: int) -> int:
+    if device.type != "cuda":
+        return all_experts_bytes
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return min(all_experts_bytes, max(0, free_bytes - _CUDA_HEADROOM_BYTES))
+
+
+def _load_dense(model: PreTrainedModel, experts: dict, index: CheckpointIndex, device: torch.device,
+                dtype: torch.dtype) -> PreTrainedModel:
+    """The meta-built transformers model with every non-expert weight loaded (attention, norms, routers,
+    shared experts, dense MLP layers) and no expert weights at all: filled tensor by tensor with
+    assign=True (no extra copy)."""
+    config = model.config
+    for idx in experts:
+        model.model.layers[idx].mlp.experts = torch.nn.Module()  # placeholder until the pager installs its own
+    state = {}
+    for name in index.keys():
+        if is_expert_key(name):
+            continue
+        # Checkpoints name the MoE block block_sparse_moe; transformers 5 calls it mlp.
+        state[name.replace(".block_sparse_moe.", ".mlp.")] = index.read(name).to(device, dtype)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if k != "lm_head.weight" or
+               not config.tie_word_embeddings]
+    if missing or result.unexpected_keys:
+        raise KeyError(f"checkpoint {index.model_dir} does not match {type(model).__name__}: "
+                       f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # RoPE frequencies are a computed (non-persistent) buffer: rebuild it off the meta device,
+    # in float32 exactly as transformers does.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"weights never loaded: {leftover[:5]}")
+    model.config.dtype = dtype
+    gen_path = index.model_dir / "generation_config.json"
+    if gen_path.exists():
+        model.generation_config = GenerationConfig.from_pretrained(index.model_dir)
+    return model.eval()

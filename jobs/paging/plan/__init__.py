@@ -1,0 +1,3 @@
+"""The memory plan, torch-free (the supervisor imports it): device profiles, model shapes from
+config.json and headers, budgets, MoE layouts.
+"""

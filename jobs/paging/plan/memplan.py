@@ -1,0 +1,391 @@
+"""The memory plan: every byte a model run takes on the device and in pinned host RAM, computed from
+config.json (and safetensors headers when the folder has them) before any weight is read (stdlib only:
+the supervisor's `model plan` and `submit` use it, and so does the engine at load).
+
+Device: CUDA context, embeddings/lm_head/norms, resident decoder layers, streaming slots (or, for MoE,
+every non-expert weight and the expert cache), KV cache by layer type and KV kind, prefill activations for
+the attention implementation used, dequantizing temporaries of fast layers, and a fragmentation margin.
+Host: pinned bytes exactly as the engine pins them (one arena per use, no power-of-two rounding), the RAM
+cache and the expert store, against the host's available memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from jobs.contract.errors import BudgetError
+from jobs.contract.units import format_size
+from jobs.paging.plan.expert_budget import STAGING_SLOTS, default_ram_budget_bytes, expert_host_plan
+from jobs.paging.plan.profiles import DeviceProfile
+from jobs.paging.plan.shape import DTYPE_BYTES, ModelShape
+
+GiB = 1024**3
+MiB = 1024**2
+MARGIN_FRACTION = 0.05          # fragmentation: the caching allocator serves ~5 % more than is live
+MARGIN_MIN_BYTES = 256 * MiB    # ... and never less than this on a CUDA device
+# On the host (a cpu run): the tokenizer (Gemma's 262k vocabulary: 320 MiB RSS), malloc arenas and small
+# temporaries, measured at 0.35-0.8 GiB above the counted bytes with Gemma-3-270M (bench/plan_bench.py).
+HOST_MARGIN_FRACTION = 0.20
+HOST_MARGIN_MIN_BYTES = 512 * MiB
+KV_RESIDUAL_TOKENS = 128        # int8 KV keeps the newest tokens unquantized (kv_cache.DEFAULT_RESIDUAL_TOKENS)
+KV_GROUP = 64                   # int8 KV group along the head dimension
+
+
+# -- the plan -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the run asks for; the budgets are the [models.NAME] settings of the same names."""
+    batch: int = 8
+    context: int = 2048               # prompt + generated tokens per row
+    dtype: str = "fp16"               # the compute dtype (capability.resolve_dtype's answer)
+    kv_cache: str = "fp"
+    attention: str = "sdpa"           # "eager": the math path materializes B*H*L^2 scores
+    fp16_safe: bool = False           # fp32 residual stream and fp32-accumulated MLP
+    prefetch: bool = True
+    variant: str = "precise"          # precise | fast | auto (dense: auto keeps keep_precise edges precise)
+    keep_precise: int = 1
+    bits: int = 4
+    group_size: int = 64
+    vram_budget_bytes: int | None = None    # dense: decoder layers on the device (an upper bound)
+    ram_budget_bytes: int | None = None     # dense: streamed layers cached in host RAM; moe: experts in RAM
+    expert_cache_bytes: int | None = None   # moe: the device expert cache (None: what fits)
+    disk_bytes_per_s: float | None = None   # measured read bandwidth (probe), for the disk bound
+
+    @classmethod
+    def for_model(cls, spec: Any, *, batch: int, dtype: str, **fields: Any) -> "PlanRequest":
+        """What a [models.NAME] entry (jobs.contract.spec.ModelSpec) asks for at this batch and compute dtype;
+        `fields` add what only the caller knows (fp16_safe, the disk bound)."""
+        return cls(batch=batch, dtype=dtype, context=spec.context_tokens, kv_cache=spec.kv_cache,
+                   variant=spec.variant, vram_budget_bytes=spec.vram_budget_bytes,
+                   ram_budget_bytes=spec.ram_budget_bytes, expert_cache_bytes=spec.expert_cache_bytes, **fields)
+
+
+@dataclass
+class MemoryPlan:
+    fits: bool
+    reason: str
+    model: str
+    device: str
+    request: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)   # item, where, bytes, detail
+    peak_device_bytes: int = 0
+    device_memory_bytes: int = 0
+    peak_pinned_bytes: int = 0
+    host_ram_bytes: int = 0
+    bytes_per_pass: int = 0           # host -> device per pass over the weights (cpu: layers handed over)
+    disk_bytes_per_pass: int = 0      # read from disk per pass once the RAM cache is warm
+    bound_tokens_per_s: float | None = None
+    bound_note: str = ""
+    resident_layers: int = 0
+    streaming_slots: int = 0
+    ram_cache_layers: int = 0
+    layer_bytes: int = 0
+    expert_cache_slots: int = 0
+    experts_in_ram: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [f"memory plan: {self.model} on {self.device}, batch {self.request['batch']} x context "
+                 f"{self.request['context']} tokens, {self.request['dtype']}, kv {self.request['kv_cache']}", ""]
+        width = max(len(r["item"]) for r in self.rows) if self.rows else 10
+        for r in self.rows:
+            lines.append(f"  {r['item']:<{width}}  {r['where']:<11} {format_size(r['bytes']):>10}  {r['detail']}")
+        lines += ["",
+                  f"  peak {'host' if self.device.startswith('cpu') else 'device'} memory   "
+                  f"{format_size(self.peak_device_bytes)} of "
+                  f"{format_size(self.device_memory_bytes)}",
+                  f"  peak pinned host RAM {format_size(self.peak_pinned_bytes)}   host RAM held "
+                  f"{format_size(self.host_ram_bytes)}",
+                  f"  per pass             {format_size(self.bytes_per_pass)} to the device, "
+                  f"{format_size(self.disk_bytes_per_pass)} from disk",
+                  "  bound                " + (f"<= {self.bound_tokens_per_s:.3g} tokens/s ({self.bound_note})"
+                                             if self.bound_tokens_per_s else self.bound_note),
+                  "", ("fits: " if self.fits else "does not fit: ") + self.reason]
+        return "\n".join(lines)
+
+
+def kv_cache_bytes(shape: ModelShape, batch: int, context: int, kind: str, dtype_bytes: int) -> int:
+    """The whole KV cache at `context` tokens: sliding layers hold only their window."""
+    per_token_head = shape.head_dim
+    total = 0
+    for layer_type in shape.layer_types:
+        tokens = context if layer_type != "sliding_attention" or not shape.sliding_window \
+            else min(context, shape.sliding_window)
+        if kind == "int8":
+            fp_tokens = min(tokens, KV_RESIDUAL_TOKENS)
+            group = min(KV_GROUP, per_token_head)
+            elem = (tokens - fp_tokens) * (1 + 2 * dtype_bytes / group) + fp_tokens * dtype_bytes
+        elif kind == "fp8":
+            elem = tokens * (1 + 4 / per_token_head)   # e4m3 codes, one fp32 scale per token and head
+        else:
+            elem = tokens * dtype_bytes
+        total += math.ceil(2 * batch * shape.kv_heads * per_token_head * elem)
+    return total
+
+
+def activation_bytes(shape: ModelShape, req: PlanRequest, dtype_bytes: int, *, moe: bool = False) -> dict[str, int]:
+    """Peak transient bytes of a prefill pass (one layer at a time): residual stream, attention, MLP, logits."""
+    tokens = req.batch * req.context
+    s = dtype_bytes
+    wide = 4 if (req.fp16_safe or s == 4) else s
+    residual = 3 * tokens * shape.hidden * wide
+    qkv = tokens * (shape.heads + 2 * shape.kv_heads) * shape.head_dim * s
+    repeat = 2 * tokens * shape.heads * shape.head_dim * s if shape.kv_heads < shape.heads else 0
+    attn_out = tokens * shape.heads * shape.head_dim * s
+    if req.attention == "eager":   # scores in the dtype, softmax in fp32, probabilities back in the dtype
+        scores = req.batch * shape.heads * req.context ** 2 * (4 + 2 * s)
+    else:                          # fused kernels: no scores; the boolean masks (full and sliding) remain
+        scores = req.batch * req.context ** 2 * len(set(shape.layer_types))
+    attention = qkv + repeat + attn_out + scores
+    mlp_tokens = tokens
+    mlp = 3 * mlp_tokens * shape.intermediate * (4 if req.fp16_safe else s)
+    if moe:   # routed tokens: at worst every token to one expert, plus the fp32 accumulator and router
+        mlp += tokens * shape.hidden * 4 + tokens * shape.num_experts * 4
+    logits = req.batch * shape.vocab * (4 + s)
+    return {"residual": residual, "attention": attention, "scores": scores, "mlp": mlp, "logits": logits,
+            "peak": residual + max(attention, mlp, logits)}
+
+
+def packed_bytes(numel: int, bits: int, group_size: int) -> int:
+    """An HQQ weight as stored: codes plus an fp16 scale and zero per group."""
+    return math.ceil(numel * bits / 8) + 4 * math.ceil(numel / group_size)
+
+
+def _margins(device: DeviceProfile) -> tuple[float, int]:
+    return ((HOST_MARGIN_FRACTION, HOST_MARGIN_MIN_BYTES) if device.kind == "cpu"
+            else (MARGIN_FRACTION, MARGIN_MIN_BYTES))
+
+
+def _margin(used: int, device: DeviceProfile) -> int:
+    fraction, least = _margins(device)
+    return max(least, math.ceil(used * fraction))
+
+
+def _room(capacity: int, fixed: int, device: DeviceProfile) -> int:
+    """Largest L with fixed + L + margin(fixed + L) <= capacity."""
+    fraction, least = _margins(device)
+    return min(int(capacity / (1 + fraction)), capacity - least) - fixed
+
+
+def make_plan(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model: str = "model") -> MemoryPlan:
+    """The plan for one (model, device, request); `fits` False with a sentence naming what would fit."""
+    plan = (_plan_moe if shape.moe else _plan_dense)(shape, device, req, model)
+    if not plan.fits:
+        plan.reason += _suggest(shape, device, req, plan)
+    return plan
+
+
+def _common(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model: str) -> tuple[MemoryPlan, int]:
+    s = DTYPE_BYTES[req.dtype]
+    plan = MemoryPlan(True, "", model, f"{device.name} ({format_size(device.memory_bytes)})",
+                      asdict(req), device_memory_bytes=device.memory_bytes)
+    where = "device" if device.kind == "cuda" else "host RAM"
+    kv = kv_cache_bytes(shape, req.batch, req.context, req.kv_cache, s)
+    act = activation_bytes(shape, req, s, moe=shape.moe)
+    windows = f", sliding layers keep {shape.sliding_window}" if shape.sliding_window else ""
+    rows = [("CUDA context", device.context_bytes, "driver, cuBLAS workspace")] if device.kind == "cuda" else []
+    rows += [("embeddings, lm_head, norms", shape.non_layer_numel * s,
+              "tied" if shape.tied else "embeddings and lm_head"),
+             (f"KV cache ({req.kv_cache})", kv, f"{req.batch} x {req.context} tokens x {shape.num_layers} "
+              f"layers{windows}"),
+             ("activations (prefill)", act["peak"], f"{req.attention} attention; MLP {format_size(act['mlp'])}, "
+              f"attention {format_size(act['attention'])}, logits {format_size(act['logits'])}")]
+    for item, n, detail in rows:
+        plan.rows.append({"item": item, "where": where, "bytes": int(n), "detail": detail})
+    return plan, s
+
+
+def _add(plan: MemoryPlan, item: str, where: str, n: int, detail: str) -> None:
+    plan.rows.append({"item": item, "where": where, "bytes": int(n), "detail": detail})
+
+
+def _device_sum(plan: MemoryPlan, device: DeviceProfile) -> int:
+    where = "device" if device.kind == "cuda" else "host RAM"
+    return sum(r["bytes"] for r in plan.rows if r["where"] == where)
+
+
+def _plan_dense(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model: str) -> MemoryPlan:
+    plan, s = _common(shape, device, req, model)
+    cuda = device.kind == "cuda"
+    where = "device" if cuda else "host RAM"
+    n = shape.num_layers
+    layer = shape.layer_numel * s
+    packed = packed_bytes(shape.layer_numel, req.bits, req.group_size)
+    fast = req.variant in ("fast", "auto")
+    fixed = sum(r["bytes"] for r in plan.rows)
+    if fast:   # packed parts land beside the slot, and one weight expands through temporaries
+        fixed += 2 * packed + shape.largest_matrix_numel * (1 + 2 * s)
+    room = _room(device.memory_bytes, fixed, device)
+    plan.layer_bytes = layer
+    if req.vram_budget_bytes is not None and req.vram_budget_bytes > room:
+        plan.fits = False
+        plan.reason = (f"vram_budget_bytes {format_size(req.vram_budget_bytes)} of decoder layers does not fit "
+                       f"{device.name}: the rest of the run takes {format_size(fixed)} of "
+                       f"{format_size(device.memory_bytes)}, leaving {format_size(max(0, room))} for layers")
+        return _finish(plan, device)
+    budget = room if req.vram_budget_bytes is None else req.vram_budget_bytes
+    if budget >= n * layer:
+        resident, slots = n, 0
+    elif budget < layer:
+        plan.fits = False
+        plan.reason = (f"one decoder layer ({format_size(layer)}) does not fit beside the rest of the run "
+                       f"({format_size(fixed)}) on {device.name} ({format_size(device.memory_bytes)})")
+        if req.vram_budget_bytes is not None and req.vram_budget_bytes < layer <= room:
+            plan.reason = (f"vram_budget_bytes {format_size(req.vram_budget_bytes)} cannot hold one decoder "
+                           f"layer of {format_size(layer)}; give at least {layer} bytes ({2 * layer} to "
+                           "overlap reading with compute)")
+        return _finish(plan, device)
+    else:
+        slots = 2 if req.prefetch and budget >= 2 * layer else 1
+        resident = min(n - 1, (budget - slots * layer) // layer)
+    streamed = n - resident
+    if fast and streamed:
+        _add(plan, "fast-layer expansion", where, 2 * packed + shape.largest_matrix_numel * (1 + 2 * s),
+             f"packed parts of {min(2, streamed)} layers + one {shape.largest_matrix_numel:,}-element weight expanding")
+    _add(plan, "resident layers", where, resident * layer, f"{resident} of {n} x {format_size(layer)}")
+    _add(plan, "streaming slots", where, slots * layer, f"{slots} preallocated, double buffered" if slots == 2
+         else f"{slots}" + (" (no prefetch)" if slots else ""))
+    plan.resident_layers, plan.streaming_slots = resident, slots
+    crossing = packed if fast else layer
+    if streamed:
+        host_layer = crossing
+        ram_layers = min(streamed, (req.ram_budget_bytes or 0) // host_layer)
+        plan.ram_cache_layers = ram_layers
+        host_where = "pinned host" if cuda else "host RAM"
+        if cuda:   # one pinned staging buffer per slot (slots.SlotRing)
+            _add(plan, "staging ring", host_where, slots * host_layer,
+                 f"{slots} x {format_size(host_layer)}, one exact arena")
+        if ram_layers:
+            _add(plan, "RAM cache", host_where, ram_layers * host_layer,
+                 f"{ram_layers} of {streamed} streamed layers kept between passes")
+        plan.bytes_per_pass = streamed * crossing
+        stored = packed if fast else shape.layer_numel * shape.stored_bytes
+        plan.disk_bytes_per_pass = (streamed - ram_layers) * stored
+    return _finish(plan, device)
+
+
+def _plan_moe(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model: str) -> MemoryPlan:
+    plan, s = _common(shape, device, req, model)
+    cuda = device.kind == "cuda"
+    where = "device" if cuda else "host RAM"
+    # every decoder layer without its routed experts: attention, norms, routers, shared experts, dense MLPs
+    dense = (shape.decoder_numel or shape.num_layers * shape.layer_numel) * s
+    moe_layers = shape.moe_layers or shape.num_layers
+    _add(plan, "attention, norms, routers", where, dense, f"{shape.num_layers} layers, resident"
+         + (f", {shape.num_layers - moe_layers} of them with a dense MLP" if moe_layers < shape.num_layers else ""))
+    fast = req.variant in ("fast", "auto")
+    expert = packed_bytes(shape.expert_numel, req.bits, req.group_size) if fast else shape.expert_numel * s
+    if fast:
+        _add(plan, "expert expansion", where, shape.expert_numel * (1 + 2 * s), "one expert dequantized at a time")
+    total_experts = moe_layers * shape.num_experts
+    fixed = sum(r["bytes"] for r in plan.rows)
+    room = _room(device.memory_bytes, fixed, device)
+    cache = min(total_experts * expert, room) if req.expert_cache_bytes is None else req.expert_cache_bytes
+    if cache > room or cache < expert:
+        plan.fits = False
+        plan.reason = (f"the expert cache ({format_size(cache)}) does not fit: the rest of the run takes "
+                       f"{format_size(fixed)} of {format_size(device.memory_bytes)}, leaving "
+                       f"{format_size(max(0, room))}; one expert is {format_size(expert)}")
+        return _finish(plan, device)
+    slots = min(total_experts, cache // expert)
+    plan.expert_cache_slots = slots
+    _add(plan, "expert cache", where, slots * expert, f"{slots} of {total_experts} experts x {format_size(expert)}")
+    budget = req.ram_budget_bytes
+    if budget is None and cuda:   # pinned pages cannot be swapped: at most half of what the host has free
+        budget = default_ram_budget_bytes(total_experts, expert, device.host_ram_bytes)
+    try:
+        in_ram, arena, staging = expert_host_plan(total_experts, expert, budget)
+    except BudgetError as exc:
+        plan.fits, plan.reason = False, str(exc)
+        return _finish(plan, device)
+    plan.experts_in_ram = in_ram
+    host_where = "pinned host" if cuda else "host RAM"
+    _add(plan, "expert store", host_where, arena, f"{in_ram} of {total_experts} experts in one arena; "
+         f"{total_experts - in_ram} read from disk (page cache) when missed")
+    if staging:
+        _add(plan, "staging ring", host_where, staging, f"{STAGING_SLOTS} expert slots")
+    # Per decode step with uniform routing: distinct experts a layer needs, the share not on the device.
+    active = shape.num_experts * (1 - (1 - shape.experts_per_token / shape.num_experts) ** req.batch)
+    miss = 1 - slots / total_experts
+    plan.bytes_per_pass = int(moe_layers * active * miss * expert)
+    plan.disk_bytes_per_pass = int(plan.bytes_per_pass * (1 - in_ram / total_experts))
+    return _finish(plan, device, note="uniform routing")
+
+
+def _finish(plan: MemoryPlan, device: DeviceProfile, note: str = "") -> MemoryPlan:
+    cuda = device.kind == "cuda"
+    used = _device_sum(plan, device)
+    fraction, least = _margins(device)
+    plan.rows.append({"item": "fragmentation margin" if cuda else "host margin", "where": "device" if cuda
+                      else "host RAM", "bytes": _margin(used, device),
+                      "detail": f"{fraction:.0%} of the above, at least {format_size(least)}"
+                      + ("" if cuda else ": tokenizer, malloc arenas, temporaries")})
+    used += plan.rows[-1]["bytes"]
+    plan.peak_device_bytes = used
+    plan.peak_pinned_bytes = sum(r["bytes"] for r in plan.rows if r["where"] == "pinned host")
+    plan.host_ram_bytes = sum(r["bytes"] for r in plan.rows if r["where"] in ("pinned host", "host RAM"))
+    if plan.fits and used > device.memory_bytes:
+        plan.fits = False
+        plan.reason = f"peak {format_size(used)} exceeds {device.name}'s {format_size(device.memory_bytes)}"
+    host = device.host_ram_bytes
+    if plan.fits and host is not None and plan.host_ram_bytes > host:
+        plan.fits = False
+        plan.reason = (f"host RAM: the run holds {format_size(plan.host_ram_bytes)} but "
+                       f"{format_size(host)} is available; lower ram_budget_bytes")
+    if plan.fits:
+        plan.reason = (f"peak {format_size(used)} of {format_size(device.memory_bytes)} on {device.name}"
+                       + (f", {format_size(plan.peak_pinned_bytes)} pinned" if cuda else ""))
+    batch = plan.request["batch"]
+    bounds = []
+    if cuda and plan.bytes_per_pass and device.h2d_bytes_per_s:
+        bounds.append((batch * device.h2d_bytes_per_s / plan.bytes_per_pass,
+                       f"batch x {device.h2d_bytes_per_s / 1e9:.0f} GB/s PCIe / {format_size(plan.bytes_per_pass)}"
+                       " per pass"))
+    disk_bw = plan.request.get("disk_bytes_per_s")
+    if disk_bw and plan.disk_bytes_per_pass:
+        bounds.append((batch * disk_bw / plan.disk_bytes_per_pass,
+                       f"batch x {disk_bw / 1e9:.1f} GB/s disk / {format_size(plan.disk_bytes_per_pass)} per pass"))
+    if bounds:
+        plan.bound_tokens_per_s, plan.bound_note = min(bounds)
+        if note:
+            plan.bound_note += f", {note}"
+    else:
+        plan.bound_note = ("nothing streams: compute-bound" if not plan.bytes_per_pass
+                           else "streams from host memory; give --disk-bandwidth for a disk bound")
+    return plan
+
+
+def _suggest(shape: ModelShape, device: DeviceProfile, req: PlanRequest, failed: MemoryPlan) -> str:
+    """What would fit instead: a smaller batch, a shorter context, or a smaller vram budget."""
+    def fits(**changes: Any) -> bool:
+        trial = replace(req, **changes)
+        return (_plan_moe if shape.moe else _plan_dense)(shape, device, trial, "").fits
+
+    tips = []
+    if req.vram_budget_bytes is not None and req.vram_budget_bytes < shape.layer_numel * DTYPE_BYTES[req.dtype]:
+        return ""  # the reason already names the least budget that holds a layer
+    if req.vram_budget_bytes is not None and fits(vram_budget_bytes=None):
+        free = _plan_dense(shape, device, replace(req, vram_budget_bytes=None), "")
+        tips.append(f"vram_budget_bytes <= {free.resident_layers * free.layer_bytes + free.streaming_slots * free.layer_bytes}"
+                    f" ({format_size((free.resident_layers + free.streaming_slots) * free.layer_bytes)})")
+    if req.expert_cache_bytes is not None and fits(expert_cache_bytes=None):
+        tips.append("expert_cache_bytes unset (what fits)")
+    batch = next((b for b in range(req.batch - 1, 0, -1) if fits(batch=b)), None)
+    if batch:
+        tips.append(f"batch_size {batch} at {req.context} tokens")
+    low, high = 0, req.context
+    while high - low > 16:       # the longest context that fits at this batch
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(context=mid) else (low, mid)
+    if low >= 64:
+        tips.append(f"context {low} tokens at batch {req.batch}")
+    if req.kv_cache == "fp" and fits(kv_cache="int8"):
+        tips.append("kv_cache = \"int8\"")
+    if req.variant == "precise" and fits(variant="fast"):
+        tips.append("variant \"fast\" (lab-attendant model quantize NAME --bits 4)")
+    if not tips:
+        return "; nothing smaller fits this device: use a bigger card, or a smaller model"
+    return "; what fits instead: " + ", or ".join(tips)

@@ -1,0 +1,247 @@
+"""The `lab-attendant` command: a job daemon for one GPU workstation and the verbs to feed it.
+
+CLI and daemon talk only through the SQLite file: submit works with no daemon running. This module
+is the parser and the verbs that fit in a few lines; the others live in a module per noun.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from jobs.contract.errors import ParamError
+from jobs.contract.kinds import registry
+from lab_attendant.cli import db as dbcli
+from lab_attendant.cli import model as modelcli
+from lab_attendant.cli import runs as runinfo
+from lab_attendant.cli import submit, watch
+from lab_attendant.cli import wait as waiting
+from lab_attendant.cli.status import cmd_status
+from lab_attendant.config import Config, load_config
+from lab_attendant.errors import EXIT_STORE_UNUSABLE, StoreUnusable, UserError
+from lab_attendant.service.logsetup import setup_logging
+from lab_attendant.store import deps, history, prune
+from lab_attendant.store.db import Store
+from lab_attendant.store.states import TERMINAL, RunState
+from lab_attendant.validate import check_worker_python, dumps
+
+
+def _store(cfg: Config) -> Store:
+    return Store(cfg.db_path)
+
+
+# -- verbs ----------------------------------------------------------------------------------------
+def cmd_daemon(cfg: Config, args: argparse.Namespace) -> int:
+    from lab_attendant.daemon.loop import Daemon
+    check_worker_python(Path(cfg.worker.python))
+    setup_logging(cfg.paths.logs_dir, console=True, max_bytes=cfg.logging.max_bytes,
+                  backup_count=cfg.logging.backup_count)   # the daemon alone rotates
+    return Daemon(cfg, experimental_paging=args.experimental_paging, burst=args.burst).run()
+
+
+def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
+    from lab_attendant.dashboard.app import serve  # the web stack is imported only by this verb
+    return serve(cfg, args.bind, allow_remote=args.allow_remote)
+
+
+def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
+    store = _store(cfg)
+    for rid in args.ids:           # every id exists before any is cancelled
+        store.must_get(rid)
+    for rid in args.ids:
+        run = store.request_cancel(rid)
+        if run.state is RunState.CANCELLED:
+            print(f"run {run.id} cancelled")
+        elif run.state in TERMINAL:
+            print(f"run {run.id} already ended ({run.state}); nothing to cancel")
+        else:
+            print(f"run {run.id} is {run.state}; the daemon will stop it (SIGTERM, then SIGKILL "
+                  f"after {cfg.limits.kill_grace_s:g} s)")
+    return 0
+
+
+def cmd_schedules(cfg: Config, args: argparse.Namespace) -> int:
+    from lab_attendant.scheduler import Schedules, next_fire_times
+    if args.schedules_cmd == "run":
+        run = Schedules(cfg, registry(cfg.worker.extra_kinds)).fire_now(_store(cfg), args.id)
+        print(dumps(run.to_dict()) if args.json else f"run {run.id} {run.state}: {run.reason}")
+        return 0 if run.state is not RunState.SKIPPED else 1
+    rows = [{"id": s.id, "cron": s.cron, "kind": s.kind, "params": s.params,
+             "timezone": s.timezone or "local", "next_fire_time": nxt.isoformat() if nxt else None}
+            for s, nxt in next_fire_times(cfg)]
+    if args.json:
+        print(dumps(rows))
+        return 0
+    if not rows:
+        print("no schedules; add [[schedules]] tables to the config")
+    for r in rows:
+        print(f"{r['id']:<20} {r['cron']:<18} {r['kind']:<20} next {r['next_fire_time']} "
+              f"({r['timezone']})")
+    return 0
+
+
+def cmd_service(cfg: Config, args: argparse.Namespace) -> int:
+    from lab_attendant.service import unit as service
+    if args.service_cmd == "uninstall":
+        removed, commands = service.uninstall(user=args.user)
+        for path in removed:
+            print(f"removed {path}")
+        if not removed:
+            print(f"nothing to remove: no {service.UNIT_NAME} in {service.unit_dir(args.user)}")
+    else:
+        files = service.render(cfg, user=args.user, experimental_paging=args.experimental_paging,
+                               nvidia_modprobe=args.nvidia_modprobe)
+        for warning in files.warnings:
+            print(f"lab-attendant: warning: {warning}", file=sys.stderr)
+        if args.print:
+            print(files.unit_text, end="")
+            if files.dropin_text is not None:
+                print(f"\n# ---- drop-in {files.dropin_path}\n{files.dropin_text}", end="")
+            return 0
+        commands = service.install(files, cfg, user=args.user)
+        print(f"wrote {files.unit_path}")
+        if files.dropin_text is not None:
+            print(f"wrote {files.dropin_path} (experimental paging on while it exists)")
+        if args.user:
+            commands.append(["loginctl", "enable-linger", service.run_as_user()])
+    print("lab-attendant does not run systemctl itself; now run:")
+    for argv in commands:
+        print("  " + shlex.join(argv))
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: exit 2, one line + hint
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("lab-attendant")
+    except PackageNotFoundError:     # a checkout run without `pip install -e .`
+        return "unknown (not installed)"
+
+
+def cmd_completion(cfg: Config, args: argparse.Namespace) -> int:
+    import shtab
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lab-attendant", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="TOML config (default: $LAB_ATTENDANT_CONFIG, "
+                   "./lab-attendant.toml, built-in defaults)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="VERB")
+
+    d = sub.add_parser("daemon", help="run the supervisor loop")
+    d.add_argument("--burst", action="store_true", help="process the queue, exit when it is empty")
+    d.add_argument("--experimental-paging", action="store_true",
+                   help="allow paging kinds (in memory only: off again on next start)")
+    d.set_defaults(fn=cmd_daemon)
+
+    submit.add_parsers(sub)
+    runinfo.add_parsers(sub)
+    waiting.add_parsers(sub)
+    watch.add_parsers(sub)
+
+    c = sub.add_parser("cancel", help="cancel runs (waiting ones at once; running ones SIGTERM, "
+                       "then SIGKILL after grace)")
+    c.add_argument("ids", type=int, nargs="+", metavar="ID", help="runs to cancel")
+    c.set_defaults(fn=cmd_cancel)
+    deps.add_parsers(sub, _Parser)
+
+    st = sub.add_parser("status", help="daemon, queue and running runs")
+    st.add_argument("--json", action="store_true", help="machine-readable: the status as JSON")
+    st.set_defaults(fn=cmd_status)
+
+    history.add_parsers(sub)
+    prune.add_parsers(sub)
+
+    db = sub.add_parser("dashboard", help="serve a read-only web view of runs, guards and "
+                        "schedules, with /metrics and /api/runs (opens the store read-only)")
+    db.add_argument("--bind", default="127.0.0.1:8765", metavar="HOST:PORT",
+                    help="where to listen (default 127.0.0.1:8765; loopback only unless "
+                    "--allow-remote)")
+    db.add_argument("--allow-remote", action="store_true",
+                    help="allow a non-loopback --bind: the dashboard has no login, so anyone "
+                    "who can reach the port sees run params, logs and outputs")
+    db.set_defaults(fn=cmd_dashboard)
+
+    sc = sub.add_parser("schedules", help="configured schedules and their next fire times; "
+                        "`schedules run ID` fires one now")
+    sc.add_argument("--json", action="store_true", help="machine-readable output")
+    scsub = sc.add_subparsers(dest="schedules_cmd", parser_class=_Parser, metavar="run")
+    sr = scsub.add_parser("run", help="fire a schedule now (a run as its next firing would make)")
+    sr.add_argument("id", help="the schedule's id in the config")
+    sr.add_argument("--json", action="store_true", help="machine-readable: the run as JSON")
+    sc.set_defaults(fn=cmd_schedules)
+
+    modelcli.add_parsers(sub, _Parser)
+
+    dbcli.add_parser(sub, _Parser)
+
+    co = sub.add_parser("completion", help="print a shell completion script (generated from "
+                        "this parser by shtab), e.g. `source <(lab-attendant completion bash)`")
+    co.add_argument("shell", choices=("bash", "zsh", "tcsh"), help="the shell to complete in")
+    co.set_defaults(fn=cmd_completion)
+
+    sv = sub.add_parser("service", help="install or remove the systemd unit (prints the "
+                        "systemctl commands, does not run them)")
+    svsub = sv.add_subparsers(dest="service_cmd", required=True, parser_class=_Parser)
+    si = svsub.add_parser("install", help="render the unit with this checkout's paths and write "
+                          "it to /etc/systemd/system (or ~/.config/systemd/user with --user)")
+    si.add_argument("--experimental-paging", action="store_true",
+                    help="also write a drop-in that starts the daemon with the flag")
+    si.add_argument("--print", action="store_true", help="print the unit, write nothing")
+    si.add_argument("--nvidia-modprobe", action="store_true",
+                    help="run nvidia-modprobe as root before the daemon starts (creates "
+                    "/dev/nvidia-uvm after a boot; NoNewPrivileges= blocks its setuid bit)")
+    su = svsub.add_parser("uninstall", help="remove the unit, its drop-in and enable links")
+    for p_ in (si, su):
+        p_.add_argument("--user", action="store_true", help="a systemd --user unit")
+    sv.set_defaults(fn=cmd_service)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        if args.cmd != "daemon":
+            setup_logging(cfg.paths.logs_dir, console=False)
+        code = args.fn(cfg, args)
+        sys.stdout.flush()         # a closed pipe shows here, inside the handlers below
+        return code
+    except (UserError, ParamError) as exc:
+        print(f"lab-attendant: error: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnusable as exc:   # corrupt or unreadable store: the sentence names the fix
+        print(f"lab-attendant: error: {exc}", file=sys.stderr)
+        return EXIT_STORE_UNUSABLE if args.cmd == "daemon" else 1   # the unit won't restart 3
+    except OSError as exc:         # the machine, not the input: a folder we cannot create, ...
+        if isinstance(exc, BrokenPipeError):
+            return _quiet_broken_pipe()
+        print(f"lab-attendant: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader went away (`list --json | head`): stop quietly, as head asked. stdout goes to
+    /dev/null so the interpreter's final flush does not print a second BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Start-up reconciliation: runs a dead daemon left active end `lost`, and any live process group
+of theirs is killed (local runs are not adopted: their event pipes died with the old daemon;
+Slurm runs are, by the daemon, since their events are in a file).
+"""
+from __future__ import annotations
+
+import signal
+from typing import Callable
+
+from lab_attendant.guards.host import Host
+from lab_attendant.service.logsetup import log_for
+from lab_attendant.store.db import Run, Store
+from lab_attendant.store.states import ACTIVE, RunState
+
+
+def reconcile(store: Store, host: Host, kill_grace_s: float,
+              feed: Callable[[], None] = lambda: None,
+              keep: Callable[[Run], bool] = lambda run: False) -> list[Run]:
+    """All groups get SIGTERM at once and share one kill_grace_s, so start-up waits one grace,
+    not one per run; `feed` (the systemd watchdog) is called while it waits. Runs `keep` says
+    the caller re-attaches (Slurm jobs) are left alone. Returns the runs it ended `lost`."""
+    runs = [r for r in store.list_runs(states=ACTIVE) if not keep(r)]
+    live = {r.id: r.pid for r in runs if r.pid and host.is_same_process(r.pid, r.pid_create_time)}
+    kill_groups(host, list(live.values()), kill_grace_s, feed)
+    lost = []
+    for run in runs:
+        if run.id in live:
+            reason = (f"daemon restarted: worker group {run.pid} of a previous daemon was "
+                      "still running and was killed (runs are not adopted)")
+        else:
+            if run.pid and not host.pid_alive(run.pid):
+                # The leader is gone; anything left in its group is our orphan.
+                host.killpg(run.pid, signal.SIGKILL)
+            reason = "daemon restarted: the worker of a previous daemon was gone"
+        lost.append(store.transition(run.id, RunState.LOST, reason))
+        log_for(run.needs_paging, "lab_attendant.daemon.loop").bind(run_id=run.id).warning(
+            "reconciled run", state="lost", reason=reason)
+        feed()
+    return lost
+
+
+def kill_groups(host: Host, pgids: list[int], grace_s: float,
+                feed: Callable[[], None] = lambda: None) -> None:
+    for pgid in pgids:
+        host.killpg(pgid, signal.SIGTERM)
+    deadline = host.monotonic() + grace_s
+    while any(host.group_alive(p) for p in pgids) and host.monotonic() < deadline:
+        feed()
+        host.sleep(0.05)
+    for pgid in pgids:
+        host.killpg(pgid, signal.SIGKILL)

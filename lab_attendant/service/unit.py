@@ -1,0 +1,227 @@
+"""The systemd unit: renders systemd/lab-attendant.service (and the experimental-paging drop-in)
+with this checkout's absolute paths and config, installs or removes them; systemctl is the user's.
+"""
+from __future__ import annotations
+
+import getpass
+import math
+import os
+import pwd
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.contract.atomic import write_atomic
+from lab_attendant import PROJECT_ROOT
+from lab_attendant.config import Config
+from lab_attendant.errors import UserError
+
+UNIT_NAME = "lab-attendant.service"
+DROPIN_NAME = "experimental-paging.conf"
+TEMPLATE_DIR = PROJECT_ROOT / "systemd"
+SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
+# After the last worker group is gone the daemon still reaps, writes the store and exits.
+STOP_MARGIN_S = 15.0
+# A system unit installed by root itself (no sudo) runs as this user, not as root.
+DEDICATED_USER = "lab-attendant"
+NVIDIA_MODPROBE = "/usr/bin/nvidia-modprobe"
+# PrivateTmp= gives the service its own /tmp: anything of ours there is invisible to it.
+PRIVATE_TMP_DIRS = (Path("/tmp"), Path("/var/tmp"))
+_PLACEHOLDER = re.compile(r"@[A-Z_]+@")
+_BARE = re.compile(r"[A-Za-z0-9_+=:,./-]+")
+
+
+@dataclass(frozen=True)
+class UnitFiles:
+    unit_path: Path
+    unit_text: str
+    dropin_path: Path                  # where the experimental-paging drop-in goes
+    dropin_text: str | None            # None: no drop-in (paging stays off)
+    user: str | None = None            # User= of a system unit
+    warnings: tuple[str, ...] = ()     # what the installer should read before starting it
+
+
+def unit_dir(user: bool) -> Path:
+    if not user:
+        return SYSTEM_UNIT_DIR
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config_home) / "systemd" / "user"
+
+
+def systemctl(user: bool, *args: str) -> list[str]:
+    return ["systemctl", *(["--user"] if user else []), *args]
+
+
+def quote(word: str) -> str:
+    """One word of a unit-file command line or path list: '%' and '$' are systemd's specifier
+    and variable marks, so double them; quote anything with spaces or odd characters."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if _BARE.fullmatch(word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def daemon_argv(cfg: Config, *, experimental_paging: bool) -> list[str]:
+    """The daemon command of this checkout: the venv's console script when there is one."""
+    python = Path(sys.executable).absolute()   # not resolved: a venv's python is a symlink
+    script = python.parent / "lab-attendant"
+    argv = [str(script)] if script.is_file() else [str(python), "-m", "lab_attendant.cli.main"]
+    if cfg.source is not None:
+        argv += ["--config", str(cfg.source)]
+    return argv + ["daemon"] + (["--experimental-paging"] if experimental_paging else [])
+
+
+def timeout_stop_s(cfg: Config) -> int:
+    """Long enough for a warm shutdown to end on its own before systemd's SIGKILL."""
+    return math.ceil(cfg.limits.shutdown_grace_s + cfg.limits.kill_grace_s + STOP_MARGIN_S)
+
+
+def run_as_user() -> str:
+    """Whom a system unit runs as: the user behind sudo, else the caller; root installing
+    without sudo gets a dedicated system user (DEDICATED_USER), never root."""
+    who = os.environ.get("SUDO_USER") or getpass.getuser()
+    return DEDICATED_USER if who == "root" else who
+
+
+def _tmp_warnings(cfg: Config, working_dir: Path) -> tuple[str, ...]:
+    """Paths the unit needs that PrivateTmp= would hide."""
+    named = {"state_dir": cfg.paths.state_dir, "logs_dir": cfg.paths.logs_dir,
+             "models_dir": cfg.paths.models_dir, "the checkout": PROJECT_ROOT,
+             "WorkingDirectory": working_dir, "the venv": Path(sys.executable).parent,
+             **({"the config file": cfg.source} if cfg.source else {})}
+    out = []
+    for what, path in named.items():
+        absolute = Path(os.path.abspath(path))
+        for tmp in PRIVATE_TMP_DIRS:
+            if absolute.is_relative_to(tmp):
+                out.append(f"{what} {absolute} is under {tmp}, which the unit's PrivateTmp=yes "
+                           "hides from the service; move it elsewhere and re-run service install")
+    return tuple(out)
+
+
+def _fill(template: Path, values: dict[str, str]) -> str:
+    lines = template.read_text().splitlines(keepends=True)
+    text = "".join(ln for ln in lines if not ln.startswith("##"))
+    values = {"TEMPLATE": str(template).replace("%", "%%"), **values}
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    left = sorted(set(_PLACEHOLDER.findall(text)))
+    if left:  # pragma: no cover - a template edited without this function
+        raise AssertionError(f"unfilled placeholders in the unit template: {left}")
+    return text
+
+
+def render(cfg: Config, *, user: bool, experimental_paging: bool,
+           working_dir: Path | None = None, nvidia_modprobe: bool = False) -> UnitFiles:
+    if cfg.service.watchdog_s and cfg.service.watchdog_s < 1:
+        raise UserError("[service] watchdog_s must be 0 (off) or at least 1 s")
+    if nvidia_modprobe and user:
+        raise UserError("--nvidia-modprobe needs a system unit (it runs as root); for a --user "
+                        "unit install the udev rule from README.md (\"Run as a service\")")
+    modprobe = shutil.which("nvidia-modprobe") or NVIDIA_MODPROBE
+    working_dir = (working_dir or Path.cwd()).absolute()
+    unit_user = run_as_user()
+    base = unit_dir(user)
+    paths = [os.path.abspath(p) for p in (cfg.paths.state_dir, cfg.paths.logs_dir,
+                                          cfg.paths.models_dir)]
+    values = {
+        "PROJECT_ROOT": str(PROJECT_ROOT).replace("%", "%%"),
+        "WORKING_DIRECTORY": str(working_dir).replace("%", "%%"),
+        "WATCHDOG_SEC": f"{cfg.service.watchdog_s:g}s",
+        "TIMEOUT_STOP_SEC": f"{timeout_stop_s(cfg)}s",
+        "USER": unit_user,
+        "NVIDIA_COMMENT": "" if nvidia_modprobe else "#",
+        "NVIDIA_MODPROBE": quote(modprobe),
+        "READ_WRITE_PATHS": " ".join(quote(p) for p in dict.fromkeys(paths)),
+        "SYSTEM_ONLY": "#" if user else "",
+        "WANTED_BY": "default.target" if user else "multi-user.target",
+    }
+    argv = daemon_argv(cfg, experimental_paging=False)
+    unit = _fill(TEMPLATE_DIR / UNIT_NAME,
+                 {**values, "EXEC_START": " ".join(quote(a) for a in argv)})
+    dropin = None
+    if experimental_paging:
+        paging_argv = daemon_argv(cfg, experimental_paging=True)
+        dropin = _fill(TEMPLATE_DIR / DROPIN_NAME,
+                       {"EXEC_START": " ".join(quote(a) for a in paging_argv)})
+    return UnitFiles(base / UNIT_NAME, unit, base / f"{UNIT_NAME}.d" / DROPIN_NAME, dropin,
+                     user=None if user else unit_user, warnings=_tmp_warnings(cfg, working_dir))
+
+
+def _permission_hint(path: Path, user: bool) -> UserError:
+    how = "" if user else "; install system-wide with sudo (sudo .venv/bin/lab-attendant " \
+        "service install) or per user with --user"
+    return UserError(f"cannot write {path}: permission denied{how}")
+
+
+def install(files: UnitFiles, cfg: Config, *, user: bool) -> list[list[str]]:
+    """Write the unit (and the drop-in, or remove a stale one: paging is on only while a unit
+    says so); create the ReadWritePaths (systemd refuses to start with a missing one).
+    Returns the systemctl commands the user should run."""
+    try:
+        files.unit_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(files.unit_path, files.unit_text.encode())
+        if files.dropin_text is not None:
+            files.dropin_path.parent.mkdir(exist_ok=True)
+            write_atomic(files.dropin_path, files.dropin_text.encode())
+        else:
+            _remove(files.dropin_path)
+        for path in (cfg.paths.state_dir, cfg.paths.logs_dir, cfg.paths.models_dir):
+            _make_dir_for_service(path, files.user)
+    except PermissionError as exc:
+        raise _permission_hint(Path(exc.filename or files.unit_path), user) from None
+    commands = []
+    if files.user == DEDICATED_USER and not _user_exists(DEDICATED_USER):
+        # The dedicated user is made by you, like the systemctl calls: we print, never run.
+        commands += [["useradd", "--system", "--user-group", "--no-create-home", "--shell",
+                      "/usr/sbin/nologin", DEDICATED_USER],
+                     ["chown", "-R", f"{DEDICATED_USER}:{DEDICATED_USER}",
+                      *(os.path.abspath(p) for p in (cfg.paths.state_dir, cfg.paths.logs_dir))]]
+    return commands + [systemctl(user, "daemon-reload"),
+                       systemctl(user, "enable", "--now", UNIT_NAME)]
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _make_dir_for_service(path: Path, owner: str | None) -> None:
+    """Create a folder the service writes to; one that `sudo service install` creates is given
+    to the User= the system unit runs as, or the daemon could not write its own state."""
+    if path.is_dir():
+        return
+    path.mkdir(parents=True)
+    if owner and os.geteuid() == 0 and owner != "root" and _user_exists(owner):
+        shutil.chown(path, user=owner, group=pwd.getpwnam(owner).pw_gid)
+
+
+def _remove(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    if path.parent.name.endswith(".d"):
+        try:
+            path.parent.rmdir()
+        except OSError:  # not empty: the user's own drop-ins stay
+            pass
+    return True
+
+
+def uninstall(*, user: bool) -> tuple[list[Path], list[list[str]]]:
+    """Remove the unit, our drop-in and the enable links that point at the unit (what
+    `systemctl disable` would remove). Returns what was removed and the commands to run."""
+    base = unit_dir(user)
+    candidates = [base / f"{UNIT_NAME}.d" / DROPIN_NAME,
+                  *sorted(base.glob(f"*.wants/{UNIT_NAME}")), base / UNIT_NAME]
+    try:
+        removed = [p for p in candidates if _remove(p)]
+    except PermissionError as exc:
+        raise _permission_hint(Path(exc.filename or base), user) from None
+    return removed, [systemctl(user, "stop", UNIT_NAME), systemctl(user, "daemon-reload")]

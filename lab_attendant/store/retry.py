@@ -1,0 +1,83 @@
+"""Retries: a run that ends `failed` or `lost` with retries left gets a new queued run linked to
+it (retry_of), admitted after an exponential back-off; `lab-attendant retry ID` does it by hand.
+
+Guard kills (killed_thermal, oom), cancels, timeouts and skips are never retried automatically.
+The daemon derives retries from the store (a failed/lost run with budget left and no retry yet),
+so a crash between a run's end and its retry neither loses nor duplicates the retry.
+"""
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import and_, exists, select
+from sqlalchemy.orm import aliased
+
+from lab_attendant.errors import UserError
+from lab_attendant.service.logsetup import get_logger
+from lab_attendant.store.db import Run, RunEvent, Store, must_get
+from lab_attendant.store.states import TERMINAL, RunState
+
+RETRIED_STATES = frozenset({RunState.FAILED, RunState.LOST})
+MAX_RETRIES = 100
+
+log = get_logger("lab_attendant.store.retry")
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
+    """Wait before attempt+1 after attempt `attempt` (1-based) failed: base, 2 base, 4 base, ..."""
+    return min(max_s, base_s * 2 ** (attempt - 1))
+
+
+def _new_attempt(s, old: Run, *, not_before: float | None, reason: str) -> Run:
+    now = time.time()
+    run = Run(kind=old.kind, params_json=old.params_json, priority=old.priority,
+              timeout_s=old.timeout_s, needs_paging=old.needs_paging, submitted_at=now,
+              state=RunState.QUEUED, reason=reason, schedule_id=old.schedule_id,
+              retry_of=old.id, attempt=old.attempt + 1, max_retries=old.max_retries,
+              not_before=not_before, name=old.name, after_json=old.after_json,
+              executor=old.executor)
+    s.add(run)
+    s.flush()
+    s.add(RunEvent(run_id=run.id, at=now, kind="transition", from_state=None,
+                   to_state=RunState.QUEUED.value, reason=reason))
+    s.add(RunEvent(run_id=old.id, at=now, kind="retry", reason=f"retried as run {run.id}"))
+    return run
+
+
+def ensure_retries(store: Store, *, base_s: float, max_s: float) -> list[Run]:
+    """Queue the retry of every failed/lost run with retries left and none yet (one transaction,
+    idempotent: the daemon calls it each tick)."""
+    child = aliased(Run)
+    q = select(Run).where(Run.state.in_(RETRIED_STATES), Run.attempt <= Run.max_retries,
+                          ~exists().where(and_(child.retry_of == Run.id)))
+    with store.read() as s:   # the common case, nothing to retry, takes no write lock
+        if s.scalars(q.limit(1)).first() is None:
+            return []
+    made = []
+    with store.write() as s:
+        for old in s.scalars(q.order_by(Run.id)).all():
+            wait = backoff_s(old.attempt, base_s, max_s)
+            made.append(_new_attempt(
+                s, old, not_before=time.time() + wait,
+                reason=f"retry {old.attempt} of {old.max_retries} of run {old.id} ({old.state}: "
+                       f"{old.reason[:120]}), not before {wait:g} s"))
+    for run in made:
+        log.info("run retried", run_id=run.id, retry_of=run.retry_of, attempt=run.attempt)
+    return made
+
+
+def retry_now(store: Store, run_id: int) -> Run:
+    """`lab-attendant retry ID`: a new queued run with the same kind and params, linked to the
+    old one, admitted at once. The old run must have ended and not have been retried already."""
+    with store.write() as s:
+        old = must_get(s, run_id)
+        if old.state not in TERMINAL:
+            raise UserError(f"run {run_id} is {old.state}; only a run that has ended can be "
+                            f"retried (cancel it first: `lab-attendant cancel {run_id}`)")
+        if old.state is RunState.SUCCEEDED:
+            raise UserError(f"run {run_id} succeeded; submit it again if you want another run")
+        again = s.scalars(select(Run.id).where(Run.retry_of == run_id)).first()
+        if again is not None:
+            raise UserError(f"run {run_id} was already retried as run {again}; retry that one")
+        return _new_attempt(s, old, not_before=None,
+                            reason=f"retry of run {old.id} ({old.state}) by user")
