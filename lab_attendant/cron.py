@@ -105,7 +105,8 @@ def parse(expr: str) -> CronSpec:
         raise CronError(f"cron {expr!r} has {len(fields)} fields; write 5 (minute hour day "
                         "month weekday), 6 (second first) or a macro such as @daily")
     sets = [expand(f, t) for f, t in zip((_SECOND, _MINUTE, _HOUR, _DOM, _MONTH, _DOW), fields)]
-    spec = CronSpec(*sets, day_or=not fields[3].startswith("*") and not fields[5].startswith("*"))
+    seconds, minutes, hours, days, months, weekdays = sets
+    spec = CronSpec(seconds, minutes, hours, days, months, weekdays, day_or=not fields[3].startswith("*") and not fields[5].startswith("*"))
     if not spec.day_or:
         # Both day fields must match: some month in the set must have one of those days
         # (February counts 29: leap years come); the weekday then comes round in some year.

@@ -116,7 +116,7 @@ class Schedules:
 
     def dispatch(self, store: "Store", experimental_paging: bool) -> list["Run"]:
         """Drain pending firings (daemon thread): each becomes a queued run or a skipped one."""
-        runs = []
+        runs: list["Run"] = []
         while True:
             try:
                 firing = self.firings.get_nowait()

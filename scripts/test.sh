@@ -30,6 +30,12 @@ if [ -z "${LAB_ATTENDANT_NO_APT:-}" ] && bash scripts/slurm.sh install; then
 else
     echo "   Slurm is not installed; the Slurm e2e tests will be skipped" >&2
 fi
+# The architecture and types (docs/architecture.md): lint, import contracts, mypy on both sides.
+echo "== ruff check, lint-imports, mypy (supervisor side in .venv, worker side against venvs/experimental)" >&2
+.venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache
+.venv/bin/mypy lab_attendant jobs/contract jobs/paging/plan
+.venv/bin/mypy --python-executable venvs/experimental/bin/python jobs
 echo "== supervisor tests (unit + e2e + faults), in .venv" >&2
 .venv/bin/python -m pytest tests/unit tests/e2e tests/faults -p no:cacheprovider
 echo "== engine tests (engine + gpu; gpu skips without CUDA), in venvs/experimental" >&2

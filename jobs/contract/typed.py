@@ -58,7 +58,7 @@ class Reader:
 
     def value(self, key: str, value: Any, tp: Any) -> Any:
         origin = typing.get_origin(tp)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise self.error(f"{self.what} key '{key}' must be a table ([{key}])")
             return self.build(tp, value, f"{key}.")

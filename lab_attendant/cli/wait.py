@@ -47,8 +47,10 @@ def daemon_alive(cfg: Config) -> bool:
 def _table(runs: list[Any], why: dict[int, str], now: float) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name in ("ID", "KIND", "STATE", "PROGRESS", "ELAPSED", "ETA", "REASON"):
-        table.add_column(name, no_wrap=True, overflow="ellipsis",
-                         **({"ratio": 1, "min_width": 20} if name == "REASON" else {}))
+        if name == "REASON":
+            table.add_column(name, no_wrap=True, overflow="ellipsis", ratio=1, min_width=20)
+        else:
+            table.add_column(name, no_wrap=True, overflow="ellipsis")
     for r in runs:
         table.add_row(str(r.id), r.kind, state_text(r), progress_cell(r),
                       duration(elapsed_s(r, now)), duration(eta_s(r, now)),

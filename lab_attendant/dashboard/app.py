@@ -65,7 +65,9 @@ def create_app(cfg: Config) -> Starlette:
     def runs_page(request: Request) -> Response:
         f = filters(request)
         with session(engine) as s:
-            rows = views.runs(s, **{k: v or None for k, v in f.items()})
+            rows = views.runs(s, state=f["state"] or None, kind=f["kind"] or None,
+                              schedule=f["schedule"] or None, since=f["since"] or None,
+                              until=f["until"] or None)
             return page(request, "runs.html", runs=rows, f=f, choices=views.choices(s),
                         counts=views.counts(s))
 
@@ -134,6 +136,8 @@ def create_app(cfg: Config) -> Starlette:
         return PlainTextResponse(str(exc.detail), status_code=exc.status_code,
                                  headers=getattr(exc, "headers", None))
 
+    # starlette types a handler as taking Exception; ours take the subclass they are registered for
+    handlers: dict[Any, Any] = {UserError: user_error, LookupError: not_found, HTTPException: http_error}
     app = Starlette(routes=[
         Route("/", runs_page), Route("/runs/{run_id:int}", run_page),
         Route("/runs/{run_id:int}/outputs/{name}", output),
@@ -141,8 +145,7 @@ def create_app(cfg: Config) -> Starlette:
         Route("/api/runs", api_runs), Route("/api/runs/{run_id:int}", api_run),
         Route("/metrics", metrics_endpoint),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
-    ], exception_handlers={UserError: user_error, LookupError: not_found,
-                           HTTPException: http_error})
+    ], exception_handlers=handlers)
     app.add_middleware(_Headers)
     app.state.engine = engine
     return app

@@ -64,7 +64,8 @@ class StoreCollector(Collector):
         for kind, started, ended in s.execute(
                 select(Run.kind, Run.started_at, Run.ended_at)
                 .where(Run.started_at.is_not(None), Run.ended_at.is_not(None))):
-            per_kind.setdefault(kind, []).append(max(0.0, ended - started))
+            if started is not None and ended is not None:   # (the query's WHERE; typed Optional)
+                per_kind.setdefault(kind, []).append(max(0.0, ended - started))
         for kind, values in sorted(per_kind.items()):
             buckets = [(str(b), sum(1 for v in values if v <= b)) for b in DURATION_BUCKETS_S]
             h.add_metric([kind], buckets + [("+Inf", len(values))], sum_value=sum(values))
@@ -134,9 +135,12 @@ class Textfile:
             self.write()
 
     def write(self) -> None:
+        path = self.cfg.textfile
+        if path is None:
+            return   # no [metrics] textfile configured
         try:
-            self.cfg.textfile.parent.mkdir(parents=True, exist_ok=True)
-            write_to_textfile(str(self.cfg.textfile), self.registry)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_to_textfile(str(path), self.registry)
         except Exception as exc:  # noqa: BLE001 - metrics are a view; never stop the daemon
             log.warning("cannot write the metrics textfile", path=str(self.cfg.textfile),
                         error=f"{type(exc).__name__}: {exc}")

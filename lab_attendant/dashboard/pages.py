@@ -87,6 +87,8 @@ def output_path(run: Run, name: str) -> Path:
     """One listed output by name: nothing outside the run's output folder can be asked for."""
     if name not in {o["name"] for o in outputs(run)}:
         raise UserError(f"run {run.id} has no output {name!r}")
+    if not run.run_dir:
+        raise UserError(f"run {run.id} has no run folder")
     return Path(run.run_dir) / "output" / name
 
 

@@ -52,6 +52,7 @@ class Cotenant:
     def _finished(self) -> tuple[bool, str] | None:
         """None while the command runs; (ok, output tail) when it ended or timed out."""
         cmd = self._cmd
+        assert cmd is not None, "_finished() is called only while a command runs"
         code = cmd.proc.poll()
         if code is None and self.host.monotonic() < cmd.deadline:
             return None

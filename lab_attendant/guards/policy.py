@@ -117,17 +117,17 @@ class Guards:
             "thermal_hold": self.thermal_hold and self.thermal_hold.reason,
         }
         for a in actions:
-            if a.action == "kill":
+            if a.action == "kill" and a.run_id is not None:
                 self._acted_on.add(a.run_id)
         return actions
 
     def _thermal(self, gpus: list[GpuReading], workers: list[WorkerInfo]) -> list[Action]:
         c = self.cfg
         temps = [g for g in gpus if g.temperature_c is not None]
-        hot = [g for g in temps if g.temperature_c > c.thermal_limit_c]
+        hot = [g for g in temps if _celsius(g) > c.thermal_limit_c]
         out: list[Action] = []
         if hot:
-            g = max(hot, key=lambda r: r.temperature_c)
+            g = max(hot, key=_celsius)
             reading = g.to_dict()
             for w in workers:
                 if w.needs_paging and w.run_id not in self._acted_on:
@@ -142,9 +142,9 @@ class Guards:
                 out.append(Action("thermal", "hold",
                                   f"GPU {g.index} at {g.temperature_c:.0f} °C: {self.thermal_hold.reason}",
                                   reading=reading))
-        elif self.thermal_hold and temps and all(g.temperature_c < c.resume_below_c for g in temps):
+        elif self.thermal_hold and temps and all(_celsius(g) < c.resume_below_c for g in temps):
             self.thermal_hold = None
-            hottest = max(temps, key=lambda r: r.temperature_c)
+            hottest = max(temps, key=_celsius)
             out.append(Action("thermal", "resume",
                               f"every GPU below {c.resume_below_c:g} °C (hottest "
                               f"{hottest.temperature_c:.0f} °C); paging admissions resume",
@@ -209,3 +209,9 @@ class Guards:
     def forget(self, run_id: int) -> None:
         self._acted_on.discard(run_id)
         self._last_rss.pop(run_id, None)
+
+
+def _celsius(reading: GpuReading) -> float:
+    """The temperature of a reading that has one (callers filter out those without)."""
+    assert reading.temperature_c is not None
+    return reading.temperature_c

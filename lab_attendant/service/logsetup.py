@@ -21,7 +21,7 @@ MAIN_LOG = "lab_attendant.log"
 PAGING_LOG = "experimental_paging.log"
 PAGING_LOGGER = "experimental_paging"   # not under "lab_attendant": never reaches the main file
 
-_SHARED = [
+_SHARED: list[Any] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
