@@ -109,6 +109,7 @@ class Int8Layer(QuantizedLayer):
         if self.is_initialized:
             self._quantized_keys = _select(self._quantized_keys, beam_idx)
             self._quantized_values = _select(self._quantized_values, beam_idx)
+            assert self.keys is not None and self.values is not None
             self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
             self.values = self.values.index_select(0, beam_idx.to(self.values.device))
 
@@ -149,7 +150,7 @@ def make_cache(config: Any, kind: str = "fp", *, residual_length: int = DEFAULT_
     # Groups of consecutive channels of one token and head: independent of batch and padding, appendable, and
     # gcd() keeps every head's size a multiple of the group.
     group = math.gcd(_MAX_GROUP, head_dim)
-    layers = []
+    layers: list[Any] = []
     for layer_type, kwargs in zip(layer_types, per_layer_kwargs):
         if layer_type == "full_attention":
             layers.append(Int8Layer(group, residual_length) if kind == "int8" else TokenFp8Layer())

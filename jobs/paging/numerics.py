@@ -42,7 +42,7 @@ def resolve_fp16_safe(setting: str, dtype: torch.dtype, model_type: str) -> bool
 class Fp16Safe:
     """Hooks on a causal LM's decoder layers, their Linears and lm_head; `remove()` takes them off."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:   # a transformers causal LM
         self.compute_dtype = model.get_input_embeddings().weight.dtype
         self._handles: list[Any] = []
         for layer in model.get_decoder().layers:
@@ -91,7 +91,7 @@ class NonFiniteWatch:
     generate() appends the flags to the step's picked ids and reads both with its one `.tolist()`.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:   # a transformers causal LM
         layers = model.get_decoder().layers
         embeddings = model.get_input_embeddings().weight
         self.dtype = embeddings.dtype  # the compute dtype, for the error message

@@ -14,7 +14,9 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -127,6 +129,11 @@ class Variant:
         return self.spec.nbytes(self.shapes[key])
 
 
+def _expert_slice(f: Any, key: str, expert: int) -> Any:
+    """Expert `expert`'s [out, in] slice of a fused [E, out, in] tensor, read on its own."""
+    return f.get_slice(key)[expert]
+
+
 def write_variant(model_dir: str | Path, spec: QuantSpec, *, force: bool = False,
                   device: str | torch.device = "cpu") -> Path:
     """Quantize every quantizable decoder-layer weight of the folder into MODEL/variants/NAME.
@@ -175,12 +182,13 @@ def write_variant(model_dir: str | Path, spec: QuantSpec, *, force: bool = False
                 if not _LAYER_KEY_RE.search(key):
                     continue
                 shape = tuple(f.get_slice(key).get_shape())
+                pieces: list[tuple[str, Any, Callable[[], Any]]]
                 if len(shape) == 3 and _FUSED_EXPERTS_RE.search(key):
                     # one [out, in] slice per expert, read one at a time
-                    pieces = [(f"{key}.{e}", shape[1:], lambda e=e, k=key: f.get_slice(k)[e])
+                    pieces = [(f"{key}.{e}", shape[1:], partial(_expert_slice, f, key, e))
                               for e in range(shape[0])]
                 else:
-                    pieces = [(key, shape, lambda k=key: f.get_tensor(k))]
+                    pieces = [(key, shape, partial(f.get_tensor, key))]
                 if not all(spec.quantizable(s) for _, s, _ in pieces):
                     kept.append(key)
                     continue
@@ -208,7 +216,7 @@ def write_variant(model_dir: str | Path, spec: QuantSpec, *, force: bool = False
         "bits": spec.bits, "group_size": spec.group_size, "axis": 1, "scale_dtype": "float16",
         "tensors": shapes, "files": file_of, "kept_precise": kept,
         "source_files": {p.name: p.stat().st_size for p in files},
-        "bytes_precise": precise_bytes, "bytes_quantized": sum(spec.nbytes(s) for s in shapes.values()),
+        "bytes_precise": precise_bytes, "bytes_quantized": sum(spec.nbytes(tuple(s)) for s in shapes.values()),
         "quantize_s": round(time.perf_counter() - start, 1),
     }
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
