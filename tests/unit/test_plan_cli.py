@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -13,12 +15,16 @@ MIXTRAL = ROOT / "examples/configs/mixtral-8x7b-v0.1"
 
 def test_plan_json_for_the_27b_on_the_2080ti(lab):
     out = lab.cli("model", "plan", str(GEMMA_27B), "--device-profile", "rtx2080ti", "--batch", "1",
-                  "--context", "2048", "--json")
+                  "--context", "2048", "--host-ram", "16GiB", "--disk-bandwidth", "2GB", "--json")
     plan = json.loads(out.stdout)
     assert plan["fits"] is True and plan["peak_device_bytes"] <= int(10.76 * 1024**3)
-    for key in ("reason", "peak_pinned_bytes", "bytes_per_pass", "bound_tokens_per_s"):
+    for key in ("reason", "peak_pinned_bytes", "bytes_per_pass", "bound_tokens_per_s", "weights_format",
+                "bytes_by_block_type", "faster"):
         assert key in plan
-    assert plan["bound_tokens_per_s"] > 0
+    # the finding: ~47 GiB of fp16 layers per pass cannot stay in 16 GiB, so the disk bounds it
+    assert plan["weights_format"] == "safetensors" and plan["from_disk"]
+    assert plan["bound_tokens_per_s"] == pytest.approx(2e9 / plan["disk_bytes_per_pass"])
+    assert plan["bound_tokens_per_s"] < plan["bound_from_ram_tokens_per_s"] / 5
 
 
 def test_plan_table_and_refusal_exit_2_with_one_line(lab):
