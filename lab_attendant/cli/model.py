@@ -8,12 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jobs.contract.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, KV_KINDS, VARIANT_MODES
+from jobs.contract.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, KV_KINDS, VARIANT_MODES, ModelSpec
 from jobs.contract.units import format_size, size_arg
-from lab_attendant import PROJECT_ROOT, venv
-from jobs.contract.spec import ModelSpec
 from jobs.paging.plan.gguf_header import is_gguf
-from lab_attendant import ollama
+from lab_attendant import PROJECT_ROOT, ollama, venv
 from lab_attendant.config import Config, read_registry, register_model
 from lab_attendant.errors import UserError
 from lab_attendant.plan import PROFILE_CHOICES, device_profile, is_model_path, model_shape, path_spec, plan_model

@@ -11,7 +11,6 @@ from jobs.paging.plan.memplan import MemoryPlan, PlanRequest, plan_only
 from jobs.paging.plan.profiles import DeviceProfile
 from jobs.paging.plan.shape import ModelShape
 
-
 Q4_BITS_PER_WEIGHT = 4.5     # Q4_0 and Q4_K both store 4.5 bits per weight (scales included)
 MAX_BATCH = 256
 
