@@ -134,7 +134,9 @@ class MemoryPlan:
                   f"  peak pinned host RAM {format_size(self.peak_pinned_bytes)}   host RAM held "
                   f"{format_size(self.host_ram_bytes)}",
                   f"  per pass             {format_size(self.bytes_per_pass)} to the device, "
-                  f"{format_size(self.disk_bytes_per_pass)} from disk",
+                  f"{format_size(self.disk_bytes_per_pass)} read from the weights' file"
+                  + ("" if not self.disk_bytes_per_pass else ": from disk every pass" if self.from_disk
+                     else ": kept in the page cache after the first pass"),
                   "  bound                " + (f"<= {self.bound_tokens_per_s:.3g} tokens/s ({self.bound_note})"
                                              if self.bound_tokens_per_s else self.bound_note)]
         if self.bytes_by_block_type:
