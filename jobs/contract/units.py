@@ -52,8 +52,7 @@ def size_arg(text: str) -> int:
 
 
 def format_duration(seconds: float) -> str:
-    """'0.4 s', '42 s', '3 min 05 s', '2 h 07 min', '3 d 04 h' (for the engine's plan; the CLI's
-    render.duration reads the same)."""
+    """'0.4 s', '42 s', '3 min 05 s', '2 h 07 min', '3 d 04 h' (the plan's job time, the CLI's durations)."""
     s = max(0.0, seconds)
     if s < 10:
         return f"{s:.1f} s"

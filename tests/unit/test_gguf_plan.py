@@ -235,18 +235,3 @@ def test_a_probe_measurement_is_remembered_for_its_disk_and_used_by_the_plan(q4_
     assert plan["from_disk"] and plan["request"]["disk_source"].startswith("probe of")
     assert plan["bound_tokens_per_s"] == pytest.approx(8 * 5e8 / plan["disk_bytes_per_pass"])
 
-
-def test_submit_checks_a_gguf_model_as_it_does_a_folder(q4_0, tmp_path, lab):
-    archive = tmp_path / "notes"
-    archive.mkdir()
-    (archive / "a.md").write_text("a note\n")
-    lab.config = write_config(tmp_path, extra=f"""
-[models.g27]
-path = "{q4_0[0]}"
-device = "cpu"
-device_memory_bytes = "4GiB"
-""")
-    res = lab.cli("submit", "nightly_insights", "-p", f"archive={archive}", "-p", "model=g27", check=False)
-    assert res.returncode == 2, res.stderr
-    assert "model 'g27' does not fit cpu" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    assert json.loads(lab.cli("list", "--json").stdout) == []

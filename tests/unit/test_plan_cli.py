@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_config
+from tests.fixtures.gguf_headers import gemma3_27b, write_header_only
 
 ROOT = Path(__file__).resolve().parents[2]
 GEMMA_27B = ROOT / "examples/configs/gemma-3-27b-it"
@@ -37,13 +38,18 @@ def test_plan_table_and_refusal_exit_2_with_one_line(lab):
     assert "Traceback" not in refused.stderr
 
 
-def test_submit_refuses_a_model_that_cannot_fit(tmp_path, lab):
+@pytest.mark.parametrize("weights", ["folder", "gguf"])
+def test_submit_refuses_a_model_that_cannot_fit(tmp_path, lab, weights):
     archive = tmp_path / "notes"
     archive.mkdir()
     (archive / "a.md").write_text("a note\n")
+    path = GEMMA_27B
+    if weights == "gguf":   # a header-only Gemma-3-27B Q4_0 file: a .gguf is a model path like a folder
+        path = tmp_path / "gemma-3-27b-it-q4_0.gguf"
+        write_header_only(path, *gemma3_27b("Q4_0"))
     lab.config = write_config(tmp_path, extra=f"""
 [models.big]
-path = "{GEMMA_27B}"
+path = "{path}"
 device = "cpu"
 device_memory_bytes = "4GiB"
 """)
