@@ -7,6 +7,7 @@ import math
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from jobs.paging.plan.gguf_header import GGUFHeader, is_gguf, read_header
 
@@ -267,7 +268,7 @@ def shape_from_gguf(path: str | Path) -> ModelShape:
     if len(per_layer_bytes) != shape.num_layers:
         raise ValueError(f"the GGUF header says block_count {shape.num_layers} but its tensor table holds "
                          f"{len(per_layer_bytes)} blocks (blk.N.*): the file is damaged or split parts are missing")
-    moe = {}
+    moe: dict[str, Any] = {}
     if shape.moe:
         if not expert_bytes:
             raise ValueError("the GGUF header names experts (expert_count) but its tensor table has no fused "
