@@ -74,12 +74,13 @@ def cmd_model(cfg: Config, args: argparse.Namespace) -> int:
         if args.device:
             argv += ["--device", args.device]
         return _run_worker_tool(argv, "quantization")
-    if not models_dir.is_dir():
-        print(f"no models in {models_dir}; run `lab-attendant model import-default`")
+    registered = read_registry(cfg.paths.state_dir)
+    if not models_dir.is_dir() and not registered:
+        print(f"no models in {models_dir}; run `lab-attendant model import-default` or `lab-attendant model add`")
         return 0
-    for d in sorted(p for p in models_dir.iterdir() if (p / "config.json").exists()):
+    for d in sorted(p for p in models_dir.iterdir() if (p / "config.json").exists()) if models_dir.is_dir() else ():
         print(f"{d.name:<30} {format_size(_dir_size(d)):>10}  {d}")
-    for name, model in read_registry(cfg.paths.state_dir).items():
+    for name, model in registered.items():
         path = Path(model.path or "")
         size = _dir_size(path) if path.is_dir() else path.stat().st_size if path.is_file() else 0
         print(f"{name:<30} {format_size(size):>10}  {path}  (registered)")

@@ -204,6 +204,9 @@ def test_model_add_registers_a_gguf_and_ollamas_blob_and_refuses_other_paths(q4_
     assert "(gguf, mixtral, moe)" in capsys.readouterr().out
     registry = (tmp_path / "var" / "models.toml").read_text()
     assert str(blob) in registry and str(q4_0[0]) in registry and 'kind = "moe"' in registry
+    assert cli("model", "list") == 0
+    listed = capsys.readouterr().out
+    assert "g27" in listed and str(blob) in listed and "(registered)" in listed
     # registered names plan like config tables, from the registry file
     assert cli("model", "plan", "mixtral", "--device-profile", "rtx2080ti", "--batch", "1", "--json") == 0
     assert json.loads(capsys.readouterr().out)["expert_cache_slots"] > 0
