@@ -5,6 +5,7 @@ Lookup order: --config PATH, $LAB_ATTENDANT_CONFIG, ./lab-attendant.toml, built-
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -271,13 +272,60 @@ class Config:
         model needs no table. ConfigError for a name the config does not define."""
         name = name or self.worker.default_model
         model = self.models.get(name)
+        registered = read_registry(self.paths.state_dir) if model is None else {}
+        model = model or registered.get(name)
         if model is None and name != DEFAULT_MODEL:
-            known = ", ".join(sorted({*self.models, DEFAULT_MODEL}))
-            raise ConfigError(f"unknown model '{name}'; add a [models.{name}] table to the "
-                              f"config or use one of: {known}")
+            known = ", ".join(sorted({*self.models, *registered, DEFAULT_MODEL}))
+            raise ConfigError(f"unknown model '{name}'; add a [models.{name}] table to the config, "
+                              f"register it with `lab-attendant model add {name} PATH`, or use one of: {known}")
         model = model or EMBEDDED_MODEL
         return ModelSpec(name=name, path=str(model.path or self.paths.models_dir / name),
                          **model.settings())
+
+
+# `lab-attendant model add` writes [models.NAME] tables here, not into the user's config file: read at each
+# lookup, so a running daemon sees a model added after it started; the config's own tables win.
+REGISTRY_NAME = "models.toml"
+
+
+def read_registry(state_dir: Path, path: Path | None = None) -> dict[str, ModelConfig]:
+    """The [models.NAME] tables of state_dir/models.toml, or of `path` (empty when there is none)."""
+    path = path or state_dir / REGISTRY_NAME
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"model registry {path} cannot be read ({exc}); fix or delete it") from None
+    unknown = set(data) - {"models"}
+    if unknown:
+        raise ConfigError(f"model registry {path} has unknown sections {sorted(unknown)}; it holds only "
+                          "[models.NAME] tables")
+    reader = Reader(f"model registry {path}", ConfigError, base_dir=state_dir, tables=True)
+    return reader.value("models", data.get("models", {}), dict[str, ModelConfig])
+
+
+def register_model(state_dir: Path, name: str, table: dict[str, str | int]) -> Path:
+    """Add (or replace) [models.NAME] in the registry; `table` holds ModelConfig keys with plain values,
+    checked by reading the result back before it replaces the file."""
+    path = state_dir / REGISTRY_NAME
+    data = tomllib.loads(path.read_text()) if path.is_file() else {}
+    models = {**data.get("models", {}), name: table}
+    text = "# written by `lab-attendant model add`; one [models.NAME] table per registered model\n"
+    for model, keys in models.items():
+        text += f"\n[models.{json.dumps(model)}]\n"
+        text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.new")
+    tmp.write_text(text)
+    try:
+        model = read_registry(state_dir, tmp)[name]
+        check_settings(ModelSpec(name=name, path=str(model.path), **model.settings()))
+    except (SettingError, ConfigError) as exc:
+        tmp.unlink()
+        raise ConfigError(str(exc)) from None
+    tmp.replace(path)
+    return path
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:

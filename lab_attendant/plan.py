@@ -1,6 +1,6 @@
 """`lab-attendant model plan` and the submit-time fit check: jobs.paging.plan.memplan run by the supervisor
 (stdlib + NVML, no torch), so an impossible run is refused before it is queued, and a model can be planned
-from a folder holding only config.json, before its weights are downloaded."""
+from a folder holding only config.json, before its weights are downloaded, or from a GGUF file's header."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,11 +8,14 @@ import logging
 from pathlib import Path
 
 from jobs.contract.spec import DEFAULT_BATCH_SIZE, ModelSpec
+from jobs.paging.plan.disk import remembered_read_bandwidth
 from jobs.paging.plan.expert_budget import mem_available_bytes
+from jobs.paging.plan.faster import faster_options
+from jobs.paging.plan.gguf_header import SPLIT_RE, is_gguf
 from jobs.paging.plan.memplan import MemoryPlan, PlanRequest, make_plan
 from jobs.paging.plan.profiles import PROFILES, DeviceProfile, dtype_for, fp16_safe_for, pcie_bytes_per_s, profile
 from jobs.paging.plan.settings import is_moe_folder
-from jobs.paging.plan.shape import shape_from_folder
+from jobs.paging.plan.shape import ModelShape, shape_from_path
 from lab_attendant.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,29 +59,66 @@ def device_profile(name: str) -> DeviceProfile:
         raise UserError(str(exc)) from None
 
 
-def plan_model(spec: ModelSpec, device: DeviceProfile, *, batch: int, context: int | None = None,
-               disk_bytes_per_s: float | None = None) -> MemoryPlan:
+def is_model_path(path: Path) -> bool:
+    """A GGUF file (any part of a split one) or a folder with config.json: what a model path may name."""
+    return is_gguf(path) or (path / "config.json").is_file()
+
+
+def model_shape(spec: ModelSpec) -> ModelShape:
+    """The shape of spec's folder or GGUF file, header only; UserError with what to do when unreadable."""
     path = Path(spec.path)
     try:
-        shape = shape_from_folder(path)
+        return shape_from_path(path)
     except FileNotFoundError:
-        raise UserError(f"model '{spec.name}' folder {path} has no config.json; point [models.{spec.name}] path "
-                        "(or the folder argument) at a Hugging Face model folder") from None
+        raise UserError(f"model '{spec.name}' path {path} is neither a GGUF file nor a folder with config.json; "
+                        f"point [models.{spec.name}] path (or the argument) at a .gguf file or a Hugging Face "
+                        "model folder") from None
     except (KeyError, ValueError) as exc:
-        raise UserError(f"config.json in {path} cannot be planned: {exc}") from None
+        raise UserError(f"model '{spec.name}' at {path} cannot be planned: {exc}") from None
+
+
+def plan_model(spec: ModelSpec, device: DeviceProfile, *, batch: int, context: int | None = None,
+               disk_bytes_per_s: float | None = None, state_dir: Path | None = None,
+               host_ram_bytes: int | None = None, job: tuple[int, int] | None = None) -> MemoryPlan:
+    """The plan, its disk-aware bound and what would make it faster. The disk bandwidth is the argument's,
+    else [models.NAME] disk_bytes_per_s, else what a probe measured on the model's disk (state_dir);
+    `job` = (prompts, new tokens each) adds the least time such a job takes."""
+    shape = model_shape(spec)
     dtype = dtype_for(spec.dtype, device.capability)     # as the engine resolves them on that device
     safe = fp16_safe_for(spec.fp16_safe, dtype, shape.model_type)
-    request = PlanRequest.for_model(spec, batch=batch, dtype=dtype, fp16_safe=safe, disk_bytes_per_s=disk_bytes_per_s)
+    source = "--disk-bandwidth" if disk_bytes_per_s else ""
+    if not disk_bytes_per_s and spec.disk_bytes_per_s:
+        disk_bytes_per_s, source = float(spec.disk_bytes_per_s), f"[models.{spec.name}] disk_bytes_per_s"
+    if not disk_bytes_per_s and state_dir is not None:
+        remembered = remembered_read_bandwidth(state_dir, Path(spec.path))
+        if remembered:
+            disk_bytes_per_s, source = remembered
+    request = PlanRequest.for_model(spec, batch=batch, dtype=dtype, fp16_safe=safe,
+                                    disk_bytes_per_s=disk_bytes_per_s, disk_source=source)
     if context:
         request = dataclasses.replace(request, context=context)
     if spec.device_memory_bytes is not None and spec.device_memory_bytes < device.memory_bytes:
         device = dataclasses.replace(device, memory_bytes=spec.device_memory_bytes, note="capped by device_memory_bytes")
-    return make_plan(shape, device, request, spec.name)
+    if host_ram_bytes is not None:
+        device = dataclasses.replace(device, host_ram_bytes=host_ram_bytes)
+        if device.kind == "cpu":
+            device = dataclasses.replace(device, memory_bytes=host_ram_bytes)
+    plan = make_plan(shape, device, request, spec.name)
+    plan.faster = faster_options(shape, device, request, plan)
+    if job:
+        prompts, tokens = job
+        plan.job = {"prompts": prompts, "tokens": tokens, "seconds": plan.job_seconds(prompts, tokens)}
+    return plan
 
 
-def folder_spec(folder: Path) -> ModelSpec:
-    """A model folder named on the command line, planned with the default settings."""
-    return ModelSpec(name=folder.name, path=str(folder), kind="moe" if is_moe_folder(folder) else "dense",
+def path_spec(path: Path) -> ModelSpec:
+    """A model folder or GGUF file named on the command line, planned with the default settings."""
+    if is_gguf(path):
+        split = SPLIT_RE.match(path.name)
+        name = split["stem"] if split else path.name.removesuffix(".gguf")
+        return ModelSpec(name=name, path=str(path), kind="moe" if model_shape(
+            ModelSpec(name=name, path=str(path))).moe else "dense", device="cuda")
+    return ModelSpec(name=path.name, path=str(path), kind="moe" if is_moe_folder(path) else "dense",
                      device="cuda")
 
 
@@ -86,7 +126,7 @@ def check_fits(spec: ModelSpec, batch: int | None) -> None:
     """Submit-time refusal of a run whose model cannot fit its device (UserError, exit 2). A CUDA model on a
     machine whose GPU NVML cannot see is left to the worker, which plans against the real device at load."""
     device = profile("cpu") if spec.device == "cpu" else local_gpu()
-    if device is None or not (Path(spec.path) / "config.json").is_file():
+    if device is None or not is_model_path(Path(spec.path)):
         return
     plan = plan_model(spec, device, batch=batch or DEFAULT_BATCH_SIZE)
     if not plan.fits:

@@ -59,6 +59,9 @@ class ModelSettings:
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
     # Device memory the plan may use (None: what is free at load); e.g. to emulate a smaller card.
     device_memory_bytes: ByteSize | None = None
+    # Sequential read bytes/s of the disk holding the weights, for the plan's disk bound (None: --disk-bandwidth,
+    # else what the probe kind measured on that disk and remembered).
+    disk_bytes_per_s: ByteSize | None = None
 
     def settings(self) -> dict[str, Any]:
         """The ModelSettings fields only (a subclass's own fields left out)."""
@@ -69,7 +72,7 @@ class ModelSettings:
 class ModelSpec(ModelSettings):
     """One resolved model: its [models.NAME] settings plus the name and the folder."""
     name: str                              # the [models.NAME] it was resolved from
-    path: str                              # the model folder (config.json + safetensors)
+    path: str                              # the model folder (config.json + safetensors) or a .gguf file
 
 
 @dataclass(frozen=True, kw_only=True)

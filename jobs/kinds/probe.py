@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.paging.plan.disk import remember_read_bandwidth
+
 CHUNK_BYTES = 8 * 1024**2
 MIB = 1024**2                # progress is reported in MiB read, not raw bytes
 
@@ -97,6 +99,8 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
                                                               "MiB"),
             keep=ctx.roots.keep if params.get("path") else None)
         ctx.metric(read_bytes_per_s=info["read_bandwidth"]["bytes_per_s"])
+        # the memory plan's disk bound uses it for models on this disk (jobs.paging.plan.disk)
+        info["read_bandwidth"]["remembered"] = remember_read_bandwidth(ctx.state_dir, info["read_bandwidth"])
     else:
         info["read_bandwidth"] = {"path": str(target), "bytes_per_s": None,
                                   "why": "nothing to read there; pass -p path=FILE_OR_DIR"}

@@ -13,6 +13,7 @@ import torch
 
 from jobs.contract.errors import BudgetError
 from jobs.contract.spec import DEFAULT_BATCH_SIZE
+from jobs.contract.units import format_size
 from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS, kv_cache_nbytes, make_cache
 from jobs.paging.numerics import NonFiniteWatch, non_finite_error
 
@@ -108,15 +109,18 @@ def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int
 
 
 def check_planned(loaded: LoadedModel, rows: int, tokens: int) -> None:
-    """BudgetError when a batch is bigger than the memory plan made room for (batch x context_tokens)."""
+    """BudgetError when a batch's KV cache and activations exceed what the memory plan reserved for
+    batch x context_tokens: a budget, not a cap per dimension (16 rows of 46 tokens fit a plan for 8 x 2048)."""
     plan = getattr(loaded, "plan", None)
-    if plan is None:
+    if plan is None or plan.batch_fits(rows, tokens):
         return
     batch, context = plan.request["batch"], plan.request["context"]
-    if tokens > context or rows > batch:
-        raise BudgetError(f"a batch of {rows} rows x {tokens} tokens (prompt + new) does not fit the memory plan, "
-                          f"made for {batch} x {context}: raise context_tokens (or batch_size) in the model's "
-                          "table after `lab-attendant model plan NAME --context N` shows it fits, or shorten the input")
+    raise BudgetError(f"a batch of {rows} rows x {tokens} tokens (prompt + new) needs "
+                      f"{format_size(plan.batch_memory_bytes(rows, tokens))} of KV cache and activations, more "
+                      f"than the memory plan reserved for {batch} x {context} "
+                      f"({format_size(plan.batch_memory_bytes(batch, context))}): raise context_tokens (or "
+                      "batch_size) in the model's table after `lab-attendant model plan NAME --context N` shows "
+                      "it fits, or use smaller batches or shorter inputs")
 
 
 @torch.no_grad()

@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jobs.contract.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, KV_KINDS, VARIANT_MODES
+from jobs.contract.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, KV_KINDS, VARIANT_MODES, ModelSpec
 from jobs.contract.units import format_size, size_arg
-from lab_attendant import PROJECT_ROOT, venv
-from lab_attendant.config import Config
+from jobs.paging.plan.gguf_header import is_gguf
+from lab_attendant import PROJECT_ROOT, ollama, venv
+from lab_attendant.config import Config, read_registry, register_model
 from lab_attendant.errors import UserError
-from lab_attendant.plan import PROFILE_CHOICES, device_profile, folder_spec, plan_model
+from lab_attendant.plan import PROFILE_CHOICES, device_profile, is_model_path, model_shape, path_spec, plan_model
 from lab_attendant.validate import dumps
 
 
@@ -59,6 +60,8 @@ def cmd_model(cfg: Config, args: argparse.Namespace) -> int:
         return _run_worker_tool(argv, "model conversion")
     if args.model_cmd == "plan":
         return cmd_model_plan(cfg, args)
+    if args.model_cmd == "add":
+        return cmd_model_add(cfg, args)
     if args.model_cmd == "quantize":
         path = Path(cfg.model_spec(args.name).path)  # ConfigError (a UserError) for an unknown name
         if not (path / "config.json").is_file():
@@ -71,28 +74,65 @@ def cmd_model(cfg: Config, args: argparse.Namespace) -> int:
         if args.device:
             argv += ["--device", args.device]
         return _run_worker_tool(argv, "quantization")
-    if not models_dir.is_dir():
-        print(f"no models in {models_dir}; run `lab-attendant model import-default`")
+    registered = read_registry(cfg.paths.state_dir)
+    if not models_dir.is_dir() and not registered:
+        print(f"no models in {models_dir}; run `lab-attendant model import-default` or `lab-attendant model add`")
         return 0
-    for d in sorted(p for p in models_dir.iterdir() if (p / "config.json").exists()):
+    for d in sorted(p for p in models_dir.iterdir() if (p / "config.json").exists()) if models_dir.is_dir() else ():
         print(f"{d.name:<30} {format_size(_dir_size(d)):>10}  {d}")
+    for name, model in registered.items():
+        path = Path(model.path or "")
+        size = _dir_size(path) if path.is_dir() else path.stat().st_size if path.is_file() else 0
+        print(f"{name:<30} {format_size(size):>10}  {path}  (registered)")
     return 0
 
 
 def cmd_model_plan(cfg: Config, args: argparse.Namespace) -> int:
     """The memory plan as a table (or --json); exit 2 when it does not fit."""
-    folder = Path(args.name)
-    spec = folder_spec(folder) if (folder / "config.json").is_file() else cfg.model_spec(args.name)
+    path = Path(args.name)
+    spec = path_spec(path) if is_model_path(path) else cfg.model_spec(args.name)
     overrides = {k: v for k, v in (("vram_budget_bytes", args.vram_budget), ("ram_budget_bytes", args.ram_budget),
                                    ("kv_cache", args.kv_cache), ("variant", args.variant)) if v is not None}
     spec = dataclasses.replace(spec, **overrides)
     name = args.device_profile or ("cpu" if spec.device == "cpu" else "auto")
+    if (args.prompts is None) != (args.tokens is None):
+        raise UserError("give --prompts N and --tokens T together: the job's size is both")
     plan = plan_model(spec, device_profile(name), batch=args.batch, context=args.context,
-                      disk_bytes_per_s=args.disk_bandwidth)
+                      disk_bytes_per_s=args.disk_bandwidth, state_dir=cfg.paths.state_dir,
+                      host_ram_bytes=args.host_ram,
+                      job=(args.prompts, args.tokens) if args.prompts is not None else None)
     print(dumps(plan.to_json(), indent=2) if args.json else plan.table())
     if not plan.fits:
         print(f"error: model '{spec.name}' does not fit {plan.device}: {plan.reason}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def cmd_model_add(cfg: Config, args: argparse.Namespace) -> int:
+    """Register a GGUF file (or Ollama's blob of one) or a safetensors folder as [models.NAME] in
+    state_dir/models.toml; nothing is written next to the weights."""
+    if bool(args.path) == bool(args.ollama):
+        raise UserError("give either PATH (a .gguf file or a model folder) or --ollama MODEL:TAG")
+    path = ollama.find_blob(args.ollama) if args.ollama else Path(args.path).expanduser().resolve()
+    if not (is_gguf(path) or _has_weights(path)):
+        raise UserError(f"{path} is neither a GGUF file nor a folder with config.json and *.safetensors weights; "
+                        "point at a .gguf file (any part of a split one) or a Hugging Face model folder")
+    if args.name in cfg.models:
+        raise UserError(f"the config file already has [models.{args.name}]; change its path there or pick "
+                        "another name")
+    shape = model_shape(ModelSpec(name=args.name, path=str(path)))   # refuses a file it cannot plan
+    table: dict[str, str | int] = {"path": str(path), "kind": "moe" if shape.moe else "dense"}
+    if args.device:
+        table["device"] = args.device
+    if args.disk_bandwidth:
+        table["disk_bytes_per_s"] = args.disk_bandwidth
+    registry = register_model(cfg.paths.state_dir, args.name, table)
+    print(f"registered model '{args.name}' ({shape.weights_format}, {shape.model_type}, {table['kind']}): "
+          f"{path} in {registry}; see `lab-attendant model plan {args.name}`")
     return 0
 
 
@@ -122,7 +162,8 @@ def add_parsers(sub, parser_class: type[argparse.ArgumentParser]) -> None:
     msub.add_parser("list", help="model folders with size on disk")
     mp = msub.add_parser("plan", help="what a model's run takes on the device and in pinned RAM, before any "
                                       "weight is read; exit 2 when it does not fit")
-    mp.add_argument("name", help="a [models.NAME], or a model folder (config.json alone is enough)")
+    mp.add_argument("name", help="a [models.NAME], a .gguf file (header only is read), or a model folder "
+                    "(config.json alone is enough)")
     mp.add_argument("--device-profile", choices=PROFILE_CHOICES,
                     help="plan for this card (auto: the local GPU; default: the model's device)")
     mp.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="prompts per pass")
@@ -134,7 +175,19 @@ def add_parsers(sub, parser_class: type[argparse.ArgumentParser]) -> None:
     mp.add_argument("--variant", choices=VARIANT_MODES, help="precise weights or a quantized "
                     "variant (default: the model's variant)")
     mp.add_argument("--disk-bandwidth", type=size_arg, help="measured read bytes/s (e.g. 2GB), for the disk bound")
+    mp.add_argument("--host-ram", type=size_arg, help="host RAM free for the run and the page cache "
+                    "(default: MemAvailable): past it, what a pass reads comes from disk")
+    mp.add_argument("--prompts", type=_positive_int, help="with --tokens: how long a job of N prompts takes")
+    mp.add_argument("--tokens", type=_positive_int, help="new tokens per prompt, for --prompts")
     mp.add_argument("--json", action="store_true", help="machine-readable: the plan as JSON")
+    ma = msub.add_parser("add", help="register a .gguf file, Ollama's copy of a model or a safetensors folder "
+                         "as [models.NAME] (in STATE_DIR/models.toml); nothing is written beside the weights")
+    ma.add_argument("name", help="the [models.NAME] to register")
+    ma.add_argument("path", nargs="?", help="a .gguf file (any part of a split one) or a model folder")
+    ma.add_argument("--ollama", metavar="MODEL:TAG", help="the model Ollama pulled, e.g. gemma3:27b "
+                    "(found under $OLLAMA_MODELS or ~/.ollama/models)")
+    ma.add_argument("--device", help="where it runs: cpu, cuda, cuda:1 (default: cpu)")
+    ma.add_argument("--disk-bandwidth", type=size_arg, help="read bytes/s of its disk, for the plan's disk bound")
     mq = msub.add_parser("quantize", help="write a 4-bit (HQQ) variant of a model beside its files "
                          "(MODEL/variants/q4g64); the original files are not changed")
     mq.add_argument("name", help=f"a [models.NAME] table or {DEFAULT_MODEL}")

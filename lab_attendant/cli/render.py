@@ -16,7 +16,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from jobs.contract.units import format_size
+from jobs.contract.units import format_duration, format_size
 from lab_attendant.store.states import ACTIVE, TERMINAL, RunState
 
 STATE_STYLE = {RunState.SUCCEEDED: "green", RunState.RUNNING: "cyan", RunState.STARTING: "cyan",
@@ -44,22 +44,10 @@ def local_time(ts: float | None) -> str:
 
 
 def duration(seconds: float | None) -> str:
-    """'0.4 s', '42 s', '3 min 05 s', '2 h 07 min', '3 d 04 h'."""
+    """'0.4 s', '42 s', '3 min 05 s', '2 h 07 min', '3 d 04 h'; '-' for none."""
     if seconds is None or not math.isfinite(seconds):
         return "-"
-    s = max(0.0, seconds)
-    if s < 10:
-        return f"{s:.1f} s"
-    if s < 60:
-        return f"{s:.0f} s"
-    m, sec = divmod(int(round(s)), 60)
-    if m < 60:
-        return f"{m} min {sec:02d} s"
-    h, m = divmod(m, 60)
-    if h < 24:
-        return f"{h} h {m:02d} min"
-    d, h = divmod(h, 24)
-    return f"{d} d {h:02d} h"
+    return format_duration(seconds)
 
 
 def ago(ts: float | None, now: float | None = None) -> str:

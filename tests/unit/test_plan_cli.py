@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import write_config
+from tests.fixtures.gguf_headers import gemma3_27b, write_header_only
 
 ROOT = Path(__file__).resolve().parents[2]
 GEMMA_27B = ROOT / "examples/configs/gemma-3-27b-it"
@@ -13,12 +16,16 @@ MIXTRAL = ROOT / "examples/configs/mixtral-8x7b-v0.1"
 
 def test_plan_json_for_the_27b_on_the_2080ti(lab):
     out = lab.cli("model", "plan", str(GEMMA_27B), "--device-profile", "rtx2080ti", "--batch", "1",
-                  "--context", "2048", "--json")
+                  "--context", "2048", "--host-ram", "16GiB", "--disk-bandwidth", "2GB", "--json")
     plan = json.loads(out.stdout)
     assert plan["fits"] is True and plan["peak_device_bytes"] <= int(10.76 * 1024**3)
-    for key in ("reason", "peak_pinned_bytes", "bytes_per_pass", "bound_tokens_per_s"):
+    for key in ("reason", "peak_pinned_bytes", "bytes_per_pass", "bound_tokens_per_s", "weights_format",
+                "bytes_by_block_type", "faster"):
         assert key in plan
-    assert plan["bound_tokens_per_s"] > 0
+    # the issue's finding: ~47 GiB of fp16 layers per pass cannot stay in 16 GiB, so the disk bounds it
+    assert plan["weights_format"] == "safetensors" and plan["from_disk"]
+    assert plan["bound_tokens_per_s"] == pytest.approx(2e9 / plan["disk_bytes_per_pass"])
+    assert plan["bound_tokens_per_s"] < plan["bound_from_ram_tokens_per_s"] / 5
 
 
 def test_plan_table_and_refusal_exit_2_with_one_line(lab):
@@ -31,13 +38,18 @@ def test_plan_table_and_refusal_exit_2_with_one_line(lab):
     assert "Traceback" not in refused.stderr
 
 
-def test_submit_refuses_a_model_that_cannot_fit(tmp_path, lab):
+@pytest.mark.parametrize("weights", ["folder", "gguf"])
+def test_submit_refuses_a_model_that_cannot_fit(tmp_path, lab, weights):
     archive = tmp_path / "notes"
     archive.mkdir()
     (archive / "a.md").write_text("a note\n")
+    path = GEMMA_27B
+    if weights == "gguf":   # a header-only Gemma-3-27B Q4_0 file: a .gguf is a model path like a folder
+        path = tmp_path / "gemma-3-27b-it-q4_0.gguf"
+        write_header_only(path, *gemma3_27b("Q4_0"))
     lab.config = write_config(tmp_path, extra=f"""
 [models.big]
-path = "{GEMMA_27B}"
+path = "{path}"
 device = "cpu"
 device_memory_bytes = "4GiB"
 """)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from jobs.contract.errors import BudgetError
-from jobs.contract.units import format_size
+from jobs.contract.units import format_duration, format_size
 from jobs.paging.plan.expert_budget import STAGING_SLOTS, default_ram_budget_bytes, expert_host_plan
 from jobs.paging.plan.profiles import DeviceProfile
 from jobs.paging.plan.shape import DTYPE_BYTES, ModelShape
@@ -51,6 +51,7 @@ class PlanRequest:
     ram_budget_bytes: int | None = None     # dense: streamed layers cached in host RAM; moe: experts in RAM
     expert_cache_bytes: int | None = None   # moe: the device expert cache (None: what fits)
     disk_bytes_per_s: float | None = None   # measured read bandwidth (probe), for the disk bound
+    disk_source: str = ""             # where disk_bytes_per_s came from, for the bound's note
 
     @classmethod
     def for_model(cls, spec: Any, *, batch: int, dtype: str, **fields: Any) -> "PlanRequest":
@@ -83,9 +84,42 @@ class MemoryPlan:
     layer_bytes: int = 0
     expert_cache_slots: int = 0
     experts_in_ram: int = 0
+    weights_format: str = "safetensors"      # "gguf": blocks are read, cached and sent; expanded per use
+    bytes_by_block_type: dict[str, int] = field(default_factory=dict)   # gguf: the file's tensor bytes
+    page_cache_bytes: int | None = None      # host RAM left for the page cache beside what the run holds
+    from_disk: bool = False                  # the bytes read per pass do not stay in RAM between passes
+    bound_from_ram_tokens_per_s: float | None = None    # if every byte per pass came from RAM
+    bound_from_disk_tokens_per_s: float | None = None   # if the disk_bytes_per_pass came from disk
+    faster: list[dict[str, Any]] = field(default_factory=list)   # what would raise the bound, and to what
+    job: dict[str, Any] | None = None        # --prompts N --tokens T: the least time such a job takes
+    shape: ModelShape | None = field(default=None, repr=False)   # what the plan was made from (not JSON)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("shape")
+        return out
+
+    def batch_memory_bytes(self, rows: int, tokens: int) -> int:
+        """KV cache and prefill activations of `rows` x `tokens` as this plan counts them."""
+        assert self.shape is not None, "a plan made by make_plan knows its shape"
+        req = PlanRequest(**{**self.request, "batch": rows, "context": tokens})
+        s = DTYPE_BYTES[req.dtype]
+        return (kv_cache_bytes(self.shape, rows, tokens, req.kv_cache, s)
+                + activation_bytes(self.shape, req, s, moe=self.shape.moe)["peak"])
+
+    def batch_fits(self, rows: int, tokens: int) -> bool:
+        """A batch fits when its KV cache and activations fit what the plan reserved for batch x context,
+        whatever its shape: 16 rows of 46 tokens need far less than 8 rows of 2048."""
+        return self.batch_memory_bytes(rows, tokens) <= self.batch_memory_bytes(self.request["batch"],
+                                                                                self.request["context"])
+
+    def job_seconds(self, prompts: int, tokens: int) -> float | None:
+        """The least time N prompts x T new tokens take at the bound: one pass per token (and one prefill
+        pass) per batch of prompts."""
+        if not self.bound_tokens_per_s:
+            return None
+        batch = self.request["batch"]
+        return math.ceil(prompts / batch) * (tokens + 1) * batch / self.bound_tokens_per_s
 
     def table(self) -> str:
         lines = [f"memory plan: {self.model} on {self.device}, batch {self.request['batch']} x context "
@@ -100,10 +134,27 @@ class MemoryPlan:
                   f"  peak pinned host RAM {format_size(self.peak_pinned_bytes)}   host RAM held "
                   f"{format_size(self.host_ram_bytes)}",
                   f"  per pass             {format_size(self.bytes_per_pass)} to the device, "
-                  f"{format_size(self.disk_bytes_per_pass)} from disk",
+                  f"{format_size(self.disk_bytes_per_pass)} read from the weights' file"
+                  + ("" if not self.disk_bytes_per_pass else ": from disk every pass" if self.from_disk
+                     else ": kept in the page cache after the first pass"),
                   "  bound                " + (f"<= {self.bound_tokens_per_s:.3g} tokens/s ({self.bound_note})"
-                                             if self.bound_tokens_per_s else self.bound_note),
-                  "", ("fits: " if self.fits else "does not fit: ") + self.reason]
+                                             if self.bound_tokens_per_s else self.bound_note)]
+        if self.bytes_by_block_type:
+            lines.append("  weights (GGUF)       " + ", ".join(f"{k} {format_size(v)}"
+                                                             for k, v in self.bytes_by_block_type.items()))
+        if self.job:
+            lines.append(f"  a job of {self.job['prompts']} prompts x {self.job['tokens']} tokens takes "
+                         + (f"at least {format_duration(self.job['seconds'])}" if self.job["seconds"] is not None
+                            else "an unknown time (no bound)"))
+        if self.bytes_per_pass and not self.faster:
+            lines += ["", "faster: nothing this plan can change (4-bit weights, RAM for the page cache and the "
+                      "largest batch that fits are already there): a card with more memory keeps more layers"]
+        if self.faster:
+            lines += ["", "faster:"]
+            lines += [f"  {f['what']}: {format_size(f['bytes_per_pass'])} per pass"
+                      + (f", <= {f['bound_tokens_per_s']:.3g} tokens/s" if f["bound_tokens_per_s"] else "")
+                      for f in self.faster]
+        lines += ["", ("fits: " if self.fits else "does not fit: ") + self.reason]
         return "\n".join(lines)
 
 
@@ -149,6 +200,11 @@ def activation_bytes(shape: ModelShape, req: PlanRequest, dtype_bytes: int, *, m
             "peak": residual + max(attention, mlp, logits)}
 
 
+def _gguf_expansion_bytes(shape: ModelShape, s: int) -> int:
+    """The reused buffer one weight expands into, plus fp32 temporaries of the block arithmetic."""
+    return shape.largest_matrix_numel * (s + 4)
+
+
 def packed_bytes(numel: int, bits: int, group_size: int) -> int:
     """An HQQ weight as stored: codes plus an fp16 scale and zero per group."""
     return math.ceil(numel * bits / 8) + 4 * math.ceil(numel / group_size)
@@ -171,10 +227,20 @@ def _room(capacity: int, fixed: int, device: DeviceProfile) -> int:
 
 
 def make_plan(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model: str = "model") -> MemoryPlan:
-    """The plan for one (model, device, request); `fits` False with a sentence naming what would fit."""
-    plan = (_plan_moe if shape.moe else _plan_dense)(shape, device, req, model)
+    """The plan for one (model, device, request); `fits` False with a sentence naming what would fit
+    (what would make it faster is faster.faster_options, which the supervisor's `model plan` adds)."""
+    plan = plan_only(shape, device, req, model)
     if not plan.fits:
         plan.reason += _suggest(shape, device, req, plan)
+    return plan
+
+
+def plan_only(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model: str) -> MemoryPlan:
+    """The plan alone, without the search for what would fit instead (make_plan adds it)."""
+    plan = (_plan_moe if shape.moe else _plan_dense)(shape, device, req, model)
+    plan.shape = shape
+    plan.weights_format = shape.weights_format
+    plan.bytes_by_block_type = dict(shape.bytes_by_block_type)
     return plan
 
 
@@ -187,8 +253,9 @@ def _common(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model: s
     act = activation_bytes(shape, req, s, moe=shape.moe)
     windows = f", sliding layers keep {shape.sliding_window}" if shape.sliding_window else ""
     rows = [("CUDA context", device.context_bytes, "driver, cuBLAS workspace")] if device.kind == "cuda" else []
-    rows += [("embeddings, lm_head, norms", shape.non_layer_numel * s,
-              "tied" if shape.tied else "embeddings and lm_head"),
+    rows += [("embeddings, lm_head, norms", shape.non_layer_stored_bytes if shape.gguf else shape.non_layer_numel * s,
+              ("tied" if shape.tied else "embeddings and lm_head")
+              + (", GGUF blocks: rows looked up, lm_head in chunks" if shape.gguf else "")),
              (f"KV cache ({req.kv_cache})", kv, f"{req.batch} x {req.context} tokens x {shape.num_layers} "
               f"layers{windows}"),
              ("activations (prefill)", act["peak"], f"{req.attention} attention; MLP {format_size(act['mlp'])}, "
@@ -212,12 +279,15 @@ def _plan_dense(shape: ModelShape, device: DeviceProfile, req: PlanRequest, mode
     cuda = device.kind == "cuda"
     where = "device" if cuda else "host RAM"
     n = shape.num_layers
-    layer = shape.layer_numel * s
+    # a GGUF layer stays in its blocks everywhere but the one weight being expanded for use
+    layer = shape.layer_stored_bytes if shape.gguf else shape.layer_numel * s
     packed = packed_bytes(shape.layer_numel, req.bits, req.group_size)
-    fast = req.variant in ("fast", "auto")
+    fast = req.variant in ("fast", "auto") and not shape.gguf
     fixed = sum(r["bytes"] for r in plan.rows)
     if fast:   # packed parts land beside the slot, and one weight expands through temporaries
         fixed += 2 * packed + shape.largest_matrix_numel * (1 + 2 * s)
+    if shape.gguf:
+        fixed += _gguf_expansion_bytes(shape, s)
     room = _room(device.memory_bytes, fixed, device)
     plan.layer_bytes = layer
     if req.vram_budget_bytes is not None and req.vram_budget_bytes > room:
@@ -242,6 +312,10 @@ def _plan_dense(shape: ModelShape, device: DeviceProfile, req: PlanRequest, mode
         slots = 2 if req.prefetch and budget >= 2 * layer else 1
         resident = min(n - 1, (budget - slots * layer) // layer)
     streamed = n - resident
+    if shape.gguf:
+        _add(plan, "block expansion", where, _gguf_expansion_bytes(shape, s),
+             f"one {shape.largest_matrix_numel:,}-element weight at a time into one reused {req.dtype} buffer, "
+             "plus fp32 scratch")
     if fast and streamed:
         _add(plan, "fast-layer expansion", where, 2 * packed + shape.largest_matrix_numel * (1 + 2 * s),
              f"packed parts of {min(2, streamed)} layers + one {shape.largest_matrix_numel:,}-element weight expanding")
@@ -262,7 +336,7 @@ def _plan_dense(shape: ModelShape, device: DeviceProfile, req: PlanRequest, mode
             _add(plan, "RAM cache", host_where, ram_layers * host_layer,
                  f"{ram_layers} of {streamed} streamed layers kept between passes")
         plan.bytes_per_pass = streamed * crossing
-        stored = packed if fast else shape.layer_numel * shape.stored_bytes
+        stored = packed if fast else layer if shape.gguf else shape.layer_numel * shape.stored_bytes
         plan.disk_bytes_per_pass = (streamed - ram_layers) * stored
     return _finish(plan, device)
 
@@ -272,14 +346,19 @@ def _plan_moe(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model:
     cuda = device.kind == "cuda"
     where = "device" if cuda else "host RAM"
     # every decoder layer without its routed experts: attention, norms, routers, shared experts, dense MLPs
-    dense = (shape.decoder_numel or shape.num_layers * shape.layer_numel) * s
+    dense = (shape.decoder_stored_bytes if shape.gguf
+             else (shape.decoder_numel or shape.num_layers * shape.layer_numel) * s)
     moe_layers = shape.moe_layers or shape.num_layers
     _add(plan, "attention, norms, routers", where, dense, f"{shape.num_layers} layers, resident"
          + (f", {shape.num_layers - moe_layers} of them with a dense MLP" if moe_layers < shape.num_layers else ""))
-    fast = req.variant in ("fast", "auto")
+    fast = req.variant in ("fast", "auto") and not shape.gguf
     expert = packed_bytes(shape.expert_numel, req.bits, req.group_size) if fast else shape.expert_numel * s
     if fast:
         _add(plan, "expert expansion", where, shape.expert_numel * (1 + 2 * s), "one expert dequantized at a time")
+    if shape.gguf:
+        expert = shape.expert_stored_bytes
+        _add(plan, "block expansion", where, _gguf_expansion_bytes(shape, s),
+             f"one {shape.largest_matrix_numel:,}-element weight at a time into one reused {req.dtype} buffer")
     total_experts = moe_layers * shape.num_experts
     fixed = sum(r["bytes"] for r in plan.rows)
     room = _room(device.memory_bytes, fixed, device)
@@ -338,31 +417,61 @@ def _finish(plan: MemoryPlan, device: DeviceProfile, note: str = "") -> MemoryPl
     if plan.fits:
         plan.reason = (f"peak {format_size(used)} of {format_size(device.memory_bytes)} on {device.name}"
                        + (f", {format_size(plan.peak_pinned_bytes)} pinned" if cuda else ""))
+    _bounds(plan, device, note)
+    return plan
+
+
+def _bounds(plan: MemoryPlan, device: DeviceProfile, note: str) -> None:
+    """tokens/s bounds from the bytes each pass moves: over PCIe from RAM, and from the disk when what is
+    read per pass cannot stay in the page cache (more than the host RAM left beside the run)."""
+    cuda = device.kind == "cuda"
     batch = plan.request["batch"]
-    bounds = []
+    host = device.host_ram_bytes
+    held = plan.peak_device_bytes if not cuda else plan.host_ram_bytes
+    plan.page_cache_bytes = None if host is None else max(0, host - held)
+    plan.from_disk = bool(plan.disk_bytes_per_pass) and (plan.page_cache_bytes is None
+                                                         or plan.disk_bytes_per_pass > plan.page_cache_bytes)
+    ram_note = ""
     if cuda and plan.bytes_per_pass and device.h2d_bytes_per_s:
-        bounds.append((batch * device.h2d_bytes_per_s / plan.bytes_per_pass,
-                       f"batch x {device.h2d_bytes_per_s / 1e9:.0f} GB/s PCIe / {format_size(plan.bytes_per_pass)}"
-                       " per pass"))
+        plan.bound_from_ram_tokens_per_s = batch * device.h2d_bytes_per_s / plan.bytes_per_pass
+        ram_note = (f"batch x {device.h2d_bytes_per_s / 1e9:.0f} GB/s PCIe / {format_size(plan.bytes_per_pass)}"
+                    " per pass")
     disk_bw = plan.request.get("disk_bytes_per_s")
+    source = plan.request.get("disk_source") or "given"
+    disk_note = ""
     if disk_bw and plan.disk_bytes_per_pass:
-        bounds.append((batch * disk_bw / plan.disk_bytes_per_pass,
-                       f"batch x {disk_bw / 1e9:.1f} GB/s disk / {format_size(plan.disk_bytes_per_pass)} per pass"))
-    if bounds:
+        plan.bound_from_disk_tokens_per_s = batch * disk_bw / plan.disk_bytes_per_pass
+        disk_note = (f"batch x {disk_bw / 1e9:.2g} GB/s disk ({source}) / {format_size(plan.disk_bytes_per_pass)} "
+                     "per pass")
+    cache = ("host RAM unknown" if plan.page_cache_bytes is None
+             else f"{format_size(plan.page_cache_bytes)} of host RAM left for the page cache")
+    if plan.from_disk and plan.bound_from_disk_tokens_per_s is not None:
+        bounds = [(plan.bound_from_disk_tokens_per_s, f"{disk_note}: {format_size(plan.disk_bytes_per_pass)} "
+                   f"per pass exceed the {cache}")]
+        if plan.bound_from_ram_tokens_per_s is not None:
+            bounds.append((plan.bound_from_ram_tokens_per_s, ram_note))
         plan.bound_tokens_per_s, plan.bound_note = min(bounds)
-        if note:
-            plan.bound_note += f", {note}"
+    elif plan.from_disk:
+        plan.bound_note = (f"{format_size(plan.disk_bytes_per_pass)} per pass come from disk ({cache}); give "
+                           "--disk-bandwidth, disk_bytes_per_s, or run the probe kind on the model's disk for "
+                           "the disk bound" + (f"; from RAM it would be <= {plan.bound_from_ram_tokens_per_s:.3g}"
+                                               " tokens/s" if plan.bound_from_ram_tokens_per_s else ""))
+    elif plan.bound_from_ram_tokens_per_s is not None:
+        plan.bound_tokens_per_s = plan.bound_from_ram_tokens_per_s
+        plan.bound_note = ram_note + (f"; the page cache keeps what is read ({cache})"
+                                      if plan.disk_bytes_per_pass else "")
     else:
         plan.bound_note = ("nothing streams: compute-bound" if not plan.bytes_per_pass
-                           else "streams from host memory; give --disk-bandwidth for a disk bound")
-    return plan
+                           else f"streams from host memory ({cache}): compute-bound")
+    if note and plan.bound_tokens_per_s:
+        plan.bound_note += f", {note}"
 
 
 def _suggest(shape: ModelShape, device: DeviceProfile, req: PlanRequest, failed: MemoryPlan) -> str:
     """What would fit instead: a smaller batch, a shorter context, or a smaller vram budget."""
     def fits(**changes: Any) -> bool:
         trial = replace(req, **changes)
-        return (_plan_moe if shape.moe else _plan_dense)(shape, device, trial, "").fits
+        return plan_only(shape, device, trial, "").fits
 
     tips = []
     if req.vram_budget_bytes is not None and req.vram_budget_bytes < shape.layer_numel * DTYPE_BYTES[req.dtype]:

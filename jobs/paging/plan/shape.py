@@ -1,5 +1,5 @@
 """A model's shape for the memory plan: element counts and attention layout from config.json, exact
-sizes from the safetensors headers when the weights are there (stdlib only)."""
+sizes from the safetensors headers when the weights are there, or all of it from a GGUF header (stdlib only)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,9 @@ import math
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+from jobs.paging.plan.gguf_header import GGUFHeader, is_gguf, read_header
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -33,11 +36,22 @@ class ModelShape:
     expert_numel: int = 0
     moe_layers: int = 0               # MoE: layers with routed experts (the others have a dense MLP)
     decoder_numel: int = 0            # MoE: every decoder layer without its routed experts, elements
-    source: str = "config.json"       # or "safetensors headers" when sizes were read from the files
+    source: str = "config.json"       # or "safetensors headers" / "GGUF header" when sizes were read from files
+    # A GGUF file: its blocks are what is read, cached and sent to the device (expanded per use there).
+    weights_format: str = "safetensors"          # or "gguf"
+    layer_stored_bytes: int = 0       # gguf: largest decoder layer's blocks (MoE: without its routed experts)
+    decoder_stored_bytes: int = 0     # gguf: every decoder layer's blocks (MoE: without routed experts)
+    non_layer_stored_bytes: int = 0   # gguf: embeddings, output, final norm as stored
+    expert_stored_bytes: int = 0      # gguf MoE: one routed expert's slice of the fused blocks
+    bytes_by_block_type: tuple[tuple[str, int], ...] = ()   # gguf: the whole file's tensor bytes by type
 
     @property
     def moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def gguf(self) -> bool:
+        return self.weights_format == "gguf"
 
 
 def text_config(config: dict) -> dict:
@@ -164,3 +178,105 @@ def safetensors_header(path: Path) -> dict:
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return header
+
+
+# llama.cpp architecture names -> the transformers model_type the plan's formulas key on
+_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
+                     "deepseek2": "deepseek_v2", "command-r": "cohere"}
+
+
+def shape_from_path(path: str | Path) -> ModelShape:
+    """A model folder (config.json, safetensors) or a GGUF file (any part of a split one)."""
+    path = Path(path)
+    if is_gguf(path):     # by its magic: Ollama's blobs have no .gguf suffix
+        return shape_from_gguf(path)
+    if path.is_file():
+        raise ValueError(f"{path} is neither a .gguf file nor a model folder; point at a GGUF file or a folder "
+                         "holding config.json")
+    return shape_from_folder(path)
+
+
+def config_from_gguf(header: GGUFHeader) -> dict:
+    """The config.json keys the plan needs, from a GGUF's architecture-prefixed metadata."""
+    arch, key = header.architecture, header.arch_key
+    if not arch or key("block_count") is None:
+        raise ValueError("the GGUF header names no general.architecture / block_count: not a model file "
+                         "(a vision projector or LoRA adapter?)")
+
+    def widest(name: str, default=None):   # per-layer arrays (some archs): the widest layer
+        value = key(name, default)
+        return max(value) if isinstance(value, list) else value
+
+    hidden, heads = key("embedding_length"), widest("attention.head_count")
+    experts = key("expert_count") or 0
+    embd = header.tensors.get("token_embd.weight")
+    model_type = _GGUF_MODEL_TYPES.get(arch, "mixtral" if arch == "llama" and experts else arch)
+    config = {"model_type": model_type, "num_hidden_layers": key("block_count"), "hidden_size": hidden,
+              "intermediate_size": widest("feed_forward_length") or key("expert_feed_forward_length"),
+              "num_attention_heads": heads, "num_key_value_heads": widest("attention.head_count_kv") or heads,
+              "head_dim": key("attention.key_length") or hidden // heads,
+              "vocab_size": embd.shape[1] if embd is not None and len(embd.shape) == 2
+              else len(header.metadata.get("tokenizer.ggml.tokens") or []) or None,
+              "max_position_embeddings": key("context_length"),
+              "tie_word_embeddings": "output.weight" not in header.tensors}
+    if key("attention.sliding_window"):
+        config["sliding_window"] = key("attention.sliding_window")
+    if experts:
+        config.update(num_local_experts=experts, num_experts_per_tok=key("expert_used_count") or 0)
+        if key("expert_feed_forward_length"):
+            config["moe_intermediate_size"] = key("expert_feed_forward_length")
+        if key("expert_shared_feed_forward_length"):
+            config["shared_expert_intermediate_size"] = key("expert_shared_feed_forward_length")
+        if key("leading_dense_block_count") is not None:
+            config["first_k_dense_replace"] = key("leading_dense_block_count")
+        if key("expert_shared_count"):
+            config["n_shared_experts"] = key("expert_shared_count")
+    return config
+
+
+def shape_from_gguf(path: str | Path) -> ModelShape:
+    """Config from the GGUF metadata, exact stored bytes per layer from its tensor table; no weight read."""
+    header = read_header(path)
+    shape = shape_from_config(config_from_gguf(header))
+    per_layer_bytes: dict[int, int] = {}
+    per_layer_numel: dict[int, int] = {}
+    expert_bytes: dict[int, int] = {}
+    expert_numel: dict[int, int] = {}
+    by_type: dict[str, int] = {}
+    other_bytes = other_numel = largest = 0
+    for t in header.tensors.values():
+        by_type[t.type_name] = by_type.get(t.type_name, 0) + t.nbytes
+        parts = t.name.split(".")
+        if parts[0] in ("v", "mm"):        # a vision tower stored beside the language model
+            continue
+        if parts[0] != "blk" or not parts[1].isdigit():
+            other_bytes, other_numel = other_bytes + t.nbytes, other_numel + t.numel
+            continue
+        i = int(parts[1])
+        per_layer_bytes.setdefault(i, 0)
+        per_layer_numel.setdefault(i, 0)
+        if "_exps" in parts[2]:            # routed experts fused [E, ...]: one expert is 1/E of it
+            n = t.shape[-1] if len(t.shape) == 3 else max(1, shape.num_experts)
+            expert_bytes[i] = expert_bytes.get(i, 0) + t.nbytes // n
+            expert_numel[i] = expert_numel.get(i, 0) + t.numel // n
+            largest = max(largest, t.numel // n // 2 if "gate_up" in parts[2] else t.numel // n)
+            continue
+        per_layer_bytes[i] += t.nbytes
+        per_layer_numel[i] += t.numel
+        if len(t.shape) == 2:
+            largest = max(largest, t.numel)
+    if len(per_layer_bytes) != shape.num_layers:
+        raise ValueError(f"the GGUF header says block_count {shape.num_layers} but its tensor table holds "
+                         f"{len(per_layer_bytes)} blocks (blk.N.*): the file is damaged or split parts are missing")
+    moe: dict[str, Any] = {}
+    if shape.moe:
+        if not expert_bytes:
+            raise ValueError("the GGUF header names experts (expert_count) but its tensor table has no fused "
+                             "*_exps tensors; this layout is not supported")
+        moe = dict(expert_stored_bytes=max(expert_bytes.values()), expert_numel=max(expert_numel.values()),
+                   moe_layers=len(expert_bytes), decoder_numel=sum(per_layer_numel.values()))
+    return replace(shape, layer_numel=max(per_layer_numel.values()), non_layer_numel=other_numel,
+                   largest_matrix_numel=largest or shape.largest_matrix_numel, source="GGUF header",
+                   weights_format="gguf", layer_stored_bytes=max(per_layer_bytes.values()),
+                   decoder_stored_bytes=sum(per_layer_bytes.values()), non_layer_stored_bytes=other_bytes,
+                   bytes_by_block_type=tuple(sorted(by_type.items(), key=lambda kv: -kv[1])), **moe)
