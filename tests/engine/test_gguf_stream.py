@@ -46,8 +46,11 @@ def test_embedded_gguf_streams_exact_tokens_in_a_third_of_the_bytes(gemma_gguf, 
     assert [c.token_ids for c in result.outputs] == want
     # bytes read per pass: the streamed layers' blocks, against the converted bf16 folder's layers
     bf16_bytes = sum(ModelStore(gemma_dir).layer_nbytes)
-    per_pass = (after["bytes_read"] - stats["bytes_read"]) / result.weight_passes
-    assert per_pass == after["bytes_read_per_pass"]
+    per_pass = after["bytes_read_per_pass"]
+    assert per_pass == sum(loaded._store.layer_nbytes)  # every layer streamed, as stored in the file
+    # what was read: each pass's layers, plus what prefetch read ahead for a next pass (at most its 2 slots)
+    read = after["bytes_read"] - stats["bytes_read"]
+    assert result.weight_passes * per_pass <= read <= (result.weight_passes + 1) * per_pass
     assert per_pass <= 0.4 * bf16_bytes, (per_pass, bf16_bytes)
 
 
