@@ -75,6 +75,10 @@ class StreamedModel:
             "plan_peak_device_bytes": self.plan.peak_device_bytes if self.plan else None,
             "plan_peak_pinned_bytes": self.plan.peak_pinned_bytes if self.plan else None,
             "plan_context_tokens": self.plan.request["context"] if self.plan else None,
+            # GGUF: every layer, resident ones included, stays blocks and expands per use into one buffer
+            "weights_format": "gguf blocks" if isinstance(self._store, GgufStore) else "safetensors",
+            "expansion_buffer_bytes": (self._store.buffer.nbytes if isinstance(self._store, GgufStore)
+                                       and self._store.buffer is not None else 0),
             **self.kernels,
         }
 
