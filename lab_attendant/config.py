@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jobs.contract.errors import SettingError
-from jobs.contract.spec import DEFAULT_MODEL, ModelSettings, ModelSpec
+from jobs.contract.spec import DEFAULT_MODEL, DEFAULT_MODEL_FILE, ModelSettings, ModelSpec
 from jobs.contract.typed import ByteSize, Reader
 from jobs.paging.plan.settings import check_settings
 from lab_attendant import PROJECT_ROOT
@@ -279,7 +279,8 @@ class Config:
             raise ConfigError(f"unknown model '{name}'; add a [models.{name}] table to the config, "
                               f"register it with `lab-attendant model add {name} PATH`, or use one of: {known}")
         model = model or EMBEDDED_MODEL
-        return ModelSpec(name=name, path=str(model.path or self.paths.models_dir / name),
+        default_path = self.paths.models_dir / (DEFAULT_MODEL_FILE if name == DEFAULT_MODEL else name)
+        return ModelSpec(name=name, path=str(model.path or default_path),
                          **model.settings())
 
 

@@ -162,9 +162,12 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-MODEL_DIR = ROOT / "models" / "gemma-3-270m"
-NEEDS_MODEL = pytest.mark.skipif(not EXPERIMENTAL_PYTHON.exists() or not (MODEL_DIR / "config.json").exists(),
-                                 reason="needs venvs/experimental and models/gemma-3-270m (scripts/setup.sh)")
+MODEL_DIR = ROOT / "models" / "gemma-3-270m"  # the converted bf16 folder (model import-default --convert)
+MODEL_GGUF = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"  # what the default model streams
+NEEDS_MODEL = pytest.mark.skipif(not EXPERIMENTAL_PYTHON.exists() or not (MODEL_DIR / "config.json").exists()
+                                 or not MODEL_GGUF.is_file(),
+                                 reason="needs venvs/experimental, models/gemma-3-270m-q4_k_m.gguf and "
+                                        "models/gemma-3-270m (scripts/test.sh: model import-default --convert)")
 
 
 @pytest.fixture

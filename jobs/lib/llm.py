@@ -25,10 +25,11 @@ class Engine:
         self.name = model_spec.name
         self.kv_cache = model_spec.kv_cache
         self.kv_cache_peak_bytes = 0
-        if not (Path(model_spec.path) / "config.json").is_file():
+        path = Path(model_spec.path)
+        if not (path.suffix == ".gguf" and path.is_file()) and not (path / "config.json").is_file():
             raise ModelUnavailable(
-                f"model '{self.name}' folder {model_spec.path} has no config.json; run `lab-attendant model "
-                f"import-default` for the embedded model, or fix [models.{self.name}] path")
+                f"model '{self.name}' path {model_spec.path} is neither a GGUF file nor a folder with config.json; "
+                f"run `lab-attendant model import-default` for the embedded model, or fix [models.{self.name}] path")
         start = time.perf_counter()
         self.loaded = open_model(model_spec, batch_size=batch_size)
         self.load_s = time.perf_counter() - start

@@ -193,14 +193,20 @@ def convert_main(argv: list[str] | None = None) -> int:
     from jobs.paging import convert
 
     parser = argparse.ArgumentParser(prog="python -m jobs.paging.convert", description=convert.__doc__)
+    parser.add_argument("--gguf", type=Path, default=convert.DEFAULT_GGUF,
+                        help=f"where to assemble the packaged GGUF, what the default model streams "
+                             f"(default {convert.DEFAULT_GGUF})")
+    parser.add_argument("--convert", action="store_true",
+                        help="also write the dequantized bf16 safetensors folder (a resident reference)")
     parser.add_argument("--out", type=Path, default=convert.DEFAULT_OUT_DIR,
-                        help=f"folder to write (default {convert.DEFAULT_OUT_DIR})")
+                        help=f"folder --convert writes (default {convert.DEFAULT_OUT_DIR})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=_LOG_FORMAT)
-    try:
-        out_dir = convert.convert_default(args.out)
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(out_dir)
+    print(convert.import_gguf(args.gguf))
+    if args.convert:
+        try:
+            print(convert.convert_default(args.out))
+        except FileExistsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return 0

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jobs.contract.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, KV_KINDS, VARIANT_MODES, ModelSpec
+from jobs.contract.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, DEFAULT_MODEL_FILE, KV_KINDS, VARIANT_MODES, ModelSpec
 from jobs.contract.units import format_size, size_arg
 from jobs.paging.plan.gguf_header import is_gguf
 from lab_attendant import PROJECT_ROOT, ollama, venv
@@ -55,8 +55,9 @@ def _run_worker_tool(argv: list[str], what: str) -> int:
 def cmd_model(cfg: Config, args: argparse.Namespace) -> int:
     models_dir = cfg.paths.models_dir
     if args.model_cmd == "import-default":
-        out = models_dir / DEFAULT_MODEL
-        argv = [str(_worker_python(cfg)), "-m", "jobs.paging.convert", "--out", str(out)]
+        argv = [str(_worker_python(cfg)), "-m", "jobs.paging.convert", "--gguf", str(models_dir / DEFAULT_MODEL_FILE)]
+        if args.convert:
+            argv += ["--convert", "--out", str(models_dir / DEFAULT_MODEL)]
         return _run_worker_tool(argv, "model conversion")
     if args.model_cmd == "plan":
         return cmd_model_plan(cfg, args)
@@ -158,7 +159,9 @@ def add_parsers(sub, parser_class: type[argparse.ArgumentParser]) -> None:
 
     m = sub.add_parser("model", help="model folders")
     msub = m.add_subparsers(dest="model_cmd", required=True, parser_class=parser_class)
-    msub.add_parser("import-default", help="convert the bundled Gemma-3-270M to safetensors")
+    mi = msub.add_parser("import-default", help="place the bundled Gemma-3-270M GGUF under models/")
+    mi.add_argument("--convert", action="store_true",
+                    help="also write it as a bf16 safetensors folder (a resident reference for tests)")
     msub.add_parser("list", help="model folders with size on disk")
     mp = msub.add_parser("plan", help="what a model's run takes on the device and in pinned RAM, before any "
                                       "weight is read; exit 2 when it does not fit")

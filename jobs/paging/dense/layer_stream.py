@@ -1,4 +1,4 @@
-"""Runs a transformers causal LM whose decoder layers are streamed from safetensors during forward.
+"""Runs a transformers causal LM whose decoder layers are streamed from safetensors or a GGUF file during forward.
 
 Owns loading: the memory plan checked before any weight is read (memplan), the model built on the meta
 device, non-layer weights placed, the streamer (streamer.LayerStreamer) wired in; and the pass counters.
@@ -17,10 +17,12 @@ from torch import nn
 from jobs.contract.errors import BudgetError, KernelError, ModelFolderError
 from jobs.contract.spec import DEFAULT_BATCH_SIZE, DEFAULT_CONTEXT_TOKENS, VARIANT_MODES
 from jobs.contract.units import format_size
+from jobs.paging.dense.gguf_store import GgufStore
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.streamer import LayerStreamer, StreamPlan, assign_tensors
 from jobs.paging.dense.variants import DEFAULT_KEEP_PRECISE, FAST, PRECISE, bytes_by_choice, choose_variants, summary
 from jobs.paging.dtypes import dtype_name
+from jobs.paging.gguf_file import is_gguf
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.numerics import Fp16Safe, resolve_numerics
 from jobs.paging.plan.memplan import MemoryPlan, PlanRequest, make_plan
@@ -35,7 +37,7 @@ class StreamedModel:
     """A transformers causal LM plus tokenizer whose decoder layers stream from disk."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device,
-                 store: ModelStore, streamer: LayerStreamer, kernels: dict[str, str] | None = None,
+                 store: ModelStore | GgufStore, streamer: LayerStreamer, kernels: dict[str, str] | None = None,
                  fp16_safe: bool = False) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.fp16_safe = fp16_safe  # numerics.Fp16Safe hooks are on the layers
@@ -73,6 +75,10 @@ class StreamedModel:
             "plan_peak_device_bytes": self.plan.peak_device_bytes if self.plan else None,
             "plan_peak_pinned_bytes": self.plan.peak_pinned_bytes if self.plan else None,
             "plan_context_tokens": self.plan.request["context"] if self.plan else None,
+            # GGUF: every layer, resident ones included, stays blocks and expands per use into one buffer
+            "weights_format": "gguf blocks" if isinstance(self._store, GgufStore) else "safetensors",
+            "expansion_buffer_bytes": (self._store.buffer.nbytes if isinstance(self._store, GgufStore)
+                                       and self._store.buffer is not None else 0),
             **self.kernels,
         }
 
@@ -95,7 +101,12 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
                   kernels: str = "auto", fp16_safe: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE,
                   context_tokens: int = DEFAULT_CONTEXT_TOKENS, kv_cache: str = "fp",
                   device_memory_bytes: int | None = None) -> StreamedModel:
-    """Open a decoder-only safetensors folder for layer streaming.
+    """Open a decoder-only safetensors folder, or a GGUF file, for layer streaming.
+
+    A GGUF file (model_dir ending in .gguf) streams its raw blocks: they are what is read, cached in RAM
+    and copied to the device, where each Linear's weight is expanded to the compute dtype just before it
+    runs, into one buffer all of them reuse (gguf_store, block_weights); config and tokenizer come from the
+    file through transformers. It has no fast variant, and runs transformers' own modules (kernels "torch").
 
     Before any weight is read, memplan.make_plan counts every byte the run takes on the device (CUDA
     context, embeddings, KV cache for batch_size x context_tokens of kv_cache, prefill activations,
@@ -122,11 +133,15 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but torch sees no CUDA device")
-    store = ModelStore(model_dir)
+    gguf = is_gguf(model_dir)
+    store = GgufStore(model_dir) if gguf else ModelStore(model_dir)
     dtype, safe = resolve_numerics(dtype, fp16_safe, torch_device, store.text_config.model_type)
     if safe and kernels == "liger":
         raise KernelError("kernels = \"liger\" fuses the MLP and norms past the fp16-safe hooks: use kernels "
                           "\"torch\" or \"auto\", or dtype \"fp32\"/\"bf16\", or fp16_safe = \"off\"")
+    if gguf and kernels == "liger":
+        raise KernelError("kernels = \"liger\" fuses the MLP past the Linears that expand GGUF blocks: use kernels "
+                          "\"torch\" or \"auto\" with a .gguf model")
     if variant != PRECISE:
         if variant not in VARIANT_MODES:
             raise ValueError(f"variant {variant!r} is not one of {', '.join(VARIANT_MODES)}")
@@ -136,16 +151,22 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
         model = AutoModelForCausalLM.from_config(store.text_config, dtype=dtype)
     model.eval()
     # Fused kernels would bypass the fp16-safe Linear hooks. Both bind to modules: fine on meta weights.
-    applied = apply_kernels(model, torch_device, "torch" if safe else kernels)
+    applied = apply_kernels(model, torch_device, "torch" if safe or gguf else kernels)
+    if gguf:
+        applied["kernels_reason"] = "GGUF blocks expand in transformers' own Linears"
+        store.bind(model, torch_device, dtype)
     if safe:
         applied["kernels_reason"] = "the fp16-safe path runs transformers' own modules"
         Fp16Safe(model)
     layers = model.get_decoder().layers
-    layer_bytes = max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
+    # A slot holds what crosses: a GGUF layer's blocks and norms, a safetensors layer at the compute dtype.
+    layer_bytes = (max(store.layer_nbytes_as(dtype)) if gguf else
+                   max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers))
     # The plan counts every layer at the compute dtype, fast or not: that is what sits on the device while
     # it computes; a fast layer's packed parts and its expansion temporaries are a row of their own.
     spec = store.variant.spec if store.variant is not None else QuantSpec(4, 64)
-    memory = make_plan(shape_from_folder(model_dir), runtime_profile(torch_device, device_memory_bytes),
+    shape = store.plan_shape() if isinstance(store, GgufStore) else shape_from_folder(model_dir)
+    memory = make_plan(shape, runtime_profile(torch_device, device_memory_bytes),
                        PlanRequest(batch=batch_size, context=context_tokens, dtype=dtype_name(dtype), kv_cache=kv_cache,
                                    attention=getattr(model.config, "_attn_implementation", None) or "sdpa",
                                    fp16_safe=safe, prefetch=prefetch, variant=variant, keep_precise=keep_precise,
@@ -173,8 +194,11 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
     logger.info("streaming %s: %d layers of %s, %d resident, %d slots, %d cached in RAM, variants %s",
                 model_dir, plan.num_layers, format_size(layer_bytes), plan.resident_layers,
                 plan.streaming_slots, plan.ram_cache_layers, summary(choice))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    _load_non_layer(model, store, torch_device, dtype)
+    if isinstance(store, GgufStore):
+        tokenizer = store.tokenizer()  # the non-layer weights were placed by bind()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        _load_non_layer(model, store, torch_device, dtype)
     streamer = LayerStreamer(store, layers, plan, torch_device, dtype, prefetch, choice)  # thread starts last
     loaded = StreamedModel(model, tokenizer, torch_device, store, streamer, applied, fp16_safe=safe)
     loaded.plan = memory
