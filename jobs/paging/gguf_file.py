@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import mmap
 import re
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,9 @@ import torch
 
 from jobs.contract.errors import ModelFolderError
 from jobs.paging.ggml import FLOAT_TYPES, block_type, expand, raw_shape
+from jobs.paging.plan.gguf_header import read_header
 
 _SPLIT_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
-
-
-def is_gguf(path: str | Path) -> bool:
-    return str(path).endswith(".gguf")
 
 
 @dataclass(frozen=True)
@@ -62,7 +58,10 @@ class GgufFile:
             self.config = AutoConfig.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except (ValueError, KeyError, NotImplementedError) as exc:
             raise ModelFolderError(f"transformers cannot read {self.path.name} as a model: {exc}") from None
-        self.architecture, self.tensors = read_tensor_table(self.path)
+        header = read_header(self.path)   # the header alone: metadata arrays are skipped by the engine
+        self.architecture = header.architecture
+        self.tensors = {name: (info.ggml_type, tuple(reversed(info.shape)), info.offset_bytes, info.nbytes)
+                        for name, info in header.tensors.items()}
         with open(self.path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
@@ -133,66 +132,3 @@ class GgufFile:
     def close(self) -> None:
         # Dropped, not closed: a view still alive keeps its pages valid.
         self._mm = None  # type: ignore[assignment]
-
-
-# GGUF metadata value types (the format's table) -> struct format; 8 is a string, 9 an array.
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def read_tensor_table(path: Path) -> tuple[str, dict[str, tuple[int, tuple[int, ...], int, int]]]:
-    """The architecture and, per tensor, (ggml type, PyTorch-order shape, absolute offset, bytes), from the
-    header alone. Metadata arrays (a 262k-token vocabulary) are skipped, not decoded: gguf-py's reader
-    decodes them all, which takes a minute on a small machine for what the engine never reads."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    with open(path, "rb") as f:
-        def unpack(fmt: str):
-            return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            return f.read(unpack("Q")).decode("utf-8", "replace")
-
-        def skip(kind: int) -> None:
-            if kind == 8:
-                f.seek(unpack("Q"), 1)
-            elif kind == 9:
-                item, count = unpack("I"), unpack("Q")
-                if item in _SCALARS:
-                    f.seek(count * struct.calcsize(_SCALARS[item]), 1)
-                else:
-                    for _ in range(count):
-                        skip(item)
-            else:
-                f.seek(struct.calcsize(_SCALARS[kind]), 1)
-
-        if f.read(4) != b"GGUF":
-            raise ModelFolderError(f"{path.name} is not a GGUF file (no GGUF magic)")
-        unpack("I")  # version
-        n_tensors, n_kv = unpack("Q"), unpack("Q")
-        architecture, alignment = "", 32
-        for _ in range(n_kv):
-            key, kind = string(), unpack("I")
-            if key == "general.architecture" and kind == 8:
-                architecture = string()
-            elif key == "general.alignment" and kind in _SCALARS:
-                alignment = unpack(_SCALARS[kind])
-            else:
-                skip(kind)
-        infos = []
-        for _ in range(n_tensors):
-            name = string()
-            dims = [unpack("Q") for _ in range(unpack("I"))]
-            infos.append((name, unpack("I"), tuple(reversed(dims)), unpack("Q")))
-        data_start = -(-f.tell() // alignment) * alignment
-    table = {}
-    for name, kind, shape, offset in infos:
-        try:
-            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
-        except (ValueError, KeyError):
-            raise ModelFolderError(f"tensor {name} in {path.name} has GGML type {kind}, unknown to gguf-py; the "
-                                   "file is newer than this gguf package or damaged") from None
-        numel = 1
-        for n in shape:
-            numel *= n
-        table[name] = (kind, shape, data_start + offset, numel // block * size)
-    return architecture, table

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,7 +16,6 @@ from torch import nn
 from jobs.contract.errors import ModelFolderError
 from jobs.paging.block_weights import BLOCKS, BlockHead, ExpansionBuffer, embed_from_blocks, expand_on_use
 from jobs.paging.gguf_file import GgufFile, GgufTensor
-from jobs.paging.plan.shape import ModelShape, shape_from_config
 
 # The head expands at most this many elements at a time (in the shared buffer): 4 Mi elements is 8 MiB of
 # fp16, a few hundred vocabulary rows of a 27B, and few enough chunks per pass for a small model.
@@ -118,13 +116,6 @@ class GgufStore:
         out = torch.empty(tensor.raw_shape, dtype=torch.uint8)
         self.file.copy_raw(tensor, out)
         return out.to(device)
-
-    def plan_shape(self) -> ModelShape:
-        """The memory plan's shape: the config's layout, element counts from the tensor table."""
-        shape = shape_from_config(self.config.to_dict())
-        layer_numel = max(sum(math.prod(t.shape) for t in layer.values()) for layer in self.layer_entries)
-        largest = max(math.prod(t.shape) for layer in self.layer_entries for t in layer.values())
-        return replace(shape, layer_numel=layer_numel, largest_matrix_numel=largest, source="gguf header")
 
     # -- ModelStore's reading interface ----------------------------------------------------------
     @property

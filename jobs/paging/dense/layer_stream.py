@@ -22,11 +22,11 @@ from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.streamer import LayerStreamer, StreamPlan, assign_tensors
 from jobs.paging.dense.variants import DEFAULT_KEEP_PRECISE, FAST, PRECISE, bytes_by_choice, choose_variants, summary
 from jobs.paging.dtypes import dtype_name
-from jobs.paging.gguf_file import is_gguf
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.numerics import Fp16Safe, resolve_numerics
+from jobs.paging.plan.gguf_header import is_gguf
 from jobs.paging.plan.memplan import MemoryPlan, PlanRequest, make_plan
-from jobs.paging.plan.shape import shape_from_folder
+from jobs.paging.plan.shape import shape_from_path
 from jobs.paging.quant import QuantSpec
 from jobs.paging.runtime import runtime_profile
 
@@ -165,7 +165,7 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
     # The plan counts every layer at the compute dtype, fast or not: that is what sits on the device while
     # it computes; a fast layer's packed parts and its expansion temporaries are a row of their own.
     spec = store.variant.spec if store.variant is not None else QuantSpec(4, 64)
-    shape = store.plan_shape() if isinstance(store, GgufStore) else shape_from_folder(model_dir)
+    shape = shape_from_path(model_dir)   # a folder's config + headers, or the GGUF's header
     memory = make_plan(shape, runtime_profile(torch_device, device_memory_bytes),
                        PlanRequest(batch=batch_size, context=context_tokens, dtype=dtype_name(dtype), kv_cache=kv_cache,
                                    attention=getattr(model.config, "_attn_implementation", None) or "sdpa",
