@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 from jobs.contract.errors import ParamError
 from jobs.contract.kv_rank_inputs import check_params as _kv_rank_check
+from jobs.contract.prompts_input import check_params as _prompts_check
 from jobs.contract.spec import DEFAULT_BATCH_SIZE
 from jobs.contract.units import parse_size
 
@@ -56,13 +57,13 @@ _MODEL_PARAMS = (
 )
 
 BUILTIN_KINDS: tuple[Kind, ...] = (
-    Kind("probe", "jobs.contract.kinds.probe",
+    Kind("probe", "jobs.kinds.probe",
          "Report the worker environment (python/torch/transformers, CUDA, free disk) and "
          "measure sequential read bandwidth of a file or the model folder.",
          params=(Param("path", "path", help="file or folder to read (default: models dir)"),
                  Param("read_limit_bytes", "size", default=256 * 1024**2, min=1,
                        help="read at most this many bytes for the bandwidth figure"))),
-    Kind("nightly_insights", "jobs.contract.kinds.nightly_insights",
+    Kind("nightly_insights", "jobs.kinds.nightly_insights",
          "Read an archive of notes (.md/.txt) incrementally (only new or changed notes since the "
          "last successful run), summarize each with the model, group them into themes that cite "
          "their notes; writes insights.md and insights.json.",
@@ -71,13 +72,13 @@ BUILTIN_KINDS: tuple[Kind, ...] = (
                  Param("max_notes", "int", min=1, help="process at most this many notes per "
                        "run; the rest wait for the next run"),
                  *_MODEL_PARAMS), needs_paging=True),
-    Kind("artifact_refinement", "jobs.contract.kinds.artifact_refinement",
+    Kind("artifact_refinement", "jobs.kinds.artifact_refinement",
          "Rank artifacts (a folder of .md with front matter, or a .jsonl file) by rubric "
          "log-probabilities, summarize them, and pass technical stories through verbatim "
          "(FEAT-075); writes ranking.json, refined.md and prompts.json.",
          params=(Param("gems", "path", required=True, help="artifacts folder or .jsonl file"),
                  *_MODEL_PARAMS), needs_paging=True),
-    Kind("cv_matching", "jobs.contract.kinds.cv_matching",
+    Kind("cv_matching", "jobs.kinds.cv_matching",
          "Rank job postings against a CV by MiniLM embedding similarity and explain the top k "
          "(covered requirements with CV evidence, gaps, a model rationale); writes matches.json "
          "and matches.md.",
@@ -85,7 +86,7 @@ BUILTIN_KINDS: tuple[Kind, ...] = (
                  Param("postings", "dir", required=True, help="folder of postings (.md/.txt)"),
                  Param("top_k", "int", default=3, min=1, max=1000, help="postings to explain"),
                  *_MODEL_PARAMS), needs_paging=True),
-    Kind("kv_rank_study", "jobs.contract.kinds.kv_rank_study",
+    Kind("kv_rank_study", "jobs.kinds.kv_rank_study",
          "Measure whether a rank-r KV cache (truncated SVD of each layer's and head's K and V) keeps the "
          "model's next token, against int8/int4/int2 quantization and keeping the last N tokens at equal "
          "bytes, scoring passages teacher-forced; writes kv_rank.json, kv_rank.md and kv_rank.svg.",
@@ -102,6 +103,24 @@ BUILTIN_KINDS: tuple[Kind, ...] = (
                  Param("batch_size", "int", default=DEFAULT_BATCH_SIZE, min=1, max=4096,
                        help="cache variants scored per pass over the weights")),
          needs_paging=True, check=_kv_rank_check),
+    Kind("generate", "jobs.kinds.generate",
+         "Run a batch of prompts through the model: a .jsonl of {\"id\",\"prompt\"} or chat "
+         "{\"id\",\"messages\"} lines, a .txt of one prompt per line, or a folder of .txt/.md; "
+         "writes completions.jsonl as it goes (a retry continues after the last complete line) and "
+         "completions.md.",
+         params=(Param("prompts", "path", required=True,
+                       help=".jsonl, .txt (one prompt per line) or folder of .txt/.md prompts"),
+                 *(p for p in _MODEL_PARAMS if p.name != "max_new_tokens"),
+                 Param("max_new_tokens", "int", default=128, min=1, max=32768,
+                       help="tokens generated per prompt at most"),
+                 Param("temperature", "float", default=0.0, min=0.0, max=100.0,
+                       help="0 decodes greedily; above 0 samples with this temperature"),
+                 Param("top_p", "float", default=1.0, min=1e-6, max=1.0,
+                       help="nucleus mass kept when sampling"),
+                 Param("stop", "str", help="stop string (\\n for a newline) or a JSON list of them"),
+                 Param("seed", "int", default=0, min=0, max=2**63 - 1,
+                       help="sampling seed (each batch uses seed + its first prompt's index)")),
+         needs_paging=True, check=_prompts_check),
 )
 
 

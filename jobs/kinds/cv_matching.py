@@ -86,6 +86,16 @@ def facts(s: dict) -> str:
     return (f"The CV supports {k} of {n} requirements" + (f"; missing: {lack}." if lack else "."))
 
 
+def rationale_source(title: str, per_req: list[dict]) -> str:
+    """What a rationale may claim, one sentence per fact: the job, each covered requirement with its
+    CV evidence, each gap as a lack (a sentence saying the candidate lacks a gap is then supported)."""
+    lines = [f"The job is {title}."]
+    lines += [f"The candidate meets {r['requirement']}: {r['evidence'].rstrip('.')}." for r in per_req
+              if r["covered"]]
+    lines += [f"The candidate lacks {r['requirement']}." for r in per_req if not r["covered"]]
+    return "\n".join(lines)
+
+
 def match(reqs: list[str], req_vecs: list[list[float]], units: list[str],
           unit_vecs: list[list[float]]) -> list[dict[str, Any]]:
     """Each requirement against every CV unit: the closest unit is its evidence."""
