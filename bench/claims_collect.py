@@ -1,0 +1,101 @@
+"""Collect real model sentences for the claim-check labelled set: the embedded model's note summaries,
+artifact summaries and CV rationales, built with the kinds' own prompts, written unlabelled for reading."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jobs.contract.spec import ModelSpec  # noqa: E402
+from jobs.kinds import artifact_refinement as ar  # noqa: E402
+from jobs.kinds import cv_matching as cvm  # noqa: E402
+from jobs.kinds import nightly_insights as ni  # noqa: E402
+from jobs.lib import artifacts  # noqa: E402
+from jobs.lib import grounded as guard  # noqa: E402
+from jobs.lib import manifest  # noqa: E402
+from jobs.lib.embed import Embedder  # noqa: E402
+from jobs.paging.generate import Sampling, generate  # noqa: E402
+from jobs.paging.open import open_model  # noqa: E402
+
+EX = ROOT / "examples"
+OWN = ROOT / "tests" / "data" / "claims"
+
+
+def note_items() -> list[dict]:
+    out = []
+    for folder in (EX / "archive", OWN / "own_notes"):
+        for p in sorted(folder.glob("*.md")):
+            text = p.read_text()
+            d, t = manifest.note_date(p.name, 0), ni._title(p.name, text)
+            for e in (0, 1):
+                out.append({"task": "note_summary", "file": str(p.relative_to(ROOT)), "example": e,
+                            "source": text, "prompt": ni.map_prompt(d, t, text, e), "prefix": ""})
+    return out
+
+
+def artifact_items() -> list[dict]:
+    out = []
+    for a in artifacts.load(EX / "gems"):
+        if a.is_technical_story:
+            continue
+        for e in (0, 1):
+            out.append({"task": "artifact_summary", "file": str(a.source), "example": e,
+                        "source": a.body, "prompt": ar.summary_prompt(a, e), "prefix": ""})
+    return out
+
+
+def cv_items(embedder: Embedder) -> list[dict]:
+    out = []
+    pairs = [(EX / "cv" / "cv.md", sorted((EX / "cv" / "postings").glob("*.md"))),
+             (OWN / "own_cv" / "cv-frontend.md",
+              [*sorted((EX / "cv" / "postings").glob("*.md")), OWN / "own_cv" / "posting-platform.md"])]
+    for cv_path, postings in pairs:
+        cv_text = cv_path.read_text()
+        units = cvm.cv_units(cv_text)
+        unit_vecs = embedder.embed(units)
+        for p in postings:
+            text = p.read_text()
+            reqs = cvm.requirements(text)
+            per = cvm.match(reqs, embedder.embed(reqs), units, unit_vecs)
+            s = {"requirements": per, "strengths": [r for r in per if r["covered"]],
+                 "gaps": [r for r in per if not r["covered"]]}
+            src = cvm.rationale_source(cvm.title_of(p, text), per)
+            for e in (0, 1):
+                out.append({"task": "cv_rationale", "file": f"{cv_path.relative_to(ROOT)} x {p.relative_to(ROOT)}",
+                            "example": e, "source": src, "facts": cvm.facts(s),
+                            "covered": len(s["strengths"]), "requirements": len(per),
+                            "gaps": [g["requirement"] for g in s["gaps"]],
+                            "prompt": cvm.rationale_prompt(cvm.title_of(p, text), s["strengths"], s["gaps"], e),
+                            "prefix": "The candidate"})
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=OWN / "candidates.jsonl")
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / "gemma-3-270m")
+    args = ap.parse_args()
+    embedder = Embedder()
+    items = note_items() + artifact_items() + cv_items(embedder)
+    loaded = open_model(ModelSpec(name="gemma-3-270m", path=str(args.model)), batch_size=8)
+    try:
+        res = generate(loaded, [i["prompt"] for i in items], max_new_tokens=40, batch_size=8,
+                       sampling=Sampling(no_repeat_ngram_size=3), stop=("\n",))
+    finally:
+        loaded.close()
+    with args.out.open("w") as f:
+        for item, c in zip(items, res.outputs):
+            raw = c.text.strip()
+            sentence = guard.clean(f"{item['prefix']} {raw}" if item["prefix"] else raw)
+            f.write(json.dumps({**{k: v for k, v in item.items() if k != "prompt"},
+                                "sentence": sentence}) + "\n")
+    print(f"{len(items)} sentences, {res.tokens_generated} tokens in {res.wall_s:.0f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
