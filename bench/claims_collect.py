@@ -14,9 +14,11 @@ from jobs.contract.spec import ModelSpec  # noqa: E402
 from jobs.kinds import artifact_refinement as ar  # noqa: E402
 from jobs.kinds import cv_matching as cvm  # noqa: E402
 from jobs.kinds import nightly_insights as ni  # noqa: E402
-from jobs.lib import artifacts  # noqa: E402
+from jobs.lib import (
+    artifacts,  # noqa: E402
+    manifest,  # noqa: E402
+)
 from jobs.lib import grounded as guard  # noqa: E402
-from jobs.lib import manifest  # noqa: E402
 from jobs.lib.embed import Embedder  # noqa: E402
 from jobs.paging.generate import Sampling, generate  # noqa: E402
 from jobs.paging.open import open_model  # noqa: E402
@@ -80,20 +82,27 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "gemma-3-270m")
     args = ap.parse_args()
     embedder = Embedder()
-    items = note_items() + artifact_items() + cv_items(embedder)
+    items = cv_items(embedder) + artifact_items() + note_items()
+    # Own notes first, then the bundled ones: a partial run still covers every source type.
+    items.sort(key=lambda i: (i["task"] != "note_summary" or "own_notes" not in i["file"]))
+    done = {(d["task"], d["file"], d["example"]) for d in map(json.loads, args.out.read_text().splitlines())
+            } if args.out.exists() else set()
+    items = [i for i in items if (i["task"], i["file"], i["example"]) not in done]
     loaded = open_model(ModelSpec(name="gemma-3-270m", path=str(args.model)), batch_size=8)
     try:
-        res = generate(loaded, [i["prompt"] for i in items], max_new_tokens=40, batch_size=8,
-                       sampling=Sampling(no_repeat_ngram_size=3), stop=("\n",))
+        for first in range(0, len(items), 8):
+            batch = items[first:first + 8]
+            res = generate(loaded, [i["prompt"] for i in batch], max_new_tokens=40, batch_size=8,
+                           sampling=Sampling(no_repeat_ngram_size=3), stop=("\n",))
+            with args.out.open("a") as f:   # appended per batch: a long collection can be resumed
+                for item, c in zip(batch, res.outputs):
+                    raw = c.text.strip()
+                    sentence = guard.clean(f"{item['prefix']} {raw}" if item["prefix"] else raw)
+                    f.write(json.dumps({**{k: v for k, v in item.items() if k != "prompt"},
+                                        "sentence": sentence}) + "\n")
+            print(f"{first + len(batch)}/{len(items)} in {res.wall_s:.0f} s", flush=True)
     finally:
         loaded.close()
-    with args.out.open("w") as f:
-        for item, c in zip(items, res.outputs):
-            raw = c.text.strip()
-            sentence = guard.clean(f"{item['prefix']} {raw}" if item["prefix"] else raw)
-            f.write(json.dumps({**{k: v for k, v in item.items() if k != "prompt"},
-                                "sentence": sentence}) + "\n")
-    print(f"{len(items)} sentences, {res.tokens_generated} tokens in {res.wall_s:.0f} s -> {args.out}")
     return 0
 
 

@@ -44,6 +44,7 @@ def _lines(path: Path) -> list[dict]:
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.timeout(1800)   # two model loads and two generations on a shared CPU
 @NEEDS_MODEL
 def test_completions_equal_the_engine_cli_and_chat_uses_the_template(model_lab: Lab):
     lab = model_lab
@@ -79,6 +80,7 @@ def test_completions_equal_the_engine_cli_and_chat_uses_the_template(model_lab: 
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @NEEDS_MODEL
 def test_a_killed_run_is_retried_and_writes_each_prompt_once(model_lab: Lab):
     lab = model_lab
