@@ -16,6 +16,7 @@ from jobs.kinds import cv_matching as cvm  # noqa: E402
 from jobs.kinds import nightly_insights as ni  # noqa: E402
 from jobs.lib import (
     artifacts,  # noqa: E402
+    fewshot,  # noqa: E402
     manifest,  # noqa: E402
 )
 from jobs.lib import grounded as guard  # noqa: E402
@@ -76,11 +77,47 @@ def cv_items(embedder: Embedder) -> list[dict]:
     return out
 
 
+def _key(c: dict) -> tuple[str, str, str]:
+    return c["task"], " x ".join(Path(f).name for f in c["file"].split(" x ")), str(c["example"])
+
+
+def merge(candidates: Path, labels: Path, out: Path) -> int:
+    """candidates.jsonl + labels.tsv (read by hand: task, file, example, T/F, why) -> pairs.jsonl with the
+    source each sentence is checked against and what the kinds forbid it to echo."""
+    lab = {}
+    for line in labels.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            task, name, example, label, why = line.split("\t")
+            lab[(task, name, example)] = (label == "T", why)
+    rows = []
+    for c in map(json.loads, candidates.read_text().splitlines()):
+        if _key(c) not in lab:
+            continue
+        label, why = lab[_key(c)]
+        if c["task"] == "note_summary":
+            name = Path(c["file"]).name
+            echoes = [ni._title(name, c["source"]), manifest.note_date(name, 0), *ni.EXAMPLE_TEXTS]
+            source = c["source"]
+        elif c["task"] == "artifact_summary":
+            echoes = [artifacts.parse_markdown(Path(c["file"])).title, *ar.EXAMPLE_TEXTS]
+            source = c["source"]
+        else:
+            echoes = [y for *_, y in fewshot.RATIONALES]
+            source = c["source"] + "\n" + (ROOT / c["file"].split(" x ")[0]).read_text()  # + the CV
+        rows.append({**c, "source": source, "echoes": echoes, "label": label, "why": why})
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{len(rows)} labelled pairs ({sum(r['label'] for r in rows)} true) -> {out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=OWN / "candidates.jsonl")
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "gemma-3-270m")
+    ap.add_argument("--merge", action="store_true", help="write pairs.jsonl from the candidates and labels.tsv")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.out, OWN / "labels.tsv", OWN / "pairs.jsonl")
     embedder = Embedder()
     items = cv_items(embedder) + artifact_items() + note_items()
     # Own notes first, then the bundled ones: a partial run still covers every source type.

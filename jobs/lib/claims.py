@@ -97,16 +97,24 @@ def align(claim: str, source: str, *, min_coverage: float = 0.75, window: int = 
     units = clauses(source)
     keys = [_key(w) for w in words]
     names = _names(claim)
+    claim_words = tokens(claim)
+    agent = next((w for w in claim_words[:3] if w in ("she", "he", "they")), None)
     best: Verdict | None = None
     for i in range(len(units)):
         for j in range(i + 1, min(i + window, len(units)) + 1):
             text = " ".join(units[i:j])
             have = {_key(w) for w in tokens(text)}
+            # Who did it is read from the clause holding most of the claim's words.
+            main = tokens(max(units[i:j], key=lambda u: sum(_key(w) in keys for w in tokens(u))))
             cov = sum(k in have for k in keys) / len(keys)
             missing_names = {n for n in names if _key(n) not in have and n not in text.lower()}
             reason = ""
             if missing_names:
                 reason = f"name or number not in the source sentence: {sorted(missing_names)[0]}"
+            elif agent and agent not in main and "i" in main:
+                reason = f"who did it differs: '{agent}' where the source says 'I'"
+            elif claim_words[:1] == ["i"] and "me" in main and "i" not in main:
+                reason = "who did it differs: 'I' where the source says someone did it for me"
             elif any(q in words and _key(q) not in have for q in QUALIFIERS):
                 reason = "qualifier not in the source sentence"
             elif bool(NEGATIONS & set(tokens(claim)) or "n't" in claim) != bool(
