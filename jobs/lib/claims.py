@@ -88,7 +88,24 @@ def clauses(source: str) -> list[str]:
     return [c.strip() for u in source_units(source) for c in _CLAUSE.split(u) if c.strip()]
 
 
+# Where one sentence makes two claims: "X and has Y", "X, but lacks Y", "X and I Y".
+_COORD = re.compile(r",?\s+(?:and|but|while|so)\s+(?=(?:has|have|had|is|was|were|would|will|lacks?|needs?|"
+                    r"I|she|he|they|we|it)\b)", re.IGNORECASE)
+
+
 def align(claim: str, source: str, *, min_coverage: float = 0.75, window: int = 3) -> Verdict:
+    """Every claim of the sentence (its coordinated parts) supported on its own; see align_one."""
+    parts = [p for p in _COORD.split(claim) if content(p)]
+    if len(parts) <= 1:
+        return align_one(claim, source, min_coverage=min_coverage, window=window)
+    verdicts = [align_one(p, source, min_coverage=min_coverage, window=window) for p in parts]
+    bad = next((v for v in verdicts if not v.ok), None)
+    if bad is not None:
+        return bad
+    return Verdict(True, "", " / ".join(v.evidence for v in verdicts), min(v.coverage for v in verdicts))
+
+
+def align_one(claim: str, source: str, *, min_coverage: float = 0.75, window: int = 3) -> Verdict:
     """Supported when `window` adjacent clauses of the source hold at least `min_coverage` of the
     claim's content words, every name and number it states, every qualifier, and the same polarity."""
     words = content(claim)
@@ -126,15 +143,6 @@ def align(claim: str, source: str, *, min_coverage: float = 0.75, window: int = 
             if best is None or (v.ok, v.coverage) > (best.ok, best.coverage):
                 best = v
     return best or Verdict(False, "empty source")
-
-
-def overlap(claim: str, source: str) -> Verdict:
-    """The old grounding (jobs.lib.grounded.check): one shared content word and no invented number."""
-    from jobs.lib.grounded import content_words, numbers  # grounded imports this module
-    if numbers(claim) - numbers(source):
-        return Verdict(False, "invented number")
-    shared = content_words(claim) & content_words(source)
-    return Verdict(bool(shared), "" if shared else "ungrounded", coverage=float(len(shared)))
 
 
 def agrees_with_facts(rationale: str, covered: int, total: int, gaps: list[str]) -> str | None:

@@ -13,7 +13,8 @@ from jobs.lib.stoplist import STOPWORDS
 _DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 LOOP_NGRAM = 3              # a word 3-gram said twice in one field is a loop
-ECHO_NGRAM = 4              # a word 4-gram taken from a title or an example is an echo
+ECHO_NGRAM = 4              # a word 4-gram taken from an example is an echo
+ECHO_MIN_WORDS = 12         # ...from a text at least this long (a title's 4-gram is fine, #30)
 DANGLING = ("the following", "as follows", "following:")
 
 
@@ -76,7 +77,9 @@ def check(text: str, *, source: str, echoes: Sequence[str] = (), rules: Rules = 
         if echo and (_norm(text) in _norm(echo) or (own and own <= content_words(echo))):
             return "echo"
         e = tokens(echo)
-        if grams4 & {tuple(e[i:i + ECHO_NGRAM]) for i in range(len(e) - ECHO_NGRAM + 1)}:
+        # A 4-gram of a long text (a worked example) is a copy; of a short title, it names the subject.
+        if len(e) >= ECHO_MIN_WORDS and grams4 & {tuple(e[i:i + ECHO_NGRAM])
+                                                  for i in range(len(e) - ECHO_NGRAM + 1)}:
             return "echo"
     grams = [tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
     if len(grams) != len(set(grams)) or any(
