@@ -81,7 +81,7 @@ def _key(c: dict) -> tuple[str, str, str]:
     return c["task"], " x ".join(Path(f).name for f in c["file"].split(" x ")), str(c["example"])
 
 
-def merge(candidates: Path, labels: Path, out: Path) -> int:
+def merge(candidate_files: list[Path], labels: Path, out: Path) -> int:
     """candidates.jsonl + labels.tsv (read by hand: task, file, example, T/F, why) -> pairs.jsonl with the
     source each sentence is checked against and what the kinds forbid it to echo."""
     lab = {}
@@ -90,7 +90,11 @@ def merge(candidates: Path, labels: Path, out: Path) -> int:
             task, name, example, label, why = line.split("\t")
             lab[(task, name, example)] = (label == "T", why)
     rows = []
-    for c in map(json.loads, candidates.read_text().splitlines()):
+    seen = set()
+    for c in (json.loads(line) for f in candidate_files if f.exists() for line in f.read_text().splitlines()):
+        if _key(c) in seen:
+            continue
+        seen.add(_key(c))
         if _key(c) not in lab:
             continue
         label, why = lab[_key(c)]
@@ -115,9 +119,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=OWN / "candidates.jsonl")
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "gemma-3-270m")
     ap.add_argument("--merge", action="store_true", help="write pairs.jsonl from the candidates and labels.tsv")
+    ap.add_argument("--notes-from-end", action="store_true",
+                    help="only the bundled notes' first tries, last note first (a second collector)")
     args = ap.parse_args()
     if args.merge:
-        return merge(args.out, OWN / "labels.tsv", OWN / "pairs.jsonl")
+        return merge([args.out, OWN / "candidates-2.jsonl"], OWN / "labels.tsv", OWN / "pairs.jsonl")
     embedder = Embedder()
     items = cv_items(embedder) + artifact_items() + note_items()
     # Own notes first, then the bundled ones: a partial run still covers every source type.
@@ -125,6 +131,8 @@ def main() -> int:
     done = {(d["task"], d["file"], d["example"]) for d in map(json.loads, args.out.read_text().splitlines())
             } if args.out.exists() else set()
     items = [i for i in items if (i["task"], i["file"], i["example"]) not in done]
+    if args.notes_from_end:
+        items = [i for i in reversed(items) if i["example"] == 0 and "examples/archive" in i["file"]]
     loaded = open_model(ModelSpec(name="gemma-3-270m", path=str(args.model)), batch_size=8)
     try:
         for first in range(0, len(items), 8):
