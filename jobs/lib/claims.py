@@ -93,7 +93,7 @@ _COORD = re.compile(r",?\s+(?:and|but|while|so)\s+(?=(?:has|have|had|is|was|were
                     r"I|she|he|they|we|it)\b)", re.IGNORECASE)
 
 
-def align(claim: str, source: str, *, min_coverage: float = 0.75, window: int = 3) -> Verdict:
+def align(claim: str, source: str, *, min_coverage: float = 0.8, window: int = 3) -> Verdict:
     """Every claim of the sentence (its coordinated parts) supported on its own; see align_one."""
     parts = [p for p in _COORD.split(claim) if content(p)]
     if len(parts) <= 1:
@@ -105,7 +105,7 @@ def align(claim: str, source: str, *, min_coverage: float = 0.75, window: int = 
     return Verdict(True, "", " / ".join(v.evidence for v in verdicts), min(v.coverage for v in verdicts))
 
 
-def align_one(claim: str, source: str, *, min_coverage: float = 0.75, window: int = 3) -> Verdict:
+def align_one(claim: str, source: str, *, min_coverage: float = 0.8, window: int = 3) -> Verdict:
     """Supported when `window` adjacent clauses of the source hold at least `min_coverage` of the
     claim's content words, every name and number it states, every qualifier, and the same polarity."""
     words = content(claim)
