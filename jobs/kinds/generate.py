@@ -103,8 +103,8 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     ctx.progress(len(done), len(items), "prompts")
     engine = ctx.model(batch_size)
     try:
-        from jobs.paging.generate import _eos_ids  # the engine's own reading of the model's EOS ids
-        eos = _eos_ids(engine.loaded.model, engine.loaded.tokenizer)
+        from jobs.paging.generate import eos_ids_of
+        eos = eos_ids_of(engine.loaded.model, engine.loaded.tokenizer)
         texts = render(items, engine.loaded.tokenizer, Path(spec.path))
         for first in range(len(done), len(items), batch_size):
             batch = list(range(first, min(first + batch_size, len(items))))
