@@ -63,13 +63,14 @@ def step_stream27(work: Path, layers: int, pcie: float | None) -> dict:
 
     from jobs.paging.dense.layer_stream import load_streamed
     from jobs.paging.generate import generate
+    from jobs.paging.open import spec_for
 
     folder = build_synthetic_27b(work / "gemma27-shape", layers, ROOT / "models" / "gemma-3-270m")
     layer_bytes = 825_797_120
     torch.cuda.reset_peak_memory_stats()
-    with load_streamed(folder, device="cuda", dtype="fp16", fp16_safe="on", batch_size=1, context_tokens=2048,
-                       device_memory_bytes=EMULATED, vram_budget_bytes=3 * layer_bytes,
-                       ram_budget_bytes=2 * layer_bytes) as sm:
+    spec = spec_for(folder, device="cuda", dtype="fp16", fp16_safe="on", context_tokens=2048,
+                    device_memory_bytes=EMULATED, vram_budget_bytes=3 * layer_bytes, ram_budget_bytes=2 * layer_bytes)
+    with load_streamed(spec, batch_size=1) as sm:
         plan = sm.plan
         result = generate(sm, ["The history of the printing press"], max_new_tokens=8, batch_size=1)
         stats = sm.stats()
@@ -88,14 +89,15 @@ def step_moe(work: Path, layers: int) -> dict:
     from moe_bench import CONFIGS, write_random_model
 
     from jobs.paging.moe.load import load_paged_moe
+    from jobs.paging.open import spec_for
 
     shape = {**CONFIGS["mixtral-8x7b"], "num_hidden_layers": layers}
     folder = write_random_model(work / "mixtral-shape", shape, torch.bfloat16)
     expert_bytes = 3 * 4096 * 14336 * 2
     budget = (layers * 8 // 2 + 2) * expert_bytes      # half the experts in RAM, plus the staging ring
     torch.cuda.reset_peak_memory_stats()
-    with load_paged_moe(folder, device="cuda", dtype="fp16", ram_budget_bytes=budget,
-                        expert_cache_bytes=6 * expert_bytes) as moe:
+    with load_paged_moe(spec_for(folder, device="cuda", dtype="fp16", ram_budget_bytes=budget,
+                                 expert_cache_bytes=6 * expert_bytes)) as moe:
         ids = torch.randint(0, 32000, (1, 64), device="cuda")
         logits = moe.model(input_ids=ids).logits
         stats = moe.stats()

@@ -17,6 +17,7 @@ from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.slots import SlotRing
 from jobs.paging.generate import generate
+from jobs.paging.open import spec_for
 from jobs.paging.pinned import HostArena, pinned_alloc_bytes
 from jobs.paging.plan.shape import shape_from_config, shape_from_folder
 
@@ -110,7 +111,8 @@ def test_prefetch_never_holds_more_than_the_planned_slots(tiny_dirs):
     model_dir = tiny_dirs["llama"]
     layer = max(ModelStore(model_dir).layer_nbytes_as(torch.float32))
     # 1 resident + 2 slots, every streamed layer cached in RAM: reads are free, so the host could run ahead
-    with load_streamed(model_dir, dtype="fp32", vram_budget_bytes=3 * layer, ram_budget_bytes=100 * layer) as sm:
+    with load_streamed(spec_for(model_dir, dtype="fp32", vram_budget_bytes=3 * layer,
+                                ram_budget_bytes=100 * layer)) as sm:
         assert sm.stats()["streaming_slots"] == 2
         in_use = []
         for lay in sm.model.get_decoder().layers:
@@ -129,14 +131,14 @@ def test_a_device_too_small_is_refused_before_any_weight_is_read(tiny_dirs, monk
         raise AssertionError("a weight was read before the plan was checked")
     monkeypatch.setattr(ModelStore, "_read", no_reads)
     with pytest.raises(BudgetError, match="what fits instead|does not fit"):
-        load_streamed(tiny_dirs["llama"], dtype="fp32", device_memory_bytes=200_000, batch_size=8,
-                      context_tokens=4096)
+        load_streamed(spec_for(tiny_dirs["llama"], dtype="fp32", device_memory_bytes=200_000, context_tokens=4096),
+                      batch_size=8)
 
 
 def test_a_pass_that_raised_gives_its_slots_back(tiny_dirs):
     model_dir = tiny_dirs["qwen2"]
     layer = max(ModelStore(model_dir).layer_nbytes_as(torch.float32))
-    with load_streamed(model_dir, dtype="fp32", vram_budget_bytes=3 * layer) as sm:
+    with load_streamed(spec_for(model_dir, dtype="fp32", vram_budget_bytes=3 * layer)) as sm:
         boom = {"left": 1}
 
         def fail_once(module, args):
@@ -155,7 +157,7 @@ def test_a_pass_that_raised_gives_its_slots_back(tiny_dirs):
 
 
 def test_a_row_longer_than_the_planned_context_is_refused(tiny_dirs):
-    with load_streamed(tiny_dirs["llama"], dtype="fp32", context_tokens=8, batch_size=2) as sm:
+    with load_streamed(spec_for(tiny_dirs["llama"], dtype="fp32", context_tokens=8), batch_size=2) as sm:
         with pytest.raises(BudgetError, match="does not fit the memory plan"):
             generate(sm, ["a long prompt " * 10], max_new_tokens=4)
         with pytest.raises(BudgetError, match="3 rows"):

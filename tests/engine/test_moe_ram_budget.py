@@ -25,6 +25,7 @@ from jobs.contract.errors import BudgetError
 from jobs.contract.oom import oom_kind
 from jobs.paging.moe.load import load_paged_moe
 from jobs.paging.moe.store import CheckpointIndex, ExpertStore, expert_nbytes
+from jobs.paging.open import spec_for
 from jobs.paging.pinned import HostArena, PinnedHostError, pinned_alloc_bytes
 from jobs.paging.plan.expert_budget import (
     default_ram_budget_bytes,
@@ -139,7 +140,7 @@ def test_third_in_ram_matches_transformers(model, ref, tmp_path, writer):
     eb = expert_bytes(model)
     budget = third_budget(eb)
     ids = prompts(3, 12)
-    with load_paged_moe(folder, ram_budget_bytes=budget, expert_cache_bytes=3 * eb) as paged:
+    with load_paged_moe(spec_for(folder, ram_budget_bytes=budget, expert_cache_bytes=3 * eb)) as paged:
         with torch.no_grad():
             for _ in range(2):  # the second pass reads the same experts from disk again
                 assert (paged.model(ids).logits - ref(ids).logits).abs().max().item() <= 1e-5
@@ -157,7 +158,7 @@ def test_no_expert_in_ram_with_cpu_miss_exec(model, ref, tmp_path):
     eb = expert_bytes(model)
     budget = min_ram_budget_bytes(eb)
     ids = prompts(1, 5)
-    with load_paged_moe(folder, ram_budget_bytes=budget, expert_cache_bytes=2 * eb, prefetch=False,
+    with load_paged_moe(spec_for(folder, ram_budget_bytes=budget, expert_cache_bytes=2 * eb), prefetch=False,
                         cpu_miss_exec=True, cpu_miss_max_tokens=2) as paged:
         with torch.no_grad():
             assert (paged.model(ids).logits - ref(ids).logits).abs().max().item() <= 1e-5
@@ -176,7 +177,8 @@ def test_bf16_from_disk_bit_identical_to_bf16_from_ram(model, tmp_path):
     ids = prompts(2, 8)
     logits = {}
     for budget in (None, min_ram_budget_bytes(eb16)):
-        with load_paged_moe(folder, dtype="bf16", ram_budget_bytes=budget, expert_cache_bytes=4 * eb16) as paged:
+        with load_paged_moe(spec_for(folder, dtype="bf16", ram_budget_bytes=budget,
+                                     expert_cache_bytes=4 * eb16)) as paged:
             with torch.no_grad():
                 logits[budget] = paged.model(ids).logits
             assert paged.stats()["experts_in_ram"] == (ALL if budget is None else 0)
@@ -192,7 +194,7 @@ def test_4bit_third_in_ram_matches_transformers_on_dequantized(quant_folder, cpu
     eb = 2 * SPEC.nbytes((inter, hidden)) + SPEC.nbytes((hidden, inter))  # codes + fp16 scale, zero
     budget = third_budget(eb)
     ids = prompts(3, 12)
-    with load_paged_moe(quant_folder, variant="fast", ram_budget_bytes=budget, expert_cache_bytes=3 * eb,
+    with load_paged_moe(spec_for(quant_folder, variant="fast", ram_budget_bytes=budget, expert_cache_bytes=3 * eb),
                         cpu_miss_exec=cpu_exec, cpu_miss_max_tokens=2) as paged:
         with torch.no_grad():
             assert (paged.model(ids).logits - ref(ids).logits).abs().max().item() <= 1e-5

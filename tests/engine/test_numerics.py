@@ -14,6 +14,7 @@ from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.generate import Sampling, generate
 from jobs.paging.numerics import resolve_numerics
+from jobs.paging.open import spec_for
 
 pytestmark = pytest.mark.engine
 
@@ -58,9 +59,9 @@ def _greedy_ids(loaded, prompts) -> list[list[int]]:
 
 
 def test_gemma_fp16_safe_matches_fp32_greedy(gemma_dir):
-    with load_streamed(gemma_dir, dtype="fp32") as loaded:
+    with load_streamed(spec_for(gemma_dir, dtype="fp32")) as loaded:
         reference = _greedy_ids(loaded, HIDDEN_PROMPTS)
-    with load_streamed(gemma_dir, dtype="fp16") as loaded:  # fp16_safe auto: on for Gemma
+    with load_streamed(spec_for(gemma_dir, dtype="fp16")) as loaded:  # fp16_safe auto: on for Gemma
         stats = loaded.stats()
         result = generate(loaded, HIDDEN_PROMPTS, max_new_tokens=NEW_TOKENS, batch_size=len(HIDDEN_PROMPTS))
     assert (stats["dtype"], stats["fp16_safe"]) == ("fp16", True)
@@ -80,7 +81,7 @@ def test_gemma_fp16_unsafe_fails_naming_layer_and_setting(gemma_dir):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dirs):
-    with load_streamed(tiny_dirs["qwen2"], dtype="fp32") as loaded:
+    with load_streamed(spec_for(tiny_dirs["qwen2"], dtype="fp32")) as loaded:
         yield loaded
 
 
