@@ -46,14 +46,19 @@ def _read_params(args: argparse.Namespace) -> dict[str, Any]:
 WEIGHT_PATTERNS = ("*.safetensors", "*.gguf")  # what the engine reads weights from
 
 
-def _check_model(spec: ModelSpec, worker_python: Path) -> None:
-    """What the supervisor can see without torch: a quantized variant exists when one is asked for, the
-    folder holds weights, and a cuda model has a CUDA build of torch in the worker venv."""
+def _check_model(spec: ModelSpec) -> None:
+    """What the supervisor can see without torch: a quantized variant exists when one is asked for."""
     path = Path(spec.path)
     if spec.variant != "precise" and not any(path.glob("variants/*/variant.json")):
         raise UserError(f"model '{spec.name}' asks for variant '{spec.variant}' but {path} has no "
                         f"quantized variant; run `lab-attendant model quantize {spec.name} --bits 4` "
                         "or set variant = \"precise\"")
+
+
+def _check_runnable(spec: ModelSpec, worker_python: Path) -> None:
+    """After the plan (which config.json alone answers): the folder holds weights, and a cuda model has a
+    CUDA build of torch in the worker venv."""
+    path = Path(spec.path)
     if path.is_dir() and not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
         raise UserError(f"model '{spec.name}': {path} holds no weights (no .safetensors or .gguf file); copy "
                         "the model's weight files into it, or point [models." + spec.name + "] path at the folder "
@@ -73,9 +78,10 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     params = validate_params(kind, _read_params(args), cfg.allowed_roots)
     if any(p.name == "model" for p in kind.params):
         model = cfg.model_spec(params.get("model"))
-        _check_model(model, Path(cfg.worker.python))  # fails here, not in the worker
+        _check_model(model)  # fails here, not in the worker
         check_with_model(kind, params, Path(model.path))
         check_fits(model, params.get("batch_size"))  # an impossible plan is refused now, not after a load
+        _check_runnable(model, Path(cfg.worker.python))
     check_submit_options(args.priority, args.timeout)
     check_retries(args.retries)
     executor = cfg.executor.choose(kind.name, params.get("model"), args.executor)
