@@ -26,6 +26,7 @@ from stream_bench import BASE_PROMPTS, Resident, run_case  # noqa: E402
 from jobs.paging.convert import DEFAULT_OUT_DIR, convert_default, import_gguf  # noqa: E402
 from jobs.paging.dense.layer_stream import load_streamed  # noqa: E402
 from jobs.paging.generate import generate  # noqa: E402
+from jobs.paging.open import spec_for  # noqa: E402
 
 MiB = 1 << 20
 # Two fp32 layer slots (21.3 MiB each) and nothing resident: every pass streams all 18 layers.
@@ -82,12 +83,12 @@ def main() -> int:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     gguf, folder = import_gguf(), convert_default(DEFAULT_OUT_DIR)
-    kwargs = dict(device="cpu", dtype="fp32", vram_budget_bytes=LAYER_BUDGET_BYTES, ram_budget_bytes=None,
-                  batch_size=max(batches), context_tokens=256)
+    settings = dict(device="cpu", dtype="fp32", vram_budget_bytes=LAYER_BUDGET_BYTES, ram_budget_bytes=None,
+                    context_tokens=256)
     methods = {}
     for name, path in (("gguf streamed", gguf), ("bf16 folder streamed", folder)):
         print(f"{name}: {path}", flush=True)
-        with load_streamed(path, **kwargs) as loaded:
+        with load_streamed(spec_for(path, **settings), batch_size=max(batches)) as loaded:
             rows = bench(loaded, batches, args.new_tokens, args.rounds)
             stats = loaded.stats()
         methods[name] = {"path": str(path), "bytes_per_pass": stats["bytes_read_per_pass"], "rows": rows}

@@ -29,6 +29,8 @@ def cmd_venv(cfg: Config, args: argparse.Namespace) -> int:
     else:
         info = venv.check(_venv_dir(cfg))
     print(dumps(info, indent=2))
+    if info.get("warning"):  # a warning, not a failure: CPU runs still work (exit 0)
+        print(f"lab-attendant: {info['warning']}", file=sys.stderr)
     return 0
 
 
@@ -152,7 +154,8 @@ def add_parsers(sub, parser_class: type[argparse.ArgumentParser]) -> None:
     vsub = v.add_subparsers(dest="venv_cmd", required=True, parser_class=parser_class)
     vc = vsub.add_parser("create", help="create or update it from venvs/experimental.txt")
     vc.add_argument("--torch-spec", help=f"pip spec for torch (default ${venv.TORCH_SPEC_ENV} or "
-                    f"{venv.DEFAULT_TORCH_SPEC}); e.g. a CUDA build you already use")
+                    f"{venv.DEFAULT_TORCH_SPEC}, the CUDA build matching the NVIDIA driver when NVML sees a GPU); "
+                    "e.g. a build you already use, with its own --index-url")
     vc.add_argument("--force", action="store_true", help="reinstall even if up to date")
     vsub.add_parser("check", help="what it has: torch version, CUDA")
     v.set_defaults(fn=cmd_venv)

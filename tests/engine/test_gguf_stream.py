@@ -19,6 +19,7 @@ from jobs.paging.convert import import_gguf
 from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.generate import generate
+from jobs.paging.open import spec_for
 from jobs.paging.plan.shape import shape_from_path
 
 GEMMA_PROMPTS = [*PROMPTS, "Water boils at a temperature of", "My favourite book is"]
@@ -40,7 +41,7 @@ def _reference(path: Path):
 @pytest.mark.timeout(1800)
 def test_embedded_gguf_streams_exact_tokens_in_a_third_of_the_bytes(gemma_gguf, gemma_dir):
     # 50 MiB of layers at fp32: no layer resident, 2 slots; no RAM cache: every pass reads the file
-    with load_streamed(gemma_gguf, vram_budget_bytes=50 * MiB, ram_budget_bytes=None) as loaded:
+    with load_streamed(spec_for(gemma_gguf, vram_budget_bytes=50 * MiB, ram_budget_bytes=None)) as loaded:
         stats = loaded.stats()
         assert stats["resident_layers"] == 0 and stats["ram_cache_layers"] == 0
         result = generate(loaded, GEMMA_PROMPTS, max_new_tokens=8, batch_size=len(GEMMA_PROMPTS))
@@ -134,7 +135,7 @@ def test_tiny_gguf_matches_transformers(tmp_path, arch):
     # two slots of one layer's blocks (the plan counts blocks, not expanded weights) but not three layers
     budget = 2 * shape_from_path(path).layer_stored_bytes + shape_from_path(path).layer_stored_bytes // 2
     for ram in (None, 1 << 30):
-        with load_streamed(path, vram_budget_bytes=budget, ram_budget_bytes=ram) as loaded:
+        with load_streamed(spec_for(path, vram_budget_bytes=budget, ram_budget_bytes=ram)) as loaded:
             assert loaded.stats()["resident_layers"] == 0
             with torch.no_grad():
                 got = loaded.model(input_ids=ids).logits
@@ -174,10 +175,10 @@ def test_unsupported_block_type_is_refused_naming_type_and_tensor(tmp_path):
     data[type_at:type_at + 4] = int(T.IQ4_XS).to_bytes(4, "little")  # same 256-element blocks, 136 bytes
     path.write_bytes(bytes(data))
     with pytest.raises(ModelFolderError, match=r"tensor blk\.1\.ffn_up\.weight is stored as IQ4_XS"):
-        load_streamed(path)
+        load_streamed(spec_for(path))
 
 
 def test_split_gguf_is_refused_with_a_sentence(tmp_path):
     part = write_tiny_gguf(tmp_path / "tiny-00001-of-00002.gguf", "llama", seed=2)
     with pytest.raises(ModelFolderError, match="one part of a split GGUF"):
-        load_streamed(part)
+        load_streamed(spec_for(part))

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from jobs.contract.errors import BudgetError, KernelError, ModelFolderError
-from jobs.contract.spec import DEFAULT_BATCH_SIZE, DEFAULT_CONTEXT_TOKENS, VARIANT_MODES
+from jobs.contract.spec import DEFAULT_BATCH_SIZE, VARIANT_MODES, ModelSpec
 from jobs.contract.units import format_size
 from jobs.paging.dense.gguf_store import GgufStore
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.streamer import LayerStreamer, StreamPlan, assign_tensors
-from jobs.paging.dense.variants import DEFAULT_KEEP_PRECISE, FAST, PRECISE, bytes_by_choice, choose_variants, summary
+from jobs.paging.dense.variants import FAST, PRECISE, bytes_by_choice, choose_variants, summary
 from jobs.paging.dtypes import dtype_name
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.numerics import Fp16Safe, resolve_numerics
@@ -94,20 +94,18 @@ class StreamedModel:
         self.close()
 
 
-def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto",
-                  vram_budget_bytes: int | None = None, ram_budget_bytes: int | None = None,
-                  prefetch: bool = True, variant: str = PRECISE, keep_precise: int = DEFAULT_KEEP_PRECISE,
-                  stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None,
-                  kernels: str = "auto", fp16_safe: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE,
-                  context_tokens: int = DEFAULT_CONTEXT_TOKENS, kv_cache: str = "fp",
-                  device_memory_bytes: int | None = None) -> StreamedModel:
+def load_streamed(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
+                  stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None) -> StreamedModel:
     """Open a decoder-only safetensors folder, or a GGUF file, for layer streaming.
 
-    A GGUF file (model_dir ending in .gguf) streams its raw blocks: they are what is read, cached in RAM
-    and copied to the device, where each Linear's weight is expanded to the compute dtype just before it
-    runs, into one buffer all of them reuse (gguf_store, block_weights); config and tokenizer come from the
-    file through transformers. It has no fast variant, and runs transformers' own modules (kernels "torch").
+    A GGUF file (spec.path a .gguf) streams its raw blocks: they are what is read, cached in RAM and copied
+    to the device, where each Linear's weight is expanded to the compute dtype just before it runs, into one
+    buffer all of them reuse (gguf_store, block_weights); config and tokenizer come from the file through
+    transformers. It has no fast variant, and runs transformers' own modules (kernels "torch").
 
+    spec: the model's settings (jobs.contract.spec.ModelSettings says what each means); the run-time
+    arguments: prefetch (read the next layer while this one computes), batch_size (rows the memory plan
+    makes room for, each of spec.context_tokens), stream_bytes_budget and variant_spec (below).
     Before any weight is read, memplan.make_plan counts every byte the run takes on the device (CUDA
     context, embeddings, KV cache for batch_size x context_tokens of kv_cache, prefill activations,
     resident layers, streaming slots, margin) against the free device memory (runtime_profile, capped by
@@ -130,6 +128,11 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_dir, device, dtype, fp16_safe, kernels = spec.path, spec.device, spec.dtype, spec.fp16_safe, spec.kernels
+    vram_budget_bytes, ram_budget_bytes, device_memory_bytes = (spec.vram_budget_bytes, spec.ram_budget_bytes,
+                                                                spec.device_memory_bytes)
+    variant, keep_precise, context_tokens, kv_cache = (spec.variant, spec.keep_precise_layers, spec.context_tokens,
+                                                       spec.kv_cache)
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but torch sees no CUDA device")
@@ -164,13 +167,13 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
                    max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers))
     # The plan counts every layer at the compute dtype, fast or not: that is what sits on the device while
     # it computes; a fast layer's packed parts and its expansion temporaries are a row of their own.
-    spec = store.variant.spec if store.variant is not None else QuantSpec(4, 64)
+    quant = store.variant.spec if store.variant is not None else QuantSpec(4, 64)
     shape = shape_from_path(model_dir)   # a folder's config + headers, or the GGUF's header
     memory = make_plan(shape, runtime_profile(torch_device, device_memory_bytes),
                        PlanRequest(batch=batch_size, context=context_tokens, dtype=dtype_name(dtype), kv_cache=kv_cache,
                                    attention=getattr(model.config, "_attn_implementation", None) or "sdpa",
                                    fp16_safe=safe, prefetch=prefetch, variant=variant, keep_precise=keep_precise,
-                                   bits=spec.bits, group_size=spec.group_size, vram_budget_bytes=vram_budget_bytes,
+                                   bits=quant.bits, group_size=quant.group_size, vram_budget_bytes=vram_budget_bytes,
                                    ram_budget_bytes=ram_budget_bytes), Path(model_dir).name)
     if not memory.fits:
         raise BudgetError(f"model {Path(model_dir).name}: {memory.reason}")
