@@ -146,9 +146,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_parsers(sub, parser_class: type[argparse.ArgumentParser]) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("venv", help="the experimental venv workers run in")
-    vsub = v.add_subparsers(dest="venv_cmd", required=True, parser_class=parser_class)
+    vsub = v.add_subparsers(dest="venv_cmd", required=True)
     vc = vsub.add_parser("create", help="create or update it from venvs/experimental.txt")
     vc.add_argument("--torch-spec", help=f"pip spec for torch (default ${venv.TORCH_SPEC_ENV} or "
                     f"{venv.DEFAULT_TORCH_SPEC}); e.g. a CUDA build you already use")
@@ -157,7 +157,7 @@ def add_parsers(sub, parser_class: type[argparse.ArgumentParser]) -> None:
     v.set_defaults(fn=cmd_venv)
 
     m = sub.add_parser("model", help="model folders")
-    msub = m.add_subparsers(dest="model_cmd", required=True, parser_class=parser_class)
+    msub = m.add_subparsers(dest="model_cmd", required=True)
     msub.add_parser("import-default", help="convert the bundled Gemma-3-270M to safetensors")
     msub.add_parser("list", help="model folders with size on disk")
     mp = msub.add_parser("plan", help="what a model's run takes on the device and in pinned RAM, before any "

@@ -17,6 +17,7 @@ from lab_attendant.config import Config
 from lab_attendant.daemon.events import apply_event
 from lab_attendant.daemon.outcomes import Outcomes
 from lab_attendant.daemon.reconcile import reconcile
+from lab_attendant.daemon.retention import Retention
 from lab_attendant.daemon.runspec import build_spec
 from lab_attendant.daemon.wakeup import Wakeup
 from lab_attendant.errors import ConfigError, StoreWriteError
@@ -34,7 +35,6 @@ from lab_attendant.store.backup import AutoBackup
 from lab_attendant.store.db import Store
 from lab_attendant.store.deps import USER_HOLD, cancel_unsatisfiable
 from lab_attendant.store.faults import StatusFile, WriteBehind
-from lab_attendant.store.prune import Retention
 from lab_attendant.store.retry import ensure_retries
 from lab_attendant.store.states import ACTIVE, WAITING, Hold, RunState
 

@@ -1,4 +1,4 @@
-"""Per-run sensor history: the run_samples table, the sampler the daemon calls once per guard
+"""Per-run sensor history (the run_samples table, lab_attendant.store.tables.RunSample): the sampler the daemon calls once per guard
 tick, the 2:1 thinning that bounds it, and the min/max/mean summary `show` prints.
 """
 from __future__ import annotations
@@ -7,13 +7,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, func, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from jobs.contract import protocol
 from jobs.contract.units import format_size
 from lab_attendant.store.db import Store
-from lab_attendant.store.tables import GUARD_READINGS, Base, Meta
+from lab_attendant.store.tables import GUARD_READINGS, Meta, RunSample
 
 # Column, label, unit ("bytes" and "bytes/s" are printed as sizes). The order is the one `show`
 # and the dashboard use.
@@ -29,30 +29,6 @@ SERIES: tuple[tuple[str, str, str], ...] = (
 )
 # Cumulative byte counters a worker may report in its metric events; their rate is the read rate.
 READ_COUNTERS = ("engine_bytes_read", "engine_disk_read_bytes", "bytes_read")
-
-
-class RunSample(Base):
-    """One reading of a run while it is active; deleted with its run (ON DELETE CASCADE)."""
-    __tablename__ = "run_samples"
-    __table_args__ = (Index("ix_run_samples_run_at", "run_id", "at"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    at: Mapped[float] = mapped_column(Float)                      # unix time
-    gpu_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    gpu_temperature_c: Mapped[float | None] = mapped_column(Float, nullable=True)
-    gpu_power_w: Mapped[float | None] = mapped_column(Float, nullable=True)
-    gpu_sm_clock_mhz: Mapped[float | None] = mapped_column(Float, nullable=True)
-    throttle_reasons: Mapped[str] = mapped_column(String, default="")   # comma-separated
-    gpu_memory_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    rss_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    progress_done: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    progress_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
-    read_bytes_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {c.name: getattr(self, c.name) for c in self.__table__.columns
-                if c.name not in ("id", "run_id")}
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from lab_attendant.cli.prune import run_folders
 from lab_attendant.store.prune import prune
 from lab_attendant.store.states import RunState
 from tests.unit.test_daemon_loop import loop  # noqa: F401 - the fixture
@@ -42,5 +43,5 @@ def test_retention_is_off_by_default_and_prune_sweeps_orphans(loop):  # noqa: F8
     orphan.mkdir(parents=True)
     d.tick()
     assert d.store.get(old) is not None
-    out = prune(d.cfg, d.store, older_than_s=500 * 86400, keep_failed=False)
+    out = prune(d.store, run_folders(d.cfg), older_than_s=500 * 86400, keep_failed=False)
     assert out.runs == [] and out.paths == [orphan] and not orphan.exists()

@@ -17,8 +17,9 @@ from lab_attendant.config import parse_config
 from lab_attendant.errors import ConfigError
 from lab_attendant.guards.host import GpuReading
 from lab_attendant.store import samples
-from lab_attendant.store.db import Run, RunEvent, Store
+from lab_attendant.store.db import Store
 from lab_attendant.store.samples import RunSample, Sampler
+from lab_attendant.store.tables import Run, RunEvent
 from tests.unit.fakes import FakeHost
 
 
