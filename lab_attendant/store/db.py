@@ -70,12 +70,13 @@ class Store:
             self._init_schema()
 
     @contextmanager
-    def _translated(self) -> Iterator[None]:
-        """SQLite's errors as ours: StoreUnusable (damaged file) or StoreWriteError (full, I/O)."""
+    def _translated(self, *, writing: bool = True) -> Iterator[None]:
+        """SQLite's errors as ours: StoreUnusable (damaged file), StoreWriteError or
+        StoreReadError (full, I/O, read-only)."""
         try:
             yield
         except DatabaseError as exc:
-            err = translate(exc, self.db_path)
+            err = translate(exc, self.db_path, writing=writing)
             if err is exc:
                 raise
             raise err from exc
@@ -117,7 +118,7 @@ class Store:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        with self._translated():
+        with self._translated(writing=False):
             conn = self.engine.connect().execution_options(sqlite_begin="DEFERRED")
             try:
                 with Session(conn, expire_on_commit=False) as session, session.begin():

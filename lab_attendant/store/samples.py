@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from jobs.contract import protocol
 from jobs.contract.units import format_size
 from lab_attendant.store.db import Store
 from lab_attendant.store.tables import GUARD_READINGS, Meta, RunSample
@@ -43,29 +42,32 @@ class _RunState:
 
 
 class Sampler:
-    """Turns the guards' readings and the worker's events into one RunSample per active run."""
+    """Turns the guards' readings and what the worker reported (its progress and metric events,
+handed over by lab_attendant.daemon.events) into one RunSample per active run."""
 
     def __init__(self, host) -> None:
         self.host = host
         self._runs: dict[int, _RunState] = {}
 
-    def observe(self, run_id: int, ev: dict[str, Any]) -> None:
+    def progress(self, run_id: int, done: int | None, total: int | None) -> None:
         st = self._runs.setdefault(run_id, _RunState())
-        if ev["event"] == protocol.PROGRESS:
-            st.done, st.total = ev.get("done"), ev.get("total")
-        elif ev["event"] == protocol.METRIC:
-            m = ev.get("metrics") or {}
-            if number(m.get("tokens_per_s")) is not None:
-                st.tokens_per_s = float(m["tokens_per_s"])
-            if number(m.get("read_bytes_per_s")) is not None:
-                st.read_rate = float(m["read_bytes_per_s"])
-            for key in READ_COUNTERS:
-                if number(m.get(key)) is not None:
-                    st.read_bytes = int(m[key])
-                    break
+        st.done, st.total = done, total
+
+    def metrics(self, run_id: int, metrics: Mapping[str, Any]) -> None:
+        """The rates and counters it samples, from a metric event (values already checked by
+        jobs.contract.protocol; a non-number under one of these names is ignored)."""
+        st = self._runs.setdefault(run_id, _RunState())
+        if (tps := as_float(metrics.get("tokens_per_s"))) is not None:
+            st.tokens_per_s = tps
+        if (rate := as_float(metrics.get("read_bytes_per_s"))) is not None:
+            st.read_rate = rate
+        for key in READ_COUNTERS:
+            if (count := as_float(metrics.get(key))) is not None:
+                st.read_bytes = int(count)
+                break
 
     def take(self, now: float, workers: Iterable[Any], guards) -> list[RunSample]:
-        """One sample per worker (objects with run_id and pid) from `guards`' last poll."""
+        """One sample per run (handles with run_id, pid and is_local) from `guards`' last poll."""
         out = []
         readings = guards.readings.get("workers") or {}
         for w in workers:
@@ -73,7 +75,7 @@ class Sampler:
             mine = readings.get(str(w.run_id)) or {}
             # A worker with no local pid (a Slurm job) runs on another node: this host's GPU
             # readings say nothing about it; its progress and rates still do.
-            gpu = self._gpu_of(w.pid, guards.last_gpus or []) if w.pid is not None else None
+            gpu = self._gpu_of(w.pid, guards.last_gpus or []) if w.is_local else None
             rate = st.read_rate
             if st.read_bytes is not None:
                 if st.last is not None and now > st.last[0]:
@@ -189,7 +191,7 @@ def summarize(rows: list[RunSample], resume_below_c: float) -> Summary | None:
     return Summary(len(rows), rows[-1].at - rows[0].at, stats, above, resume_below_c, reasons)
 
 
-def number(v: Any) -> float | None:
+def as_float(v: Any) -> float | None:
     """A reported value as a float, or None for a missing or non-numeric one (bools included)."""
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 

@@ -15,7 +15,7 @@ from jobs.contract import protocol
 from jobs.contract.spec import RunSpec
 from lab_attendant.config import parse_config
 from lab_attendant.daemon.loop import HOLD_PAGING_OFF, Daemon
-from lab_attendant.executors.local import Launcher, Worker, WorkerExit, classify
+from lab_attendant.executors.local import LocalExecutor, LocalRun, WorkerExit, classify
 from lab_attendant.guards.host import GpuReading
 from lab_attendant.store.states import RunState
 from tests.unit.fakes import FakeHost, FakeSensors
@@ -31,40 +31,41 @@ class FakeProc:
 
 
 @dataclass
-class FakeLauncher(Launcher):
-    """The real Launcher's stop/kill/escalate, with scripted workers instead of processes."""
+class FakeLauncher(LocalExecutor):
+    """The real LocalExecutor's stop/kill/escalate, with scripted workers instead of processes."""
     host: FakeHost = field(default_factory=FakeHost)
     kill_grace_s: float = 2.0
     specs: list[RunSpec] = field(default_factory=list)
     procs: dict[int, FakeProc] = field(default_factory=dict)     # run id -> its worker
-    events: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    events: dict[int, list[protocol.Event | protocol.Rejected]] = field(default_factory=dict)
     obeys_sigterm: bool = True
 
-    def spawn(self, spec: RunSpec, *, python: Path, timeout_s: float) -> Worker:
+    def start(self, spec: RunSpec, *, python: Path, timeout_s: float) -> LocalRun:
         self.specs.append(spec)
         proc = FakeProc(pid=5000 + spec.run_id, obeys_sigterm=self.obeys_sigterm)
         self.procs[spec.run_id] = proc
         self.host.alive_groups.add(proc.pid)
         now = self.host.monotonic()
-        return Worker(run_id=spec.run_id, needs_paging=spec.needs_paging, proc=proc,
+        return LocalRun(executor=self, run_id=spec.run_id, needs_paging=spec.needs_paging, proc=proc,
                       events_fd=-1, output_fd=-1, started_mono=now, deadline_mono=now + timeout_s,
                       oom_kills_at_start=self.host.oom_kill_count())
 
     def emit(self, run_id: int, event: str, **fields: Any) -> None:
-        self.events.setdefault(run_id, []).append({"event": event, **fields})
+        # Through the real codec: the daemon sees what a worker's line decodes to.
+        self.events.setdefault(run_id, []).append(protocol.decode(protocol.encode(event, **fields)))
 
     def finish(self, run_id: int, code: int, result: str | None = None) -> None:
         if result:
             self.emit(run_id, protocol.RESULT, path=result)
         self.procs[run_id].exit_code = code
 
-    def read_events(self, w: Worker) -> list[dict[str, Any]]:
+    def read_events(self, w: LocalRun) -> list[protocol.Event | protocol.Rejected]:
         return self.events.pop(w.run_id, [])
 
-    def read_output(self, w: Worker, *, final: bool = False) -> list[bytes]:
+    def read_output(self, w: LocalRun, *, final: bool = False) -> list[bytes]:
         return []
 
-    def poll(self, w: Worker) -> int | None:
+    def poll(self, w: LocalRun) -> int | None:
         proc = self.procs[w.run_id]
         sent = {sig for pgid, sig in self.host.signals if pgid == proc.pid}
         if proc.exit_code is None and signal.SIGKILL in sent:
@@ -73,7 +74,7 @@ class FakeLauncher(Launcher):
             proc.exit_code = EXIT_TERMINATED
         return proc.exit_code
 
-    def cleanup(self, w: Worker) -> None:
+    def cleanup(self, w: LocalRun) -> None:
         self.host.alive_groups.discard(w.pgid)
 
 
@@ -84,7 +85,7 @@ def _daemon(tmp_path: Path, *, paging: bool = True, **sections: Any) -> tuple[Da
                         **sections}, base_dir=tmp_path, source=None)
     host, sensors = FakeHost(), FakeSensors()
     launcher = FakeLauncher(host=host, kill_grace_s=cfg.limits.kill_grace_s)
-    daemon = Daemon(cfg, experimental_paging=paging, host=host, launcher=launcher, sensors=sensors)
+    daemon = Daemon(cfg, experimental_paging=paging, host=host, local_executor=launcher, sensors=sensors)
     daemon.open()
     return daemon, launcher, sensors
 
@@ -182,7 +183,7 @@ def test_a_gpu_lost_mid_run_holds_and_stops_paging_and_the_daemon_recovers_with_
                        base_dir=tmp_path, source=None)
     host, nv = FakeHost(), FakeNvml()
     launcher = FakeLauncher(host=host)
-    d = Daemon(cfg, experimental_paging=True, host=host, launcher=launcher,
+    d = Daemon(cfg, experimental_paging=True, host=host, local_executor=launcher,
                sensors=NvmlSensors(nv, clock=host.monotonic))
     d.open()
     try:

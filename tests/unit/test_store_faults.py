@@ -62,10 +62,10 @@ def test_refused_writes_are_queued_in_order_and_replayed(tmp_path: Path):
     switch.set(True)
     with pytest.raises(StoreWriteError):
         store.update_run(run.id, progress_done=1)
-    assert wb.must("transition", run.id, RunState.RUNNING, "started",
+    assert wb.must(store.transition, run.id, RunState.RUNNING, "started",
                    expect={RunState.STARTING}) is None
-    wb.may("update_run", run.id, progress_done=5)            # dropped while the store refuses
-    wb.must("transition", run.id, RunState.SUCCEEDED, "exit 0")
+    wb.may(store.update_run, run.id, progress_done=5)            # dropped while the store refuses
+    wb.must(store.transition, run.id, RunState.SUCCEEDED, "exit 0")
     assert wb.fault and "readonly" in wb.fault and len(wb.pending) == 2 and faults[-1]
     assert store.get(run.id).state is RunState.STARTING      # reads still work
     assert not wb.retry()                                    # back-off not over yet
