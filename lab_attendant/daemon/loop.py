@@ -26,7 +26,7 @@ from lab_attendant.executors.factory import ExecutorFactory
 from lab_attendant.executors.local import LocalExecutor, WorkerExit, classify
 from lab_attendant.guards.cotenants import Cotenants
 from lab_attendant.guards.host import Host, make_sensors, signal_name
-from lab_attendant.guards.policy import Action, Guards, WorkerInfo
+from lab_attendant.guards.policy import Action, GuardAction, Guards, WorkerInfo
 from lab_attendant.scheduler import Schedules
 from lab_attendant.service.lock import DaemonLock
 from lab_attendant.service.logsetup import RunOutput, get_logger, log_for
@@ -343,12 +343,12 @@ class Daemon:
 
     def _guard_action(self, a: Action) -> None:
         w = self.workers.get(a.run_id) if a.run_id is not None else None
-        self.writes.must(self.store.add_guard_event, guard=a.guard, action=a.action, reason=a.reason,
+        self.writes.must(self.store.add_guard_event, guard=a.guard, action=a.action.value, reason=a.reason,
                          run_id=a.run_id, reading=a.reading)
         paging = w.needs_paging if w else a.guard == "thermal"
         log_for(paging, "lab_attendant.guards.policy").warning(
-            "guard " + a.action, guard=a.guard, run_id=a.run_id, reason=a.reason)
-        if a.action == "kill" and w is not None:
+            "guard " + a.action.value, guard=a.guard, run_id=a.run_id, reason=a.reason)
+        if a.action is GuardAction.KILL and w is not None:
             w.executor.stop(w, a.state, a.reason, grace_s=self.cfg.guards.kill_grace_s)
 
     def _cotenant_event(self, name: str, action: str, reason: str) -> None:
