@@ -84,7 +84,7 @@ class Daemon:
         lock = DaemonLock(self.cfg.paths.state_dir)
         lock.acquire()
         try:
-            self.wakeup.install(self._on_signal)
+            self.wakeup.install(self.on_signal)
             self.open()
             if not self.burst:
                 self.schedules.start()
@@ -148,7 +148,8 @@ class Daemon:
         return self.store.count_by_state().get(RunState.QUEUED, 0) > 0
 
     # -- signals --------------------------------------------------------------------------------
-    def _on_signal(self, signum: int, _frame: Any = None) -> None:
+    def on_signal(self, signum: int, _frame: Any = None) -> None:
+        """The signal handler (SIGTERM/SIGINT): it only records the signal; the loop acts."""
         self.wakeup.signals.append(signum)
 
     def _handle_signals(self) -> None:

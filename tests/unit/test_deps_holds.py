@@ -11,7 +11,7 @@ from lab_attendant.errors import UserError
 from lab_attendant.store.db import Store
 from lab_attendant.store.deps import USER_HOLD, cancel_unsatisfiable, check_after, hold, release, waiting_for
 from lab_attendant.store.states import RunState
-from tests.unit.test_daemon_loop import _submit, loop  # noqa: F401 - the fixture
+from tests.unit.fakes import submit
 
 
 @pytest.fixture
@@ -97,9 +97,9 @@ def test_hold_and_release_are_all_or_nothing(store: Store):
     assert store.claim_next(exclude_paging=False).id == a
 
 
-def test_the_daemon_never_lifts_a_user_hold(loop):  # noqa: F811 - the fixture
+def test_the_daemon_never_lifts_a_user_hold(loop):
     d, launcher, _ = loop(paging=False)
-    paging = _submit(d, "nightly_insights", archive="/a")
+    paging = submit(d, "nightly_insights", archive="/a")
     d.tick()
     assert d.store.get(paging).hold_code == "paging_off"
     hold(d.store, [paging])                             # a paging hold becomes a user's

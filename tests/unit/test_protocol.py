@@ -9,7 +9,7 @@ import pytest
 
 from jobs.contract import protocol
 from lab_attendant.store.states import RunState
-from tests.unit.test_daemon_loop import _submit, loop  # noqa: F401 - the fixture
+from tests.unit.fakes import submit
 
 
 def _line(**obj) -> bytes:
@@ -56,9 +56,9 @@ def test_bad_lines_are_rejected_with_a_reason(line: bytes, reason: str):
     assert len(got.line) <= 200
 
 
-def test_the_daemon_logs_a_rejected_event_and_the_run_goes_on(loop):  # noqa: F811
+def test_the_daemon_logs_a_rejected_event_and_the_run_goes_on(loop):
     d, launcher, _ = loop()
-    rid = _submit(d)
+    rid = submit(d)
     d.tick()
     launcher.emit(rid, protocol.STARTED)
     launcher.events[rid].append(protocol.decode(b'{"event": "progress", "done": 1e999}'))

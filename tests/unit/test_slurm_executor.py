@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,7 +18,6 @@ from lab_attendant.errors import UserError
 from lab_attendant.executors.eventfile import FileTail, read_events
 from lab_attendant.executors.slurm import (
     SlurmExecutor,
-    SlurmRun,
     batch_script,
     map_state,
     parse_exit_code,
@@ -170,10 +170,10 @@ def _watched(tmp_path: Path, job_id: str = "41"):
     host = SlurmHost()
     ex = SlurmExecutor(SlurmConfig(poll_interval_s=1.0, settle_s=5.0), host,
                        state_dir=tmp_path, kill_grace_s=2.0)
-    w = ex._track(SlurmRun(executor=ex, run_id=1, needs_paging=False, job_id=job_id,
-                           run_dir=tmp_path, started_mono=0.0, deadline_mono=1e9,
-                           events=FileTail(tmp_path / "events.jsonl"),
-                           output=FileTail(tmp_path / "slurm-output.log")))
+    # Followed as a re-attached run: the job a previous daemon submitted, offsets from 0.
+    run = SimpleNamespace(id=1, needs_paging=False, executor_job_id=job_id, run_dir=str(tmp_path),
+                          started_at=host.time(), timeout_s=1e9)
+    w = ex.reattach(run, None)
     return host, ex, w
 
 
