@@ -131,3 +131,17 @@ def test_auto_backup_rotates_keeping_n(tmp_path: Path):
     assert len(left) == 3 and all(not backup.check(tmp_path / "b" / n) for n in left)
     os.utime(tmp_path / "b" / left[-1], (1240.0, 1240.0))
     assert backup.AutoBackup(store.db_path, tmp_path / "b", keep=3, interval_s=60).tick(1250.0) is None
+
+
+def test_a_refused_read_is_a_read_error_and_a_refused_write_a_write_error(tmp_path: Path):
+    """Both are StoreUnavailable (the daemon waits them out); only the write one says written."""
+    from sqlalchemy.exc import OperationalError
+
+    from lab_attendant.errors import StoreReadError, StoreUnavailable
+    from lab_attendant.store.faults import translate
+    exc = OperationalError("SELECT 1", {}, sqlite3.OperationalError("disk I/O error"))
+    read, write = (translate(exc, tmp_path / "s.sqlite3", writing=w) for w in (False, True))
+    assert isinstance(read, StoreReadError) and "cannot be read" in str(read)
+    assert isinstance(write, StoreWriteError) and "cannot be written" in str(write)
+    assert isinstance(read, StoreUnavailable) and isinstance(write, StoreUnavailable)
+    assert not isinstance(read, StoreWriteError)
