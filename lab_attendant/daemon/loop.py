@@ -22,8 +22,9 @@ from lab_attendant.daemon.runspec import build_spec
 from lab_attendant.daemon.wakeup import Wakeup
 from lab_attendant.errors import ConfigError, StoreUnavailable
 from lab_attendant.executors.base import RunHandle
+from lab_attendant.executors.exits import WorkerExit, classify
 from lab_attendant.executors.factory import ExecutorFactory
-from lab_attendant.executors.local import LocalExecutor, WorkerExit, classify
+from lab_attendant.executors.local import LocalExecutor
 from lab_attendant.guards.cotenants import Cotenants
 from lab_attendant.guards.host import Host, make_sensors, signal_name
 from lab_attendant.guards.policy import Action, GuardAction, Guards, WorkerInfo

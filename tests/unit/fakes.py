@@ -1,5 +1,5 @@
 """Fakes shared by the unit tests: FakeHost (a controllable clock and a record of signals, in
-place of lab_attendant.guards.host.Host), fake sensors, and a FakeLauncher (the real
+place of lab_attendant.guards.host.Host), fake sensors, and a FakeLocalExecutor (the real
 LocalExecutor's stop/kill/escalate with scripted workers) around a real Daemon and SQLite store."""
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ class FakeProc:
 
 
 @dataclass
-class FakeLauncher(LocalExecutor):
+class FakeLocalExecutor(LocalExecutor):
     """The real LocalExecutor's stop/kill/escalate, with scripted workers instead of processes."""
     host: FakeHost = field(default_factory=FakeHost)
     kill_grace_s: float = 2.0
@@ -192,13 +192,13 @@ class FakeLauncher(LocalExecutor):
         self.host.alive_groups.discard(w.pgid)
 
 
-def make_daemon(tmp_path: Path, *, paging: bool = True, **sections: Any) -> tuple[Daemon, FakeLauncher, FakeSensors]:
+def make_daemon(tmp_path: Path, *, paging: bool = True, **sections: Any) -> tuple[Daemon, FakeLocalExecutor, FakeSensors]:
     cfg = parse_config({"paths": {"state_dir": "var"}, "worker": {"python": sys.executable},
                         "limits": {"kill_grace_s": 2.0, "shutdown_grace_s": 30.0},
                         "guards": {"guard_interval_s": 1.0, "min_available_ram_bytes": 0},
                         **sections}, base_dir=tmp_path, source=None)
     host, sensors = FakeHost(), FakeSensors()
-    launcher = FakeLauncher(host=host, kill_grace_s=cfg.limits.kill_grace_s)
+    launcher = FakeLocalExecutor(host=host, kill_grace_s=cfg.limits.kill_grace_s)
     daemon = Daemon(cfg, experimental_paging=paging, host=host, local_executor=launcher, sensors=sensors)
     daemon.open()
     return daemon, launcher, sensors

@@ -12,13 +12,13 @@ import pytest
 from jobs.contract import protocol
 from lab_attendant.config import parse_config
 from lab_attendant.daemon.loop import HOLD_PAGING_OFF, Daemon
-from lab_attendant.executors.local import WorkerExit, classify
+from lab_attendant.executors.exits import WorkerExit, classify
 from lab_attendant.guards.host import GpuReading
 from lab_attendant.store.states import RunState
 from tests.unit.fakes import (
     EXIT_TERMINATED,
     FakeHost,
-    FakeLauncher,
+    FakeLocalExecutor,
     run_state,
     submit,
 )
@@ -93,7 +93,7 @@ def test_a_gpu_lost_mid_run_holds_and_stops_paging_and_the_daemon_recovers_with_
                         "guards": {"min_available_ram_bytes": 0, "sensors_lost_grace_s": 10.0}},
                        base_dir=tmp_path, source=None)
     host, nv = FakeHost(), FakeNvml()
-    launcher = FakeLauncher(host=host)
+    launcher = FakeLocalExecutor(host=host)
     d = Daemon(cfg, experimental_paging=True, host=host, local_executor=launcher,
                sensors=NvmlSensors(nv, clock=host.monotonic))
     d.open()
