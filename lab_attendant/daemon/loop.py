@@ -25,7 +25,7 @@ from lab_attendant.executors.base import RunHandle
 from lab_attendant.executors.exits import WorkerExit, classify
 from lab_attendant.executors.factory import ExecutorFactory
 from lab_attendant.executors.local import LocalExecutor
-from lab_attendant.guards.cotenants import Cotenants
+from lab_attendant.guards.cotenants import CotenantAction, Cotenants
 from lab_attendant.guards.host import Host, make_sensors, signal_name
 from lab_attendant.guards.policy import Action, GuardAction, Guards, WorkerInfo
 from lab_attendant.scheduler import Schedules
@@ -353,10 +353,11 @@ class Daemon:
         if a.action is GuardAction.KILL and w is not None:
             w.executor.stop(w, a.state, a.reason, grace_s=self.cfg.guards.kill_grace_s)
 
-    def _cotenant_event(self, name: str, action: str, reason: str) -> None:
-        self.writes.must(self.store.add_guard_event, guard=f"cotenant:{name}", action=action, reason=reason)
-        log_for(True, "lab_attendant.guards.cotenants").info("co-tenant " + action, cotenant=name,
-                                                      reason=reason)
+    def _cotenant_event(self, name: str, action: CotenantAction, reason: str) -> None:
+        self.writes.must(self.store.add_guard_event, guard=f"cotenant:{name}", action=action.value,
+                         reason=reason)
+        log_for(True, "lab_attendant.guards.cotenants").info("co-tenant " + action.value,
+                                                             cotenant=name, reason=reason)
 
     def _spawn(self, run) -> None:
         python = self.executors.python_for(run.executor)
