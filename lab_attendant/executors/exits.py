@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass
-from typing import Any
 
 from jobs.contract import protocol
 from jobs.contract.units import format_size
@@ -41,7 +40,7 @@ def classify(x: WorkerExit) -> tuple[RunState, str]:
             return RunState.SUCCEEDED, f"result written to {x.result_path}"
         return RunState.FAILED, "worker exited 0 without reporting a result"
     if x.code == protocol.EXIT_OOM:
-        return RunState.OOM, f"{_oom_sentence(x.error or {})}{err or 'worker reported OOM'}"
+        return RunState.OOM, f"{_oom_sentence(x.error)}{err or 'worker reported OOM'}"
     if x.code == protocol.EXIT_BAD_SPEC:
         return RunState.FAILED, f"worker refused its spec: {err or how}"
     if x.code == -signal.SIGKILL:
@@ -61,11 +60,15 @@ _OOM_KINDS = {"cuda": "GPU memory", "pinned_host": "pinned host memory",
               "cublas": "GPU memory for a cuBLAS/cuDNN workspace", "host": "host memory"}
 
 
-def _oom_sentence(e: protocol.WorkerError | dict[str, Any]) -> str:
+def _oom_sentence(e: protocol.WorkerError | None) -> str:
     """"out of GPU memory: requested 2.0 GiB with 1.0 GiB free of 10.8 GiB (9.1 GiB reserved by
     torch); " from the worker's error event (jobs/contract/oom.py), as much of it as the worker could read."""
+    if e is None:
+        return "out of memory: "
+
     def size(key: str) -> str:
-        return format_size(e[key]) if e.get(key) is not None else "?"
+        value = e.get(key)
+        return format_size(value) if isinstance(value, (int, float)) else "?"
     parts = []
     if e.get("requested_bytes") is not None:
         parts.append(f"requested {size('requested_bytes')}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -220,26 +221,33 @@ def test_the_real_host_reads_the_kernel_oom_kill_count():
     assert count is None or (isinstance(count, int) and count >= 0)
 
 
+def _err(fields: dict[str, Any]) -> protocol.WorkerError:
+    """An error event as the daemon gets it: encoded by the worker, decoded by the contract."""
+    ev = protocol.decode(protocol.encode(protocol.ERROR, **fields))
+    assert isinstance(ev, protocol.WorkerError)
+    return ev
+
+
 @pytest.mark.parametrize("exit_info, state, needle", [
     (WorkerExit(0, result_path="/r/x.json"), RunState.SUCCEEDED, "result written to /r/x.json"),
     (WorkerExit(0), RunState.FAILED, "exited 0 without reporting a result"),
-    (WorkerExit(protocol.EXIT_OOM, error={"type": "OutOfMemoryError", "message": "CUDA",
+    (WorkerExit(protocol.EXIT_OOM, error=_err({"type": "OutOfMemoryError", "message": "CUDA",
                                           "oom_kind": "cuda", "requested_bytes": 2 * 1024**3,
                                           "free_bytes": 1024**3, "total_bytes": 11 * 1024**3,
-                                          "reserved_bytes": 9 * 1024**3}),
+                                          "reserved_bytes": 9 * 1024**3})),
      RunState.OOM, "out of GPU memory: requested 2.0 GiB with 1.0 GiB free of 11.0 GiB (9.0 GiB "
                    "reserved by torch); OutOfMemoryError: CUDA"),
-    (WorkerExit(protocol.EXIT_OOM, error={"type": "RuntimeError", "oom_kind": "pinned_host",
-                                          "message": "CUDA error: out of memory (cudaHostAlloc)"}),
+    (WorkerExit(protocol.EXIT_OOM, error=_err({"type": "RuntimeError", "oom_kind": "pinned_host",
+                                          "message": "CUDA error: out of memory (cudaHostAlloc)"})),
      RunState.OOM, "out of pinned host memory: RuntimeError: CUDA error: out of memory"),
-    (WorkerExit(protocol.EXIT_BAD_SPEC, error={"type": "SpecError", "message": "key 'x' is missing"}),
+    (WorkerExit(protocol.EXIT_BAD_SPEC, error=_err({"type": "SpecError", "message": "key 'x' is missing"})),
      RunState.FAILED, "worker refused its spec: SpecError: key 'x' is missing"),
     (WorkerExit(-signal.SIGKILL, near_memory_limit=True, rss_bytes=int(23.1 * 1024**3)),
      RunState.OOM, "worker exited by SIGKILL at 23.1 GiB RSS; likely killed by the kernel OOM killer"),
     (WorkerExit(-signal.SIGKILL, rss_bytes=1024**3, kernel_oom_kills=2), RunState.OOM,
      "worker exited by SIGKILL at 1.0 GiB RSS; the kernel OOM killer killed 2 process(es)"),
     (WorkerExit(-signal.SIGKILL), RunState.FAILED, "worker exited by SIGKILL"),
-    (WorkerExit(1, error={"type": "ValueError", "message": "bad"}), RunState.FAILED,
+    (WorkerExit(1, error=_err({"type": "ValueError", "message": "bad"})), RunState.FAILED,
      "ValueError: bad (exited with code 1)"),
     (WorkerExit(-signal.SIGKILL, RunState.KILLED_THERMAL, "killed: GPU at 91 °C", forced=True),
      RunState.KILLED_THERMAL, "killed: GPU at 91 °C; worker exited by SIGKILL (SIGKILL after grace)"),
