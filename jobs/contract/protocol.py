@@ -139,9 +139,11 @@ def _int(key: str, v: Any, *, optional: bool = True) -> int | None:
     return v
 
 
-def _text(key: str, v: Any, *, optional: bool = False) -> str | None:
-    if v is None and optional:
-        return None
+def _opt_text(key: str, v: Any) -> str | None:
+    return None if v is None else _text(key, v)
+
+
+def _text(key: str, v: Any) -> str:
     if not isinstance(v, str):
         raise _Bad(f"{key} must be text, got {type(v).__name__}")
     if len(v) > MAX_TEXT_CHARS:
@@ -173,11 +175,11 @@ def _value(key: str, v: Any, budget: list[int]) -> Any:
 def _build(obj: dict[str, Any]) -> Event:
     name, t = obj["event"], _time(obj)
     if name == STARTED:
-        return Started(t, _int("pid", obj.get("pid")), _text("python", obj.get("python"), optional=True),
-                       _text("kind", obj.get("kind"), optional=True))
+        return Started(t, _int("pid", obj.get("pid")), _opt_text("python", obj.get("python")),
+                       _opt_text("kind", obj.get("kind")))
     if name == PROGRESS:
         done, total = _int("done", obj.get("done")), _int("total", obj.get("total"))
-        return Progress(t, done, total, _text("unit", obj.get("unit"), optional=True))
+        return Progress(t, done, total, _opt_text("unit", obj.get("unit")))
     if name == METRIC:
         metrics = obj.get("metrics", {})
         if not isinstance(metrics, dict):

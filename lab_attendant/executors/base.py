@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from jobs.contract import protocol
 from jobs.contract.spec import RunSpec
 from lab_attendant.store.states import RunState
 
+# The handle type an executor takes back (its own subclass of RunHandle).
+H = TypeVar("H", bound="RunHandle", contravariant=True)
 
-class Executor(Protocol):
+
+class Executor(Protocol[H]):
     is_local: bool               # runs on this machine (a pid the guards can watch)
     outlives_daemon: bool        # goes on when the daemon stops; the next start re-attaches it
 
@@ -32,29 +35,29 @@ class Executor(Protocol):
         """At start-up, for an active run a dead daemon left: stop what it may have started
         that the store does not know of (a Slurm job whose id was never recorded)."""
 
-    def fds(self, w: RunHandle) -> list[int]:
+    def fds(self, w: H) -> list[int]:
         """What the daemon's select() waits on for this run (none: polled by the tick)."""
 
-    def read_events(self, w: RunHandle) -> list[protocol.Event | protocol.Rejected]:
+    def read_events(self, w: H) -> list[protocol.Event | protocol.Rejected]:
         """Events the worker reported since the last call, decoded by jobs.contract.protocol."""
 
-    def read_output(self, w: RunHandle, *, final: bool = False) -> list[bytes]:
+    def read_output(self, w: H, *, final: bool = False) -> list[bytes]:
         """Complete lines of its output (and the unterminated rest when `final`)."""
 
-    def poll(self, w: RunHandle) -> int | None:
+    def poll(self, w: H) -> int | None:
         """None while it runs; else a Popen-style return code for classify()."""
 
-    def stop(self, w: RunHandle, state: RunState, reason: str, *,
+    def stop(self, w: H, state: RunState, reason: str, *,
              grace_s: float | None = None) -> None:
         """Ask it to stop (SIGTERM or its equivalent); the first reason given wins."""
 
-    def kill_now(self, w: RunHandle) -> None:
+    def kill_now(self, w: H) -> None:
         """SIGKILL (or its equivalent) now."""
 
-    def escalate(self, w: RunHandle) -> bool:
+    def escalate(self, w: H) -> bool:
         """SIGKILL a run that outlived its grace after SIGTERM; True if it did so now."""
 
-    def cleanup(self, w: RunHandle) -> None:
+    def cleanup(self, w: H) -> None:
         """After it ended, or when the daemon detaches from it: release what we hold of it."""
 
 
@@ -62,7 +65,7 @@ class Executor(Protocol):
 class RunHandle:
     """What the daemon tracks of a run's worker wherever it runs (the one type in its table):
     the executor that runs it, its deadline and how it is stopped."""
-    executor: Executor = field(repr=False, compare=False)
+    executor: Executor[Any] = field(repr=False, compare=False)
     run_id: int
     needs_paging: bool
     started_mono: float

@@ -33,7 +33,7 @@ class ExecutorFactory:
             kill_grace_s=cfg.limits.kill_grace_s,
             save_offsets=lambda rid, offs: save_meta(OFFSETS_META.format(run_id=rid), offs))
 
-    def of(self, executor: str) -> Executor:
+    def of(self, executor: str) -> Executor[Any]:
         """The executor a run's `executor` column names."""
         return self.slurm if executor == "slurm" else self.local
 
