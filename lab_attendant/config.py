@@ -19,7 +19,7 @@ from jobs.paging.plan.settings import check_settings
 from lab_attendant import PROJECT_ROOT
 from lab_attendant.errors import ConfigError
 from lab_attendant.store.states import TERMINAL
-from lab_attendant.validate import check_config_numbers
+from lab_attendant.validate import check_config_numbers, check_schedules
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -354,8 +354,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None) -
         raise ConfigError("unknown config section [source]")
     reader = Reader("config", ConfigError, base_dir=base_dir, tables=True)
     cfg = dataclasses.replace(reader.build(Config, data), source=source)
-    from lab_attendant.scheduler import validate_schedules  # needs the kind registry; import here, not at top
-    validate_schedules(cfg)
+    check_schedules(cfg)
     _check(cfg)
     return cfg
 

@@ -149,9 +149,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_parsers(sub, parser_class: type[argparse.ArgumentParser]) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("venv", help="the experimental venv workers run in")
-    vsub = v.add_subparsers(dest="venv_cmd", required=True, parser_class=parser_class)
+    vsub = v.add_subparsers(dest="venv_cmd", required=True)
     vc = vsub.add_parser("create", help="create or update it from venvs/experimental.txt")
     vc.add_argument("--torch-spec", help=f"pip spec for torch (default ${venv.TORCH_SPEC_ENV} or "
                     f"{venv.DEFAULT_TORCH_SPEC}, the CUDA build matching the NVIDIA driver when NVML sees a GPU); "
@@ -161,7 +161,7 @@ def add_parsers(sub, parser_class: type[argparse.ArgumentParser]) -> None:
     v.set_defaults(fn=cmd_venv)
 
     m = sub.add_parser("model", help="model folders")
-    msub = m.add_subparsers(dest="model_cmd", required=True, parser_class=parser_class)
+    msub = m.add_subparsers(dest="model_cmd", required=True)
     mi = msub.add_parser("import-default", help="place the bundled Gemma-3-270M GGUF under models/")
     mi.add_argument("--convert", action="store_true",
                     help="also write it as a bf16 safetensors folder (a resident reference for tests)")

@@ -157,7 +157,7 @@ def _id_list(text: str) -> list[int]:
     return ids
 
 
-def add_parsers(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("submit", help="queue a run (sbatch)")
     s.add_argument("kind", help="a job kind (see `lab-attendant kinds`)")
     s.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",

@@ -10,8 +10,8 @@ from lab_attendant.config import Config
 from lab_attendant.daemon.notify import Notifications
 from lab_attendant.dashboard.metrics import SessionFactory, Textfile
 from lab_attendant.service.logsetup import get_logger
-from lab_attendant.store.db import Run
 from lab_attendant.store.states import RunState
+from lab_attendant.store.tables import Run
 
 log = get_logger("lab_attendant.runs")
 

@@ -9,8 +9,9 @@ from typing import Callable
 
 from lab_attendant.guards.host import Host
 from lab_attendant.service.logsetup import log_for
-from lab_attendant.store.db import Run, Store
+from lab_attendant.store.db import Store
 from lab_attendant.store.states import ACTIVE, RunState
+from lab_attendant.store.tables import Run
 
 
 def reconcile(store: Store, host: Host, kill_grace_s: float,
