@@ -58,7 +58,7 @@ def load_prompts(path: str | Path, roots: Roots | None = None) -> list[PromptIte
                 continue
             try:
                 obj = json.loads(raw)
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 raise ParamError(f"param 'prompts': {path} line {n} is not valid JSON ({exc.msg}); "
                                  "fix that line") from None
             items.append(_line(obj, n, path))

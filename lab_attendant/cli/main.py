@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from jobs.contract.errors import ParamError
 from jobs.contract.kinds import registry
@@ -50,6 +51,7 @@ def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
         store.must_get(rid)
     for rid in args.ids:
         run = store.request_cancel(rid)
+        assert run is not None   # every id was checked above
         if run.state is RunState.CANCELLED:
             print(f"run {run.id} cancelled")
         elif run.state in TERMINAL:
@@ -82,7 +84,7 @@ def cmd_schedules(cfg: Config, args: argparse.Namespace) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors: exit 2, one line + hint
+    def error(self, message: str) -> NoReturn:  # argparse's own errors: exit 2, one line + hint
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -62,12 +62,14 @@ class Daemon:
             save_meta=lambda key, value: self.writes.may(self.store.set_meta, key, value))
         self.kinds: dict[str, Kind] = registry(cfg.worker.extra_kinds)
         self.schedules = Schedules(cfg, self.kinds)      # not started in --burst mode
-        self.store: Store | None = None
-        self.writes: WriteBehind | None = None          # every daemon write goes through it
+        # Opened by open(): the loop runs only between open() and close().
+        self.store: Store
+        self.writes: WriteBehind                        # every daemon write goes through it
+        self._opened = False
         self.status_file = StatusFile(cfg.paths.state_dir / "daemon-status.json")
-        self.auto_backup: AutoBackup | None = None
+        self.auto_backup: AutoBackup
         self.guards = Guards(cfg.guards, self.host, sensors or make_sensors(cfg.guards.sensors))
-        self.cotenants: Cotenants | None = None
+        self.cotenants: Cotenants                       # set by open() once reconciled
         self.sampler = samples.Sampler(self.host)        # per-run sensor history
         self.outcomes = Outcomes(cfg, lambda: self.store.read(), self.host)  # log, notify, metrics
         self._last_guard = float("-inf")
@@ -106,6 +108,7 @@ class Daemon:
     def open(self) -> None:
         """Open the store, reconcile what a dead daemon left, restore co-tenants, register."""
         self.store = Store(self.cfg.db_path)
+        self._opened = True
         self.writes = WriteBehind(self.store, self.host.monotonic, self._on_store_fault)
         self.events = WorkerEvents(self.store, self.writes, self.sampler)
         self.status_file.open()
@@ -125,9 +128,9 @@ class Daemon:
                  burst=self.burst, state_dir=str(self.cfg.paths.state_dir))
 
     def close(self) -> None:
-        if self.store is None:
+        if not self._opened:
             return
-        if self.cotenants is not None:
+        if hasattr(self, "cotenants"):   # open() got that far
             self.cotenants.restore_all("daemon shutdown")
         if not self.writes.retry(force=True):
             log.error("daemon exits with store writes it could not make; the next start "
@@ -322,7 +325,7 @@ class Daemon:
             return
         self._last_guard = now
         infos = [WorkerInfo(w.run_id, w.pid, w.needs_paging) for w in self.workers.values()
-                 if w.kill_sent_mono is None and w.is_local]
+                 if w.kill_sent_mono is None and w.is_local and w.pid is not None]
         for action in self.guards.poll(infos):
             self._guard_action(action)
         waiting = self.store.list_runs(states=WAITING)
@@ -351,6 +354,7 @@ class Daemon:
         log_for(paging, "lab_attendant.guards.policy").warning(
             "guard " + a.action.value, guard=a.guard, run_id=a.run_id, reason=a.reason)
         if a.action is GuardAction.KILL and w is not None:
+            assert a.state is not None, "a kill names the state it ends the run in"
             w.executor.stop(w, a.state, a.reason, grace_s=self.cfg.guards.kill_grace_s)
 
     def _cotenant_event(self, name: str, action: CotenantAction, reason: str) -> None:

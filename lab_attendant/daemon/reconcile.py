@@ -33,7 +33,9 @@ def reconcile(store: Store, host: Host, kill_grace_s: float,
                 # The leader is gone; anything left in its group is our orphan.
                 host.killpg(run.pid, signal.SIGKILL)
             reason = "daemon restarted: the worker of a previous daemon was gone"
-        lost.append(store.transition(run.id, RunState.LOST, reason))
+        ended = store.transition(run.id, RunState.LOST, reason)
+        if ended is not None:          # (None: the run is no longer there to end)
+            lost.append(ended)
         log_for(run.needs_paging, "lab_attendant.daemon.loop").bind(run_id=run.id).warning(
             "reconciled run", state="lost", reason=reason)
         feed()

@@ -35,7 +35,7 @@ class FileTail:
                 log.warning("append-only file shrank; reading it again from the start",
                             path=str(self.path), offset=self.offset, size=size)
                 self.offset = 0
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 data = os.pread(fd, READ_CHUNK, self.offset + sum(map(len, chunks)))
                 if not data:

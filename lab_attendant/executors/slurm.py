@@ -301,7 +301,11 @@ class SlurmExecutor:
                                f"Slurm no longer knows job {w.job_id} (ended longer than its "
                                "MinJobAge ago?)")
         w.exit_code = parse_exit_code(shown.get("ExitCode", ""))
-        state, reason = (shown["JobState"], shown.get("Reason", "")) if shown else known
+        if shown:
+            state, reason = shown["JobState"], shown.get("Reason", "")
+        else:
+            assert known is not None        # (neither shown nor known returned above)
+            state, reason = known
         return map_state(state, reason, memory_killed=w.memory_killed)
 
     # -- stopping ---------------------------------------------------------------------------

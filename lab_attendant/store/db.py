@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
@@ -89,7 +89,7 @@ class Store:
             Base.metadata.create_all(conn)
             row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).first()
             if row is None:
-                conn.execute(Meta.__table__.insert().values(key="schema_version",
+                conn.execute(insert(Meta).values(key="schema_version",
                                                             value=str(SCHEMA_VERSION)))
                 return
             version = int(row[0])

@@ -55,6 +55,7 @@ def check_after(store: Store, ids: Iterable[int]) -> list[int]:
                 raise UserError(f"--after {parent}: there is no run {parent}; see "
                                 "`lab-attendant list`")
             if state == FAILED:
+                assert last is not None   # a FAILED outcome names the run that failed
                 raise UserError(f"--after {parent}: run {parent} already ended {last.state} "
                                 f"({last.reason}); a run after it would never start. Retry it "
                                 f"first: `lab-attendant retry {last.id}`")

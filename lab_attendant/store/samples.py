@@ -121,7 +121,7 @@ def save(store: Store, rows: list[RunSample], keep_per_run: int,
 
 
 def thin(s: Session, run_id: int, keep: int) -> int:
-    count = s.scalar(select(func.count()).where(RunSample.run_id == run_id))
+    count = s.scalar(select(func.count()).where(RunSample.run_id == run_id)) or 0
     if count <= keep:
         return 0
     oldest = list(s.scalars(select(RunSample.id).where(RunSample.run_id == run_id)
