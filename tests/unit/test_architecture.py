@@ -59,3 +59,21 @@ def test_a_planted_cycle_breaks_the_acyclic_contract(tmp_path):
     target.write_text(target.read_text() + "\nfrom lab_attendant import scheduler  # planted by the test\n")
     broken = _lint(tree, "no-cycles")
     assert broken.returncode != 0 and ".cron" in broken.stdout and ".scheduler" in broken.stdout
+
+
+def test_every_module_is_on_the_map():
+    """docs/architecture.md lists every module of both packages under its package's heading."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    sections = {}
+    for block in text.split("\n### `")[1:]:
+        heading, _, body = block.partition("\n")
+        sections[heading.rstrip("`")] = body
+    missing = []
+    for top in ("lab_attendant", "jobs"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if path.name == "__init__.py" or "__pycache__" in path.parts:
+                continue
+            package = path.parent.relative_to(ROOT).as_posix() + "/"
+            if f"| `{path.name}` |" not in sections.get(package, ""):
+                missing.append(path.relative_to(ROOT).as_posix())
+    assert not missing, f"add these to docs/architecture.md: {missing}"
