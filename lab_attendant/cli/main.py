@@ -22,6 +22,7 @@ from lab_attendant.cli.status import cmd_status
 from lab_attendant.config import Config, load_config
 from lab_attendant.errors import EXIT_STORE_UNUSABLE, StoreUnusable, UserError
 from lab_attendant.service.logsetup import setup_logging
+from lab_attendant.service.private import private_process
 from lab_attendant.store import deps, history, prune
 from lab_attendant.store.db import Store
 from lab_attendant.store.states import TERMINAL, RunState
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config)
+        private_process(cfg.paths.state_dir, cfg.paths.logs_dir, cfg.backups_dir)
         if args.cmd != "daemon":
             setup_logging(cfg.paths.logs_dir, console=False)
         code = args.fn(cfg, args)

@@ -163,9 +163,11 @@ def install(files: UnitFiles, cfg: Config, *, user: bool) -> list[list[str]]:
     try:
         files.unit_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(files.unit_path, files.unit_text.encode())
+        files.unit_path.chmod(0o644)   # a unit is no secret; `systemctl cat` reads it as anyone
         if files.dropin_text is not None:
-            files.dropin_path.parent.mkdir(exist_ok=True)
+            files.dropin_path.parent.mkdir(mode=0o755, exist_ok=True)
             write_atomic(files.dropin_path, files.dropin_text.encode())
+            files.dropin_path.chmod(0o644)
         else:
             _remove(files.dropin_path)
         for path in (cfg.paths.state_dir, cfg.paths.logs_dir, cfg.paths.models_dir):
