@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,18 +29,22 @@ def as_nobody(code: str, **kw) -> subprocess.Popen:
 
 
 @pytest.fixture
-def open_lab():
-    """A lab in a world-traversable folder (pytest's own tmp is 0700, which would hide
-    everything from nobody whatever we did), made under the usual umask 022."""
+def open_dir():
+    """A world-traversable folder (pytest's own tmp is 0700, which would hide everything from
+    nobody whatever we did), used under the usual umask 022."""
     root = Path(tempfile.mkdtemp(prefix="lab-open-", dir="/tmp"))
     root.chmod(0o755)
     old = os.umask(0o022)
     try:
-        yield Lab(root=root, config=write_config(root))
+        yield root
     finally:
         os.umask(old)
-        subprocess.run(["pkill", "-KILL", "-u", str(NOBODY), "-f", str(root)], check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def open_lab(open_dir: Path):
+    return Lab(root=open_dir, config=write_config(open_dir))
 
 
 def _modes(folder: Path) -> dict[str, int]:
@@ -123,3 +128,62 @@ def test_a_lock_held_by_another_user_is_named_by_daemon_and_status(open_lab: Lab
         holder.kill()
         holder.wait()
     assert open_lab.cli("daemon", "--burst").returncode == 0     # let go: the daemon starts
+
+
+PLANTED = """
+[worker]
+python = "/tmp/planted-python"
+"""
+
+
+def _run_cli_in(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "LAB_ATTENDANT_CONFIG"}
+    return subprocess.run([sys.executable, "-m", "lab_attendant.cli.main", *args], cwd=folder,
+                          capture_output=True, text=True, timeout=60,
+                          env={**env, "PYTHONPATH": str(Path(__file__).parents[2])})
+
+
+def test_a_config_planted_by_another_user_in_a_shared_folder_is_refused(open_dir: Path):
+    tmp_path = open_dir
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    planted = shared / "lab-attendant.toml"
+    subprocess.run([*AS_NOBODY, "sh", "-c", f"umask 022; cat > {planted}"], input=PLANTED,
+                   text=True, check=True)
+    assert planted.stat().st_uid == NOBODY
+    proc = _run_cli_in(shared, "list")
+    assert proc.returncode == 2
+    assert f"config file {planted} belongs to nobody, not to you or root" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    for how in (["--config", str(planted)], ):      # an explicit path is checked the same way
+        assert "belongs to nobody" in _run_cli_in(tmp_path, *how, "list").stderr
+    env_proc = subprocess.run([sys.executable, "-m", "lab_attendant.cli.main", "list"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "LAB_ATTENDANT_CONFIG": str(planted),
+                                   "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert "belongs to nobody" in env_proc.stderr
+
+
+def test_a_config_others_can_write_is_refused_and_our_own_is_read(tmp_path: Path):
+    cfg = write_config(tmp_path)
+    cfg.chmod(0o666)
+    proc = _run_cli_in(tmp_path, "list")
+    assert proc.returncode == 2 and "can be changed by other users (mode 666)" in proc.stderr
+    assert f"chmod go-w {cfg}" in proc.stderr
+    cfg.chmod(0o644)
+    assert _run_cli_in(tmp_path, "list").returncode == 0
+
+
+def test_a_model_registry_others_can_write_is_refused(tmp_path: Path):
+    write_config(tmp_path)
+    registry = tmp_path / "var" / "models.toml"
+    registry.parent.mkdir()
+    registry.write_text('[models.tiny]\npath = "/tmp/x"\n')
+    registry.chmod(0o646)
+    proc = _run_cli_in(tmp_path, "model", "list")
+    assert proc.returncode == 2 and f"model registry {registry} can be changed" in proc.stderr
+    os.chown(registry, NOBODY, NOBODY)
+    registry.chmod(0o600)
+    proc = _run_cli_in(tmp_path, "model", "list")
+    assert proc.returncode == 2 and "belongs to nobody" in proc.stderr
