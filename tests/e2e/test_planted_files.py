@@ -30,3 +30,21 @@ def test_run_ids_are_not_reused_after_prune(lab: Lab):
     lab.cli("prune", str(rid))
     assert lab.cli("show", str(rid), check=False).returncode != 0
     assert lab.submit("sleepy", "seconds=0") == rid + 1
+
+
+NAMES = ["[/x]", "[link=file:///etc/passwd]click[/link]", "\x1b]8;;file:///etc/passwd\x1b\\click",
+         ":smile: [bold]b", "\x1b[2J\x07cleared"]
+
+
+def test_a_run_name_is_shown_as_typed_never_as_markup_or_terminal_codes(lab: Lab):
+    """'[/x]' made `list` and `show` fail with rich's MarkupError; '[link=...]' printed a
+    hyperlink; an ESC in a name reached the terminal."""
+    ids = {lab.submit("sleepy", "seconds=0", extra=("-J", name)): name for name in NAMES}
+    outputs = [lab.cli(*args, check=False) for args in (["list"], ["watch", "--once"])]
+    outputs += [lab.cli("show", str(rid), check=False) for rid in ids]
+    for proc in outputs:
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout       # no escape reaches
+    for proc, name in zip(outputs[2:], ids.values()):
+        assert name.replace("\x1b", "").replace("\x07", "") in proc.stdout   # shown as typed
+    assert "[/x]" in outputs[0].stdout
