@@ -36,8 +36,9 @@ class PathsConfig:
     state_dir: Path = Path("var")          # SQLite store, run folders (spec, outputs)
     logs_dir: Path = Path("logs")          # lab_attendant.log, experimental_paging.log, runs/
     models_dir: Path = Path("models")      # converted model folders (model import-default)
-    # Folders that file paths in job params must lie under; empty = examples/, state, models.
-    allowed_roots: tuple[Path, ...] = ()
+    # Folders that file paths in job params must lie under; unset = examples/ and models_dir
+    # (never state_dir: a run would read the store, backups and other runs' outputs); [] = none.
+    allowed_roots: tuple[Path, ...] | None = None
     backups: Path | None = None            # automatic store backups; default state_dir/backups
 
 
@@ -260,9 +261,9 @@ class Config:
 
     @property
     def allowed_roots(self) -> tuple[Path, ...]:
-        if self.paths.allowed_roots:
+        if self.paths.allowed_roots is not None:
             return self.paths.allowed_roots
-        return (PROJECT_ROOT / "examples", self.paths.state_dir, self.paths.models_dir)
+        return (PROJECT_ROOT / "examples", self.paths.models_dir)
 
     def retries_for(self, kind: str, schedule: ScheduleConfig | None = None) -> int:
         if schedule is not None and schedule.retries is not None:

@@ -48,3 +48,21 @@ def test_a_run_name_is_shown_as_typed_never_as_markup_or_terminal_codes(lab: Lab
     for proc, name in zip(outputs[2:], ids.values()):
         assert name.replace("\x1b", "").replace("\x07", "") in proc.stdout   # shown as typed
     assert "[/x]" in outputs[0].stdout
+
+
+@pytest.mark.parametrize("odd", ["w?mode=ro", "a#b", "p%41c"])
+def test_a_state_dir_with_uri_characters_is_the_one_used(tmp_path, odd: str):
+    """'?', '#' and '%' in state_dir were spliced into SQLite URLs/URIs: `w?mode=ro` put the
+    store in a folder named `w`; the backup read another file or failed."""
+    from tests.conftest import write_config
+    cfg = write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace('state_dir = "var"', f'state_dir = "{odd}"'))
+    lab = Lab(root=tmp_path, config=cfg)
+    rid = lab.submit("sleepy", "seconds=0")
+    assert (tmp_path / odd / "lab_attendant.sqlite3").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {odd, "lab-attendant.toml", "logs"})
+    lab.cli("db", "backup", str(tmp_path / "copy.sqlite3"))
+    import sqlite3
+    with sqlite3.connect(tmp_path / "copy.sqlite3") as conn:
+        assert [r[0] for r in conn.execute("SELECT id FROM runs")] == [rid]
