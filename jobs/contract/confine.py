@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import stat
+from io import FileIO
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import Callable, Iterable
 
 
 class OutsideRoots(PermissionError):
@@ -50,7 +51,7 @@ class Roots:
                           "allowed roots")
         return kept
 
-    def open(self, path: Path) -> BinaryIO:
+    def open(self, path: Path) -> FileIO:
         """Open, then check the file actually opened (its /proc/self/fd link) and that it is a
         regular file (not a FIFO that blocks, not a device) before anything is read."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
