@@ -31,6 +31,7 @@ from jobs.paging.dense.layer_stream import load_streamed  # noqa: E402
 from jobs.paging.dtypes import TORCH_DTYPES  # noqa: E402
 from jobs.paging.generate import generate  # noqa: E402
 from jobs.paging.kv_cache import DEFAULT_RESIDUAL_TOKENS, kv_cache_nbytes, make_cache  # noqa: E402
+from jobs.paging.open import spec_for  # noqa: E402
 
 KINDS = [("fp", torch.float32), ("fp", torch.bfloat16), ("int8", torch.float32), ("int8", torch.bfloat16),
          ("fp8", torch.float32), ("fp8", torch.bfloat16)]
@@ -76,7 +77,7 @@ def decode_speed(kinds: list[str], context: int, new_tokens: int, rounds: int) -
     Kinds are interleaved round by round, so a neighbour's load on a shared machine hits all of them.
     """
     out: dict[str, dict] = {kind: {"decode_tok_s": []} for kind in kinds}
-    with load_streamed(GEMMA, dtype="fp32") as loaded:
+    with load_streamed(spec_for(GEMMA, dtype="fp32")) as loaded:
         words = " ".join(f"item{i} is placed next to item{i + 1}." for i in range(context))
         ids = loaded.tokenizer(words)["input_ids"][1:context]  # the tokenizer adds <bos> again
         prompt = loaded.tokenizer.decode(ids)

@@ -35,6 +35,7 @@ from jobs.paging.dtypes import torch_dtype  # noqa: E402
 from jobs.paging.moe.families import find_experts, layout_of  # noqa: E402
 from jobs.paging.moe.load import load_paged_moe  # noqa: E402
 from jobs.paging.moe.store import expert_nbytes  # noqa: E402
+from jobs.paging.open import spec_for  # noqa: E402
 from jobs.paging.quant import QuantSpec, write_variant  # noqa: E402
 
 CONFIGS = {  # random weights: routing is near uniform, so hit rates are a floor for real models
@@ -148,9 +149,10 @@ def paged_row(folder, config, *, device, dtype, cache_bytes, policy, batch, new_
     ids = torch.randint(3, config.vocab_size, (batch, 16), generator=torch.Generator()
                         .manual_seed(1)).to(device)
     tok_s, s = 0.0, None
+    spec = spec_for(folder, device=device, dtype=dtype, expert_cache_bytes=cache_bytes, cache_policy=policy,
+                    variant=flags.pop("variant", "precise"))
     for _ in range(repeats):
-        paged = load_paged_moe(folder, device=device, dtype=dtype, expert_cache_bytes=cache_bytes,
-                               cache_policy=policy, **flags)
+        paged = load_paged_moe(spec, **flags)
         run_tok_s = timed_generate(paged.model, ids, new_tokens, torch.device(device))
         if run_tok_s > tok_s:
             tok_s, s = run_tok_s, paged.stats()

@@ -40,6 +40,7 @@ CHILD = r"""
 import json, sys, threading, time, torch
 from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.generate import generate
+from jobs.paging.open import spec_for
 from jobs.paging.dense.model_store import ModelStore
 args = json.loads(sys.argv[1])
 def anon():  # anonymous resident memory: what the run allocated, not the checkpoint's mmapped pages
@@ -57,8 +58,8 @@ threading.Thread(target=sample, daemon=True).start()
 cuda = args["device"] == "cuda"
 layer = max(ModelStore(args["model"]).layer_nbytes_as(torch.float32 if not cuda else torch.float16))
 budget = None if args["layers"] is None else args["layers"] * layer
-with load_streamed(args["model"], device=args["device"], dtype="fp32" if not cuda else "fp16", batch_size=args["batch"],
-                   context_tokens=args["context"], vram_budget_bytes=budget) as sm:
+with load_streamed(spec_for(args["model"], device=args["device"], dtype="fp32" if not cuda else "fp16",
+                            context_tokens=args["context"], vram_budget_bytes=budget), batch_size=args["batch"]) as sm:
     tok = sm.tokenizer
     ids = tok("the quiet river " * args["context"], add_special_tokens=False)["input_ids"]
     prompt = tok.decode(ids[: args["context"] - args["new"] - 2])

@@ -10,6 +10,7 @@ postings, labelled covered requirements shown as strengths. Prints a table, writ
   venvs/experimental/bin/python bench/quality_bench.py --label before --code /tmp/q-before
   venvs/experimental/bin/python bench/quality_bench.py --calibrate   # cv threshold on cv_pairs
   venvs/experimental/bin/python bench/quality_bench.py --report      # table in docs/quality.md
+  python3 bench/quality_bench.py --claims     # claim check on tests/data/claims/pairs.jsonl (no model)
 """
 from __future__ import annotations
 
@@ -182,6 +183,30 @@ def report(dest: Path) -> None:
     print("\n".join(lines))
 
 
+def claims_report() -> dict:
+    """The claim check on the hand-labelled pairs: precision/recall per method, the align grid, and
+    job runs replayed over the same real outputs (share of shown sentences false, share model-written)."""
+    from jobs.lib import claims_eval
+    pairs = claims_eval.load_pairs()
+    methods = {name: claims_eval.confusion(pairs, keep) for name, keep in claims_eval.METHODS.items()}
+    runs = {name: claims_eval.replay(pairs, keep) for name, keep in claims_eval.METHODS.items()}
+    print(f"{len(pairs)} labelled pairs ({sum(p['label'] for p in pairs)} true), "
+          f"{len({(p['task'], p['file']) for p in pairs})} items")
+    print(f"{'method':34} {'precision':>9} {'recall':>7} {'kept':>5} {'false shown':>11}")
+    for name, c in methods.items():
+        print(f"{name:34} {c['precision']:9.3f} {c['recall']:7.3f} {c['kept']:5d} {c['false_shown_share']:11.3f}")
+    print(f"\n{'replayed runs':34} {'shown false':>11} {'model-written':>13}  by task")
+    for name, r in runs.items():
+        print(f"{name:34} {r['shown_false_share']:11.3f} {r['model_written_share']:13.3f}  "
+              f"{r['model_written_by_task']}")
+    grid = claims_eval.grid(pairs)
+    print("\nalign grid (rules + facts + align at window clauses, min coverage):")
+    for g in grid:
+        print(f"  window {g['window']} coverage {g['min_coverage']:.2f}: precision {g['precision']:.3f} "
+              f"recall {g['recall']:.3f}")
+    return {"pairs": len(pairs), "methods": methods, "replayed_runs": runs, "grid": grid}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--label", default="after", help="name of this measurement (before/after)")
@@ -194,7 +219,13 @@ def main() -> None:
     ap.add_argument("--score", type=Path, help="only score the run folders --keep left there")
     ap.add_argument("--report", action="store_true",
                     help="only rewrite docs/quality.md's table from the before/after JSON")
+    ap.add_argument("--claims", action="store_true",
+                    help="only score the claim check on tests/data/claims/pairs.jsonl (no model needed)")
     args = ap.parse_args()
+    if args.claims:
+        from machine import write_results  # bench/ is this script's folder, first on sys.path
+        print(f"wrote {write_results('claims', claims_report())}")
+        return
     if args.report:
         report(ROOT / "docs" / "quality.md")
         return

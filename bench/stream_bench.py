@@ -31,6 +31,7 @@ from jobs.paging.dense.layer_stream import load_streamed  # noqa: E402
 from jobs.paging.dense.model_store import ModelStore  # noqa: E402
 from jobs.paging.dtypes import TORCH_DTYPES  # noqa: E402
 from jobs.paging.generate import GenerationResult, generate  # noqa: E402
+from jobs.paging.open import spec_for  # noqa: E402
 from jobs.paging.quant import QuantSpec, write_variant  # noqa: E402
 
 BASE_PROMPTS = [
@@ -244,9 +245,9 @@ def main() -> int:
     for variant in variants:
         for ram_layers in (0, store.num_layers):
             tag = "" if variant == "precise" else f"[{variant}] "
-            loaded[f"streamed {tag}ram-cache {'on' if ram_layers else 'off'}"] = load_streamed(
+            loaded[f"streamed {tag}ram-cache {'on' if ram_layers else 'off'}"] = load_streamed(spec_for(
                 model_dir, device=args.device, dtype=args.dtype, vram_budget_bytes=budget,
-                ram_budget_bytes=ram_layers * layer_bytes, variant=variant, keep_precise=args.keep_precise)
+                ram_budget_bytes=ram_layers * layer_bytes, variant=variant, keep_precise_layers=args.keep_precise))
     if "accelerate" not in skip:
         loaded["accelerate disk offload"] = load_accelerate_disk(model_dir, dtype, work / "offload")
     methods = bench_methods(loaded, batches, new_tokens, args.rounds)

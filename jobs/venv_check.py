@@ -18,6 +18,7 @@ def main() -> int:
             out[dist] = None
     try:
         import torch
+        out["torch_cuda"] = torch.version.cuda  # the CUDA it was built for; None: a CPU build
         out["cuda_available"] = torch.cuda.is_available()
         out["cuda_devices"] = [torch.cuda.get_device_name(i)
                                for i in range(torch.cuda.device_count())]

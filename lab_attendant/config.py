@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jobs.contract.errors import SettingError
-from jobs.contract.spec import DEFAULT_MODEL, ModelSettings, ModelSpec
+from jobs.contract.spec import DEFAULT_MODEL, DEFAULT_MODEL_FILE, ModelSettings, ModelSpec
 from jobs.contract.typed import ByteSize, Reader
 from jobs.paging.plan.settings import check_settings
 from lab_attendant import PROJECT_ROOT
 from lab_attendant.errors import ConfigError
 from lab_attendant.store.states import TERMINAL
-from lab_attendant.validate import check_config_numbers
+from lab_attendant.validate import check_config_numbers, check_schedules
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -282,7 +282,8 @@ class Config:
             raise ConfigError(f"unknown model '{name}'; add a [models.{name}] table to the config, "
                               f"register it with `lab-attendant model add {name} PATH`, or use one of: {known}")
         model = model or EMBEDDED_MODEL
-        return ModelSpec(name=name, path=str(model.path or self.paths.models_dir / name),
+        default_path = self.paths.models_dir / (DEFAULT_MODEL_FILE if name == DEFAULT_MODEL else name)
+        return ModelSpec(name=name, path=str(model.path or default_path),
                          **model.settings())
 
 
@@ -383,8 +384,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None) -
         raise ConfigError("unknown config section [source]")
     reader = Reader("config", ConfigError, base_dir=base_dir, tables=True)
     cfg = dataclasses.replace(reader.build(Config, data), source=source)
-    from lab_attendant.scheduler import validate_schedules  # needs the kind registry; import here, not at top
-    validate_schedules(cfg)
+    check_schedules(cfg)
     _check(cfg)
     return cfg
 

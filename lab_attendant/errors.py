@@ -21,9 +21,17 @@ class StoreUnusable(StoreError):
     The daemon exits with EXIT_STORE_UNUSABLE, which the systemd unit does not restart on."""
 
 
-class StoreWriteError(StoreError):
-    """A write to the store failed (disk full, I/O error, read-only): the daemon keeps
-    supervising from memory and retries; the CLI reports it and exits 1."""
+class StoreUnavailable(StoreError):
+    """The store cannot be used right now (disk full, I/O error, read-only, locked): the daemon
+    keeps supervising from memory and retries; the CLI reports it and exits 1."""
+
+
+class StoreWriteError(StoreUnavailable):
+    """A write to the store failed (disk full, I/O error, read-only)."""
+
+
+class StoreReadError(StoreUnavailable):
+    """A read from the store failed (I/O error, a lock held past busy_timeout)."""
 
 
 EXIT_STORE_UNUSABLE = 3   # systemd: RestartPreventExitStatus=2 3

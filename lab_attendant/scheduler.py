@@ -1,4 +1,5 @@
-"""Nightly schedules: config validation, next fire times, and the APScheduler wiring in the daemon.
+"""Nightly schedules: next fire times and the APScheduler wiring in the daemon (the config's
+schedules are checked at load by lab_attendant.validate.check_schedules).
 
 The scheduler thread only puts firings on a queue; the daemon's loop drains it and writes the store.
 """
@@ -16,14 +17,15 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 
 from jobs.contract.errors import ParamError
-from jobs.contract.kinds import Kind, check_with_model, registry, validate_params
+from jobs.contract.kinds import Kind, check_with_model, validate_params
 from lab_attendant import cron
 from lab_attendant.errors import ConfigError
 from lab_attendant.service.logsetup import get_logger, log_for
 
 if TYPE_CHECKING:
     from lab_attendant.config import Config, ScheduleConfig
-    from lab_attendant.store.db import Run, Store
+    from lab_attendant.store.db import Store
+    from lab_attendant.store.tables import Run
 
 log = get_logger("lab_attendant.scheduler")
 
@@ -32,43 +34,6 @@ def parse_cron(expr: str, timezone: str = "") -> BaseTrigger:
     """A trigger with standard crontab semantics (lab_attendant.cron): 5 fields (minute first),
     6 (a seconds field first) or a macro such as @daily."""
     return cron.trigger(expr, timezone)
-
-
-def validate_schedules(cfg: "Config") -> None:
-    """Fail at config load, naming the schedule: duplicate id, bad cron or timezone, unknown kind,
-    a param unknown, out of range or outside the allowed roots. Whether a path exists is checked
-    at each firing."""
-    try:
-        kinds = registry(cfg.worker.extra_kinds)
-    except ImportError as exc:
-        raise ConfigError(f"config key 'worker.extra_kinds': cannot import {exc.name or exc}; "
-                          "name a module on the supervisor's path that defines KINDS") from None
-    unknown = sorted(set(cfg.retries.kinds) - set(kinds))
-    if unknown:
-        raise ConfigError(f"[retries] kinds names unknown kind {', '.join(unknown)}; known kinds: "
-                          f"{', '.join(sorted(kinds))}")
-    seen: set[str] = set()
-    for s in cfg.schedules:
-        where = f"schedule '{s.id}'"
-        if s.id in seen:
-            raise ConfigError(f"{where} is defined twice; give each [[schedules]] its own id")
-        seen.add(s.id)
-        try:
-            parse_cron(s.cron, s.timezone)
-        except Exception as exc:  # noqa: BLE001 - APScheduler raises ValueError/KeyError/tz errors
-            raise ConfigError(f"{where}: bad cron {s.cron!r} or timezone {s.timezone!r} ({exc}); "
-                              "write e.g. cron = \"30 2 * * *\" for 02:30 every night") from None
-        kind = kinds.get(s.kind)
-        if kind is None:
-            raise ConfigError(f"{where}: unknown kind '{s.kind}'; known kinds: "
-                              f"{', '.join(sorted(kinds))}")
-        try:  # like submit, but a folder may appear before the first firing
-            validate_params(kind, s.params, cfg.allowed_roots, base_dir=cfg.base_dir,
-                            must_exist=False)
-        except ParamError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        if s.misfire_grace_s <= 0:
-            raise ConfigError(f"{where}: misfire_grace_s must be > 0 seconds")
 
 
 def next_fire_times(cfg: "Config", now: datetime | None = None) -> list[tuple["ScheduleConfig",

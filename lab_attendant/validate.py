@@ -1,6 +1,6 @@
 """Validation of what a user types or writes that a type alone cannot express: finite numbers in
-declared ranges (config keys, submit options); output that never holds NaN/Infinity (JSON) nor
-control characters (a terminal, a notification's header or environment).
+declared ranges (config keys, submit options), the config's schedules (cron, kind, params); output
+that never holds NaN/Infinity (JSON) nor control characters (a terminal, a notification).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from jobs.contract.errors import ParamError
 from lab_attendant.errors import ConfigError, UserError
 
 # Config keys with a range: (min, max, whether min itself is allowed). Every other float in the
@@ -90,6 +91,45 @@ def check_config_numbers(cfg: Any) -> None:
             check_number(key, value, *RETRY_RANGE)
         else:
             check_number(key, value, None, None)
+
+
+def check_schedules(cfg: Any) -> None:
+    """Fail at config load, naming the schedule: duplicate id, bad cron or timezone, unknown kind,
+    a param unknown, out of range or outside the allowed roots. Whether a path exists is checked
+    at each firing."""
+    from jobs.contract.kinds import registry, validate_params
+    from lab_attendant import cron  # APScheduler's triggers: imported by the config load only
+    try:
+        kinds = registry(cfg.worker.extra_kinds)
+    except ImportError as exc:
+        raise ConfigError(f"config key 'worker.extra_kinds': cannot import {exc.name or exc}; "
+                          "name a module on the supervisor's path that defines KINDS") from None
+    unknown = sorted(set(cfg.retries.kinds) - set(kinds))
+    if unknown:
+        raise ConfigError(f"[retries] kinds names unknown kind {', '.join(unknown)}; known kinds: "
+                          f"{', '.join(sorted(kinds))}")
+    seen: set[str] = set()
+    for s in cfg.schedules:
+        where = f"schedule '{s.id}'"
+        if s.id in seen:
+            raise ConfigError(f"{where} is defined twice; give each [[schedules]] its own id")
+        seen.add(s.id)
+        try:
+            cron.trigger(s.cron, s.timezone)
+        except Exception as exc:  # noqa: BLE001 - APScheduler raises ValueError/KeyError/tz errors
+            raise ConfigError(f"{where}: bad cron {s.cron!r} or timezone {s.timezone!r} ({exc}); "
+                              "write e.g. cron = \"30 2 * * *\" for 02:30 every night") from None
+        kind = kinds.get(s.kind)
+        if kind is None:
+            raise ConfigError(f"{where}: unknown kind '{s.kind}'; known kinds: "
+                              f"{', '.join(sorted(kinds))}")
+        try:  # like submit, but a folder may appear before the first firing
+            validate_params(kind, s.params, cfg.allowed_roots, base_dir=cfg.base_dir,
+                            must_exist=False)
+        except ParamError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if s.misfire_grace_s <= 0:
+            raise ConfigError(f"{where}: misfire_grace_s must be > 0 seconds")
 
 
 def check_worker_python(python: Path) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything, then run nightly insights over the sample archive (examples/archive) on the
-# embedded default model (Gemma-3-270M, streamed on CPU) with a one-shot daemon, and show them.
+# embedded default model (Gemma-3-270M, its 4-bit GGUF streamed on CPU) with a one-shot daemon, and show them.
 # DEMO_MAX_NOTES (default 8) caps the notes read this run; a rerun picks up the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."

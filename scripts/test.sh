@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
 bash scripts/setup.sh
+# Setup places only the GGUF the default model streams; the tests also need its bf16 folder as a resident
+# safetensors reference.
+.venv/bin/lab-attendant model import-default --convert
 venvs/experimental/bin/python -m pip install -q --disable-pip-version-check pytest pytest-timeout
 # systemd-analyze lets a test verify the rendered unit file; tmux drives `watch` in a real
 # terminal; headless Chromium (selenium drives Debian's chromium through chromium-driver, nothing

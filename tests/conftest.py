@@ -162,9 +162,12 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-MODEL_DIR = ROOT / "models" / "gemma-3-270m"
-NEEDS_MODEL = pytest.mark.skipif(not EXPERIMENTAL_PYTHON.exists() or not (MODEL_DIR / "config.json").exists(),
-                                 reason="needs venvs/experimental and models/gemma-3-270m (scripts/setup.sh)")
+MODEL_DIR = ROOT / "models" / "gemma-3-270m"  # the converted bf16 folder (model import-default --convert)
+MODEL_GGUF = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"  # what the default model streams
+NEEDS_MODEL = pytest.mark.skipif(not EXPERIMENTAL_PYTHON.exists() or not (MODEL_DIR / "config.json").exists()
+                                 or not MODEL_GGUF.is_file(),
+                                 reason="needs venvs/experimental, models/gemma-3-270m-q4_k_m.gguf and "
+                                        "models/gemma-3-270m (scripts/test.sh: model import-default --convert)")
 
 
 @pytest.fixture
@@ -173,3 +176,28 @@ def model_lab(lab: Lab) -> Lab:
     write_config(lab.root, python=EXPERIMENTAL_PYTHON, default_timeout_s=900)
     (lab.root / "models").symlink_to(ROOT / "models")
     return lab
+
+
+def write_sensors(path: Path, temperature_c: float, processes: dict[int, int] | None = None,
+             **more: object) -> None:
+    """One GPU's readings in a `file:` sensors file (written atomically); `more` adds fields such
+    as power_w or sm_clock_mhz."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"gpus": [{
+        "index": 0, "temperature_c": temperature_c, "memory_used_bytes": 1 << 30,
+        "memory_total_bytes": 11811160064,
+        "processes": [{"pid": p, "used_bytes": b} for p, b in (processes or {}).items()],
+        **more}]}))
+    os.replace(tmp, path)
+
+
+def guard_lab(tmp_path: Path, guards: str = "", cotenant: str = "") -> Lab:
+    """A lab whose guards read `tmp_path/sensors.json` (60 °C; limit 85, resume below 75)."""
+    sensors = tmp_path / "sensors.json"
+    write_sensors(sensors, 60.0)
+    extra = (f'sensors = "file:{sensors}"\nthermal_limit_c = 85\nresume_below_c = 75\n'
+             f"{guards}\n{cotenant}")
+    cfg = write_config(tmp_path, extra=extra)
+    # write_config wrote sensors = "none" first; the later key would be a TOML duplicate.
+    cfg.write_text(cfg.read_text().replace('sensors = "none"\n', ""))
+    return Lab(tmp_path, cfg)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 from jobs.contract.errors import ParamError
 from jobs.contract.kv_rank_inputs import check_params as _kv_rank_check
+from jobs.contract.prompts_input import check_params as _prompts_check
 from jobs.contract.spec import DEFAULT_BATCH_SIZE
 from jobs.contract.units import parse_size
 
@@ -102,6 +103,24 @@ BUILTIN_KINDS: tuple[Kind, ...] = (
                  Param("batch_size", "int", default=DEFAULT_BATCH_SIZE, min=1, max=4096,
                        help="cache variants scored per pass over the weights")),
          needs_paging=True, check=_kv_rank_check),
+    Kind("generate", "jobs.kinds.generate",
+         "Run a batch of prompts through the model: a .jsonl of {\"id\",\"prompt\"} or chat "
+         "{\"id\",\"messages\"} lines, a .txt of one prompt per line, or a folder of .txt/.md; "
+         "writes completions.jsonl as it goes (a retry continues after the last complete line) and "
+         "completions.md.",
+         params=(Param("prompts", "path", required=True,
+                       help=".jsonl, .txt (one prompt per line) or folder of .txt/.md prompts"),
+                 *(p for p in _MODEL_PARAMS if p.name != "max_new_tokens"),
+                 Param("max_new_tokens", "int", default=128, min=1, max=32768,
+                       help="tokens generated per prompt at most"),
+                 Param("temperature", "float", default=0.0, min=0.0, max=100.0,
+                       help="0 decodes greedily; above 0 samples with this temperature"),
+                 Param("top_p", "float", default=1.0, min=1e-6, max=1.0,
+                       help="nucleus mass kept when sampling"),
+                 Param("stop", "str", help="stop string (\\n for a newline) or a JSON list of them"),
+                 Param("seed", "int", default=0, min=0, max=2**63 - 1,
+                       help="sampling seed (each batch uses seed + its first prompt's index)")),
+         needs_paging=True, check=_prompts_check),
 )
 
 

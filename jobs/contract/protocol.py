@@ -1,4 +1,6 @@
-"""Worker -> supervisor event lines, imported by both sides (stdlib only).
+"""Worker -> supervisor event lines, imported by both sides (stdlib only): the worker encodes
+them, the supervisor decodes each line once into one frozen dataclass per event kind (or a
+Rejected with the reason).
 
 A worker writes one JSON object per line to the pipe fd named by $LAB_ATTENDANT_EVENT_FD (local
 runs), or appends it to the file named by $LAB_ATTENDANT_EVENT_FILE (runs on another machine, e.g.
@@ -7,9 +9,11 @@ Slurm: events.jsonl in the run folder on the shared filesystem, tailed by the su
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Union
 
 EVENT_FD_ENV = "LAB_ATTENDANT_EVENT_FD"
 EVENT_FILE_ENV = "LAB_ATTENDANT_EVENT_FILE"
@@ -37,30 +41,194 @@ def encode(event: str, **fields: Any) -> bytes:
     return (json.dumps({"event": event, "t": time.time(), **fields}, default=str) + "\n").encode()
 
 
-def decode(line: bytes | str) -> dict[str, Any] | None:
-    """Parse one event line; None for a line that is not a well-formed event (never raises)."""
+# Bounds a decoded event must keep: SQLite's INTEGER is a signed 64-bit value, and an event line
+# is one write of a worker, not a data channel.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_LINE_BYTES = 256 * 1024
+MAX_TEXT_CHARS = 10_000          # a message, a path, a unit, an error type
+MAX_METRICS = 256                # keys in one metric event (nested values count too)
+
+
+@dataclass(frozen=True)
+class Started:
+    t: float | None
+    pid: int | None = None
+    python: str | None = None
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    t: float | None
+    done: int | None = None
+    total: int | None = None
+    unit: str | None = None
+
+
+@dataclass(frozen=True)
+class Metric:
+    t: float | None
+    metrics: dict[str, Any] = field(default_factory=dict)   # JSON values, numbers finite
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    t: float | None
+
+
+@dataclass(frozen=True)
+class Result:
+    t: float | None
+    path: str
+
+
+@dataclass(frozen=True)
+class WorkerWarning:
+    t: float | None
+    message: str
+
+
+@dataclass(frozen=True)
+class WorkerError:
+    t: float | None
+    type: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)   # e.g. jobs/contract/oom.py's fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A detail by name (type and message included), as the classifier reads them."""
+        if key in ("type", "message"):
+            return getattr(self, key)
+        return self.details.get(key, default)
+
+
+Event = Union[Started, Progress, Metric, Heartbeat, Result, WorkerWarning, WorkerError]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A line that is not a valid event, and why (the supervisor logs it and goes on)."""
+    reason: str
+    line: bytes                  # its first bytes, for the log
+
+
+class _Bad(ValueError):
+    pass
+
+
+def _time(obj: dict[str, Any]) -> float | None:
+    t = obj.get("t")
+    return None if t is None else _float("t", t)
+
+
+def _float(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _Bad(f"{key} must be a number, got {type(v).__name__}")
+    if not math.isfinite(v) or not (INT64_MIN <= v <= INT64_MAX):
+        raise _Bad(f"{key} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _int(key: str, v: Any, *, optional: bool = True) -> int | None:
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _Bad(f"{key} must be a whole number, got {type(v).__name__}")
+    if not INT64_MIN <= v <= INT64_MAX:
+        raise _Bad(f"{key} = {v} does not fit a 64-bit integer")
+    return v
+
+
+def _opt_text(key: str, v: Any) -> str | None:
+    return None if v is None else _text(key, v)
+
+
+def _text(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"{key} must be text, got {type(v).__name__}")
+    if len(v) > MAX_TEXT_CHARS:
+        raise _Bad(f"{key} is {len(v)} characters long (at most {MAX_TEXT_CHARS})")
+    return v
+
+
+def _value(key: str, v: Any, budget: list[int]) -> Any:
+    """A metric or detail value: JSON scalars with finite numbers in int64, lists and objects
+    of them; `budget` bounds how many values one event carries."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Bad(f"more than {MAX_METRICS} values")
+    if v is None or isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        return _int(key, v)
+    if isinstance(v, float):
+        return _float(key, v)
+    if isinstance(v, str):
+        return _text(key, v)
+    if isinstance(v, list):
+        return [_value(f"{key}[{i}]", x, budget) for i, x in enumerate(v)]
+    if isinstance(v, dict):
+        return {str(k): _value(f"{key}.{k}", x, budget) for k, x in v.items()}
+    raise _Bad(f"{key} has an unsupported type {type(v).__name__}")
+
+
+def _build(obj: dict[str, Any]) -> Event:
+    name, t = obj["event"], _time(obj)
+    if name == STARTED:
+        return Started(t, _int("pid", obj.get("pid")), _opt_text("python", obj.get("python")),
+                       _opt_text("kind", obj.get("kind")))
+    if name == PROGRESS:
+        done, total = _int("done", obj.get("done")), _int("total", obj.get("total"))
+        return Progress(t, done, total, _opt_text("unit", obj.get("unit")))
+    if name == METRIC:
+        metrics = obj.get("metrics", {})
+        if not isinstance(metrics, dict):
+            raise _Bad(f"metrics must be an object, got {type(metrics).__name__}")
+        return Metric(t, _value("metrics", metrics, [MAX_METRICS + 1]))
+    if name == HEARTBEAT:
+        return Heartbeat(t)
+    if name == RESULT:
+        return Result(t, _text("path", obj.get("path")))
+    if name == WARNING:
+        return WorkerWarning(t, _text("message", str(obj.get("message"))))
+    details = {k: v for k, v in obj.items() if k not in ("event", "t", "type", "message")}
+    return WorkerError(t, _text("type", str(obj.get("type"))), _text("message", str(obj.get("message"))),
+                       _value("details", details, [MAX_METRICS + 1]))
+
+
+def decode(line: bytes | str) -> Event | Rejected:
+    """One event line as its typed event, checked once here (field types, finite numbers,
+    integers that fit SQLite's int64, sizes); a Rejected with the reason otherwise (never raises)."""
+    raw = line.encode() if isinstance(line, str) else line
+    head = raw[:200]
+    if len(raw) > MAX_LINE_BYTES:
+        return Rejected(f"event line of {len(raw)} bytes (at most {MAX_LINE_BYTES})", head)
     try:
-        obj = json.loads(line)
+        obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        return None
+        return Rejected("not a JSON line", head)
     if not isinstance(obj, dict) or obj.get("event") not in EVENTS:
-        return None
-    return obj
+        what = obj.get("event") if isinstance(obj, dict) else type(obj).__name__
+        return Rejected(f"not an event (event = {what!r}); known: {', '.join(EVENTS)}", head)
+    try:
+        return _build(obj)
+    except _Bad as exc:
+        return Rejected(f"bad {obj['event']} event: {exc}", head)
 
 
 class LineBuffer:
-    """Accumulates bytes read from a non-blocking pipe and yields complete decoded events."""
+    """Accumulates bytes read from a non-blocking pipe and yields complete decoded events (and
+    the Rejected lines; empty lines are skipped)."""
 
     def __init__(self) -> None:
         self._buf = b""
 
-    def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
+    def feed(self, data: bytes) -> Iterator[Event | Rejected]:
         self._buf += data
         *lines, self._buf = self._buf.split(b"\n")
         for line in lines:
-            ev = decode(line)
-            if ev is not None:
-                yield ev
+            if line.strip():
+                yield decode(line)
 
 
 class EventWriter:

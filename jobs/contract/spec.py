@@ -18,6 +18,7 @@ from jobs.contract.typed import ByteSize, Reader
 
 SPEC_VERSION = 2                      # 2: ModelSettings gained context_tokens and device_memory_bytes
 DEFAULT_MODEL = "gemma-3-270m"        # the embedded model (`lab-attendant model import-default`)
+DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"  # its packaged GGUF, under models_dir: what it streams
 DEFAULT_BATCH_SIZE = 8                # prompts per pass over the weights when a run does not say
 DEFAULT_CONTEXT_TOKENS = 2048         # prompt + generated tokens per row the memory plan makes room for
 DType = Literal["fp32", "bf16", "fp16"]     # compute dtypes

@@ -107,26 +107,33 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
         else:
             ans = summary_of[a.id]
             row.update(treatment="summarized", summary=ans.text, extractive=ans.extractive,
-                       rejected=ans.rejected)
+                       provenance=ans.provenance, evidence=ans.evidence, rejected=ans.rejected)
         rows.append(row)
     ctx.progress(total, total, "prompts")
-    ctx.write_text("refined.md", render_markdown(rows, {a.id: a for a in items}))
+    ctx.write_text("refined.md", render_markdown(rows, {a.id: a for a in items}, metrics.get("model")))
     result = ctx.write_json("ranking.json", {"source": params["gems"], "criteria": CRITERIA,
-                                             "artifacts": rows, "engine": metrics})
+                                             "artifacts": rows, "engine": metrics,
+                                             "model": metrics.get("model"),
+                                             "reason_provenance": "computed: rubric scores and quoted "
+                                                                  "artifact sentences"})
     return {"result_path": str(result), "artifacts": len(rows),
             "verbatim": sum(r["treatment"] == "verbatim" for r in rows)}
 
 
-def render_markdown(rows: list[dict[str, Any]], by_id: dict[str, artifacts.Artifact]) -> str:
+def render_markdown(rows: list[dict[str, Any]], by_id: dict[str, artifacts.Artifact],
+                    model: str | None = None) -> str:
     lines = ["# Refined artifacts", "",
              f"Ranked by rubric score (mean P(yes) over {len(CRITERIA)} criteria: "
              f"{', '.join(CRITERIA)}). Technical stories are "
-             "reproduced verbatim and never summarized (FEAT-075).", ""]
+             "reproduced verbatim and never summarized (FEAT-075).", "",
+             f"Summaries are written by model `{model or 'the model'}` and checked claim by claim against "
+             "their artifact; a summary marked *(extracted)* is the artifact's own most central sentence. "
+             "Reasons are computed from the scores and quote the artifact.", ""]
     for r in rows:
         lines += [f"## {r['rank']}. {r['title']} ({r['kind']}, score {r['score']:.2f})", "",
                   f"Why: {r['reason']}", ""]
         if r["treatment"] == "verbatim":
             lines += ["Verbatim:", "", by_id[r["id"]].body.rstrip("\n"), ""]
         else:
-            lines += [f"Summary{' (extractive)' if r.get('extractive') else ''}: {r['summary']}", ""]
+            lines += [f"Summary: {r['summary']}{' *(extracted)*' if r.get('extractive') else ''}", ""]
     return "\n".join(lines) + "\n"

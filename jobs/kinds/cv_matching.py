@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jobs.lib import fewshot
+from jobs.lib import claims, fewshot
 from jobs.lib import grounded as guard
 from jobs.lib.clustering import cosine
 from jobs.lib.embed import Embedder
@@ -86,6 +86,23 @@ def facts(s: dict) -> str:
     return (f"The CV supports {k} of {n} requirements" + (f"; missing: {lack}." if lack else "."))
 
 
+def rationale_source(title: str, per_req: list[dict], cv_text: str = "") -> str:
+    """What a rationale may claim, one sentence per fact: the job, each covered requirement with its
+    CV evidence, each gap as a lack (a sentence saying the candidate lacks a gap is then supported),
+    then the CV itself (what the candidate did)."""
+    lines = [f"The job is {title}."]
+    lines += [f"The candidate meets {r['requirement']}: {r['evidence'].rstrip('.')}." for r in per_req
+              if r["covered"]]
+    lines += [f"The candidate lacks {r['requirement']}." for r in per_req if not r["covered"]]
+    return "\n".join([*lines, cv_text])
+
+
+def _facts_check(s: dict[str, Any]):
+    """The rationale must agree with the computed coverage (no praise at 0 of 4)."""
+    gaps = [g["requirement"] for g in s["gaps"]]
+    return lambda text: claims.agrees_with_facts(text, len(s["strengths"]), len(s["requirements"]), gaps)
+
+
 def match(reqs: list[str], req_vecs: list[list[float]], units: list[str],
           unit_vecs: list[list[float]]) -> list[dict[str, Any]]:
     """Each requirement against every CV unit: the closest unit is its evidence."""
@@ -136,10 +153,9 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
         s["gaps"] = [r for r in s["requirements"] if not r["covered"]]
     asks = [guard.Ask(prompts=[rationale_prompt(s["title"], s["strengths"], s["gaps"], e)
                                for e in (0, 1)], prefix="The candidate", rules=RATIONALE_RULES,
-                      source=" ".join([s["title"], *(r["requirement"] + " " + r["evidence"]
-                                                     for r in s["requirements"])]),
+                      source=rationale_source(s["title"], s["requirements"], cv_text),
                       echoes=[y for *_, y in fewshot.RATIONALES], fallback="",
-                      forbid=[g["requirement"] for g in s["gaps"]])
+                      facts=_facts_check(s))
             for s in top]
     engine = ctx.model(params["batch_size"])
     try:
@@ -155,13 +171,17 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
         s.update(rationale=" ".join(x for x in (facts(s), ans.text) if x),
                  rationale_model=None if ans.extractive else ans.text,
                  rationale_extractive=ans.extractive,
+                 # Per sentence: the computed facts, then the model's sentence if one passed the check.
+                 rationale_sentences=[{"text": facts(s), "provenance": "computed"}] + (
+                     [] if ans.extractive else [{"text": ans.text, "provenance": ans.provenance,
+                                                 "evidence": ans.evidence}]),
                  rationale_rejected=ans.rejected, rationale_prompt=ask.prompts[0])
     report = {"cv": str(cv_path), "postings_dir": str(postings_dir), "top_k": top_k,
               "postings": len(postings), "strength_similarity": STRENGTH_SIMILARITY,
               "cv_units": units,
               "ranking": [{"rank": i, "path": s["path"], "title": s["title"], "score": s["score"],
                            "coverage": s["coverage"]} for i, s in enumerate(scored, 1)],
-              "top": top, "engine": metrics}
+              "top": top, "engine": metrics, "model": metrics.get("model")}
     ctx.write_text("matches.md", render_markdown(report))
     result = ctx.write_json("matches.json", report)
     return {"result_path": str(result), "postings": len(postings), "top": [s["path"] for s in top]}
@@ -171,12 +191,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# CV matches for {report['cv']}", "",
              f"{report['postings']} postings; a requirement counts as covered when a CV sentence or "
              f"list item reaches similarity {report['strength_similarity']:.2f}.", "",
+             f"Each rationale starts with the computed coverage; a sentence after it is written by model "
+             f"`{report.get('model') or 'the model'}` and shown only when every claim in it is in the CV "
+             "or the computed facts (and agrees with the coverage).", "",
              "| rank | posting | similarity | requirements covered |", "|---|---|---|---|"]
     lines += [f"| {r['rank']} | {r['title']} | {r['score']:.2f} | {r['coverage']:.0%} |"
               for r in report["ranking"]]
     for i, s in enumerate(report["top"], 1):
         lines += ["", f"## {i}. {s['title']}", "", f"Posting: {s['path']}", "",
-                  f"Rationale: {s['rationale']}", "", "Strengths:"]
+                  f"Rationale: {s['rationale']}" + ("" if s.get("rationale_model") else
+                                                    " *(no model sentence passed the check)*"),
+                  "", "Strengths:"]
         lines += [f"- {r['requirement']} — CV: \"{r['evidence']}\" ({r['similarity']:.2f})"
                   for r in s["strengths"]] or ["- none found"]
         lines += ["", "Gaps:"]

@@ -14,7 +14,7 @@ from jobs.lib.embed import Embedder
 from jobs.lib.llm import Engine
 
 NOTE_CHARS = 800           # of each note shown to the model (the map prompt's budget)
-RESULT_FORMAT = 2          # bump when per-note results change meaning: cached ones are redone
+RESULT_FORMAT = 3          # bump when per-note results change meaning: cached ones are redone
 
 
 def _title(rel: str, text: str) -> str:
@@ -110,6 +110,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
                               "size_bytes": info.size_bytes, "date": dates[rel],
                               "title": titles[rel], "summary": ans.text,
                               "extractive": ans.extractive, "rejected": ans.rejected,
+                              "provenance": ans.provenance, "evidence": ans.evidence,
                               "terms": clustering.top_terms(texts[rel]),
                               "phrases": keyphrases.candidates(texts[rel]),
                               "embedding": [round(x, 5) for x in vec]}
@@ -132,9 +133,13 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
             "notes": [{"path": str(archive / rel), "date": files[rel]["date"],
                        "title": files[rel]["title"], "summary": files[rel]["summary"],
                        "extractive": files[rel].get("extractive", False),
+                       "provenance": files[rel].get("provenance", guard.EXTRACTED),
+                       "evidence": files[rel].get("evidence", ""),
                        "rejected": files[rel].get("rejected", [])}
                       for rel in considered],
             "engine": engine.summary() if engine else None,
+            "model": engine.name if engine else None,
+            "summaries_by_model": sum(not files[rel].get("extractive", True) for rel in considered),
         }
         md = ctx.write_text("insights.md", render_markdown(report))
         result = ctx.write_json("insights.json", report)
@@ -184,7 +189,8 @@ def insight(members: list[dict[str, Any]], archive: Path) -> str:
 
     def said(m: dict[str, Any]) -> str:
         text = m["summary"].rstrip(".")
-        return text if re.match(r"I\b|[A-Z][a-z]*[A-Z]|[A-Z]{2}", text) else text[0].lower() + text[1:]
+        text = text if re.match(r"I\b|[A-Z][a-z]*[A-Z]|[A-Z]{2}", text) else text[0].lower() + text[1:]
+        return f"{text} {EXTRACTED_MARK}" if m.get("extractive") else text
 
     first, last = members[0], members[-1]
     if first["date"][:4] == last["date"][:4]:
@@ -210,7 +216,7 @@ def reduce_themes(archive: Path, files: dict[str, dict[str, Any]], considered: l
     phrases = theme_phrases(groups, embedder)
     asks = [guard.Ask(prompts=[theme_prompt(p, 0), theme_prompt(p, 1)],
                       source=" ".join([*p, *(m["title"] + " " + m["summary"] for m in g)]),
-                      fallback=fallback_title(g, p), rules=TITLE_RULES,
+                      fallback=fallback_title(g, p), rules=TITLE_RULES, claim_check=False,
                       echoes=EXAMPLE_TEXTS, exact=[m["title"] for m in g])
             for g, p in zip(groups, phrases)]
     titles = guard.generate(asks, lambda prompts: engine.complete(
@@ -224,10 +230,27 @@ def reduce_themes(archive: Path, files: dict[str, dict[str, Any]], considered: l
             "title_rejected": title.rejected, "keyphrases": p, "keywords": p,
             "years": first if first == last else f"{first}-{last}",
             "insight": insight(members, archive),
+            # The insight is a template around its notes' summaries: as trustworthy as each of them.
+            "insight_provenance": [{"path": str(archive / m["rel"]),
+                                    "provenance": m.get("provenance", guard.EXTRACTED)}
+                                   for m in (members[0], members[-1])],
             "notes": [{"path": str(archive / m["rel"]), "date": m["date"], "title": m["title"]}
                       for m in members],
         })
     return out
+
+
+EXTRACTED_MARK = "*(extracted)*"
+
+
+def provenance_note(report: dict[str, Any]) -> str:
+    """Who wrote what: the reader's key to which sentences to trust as the note's own words."""
+    notes = report["notes"]
+    by_model = sum(not n.get("extractive") for n in notes)
+    model = report.get("model") or (report.get("engine") or {}).get("model") or "the model"
+    return (f"Summaries: {by_model} of {len(notes)} written by model `{model}` and checked claim by claim "
+            f"against their note; the rest, marked {EXTRACTED_MARK}, are the note's own most central "
+            "sentence. Theme titles are the model's; insights quote the summaries.")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -235,7 +258,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     head = (f"{report['notes_total']} of {total} notes"
             + (f" since {report['since']}" if report["since"] else " in the archive")
             + f" considered ({report['notes_processed']} read this run).")
-    lines = [f"# Insights: {report['archive']}", "", head, ""]
+    lines = [f"# Insights: {report['archive']}", "", head, "", provenance_note(report), ""]
     if report["notes_left_for_next_run"]:
         lines += [f"{report['notes_left_for_next_run']} more notes wait for the next run "
                   "(max_notes).", ""]
@@ -246,6 +269,6 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     lines += ["## Notes", ""]
     lines += [f"- {n['date']} **{n['title']}**: {n['summary']}"
-              + (" *(extractive)*" if n.get("extractive") else "") + f" ({n['path']})"
+              + (f" {EXTRACTED_MARK}" if n.get("extractive") else "") + f" ({n['path']})"
               for n in report["notes"]]
     return "\n".join(lines) + "\n"

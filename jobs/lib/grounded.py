@@ -6,30 +6,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from jobs.lib import claims
+from jobs.lib.claims import NUMBER_WORDS, stem, tokens
 from jobs.lib.stoplist import STOPWORDS
 
-_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|\d+")
 _DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 LOOP_NGRAM = 3              # a word 3-gram said twice in one field is a loop
-ECHO_NGRAM = 4              # a word 4-gram taken from a title or an example is an echo
+ECHO_NGRAM = 4              # a word 4-gram taken from an example is an echo
+ECHO_MIN_WORDS = 12         # ...from a text at least this long (a title's 4-gram is fine, #30)
 DANGLING = ("the following", "as follows", "following:")
-
-
-def tokens(text: str) -> list[str]:
-    return [w.lower().strip("'-") for w in _WORD.findall(text)]
-
-
-_SUFFIX = re.compile(r"(?:ing|ed|es|s)$")
-NUMBER_WORDS = frozenset("""one two three four five six seven eight nine ten eleven twelve twenty
-thirty forty fifty hundred thousand million""".split())
-
-
-def stem(word: str) -> str:
-    # Crude but enough to match "recipes"/"recipe", "working"/"work", "measured"/"measure".
-    if len(word) > 4:
-        word = _SUFFIX.sub("", word)
-    return word[:5]
 
 
 def numbers(text: str) -> set[str]:
@@ -91,7 +77,9 @@ def check(text: str, *, source: str, echoes: Sequence[str] = (), rules: Rules = 
         if echo and (_norm(text) in _norm(echo) or (own and own <= content_words(echo))):
             return "echo"
         e = tokens(echo)
-        if grams4 & {tuple(e[i:i + ECHO_NGRAM]) for i in range(len(e) - ECHO_NGRAM + 1)}:
+        # A 4-gram of a long text (a worked example) is a copy; of a short title, it names the subject.
+        if len(e) >= ECHO_MIN_WORDS and grams4 & {tuple(e[i:i + ECHO_NGRAM])
+                                                  for i in range(len(e) - ECHO_NGRAM + 1)}:
             return "echo"
     grams = [tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
     if len(grams) != len(set(grams)) or any(
@@ -134,6 +122,15 @@ class Ask:
     prefix: str = ""                # text the prompt already committed to ("The candidate")
     forbid: Sequence[str] = ()      # phrases the answer must not claim (see check)
     exact: Sequence[str] = ()       # texts the answer must not repeat whole (see check)
+    # A sentence shown as the model's must be supported by the source, claim by claim (claims.align);
+    # off only for fields that are not statements (a theme title).
+    claim_check: bool = True
+    facts: Callable[[str], str | None] | None = None   # computed facts the text must agree with
+
+
+EXTRACTED = "extracted"             # a source sentence, shown because every model try was rejected
+CHECKED = "model, checked"          # the model's sentence, each claim aligned with a source sentence
+UNCHECKED = "model"                 # the model's text, checked by the field rules only (titles)
 
 
 @dataclass
@@ -141,12 +138,33 @@ class Answer:
     text: str
     extractive: bool
     rejected: list[str] = field(default_factory=list)   # one reason per rejected try
+    evidence: str = ""                                   # the source sentence(s) the text aligned with
+    provenance: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.provenance:
+            self.provenance = EXTRACTED if self.extractive else CHECKED
 
     def as_json(self) -> dict:
-        return {"text": self.text, "extractive": self.extractive, "rejected": self.rejected}
+        return {"text": self.text, "provenance": self.provenance, "extractive": self.extractive,
+                "evidence": self.evidence, "rejected": self.rejected}
 
 
 Complete = Callable[[list[str]], list[str]]
+
+
+def verdict(ask: Ask, out: str) -> tuple[str, str | None, str]:
+    """(shown text, why it is rejected or None, the aligned source sentence) for one completion."""
+    text = clean(f"{ask.prefix} {out}" if ask.prefix else out)
+    why = check(out if ask.prefix else text, source=ask.source, echoes=ask.echoes, rules=ask.rules,
+                forbid=ask.forbid, exact=ask.exact)
+    evidence = ""
+    if why is None and ask.claim_check:
+        v = claims.align(text, ask.source)
+        why, evidence = (None, v.evidence) if v.ok else (f"unsupported ({v.reason})", "")
+    if why is None and ask.facts is not None:
+        why = ask.facts(text)
+    return text, why, evidence
 
 
 def generate(asks: Sequence[Ask], complete: Complete) -> list[Answer]:
@@ -160,12 +178,10 @@ def generate(asks: Sequence[Ask], complete: Complete) -> list[Answer]:
             break
         outs = complete([asks[i].prompts[attempt] for i in todo])
         for i, out in zip(todo, outs):
-            a = asks[i]
-            text = clean(f"{a.prefix} {out}" if a.prefix else out)
-            why = check(out if a.prefix else text, source=a.source, echoes=a.echoes, rules=a.rules,
-                        forbid=a.forbid, exact=a.exact)
+            text, why, evidence = verdict(asks[i], out)
             if why is None:
-                answers[i] = Answer(text, False, rejected[i])
+                answers[i] = Answer(text, False, rejected[i], evidence,
+                                    CHECKED if asks[i].claim_check else UNCHECKED)
             else:
                 rejected[i].append(f"{why}: {text[:80]!r}")
     return [ans or Answer(a.fallback, True, rejected[i]) for i, (a, ans) in enumerate(zip(asks, answers))]

@@ -11,7 +11,7 @@ import torch
 
 from jobs.contract.errors import ModelUnavailable, NonFiniteError
 from jobs.contract.spec import ModelSpec
-from jobs.paging.generate import Sampling, check_planned, generate
+from jobs.paging.generate import GenerationResult, Sampling, check_planned, generate
 from jobs.paging.open import open_model
 
 ProgressFn = Callable[[int, int], None]
@@ -25,10 +25,11 @@ class Engine:
         self.name = model_spec.name
         self.kv_cache = model_spec.kv_cache
         self.kv_cache_peak_bytes = 0
-        if not (Path(model_spec.path) / "config.json").is_file():
+        path = Path(model_spec.path)
+        if not (path.suffix == ".gguf" and path.is_file()) and not (path / "config.json").is_file():
             raise ModelUnavailable(
-                f"model '{self.name}' folder {model_spec.path} has no config.json; run `lab-attendant model "
-                f"import-default` for the embedded model, or fix [models.{self.name}] path")
+                f"model '{self.name}' path {model_spec.path} is neither a GGUF file nor a folder with config.json; "
+                f"run `lab-attendant model import-default` for the embedded model, or fix [models.{self.name}] path")
         start = time.perf_counter()
         self.loaded = open_model(model_spec, batch_size=batch_size)
         self.load_s = time.perf_counter() - start
@@ -43,15 +44,21 @@ class Engine:
         a completion from repeating its own n-grams (small models loop)."""
         if not prompts:
             return []
-        res = generate(self.loaded, list(prompts), max_new_tokens=max_new_tokens,
-                       sampling=Sampling(no_repeat_ngram_size=no_repeat_ngram_size),
+        res = self.run(prompts, max_new_tokens=max_new_tokens, stop=stop, progress=progress,
+                       sampling=Sampling(no_repeat_ngram_size=no_repeat_ngram_size))
+        return [c.text.strip() for c in res.outputs]
+
+    def run(self, prompts: Sequence[str], *, max_new_tokens: int, sampling: Sampling = Sampling(),
+            stop: Sequence[str] = (), progress: ProgressFn | None = None) -> GenerationResult:
+        """The engine's own generate() on this model (its batch size and KV cache), accounted."""
+        res = generate(self.loaded, list(prompts), max_new_tokens=max_new_tokens, sampling=sampling,
                        batch_size=self.batch_size, stop=stop, progress=progress, kv_cache=self.kv_cache)
         self.kv_cache_peak_bytes = max(self.kv_cache_peak_bytes, res.kv_cache_peak_bytes)
         self.tokens_generated += res.tokens_generated
         self.prompt_tokens += res.prompt_tokens
         self.busy_s += res.wall_s
         self.report()
-        return [c.text.strip() for c in res.outputs]
+        return res
 
     @torch.no_grad()
     def option_logprobs(self, prompts: Sequence[str], options: Sequence[str],

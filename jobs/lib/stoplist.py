@@ -32,3 +32,4 @@ want wanted way week weeks well went whole year years yesterday afternoon mornin
 four five six seven eight ten twelve
 """
 STOPWORDS = frozenset((_FUNCTION + _FILLER).split())
+FUNCTION_WORDS = frozenset(_FUNCTION.split())   # the claim check: a filler verb or "good" is a claim

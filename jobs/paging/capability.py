@@ -1,15 +1,18 @@
 """What the compute device can do, decided in one place: native bf16, FP8, Triton's bf16 kernels, and
-the compute dtype that `dtype = "auto"` resolves to. Tests monkeypatch `device_capability`.
+the compute dtype that `dtype = "auto"` resolves to (and the cuBLAS reduction setting that goes with fp16).
+Tests monkeypatch `device_capability`.
 """
 from __future__ import annotations
 
 import torch
 
+from jobs.contract.errors import SettingError
 from jobs.paging.plan.profiles import NATIVE_BF16_FROM, dtype_for
 
 # CUDA compute capability from which a feature runs natively (Ampere: bf16 tensor cores and Triton's
 # bf16 kernels; Ada/Hopper: FP8). A Turing card (RTX 2080 Ti, sm_75) has none of them.
 TRITON_BF16_FROM = (8, 0)
+FLASH_SDPA_FROM = (8, 0)  # torch's flash attention kernels: Ampere and later
 FP8_FROM = (8, 9)
 
 
@@ -44,17 +47,35 @@ def triton_supports(device: torch.device | str, dtype: torch.dtype) -> tuple[boo
 
 def resolve_dtype(requested: str, device: torch.device | str) -> str:
     """The compute dtype name for `requested` ("auto", "fp32", "bf16", "fp16") on `device`:
-    auto is fp32 on the CPU, bf16 where the card has it natively, fp16 on older CUDA cards."""
-    return dtype_for(requested, device_capability(device))
+    auto is fp32 on the CPU, bf16 where the card has it natively, fp16 on older CUDA cards.
+
+    An explicit bf16 on a card without native bf16 (Turing, sm_75) is refused: torch would run it
+    emulated, slower than fp16 and without a word. fp16 on CUDA turns off cuBLAS's fp16 reduction of
+    split-K partial sums (torch allows it by default): a long dot product then rounds its partials in fp32."""
+    cap = device_capability(device)
+    if requested == "bf16" and cap is not None and cap < NATIVE_BF16_FROM:
+        raise SettingError(f"dtype \"bf16\" on sm_{cap[0]}{cap[1]} runs emulated (native bf16 needs sm_"
+                           f"{NATIVE_BF16_FROM[0]}{NATIVE_BF16_FROM[1]}+): set dtype = \"auto\" or \"fp16\" "
+                           "(or \"fp32\") in the model's table or on the command line")
+    name = dtype_for(requested, cap)
+    if name == "fp16" and cap is not None:
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    return name
 
 
 def sdpa_backends(device: torch.device | str) -> str:
     """The SDPA backends torch has enabled for `device`, in its order of preference ("cpu" off CUDA:
-    one CPU kernel, no choice). Enabled is not chosen: flash also needs sm_80+ and fp16/bf16 inputs."""
+    one CPU kernel, no choice). Enabled is not chosen: flash needs sm_80+ (left out below it, where torch
+    cannot pick it) and fp16/bf16 inputs."""
     if torch.device(device).type != "cuda":
         return "cpu"
+    try:
+        cap = device_capability(device)
+    except (AssertionError, RuntimeError):  # a torch without CUDA: the flags alone
+        cap = None
     cuda = torch.backends.cuda
-    enabled = {"flash": cuda.flash_sdp_enabled(), "efficient": cuda.mem_efficient_sdp_enabled(),
+    flash = cuda.flash_sdp_enabled() and (cap is None or cap >= FLASH_SDPA_FROM)
+    enabled = {"flash": flash, "efficient": cuda.mem_efficient_sdp_enabled(),
                "cudnn": getattr(cuda, "cudnn_sdp_enabled", lambda: False)(), "math": cuda.math_sdp_enabled()}
     return ",".join(name for name, on in enabled.items() if on) or "none"
 

@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from jobs.contract.errors import UsageError
@@ -19,6 +19,7 @@ from jobs.contract.spec import (
     DEFAULT_CONTEXT_TOKENS,
     DTYPE_SETTINGS,
     FP16_SAFE_CHOICES,
+    KERNEL_CHOICES,
     KV_KINDS,
     VARIANT_MODES,
     ModelSettings,
@@ -52,21 +53,27 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16-safe", choices=FP16_SAFE_CHOICES, default=ModelSettings.fp16_safe,
                    help="fp16 only: fp32 residual stream and scaled fp16 matmuls; auto: on for models that "
                         "overflow fp16 (Gemma)")
-    p.add_argument("--vram-budget", type=size_arg, help="bytes of decoder layers on the device (e.g. 2GiB)")
-    p.add_argument("--ram-budget", type=size_arg, help="bytes of streamed layers cached in host RAM (moe: experts)")
-    p.add_argument("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS,
+    # Every ModelSettings field but kind has one flag whose dest is the field's name and whose default is the
+    # field's default (tests/engine/test_cli.py checks it); _model_spec hands them over by name.
+    p.add_argument("--vram-budget", dest="vram_budget_bytes", type=size_arg, help="bytes of decoder layers on the device (e.g. 2GiB)")
+    p.add_argument("--ram-budget", dest="ram_budget_bytes", type=size_arg, help="bytes of streamed layers cached in host RAM (moe: experts)")
+    p.add_argument("--context-tokens", type=int, default=ModelSettings.context_tokens,
                    help=f"prompt + new tokens per row the memory plan makes room for (default {DEFAULT_CONTEXT_TOKENS})")
-    p.add_argument("--device-memory", type=size_arg,
+    p.add_argument("--device-memory", dest="device_memory_bytes", type=size_arg,
                    help="device bytes the memory plan may use (default: what is free at load)")
     p.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
+    p.add_argument("--disk-bandwidth", dest="disk_bytes_per_s", type=size_arg, default=ModelSettings.disk_bytes_per_s,
+                   help="bytes/s the model's disk reads (e.g. 2GB): the plan's bound when a pass does not fit in RAM")
     p.add_argument("--expert-cache-bytes", type=size_arg, help="MoE only: device bytes for cached experts")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default=ModelSettings.kernels,
+                   help="auto: Liger's fused kernels on CUDA when installed; liger: insist; torch: never")
     p.add_argument("--cache-policy", choices=POLICIES, default=ModelSettings.cache_policy,
                    help="MoE only: expert eviction")
     p.add_argument("--variant", choices=VARIANT_MODES, default=ModelSettings.variant,
                    help="precise (original weights), fast (the 4-bit variant written by `lab-attendant model "
                         "quantize`), auto (dense: first/last --keep-precise layers precise, rest fast; "
                         "MoE: 4-bit experts when the folder has a variant)")
-    p.add_argument("--keep-precise", type=int, default=ModelSettings.keep_precise_layers,
+    p.add_argument("--keep-precise", dest="keep_precise_layers", type=int, default=ModelSettings.keep_precise_layers,
                    help="with --variant auto: precise layers at each end")
     p.add_argument("--kv-cache", choices=KV_KINDS, default=ModelSettings.kv_cache,
                    help="KV cache storage: int8 (HQQ 8-bit) or fp8 (e4m3; faster only on Hopper+ GPUs)")
@@ -108,13 +115,14 @@ def _model_spec(args: argparse.Namespace) -> ModelSpec:
     """The flags as the ModelSpec a [models.NAME] table would give; MoE when config.json names experts."""
     from jobs.paging.plan.settings import is_moe_folder
 
+    settings = {name: getattr(args, name) for name in setting_names()}
     return ModelSpec(name=args.model.name, path=str(args.model), kind="moe" if is_moe_folder(args.model) else "dense",
-                     device=args.device, dtype=args.dtype, fp16_safe=args.fp16_safe,
-                     vram_budget_bytes=args.vram_budget,
-                     ram_budget_bytes=args.ram_budget, expert_cache_bytes=args.expert_cache_bytes,
-                     variant=args.variant, keep_precise_layers=args.keep_precise, kv_cache=args.kv_cache,
-                     cache_policy=args.cache_policy, context_tokens=args.context_tokens,
-                     device_memory_bytes=args.device_memory)
+                     **settings)
+
+
+def setting_names() -> tuple[str, ...]:
+    """The ModelSettings fields the generate flags set (kind comes from the folder)."""
+    return tuple(f.name for f in fields(ModelSettings) if f.name != "kind")
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -193,14 +201,20 @@ def convert_main(argv: list[str] | None = None) -> int:
     from jobs.paging import convert
 
     parser = argparse.ArgumentParser(prog="python -m jobs.paging.convert", description=convert.__doc__)
+    parser.add_argument("--gguf", type=Path, default=convert.DEFAULT_GGUF,
+                        help=f"where to assemble the packaged GGUF, what the default model streams "
+                             f"(default {convert.DEFAULT_GGUF})")
+    parser.add_argument("--convert", action="store_true",
+                        help="also write the dequantized bf16 safetensors folder (a resident reference)")
     parser.add_argument("--out", type=Path, default=convert.DEFAULT_OUT_DIR,
-                        help=f"folder to write (default {convert.DEFAULT_OUT_DIR})")
+                        help=f"folder --convert writes (default {convert.DEFAULT_OUT_DIR})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=_LOG_FORMAT)
-    try:
-        out_dir = convert.convert_default(args.out)
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(out_dir)
+    print(convert.import_gguf(args.gguf))
+    if args.convert:
+        try:
+            print(convert.convert_default(args.out))
+        except FileExistsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return 0

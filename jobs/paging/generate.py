@@ -29,6 +29,12 @@ class LoadedModel(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
+    def close(self) -> None: ...
+
+    def __enter__(self) -> LoadedModel: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -83,7 +89,7 @@ def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"  # new tokens must line up at the right edge of every row
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(loaded.model, tokenizer)
+    eos_ids = eos_ids_of(loaded.model, tokenizer)
     generator = torch.Generator(device=loaded.device).manual_seed(sampling.seed)
     result = GenerationResult(outputs=[], kv_cache=kv_cache)
     total = len(prompts) * max_new_tokens
@@ -224,7 +230,7 @@ def _pick(logits: torch.Tensor, finite: torch.Tensor, sampling: Sampling, genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_ids_of(model: Any, tokenizer: Any) -> set[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id

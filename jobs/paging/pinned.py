@@ -5,13 +5,23 @@ torch's CachingHostAllocator rounds every pinned block up to a power of two (tor
 default), so pinning a Mixtral expert of 336 MiB takes 512 MiB and 256 of them take 128 GiB. An arena
 is one ordinary host buffer of exactly the bytes asked for, page-locked in place with cudaHostRegister,
 and carved into views: what the plan counts is what the host gives.
+Owns the arena's life: registration (a refusal clears CUDA's last error and leaves a pageable arena, with the
+reason), and unregistration after every copy on the device has finished, by close() or by a finalizer.
 """
 from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import weakref
 
 import torch
 
 from jobs.contract.units import format_size  # can view it, copies stay aligned
 from jobs.paging.plan.expert_budget import aligned  # every view starts on a 64-byte boundary: any dtype
+
+log = logging.getLogger(__name__)
+_CUDART_SONAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so")
 
 
 def pinned_alloc_bytes(nbytes: int) -> int:
@@ -47,7 +57,10 @@ class HostArena:
             raise MemoryError(f"{what}: cannot allocate {self.nbytes} bytes ({format_size(self.nbytes)}) of "
                               f"host memory: {exc}") from None
         self.pinned_bytes = 0
+        self.pin_reason = "not asked (cpu)" if not pin else "empty"  # why pinned_bytes is 0, or "pinned"
         self._offset = 0
+        # Unregisters an arena dropped without close(); holds the buffer so the pages outlive the registration.
+        self._finalizer: weakref.finalize | None = None
         if pin and self.nbytes:
             self._register()
 
@@ -57,8 +70,18 @@ class HostArena:
         try:
             torch.cuda.check_error(result)
         except torch.cuda.CudaError as exc:
-            raise pinned_error(self.what, self.nbytes, f"cudaHostRegister: {exc}") from None
+            # The failed call left CUDA's (per-thread) last error set: the next kernel launch would raise it
+            # as its own. Clear it; the arena stays pageable (copies from it do not overlap compute).
+            cleared = clear_last_cuda_error(cudart)
+            self.pin_reason = (f"{pinned_error(self.what, self.nbytes, f'cudaHostRegister: {exc}')}; pageable "
+                               f"memory instead, copies from it do not overlap compute"
+                               + ("" if cleared else " (CUDA's last error could not be cleared)"))
+            log.warning("%s", self.pin_reason)
+            return
         self.pinned_bytes = self.nbytes
+        self.pin_reason = "pinned"
+        self._finalizer = weakref.finalize(self, _unregister, self.buffer, self.what)
+        self._finalizer.atexit = False  # at exit the driver drops every registration itself
 
     @property
     def free_bytes(self) -> int:
@@ -74,8 +97,39 @@ class HostArena:
         return view
 
     def close(self) -> None:
-        if self.pinned_bytes:
-            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr()))
-            self.pinned_bytes = 0
+        """Unregister (after the device has finished every copy: one may still read or write the pages on a
+        side stream) and drop the buffer; views taken before are the caller's to drop."""
+        if self._finalizer is not None:
+            self._finalizer()  # runs _unregister once
+            self._finalizer = None
+        self.pinned_bytes = 0
         self.buffer = torch.empty(0, dtype=torch.uint8)
         self._offset = 0
+
+
+def _unregister(buffer: torch.Tensor, what: str) -> None:
+    """Wait for every stream of the device, then unregister: freeing or unpinning pages an async copy still
+    uses is undefined behaviour, not an error CUDA reports."""
+    torch.cuda.synchronize()
+    result = torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+    if result != 0:
+        clear_last_cuda_error(torch.cuda.cudart())
+        log.warning("%s: cudaHostUnregister returned %s", what, result)
+
+
+def clear_last_cuda_error(cudart: object) -> bool:
+    """Reset CUDA's last error (cudaGetLastError) after a runtime call that failed outside torch's checks;
+    torch's cudart bindings lack it, so it is called in the libcudart torch has already loaded. False when
+    neither is there."""
+    get_last = getattr(cudart, "cudaGetLastError", None)
+    if get_last is not None:
+        get_last()
+        return True
+    for soname in _CUDART_SONAMES:
+        try:
+            lib = ctypes.CDLL(soname, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)  # only one already loaded
+        except OSError:
+            continue
+        lib.cudaGetLastError()
+        return True
+    return False

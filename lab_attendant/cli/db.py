@@ -13,9 +13,9 @@ from lab_attendant.store import backup
 from lab_attendant.store.faults import recovery_hint
 
 
-def add_parser(sub, parser_class: type) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     db = sub.add_parser("db", help="check, back up or restore the SQLite store")
-    dsub = db.add_subparsers(dest="db_cmd", required=True, parser_class=parser_class)
+    dsub = db.add_subparsers(dest="db_cmd", required=True)
     dsub.add_parser("check", help="integrity check of the store (read-only; exit 1 if damaged)")
     b = dsub.add_parser("backup", help="a consistent copy of the live store (SQLite online "
                         "backup; safe while the daemon runs)")

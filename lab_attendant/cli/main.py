@@ -7,23 +7,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from jobs.contract.errors import ParamError
 from jobs.contract.kinds import registry
 from lab_attendant.cli import db as dbcli
+from lab_attendant.cli import holds, prune, service, stats, submit, watch
 from lab_attendant.cli import model as modelcli
 from lab_attendant.cli import runs as runinfo
-from lab_attendant.cli import submit, watch
 from lab_attendant.cli import wait as waiting
 from lab_attendant.cli.status import cmd_status
 from lab_attendant.config import Config, load_config
 from lab_attendant.errors import EXIT_STORE_UNUSABLE, StoreUnusable, UserError
 from lab_attendant.service.logsetup import setup_logging
 from lab_attendant.service.private import private_process
-from lab_attendant.store import deps, history, prune
 from lab_attendant.store.db import Store
 from lab_attendant.store.states import TERMINAL, RunState
 from lab_attendant.validate import check_worker_python, dumps
@@ -54,6 +53,7 @@ def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
         store.must_get(rid)
     for rid in args.ids:
         run = store.request_cancel(rid)
+        assert run is not None   # every id was checked above
         if run.state is RunState.CANCELLED:
             print(f"run {run.id} cancelled")
         elif run.state in TERMINAL:
@@ -84,39 +84,9 @@ def cmd_schedules(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_service(cfg: Config, args: argparse.Namespace) -> int:
-    from lab_attendant.service import unit as service
-    if args.service_cmd == "uninstall":
-        removed, commands = service.uninstall(user=args.user)
-        for path in removed:
-            print(f"removed {path}")
-        if not removed:
-            print(f"nothing to remove: no {service.UNIT_NAME} in {service.unit_dir(args.user)}")
-    else:
-        files = service.render(cfg, user=args.user, experimental_paging=args.experimental_paging,
-                               nvidia_modprobe=args.nvidia_modprobe)
-        for warning in files.warnings:
-            print(f"lab-attendant: warning: {warning}", file=sys.stderr)
-        if args.print:
-            print(files.unit_text, end="")
-            if files.dropin_text is not None:
-                print(f"\n# ---- drop-in {files.dropin_path}\n{files.dropin_text}", end="")
-            return 0
-        commands = service.install(files, cfg, user=args.user)
-        print(f"wrote {files.unit_path}")
-        if files.dropin_text is not None:
-            print(f"wrote {files.dropin_path} (experimental paging on while it exists)")
-        if args.user:
-            commands.append(["loginctl", "enable-linger", service.run_as_user()])
-    print("lab-attendant does not run systemctl itself; now run:")
-    for argv in commands:
-        print("  " + shlex.join(argv))
-    return 0
-
-
 # -- parser ---------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors: exit 2, one line + hint
+    def error(self, message: str) -> NoReturn:  # argparse's own errors: exit 2, one line + hint
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -148,23 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow paging kinds (in memory only: off again on next start)")
     d.set_defaults(fn=cmd_daemon)
 
-    submit.add_parsers(sub)
-    runinfo.add_parsers(sub)
-    waiting.add_parsers(sub)
-    watch.add_parsers(sub)
+    submit.register(sub)
+    runinfo.register(sub)
+    waiting.register(sub)
+    watch.register(sub)
 
     c = sub.add_parser("cancel", help="cancel runs (waiting ones at once; running ones SIGTERM, "
                        "then SIGKILL after grace)")
     c.add_argument("ids", type=int, nargs="+", metavar="ID", help="runs to cancel")
     c.set_defaults(fn=cmd_cancel)
-    deps.add_parsers(sub, _Parser)
+    holds.register(sub)
 
     st = sub.add_parser("status", help="daemon, queue and running runs")
     st.add_argument("--json", action="store_true", help="machine-readable: the status as JSON")
     st.set_defaults(fn=cmd_status)
 
-    history.add_parsers(sub)
-    prune.add_parsers(sub)
+    stats.register(sub)
+    prune.register(sub)
 
     db = sub.add_parser("dashboard", help="serve a read-only web view of runs, guards and "
                         "schedules, with /metrics and /api/runs (opens the store read-only)")
@@ -192,30 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--json", action="store_true", help="machine-readable: the run as JSON")
     sc.set_defaults(fn=cmd_schedules)
 
-    modelcli.add_parsers(sub, _Parser)
+    modelcli.register(sub)
 
-    dbcli.add_parser(sub, _Parser)
+    dbcli.register(sub)
 
     co = sub.add_parser("completion", help="print a shell completion script (generated from "
                         "this parser by shtab), e.g. `source <(lab-attendant completion bash)`")
     co.add_argument("shell", choices=("bash", "zsh", "tcsh"), help="the shell to complete in")
     co.set_defaults(fn=cmd_completion)
 
-    sv = sub.add_parser("service", help="install or remove the systemd unit (prints the "
-                        "systemctl commands, does not run them)")
-    svsub = sv.add_subparsers(dest="service_cmd", required=True, parser_class=_Parser)
-    si = svsub.add_parser("install", help="render the unit with this checkout's paths and write "
-                          "it to /etc/systemd/system (or ~/.config/systemd/user with --user)")
-    si.add_argument("--experimental-paging", action="store_true",
-                    help="also write a drop-in that starts the daemon with the flag")
-    si.add_argument("--print", action="store_true", help="print the unit, write nothing")
-    si.add_argument("--nvidia-modprobe", action="store_true",
-                    help="run nvidia-modprobe as root before the daemon starts (creates "
-                    "/dev/nvidia-uvm after a boot; NoNewPrivileges= blocks its setuid bit)")
-    su = svsub.add_parser("uninstall", help="remove the unit, its drop-in and enable links")
-    for p_ in (si, su):
-        p_.add_argument("--user", action="store_true", help="a systemd --user unit")
-    sv.set_defaults(fn=cmd_service)
+    service.register(sub)
     return p
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jobs.contract.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, KV_KINDS, VARIANT_MODES, ModelSpec
+from jobs.contract.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, DEFAULT_MODEL_FILE, KV_KINDS, VARIANT_MODES, ModelSpec
 from jobs.contract.units import format_size, size_arg
 from jobs.paging.plan.gguf_header import is_gguf
 from lab_attendant import PROJECT_ROOT, ollama, venv
@@ -29,6 +29,8 @@ def cmd_venv(cfg: Config, args: argparse.Namespace) -> int:
     else:
         info = venv.check(_venv_dir(cfg))
     print(dumps(info, indent=2))
+    if info.get("warning"):  # a warning, not a failure: CPU runs still work (exit 0)
+        print(f"lab-attendant: {info['warning']}", file=sys.stderr)
     return 0
 
 
@@ -55,8 +57,9 @@ def _run_worker_tool(argv: list[str], what: str) -> int:
 def cmd_model(cfg: Config, args: argparse.Namespace) -> int:
     models_dir = cfg.paths.models_dir
     if args.model_cmd == "import-default":
-        out = models_dir / DEFAULT_MODEL
-        argv = [str(_worker_python(cfg)), "-m", "jobs.paging.convert", "--out", str(out)]
+        argv = [str(_worker_python(cfg)), "-m", "jobs.paging.convert", "--gguf", str(models_dir / DEFAULT_MODEL_FILE)]
+        if args.convert:
+            argv += ["--convert", "--out", str(models_dir / DEFAULT_MODEL)]
         return _run_worker_tool(argv, "model conversion")
     if args.model_cmd == "plan":
         return cmd_model_plan(cfg, args)
@@ -146,19 +149,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_parsers(sub, parser_class: type[argparse.ArgumentParser]) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("venv", help="the experimental venv workers run in")
-    vsub = v.add_subparsers(dest="venv_cmd", required=True, parser_class=parser_class)
+    vsub = v.add_subparsers(dest="venv_cmd", required=True)
     vc = vsub.add_parser("create", help="create or update it from venvs/experimental.txt")
     vc.add_argument("--torch-spec", help=f"pip spec for torch (default ${venv.TORCH_SPEC_ENV} or "
-                    f"{venv.DEFAULT_TORCH_SPEC}); e.g. a CUDA build you already use")
+                    f"{venv.DEFAULT_TORCH_SPEC}, the CUDA build matching the NVIDIA driver when NVML sees a GPU); "
+                    "e.g. a build you already use, with its own --index-url")
     vc.add_argument("--force", action="store_true", help="reinstall even if up to date")
     vsub.add_parser("check", help="what it has: torch version, CUDA")
     v.set_defaults(fn=cmd_venv)
 
     m = sub.add_parser("model", help="model folders")
-    msub = m.add_subparsers(dest="model_cmd", required=True, parser_class=parser_class)
-    msub.add_parser("import-default", help="convert the bundled Gemma-3-270M to safetensors")
+    msub = m.add_subparsers(dest="model_cmd", required=True)
+    mi = msub.add_parser("import-default", help="place the bundled Gemma-3-270M GGUF under models/")
+    mi.add_argument("--convert", action="store_true",
+                    help="also write it as a bf16 safetensors folder (a resident reference for tests)")
     msub.add_parser("list", help="model folders with size on disk")
     mp = msub.add_parser("plan", help="what a model's run takes on the device and in pinned RAM, before any "
                                       "weight is read; exit 2 when it does not fit")

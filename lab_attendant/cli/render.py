@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from jobs.contract.units import format_duration, format_size
+from lab_attendant.store.figures import elapsed_s, eta_s, fraction
 from lab_attendant.store.states import ACTIVE, TERMINAL, RunState
 from lab_attendant.validate import printable
 
@@ -73,7 +74,7 @@ def when(ts: float | None, now: float | None = None) -> str:
     return f"{local_time(ts)} ({ago(ts, now)})" if ts else "-"
 
 
-def number(value: float) -> str:
+def number_text(value: float) -> str:
     """Floats rounded to 3 significant digits (no exponent for ordinary magnitudes)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
@@ -95,12 +96,12 @@ def metric(key: str, value: Any) -> str:
         if key.endswith("bytes_per_s"):
             return f"{format_size(value)}/s"
         if key.endswith("_per_s"):                       # tokens_per_s -> '12.3 tokens/s'
-            return f"{number(value)} {key[:-6].replace('_', ' ')}/s"
+            return f"{number_text(value)} {key[:-6].replace('_', ' ')}/s"
         if "bytes" in key.split("_"):                    # kv_cache_peak_bytes, engine_bytes_read
             return format_size(value)
         if key.endswith("_s"):
             return duration(value)
-        return number(value)
+        return number_text(value)
     if isinstance(value, (list, dict)):
         text = ", ".join(f"{k}={metric(k, v)}" for k, v in value.items()) if isinstance(
             value, dict) else ", ".join(metric(key, v) for v in value)
@@ -109,28 +110,6 @@ def metric(key: str, value: Any) -> str:
 
 
 # -- a run's progress -----------------------------------------------------------------------------
-def elapsed_s(run: Any, now: float | None = None) -> float | None:
-    """Time since the worker started (or how long it ran, once ended)."""
-    start = run.running_at or run.started_at
-    if start is None:
-        return None
-    return (run.ended_at or now or time.time()) - start
-
-
-def fraction(run: Any) -> float | None:
-    if not run.progress_total:
-        return None
-    return min(1.0, max(0.0, (run.progress_done or 0) / run.progress_total))
-
-
-def eta_s(run: Any, now: float | None = None) -> float | None:
-    """Remaining time at the run's average pace so far (None before any progress)."""
-    frac, spent = fraction(run), elapsed_s(run, now)
-    if run.state not in ACTIVE or not frac or spent is None or frac >= 1:
-        return None
-    return spent * (1 - frac) / frac
-
-
 def progress_cell(run: Any, width: int = 12):
     """A bar while the run waits or runs; the last reported count once it has ended."""
     frac = fraction(run)
@@ -153,11 +132,6 @@ def progress_text(run: Any, now: float | None = None) -> str:
     text = f"{run.progress_done}/{run.progress_total} {run.progress_unit or ''} ({frac:.0%})"
     eta = eta_s(run, now)
     return text + (f", about {duration(eta)} left" if eta is not None else "")
-
-
-def tokens_per_s(run: Any) -> float | None:
-    value = run.metrics.get("tokens_per_s")
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 # -- tables ---------------------------------------------------------------------------------------

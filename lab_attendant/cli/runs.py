@@ -108,7 +108,7 @@ def cmd_kinds(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     ls = sub.add_parser("list", help="list runs, newest first (squeue/sacct)")
     ls.add_argument("--state", metavar="S[,S]", help="only these states, e.g. running,queued "
                     f"(states: {', '.join(RunState)})")

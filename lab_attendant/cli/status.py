@@ -8,11 +8,12 @@ import time
 from typing import Any
 
 from jobs.contract.units import format_size
-from lab_attendant.cli.render import duration, elapsed_s, local_time, progress_text
+from lab_attendant.cli.render import duration, local_time, progress_text
 from lab_attendant.config import Config
 from lab_attendant.service.lock import DaemonLock
 from lab_attendant.store.db import Store
 from lab_attendant.store.faults import StatusFile
+from lab_attendant.store.figures import elapsed_s
 from lab_attendant.store.states import ACTIVE, RunState
 from lab_attendant.store.tables import GUARD_READINGS
 from lab_attendant.validate import dumps

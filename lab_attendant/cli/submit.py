@@ -10,6 +10,7 @@ from typing import Any
 
 from jobs.contract.kinds import check_with_model, parse_assignment, registry, validate_params
 from jobs.contract.spec import ModelSpec
+from lab_attendant import venv
 from lab_attendant.cli import wait as waiting
 from lab_attendant.cli.when import BEGIN_HELP, begin_arg
 from lab_attendant.config import Config
@@ -42,6 +43,9 @@ def _read_params(args: argparse.Namespace) -> dict[str, Any]:
     return raw
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.gguf")  # what the engine reads weights from
+
+
 def _check_model(spec: ModelSpec) -> None:
     """What the supervisor can see without torch: a quantized variant exists when one is asked for."""
     path = Path(spec.path)
@@ -49,6 +53,20 @@ def _check_model(spec: ModelSpec) -> None:
         raise UserError(f"model '{spec.name}' asks for variant '{spec.variant}' but {path} has no "
                         f"quantized variant; run `lab-attendant model quantize {spec.name} --bits 4` "
                         "or set variant = \"precise\"")
+
+
+def _check_runnable(spec: ModelSpec, worker_python: Path) -> None:
+    """After the plan (which config.json alone answers): the folder holds weights, and a cuda model has a
+    CUDA build of torch in the worker venv."""
+    path = Path(spec.path)
+    if path.is_dir() and not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise UserError(f"model '{spec.name}': {path} holds no weights (no .safetensors or .gguf file); copy "
+                        "the model's weight files into it, or point [models." + spec.name + "] path at the folder "
+                        "that has them")
+    if spec.device.startswith("cuda") and venv.worker_torch_cuda(worker_python) == "cpu":
+        raise UserError(f"model '{spec.name}' has device = \"{spec.device}\" but the worker venv's torch is a CPU "
+                        f"build; run `{venv.FIX_CPU_TORCH}` on the machine with the NVIDIA GPU (it installs the "
+                        "CUDA build its driver supports), or set device = \"cpu\"")
 
 
 def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
@@ -63,6 +81,7 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
         _check_model(model)  # fails here, not in the worker
         check_with_model(kind, params, Path(model.path))
         check_fits(model, params.get("batch_size"))  # an impossible plan is refused now, not after a load
+        _check_runnable(model, Path(cfg.worker.python))
     check_submit_options(args.priority, args.timeout)
     check_retries(args.retries)
     executor = cfg.executor.choose(kind.name, params.get("model"), args.executor)
@@ -138,7 +157,7 @@ def _id_list(text: str) -> list[int]:
     return ids
 
 
-def add_parsers(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("submit", help="queue a run (sbatch)")
     s.add_argument("kind", help="a job kind (see `lab-attendant kinds`)")
     s.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",

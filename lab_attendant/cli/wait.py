@@ -18,8 +18,6 @@ from lab_attendant.cli.render import (
     Ellipsized,
     console,
     duration,
-    elapsed_s,
-    eta_s,
     progress_cell,
     progress_text,
     state_text,
@@ -29,6 +27,7 @@ from lab_attendant.errors import UserError
 from lab_attendant.service.lock import DaemonLock
 from lab_attendant.store.db import Store
 from lab_attendant.store.deps import waiting_for
+from lab_attendant.store.figures import elapsed_s, eta_s
 from lab_attendant.store.states import TERMINAL, RunState
 from lab_attendant.validate import dumps, printable
 
@@ -164,7 +163,7 @@ def add_no_daemon(p: argparse.ArgumentParser) -> None:
                    "exit with code 4")
 
 
-def add_parsers(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     w = sub.add_parser("wait", help="wait until runs end; the exit code says how they ended",
                        description=EXIT_CODES_HELP)
     w.add_argument("ids", type=int, nargs="+", metavar="ID", help="runs to wait for")

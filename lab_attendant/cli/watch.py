@@ -17,20 +17,18 @@ from lab_attendant.cli.render import (
     ago,
     console,
     duration,
-    elapsed_s,
-    eta_s,
     local_time,
-    number,
+    number_text,
     progress_cell,
     runs_table,
     state_text,
-    tokens_per_s,
 )
 from lab_attendant.cli.wait import daemon_alive
 from lab_attendant.config import Config
 from lab_attendant.errors import UserError
 from lab_attendant.store.db import Store
 from lab_attendant.store.deps import waiting_for
+from lab_attendant.store.figures import elapsed_s, eta_s, tokens_per_s
 from lab_attendant.store.states import ACTIVE, TERMINAL, WAITING
 from lab_attendant.store.tables import GUARD_READINGS
 
@@ -79,7 +77,7 @@ def _running(runs: list[Any], workers: dict[str, Any], now: float) -> Table:
                       f"{r.progress_done}/{r.progress_total} {r.progress_unit or ''}"
                       if r.progress_total else "-",
                       duration(elapsed_s(r, now)), duration(eta_s(r, now)),
-                      number(tps) if tps is not None else "-",
+                      number_text(tps) if tps is not None else "-",
                       format_size(w["rss_bytes"]) if w.get("rss_bytes") else "-")
     return table
 
@@ -124,7 +122,7 @@ def cmd_watch(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     w = sub.add_parser("watch", help="live view: running runs with progress, ETA and tokens/s, "
                        "the queue and the guard readings (Ctrl-C leaves)")
     w.add_argument("--interval", type=float, default=1.0, metavar="S",

@@ -1,39 +1,53 @@
-"""What the daemon records for each event a worker reports (jobs.contract.protocol): one place that turns
-`started`, `progress`, `metric`, `heartbeat`, `result`, `warning` and `error` into store writes."""
+"""What the daemon does with each event a worker reports (jobs.contract.protocol, decoded and
+checked there): one handler that turns them into store writes and feeds the run sampler."""
 from __future__ import annotations
 
-from typing import Any
-
 from jobs.contract import protocol
-from lab_attendant.service.logsetup import log_for
+from lab_attendant.executors.base import RunHandle
+from lab_attendant.service.logsetup import get_logger, log_for
+from lab_attendant.store.db import Store
+from lab_attendant.store.faults import WriteBehind
+from lab_attendant.store.samples import Sampler
 from lab_attendant.store.states import RunState
 
+log = get_logger("lab_attendant.daemon.events")
 
-def apply_event(writes: Any, w: Any, ev: dict[str, Any], now: float) -> None:
-    """`writes` is the daemon's storefaults.WriteBehind: `must` writes are retried until they land,
-    `may` ones (progress, heartbeats) are dropped while the store refuses writes. `w` is the run's
-    handle (launcher.RunHandle); its result path and error are kept there for classify()."""
-    name, rid = ev["event"], w.run_id
-    rlog = log_for(w.needs_paging, "lab_attendant.daemon.loop").bind(run_id=rid)
-    if name == protocol.STARTED:
-        writes.must("transition", rid, RunState.RUNNING, f"{w.where} started",
-                    expect={RunState.STARTING}, running_at=ev.get("t"))
-        rlog.info("run running", pid=w.pid)
-    elif name == protocol.PROGRESS:
-        writes.may("update_run", rid, progress_done=ev.get("done"), progress_total=ev.get("total"),
-                   progress_unit=ev.get("unit"), heartbeat_at=now)
-    elif name == protocol.METRIC:
-        writes.may("merge_metrics", rid, ev.get("metrics", {}))
-    elif name == protocol.HEARTBEAT:
-        writes.may("update_run", rid, heartbeat_at=now)
-    elif name == protocol.RESULT:
-        w.result_path = ev.get("path")
-        writes.must("update_run", rid, result_path=w.result_path)
-        writes.must("add_event", rid, "result", str(w.result_path))
-    elif name == protocol.WARNING:
-        writes.must("add_event", rid, "warning", str(ev.get("message")))
-        rlog.warning("worker warning", message=ev.get("message"))
-    elif name == protocol.ERROR:
-        w.error = ev
-        writes.must("add_event", rid, "error", f"{ev.get('type')}: {ev.get('message')}")
-        rlog.warning("worker reported an error", type=ev.get("type"), message=ev.get("message"))
+
+class WorkerEvents:
+    """`writes` is the daemon's WriteBehind: `must` writes are retried until they land, `may`
+    ones (progress, heartbeats) are dropped while the store refuses writes. A run's result path
+    and error are also kept on its handle, for classify()."""
+
+    def __init__(self, store: Store, writes: WriteBehind, sampler: Sampler) -> None:
+        self.store, self.writes, self.sampler = store, writes, sampler
+
+    def handle(self, w: RunHandle, ev: protocol.Event | protocol.Rejected, now: float) -> None:
+        rid, store, writes = w.run_id, self.store, self.writes
+        rlog = log_for(w.needs_paging, "lab_attendant.daemon.loop").bind(run_id=rid)
+        if isinstance(ev, protocol.Rejected):      # logged, never fatal: the run goes on
+            rlog.warning("worker event rejected", reason=ev.reason,
+                         line=ev.line.decode("utf-8", "replace"))
+        elif isinstance(ev, protocol.Started):
+            writes.must(store.transition, rid, RunState.RUNNING, f"{w.where} started",
+                        expect={RunState.STARTING}, running_at=ev.t)
+            rlog.info("run running", pid=w.pid)
+        elif isinstance(ev, protocol.Progress):
+            self.sampler.progress(rid, ev.done, ev.total)
+            writes.may(store.update_run, rid, progress_done=ev.done, progress_total=ev.total,
+                       progress_unit=ev.unit, heartbeat_at=now)
+        elif isinstance(ev, protocol.Metric):
+            self.sampler.metrics(rid, ev.metrics)
+            writes.may(store.merge_metrics, rid, ev.metrics)
+        elif isinstance(ev, protocol.Heartbeat):
+            writes.may(store.update_run, rid, heartbeat_at=now)
+        elif isinstance(ev, protocol.Result):
+            w.result_path = ev.path
+            writes.must(store.update_run, rid, result_path=ev.path)
+            writes.must(store.add_event, rid, "result", ev.path)
+        elif isinstance(ev, protocol.WorkerWarning):
+            writes.must(store.add_event, rid, "warning", ev.message)
+            rlog.warning("worker warning", message=ev.message)
+        elif isinstance(ev, protocol.WorkerError):
+            w.error = ev
+            writes.must(store.add_event, rid, "error", f"{ev.type}: {ev.message}")
+            rlog.warning("worker reported an error", type=ev.type, message=ev.message)

@@ -14,17 +14,20 @@ from typing import Any
 
 from jobs.contract.kinds import Kind, registry
 from lab_attendant.config import Config
-from lab_attendant.daemon.events import apply_event
+from lab_attendant.daemon.events import WorkerEvents
 from lab_attendant.daemon.outcomes import Outcomes
 from lab_attendant.daemon.reconcile import reconcile
+from lab_attendant.daemon.retention import Retention
 from lab_attendant.daemon.runspec import build_spec
 from lab_attendant.daemon.wakeup import Wakeup
-from lab_attendant.errors import ConfigError, StoreWriteError
-from lab_attendant.executors.factory import Executors
-from lab_attendant.executors.local import Launcher, Worker, WorkerExit, classify
-from lab_attendant.guards.cotenants import Cotenants
+from lab_attendant.errors import ConfigError, StoreUnavailable
+from lab_attendant.executors.base import RunHandle
+from lab_attendant.executors.exits import WorkerExit, classify
+from lab_attendant.executors.factory import ExecutorFactory
+from lab_attendant.executors.local import LocalExecutor
+from lab_attendant.guards.cotenants import CotenantAction, Cotenants
 from lab_attendant.guards.host import Host, make_sensors, signal_name
-from lab_attendant.guards.policy import Action, Guards, WorkerInfo
+from lab_attendant.guards.policy import Action, GuardAction, Guards, WorkerInfo
 from lab_attendant.scheduler import Schedules
 from lab_attendant.service.lock import DaemonLock
 from lab_attendant.service.logsetup import RunOutput, get_logger, log_for
@@ -34,7 +37,6 @@ from lab_attendant.store.backup import AutoBackup
 from lab_attendant.store.db import Store
 from lab_attendant.store.deps import USER_HOLD, cancel_unsatisfiable
 from lab_attendant.store.faults import StatusFile, WriteBehind
-from lab_attendant.store.prune import Retention
 from lab_attendant.store.retry import ensure_retries
 from lab_attendant.store.states import ACTIVE, WAITING, Hold, RunState
 
@@ -48,27 +50,30 @@ log = get_logger("lab_attendant.daemon.loop")
 
 class Daemon:
     def __init__(self, cfg: Config, *, experimental_paging: bool = False, burst: bool = False,
-                 host: Host | None = None, launcher: Launcher | None = None,
+                 host: Host | None = None, local_executor: LocalExecutor | None = None,
                  sensors: Any = None) -> None:
         self.cfg = cfg
         self.experimental_paging = experimental_paging   # in memory only, never persisted
         self.burst = burst
         self.host = host or Host()
-        self.launcher = Executors(   # local, or Slurm (whose re-attach offsets it may write)
-            cfg, self.host, launcher or Launcher(self.host, kill_grace_s=cfg.limits.kill_grace_s),
-            may_write=lambda *a: self.writes.may(*a))
+        self.executors = ExecutorFactory(   # local, or Slurm (whose re-attach offsets it saves)
+            cfg, self.host,
+            local_executor or LocalExecutor(self.host, kill_grace_s=cfg.limits.kill_grace_s),
+            save_meta=lambda key, value: self.writes.may(self.store.set_meta, key, value))
         self.kinds: dict[str, Kind] = registry(cfg.worker.extra_kinds)
         self.schedules = Schedules(cfg, self.kinds)      # not started in --burst mode
-        self.store: Store | None = None
-        self.writes: WriteBehind | None = None          # every daemon write goes through it
+        # Opened by open(): the loop runs only between open() and close().
+        self.store: Store
+        self.writes: WriteBehind                        # every daemon write goes through it
+        self._opened = False
         self.status_file = StatusFile(cfg.paths.state_dir / "daemon-status.json")
-        self.auto_backup: AutoBackup | None = None
+        self.auto_backup: AutoBackup
         self.guards = Guards(cfg.guards, self.host, sensors or make_sensors(cfg.guards.sensors))
-        self.cotenants: Cotenants | None = None
+        self.cotenants: Cotenants                       # set by open() once reconciled
         self.sampler = samples.Sampler(self.host)        # per-run sensor history
         self.outcomes = Outcomes(cfg, lambda: self.store.read(), self.host)  # log, notify, metrics
         self._last_guard = float("-inf")
-        self.workers: dict[int, Worker] = {}
+        self.workers: dict[int, RunHandle] = {}
         self.outputs: dict[int, RunOutput] = {}
         self._stopping_since: float | None = None       # warm shutdown started (monotonic)
         self._cold = False
@@ -82,7 +87,7 @@ class Daemon:
         lock = DaemonLock(self.cfg.paths.state_dir)
         lock.acquire()
         try:
-            self.wakeup.install(self._on_signal)
+            self.wakeup.install(self.on_signal)
             self.open()
             if not self.burst:
                 self.schedules.start()
@@ -103,7 +108,9 @@ class Daemon:
     def open(self) -> None:
         """Open the store, reconcile what a dead daemon left, restore co-tenants, register."""
         self.store = Store(self.cfg.db_path)
+        self._opened = True
         self.writes = WriteBehind(self.store, self.host.monotonic, self._on_store_fault)
+        self.events = WorkerEvents(self.store, self.writes, self.sampler)
         self.status_file.open()
         self.auto_backup = AutoBackup(self.cfg.db_path, self.cfg.backups_dir,
                                       keep=self.cfg.backups.keep,
@@ -111,7 +118,7 @@ class Daemon:
         self.retention = Retention(self.cfg, self.store)
         self.reconcile()
         self.cotenants = Cotenants(self.cfg.cotenants, self.host, self._cotenant_event,
-                                   lambda *a: self.writes.must("set_cotenant", *a),
+                                   lambda *a: self.writes.must(self.store.set_cotenant, *a),
                                    feed=self._feed_watchdog)
         self.cotenants.restore_persisted({r.name for r in self.store.cotenants() if r.suspended})
         self._daemon_id = self.store.daemon_started(
@@ -121,15 +128,15 @@ class Daemon:
                  burst=self.burst, state_dir=str(self.cfg.paths.state_dir))
 
     def close(self) -> None:
-        if self.store is None:
+        if not self._opened:
             return
-        if self.cotenants is not None:
+        if hasattr(self, "cotenants"):   # open() got that far
             self.cotenants.restore_all("daemon shutdown")
         if not self.writes.retry(force=True):
             log.error("daemon exits with store writes it could not make; the next start "
-                      "reconciles those runs", pending=[(m, a) for m, a, _ in self.writes.pending])
+                      "reconciles those runs", pending=[(w.__qualname__, a) for w, a, _ in self.writes.pending])
         if self._daemon_id:
-            self.writes.may("daemon_heartbeat", self._daemon_id, stopped=True)
+            self.writes.may(self.store.daemon_heartbeat, self._daemon_id, stopped=True)
         self.outcomes.close()                           # notifications in flight
         self.status_file.close()
         self.store.close()
@@ -145,7 +152,8 @@ class Daemon:
         return self.store.count_by_state().get(RunState.QUEUED, 0) > 0
 
     # -- signals --------------------------------------------------------------------------------
-    def _on_signal(self, signum: int, _frame: Any = None) -> None:
+    def on_signal(self, signum: int, _frame: Any = None) -> None:
+        """The signal handler (SIGTERM/SIGINT): it only records the signal; the loop acts."""
         self.wakeup.signals.append(signum)
 
     def _handle_signals(self) -> None:
@@ -163,7 +171,7 @@ class Daemon:
                 log.info("cold shutdown: stopping running runs now", signal=signal_name(sig))
 
     def _wait(self) -> None:
-        fds = [fd for w in self.workers.values() for fd in self.launcher.fds(w)]
+        fds = [fd for w in self.workers.values() for fd in w.executor.fds(w)]
         self.wakeup.wait(fds, min(self.cfg.daemon.poll_interval_s,
                                   self.cfg.guards.guard_interval_s))
 
@@ -177,7 +185,7 @@ class Daemon:
         self._enforce()
         try:
             self._guard_tick()
-        except StoreWriteError as exc:   # guard actions were taken; the co-tenant step waits
+        except StoreUnavailable as exc:   # guard actions were taken; the co-tenant step waits
             self.writes.failed(exc)
         if self.writes.retry() and self._stopping_since is None:
             try:
@@ -188,11 +196,11 @@ class Daemon:
                 self._admit()
                 self.auto_backup.tick(self.host.time())
                 self.retention.tick(self.host.time())
-            except StoreWriteError as exc:   # a claim is one transaction: nothing half-done
+            except StoreUnavailable as exc:   # a claim is one transaction: nothing half-done
                 self.writes.failed(exc)
         now = self.host.monotonic()
         if now - self._last_heartbeat >= HEARTBEAT_EVERY_S and self._daemon_id:
-            self.writes.may("daemon_heartbeat", self._daemon_id)
+            self.writes.may(self.store.daemon_heartbeat, self._daemon_id)
             self._last_heartbeat = now
         self.notifier.tick(now, self._sd_status)
 
@@ -211,27 +219,23 @@ class Daemon:
 
     def _pump(self) -> None:
         for w in list(self.workers.values()):
-            self._handle_output(w, self.launcher.read_output(w))
-            for ev in self.launcher.read_events(w):
-                self._handle_event(w, ev)
+            self._handle_output(w, w.executor.read_output(w))
+            for ev in w.executor.read_events(w):
+                self.events.handle(w, ev, self.host.time())
 
-    def _handle_output(self, w: Worker, lines: list[bytes]) -> None:
+    def _handle_output(self, w: RunHandle, lines: list[bytes]) -> None:
         self.outputs[w.run_id].write_lines(lines)
-
-    def _handle_event(self, w: Worker, ev: dict[str, Any]) -> None:
-        self.sampler.observe(w.run_id, ev)
-        apply_event(self.writes, w, ev, self.host.time())
 
     def _reap(self) -> None:
         for w in list(self.workers.values()):
-            code = self.launcher.poll(w)
+            code = w.executor.poll(w)
             if code is None:
                 continue
             # Drain what the worker wrote before it exited.
-            self._handle_output(w, self.launcher.read_output(w, final=True))
-            for ev in self.launcher.read_events(w):
-                self._handle_event(w, ev)
-            self.launcher.cleanup(w)
+            self._handle_output(w, w.executor.read_output(w, final=True))
+            for ev in w.executor.read_events(w):
+                self.events.handle(w, ev, self.host.time())
+            w.executor.cleanup(w)
             near, rss, oom_kills = False, None, 0
             if code == -signal.SIGKILL:
                 near, rss = self.guards.memory_evidence(w.run_id)
@@ -246,7 +250,7 @@ class Daemon:
                                       "signal": signal_name(-code) if code < 0 else None}
             if state is RunState.QUEUED:
                 fields.update(pid=None, pid_create_time=None, started_at=None, running_at=None)
-            self.writes.must("transition", w.run_id, state, reason, **fields)
+            self.writes.must(self.store.transition, w.run_id, state, reason, **fields)
             log_for(w.needs_paging, "lab_attendant.daemon.loop").info(
                 "run ended", run_id=w.run_id, state=str(state), reason=reason)
             self.outcomes.ended(w.run_id, state, reason, now=self.host.time(),
@@ -263,23 +267,23 @@ class Daemon:
             try:   # an unreadable store costs cancels this tick, never timeouts or shutdown
                 cancelled = {r.id for r in self.store.list_runs(states=ACTIVE)
                              if r.cancel_requested}
-            except StoreWriteError as exc:
+            except StoreUnavailable as exc:
                 self.writes.failed(exc)
         grace_over = (self._stopping_since is not None and
                       now - self._stopping_since >= self.cfg.limits.shutdown_grace_s)
         for w in self.workers.values():
             if w.run_id in cancelled:
-                self.launcher.stop(w, RunState.CANCELLED, "cancelled by user")
+                w.executor.stop(w, RunState.CANCELLED, "cancelled by user")
             elif now >= w.deadline_mono:
                 timeout = w.deadline_mono - w.started_mono
-                self.launcher.stop(w, RunState.TIMED_OUT, f"timed out after {timeout:g} s")
+                w.executor.stop(w, RunState.TIMED_OUT, f"timed out after {timeout:g} s")
             elif self._cold or grace_over:
                 why = "cold shutdown" if self._cold else (
                     f"shutdown grace of {self.cfg.limits.shutdown_grace_s:g} s ran out")
-                self.launcher.stop(w, RunState.QUEUED, f"requeued: daemon stopped ({why})")
+                w.executor.stop(w, RunState.QUEUED, f"requeued: daemon stopped ({why})")
             if self._cold and w.stop_state is RunState.QUEUED:
-                self.launcher.kill_now(w)
-            elif self.launcher.escalate(w):
+                w.executor.kill_now(w)
+            elif w.executor.escalate(w):
                 log_for(w.needs_paging, "lab_attendant.daemon.loop").warning(
                     "worker ignored SIGTERM; sent SIGKILL", run_id=w.run_id,
                     grace_s=self.cfg.limits.kill_grace_s)
@@ -321,7 +325,7 @@ class Daemon:
             return
         self._last_guard = now
         infos = [WorkerInfo(w.run_id, w.pid, w.needs_paging) for w in self.workers.values()
-                 if w.kill_sent_mono is None and w.pid is not None]   # local workers only
+                 if w.kill_sent_mono is None and w.is_local and w.pid is not None]
         for action in self.guards.poll(infos):
             self._guard_action(action)
         waiting = self.store.list_runs(states=WAITING)
@@ -329,7 +333,7 @@ class Daemon:
                          and self._stopping_since is None
                          and any(r.needs_paging and r.hold_code != USER_HOLD for r in waiting))
         self.cotenants.step(paging_wanted=paging_wanted,
-                            paging_active=any(w.needs_paging and w.pid is not None
+                            paging_active=any(w.needs_paging and w.is_local
                                               for w in self.workers.values()),
                             gpus=self.guards.last_gpus)
         hold = self._paging_hold()
@@ -337,38 +341,41 @@ class Daemon:
                     "paging_hold": hold and hold.reason,
                     "cotenants": {c.name: c.phase for c in self.cotenants.items}}
         # One commit per tick: the readings `status` shows and the run samples taken from them.
-        self.writes.may(samples.save, self.sampler.take(self.host.time(), self.workers.values(),
+        self.writes.may(samples.save, self.store, self.sampler.take(self.host.time(), self.workers.values(),
                                                         self.guards),
                         self.cfg.metrics.samples_per_run, readings=readings)
         self.outcomes.tick(now)
 
     def _guard_action(self, a: Action) -> None:
         w = self.workers.get(a.run_id) if a.run_id is not None else None
-        self.writes.must("add_guard_event", guard=a.guard, action=a.action, reason=a.reason,
+        self.writes.must(self.store.add_guard_event, guard=a.guard, action=a.action.value, reason=a.reason,
                          run_id=a.run_id, reading=a.reading)
         paging = w.needs_paging if w else a.guard == "thermal"
         log_for(paging, "lab_attendant.guards.policy").warning(
-            "guard " + a.action, guard=a.guard, run_id=a.run_id, reason=a.reason)
-        if a.action == "kill" and w is not None:
-            self.launcher.stop(w, a.state, a.reason, grace_s=self.cfg.guards.kill_grace_s)
+            "guard " + a.action.value, guard=a.guard, run_id=a.run_id, reason=a.reason)
+        if a.action is GuardAction.KILL and w is not None:
+            assert a.state is not None, "a kill names the state it ends the run in"
+            w.executor.stop(w, a.state, a.reason, grace_s=self.cfg.guards.kill_grace_s)
 
-    def _cotenant_event(self, name: str, action: str, reason: str) -> None:
-        self.writes.must("add_guard_event", guard=f"cotenant:{name}", action=action, reason=reason)
-        log_for(True, "lab_attendant.guards.cotenants").info("co-tenant " + action, cotenant=name,
-                                                      reason=reason)
+    def _cotenant_event(self, name: str, action: CotenantAction, reason: str) -> None:
+        self.writes.must(self.store.add_guard_event, guard=f"cotenant:{name}", action=action.value,
+                         reason=reason)
+        log_for(True, "lab_attendant.guards.cotenants").info("co-tenant " + action.value,
+                                                             cotenant=name, reason=reason)
 
     def _spawn(self, run) -> None:
-        python = self.launcher.python_for(run.executor)
+        python = self.executors.python_for(run.executor)
         try:
-            spec = build_spec(self.cfg, self.kinds, run, python)
+            spec = build_spec(self.cfg, self.kinds, run, python,
+                              python_is_here=self.executors.of(run.executor).is_local)
         except ConfigError as exc:
             self._spawn_failed(run, str(exc))
             return
         run_dir = Path(spec.run_dir)
         output = RunOutput(self.cfg.paths.logs_dir, run.id, run.needs_paging)
         try:
-            w = self.launcher.spawn(spec, python=Path(python), timeout_s=run.timeout_s,
-                                    executor=run.executor)
+            w = self.executors.start(spec, python=Path(python), timeout_s=run.timeout_s,
+                                     executor=run.executor)
         except OSError as exc:
             output.close()
             self._spawn_failed(run, f"could not start worker: {exc}")
@@ -376,33 +383,34 @@ class Daemon:
         self.workers[run.id] = w
         self.outputs[run.id] = output
         self.outcomes.started(run, w.pid)
-        self.writes.must("update_run", run.id, pid=w.pid, run_dir=str(run_dir),
+        self.writes.must(self.store.update_run, run.id, pid=w.pid, run_dir=str(run_dir),
                          log_path=str(output.path), executor_job_id=w.job_id,
                          pid_create_time=w.pid and self.host.process_create_time(w.pid))
         log_for(run.needs_paging, "lab_attendant.daemon.loop").info(
             "run spawned", run_id=run.id, kind=run.kind, pid=w.pid, job_id=w.job_id)
 
     def _spawn_failed(self, run, reason: str) -> None:
-        self.writes.must("transition", run.id, RunState.FAILED, reason)
+        self.writes.must(self.store.transition, run.id, RunState.FAILED, reason)
         self.outcomes.ended(run.id, RunState.FAILED, reason, now=self.host.time(), run=run)
 
     # -- start-up reconciliation ----------------------------------------------------------------
     def reconcile(self) -> None:
         """Runs a dead daemon left active end `lost` (lab_attendant.daemon.reconcile); the systemd
         watchdog keeps being fed while their groups are given kill_grace_s to go."""
-        runs = self.launcher.forget_unrecorded(self.store.list_runs(states=ACTIVE))
+        runs = self.executors.forget_unrecorded(self.store.list_runs(states=ACTIVE))
         for run in reconcile(self.store, self.host, self.cfg.limits.kill_grace_s,
-                             self._feed_watchdog, keep=self.launcher.reattachable):
+                             self._feed_watchdog, keep=self.executors.reattachable):
             self.outcomes.ended(run.id, RunState.LOST, run.reason, now=self.host.time(),
                                 run=run)
-        for run in filter(self.launcher.reattachable, runs):   # Slurm runs, by job id
-            self.workers[run.id] = self.launcher.attach(run, self.store.get_meta)
+        for run in filter(self.executors.reattachable, runs):   # Slurm runs, by job id
+            self.workers[run.id] = self.executors.reattach(run, self.store.get_meta)
             self.outputs[run.id] = RunOutput(self.cfg.paths.logs_dir, run.id, run.needs_paging)
 
     def _detach_remote(self) -> None:
         """Runs on Slurm go on without us; the next start re-attaches them by job id."""
-        for rid in [rid for rid, w in self.workers.items() if self.launcher.outlives_daemon(w)]:
-            self.launcher.cleanup(self.workers.pop(rid))
+        for rid in [rid for rid, w in self.workers.items() if w.executor.outlives_daemon]:
+            w = self.workers.pop(rid)
+            w.executor.cleanup(w)
             self.outputs.pop(rid).close()
             log.info("detached from a Slurm run; the next daemon start re-attaches it",
                      run_id=rid)

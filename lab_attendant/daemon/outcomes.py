@@ -10,8 +10,8 @@ from lab_attendant.config import Config
 from lab_attendant.daemon.notify import Notifications
 from lab_attendant.dashboard.metrics import SessionFactory, Textfile
 from lab_attendant.service.logsetup import get_logger
-from lab_attendant.store.db import Run
 from lab_attendant.store.states import RunState
+from lab_attendant.store.tables import Run
 
 log = get_logger("lab_attendant.runs")
 
@@ -35,7 +35,7 @@ class Outcomes:
         self.textfile = Textfile(cfg.metrics, store_read) if cfg.metrics.textfile else None
         self._runs: dict[int, Run] = {}      # the row as claimed, for the end line
 
-    def started(self, run: Run, pid: int) -> None:
+    def started(self, run: Run, pid: int | None) -> None:   # None: a Slurm job (no pid here)
         self._runs[run.id] = run
         log.info("run started", run_id=run.id, kind=run.kind, name=run.name, pid=pid,
                  schedule=run.schedule_id, paging=run.needs_paging)

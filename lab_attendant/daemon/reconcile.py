@@ -9,8 +9,9 @@ from typing import Callable
 
 from lab_attendant.guards.host import Host
 from lab_attendant.service.logsetup import log_for
-from lab_attendant.store.db import Run, Store
+from lab_attendant.store.db import Store
 from lab_attendant.store.states import ACTIVE, RunState
+from lab_attendant.store.tables import Run
 
 
 def reconcile(store: Store, host: Host, kill_grace_s: float,
@@ -32,7 +33,9 @@ def reconcile(store: Store, host: Host, kill_grace_s: float,
                 # The leader is gone; anything left in its group is our orphan.
                 host.killpg(run.pid, signal.SIGKILL)
             reason = "daemon restarted: the worker of a previous daemon was gone"
-        lost.append(store.transition(run.id, RunState.LOST, reason))
+        ended = store.transition(run.id, RunState.LOST, reason)
+        if ended is not None:          # (None: the run is no longer there to end)
+            lost.append(ended)
         log_for(run.needs_paging, "lab_attendant.daemon.loop").bind(run_id=run.id).warning(
             "reconciled run", state="lost", reason=reason)
         feed()

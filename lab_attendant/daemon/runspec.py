@@ -11,11 +11,14 @@ from lab_attendant.config import Config
 from lab_attendant.errors import ConfigError
 
 
-def build_spec(cfg: Config, kinds: dict[str, Kind], run: Any, python: str | Path) -> RunSpec:
+def build_spec(cfg: Config, kinds: dict[str, Kind], run: Any, python: str | Path, *,
+               python_is_here: bool = True) -> RunSpec:
+    """The run's spec; `python_is_here`: the worker runs on this machine, so its interpreter
+    must exist here."""
     kind = kinds.get(run.kind)
     if kind is None:
         raise ConfigError(f"unknown kind '{run.kind}' (not in this daemon's registry)")
-    if run.executor == "local" and not Path(python).exists():
+    if python_is_here and not Path(python).exists():
         raise ConfigError(f"worker python {python} not found; run `lab-attendant venv create` or "
                           "set [worker] python in the config")
     model = (cfg.model_spec(run.params.get("model"))              # ConfigError: an unknown name

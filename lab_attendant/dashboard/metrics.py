@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from lab_attendant.config import MetricsConfig
 from lab_attendant.service.logsetup import get_logger
-from lab_attendant.store.samples import number
+from lab_attendant.store.samples import as_float
 from lab_attendant.store.states import TERMINAL, RunState
 from lab_attendant.store.tables import GUARD_READINGS, CotenantRow, GuardEvent, Meta, Run
 
@@ -78,7 +78,7 @@ class StoreCollector(Collector):
                               labels=["kind"])
         newest = select(func.max(Run.id)).where(Run.state == RunState.SUCCEEDED).group_by(Run.kind)
         for run in s.scalars(select(Run).where(Run.id.in_(newest))):
-            tps = number(run.metrics.get("tokens_per_s"))
+            tps = as_float(run.metrics.get("tokens_per_s"))
             if tps is not None:
                 g.add_metric([run.kind], tps)
         yield g

@@ -13,10 +13,10 @@ from typing import Any, BinaryIO
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from lab_attendant.cli.render import elapsed_s, fraction, tokens_per_s
 from lab_attendant.config import Config
 from lab_attendant.errors import UserError
 from lab_attendant.service.logsetup import read_run_log
+from lab_attendant.store.figures import elapsed_s, fraction, tokens_per_s
 from lab_attendant.store.history import runs_select
 from lab_attendant.store.samples import load, summarize
 from lab_attendant.store.states import ACTIVE, RunState

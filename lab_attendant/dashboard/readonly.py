@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from lab_attendant.errors import UserError
-from lab_attendant.store.db import BUSY_TIMEOUT_MS, SCHEMA_VERSION, Meta
+from lab_attendant.store.db import BUSY_TIMEOUT_MS
+from lab_attendant.store.tables import SCHEMA_VERSION, Meta
 
 
 def connect_readonly(db_path: Path) -> sqlite3.Connection:

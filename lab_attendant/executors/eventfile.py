@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from jobs.contract import protocol
 from lab_attendant.service.logsetup import get_logger
@@ -36,7 +35,7 @@ class FileTail:
                 log.warning("append-only file shrank; reading it again from the start",
                             path=str(self.path), offset=self.offset, size=size)
                 self.offset = 0
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 data = os.pread(fd, READ_CHUNK, self.offset + sum(map(len, chunks)))
                 if not data:
@@ -53,6 +52,7 @@ class FileTail:
         return lines
 
 
-def read_events(tail: FileTail, *, final: bool = False) -> list[dict[str, Any]]:
-    """Decoded events from an events.jsonl tail; lines that are not events are skipped."""
-    return [ev for ev in map(protocol.decode, tail.read_lines(final=final)) if ev is not None]
+def read_events(tail: FileTail, *, final: bool = False) -> list[protocol.Event | protocol.Rejected]:
+    """Decoded events from an events.jsonl tail (Rejected for a line that is not a valid event;
+    empty lines are skipped)."""
+    return [protocol.decode(line) for line in tail.read_lines(final=final) if line.strip()]

@@ -20,8 +20,9 @@ from jobs.contract import protocol
 from jobs.contract.atomic import write_atomic
 from jobs.contract.spec import RunSpec
 from lab_attendant.config import SlurmConfig
+from lab_attendant.executors.base import RunHandle
 from lab_attendant.executors.eventfile import FileTail, read_events
-from lab_attendant.executors.local import RunHandle, worker_env
+from lab_attendant.executors.local import worker_env
 from lab_attendant.guards.host import Host
 from lab_attendant.service.logsetup import get_logger
 from lab_attendant.store.states import RunState
@@ -115,7 +116,7 @@ def batch_script(run_id: int, python: str, spec_path: Path) -> str:
 
 
 @dataclass(kw_only=True)
-class SlurmWorker(RunHandle):
+class SlurmRun(RunHandle):
     job_id: str                          # required here; None for local workers
     run_dir: Path
     events: FileTail
@@ -137,6 +138,11 @@ def job_name(state_dir: Path, run_id: int) -> str:
 
 
 class SlurmExecutor:
+    """The `slurm` executor (lab_attendant.executors.base.Executor): a batch job, followed through
+    files on the shared filesystem; it outlives the daemon and is re-attached by job id."""
+    is_local = False
+    outlives_daemon = True
+
     def __init__(self, cfg: SlurmConfig, host: Host, *, state_dir: Path, kill_grace_s: float,
                  save_offsets: Callable[[int, dict[str, int]], None] = lambda *a: None) -> None:
         self.cfg, self.host, self.state_dir = cfg, host, state_dir
@@ -153,7 +159,7 @@ class SlurmExecutor:
         except subprocess.TimeoutExpired:
             raise OSError(f"{argv[0]} did not answer within {COMMAND_TIMEOUT_S:g} s") from None
 
-    def spawn(self, spec: RunSpec, *, python: Path, timeout_s: float) -> SlurmWorker:
+    def start(self, spec: RunSpec, *, python: Path, timeout_s: float) -> SlurmRun:
         run_dir = Path(spec.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path = write_atomic(run_dir / "spec.json", spec.to_json().encode())
@@ -168,30 +174,38 @@ class SlurmExecutor:
         if proc.returncode != 0 or not job_id.isdigit():
             raise OSError(f"sbatch refused the job: {(proc.stderr or proc.stdout).strip()}")
         now = self.host.monotonic()
-        return self._track(SlurmWorker(
-            run_id=spec.run_id, needs_paging=spec.needs_paging, job_id=job_id, run_dir=run_dir,
+        return self._track(SlurmRun(
+            executor=self, run_id=spec.run_id, needs_paging=spec.needs_paging, job_id=job_id, run_dir=run_dir,
             started_mono=now, deadline_mono=now + timeout_s,
             events=FileTail(run_dir / EVENTS_FILE), output=FileTail(run_dir / OUTPUT_FILE)))
 
-    def attach(self, run: Any, offsets: dict[str, int] | None) -> SlurmWorker:
+    def can_reattach(self, run: Any) -> bool:
+        return bool(run.executor_job_id) and bool(run.run_dir)
+
+    def reattach(self, run: Any, offsets: dict[str, int] | None) -> SlurmRun:
         """A run a previous daemon submitted: follow its job again, from the saved offsets."""
         offsets = offsets or {}
         run_dir = Path(run.run_dir)
         now, elapsed_s = self.host.monotonic(), self.host.time() - (run.started_at or self.host.time())
-        return self._track(SlurmWorker(
-            run_id=run.id, needs_paging=run.needs_paging, job_id=run.executor_job_id,
+        return self._track(SlurmRun(
+            executor=self, run_id=run.id, needs_paging=run.needs_paging, job_id=run.executor_job_id,
             run_dir=run_dir, started_mono=now - elapsed_s,
             deadline_mono=now - elapsed_s + run.timeout_s,
             events=FileTail(run_dir / EVENTS_FILE, offsets.get("events", 0)),
             output=FileTail(run_dir / OUTPUT_FILE, offsets.get("output", 0))))
 
-    def _track(self, w: SlurmWorker) -> SlurmWorker:
+    def _track(self, w: SlurmRun) -> SlurmRun:
         self._tracked.add(w.job_id)
         self._polled_mono = float("-inf")          # list it on the next poll
         return w
 
+    def orphaned(self, run: Any) -> None:
+        """A run whose job id was never recorded (the daemon died right after sbatch): cancel
+        its job, if any, by name."""
+        if not run.executor_job_id:
+            self.cancel_by_name(run.id)
+
     def cancel_by_name(self, run_id: int) -> None:
-        """A run whose job id was never recorded (the daemon died right after sbatch)."""
         try:
             self._run(["scancel", f"--name={job_name(self.state_dir, run_id)}"])
         except OSError as exc:
@@ -226,27 +240,30 @@ class SlurmExecutor:
             return {} if "Invalid job id" in proc.stderr else None
         return dict(tok.split("=", 1) for tok in proc.stdout.split() if "=" in tok)
 
-    def read_events(self, w: SlurmWorker) -> list[dict[str, Any]]:
+    def fds(self, w: SlurmRun) -> list[int]:
+        return []                                  # files on a shared filesystem: polled
+
+    def read_events(self, w: SlurmRun) -> list[protocol.Event | protocol.Rejected]:
         events = read_events(w.events)
         now = self.host.monotonic()
-        significant = any(ev["event"] not in (protocol.PROGRESS, protocol.HEARTBEAT,
-                                              protocol.METRIC) for ev in events)
+        significant = any(not isinstance(ev, (protocol.Progress, protocol.Heartbeat,
+                                              protocol.Metric)) for ev in events)
         if significant or (now - w.offsets_saved_mono >= OFFSETS_EVERY_S
                            and (events or w.output.offset)):
             self._save_offsets(w)
         return events
 
-    def _save_offsets(self, w: SlurmWorker) -> None:
+    def _save_offsets(self, w: SlurmRun) -> None:
         w.offsets_saved_mono = self.host.monotonic()
         self.save_offsets(w.run_id, {"events": w.events.offset, "output": w.output.offset})
 
-    def read_output(self, w: SlurmWorker, *, final: bool = False) -> list[bytes]:
+    def read_output(self, w: SlurmRun, *, final: bool = False) -> list[bytes]:
         lines = w.output.read_lines(final=final)
         if any(MEMORY_KILL in ln for ln in lines):
             w.memory_killed = True
         return lines
 
-    def poll(self, w: SlurmWorker) -> int | None:
+    def poll(self, w: SlurmRun) -> int | None:
         """None while the job waits or runs (or its last events may still be on the way);
         else a return code for classify(), with stop_state set where Slurm decided the end."""
         self._refresh()
@@ -269,7 +286,7 @@ class SlurmExecutor:
             return protocol.EXIT_OK if w.result_path else protocol.EXIT_ERROR
         return w.exit_code
 
-    def _status(self, w: SlurmWorker) -> SlurmStatus | None:
+    def _status(self, w: SlurmRun) -> SlurmStatus | None:
         """Where its job is; None while that cannot be told (Slurm did not answer)."""
         known = self._jobs.get(w.job_id)
         if known is not None and map_state(*known).phase != "ended":
@@ -285,27 +302,31 @@ class SlurmExecutor:
                                f"Slurm no longer knows job {w.job_id} (ended longer than its "
                                "MinJobAge ago?)")
         w.exit_code = parse_exit_code(shown.get("ExitCode", ""))
-        state, reason = (shown["JobState"], shown.get("Reason", "")) if shown else known
+        if shown:
+            state, reason = shown["JobState"], shown.get("Reason", "")
+        else:
+            assert known is not None        # (neither shown nor known returned above)
+            state, reason = known
         return map_state(state, reason, memory_killed=w.memory_killed)
 
     # -- stopping ---------------------------------------------------------------------------
-    def stop(self, w: SlurmWorker, state: RunState, reason: str, *,
+    def stop(self, w: SlurmRun, state: RunState, reason: str, *,
              grace_s: float | None = None) -> None:
         if w.mark_stop(state, reason, grace_s, self.host.monotonic()):
             self._scancel(w, "TERM")
 
-    def kill_now(self, w: SlurmWorker) -> None:
+    def kill_now(self, w: SlurmRun) -> None:
         if w.kill_sent_mono is None:
             w.kill_sent_mono = self.host.monotonic()
         self._scancel(w, "KILL")
 
-    def escalate(self, w: SlurmWorker) -> bool:
+    def escalate(self, w: SlurmRun) -> bool:
         if w.grace_over(self.kill_grace_s, self.host.monotonic()):
             self.kill_now(w)
             return True
         return False
 
-    def _scancel(self, w: SlurmWorker, sig: str) -> None:
+    def _scancel(self, w: SlurmRun, sig: str) -> None:
         # TERM: cancel the job (Slurm sends SIGTERM, and SIGKILL after its KillWait); KILL: now.
         argv = ["scancel", w.job_id] if sig == "TERM" else \
             ["scancel", "--full", f"--signal={sig}", w.job_id]
@@ -317,7 +338,7 @@ class SlurmExecutor:
             log.warning("scancel failed", job_id=w.job_id, error=str(exc))
         self._polled_mono = float("-inf")
 
-    def cleanup(self, w: SlurmWorker) -> None:
+    def cleanup(self, w: SlurmRun) -> None:
         """The run ended or the daemon detaches from it: keep the offsets, stop watching."""
         self._save_offsets(w)
         self._tracked.discard(w.job_id)

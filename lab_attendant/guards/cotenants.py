@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import IO, Callable
 
@@ -20,7 +21,22 @@ RUNNING, STOPPING, RELEASING, SUSPENDED, STARTING, RECOVERING = (
     "running", "stopping", "releasing", "suspended", "starting", "recovering")
 POLL_S = 0.1
 
-Record = Callable[[str, str, str], None]   # (cotenant name, action, reason) -> guard event
+
+
+class CotenantAction(str, Enum):
+    """What happened to a co-tenant (stored as its value in guard_events.action)."""
+    STOP = "stop"                      # its stop command was started
+    SUSPENDED = "suspended"            # it stopped and released the GPU
+    STOP_FAILED = "stop_failed"
+    RESTORE = "restore"                # one a dead daemon left suspended is started again
+    RESTORED = "restored"
+    RESTORE_FAILED = "restore_failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+Record = Callable[[str, CotenantAction, str], None]   # (name, action, reason) -> guard event
 
 
 @dataclass
@@ -114,7 +130,7 @@ class Cotenant:
             self.persist(self.name, True, "stopping for a paging run")  # before: a crash restores
             self._launch(self.cfg.stop_argv)
             self.phase = STOPPING
-            self.record(self.name, "stop", f"stopping co-tenant {self.name}: "
+            self.record(self.name, CotenantAction.STOP, f"stopping co-tenant {self.name}: "
                         f"{' '.join(self.cfg.stop_argv)}")
         elif self.phase == STOPPING:
             done = self._finished()
@@ -129,7 +145,7 @@ class Cotenant:
             released, detail = self._released(gpus)
             if released:
                 self.phase, self.failure = SUSPENDED, None
-                self.record(self.name, "suspended", f"co-tenant {self.name} suspended: {detail}")
+                self.record(self.name, CotenantAction.SUSPENDED, f"co-tenant {self.name} suspended: {detail}")
             elif now >= self._release_deadline:
                 self._fail(f"co-tenant {self.name} did not release the GPU within "
                            f"{self.cfg.release_timeout_s:g} s ({detail})")
@@ -152,10 +168,10 @@ class Cotenant:
             if ok:
                 self.phase = RUNNING
                 self.persist(self.name, False, "restored")
-                self.record(self.name, "restored", f"co-tenant {self.name} restored")
+                self.record(self.name, CotenantAction.RESTORED, f"co-tenant {self.name} restored")
             else:
                 self.phase, self.retry_at = SUSPENDED, now + self.cfg.retry_after_s
-                self.record(self.name, "restore_failed",
+                self.record(self.name, CotenantAction.RESTORE_FAILED,
                             f"co-tenant {self.name} could not be restored ({detail}); "
                             f"retrying in {self.cfg.retry_after_s:g} s")
 
@@ -164,7 +180,7 @@ class Cotenant:
         # held with `why`.
         self.failure = why + f"; retrying in {self.cfg.retry_after_s:g} s"
         self.retry_at = self.host.monotonic() + self.cfg.retry_after_s
-        self.record(self.name, "stop_failed", self.failure)
+        self.record(self.name, CotenantAction.STOP_FAILED, self.failure)
         self._launch(self.cfg.start_argv)
         self.phase = RECOVERING
 
@@ -175,7 +191,7 @@ class Cotenant:
 
     def restore_now(self, why: str) -> None:
         ok, detail = self.run_blocking(self.cfg.start_argv)
-        self.record(self.name, "restored" if ok else "restore_failed",
+        self.record(self.name, CotenantAction.RESTORED if ok else CotenantAction.RESTORE_FAILED,
                     f"co-tenant {self.name} {'restored' if ok else 'not restored'} ({why}; {detail})")
         if ok:
             self.persist(self.name, False, why)
@@ -197,7 +213,7 @@ class Cotenants:
         the loop steps (paging runs stay held meanwhile), not as a wait before READY=1."""
         for c in self.items:
             if c.name in suspended_names:
-                c.record(c.name, "restore", f"co-tenant {c.name} was left suspended by an "
+                c.record(c.name, CotenantAction.RESTORE, f"co-tenant {c.name} was left suspended by an "
                          "earlier daemon; starting it")
                 c.restore_later()
 

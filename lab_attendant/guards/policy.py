@@ -5,6 +5,7 @@ Pure decisions over readings from the host seam; the daemon carries the actions 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from jobs.contract.units import format_size
@@ -22,10 +23,21 @@ class WorkerInfo:
     needs_paging: bool
 
 
+class GuardAction(str, Enum):
+    """What a guard asks the daemon to do (stored as its value in guard_events.action)."""
+    KILL = "kill"            # stop the run (Action.state says how it ends)
+    HOLD = "hold"            # paging runs may not start
+    RESUME = "resume"        # the hold is lifted
+    UNAVAILABLE = "unavailable"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Action:
     guard: str               # "thermal" | "host_ram" | "worker_rss" | "worker_vram" | "sensors"
-    action: str              # "kill" | "hold" | "resume" | "unavailable"
+    action: GuardAction
     reason: str
     run_id: int | None = None
     state: RunState | None = None
@@ -74,15 +86,15 @@ class Guards:
             if self.sensors_hold is None:
                 return []
             self.sensors_hold, self._blind_since = None, None
-            return [Action("sensors", "resume", "GPU sensors answer again; paging runs may start")]
+            return [Action("sensors", GuardAction.RESUME, "GPU sensors answer again; paging runs may start")]
         out = []
         if self.sensors_hold is None:
             self._blind_since = self.host.monotonic()
             self.sensors_hold = Hold("sensors", f"GPU sensors failed ({why}); paging runs wait until "
                                      "they answer again")
-            out.append(Action("sensors", "hold", self.sensors_hold.reason))
+            out.append(Action("sensors", GuardAction.HOLD, self.sensors_hold.reason))
         if self.host.monotonic() - self._blind_since >= self.cfg.sensors_lost_grace_s:
-            out += [Action("sensors", "kill",
+            out += [Action("sensors", GuardAction.KILL,
                            f"GPU sensors failed {self.cfg.sensors_lost_grace_s:g} s ago ({why}): the "
                            f"{self.cfg.thermal_limit_c:g} °C limit cannot be enforced; paging run "
                            "stopped", w.run_id, RunState.FAILED)
@@ -96,7 +108,7 @@ class Guards:
         actions += self._sensors_lost(failed, why, workers)
         if gpus is None and not failed and not self._unavailable_reported:
             self._unavailable_reported = True
-            actions.append(Action("sensors", "unavailable",
+            actions.append(Action("sensors", GuardAction.UNAVAILABLE,
                                   f"GPU guards unavailable: {why}; host guards keep working"))
         if gpus:
             actions += self._thermal(gpus, workers)
@@ -117,7 +129,7 @@ class Guards:
             "thermal_hold": self.thermal_hold and self.thermal_hold.reason,
         }
         for a in actions:
-            if a.action == "kill" and a.run_id is not None:
+            if a.action is GuardAction.KILL and a.run_id is not None:
                 self._acted_on.add(a.run_id)
         return actions
 
@@ -135,17 +147,17 @@ class Guards:
                            f"{c.thermal_limit_c:g} °C limit")
                     if g.throttle_reasons:
                         why += f" (throttling: {', '.join(g.throttle_reasons)})"
-                    out.append(Action("thermal", "kill", why, w.run_id, RunState.KILLED_THERMAL,
+                    out.append(Action("thermal", GuardAction.KILL, why, w.run_id, RunState.KILLED_THERMAL,
                                       reading))
             if self.thermal_hold is None:
                 self.thermal_hold = thermal_hold(c.thermal_limit_c, c.resume_below_c)
-                out.append(Action("thermal", "hold",
+                out.append(Action("thermal", GuardAction.HOLD,
                                   f"GPU {g.index} at {g.temperature_c:.0f} °C: {self.thermal_hold.reason}",
                                   reading=reading))
         elif self.thermal_hold and temps and all(_celsius(g) < c.resume_below_c for g in temps):
             self.thermal_hold = None
             hottest = max(temps, key=_celsius)
-            out.append(Action("thermal", "resume",
+            out.append(Action("thermal", GuardAction.RESUME,
                               f"every GPU below {c.resume_below_c:g} °C (hottest "
                               f"{hottest.temperature_c:.0f} °C); paging admissions resume",
                               reading=hottest.to_dict()))
@@ -159,7 +171,7 @@ class Guards:
             for w in live:
                 if rss[w.run_id] > c.max_worker_rss_bytes:
                     out.append(Action(
-                        "worker_rss", "kill",
+                        "worker_rss", GuardAction.KILL,
                         f"worker RSS {format_size(rss[w.run_id])} > {format_size(c.max_worker_rss_bytes)}"
                         " limit ([guards] max_worker_rss_bytes)", w.run_id, RunState.OOM,
                         {"rss_bytes": rss[w.run_id]}))
@@ -169,7 +181,7 @@ class Guards:
             # One at a time, the largest first: the next poll sees whether that was enough.
             w = max(rest, key=lambda x: rss[x.run_id])
             out.append(Action(
-                "host_ram", "kill",
+                "host_ram", GuardAction.KILL,
                 f"host available RAM {format_size(available)} < "
                 f"{format_size(c.min_available_ram_bytes)} floor; stopped the largest worker "
                 f"({format_size(rss[w.run_id])} RSS)", w.run_id, RunState.OOM,
@@ -188,7 +200,7 @@ class Guards:
         if not c.vram_budget_bytes:
             return []
         limit = c.vram_budget_bytes + c.vram_margin_bytes
-        return [Action("worker_vram", "kill",
+        return [Action("worker_vram", GuardAction.KILL,
                        f"worker GPU memory {format_size(vram[w.run_id])} > "
                        f"{format_size(c.vram_budget_bytes)} budget + "
                        f"{format_size(c.vram_margin_bytes)} margin", w.run_id, RunState.OOM,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 # Read once, then removed from os.environ so worker subprocesses never talk to systemd as us.
 NOTIFY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -91,7 +91,7 @@ class Notifier:
             self._sock = None
 
 
-def status_text(counts: Mapping[str, int], *, running: int, stopping: bool) -> str:
+def status_text(counts: Mapping[Any, int], *, running: int, stopping: bool) -> str:   # keyed by RunState (a str)
     """What `systemctl status` shows on its Status: line."""
     text = f"{counts.get('queued', 0)} queued, {counts.get('held', 0)} held, {running} running"
     return ("stopping: " + text) if stopping else text

@@ -1,6 +1,6 @@
 """The SQLite run store: opens (and migrates) the tables of lab_attendant.store.tables and offers the
 operations on runs, events, guards and the daemon heartbeat; transition() is the one place that
-changes a run's state. WAL, busy_timeout, synchronous=FULL; writes in BEGIN IMMEDIATE.
+changes a run's state (through lab_attendant.store.lifecycle). WAL, busy_timeout, synchronous=FULL; writes in BEGIN IMMEDIATE.
 """
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from sqlalchemy import URL, create_engine, event, func, select, update
+from sqlalchemy import URL, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
 
-from lab_attendant.errors import StoreError, TransitionError, UserError
+from lab_attendant.errors import StoreError, TransitionError
 from lab_attendant.store.faults import translate
-from lab_attendant.store.states import ACTIVE, TERMINAL, WAITING, RunState, can_transition
+from lab_attendant.store.lifecycle import must_get, new_run, ready, transition
+from lab_attendant.store.states import ACTIVE, WAITING, RunState
 from lab_attendant.store.tables import (
     _MIGRATIONS,
     SCHEMA_VERSION,
@@ -29,11 +30,6 @@ from lab_attendant.store.tables import (
     Run,
     RunEvent,
 )
-from lab_attendant.validate import check_run_id
-
-# The tables are importable from here too, as they were before lab_attendant.store.tables held them.
-__all__ = ["Store", "BUSY_TIMEOUT_MS", "SCHEMA_VERSION", "Base", "Meta", "Run", "RunEvent",
-           "DaemonRow", "GuardEvent", "CotenantRow"]
 
 BUSY_TIMEOUT_MS = 60_000
 
@@ -64,34 +60,6 @@ def _make_engine(db_path: Path) -> Engine:
     return engine
 
 
-def _apply_transition(s: Session, run: Run, dst: RunState, reason: str, **fields: Any) -> None:
-    """The only code that writes runs.state: checks the table, stamps times, logs the event."""
-    src = run.state
-    if not can_transition(src, dst):
-        raise TransitionError(f"run {run.id}: {src} -> {dst} is not allowed ({reason})")
-    now = time.time()
-    run.state, run.reason = dst, reason
-    if dst is not RunState.HELD:
-        run.hold_code = None
-    for key, value in fields.items():
-        setattr(run, key, value)
-    if dst is RunState.STARTING:
-        run.started_at = now
-    if dst in TERMINAL:
-        run.ended_at = now
-    s.add(RunEvent(run_id=run.id, at=now, kind="transition", from_state=src.value,
-                   to_state=dst.value, reason=reason))
-
-
-def must_get(s: Session, run_id: int) -> Run:
-    """The run in this transaction, or a UserError a person can act on."""
-    check_run_id(run_id)
-    run = s.get(Run, run_id)
-    if run is None:
-        raise UserError(f"no run {run_id}; see `lab-attendant list`")
-    return run
-
-
 class Store:
     """Opens (creating if needed) the store at db_path and offers the operations the daemon and
     the CLI need; every method is one short transaction."""
@@ -104,12 +72,13 @@ class Store:
             self._init_schema()
 
     @contextmanager
-    def _translated(self) -> Iterator[None]:
-        """SQLite's errors as ours: StoreUnusable (damaged file) or StoreWriteError (full, I/O)."""
+    def _translated(self, *, writing: bool = True) -> Iterator[None]:
+        """SQLite's errors as ours: StoreUnusable (damaged file), StoreWriteError or
+        StoreReadError (full, I/O, read-only)."""
         try:
             yield
         except DatabaseError as exc:
-            err = translate(exc, self.db_path)
+            err = translate(exc, self.db_path, writing=writing)
             if err is exc:
                 raise
             raise err from exc
@@ -122,7 +91,7 @@ class Store:
             Base.metadata.create_all(conn)
             row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).first()
             if row is None:
-                conn.execute(Meta.__table__.insert().values(key="schema_version",
+                conn.execute(insert(Meta).values(key="schema_version",
                                                             value=str(SCHEMA_VERSION)))
                 return
             version = int(row[0])
@@ -151,7 +120,7 @@ class Store:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        with self._translated():
+        with self._translated(writing=False):
             conn = self.engine.connect().execution_options(sqlite_begin="DEFERRED")
             try:
                 with Session(conn, expire_on_commit=False) as session, session.begin():
@@ -167,20 +136,13 @@ class Store:
                executor: str = "local", not_before: float | None = None) -> Run:
         """Insert a queued run; with skip_reason it is skipped in the same transaction, so no
         reader (and no crash) ever sees a skipped firing as queued."""
-        now = time.time()
         with self.write() as s:
-            run = Run(kind=kind, params_json=json.dumps(params, sort_keys=True),
-                      priority=priority, timeout_s=timeout_s, needs_paging=needs_paging,
-                      submitted_at=now, state=RunState.QUEUED, reason=reason,
-                      schedule_id=schedule_id, attempt=1, max_retries=max_retries, name=name,
-                      after_json=json.dumps(sorted(set(after))), executor=executor,
-                      not_before=not_before)
-            s.add(run)
-            s.flush()
-            s.add(RunEvent(run_id=run.id, at=now, kind="transition", from_state=None,
-                           to_state=RunState.QUEUED.value, reason=reason))
+            run = new_run(s, kind=kind, params_json=json.dumps(params, sort_keys=True),
+                          priority=priority, timeout_s=timeout_s, needs_paging=needs_paging,
+                          reason=reason, schedule_id=schedule_id, max_retries=max_retries,
+                          name=name, after=after, executor=executor, not_before=not_before)
             if skip_reason is not None:
-                _apply_transition(s, run, RunState.SKIPPED, skip_reason)
+                transition(s, run, RunState.SKIPPED, skip_reason)
         return run
 
     def open_run_of_schedule(self, schedule_id: str) -> Run | None:
@@ -229,13 +191,13 @@ class Store:
                 raise TransitionError(f"run {run_id} does not exist")
             if expect is not None and run.state not in expect:
                 return None
-            _apply_transition(s, run, dst, reason, **fields)
+            transition(s, run, dst, reason, **fields)
             return run
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         """Non-state bookkeeping (progress, metrics, heartbeat, result path)."""
-        if "state" in fields:
-            raise TransitionError("state changes go through transition()")
+        if {"state", "hold_code", "reason"} & fields.keys():
+            raise TransitionError("state changes go through transition() (state, hold_code, reason)")
         with self.write() as s:
             s.execute(update(Run).where(Run.id == run_id).values(**fields))
 
@@ -265,7 +227,6 @@ class Store:
     def claim_next(self, *, exclude_paging: bool) -> Run | None:
         """Atomically take the highest-priority, oldest queued run whose parents (`after`) have
         all succeeded, and mark it STARTING; the parents are checked in the same transaction."""
-        from lab_attendant.store.deps import ready  # deps builds on this module
         with self.write() as s:
             q = select(Run).where(Run.state == RunState.QUEUED,
                                   Run.not_before.is_(None) | (Run.not_before <= time.time()))
@@ -273,7 +234,7 @@ class Store:
                 q = q.where(Run.needs_paging.is_(False))
             for run in s.scalars(q.order_by(Run.priority.desc(), Run.id)):
                 if ready(s, run):
-                    _apply_transition(s, run, RunState.STARTING, "claimed by daemon")
+                    transition(s, run, RunState.STARTING, "claimed by daemon")
                     return run
             return None
 
@@ -333,6 +294,3 @@ class Store:
         with self.read() as s:
             return s.scalars(select(DaemonRow).order_by(DaemonRow.id.desc()).limit(1)).first()
 
-
-# Tables owned by other modules share Base; importing them here makes create_all see them.
-from lab_attendant.store import samples as _samples  # noqa: E402,F401 - run_samples (lab_attendant.store.samples)

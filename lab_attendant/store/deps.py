@@ -1,4 +1,5 @@
-"""Run dependencies (`submit --after`, afterok) and user holds (`hold` / `release`).
+"""Run dependencies (`submit --after`, afterok) and user holds (`hold` / `release`): the store's
+operations for them; how a parent stands is judged in lab_attendant.store.lifecycle.
 
 A run with `after` stays QUEUED; Store.claim_next takes it only once every parent has succeeded
 (checked inside the claim's own transaction, so no race). A parent is judged by its retry chain:
@@ -10,59 +11,30 @@ A user hold is HELD with hold_code "user": only `release` lifts it, never the da
 """
 from __future__ import annotations
 
-import argparse
-import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lab_attendant.config import Config
 from lab_attendant.errors import UserError
 from lab_attendant.service.logsetup import get_logger
-from lab_attendant.store.db import Run, RunEvent, Store, _apply_transition, must_get
-from lab_attendant.store.retry import RETRIED_STATES
+from lab_attendant.store.db import Store
+from lab_attendant.store.lifecycle import (
+    FAILED,
+    MISSING,
+    change_hold,
+    must_get,
+    outcome,
+    transition,
+    unmet,
+)
 from lab_attendant.store.states import TERMINAL, WAITING, RunState
+from lab_attendant.store.tables import Run
 from lab_attendant.validate import check_run_id
 
 USER_HOLD = "user"
-OK, PENDING, FAILED, MISSING = "succeeded", "pending", "failed", "missing"
 
 log = get_logger("lab_attendant.store.deps")
-
-
-def outcome(s: Session, run_id: int) -> tuple[str, Run | None]:
-    """How parent `run_id` stands for afterok, following its retry chain to the latest attempt."""
-    run = s.get(Run, run_id)
-    if run is None:
-        return MISSING, None
-    while run.state in TERMINAL and run.state is not RunState.SUCCEEDED:
-        retry = s.scalars(select(Run).where(Run.retry_of == run.id).order_by(Run.id)
-                          .limit(1)).first()
-        if retry is None:
-            break
-        run = retry
-    if run.state is RunState.SUCCEEDED:
-        return OK, run
-    if run.state not in TERMINAL or (run.state in RETRIED_STATES
-                                     and run.attempt <= run.max_retries):
-        return PENDING, run          # still to run, or a retry is coming
-    return FAILED, run
-
-
-def unmet(s: Session, run: Run) -> list[tuple[int, str, Run | None]]:
-    """(parent id, outcome, the chain's latest run) for every parent that has not succeeded."""
-    out = []
-    for parent in run.after:
-        state, last = outcome(s, parent)
-        if state != OK:
-            out.append((parent, state, last))
-    return out
-
-
-def ready(s: Session, run: Run) -> bool:
-    """Store.claim_next asks this inside its claim transaction."""
-    return not run.after or not unmet(s, run)
 
 
 def _parent_text(parent: int, state: str, last: Run | None) -> str:
@@ -83,6 +55,7 @@ def check_after(store: Store, ids: Iterable[int]) -> list[int]:
                 raise UserError(f"--after {parent}: there is no run {parent}; see "
                                 "`lab-attendant list`")
             if state == FAILED:
+                assert last is not None   # a FAILED outcome names the run that failed
                 raise UserError(f"--after {parent}: run {parent} already ended {last.state} "
                                 f"({last.reason}); a run after it would never start. Retry it "
                                 f"first: `lab-attendant retry {last.id}`")
@@ -114,7 +87,7 @@ def cancel_unsatisfiable(store: Store) -> list[int]:
             if dead:
                 what = "; ".join(_parent_text(*m) + (f": {m[2].reason}" if m[2] else "")
                                  for m in dead)
-                _apply_transition(s, run, RunState.CANCELLED,
+                transition(s, run, RunState.CANCELLED,
                                   f"dependency failed, not started (afterok): {what}"[:500])
                 cancelled.append(run.id)
     for rid in cancelled:
@@ -122,21 +95,30 @@ def cancel_unsatisfiable(store: Store) -> list[int]:
     return cancelled
 
 
-def _batch(store: Store, ids: list[int], act) -> list[str]:
+def _each(store: Store, ids: list[int], act: Callable[[Session, Run], str]) -> list[str]:
     """All ids checked and changed in one transaction: a bad id changes nothing."""
     with store.write() as s:
         runs = [must_get(s, rid) for rid in ids]
         return [act(s, run) for run in runs]
 
 
-def _hold(s: Session, run: Run) -> str:
+def hold(store: Store, ids: list[int]) -> list[str]:
+    """`hold`: keep these waiting runs from starting (all or none); one line per run."""
+    return _each(store, ids, _hold_one)
+
+
+def release(store: Store, ids: list[int]) -> list[str]:
+    """`release`: let runs held by `hold` start again (all or none); one line per run."""
+    return _each(store, ids, _release_one)
+
+
+def _hold_one(s: Session, run: Run) -> str:
     reason = f"held by user; `lab-attendant release {run.id}` lets it start"
     if run.state is RunState.QUEUED:
-        _apply_transition(s, run, RunState.HELD, reason, hold_code=USER_HOLD)
+        transition(s, run, RunState.HELD, reason, hold_code=USER_HOLD)
     elif run.state is RunState.HELD and run.hold_code != USER_HOLD:
         # Held by the daemon (paging, thermal, ...): the user's hold replaces it; no state change.
-        run.hold_code, run.reason = USER_HOLD, reason
-        s.add(RunEvent(run_id=run.id, at=time.time(), kind="hold", reason=reason))
+        change_hold(s, run, USER_HOLD, reason)
     elif run.state is RunState.HELD:
         return f"run {run.id} is already held by user"
     else:
@@ -146,26 +128,10 @@ def _hold(s: Session, run: Run) -> str:
     return f"run {run.id} held"
 
 
-def _release(s: Session, run: Run) -> str:
+def _release_one(s: Session, run: Run) -> str:
     if run.state is RunState.HELD and run.hold_code == USER_HOLD:
-        _apply_transition(s, run, RunState.QUEUED, "released by user")
+        transition(s, run, RunState.QUEUED, "released by user")
         return f"run {run.id} released"
     if run.state is RunState.HELD:
         raise UserError(f"run {run.id} is held by the daemon, not by a user: {run.reason}")
     raise UserError(f"run {run.id} is {run.state}, not held; see `lab-attendant show {run.id}`")
-
-
-def cmd_hold(cfg: Config, args: argparse.Namespace) -> int:
-    act = _hold if args.cmd == "hold" else _release
-    for line in _batch(Store(cfg.db_path), args.ids, act):
-        print(line)
-    return 0
-
-
-def add_parsers(sub, parser_class: type) -> None:
-    h = sub.add_parser("hold", help="keep waiting runs from starting (scontrol hold)")
-    h.add_argument("ids", type=int, nargs="+", metavar="ID", help="queued or held runs")
-    h.set_defaults(fn=cmd_hold)
-    r = sub.add_parser("release", help="let runs held by `hold` start again")
-    r.add_argument("ids", type=int, nargs="+", metavar="ID", help="runs held by user")
-    r.set_defaults(fn=cmd_hold)

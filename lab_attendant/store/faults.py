@@ -7,13 +7,18 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy.exc import DatabaseError, OperationalError
 
-from lab_attendant.errors import StoreUnusable, StoreWriteError, TransitionError
+from lab_attendant.errors import (
+    StoreReadError,
+    StoreUnavailable,
+    StoreUnusable,
+    StoreWriteError,
+    TransitionError,
+)
 from lab_attendant.service.logsetup import get_logger
 
 log = get_logger("lab_attendant.store.db")
@@ -33,13 +38,16 @@ def recovery_hint(db_path: Path) -> str:
             "`lab-attendant db check` to see what is wrong")
 
 
-def translate(exc: DatabaseError, db_path: Path) -> Exception:
-    """The error to raise instead of SQLAlchemy's: StoreUnusable, StoreWriteError, or exc."""
+def translate(exc: DatabaseError, db_path: Path, *, writing: bool = True) -> Exception:
+    """The error to raise instead of SQLAlchemy's: StoreUnusable, StoreWriteError (StoreReadError
+    when not `writing`), or exc."""
     text = str(getattr(exc, "orig", exc)).lower()
     if any(m in text for m in _CORRUPT):
         return StoreUnusable(f"store {db_path} is damaged ({getattr(exc, 'orig', exc)}); "
                              + recovery_hint(db_path))
     if isinstance(exc, OperationalError) and any(m in text for m in _TRANSIENT):
+        if not writing:
+            return StoreReadError(f"store {db_path} cannot be read: {getattr(exc, 'orig', exc)}")
         return StoreWriteError(f"store {db_path} cannot be written: {getattr(exc, 'orig', exc)}")
     return exc
 
@@ -91,31 +99,29 @@ class WriteBehind:
     def __init__(self, store: Any, clock: Callable[[], float],
                  on_change: Callable[[str | None], None]) -> None:
         self.store, self.clock, self.on_change = store, clock, on_change
-        self.pending: deque[tuple[str, tuple, dict]] = deque()
+        self.pending: deque[tuple[Callable[..., Any], tuple, dict]] = deque()
         self.fault: str | None = None
         self.backoff_s = BACKOFF_FIRST_S
         self.retry_at = 0.0
 
-    def _call(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """A Store method by name, or a function that takes the store first (samples.save)."""
-        fn = getattr(self.store, method) if isinstance(method, str) else partial(method, self.store)
-        return fn(*args, **kwargs)
-
-    def must(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def must(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`write(*args, **kwargs)` now, or queued (in order) until the store takes writes;
+        `write` is a bound Store method or a function of the store (samples.save)."""
         if self.fault is None and not self.pending:
             try:
-                return self._call(method, *args, **kwargs)
-            except StoreWriteError as exc:
+                return write(*args, **kwargs)
+            except StoreUnavailable as exc:
                 self.failed(exc)
-        self.pending.append((method, args, kwargs))
+        self.pending.append((write, args, kwargs))
         return None
 
-    def may(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def may(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`write(*args, **kwargs)` now, or nothing while the store refuses writes."""
         if self.fault is not None:
             return None
         try:
-            return self._call(method, *args, **kwargs)
-        except StoreWriteError as exc:
+            return write(*args, **kwargs)
+        except StoreUnavailable as exc:
             self.failed(exc)
             return None
 
@@ -135,14 +141,15 @@ class WriteBehind:
             return False
         try:
             while self.pending:
-                method, args, kwargs = self.pending[0]
+                write, args, kwargs = self.pending[0]
                 try:
-                    self._call(method, *args, **kwargs)
+                    write(*args, **kwargs)
                 except TransitionError as exc:   # the table says no: log it, do not loop on it
-                    log.error("queued store write refused", method=method, error=str(exc))
+                    log.error("queued store write refused", write=write.__qualname__,
+                              error=str(exc))
                 self.pending.popleft()
             self.store.set_meta("store_probe", self.clock())   # writable, not just readable
-        except StoreWriteError as exc:
+        except StoreUnavailable as exc:
             self.backoff_s = min(BACKOFF_MAX_S, self.backoff_s * 2)
             self.retry_at = self.clock() + self.backoff_s
             self.fault = str(exc)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import time
 
 from sqlalchemy import and_, exists, select
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
 from lab_attendant.errors import UserError
 from lab_attendant.service.logsetup import get_logger
-from lab_attendant.store.db import Run, RunEvent, Store, must_get
+from lab_attendant.store.db import Store
+from lab_attendant.store.lifecycle import RETRIED_STATES, must_get, new_run
 from lab_attendant.store.states import TERMINAL, RunState
+from lab_attendant.store.tables import Run
 
-RETRIED_STATES = frozenset({RunState.FAILED, RunState.LOST})
 MAX_RETRIES = 100
 
 log = get_logger("lab_attendant.store.retry")
@@ -28,20 +29,12 @@ def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
     return min(max_s, base_s * 2 ** (attempt - 1))
 
 
-def _new_attempt(s, old: Run, *, not_before: float | None, reason: str) -> Run:
-    now = time.time()
-    run = Run(kind=old.kind, params_json=old.params_json, priority=old.priority,
-              timeout_s=old.timeout_s, needs_paging=old.needs_paging, submitted_at=now,
-              state=RunState.QUEUED, reason=reason, schedule_id=old.schedule_id,
-              retry_of=old.id, attempt=old.attempt + 1, max_retries=old.max_retries,
-              not_before=not_before, name=old.name, after_json=old.after_json,
-              executor=old.executor)
-    s.add(run)
-    s.flush()
-    s.add(RunEvent(run_id=run.id, at=now, kind="transition", from_state=None,
-                   to_state=RunState.QUEUED.value, reason=reason))
-    s.add(RunEvent(run_id=old.id, at=now, kind="retry", reason=f"retried as run {run.id}"))
-    return run
+def _retry(s: Session, old: Run, *, not_before: float | None, reason: str) -> Run:
+    """The next attempt of `old`: Store.submit's row (lifecycle.new_run) with old's settings."""
+    return new_run(s, kind=old.kind, params_json=old.params_json, priority=old.priority,
+                   timeout_s=old.timeout_s, needs_paging=old.needs_paging, reason=reason,
+                   schedule_id=old.schedule_id, max_retries=old.max_retries, name=old.name,
+                   after=old.after, executor=old.executor, not_before=not_before, retry_of=old)
 
 
 def ensure_retries(store: Store, *, base_s: float, max_s: float) -> list[Run]:
@@ -57,7 +50,7 @@ def ensure_retries(store: Store, *, base_s: float, max_s: float) -> list[Run]:
     with store.write() as s:
         for old in s.scalars(q.order_by(Run.id)).all():
             wait = backoff_s(old.attempt, base_s, max_s)
-            made.append(_new_attempt(
+            made.append(_retry(
                 s, old, not_before=time.time() + wait,
                 reason=f"retry {old.attempt} of {old.max_retries} of run {old.id} ({old.state}: "
                        f"{old.reason[:120]}), not before {wait:g} s"))
@@ -79,5 +72,5 @@ def retry_now(store: Store, run_id: int) -> Run:
         again = s.scalars(select(Run.id).where(Run.retry_of == run_id)).first()
         if again is not None:
             raise UserError(f"run {run_id} was already retried as run {again}; retry that one")
-        return _new_attempt(s, old, not_before=None,
+        return _retry(s, old, not_before=None,
                             reason=f"retry of run {old.id} ({old.state}) by user")

@@ -1,19 +1,18 @@
-"""Per-run sensor history: the run_samples table, the sampler the daemon calls once per guard
+"""Per-run sensor history (the run_samples table, lab_attendant.store.tables.RunSample): the sampler the daemon calls once per guard
 tick, the 2:1 thinning that bounds it, and the min/max/mean summary `show` prints.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, func, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
-from jobs.contract import protocol
 from jobs.contract.units import format_size
 from lab_attendant.store.db import Store
-from lab_attendant.store.tables import GUARD_READINGS, Base, Meta
+from lab_attendant.store.tables import GUARD_READINGS, Meta, RunSample
 
 # Column, label, unit ("bytes" and "bytes/s" are printed as sizes). The order is the one `show`
 # and the dashboard use.
@@ -31,30 +30,6 @@ SERIES: tuple[tuple[str, str, str], ...] = (
 READ_COUNTERS = ("engine_bytes_read", "engine_disk_read_bytes", "bytes_read")
 
 
-class RunSample(Base):
-    """One reading of a run while it is active; deleted with its run (ON DELETE CASCADE)."""
-    __tablename__ = "run_samples"
-    __table_args__ = (Index("ix_run_samples_run_at", "run_id", "at"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    at: Mapped[float] = mapped_column(Float)                      # unix time
-    gpu_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    gpu_temperature_c: Mapped[float | None] = mapped_column(Float, nullable=True)
-    gpu_power_w: Mapped[float | None] = mapped_column(Float, nullable=True)
-    gpu_sm_clock_mhz: Mapped[float | None] = mapped_column(Float, nullable=True)
-    throttle_reasons: Mapped[str] = mapped_column(String, default="")   # comma-separated
-    gpu_memory_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    rss_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    progress_done: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    progress_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
-    read_bytes_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {c.name: getattr(self, c.name) for c in self.__table__.columns
-                if c.name not in ("id", "run_id")}
-
-
 @dataclass
 class _RunState:
     """What the worker told us about one run since its last sample."""
@@ -67,29 +42,32 @@ class _RunState:
 
 
 class Sampler:
-    """Turns the guards' readings and the worker's events into one RunSample per active run."""
+    """Turns the guards' readings and what the worker reported (its progress and metric events,
+handed over by lab_attendant.daemon.events) into one RunSample per active run."""
 
     def __init__(self, host) -> None:
         self.host = host
         self._runs: dict[int, _RunState] = {}
 
-    def observe(self, run_id: int, ev: dict[str, Any]) -> None:
+    def progress(self, run_id: int, done: int | None, total: int | None) -> None:
         st = self._runs.setdefault(run_id, _RunState())
-        if ev["event"] == protocol.PROGRESS:
-            st.done, st.total = ev.get("done"), ev.get("total")
-        elif ev["event"] == protocol.METRIC:
-            m = ev.get("metrics") or {}
-            if number(m.get("tokens_per_s")) is not None:
-                st.tokens_per_s = float(m["tokens_per_s"])
-            if number(m.get("read_bytes_per_s")) is not None:
-                st.read_rate = float(m["read_bytes_per_s"])
-            for key in READ_COUNTERS:
-                if number(m.get(key)) is not None:
-                    st.read_bytes = int(m[key])
-                    break
+        st.done, st.total = done, total
+
+    def metrics(self, run_id: int, metrics: Mapping[str, Any]) -> None:
+        """The rates and counters it samples, from a metric event (values already checked by
+        jobs.contract.protocol; a non-number under one of these names is ignored)."""
+        st = self._runs.setdefault(run_id, _RunState())
+        if (tps := as_float(metrics.get("tokens_per_s"))) is not None:
+            st.tokens_per_s = tps
+        if (rate := as_float(metrics.get("read_bytes_per_s"))) is not None:
+            st.read_rate = rate
+        for key in READ_COUNTERS:
+            if (count := as_float(metrics.get(key))) is not None:
+                st.read_bytes = int(count)
+                break
 
     def take(self, now: float, workers: Iterable[Any], guards) -> list[RunSample]:
-        """One sample per worker (objects with run_id and pid) from `guards`' last poll."""
+        """One sample per run (handles with run_id, pid and is_local) from `guards`' last poll."""
         out = []
         readings = guards.readings.get("workers") or {}
         for w in workers:
@@ -97,7 +75,7 @@ class Sampler:
             mine = readings.get(str(w.run_id)) or {}
             # A worker with no local pid (a Slurm job) runs on another node: this host's GPU
             # readings say nothing about it; its progress and rates still do.
-            gpu = self._gpu_of(w.pid, guards.last_gpus or []) if w.pid is not None else None
+            gpu = self._gpu_of(w.pid, guards.last_gpus or []) if w.is_local else None
             rate = st.read_rate
             if st.read_bytes is not None:
                 if st.last is not None and now > st.last[0]:
@@ -143,7 +121,7 @@ def save(store: Store, rows: list[RunSample], keep_per_run: int,
 
 
 def thin(s: Session, run_id: int, keep: int) -> int:
-    count = s.scalar(select(func.count()).where(RunSample.run_id == run_id))
+    count = s.scalar(select(func.count()).where(RunSample.run_id == run_id)) or 0
     if count <= keep:
         return 0
     oldest = list(s.scalars(select(RunSample.id).where(RunSample.run_id == run_id)
@@ -213,7 +191,7 @@ def summarize(rows: list[RunSample], resume_below_c: float) -> Summary | None:
     return Summary(len(rows), rows[-1].at - rows[0].at, stats, above, resume_below_c, reasons)
 
 
-def number(v: Any) -> float | None:
+def as_float(v: Any) -> float | None:
     """A reported value as a float, or None for a missing or non-numeric one (bools included)."""
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 

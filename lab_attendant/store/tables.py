@@ -1,11 +1,11 @@
 """The store's tables (SQLAlchemy ORM over SQLite) and the schema version with its in-place
-migrations; lab_attendant.store.db opens them and holds the operations, lab_attendant.store.samples adds one."""
+migrations; lab_attendant.store.db opens them and holds the operations."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from sqlalchemy import DDL, Boolean, Enum, Float, ForeignKey, Integer, String, Text, event
+from sqlalchemy import DDL, Boolean, Enum, Float, ForeignKey, Index, Integer, String, Text, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from lab_attendant.store.states import RunState
@@ -202,3 +202,27 @@ class CotenantRow(Base):
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "suspended": self.suspended, "changed_at": self.changed_at,
                 "note": self.note}
+
+
+class RunSample(Base):
+    """One reading of a run while it is active; deleted with its run (ON DELETE CASCADE)."""
+    __tablename__ = "run_samples"
+    __table_args__ = (Index("ix_run_samples_run_at", "run_id", "at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    at: Mapped[float] = mapped_column(Float)                      # unix time
+    gpu_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    gpu_temperature_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    gpu_power_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    gpu_sm_clock_mhz: Mapped[float | None] = mapped_column(Float, nullable=True)
+    throttle_reasons: Mapped[str] = mapped_column(String, default="")   # comma-separated
+    gpu_memory_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rss_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_done: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    read_bytes_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {c.name: getattr(self, c.name) for c in self.__table__.columns
+                if c.name not in ("id", "run_id")}

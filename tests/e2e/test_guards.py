@@ -11,39 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXPERIMENTAL_PYTHON, ROOT, Lab, pid_alive, wait_for, write_config
+from tests.conftest import EXPERIMENTAL_PYTHON, ROOT, Lab, guard_lab, pid_alive, wait_for, write_config, write_sensors
 
 pytestmark = pytest.mark.e2e
 ENDED = {"succeeded", "failed", "cancelled", "timed_out", "oom", "lost", "killed_thermal"}
 GUARD_INTERVAL_S, KILL_GRACE_S = 0.2, 1.0
 
 
-def _sensors(path: Path, temperature_c: float, processes: dict[int, int] | None = None,
-             **more: object) -> None:
-    """One GPU's readings; `more` adds fields such as power_w or sm_clock_mhz."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"gpus": [{
-        "index": 0, "temperature_c": temperature_c, "memory_used_bytes": 1 << 30,
-        "memory_total_bytes": 11811160064,
-        "processes": [{"pid": p, "used_bytes": b} for p, b in (processes or {}).items()],
-        **more}]}))
-    os.replace(tmp, path)
-
-
-def _lab(tmp_path: Path, guards: str = "", cotenant: str = "") -> Lab:
-    sensors = tmp_path / "sensors.json"
-    _sensors(sensors, 60.0)
-    extra = (f'sensors = "file:{sensors}"\nthermal_limit_c = 85\nresume_below_c = 75\n'
-             f"{guards}\n{cotenant}")
-    cfg = write_config(tmp_path, extra=extra)
-    # write_config wrote sensors = "none" first; the later key would be a TOML duplicate.
-    cfg.write_text(cfg.read_text().replace('sensors = "none"\n', ""))
-    return Lab(tmp_path, cfg)
-
-
 @pytest.fixture
 def glab(lab: Lab) -> Lab:
-    g = _lab(lab.root)
+    g = guard_lab(lab.root)
     lab.config = g.config
     return lab
 
@@ -60,7 +37,7 @@ def test_thermal_alarm_kills_a_sigterm_deaf_paging_worker_and_holds_admissions(g
     run = lab.wait_state(rid, {"running"})
     wait_for(lambda: (Path(run["run_dir"]) / "output" / "worker.pid").exists(), what="job start")
     t0 = time.time()
-    _sensors(sensors, 91.0)
+    write_sensors(sensors, 91.0)
     run = lab.wait_state(rid, ENDED, timeout_s=20)
     assert run["state"] == "killed_thermal"
     assert "GPU 0 at 91 °C > 85 °C limit" in run["reason"] and "SIGKILL after grace" in run["reason"]
@@ -74,10 +51,10 @@ def test_thermal_alarm_kills_a_sigterm_deaf_paging_worker_and_holds_admissions(g
     nxt = lab.submit("paging_sleepy", "seconds=0.2")
     held = lab.wait_state(nxt, {"held"})
     assert "thermal cooldown" in held["reason"]
-    _sensors(sensors, 80.0)
+    write_sensors(sensors, 80.0)
     time.sleep(1.0)
     assert lab.state(nxt) == "held"
-    _sensors(sensors, 70.0)
+    write_sensors(sensors, 70.0)
     assert lab.wait_state(nxt, ENDED)["state"] == "succeeded"
     actions = [(e["guard"], e["action"]) for e in _guard_events(lab)]
     assert ("thermal", "kill") in actions and ("thermal", "hold") in actions
@@ -88,7 +65,7 @@ def test_thermal_alarm_kills_a_sigterm_deaf_paging_worker_and_holds_admissions(g
 
 
 def test_rss_guard_kills_a_growing_worker_as_oom(tmp_path: Path, lab: Lab):
-    g = _lab(tmp_path, guards='max_worker_rss_bytes = "150MiB"')
+    g = guard_lab(tmp_path, guards='max_worker_rss_bytes = "150MiB"')
     lab.config = g.config
     lab.start_daemon()
     rid = lab.submit("hog", "target_rss_bytes=400MiB")
@@ -100,7 +77,7 @@ def test_rss_guard_kills_a_growing_worker_as_oom(tmp_path: Path, lab: Lab):
 
 
 def test_sigkill_near_the_rss_limit_is_blamed_on_the_oom_killer(tmp_path: Path, lab: Lab):
-    g = _lab(tmp_path, guards='max_worker_rss_bytes = "150MiB"')
+    g = guard_lab(tmp_path, guards='max_worker_rss_bytes = "150MiB"')
     lab.config = g.config
     lab.start_daemon()
     rid = lab.submit("hog", "target_rss_bytes=142MiB")   # >= 90 % of the limit, not over
@@ -114,12 +91,12 @@ def test_sigkill_near_the_rss_limit_is_blamed_on_the_oom_killer(tmp_path: Path, 
 
 
 def test_vram_guard_kills_a_worker_over_its_gpu_budget(tmp_path: Path, lab: Lab):
-    g = _lab(tmp_path, guards='vram_budget_bytes = "1GiB"\nvram_margin_bytes = "100MiB"')
+    g = guard_lab(tmp_path, guards='vram_budget_bytes = "1GiB"\nvram_margin_bytes = "100MiB"')
     lab.config = g.config
     lab.start_daemon()
     rid = lab.submit("sleepy", "seconds=60")
     run = lab.wait_state(rid, {"running"})
-    _sensors(tmp_path / "sensors.json", 60.0, {run["pid"]: 2 << 30})
+    write_sensors(tmp_path / "sensors.json", 60.0, {run["pid"]: 2 << 30})
     run = lab.wait_state(rid, ENDED)
     assert run["state"] == "oom" and "worker GPU memory 2.0 GiB > 1.0 GiB budget" in run["reason"]
 
@@ -147,7 +124,7 @@ def _earnode_lab(tmp_path: Path, lab: Lab) -> Path:
            f'start = ["{sys.executable}", "{script}", "start", "{d}"]\n'
            f'pid_file = "{d / "earnode.pid"}"\nrestore_delay_s = 0.5\nrelease_timeout_s = 5\n'
            f"retry_after_s = 1\ncommand_timeout_s = 10\n")
-    g = _lab(tmp_path, cotenant=cot)
+    g = guard_lab(tmp_path, cotenant=cot)
     lab.config = g.config
     subprocess.run([sys.executable, str(script), "start", str(d)], check=True)
     return d

@@ -176,10 +176,7 @@ def test_quantize_then_a_run_on_the_4bit_variant_records_the_choice(model_lab: L
     lab = model_lab
     original = MODEL_DIR / "model.safetensors"
     before = (original.stat().st_size, original.stat().st_mtime_ns)
-    out = json.loads(lab.cli("model", "quantize", "gemma-3-270m", timeout=900).stdout)
-    assert Path(out["variant"]).resolve() == MODEL_DIR / "variants" / "q4g64"  # models/ is a symlink
-    assert 0.25 < out["bytes_quantized"] / out["bytes_precise"] < 0.3
-    assert (original.stat().st_size, original.stat().st_mtime_ns) == before
+    # the default model streams its GGUF; the variant is written for the converted bf16 folder
     write_config(lab.root, python=EXPERIMENTAL_PYTHON, default_timeout_s=900, extra=f"""
 [models.fast]
 path = "{MODEL_DIR}"
@@ -187,6 +184,10 @@ vram_budget_bytes = "96MiB"
 variant = "fast"
 kv_cache = "int8"
 """)
+    out = json.loads(lab.cli("model", "quantize", "fast", timeout=900).stdout)
+    assert Path(out["variant"]).resolve() == MODEL_DIR / "variants" / "q4g64"  # models/ is a symlink
+    assert 0.25 < out["bytes_quantized"] / out["bytes_precise"] < 0.3
+    assert (original.stat().st_size, original.stat().st_mtime_ns) == before
     archive = lab.root / "archive"
     _copy(NOTES[:1], EXAMPLES / "archive", archive)
     rid = lab.submit("nightly_insights", f"archive={archive}", "max_new_tokens=4", "model=fast")
@@ -196,3 +197,38 @@ kv_cache = "int8"
     assert m["kv_cache"] == "int8" and m["kv_cache_peak_bytes"] > 0
     # 16 streamed fast layers a pass: ~3.1 MB each instead of ~11.1 MB in bf16.
     assert 16 * 2_500_000 < m["engine_bytes_read_per_pass"] < 16 * 3_500_000
+
+
+DEMO_FALSE = ["First bike tour: I learned to ride a bike",
+              "Reading The Name of the Rose: I read the short stories of Lea, and I was surprised to find "
+              "that she was a writer"]
+
+
+def test_the_demo_insights_show_no_sentence_the_claim_check_rejects(model_lab: Lab):
+    """Issue #30: every summary shown as the model's is supported by its note (claims.align), the
+    others are marked extracted, and the two false demo sentences are never shown as model text."""
+    from jobs.lib import claims
+
+    lab = model_lab
+    archive = lab.root / "archive"
+    names = ["2009-03-14-first-bike-tour.md", "2010-10-12-reading-the-name-of-the-rose.md",
+             "2018-06-09-bike-tour-to-the-sea.md"]
+    _copy(names, EXAMPLES / "archive", archive)
+    rid = lab.submit("nightly_insights", f"archive={archive}")
+    _burst(lab)
+    run = _succeeded(lab, rid)
+    report = json.loads(Path(run["result_path"]).read_text())
+    md = (Path(run["result_path"]).parent / "insights.md").read_text()
+    assert "model `gemma-3-270m`" in md and "checked claim by claim" in md
+    for n in report["notes"]:
+        note = Path(n["path"]).read_text()
+        assert n["provenance"] in ("model, checked", "extracted")
+        if n["provenance"] == "extracted":
+            assert n["extractive"] and f"{n['summary']} *(extracted)*" in md
+            assert " ".join(n["summary"].split()).rstrip(" …") in " ".join(note.split())
+        else:
+            assert claims.align(n["summary"], note).ok and n["evidence"]
+    for false in DEMO_FALSE:
+        assert not claims.align(false, (EXAMPLES / "archive" / names[0]).read_text()).ok
+        assert not claims.align(false, (EXAMPLES / "archive" / names[1]).read_text()).ok
+        assert false.split(": ", 1)[1] not in md

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from lab_attendant.cli import service
 from lab_attendant.config import load_config
-from lab_attendant.service import unit as service
 from tests.conftest import Lab
 
 pytestmark = pytest.mark.e2e

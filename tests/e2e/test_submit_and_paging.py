@@ -145,3 +145,41 @@ def test_supervisor_never_imports_torch_or_transformers():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert int(proc.stdout.split()[0]) >= 10      # the walk really imported the modules
+
+
+SMALL_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256, "torch_dtype": "bfloat16"}
+
+
+def test_a_model_folder_without_weights_is_refused_at_submit(lab: Lab):
+    """config.json alone plans (model plan) but cannot run: submit says so in one line, exit 2, nothing queued.
+    A small Llama's config: the plan fits, the folder has no weights."""
+    write_config(lab.root, extra='[models.bare]\n')
+    (lab.root / "models" / "bare").mkdir(parents=True)
+    (lab.root / "models" / "bare" / "config.json").write_text(json.dumps(SMALL_LLAMA))
+    (lab.root / "archive").mkdir()
+    proc = lab.cli("submit", "nightly_insights", "-p", f"archive={lab.root / 'archive'}", "-p", "model=bare",
+                   check=False)
+    assert proc.returncode == 2 and _rows(lab) == 0
+    assert "model 'bare'" in proc.stderr and "holds no weights (no .safetensors or .gguf file)" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_a_cuda_model_with_a_cpu_torch_in_the_worker_venv_is_refused_at_submit(lab: Lab):
+    """The worker venv is the real experimental venv; its torch/version.py says which build it is."""
+    from lab_attendant import venv
+    from tests.conftest import EXPERIMENTAL_PYTHON
+
+    if venv.worker_torch_cuda(EXPERIMENTAL_PYTHON) != "cpu":
+        pytest.skip(f"the experimental venv at {EXPERIMENTAL_PYTHON} does not hold a CPU build of torch")
+    folder = lab.root / "models" / "g"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(SMALL_LLAMA))
+    (folder / "model.safetensors").write_bytes(b"")  # the refusal comes before anything reads it
+    write_config(lab.root, python=EXPERIMENTAL_PYTHON, extra='[models.g]\ndevice = "cuda"\n')
+    (lab.root / "archive").mkdir()
+    proc = lab.cli("submit", "nightly_insights", "-p", f"archive={lab.root / 'archive'}", "-p", "model=g",
+                   check=False)
+    assert proc.returncode == 2 and _rows(lab) == 0
+    assert "model 'g' has device = \"cuda\" but the worker venv's torch is a CPU build" in proc.stderr
+    assert "lab-attendant venv create --force" in proc.stderr and proc.stderr.count("\n") == 1

@@ -16,6 +16,19 @@ try:
     from engine_helpers import PROMPTS, find_test_model
 except ImportError:  # the supervisor's venv: these tests need the experimental one
     collect_ignore_glob = ["test_*.py"]
+    NEEDS_EXPERIMENTAL_VENV = (
+        "tests/engine not run: the engine tests need the experimental venv (torch, transformers); "
+        "run them with `venvs/experimental/bin/python -m pytest tests/engine` "
+        "(create it with `lab-attendant venv create`)")
+
+    def pytest_collection_finish(session: pytest.Session) -> None:
+        # Said at the top and again in the summary, so a bare `pytest` never passes by silently
+        # collecting nothing here.
+        session.config.get_terminal_writer().line(NEEDS_EXPERIMENTAL_VENV, yellow=True)
+
+    def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest's hook
+        terminalreporter.write_sep("=", "engine tests skipped", yellow=True)
+        terminalreporter.write_line(NEEDS_EXPERIMENTAL_VENV)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TINY_VOCAB = 384

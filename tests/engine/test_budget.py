@@ -9,6 +9,7 @@ from jobs.contract.errors import BudgetError
 from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.generate import generate
+from jobs.paging.open import spec_for
 
 pytestmark = pytest.mark.engine
 RESIDENT = 2
@@ -17,7 +18,7 @@ RESIDENT = 2
 def test_two_resident_layers_never_more_than_four_materialized(tiny_dirs):
     model_dir = tiny_dirs["llama"]
     layer_bytes = max(ModelStore(model_dir).layer_nbytes_as(torch.float32))
-    with load_streamed(model_dir, dtype="fp32", vram_budget_bytes=(RESIDENT + 2) * layer_bytes) as streamed:
+    with load_streamed(spec_for(model_dir, dtype="fp32", vram_budget_bytes=(RESIDENT + 2) * layer_bytes)) as streamed:
         assert streamed.stats()["resident_layers"] == RESIDENT
         store, ring = streamed._store, streamed._streamer._ring
         allocated, read_into = [], []
@@ -60,7 +61,8 @@ def test_ram_cache_avoids_rereading(tiny_dirs):
     model_dir = tiny_dirs["qwen2"]
     sizes = ModelStore(model_dir).layer_nbytes_as(torch.float32)
     budget = 3 * max(sizes)  # one resident layer, two streaming slots
-    with load_streamed(model_dir, dtype="fp32", vram_budget_bytes=budget, ram_budget_bytes=10 * max(sizes)) as sm:
+    with load_streamed(spec_for(model_dir, dtype="fp32", vram_budget_bytes=budget,
+                                ram_budget_bytes=10 * max(sizes))) as sm:
         sm.model(**sm.tokenizer(["hello"], return_tensors="pt"))
         after_first = sm.stats()["bytes_read"]
         sm.model(**sm.tokenizer(["hello"], return_tensors="pt"))
@@ -72,4 +74,4 @@ def test_ram_cache_avoids_rereading(tiny_dirs):
 def test_budget_below_one_layer_fails_before_reading(tiny_dirs):
     layer_bytes = max(ModelStore(tiny_dirs["llama"]).layer_nbytes_as(torch.float32))
     with pytest.raises(BudgetError, match=f"cannot hold one decoder layer .* give at least {layer_bytes} bytes"):
-        load_streamed(tiny_dirs["llama"], dtype="fp32", vram_budget_bytes=layer_bytes - 1)
+        load_streamed(spec_for(tiny_dirs["llama"], dtype="fp32", vram_budget_bytes=layer_bytes - 1))

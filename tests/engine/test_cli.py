@@ -67,3 +67,38 @@ def test_moe_folder_refuses_a_dense_only_flag_before_loading(tmp_path):
     proc = run_cli("--model", str(tmp_path), "--prompt", "x", "--vram-budget", "1GiB")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "is moe and cannot honour vram_budget_bytes = 1073741824" in proc.stderr
+
+
+def test_every_model_setting_has_one_flag_with_its_default_and_choices():
+    """A setting is declared once, in ModelSettings: each field (kind aside: it comes from the folder) is the
+    dest of exactly one generate flag, with the field's default and, for a Literal, the same choices."""
+    import dataclasses
+    import typing
+
+    from jobs.contract.spec import ModelSettings
+    from jobs.paging.cli import generate_parser, setting_names
+
+    actions = {a.dest: a for a in generate_parser()._actions}
+    hints = typing.get_type_hints(ModelSettings)
+    for field in dataclasses.fields(ModelSettings):
+        if field.name == "kind":
+            assert field.name not in setting_names()
+            continue
+        assert field.name in setting_names()
+        action = actions.get(field.name)
+        assert action is not None, f"ModelSettings.{field.name} has no generate flag"
+        assert action.default == field.default, field.name
+        choices = typing.get_args(hints[field.name])
+        if typing.get_origin(hints[field.name]) is typing.Literal:
+            assert tuple(action.choices) == choices, field.name
+
+
+def test_the_flags_reach_the_spec(tiny_dirs):
+    from jobs.paging.cli import _model_spec, generate_parser
+
+    args = generate_parser().parse_args(["--model", str(tiny_dirs["llama"]), "--prompt", "x", "--vram-budget", "1MiB",
+                                         "--keep-precise", "2", "--device-memory", "3MiB", "--kernels", "torch",
+                                         "--kv-cache", "int8", "--context-tokens", "64"])
+    spec = _model_spec(args)
+    assert (spec.kind, spec.vram_budget_bytes, spec.keep_precise_layers, spec.device_memory_bytes, spec.kernels,
+            spec.kv_cache, spec.context_tokens) == ("dense", 1 << 20, 2, 3 << 20, "torch", "int8", 64)

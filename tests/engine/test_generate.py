@@ -6,13 +6,14 @@ from engine_helpers import PROMPTS
 
 from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.generate import Sampling, generate
+from jobs.paging.open import spec_for
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
 def streamed(tiny_dirs):
-    with load_streamed(tiny_dirs["qwen2"], dtype="fp32") as loaded:
+    with load_streamed(spec_for(tiny_dirs["qwen2"], dtype="fp32")) as loaded:
         yield loaded
 
 

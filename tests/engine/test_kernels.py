@@ -10,12 +10,13 @@ import torch
 from jobs.contract.errors import KernelError
 from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.kernels import apply_kernels
+from jobs.paging.open import spec_for
 
 pytestmark = pytest.mark.engine
 
 
 def test_streamed_model_on_cpu_reports_torch_kernels_because_cpu(tiny_dirs):
-    with load_streamed(tiny_dirs["gemma3"], dtype="fp32") as loaded:
+    with load_streamed(spec_for(tiny_dirs["gemma3"], dtype="fp32")) as loaded:
         stats = loaded.stats()
         norm = loaded.model.model.norm
     assert (stats["kernels"], stats["kernels_reason"]) == ("torch", "cpu")
@@ -23,17 +24,17 @@ def test_streamed_model_on_cpu_reports_torch_kernels_because_cpu(tiny_dirs):
 
 
 def test_torch_choice_never_patches(tiny_dirs):
-    with load_streamed(tiny_dirs["llama"], dtype="fp32", kernels="torch") as loaded:
+    with load_streamed(spec_for(tiny_dirs["llama"], dtype="fp32", kernels="torch")) as loaded:
         assert loaded.stats()["kernels_reason"] == "asked for torch"
 
 
 def test_liger_insisted_on_cpu_is_a_clear_error_before_any_read(tiny_dirs):
     with pytest.raises(KernelError, match="kernels 'liger' cannot apply: cpu; use kernels 'auto' or 'torch'"):
-        load_streamed(tiny_dirs["llama"], dtype="fp32", kernels="liger")
+        load_streamed(spec_for(tiny_dirs["llama"], dtype="fp32", kernels="liger"))
 
 
 def test_unknown_choice_names_the_choices(tiny_dirs):
-    with load_streamed(tiny_dirs["qwen2"], dtype="fp32") as loaded:
+    with load_streamed(spec_for(tiny_dirs["qwen2"], dtype="fp32")) as loaded:
         with pytest.raises(KernelError, match="kernels 'triton' is not one of auto, liger, torch"):
             apply_kernels(loaded.model, torch.device("cpu"), "triton")
 
@@ -42,14 +43,15 @@ def test_paged_moe_reports_kernels_attention_and_refuses_liger_on_cpu(tmp_path):
     from moe_helpers import save_hf, tiny_mixtral
 
     from jobs.paging.moe.load import load_paged_moe
+    from jobs.paging.open import spec_for
 
     folder = save_hf(tiny_mixtral(), tmp_path)
-    with load_paged_moe(folder) as moe:
+    with load_paged_moe(spec_for(folder)) as moe:
         stats = moe.stats()
         assert (stats["kernels"], stats["kernels_reason"], stats["sdpa_backends"]) == ("torch", "cpu", "cpu")
         assert stats["attn_implementation"] == moe.model.config._attn_implementation
     with pytest.raises(KernelError, match="cannot apply: cpu"):
-        load_paged_moe(folder, kernels="liger")
+        load_paged_moe(spec_for(folder, kernels="liger"))
 
 
 def _tiny_llama(dtype: torch.dtype):
@@ -121,7 +123,7 @@ def test_failed_warm_up_falls_back_to_torch_kernels_and_undoes_the_patch(monkeyp
 
 
 def test_stats_name_the_attention_implementation_and_sdpa_backends(tiny_dirs):
-    with load_streamed(tiny_dirs["llama"], dtype="fp32") as loaded:
+    with load_streamed(spec_for(tiny_dirs["llama"], dtype="fp32")) as loaded:
         stats = loaded.stats()
         assert stats["attn_implementation"] == loaded.model.config._attn_implementation == "sdpa"
         assert stats["sdpa_backends"] == "cpu"

@@ -17,6 +17,7 @@ from jobs.paging.kv_cache import (
     make_cache,
     quantized_nbytes,
 )
+from jobs.paging.open import spec_for
 
 pytestmark = pytest.mark.engine
 
@@ -33,7 +34,7 @@ RESIDUAL_TOKENS = 16  # below NEW_TOKENS: the residual window is flushed into in
 
 @pytest.fixture(scope="module")
 def gemma(gemma_dir):
-    with load_streamed(gemma_dir, dtype="fp32") as loaded:
+    with load_streamed(spec_for(gemma_dir, dtype="fp32")) as loaded:
         yield loaded
 
 
@@ -105,7 +106,7 @@ def test_int8_generate_runs_free_and_reports_its_cache(gemma, gemma_fp_ids):
 
 @pytest.fixture(scope="module")
 def llama(tiny_dirs):
-    with load_streamed(tiny_dirs["llama"], dtype="fp32") as loaded:
+    with load_streamed(spec_for(tiny_dirs["llama"], dtype="fp32")) as loaded:
         yield loaded
 
 

@@ -17,6 +17,7 @@ from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.slots import SlotRing
 from jobs.paging.generate import generate
+from jobs.paging.open import spec_for
 from jobs.paging.pinned import HostArena, pinned_alloc_bytes
 from jobs.paging.plan.shape import shape_from_config, shape_from_folder
 
@@ -110,7 +111,8 @@ def test_prefetch_never_holds_more_than_the_planned_slots(tiny_dirs):
     model_dir = tiny_dirs["llama"]
     layer = max(ModelStore(model_dir).layer_nbytes_as(torch.float32))
     # 1 resident + 2 slots, every streamed layer cached in RAM: reads are free, so the host could run ahead
-    with load_streamed(model_dir, dtype="fp32", vram_budget_bytes=3 * layer, ram_budget_bytes=100 * layer) as sm:
+    with load_streamed(spec_for(model_dir, dtype="fp32", vram_budget_bytes=3 * layer,
+                                ram_budget_bytes=100 * layer)) as sm:
         assert sm.stats()["streaming_slots"] == 2
         in_use = []
         for lay in sm.model.get_decoder().layers:
@@ -129,14 +131,14 @@ def test_a_device_too_small_is_refused_before_any_weight_is_read(tiny_dirs, monk
         raise AssertionError("a weight was read before the plan was checked")
     monkeypatch.setattr(ModelStore, "_read", no_reads)
     with pytest.raises(BudgetError, match="what fits instead|does not fit"):
-        load_streamed(tiny_dirs["llama"], dtype="fp32", device_memory_bytes=200_000, batch_size=8,
-                      context_tokens=4096)
+        load_streamed(spec_for(tiny_dirs["llama"], dtype="fp32", device_memory_bytes=200_000, context_tokens=4096),
+                      batch_size=8)
 
 
 def test_a_pass_that_raised_gives_its_slots_back(tiny_dirs):
     model_dir = tiny_dirs["qwen2"]
     layer = max(ModelStore(model_dir).layer_nbytes_as(torch.float32))
-    with load_streamed(model_dir, dtype="fp32", vram_budget_bytes=3 * layer) as sm:
+    with load_streamed(spec_for(model_dir, dtype="fp32", vram_budget_bytes=3 * layer)) as sm:
         boom = {"left": 1}
 
         def fail_once(module, args):
@@ -158,7 +160,7 @@ def test_a_batch_fits_when_its_memory_fits_not_each_dimension(tiny_dirs):
     """The plan reserves KV cache + activations for batch x context; a batch with more rows but fewer tokens
     that needs less runs (bench/stream_bench.py's 16 x 46 under a plan for 8 x 2048), one that needs more is
     refused with both figures."""
-    with load_streamed(tiny_dirs["llama"], dtype="fp32", context_tokens=64, batch_size=2) as sm:
+    with load_streamed(spec_for(tiny_dirs["llama"], dtype="fp32", context_tokens=64), batch_size=2) as sm:
         assert sm.plan.batch_fits(4, 8) and not sm.plan.batch_fits(2, 65 * 4)
         more_rows = ["a", "b", "c", "d"]
         out = generate(sm, more_rows, max_new_tokens=2, batch_size=4)

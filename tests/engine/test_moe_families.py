@@ -20,7 +20,7 @@ from moe_family_helpers import (
 
 from jobs.contract.spec import ModelSpec
 from jobs.paging.moe.load import load_paged_moe
-from jobs.paging.open import open_model
+from jobs.paging.open import open_model, spec_for
 from jobs.paging.plan.settings import is_moe_folder
 from jobs.paging.quant import QuantSpec, write_variant
 
@@ -64,7 +64,7 @@ def test_paged_matches_transformers(family, policy, cpu_miss_exec):
         pytest.skip("families beyond issue #22's four run one policy/miss combination (test time)")
     model, folder = family["model"], family["folder"]
     slots = num_experts(model) // 2 - 1
-    paged = load_paged_moe(folder, expert_cache_bytes=slots * expert_bytes(model), cache_policy=policy,
+    paged = load_paged_moe(spec_for(folder, expert_cache_bytes=slots * expert_bytes(model), cache_policy=policy),
                            cpu_miss_exec=cpu_miss_exec, cpu_miss_max_tokens=2)
     calls, handles = record_routing(paged.model)
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_misses_are_the_experts_transformers_routed_to(family):
         model(family["ids"])
     for h in handles:
         h.remove()
-    paged = load_paged_moe(family["folder"], prefetch=False)
+    paged = load_paged_moe(spec_for(family["folder"]), prefetch=False)
     with torch.no_grad():
         paged.model(family["ids"])
         s = paged.stats()
@@ -115,7 +115,8 @@ def test_per_layer_scope_with_a_dense_layer(tmp_path):
     model = tiny_family("deepseek_v2", seed=4)
     folder = save_family(model, tmp_path / "ds")
     n_moe = len(moe_layers(model))
-    paged = load_paged_moe(folder, expert_cache_bytes=2 * n_moe * expert_bytes(model), cache_scope="per_layer")
+    paged = load_paged_moe(spec_for(folder, expert_cache_bytes=2 * n_moe * expert_bytes(model)),
+                           cache_scope="per_layer")
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert (paged.model(ids).logits - model(ids).logits).abs().max().item() <= FP32_TOL
@@ -132,7 +133,7 @@ def test_4bit_experts_match_transformers_on_dequantized_weights(tmp_path):
     spec = QuantSpec(bits=4, group_size=16)
     write_variant(folder, spec)
     q_expert_bytes = 3 * spec.nbytes((16, 32))   # gate, up [16, 32] and down [32, 16] of one expert
-    paged = load_paged_moe(folder, variant="fast", quant_spec=spec, expert_cache_bytes=5 * q_expert_bytes)
+    paged = load_paged_moe(spec_for(folder, variant="fast", expert_cache_bytes=5 * q_expert_bytes), quant_spec=spec)
     assert paged.store.variant == "q4g16" and paged.store.expert_bytes == q_expert_bytes
     assert paged.cache.capacity == 5 < num_experts(model)
     ref = dequantized_reference(model, folder)
@@ -166,6 +167,6 @@ def test_gpt_oss_and_unknown_experts_are_refused_with_what_is_supported(tmp_path
         (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "num_experts"}))
         assert is_moe_folder(folder)
         with pytest.raises(ValueError) as err:
-            load_paged_moe(folder)   # refused from config.json and the meta model: no weights needed
+            load_paged_moe(spec_for(folder))   # refused from config.json and the meta model: no weights needed
         assert "Qwen3-MoE, DeepSeek-V2/V3, GLM-4-MoE, OLMoE" in str(err.value)
         assert ("MXFP4" in str(err.value)) == (name == "gpt-oss")

@@ -11,6 +11,7 @@ from transformers import MixtralForCausalLM
 
 from jobs.contract.errors import BudgetError
 from jobs.paging.moe.load import load_paged_moe
+from jobs.paging.open import spec_for
 from jobs.paging.plan.settings import is_moe_folder
 
 pytestmark = pytest.mark.engine
@@ -36,8 +37,7 @@ def max_diff(a, b) -> float:
 @pytest.mark.parametrize("n_cached", [1, 2, 5, N_EXPERTS])
 def test_logits_match_transformers(folder, ref, policy, n_cached):
     ids = prompts(3, 16)
-    paged = load_paged_moe(folder, expert_cache_bytes=n_cached * expert_bytes(ref),
-                           cache_policy=policy)
+    paged = load_paged_moe(spec_for(folder, expert_cache_bytes=n_cached * expert_bytes(ref), cache_policy=policy))
     with torch.no_grad():
         diff = max_diff(paged.model(ids).logits, ref(ids).logits)
         again = max_diff(paged.model(ids).logits, ref(ids).logits)  # warm cache, same answer
@@ -52,7 +52,7 @@ def test_counters_match_routing(folder, ref):
     """With room for every expert and no prefetch, misses are the distinct experts routed to,
     and every other lookup (one per layer per expert used) is a hit."""
     ids = prompts(2, 12)
-    paged = load_paged_moe(folder, prefetch=False)
+    paged = load_paged_moe(spec_for(folder), prefetch=False)
     with torch.no_grad():
         router_logits = ref(ids, output_router_logits=True).router_logits
         paged.model(ids)
@@ -69,7 +69,7 @@ def test_counters_match_routing(folder, ref):
 
 def test_greedy_32_tokens_identical(folder, ref):
     ids = prompts(1, 8)
-    paged = load_paged_moe(folder, expert_cache_bytes=3 * expert_bytes(ref))
+    paged = load_paged_moe(spec_for(folder, expert_cache_bytes=3 * expert_bytes(ref)))
     kwargs = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
     assert torch.equal(paged.model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
     s = paged.stats()
@@ -86,7 +86,7 @@ def test_left_padded_batch_equals_one_by_one(folder, ref):
         ids[i, width - len(row):] = row
         mask[i, width - len(row):] = 1
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
-    paged = load_paged_moe(folder, expert_cache_bytes=4 * expert_bytes(ref))
+    paged = load_paged_moe(spec_for(folder, expert_cache_bytes=4 * expert_bytes(ref)))
     batch = paged.model.generate(ids, attention_mask=mask, **kwargs)[:, width:]
     assert torch.equal(batch, ref.generate(ids, attention_mask=mask, **kwargs)[:, width:])
     for i, row in enumerate(rows):
@@ -97,7 +97,7 @@ def test_left_padded_batch_equals_one_by_one(folder, ref):
 @pytest.mark.parametrize("writer", [save_fused, save_per_expert_sharded])
 def test_checkpoint_layouts_load_and_match(tmp_path, ref, writer):
     folder = writer(ref, tmp_path / writer.__name__)
-    paged = load_paged_moe(folder, expert_cache_bytes=2 * expert_bytes(ref))
+    paged = load_paged_moe(spec_for(folder, expert_cache_bytes=2 * expert_bytes(ref)))
     ids = prompts(2, 10)
     with torch.no_grad():
         assert max_diff(paged.model(ids).logits, ref(ids).logits) <= 1e-5
@@ -105,8 +105,8 @@ def test_checkpoint_layouts_load_and_match(tmp_path, ref, writer):
 
 def test_cpu_miss_exec_same_logits_fewer_copies(folder, ref):
     ids = prompts(1, 6)
-    off = load_paged_moe(folder, expert_cache_bytes=2 * expert_bytes(ref), prefetch=False)
-    on = load_paged_moe(folder, expert_cache_bytes=2 * expert_bytes(ref), prefetch=False,
+    off = load_paged_moe(spec_for(folder, expert_cache_bytes=2 * expert_bytes(ref)), prefetch=False)
+    on = load_paged_moe(spec_for(folder, expert_cache_bytes=2 * expert_bytes(ref)), prefetch=False,
                         cpu_miss_exec=True, cpu_miss_max_tokens=6)
     with torch.no_grad():
         assert max_diff(on.model(ids).logits, off.model(ids).logits) <= 1e-6
@@ -147,7 +147,7 @@ def test_bf16_close_to_transformers_bf16(folder):
     ref16 = MixtralForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
                                                experts_implementation="grouped_mm").eval()
     assert ref16.config._experts_implementation == "grouped_mm"
-    paged = load_paged_moe(folder, dtype="bf16", expert_cache_bytes=4 * expert_bytes(ref16, 2))
+    paged = load_paged_moe(spec_for(folder, dtype="bf16", expert_cache_bytes=4 * expert_bytes(ref16, 2)))
     ids = prompts(16, 4)  # short rows: a tie in an early layer takes the rest of its row out
     with torch.no_grad():
         a, b = paged.model(ids).logits.float(), ref16(ids).logits.float()
@@ -173,7 +173,7 @@ def test_bf16_experts_round_once_and_stay_near_fp32(folder, ref):
     accumulating in fp32 and rounding once leaves at most one bf16 rounding (summing in bf16 did not).
     And against the fp32 model's experts: within the first-order error bound of bf16 inputs to fp32-accumulated
     matmuls, propagated through SwiGLU and the weighted sum."""
-    paged = load_paged_moe(folder, dtype="bf16", prefetch=False)
+    paged = load_paged_moe(spec_for(folder, dtype="bf16"), prefetch=False)
     torch.manual_seed(3)
     x = torch.randn(256, ref.config.hidden_size).to(torch.bfloat16)  # exact in both formats
     _, weights, index = ref.model.layers[0].mlp.gate(x.float())
@@ -223,8 +223,8 @@ def test_ram_budget_below_the_staging_ring_names_bytes_needed(folder, ref):
     in the arena); below those slots it refuses, naming both numbers."""
     staging = 2 * -(-expert_bytes(ref) // 64) * 64
     with pytest.raises(BudgetError, match=f"needs at least {staging} bytes.*or to {N_EXPERTS * staging // 2} "):
-        load_paged_moe(folder, ram_budget_bytes=staging - 1)
-    with load_paged_moe(folder, ram_budget_bytes=N_EXPERTS * expert_bytes(ref) - 1) as paged:
+        load_paged_moe(spec_for(folder, ram_budget_bytes=staging - 1))
+    with load_paged_moe(spec_for(folder, ram_budget_bytes=N_EXPERTS * expert_bytes(ref) - 1)) as paged:
         assert paged.stats()["experts_in_ram"] == N_EXPERTS - 3  # one expert short: 2 make room for staging
 
 
@@ -233,9 +233,9 @@ def test_cache_budget_below_one_expert_refused_before_reading_weights(folder, re
     config_only.mkdir()
     shutil.copy(folder / "config.json", config_only)
     with pytest.raises(BudgetError, match=f"one expert of {expert_bytes(ref)} bytes"):
-        load_paged_moe(config_only, expert_cache_bytes=expert_bytes(ref) - 1)
+        load_paged_moe(spec_for(config_only, expert_cache_bytes=expert_bytes(ref) - 1))
     with pytest.raises(BudgetError, match="needs"):
-        load_paged_moe(config_only, ram_budget_bytes=1000)
+        load_paged_moe(spec_for(config_only, ram_budget_bytes=1000))
 
 
 def test_is_moe_folder(folder, tmp_path):
@@ -244,4 +244,4 @@ def test_is_moe_folder(folder, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert not is_moe_folder(tmp_path)
     with pytest.raises(ValueError, match="not a MoE"):
-        load_paged_moe(tmp_path)
+        load_paged_moe(spec_for(tmp_path))

@@ -6,6 +6,7 @@ import torch
 from moe_helpers import expert_bytes, save_hf, tiny_mixtral
 
 from jobs.paging.moe.load import load_paged_moe
+from jobs.paging.open import spec_for
 
 pytestmark = pytest.mark.engine
 
@@ -25,8 +26,7 @@ def routing(n_tokens: int, experts: list[list[int]]):
 @pytest.mark.parametrize("n_cached", [1, 3])
 def test_layer_output_equals_transformers_experts(model_and_folder, n_cached):
     model, folder = model_and_folder
-    paged = load_paged_moe(folder, expert_cache_bytes=n_cached * expert_bytes(model),
-                           prefetch=False)
+    paged = load_paged_moe(spec_for(folder, expert_cache_bytes=n_cached * expert_bytes(model)), prefetch=False)
     torch.manual_seed(0)
     hidden = torch.randn(5, model.config.hidden_size)
     index, weights = routing(5, [[0, 7], [3, 0], [7, 6], [1, 2], [6, 3]])
@@ -39,7 +39,7 @@ def test_layer_output_equals_transformers_experts(model_and_folder, n_cached):
 
 def test_resident_experts_run_before_misses_evict_them(model_and_folder):
     model, folder = model_and_folder
-    paged = load_paged_moe(folder, expert_cache_bytes=expert_bytes(model), prefetch=False)
+    paged = load_paged_moe(spec_for(folder, expert_cache_bytes=expert_bytes(model)), prefetch=False)
     hidden = torch.randn(1, model.config.hidden_size)
     experts = paged.model.model.layers[0].mlp.experts
     with torch.no_grad():

@@ -11,6 +11,7 @@ from moe_helpers import TINY, dequantized_experts, expert_bytes, prompts, refere
 from jobs.contract.errors import ModelFolderError
 from jobs.paging.moe.load import load_paged_moe
 from jobs.paging.moe.store import expert_nbytes
+from jobs.paging.open import spec_for
 from jobs.paging.quant import QuantSpec, write_variant
 
 pytestmark = pytest.mark.engine
@@ -42,8 +43,8 @@ def test_logits_equal_transformers_on_dequantized_weights(folders, layout, n_cac
     the dequantized weights, to fp32 rounding (the 1e-5 of the precise pager's tests)."""
     folder = folders[layout]
     ref = reference(folder, dequantized_experts(folder))
-    paged = load_paged_moe(folder, variant="fast", cpu_miss_exec=cpu_exec,
-                           expert_cache_bytes=n_cached * SPEC_EXPERT_BYTES)
+    paged = load_paged_moe(spec_for(folder, variant="fast", expert_cache_bytes=n_cached * SPEC_EXPERT_BYTES),
+                           cpu_miss_exec=cpu_exec)
     ids = prompts(3, 12)
     with torch.no_grad():
         for _ in range(2):  # a second pass runs from a warm cache
@@ -75,7 +76,7 @@ def test_logits_close_to_precise_within_quantization_bound(folders):
         e_w = max(e_w, rel_err(gate_up, mod.gate_up_proj[e].detach()),
                   rel_err(down, mod.down_proj[e].detach()))
     bound = TINY["num_hidden_layers"] * math.sqrt(3) * e_w
-    paged = load_paged_moe(folder, variant="fast", expert_cache_bytes=5 * SPEC_EXPERT_BYTES)
+    paged = load_paged_moe(spec_for(folder, variant="fast", expert_cache_bytes=5 * SPEC_EXPERT_BYTES))
     ids = prompts(4, 16)
     with torch.no_grad():
         exact = precise(ids).logits
@@ -123,7 +124,7 @@ def test_byte_accounting_uses_4bit_size(tmp_path, group_size, shape):
     bf16 = expert_nbytes(c, torch.bfloat16)
     assert want * 16 == bf16 * (4 + 32 / group_size)  # 6/16 for g16, 4.5/16 for g64
     budget = 4 * want + want // 2
-    paged = load_paged_moe(folder, variant="fast", expert_cache_bytes=budget, prefetch=False)
+    paged = load_paged_moe(spec_for(folder, variant="fast", expert_cache_bytes=budget), prefetch=False)
     assert paged.store.expert_bytes == want
     assert paged.store.buffer((1, 3)).dtype == torch.uint8 and paged.store.buffer((1, 3)).numel() == want
     assert paged.store.total_bytes == N_EXPERTS * want
@@ -141,13 +142,13 @@ def test_budget_for_n_4bit_experts_holds_n(folders):
     fewer than half as many."""
     n = 7
     budget = n * SPEC_EXPERT_BYTES + SPEC_EXPERT_BYTES - 1
-    paged = load_paged_moe(folders["per_expert"], variant="fast", expert_cache_bytes=budget)
+    paged = load_paged_moe(spec_for(folders["per_expert"], variant="fast", expert_cache_bytes=budget))
     with torch.no_grad():
         paged.model.generate(prompts(2, 8), max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert len(paged.cache.resident_keys()) == n
     assert paged.stats()["resident_bytes"] == n * SPEC_EXPERT_BYTES <= budget
     paged.close()
-    precise = load_paged_moe(folders["per_expert"], dtype="bf16", expert_cache_bytes=budget)
+    precise = load_paged_moe(spec_for(folders["per_expert"], dtype="bf16", expert_cache_bytes=budget))
     assert precise.cache.capacity == budget // expert_bytes(tiny_mixtral(), 2) < n / 2
     precise.close()
 
@@ -155,13 +156,13 @@ def test_budget_for_n_4bit_experts_holds_n(folders):
 def test_missing_or_incomplete_variant_says_what_to_do(tmp_path):
     folder = save_hf(tiny_mixtral(), tmp_path / "m")
     with pytest.raises(ModelFolderError, match=r"lab-attendant model quantize NAME --bits 4.*jobs.paging.quant"):
-        load_paged_moe(folder, variant="fast")
-    auto = load_paged_moe(folder, variant="auto")
+        load_paged_moe(spec_for(folder, variant="fast"))
+    auto = load_paged_moe(spec_for(folder, variant="auto"))
     assert auto.stats()["expert_variant"] == "precise" and auto.stats()["expert_bits"] == 32
     auto.close()
     with pytest.raises(ValueError, match="unknown variant"):
-        load_paged_moe(folder, variant="4bit")
+        load_paged_moe(spec_for(folder, variant="4bit"))
     # group 32 divides intermediate 64 (w2) but not hidden 48 (w1, w3): those stay precise
     write_variant(folder, QuantSpec(4, 32))
     with pytest.raises(ModelFolderError, match="no complete quantized weights.*--group-size"):
-        load_paged_moe(folder, variant="fast")
+        load_paged_moe(spec_for(folder, variant="fast"))

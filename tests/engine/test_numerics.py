@@ -14,6 +14,7 @@ from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.generate import Sampling, generate
 from jobs.paging.numerics import resolve_numerics
+from jobs.paging.open import spec_for
 
 pytestmark = pytest.mark.engine
 
@@ -58,9 +59,9 @@ def _greedy_ids(loaded, prompts) -> list[list[int]]:
 
 
 def test_gemma_fp16_safe_matches_fp32_greedy(gemma_dir):
-    with load_streamed(gemma_dir, dtype="fp32") as loaded:
+    with load_streamed(spec_for(gemma_dir, dtype="fp32")) as loaded:
         reference = _greedy_ids(loaded, HIDDEN_PROMPTS)
-    with load_streamed(gemma_dir, dtype="fp16") as loaded:  # fp16_safe auto: on for Gemma
+    with load_streamed(spec_for(gemma_dir, dtype="fp16")) as loaded:  # fp16_safe auto: on for Gemma
         stats = loaded.stats()
         result = generate(loaded, HIDDEN_PROMPTS, max_new_tokens=NEW_TOKENS, batch_size=len(HIDDEN_PROMPTS))
     assert (stats["dtype"], stats["fp16_safe"]) == ("fp16", True)
@@ -80,7 +81,7 @@ def test_gemma_fp16_unsafe_fails_naming_layer_and_setting(gemma_dir):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dirs):
-    with load_streamed(tiny_dirs["qwen2"], dtype="fp32") as loaded:
+    with load_streamed(spec_for(tiny_dirs["qwen2"], dtype="fp32")) as loaded:
         yield loaded
 
 
@@ -112,3 +113,45 @@ def test_inf_logit_fails_naming_the_logits(tiny):
             generate(tiny, PROMPTS[:2], max_new_tokens=4, sampling=Sampling(greedy=False, temperature=1.0))
     finally:
         handle.remove()
+
+
+def test_explicit_bf16_on_a_card_without_it_is_refused_with_a_sentence(monkeypatch):
+    from jobs.contract.errors import SettingError
+
+    monkeypatch.setattr(capability, "device_capability", lambda device: (7, 5))
+    with pytest.raises(SettingError, match=r'dtype "bf16" on sm_75 runs emulated .* set dtype = "auto" or "fp16"'):
+        resolve_numerics("bf16", "auto", "cuda", "llama")
+    monkeypatch.setattr(capability, "device_capability", lambda device: (8, 0))
+    assert resolve_numerics("bf16", "auto", "cuda", "llama") == (torch.bfloat16, False)
+
+
+@pytest.mark.parametrize(("capability_", "dtype", "reduced"), [
+    ((7, 5), "auto", False), ((7, 5), "fp16", False), ((8, 6), "fp16", False),
+    ((8, 6), "auto", True), ((7, 5), "fp32", True)])
+def test_fp16_on_cuda_turns_off_cublas_reduced_precision_reduction(monkeypatch, capability_, dtype, reduced):
+    """Split-K partial sums in fp16 lose digits on long dot products: off for every fp16 run on CUDA, left
+    as torch has it (on) otherwise."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_fp16_reduced_precision_reduction  # a process-wide flag (no monkeypatch on it)
+    try:
+        matmul.allow_fp16_reduced_precision_reduction = True
+        monkeypatch.setattr(capability, "device_capability", lambda device: capability_)
+        resolve_numerics(dtype, "auto", "cuda", "llama")
+        assert matmul.allow_fp16_reduced_precision_reduction is reduced
+        monkeypatch.setattr(capability, "device_capability", lambda device: None)
+        resolve_numerics("fp16", "auto", "cpu", "llama")  # the CPU: cuBLAS is not involved, nothing changes
+        assert matmul.allow_fp16_reduced_precision_reduction is reduced
+    finally:
+        matmul.allow_fp16_reduced_precision_reduction = before
+
+
+def test_sdpa_backends_leave_flash_out_below_sm_80(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: True)
+    monkeypatch.setattr(torch.backends.cuda, "mem_efficient_sdp_enabled", lambda: True)
+    monkeypatch.setattr(torch.backends.cuda, "math_sdp_enabled", lambda: True)
+    monkeypatch.setattr(capability, "device_capability", lambda device: (7, 5))
+    assert "flash" not in capability.sdpa_backends("cuda").split(",")
+    assert "efficient" in capability.sdpa_backends("cuda").split(",")
+    monkeypatch.setattr(capability, "device_capability", lambda device: (8, 0))
+    assert capability.sdpa_backends("cuda").split(",")[0] == "flash"
+    assert capability.sdpa_backends("cpu") == "cpu"

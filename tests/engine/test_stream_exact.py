@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.generate import generate
+from jobs.paging.open import spec_for
 
 pytestmark = pytest.mark.engine
 NEW_TOKENS = 32
@@ -22,7 +23,7 @@ def check_exact(stream_dir, ref_dir, new_tokens: int, prompts: list[str]) -> Non
     ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
     # 2 resident layers + 2 streaming slots: most layers really stream from disk.
     budget = 4 * _layer_bytes_fp32(stream_dir)
-    with load_streamed(stream_dir, dtype="fp32", vram_budget_bytes=budget) as streamed:
+    with load_streamed(spec_for(stream_dir, dtype="fp32", vram_budget_bytes=budget)) as streamed:
         assert streamed.stats()["streamed_layers"] >= 2
         expected = resident_logits(ref, streamed.tokenizer, prompts)
         got = resident_logits(streamed.model, streamed.tokenizer, prompts)

@@ -22,6 +22,7 @@ from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.variants import choose_variants, summary
 from jobs.paging.generate import generate
+from jobs.paging.open import spec_for
 from jobs.paging.quant import QuantSpec
 
 pytestmark = pytest.mark.engine
@@ -119,8 +120,8 @@ def test_fast_stream_matches_transformers_on_dequantized_weights(tiny_fast, ram_
     folder, _ = tiny_fast
     ref = _dequantized_reference(folder)
     layer_bytes = max(ModelStore(folder).layer_nbytes_as(torch.float32))
-    with load_streamed(folder, variant="fast", vram_budget_bytes=3 * layer_bytes,
-                       ram_budget_bytes=ram_layers * layer_bytes) as fast:
+    with load_streamed(spec_for(folder, variant="fast", vram_budget_bytes=3 * layer_bytes,
+                                ram_budget_bytes=ram_layers * layer_bytes)) as fast:
         tok = fast.tokenizer
         tok.padding_side = "left"
         enc = tok(PROMPTS[:3], return_tensors="pt", padding=True)
@@ -138,9 +139,9 @@ def test_fast_stream_matches_transformers_on_dequantized_weights(tiny_fast, ram_
 
 def test_missing_variant_is_a_clear_error(tiny_dirs, capsys):
     with pytest.raises(ModelFolderError, match="lab-attendant model quantize llama --bits 4"):
-        load_streamed(tiny_dirs["llama"], variant="fast")
+        load_streamed(spec_for(tiny_dirs["llama"], variant="fast"))
     with pytest.raises(ValueError, match="turbo"):
-        load_streamed(tiny_dirs["llama"], variant="turbo")
+        load_streamed(spec_for(tiny_dirs["llama"], variant="turbo"))
     assert generate_main(["--model", str(tiny_dirs["llama"]), "--prompt", "hi", "--variant", "auto"]) == 2
     assert "lab-attendant model quantize" in capsys.readouterr().err
 
@@ -178,7 +179,7 @@ def q4_quality(gemma_q4, reference) -> dict[str, float]:
     at each generated position is compared with the reference token. Free-running: the fast model
     generates on its own; positions before its first divergence count as agreeing.
     """
-    with load_streamed(gemma_q4, variant="fast", dtype="fp32") as fast:
+    with load_streamed(spec_for(gemma_q4, variant="fast", dtype="fp32")) as fast:
         tok = fast.tokenizer
         assert fast.stats()["fast_layers"] == 18
         agree = total = free_agree = 0
@@ -228,7 +229,7 @@ def test_gemma_q4_meets_issue_thresholds(q4_quality):
 def _bytes_per_pass(model_dir: Path, **kwargs) -> tuple[int, dict]:
     """Disk bytes of the second forward pass with every layer streamed (no prefetch: counts are exact)."""
     layer_bytes = max(ModelStore(model_dir).layer_nbytes_as(torch.float32))
-    with load_streamed(model_dir, vram_budget_bytes=layer_bytes, prefetch=False, **kwargs) as streamed:
+    with load_streamed(spec_for(model_dir, vram_budget_bytes=layer_bytes, **kwargs), prefetch=False) as streamed:
         enc = streamed.tokenizer(PROMPTS[:1], return_tensors="pt")
         with torch.no_grad():
             streamed.model(**enc)
@@ -242,7 +243,7 @@ def _bytes_per_pass(model_dir: Path, **kwargs) -> tuple[int, dict]:
 def test_gemma_q4_reads_a_quarter_of_the_bytes_and_auto_in_between(gemma_q4):
     precise, p_stats = _bytes_per_pass(gemma_q4, variant="precise")
     fast, f_stats = _bytes_per_pass(gemma_q4, variant="fast")
-    auto, a_stats = _bytes_per_pass(gemma_q4, variant="auto", keep_precise=1)
+    auto, a_stats = _bytes_per_pass(gemma_q4, variant="auto", keep_precise_layers=1)
     ratio = fast / precise
     print(f"\nbytes read per pass: precise {precise}, fast {fast} (ratio {ratio:.3f}), auto {auto}")
     # 4 bits per weight plus an fp16 scale and zero per 64 weights = 4.5 bits of 16 (0.281); the
@@ -260,7 +261,7 @@ def test_gemma_q4_reads_a_quarter_of_the_bytes_and_auto_in_between(gemma_q4):
 
 def test_gemma_auto_keeps_resident_layers_precise(gemma_q4):
     layer_bytes = max(ModelStore(gemma_q4).layer_nbytes_as(torch.float32))
-    with load_streamed(gemma_q4, variant="auto", vram_budget_bytes=5 * layer_bytes) as streamed:
+    with load_streamed(spec_for(gemma_q4, variant="auto", vram_budget_bytes=5 * layer_bytes)) as streamed:
         stats = streamed.stats()
     assert stats["resident_layers"] == 3
     assert stats["variants"] == "PPP" + "F" * 14 + "P"

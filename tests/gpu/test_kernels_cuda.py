@@ -25,16 +25,17 @@ def _logits(loaded) -> torch.Tensor:
 def test_liger_streamed_gemma_matches_torch_kernels_in_bf16():
     from jobs.paging.dense.layer_stream import load_streamed
     from jobs.paging.dense.model_store import ModelStore
+    from jobs.paging.open import spec_for
 
     gemma_dir = find_test_model()
     # Four layers' worth on the device: the rest stream, so patched norms see swapped weights every pass.
     budget = 4 * max(ModelStore(gemma_dir).layer_nbytes_as(torch.bfloat16))
     # The torch run comes first: Liger's RoPE stays patched for CUDA tensors process-wide once applied.
-    with load_streamed(gemma_dir, device="cuda", dtype="bf16", vram_budget_bytes=budget,
-                       kernels="torch") as plain:
+    with load_streamed(spec_for(gemma_dir, device="cuda", dtype="bf16", vram_budget_bytes=budget,
+                                kernels="torch")) as plain:
         want = _logits(plain)
-    with load_streamed(gemma_dir, device="cuda", dtype="bf16", vram_budget_bytes=budget,
-                       kernels="liger") as patched:
+    with load_streamed(spec_for(gemma_dir, device="cuda", dtype="bf16", vram_budget_bytes=budget,
+                                kernels="liger")) as patched:
         stats = patched.stats()
         got = _logits(patched)
         assert "forward" in vars(patched.model.model.norm)  # the instance really carries Liger's forward
@@ -46,6 +47,6 @@ def test_liger_streamed_gemma_matches_torch_kernels_in_bf16():
     assert (got - want).abs().max() <= 0.03 * spread
     assert (got[:, -1].argmax(-1) == want[:, -1].argmax(-1)).float().mean() >= 0.75
     # Liger's class and RoPE patches did not leak: a CPU model built afterwards runs plain torch.
-    with load_streamed(gemma_dir, device="cpu", dtype="fp32") as cpu:
+    with load_streamed(spec_for(gemma_dir, device="cpu", dtype="fp32")) as cpu:
         assert cpu.stats()["kernels_reason"] == "cpu"
         assert torch.isfinite(_logits(cpu)).all()

@@ -13,8 +13,9 @@ from engine_helpers import PROMPTS, find_test_model  # noqa: E402
 @pytest.fixture(scope="module")
 def gemma():
     from jobs.paging.dense.layer_stream import load_streamed
+    from jobs.paging.open import spec_for
 
-    with load_streamed(find_test_model(), device="cuda", dtype="bf16") as loaded:
+    with load_streamed(spec_for(find_test_model(), device="cuda", dtype="bf16")) as loaded:
         yield loaded
 
 

@@ -21,11 +21,12 @@ def test_cuda_logits_match_transformers(folder, policy, n_cached):
     from transformers import MixtralForCausalLM
 
     from jobs.paging.moe.load import load_paged_moe
+    from jobs.paging.open import spec_for
 
     ref = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
     # fp32 explicitly: dtype "auto" is bf16 on a card with native bf16, and the reference is fp32
-    paged = load_paged_moe(folder, device="cuda", dtype="fp32", expert_cache_bytes=n_cached * expert_bytes(ref),
-                           cache_policy=policy)
+    paged = load_paged_moe(spec_for(folder, device="cuda", dtype="fp32",
+                                    expert_cache_bytes=n_cached * expert_bytes(ref), cache_policy=policy))
     assert paged.store.buffer((0, 0)).is_pinned()  # no ram_budget_bytes: every tiny expert fits half of RAM
     assert paged.stats()["host_pinned_bytes"] == paged.stats()["host_ram_bytes"] > 0
     assert paged.stats()["experts_from_disk"] == 0
@@ -45,10 +46,12 @@ def test_cuda_logits_match_transformers(folder, policy, n_cached):
 
 def test_cuda_cpu_miss_exec_same_logits(folder):
     from jobs.paging.moe.load import load_paged_moe
+    from jobs.paging.open import spec_for
 
     ids = prompts(1, 6).cuda()
-    kw = dict(device="cuda", dtype="fp32", expert_cache_bytes=2 * expert_bytes(tiny_mixtral()), prefetch=False)
-    off, on = load_paged_moe(folder, **kw), load_paged_moe(folder, cpu_miss_exec=True, **kw)
+    kw = dict(device="cuda", dtype="fp32", expert_cache_bytes=2 * expert_bytes(tiny_mixtral()))
+    off = load_paged_moe(spec_for(folder, **kw), prefetch=False)
+    on = load_paged_moe(spec_for(folder, **kw), prefetch=False, cpu_miss_exec=True)
     with torch.no_grad():
         out_on = on.model(ids[:, :1]).logits
         out_off = off.model(ids[:, :1]).logits
@@ -58,9 +61,10 @@ def test_cuda_cpu_miss_exec_same_logits(folder):
 
 def test_cuda_bf16_prefetch_reports(folder):
     from jobs.paging.moe.load import load_paged_moe
+    from jobs.paging.open import spec_for
 
-    paged = load_paged_moe(folder, device="cuda", dtype="bf16",
-                           expert_cache_bytes=6 * expert_bytes(tiny_mixtral(), 2))
+    paged = load_paged_moe(spec_for(folder, device="cuda", dtype="bf16",
+                                    expert_cache_bytes=6 * expert_bytes(tiny_mixtral(), 2)))
     ids = prompts(1, 8).cuda()
     paged.model.generate(ids, max_new_tokens=16, do_sample=False)
     s = paged.stats()
@@ -81,12 +85,13 @@ def test_cuda_ram_budget_stages_from_disk(folder, in_ram, cpu_exec):
     from transformers import MixtralForCausalLM
 
     from jobs.paging.moe.load import load_paged_moe
+    from jobs.paging.open import spec_for
 
     ref = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
     eb = expert_bytes(ref)
     budget = staged_budget(eb, in_ram)
-    paged = load_paged_moe(folder, device="cuda", dtype="fp32", ram_budget_bytes=budget, expert_cache_bytes=3 * eb,
-                           cpu_miss_exec=cpu_exec, cpu_miss_max_tokens=2)
+    paged = load_paged_moe(spec_for(folder, device="cuda", dtype="fp32", ram_budget_bytes=budget,
+                                    expert_cache_bytes=3 * eb), cpu_miss_exec=cpu_exec, cpu_miss_max_tokens=2)
     s = paged.stats()
     assert s["host_pinned_bytes"] == s["host_ram_bytes"] == budget  # one registration, exact bytes
     assert (s["experts_in_ram"], s["experts_from_disk"], s["staging_slots"]) == (in_ram, 24 - in_ram, 2)

@@ -20,12 +20,14 @@ def folder(tmp_path_factory):
 def test_cuda_4bit_matches_cpu_4bit(folder, n_cached, in_ram):
     """in_ram None: every expert in the pinned arena; 8: the other 16 staged from the variant's mmap."""
     from jobs.paging.moe.load import load_paged_moe
+    from jobs.paging.open import spec_for
 
-    cpu = load_paged_moe(folder, variant="fast")
+    cpu = load_paged_moe(spec_for(folder, variant="fast"))
     eb = cpu.store.expert_bytes
     budget = None if in_ram is None else (in_ram + 2) * (-(-eb // 64) * 64)
-    gpu = load_paged_moe(folder, device="cuda", dtype="fp32", variant="fast", expert_cache_bytes=n_cached * eb,
-                         ram_budget_bytes=budget)  # fp32 as on the CPU: "auto" is bf16 on a bf16 card
+    # fp32 as on the CPU: "auto" is bf16 on a bf16 card
+    gpu = load_paged_moe(spec_for(folder, device="cuda", dtype="fp32", variant="fast",
+                                  expert_cache_bytes=n_cached * eb, ram_budget_bytes=budget))
     assert gpu.store.buffer((0, 0)).is_pinned() and gpu.store.buffer((0, 0)).dtype == torch.uint8
     assert gpu.stats()["host_pinned_bytes"] == gpu.stats()["host_ram_bytes"] <= (budget or float("inf"))
     assert gpu.stats()["experts_from_disk"] == (0 if in_ram is None else 24 - in_ram)
@@ -46,11 +48,12 @@ def test_cuda_4bit_matches_cpu_4bit(folder, n_cached, in_ram):
 
 def test_cuda_4bit_bf16_and_cpu_miss_exec(folder):
     from jobs.paging.moe.load import load_paged_moe
+    from jobs.paging.open import spec_for
 
-    kw = dict(device="cuda", dtype="bf16", variant="fast", prefetch=False)
-    eb = load_paged_moe(folder, variant="fast").store.expert_bytes
-    off = load_paged_moe(folder, expert_cache_bytes=2 * eb, **kw)
-    on = load_paged_moe(folder, expert_cache_bytes=2 * eb, cpu_miss_exec=True, **kw)
+    kw = dict(device="cuda", dtype="bf16", variant="fast")
+    eb = load_paged_moe(spec_for(folder, variant="fast")).store.expert_bytes
+    off = load_paged_moe(spec_for(folder, expert_cache_bytes=2 * eb, **kw), prefetch=False)
+    on = load_paged_moe(spec_for(folder, expert_cache_bytes=2 * eb, **kw), prefetch=False, cpu_miss_exec=True)
     ids = prompts(1, 6).cuda()
     with torch.no_grad():
         a, b = off.model(ids[:, :1]).logits.float(), on.model(ids[:, :1]).logits.float()

@@ -24,11 +24,12 @@ def test_cuda_stream_matches_resident(gemma_dir, ram_budget_layers):
     from jobs.paging.dense.layer_stream import load_streamed
     from jobs.paging.dense.model_store import ModelStore
     from jobs.paging.generate import generate
+    from jobs.paging.open import spec_for
 
     layer_bytes = max(ModelStore(gemma_dir).layer_nbytes_as(torch.float32))
     ref = AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).to("cuda").eval()
-    with load_streamed(gemma_dir, device="cuda", dtype="fp32", vram_budget_bytes=4 * layer_bytes,
-                       ram_budget_bytes=ram_budget_layers * layer_bytes) as streamed:
+    with load_streamed(spec_for(gemma_dir, device="cuda", dtype="fp32", vram_budget_bytes=4 * layer_bytes,
+                                ram_budget_bytes=ram_budget_layers * layer_bytes)) as streamed:
         tok = streamed.tokenizer
         tok.padding_side = "left"
         enc = tok(PROMPTS, return_tensors="pt", padding=True).to("cuda")

@@ -34,13 +34,14 @@ def test_cuda_fast_layers_match_cpu_fast_path(gemma_q4, ram_budget_layers):
     from jobs.paging.dense.layer_stream import load_streamed
     from jobs.paging.dense.model_store import ModelStore
     from jobs.paging.generate import generate
+    from jobs.paging.open import spec_for
 
     layer_bytes = max(ModelStore(gemma_q4).layer_nbytes_as(torch.float32))
-    with load_streamed(gemma_q4, device="cpu", dtype="fp32", variant="fast") as cpu:
+    with load_streamed(spec_for(gemma_q4, device="cpu", dtype="fp32", variant="fast")) as cpu:
         expected = _logits(cpu)
         expected_text = [o.token_ids for o in generate(cpu, PROMPTS, max_new_tokens=16, batch_size=4).outputs]
-    with load_streamed(gemma_q4, device="cuda", dtype="fp32", variant="fast", vram_budget_bytes=4 * layer_bytes,
-                       ram_budget_bytes=ram_budget_layers * layer_bytes) as gpu:
+    with load_streamed(spec_for(gemma_q4, device="cuda", dtype="fp32", variant="fast", vram_budget_bytes=4 * layer_bytes,
+                                ram_budget_bytes=ram_budget_layers * layer_bytes)) as gpu:
         for _ in range(2):  # the second pass comes from the pinned RAM cache when there is one
             assert (_logits(gpu) - expected).abs().max().item() <= 1e-3
         got = [o.token_ids for o in generate(gpu, PROMPTS, max_new_tokens=16, batch_size=4).outputs]
@@ -58,12 +59,13 @@ def test_cuda_fast_pass_copies_packed_bytes(gemma_q4):
     """One pass with every layer streamed copies exactly the packed parts (plus fp32 norms) to the device."""
     from jobs.paging.dense.layer_stream import load_streamed
     from jobs.paging.dense.model_store import ModelStore
+    from jobs.paging.open import spec_for
 
     store = ModelStore(gemma_q4)
     store.open_variant()
     layer_bytes = max(store.layer_nbytes_as(torch.float32))
-    with load_streamed(gemma_q4, device="cuda", dtype="fp32", variant="fast", vram_budget_bytes=layer_bytes,
-                       prefetch=False) as gpu:
+    with load_streamed(spec_for(gemma_q4, device="cuda", dtype="fp32", variant="fast",
+                                vram_budget_bytes=layer_bytes), prefetch=False) as gpu:
         enc = gpu.tokenizer(PROMPTS[:1], return_tensors="pt").to("cuda")
         with torch.no_grad():
             gpu.model(**enc)

@@ -11,8 +11,9 @@ import pytest
 from rich.console import Console
 
 from lab_attendant.cli.main import build_parser, main
-from lab_attendant.cli.render import duration, ellipsize, eta_s, metric, runs_table
+from lab_attendant.cli.render import duration, ellipsize, metric, runs_table
 from lab_attendant.cli.when import parse_age, parse_begin
+from lab_attendant.store.figures import eta_s
 from lab_attendant.store.states import RunState
 
 

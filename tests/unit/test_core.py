@@ -152,8 +152,8 @@ def test_protocol_line_buffer_splits_and_skips_garbage():
     data = protocol.encode("progress", done=1, total=2, unit="x") + b"not json\n"
     data += protocol.encode("result", path="/p")
     events = list(buf.feed(data[:10])) + list(buf.feed(data[10:]))
-    assert [e["event"] for e in events] == ["progress", "result"]
-    assert events[0]["done"] == 1 and events[1]["path"] == "/p"
+    assert [type(e) for e in events] == [protocol.Progress, protocol.Rejected, protocol.Result]
+    assert events[0].done == 1 and events[2].path == "/p" and events[1].line == b"not json"
     with pytest.raises(ValueError):
         protocol.encode("bogus")
 
@@ -162,5 +162,5 @@ def test_event_writer_writes_to_its_fd():
     r, w = os.pipe()
     protocol.EventWriter(w).emit("heartbeat")
     os.close(w)
-    assert protocol.decode(os.read(r, 4096))["event"] == "heartbeat"
+    assert isinstance(protocol.decode(os.read(r, 4096)), protocol.Heartbeat)
     protocol.EventWriter(None).emit("heartbeat")   # ad-hoc runs: a silent sink

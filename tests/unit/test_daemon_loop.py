@@ -1,122 +1,35 @@
-"""The daemon's loop without processes: a fake host (clock, signals), a fake launcher (scripted
-workers) and fake sensors around the real Daemon, Launcher stop/escalate logic and a real SQLite
+"""The daemon's loop without processes: a fake host (clock, signals), a fake local executor (scripted
+workers) and fake sensors around the real Daemon, LocalExecutor stop/escalate logic and a real SQLite
 store. Admission, holds by code, guard kills, timeouts, warm and cold shutdown, classify()."""
 from __future__ import annotations
 
 import signal
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from jobs.contract import protocol
-from jobs.contract.spec import RunSpec
 from lab_attendant.config import parse_config
 from lab_attendant.daemon.loop import HOLD_PAGING_OFF, Daemon
-from lab_attendant.executors.local import Launcher, Worker, WorkerExit, classify
+from lab_attendant.executors.exits import WorkerExit, classify
 from lab_attendant.guards.host import GpuReading
 from lab_attendant.store.states import RunState
-from tests.unit.fakes import FakeHost, FakeSensors
-
-EXIT_TERMINATED = 128 + signal.SIGTERM          # what jobs.worker returns after SIGTERM
-
-
-@dataclass
-class FakeProc:
-    pid: int
-    obeys_sigterm: bool = True
-    exit_code: int | None = None                # set by the test: the worker ended by itself
-
-
-@dataclass
-class FakeLauncher(Launcher):
-    """The real Launcher's stop/kill/escalate, with scripted workers instead of processes."""
-    host: FakeHost = field(default_factory=FakeHost)
-    kill_grace_s: float = 2.0
-    specs: list[RunSpec] = field(default_factory=list)
-    procs: dict[int, FakeProc] = field(default_factory=dict)     # run id -> its worker
-    events: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
-    obeys_sigterm: bool = True
-
-    def spawn(self, spec: RunSpec, *, python: Path, timeout_s: float) -> Worker:
-        self.specs.append(spec)
-        proc = FakeProc(pid=5000 + spec.run_id, obeys_sigterm=self.obeys_sigterm)
-        self.procs[spec.run_id] = proc
-        self.host.alive_groups.add(proc.pid)
-        now = self.host.monotonic()
-        return Worker(run_id=spec.run_id, needs_paging=spec.needs_paging, proc=proc,
-                      events_fd=-1, output_fd=-1, started_mono=now, deadline_mono=now + timeout_s,
-                      oom_kills_at_start=self.host.oom_kill_count())
-
-    def emit(self, run_id: int, event: str, **fields: Any) -> None:
-        self.events.setdefault(run_id, []).append({"event": event, **fields})
-
-    def finish(self, run_id: int, code: int, result: str | None = None) -> None:
-        if result:
-            self.emit(run_id, protocol.RESULT, path=result)
-        self.procs[run_id].exit_code = code
-
-    def read_events(self, w: Worker) -> list[dict[str, Any]]:
-        return self.events.pop(w.run_id, [])
-
-    def read_output(self, w: Worker, *, final: bool = False) -> list[bytes]:
-        return []
-
-    def poll(self, w: Worker) -> int | None:
-        proc = self.procs[w.run_id]
-        sent = {sig for pgid, sig in self.host.signals if pgid == proc.pid}
-        if proc.exit_code is None and signal.SIGKILL in sent:
-            proc.exit_code = -signal.SIGKILL
-        elif proc.exit_code is None and signal.SIGTERM in sent and proc.obeys_sigterm:
-            proc.exit_code = EXIT_TERMINATED
-        return proc.exit_code
-
-    def cleanup(self, w: Worker) -> None:
-        self.host.alive_groups.discard(w.pgid)
-
-
-def _daemon(tmp_path: Path, *, paging: bool = True, **sections: Any) -> tuple[Daemon, FakeLauncher, FakeSensors]:
-    cfg = parse_config({"paths": {"state_dir": "var"}, "worker": {"python": sys.executable},
-                        "limits": {"kill_grace_s": 2.0, "shutdown_grace_s": 30.0},
-                        "guards": {"guard_interval_s": 1.0, "min_available_ram_bytes": 0},
-                        **sections}, base_dir=tmp_path, source=None)
-    host, sensors = FakeHost(), FakeSensors()
-    launcher = FakeLauncher(host=host, kill_grace_s=cfg.limits.kill_grace_s)
-    daemon = Daemon(cfg, experimental_paging=paging, host=host, launcher=launcher, sensors=sensors)
-    daemon.open()
-    return daemon, launcher, sensors
-
-
-@pytest.fixture
-def loop(tmp_path: Path):
-    made: list[Daemon] = []
-
-    def make(**kw: Any):
-        d, launcher, sensors = _daemon(tmp_path, **kw)
-        made.append(d)
-        return d, launcher, sensors
-    yield make
-    for d in made:
-        d.close()
-
-
-def _submit(d: Daemon, kind: str = "probe", *, timeout_s: float = 600.0, **params: Any) -> int:
-    return d.store.submit(kind=kind, params=params, priority=0, timeout_s=timeout_s,
-                          needs_paging=d.kinds[kind].needs_paging).id
-
-
-def _state(d: Daemon, run_id: int) -> tuple[RunState, str]:
-    run = d.store.get(run_id)
-    return run.state, run.reason
+from tests.unit.fakes import (
+    EXIT_TERMINATED,
+    FakeHost,
+    FakeLocalExecutor,
+    run_state,
+    submit,
+)
 
 
 def test_admits_a_run_writes_its_typed_spec_and_ends_succeeded(loop):
     d, launcher, _ = loop()
-    rid = _submit(d, "nightly_insights", archive="/a", batch_size=4)
+    rid = submit(d, "nightly_insights", archive="/a", batch_size=4)
     d.tick()
-    assert _state(d, rid)[0] is RunState.STARTING
+    assert run_state(d, rid)[0] is RunState.STARTING
     spec = launcher.specs[0]
     assert (spec.run_id, spec.kind, spec.module, spec.params) == (
         rid, "nightly_insights", "jobs.kinds.nightly_insights", {"archive": "/a", "batch_size": 4})
@@ -128,18 +41,18 @@ def test_admits_a_run_writes_its_typed_spec_and_ends_succeeded(loop):
     assert run.state is RunState.RUNNING and (run.progress_done, run.progress_total) == (2, 5)
     launcher.finish(rid, protocol.EXIT_OK, result="/out/insights.json")
     d.tick()
-    assert _state(d, rid) == (RunState.SUCCEEDED, "result written to /out/insights.json")
+    assert run_state(d, rid) == (RunState.SUCCEEDED, "result written to /out/insights.json")
     assert not d.workers and d.should_exit() is False
 
 
 def test_paging_runs_are_held_by_code_and_released_when_the_hold_lifts(loop):
     d, launcher, _ = loop(paging=False)
-    paging_run, plain_run = _submit(d, "nightly_insights", archive="/a"), _submit(d, "probe")
+    paging_run, plain_run = submit(d, "nightly_insights", archive="/a"), submit(d, "probe")
     d.tick()
     run = d.store.get(paging_run)
     assert (run.state, run.hold_code, run.reason) == (RunState.HELD, "paging_off",
                                                       HOLD_PAGING_OFF.reason)
-    assert _state(d, plain_run)[0] is RunState.STARTING        # plain kinds are not held
+    assert run_state(d, plain_run)[0] is RunState.STARTING        # plain kinds are not held
     n_events = len(d.store.events(paging_run))
     d.tick()
     d.tick()
@@ -154,16 +67,16 @@ def test_paging_runs_are_held_by_code_and_released_when_the_hold_lifts(loop):
 def test_thermal_guard_kills_the_paging_worker_and_holds_the_next(loop):
     d, launcher, sensors = loop()
     sensors.gpus = [GpuReading(index=0, temperature_c=60)]
-    first = _submit(d, "nightly_insights", archive="/a")
+    first = submit(d, "nightly_insights", archive="/a")
     d.tick()
     launcher.emit(first, protocol.STARTED)
     sensors.gpus = [GpuReading(index=0, temperature_c=91)]
     d.host.advance(1.0)
     d.tick()                                                   # guard: SIGTERM to the group
     assert (launcher.procs[first].pid, signal.SIGTERM) in d.host.signals
-    second = _submit(d, "nightly_insights", archive="/b")
+    second = submit(d, "nightly_insights", archive="/b")
     d.tick()                                                   # reaped; the new run is held
-    state, reason = _state(d, first)
+    state, reason = run_state(d, first)
     assert state is RunState.KILLED_THERMAL and "91 °C > 85 °C limit" in reason
     run = d.store.get(second)
     assert (run.state, run.hold_code) == (RunState.HELD, "thermal")
@@ -181,15 +94,15 @@ def test_a_gpu_lost_mid_run_holds_and_stops_paging_and_the_daemon_recovers_with_
                         "guards": {"min_available_ram_bytes": 0, "sensors_lost_grace_s": 10.0}},
                        base_dir=tmp_path, source=None)
     host, nv = FakeHost(), FakeNvml()
-    launcher = FakeLauncher(host=host)
-    d = Daemon(cfg, experimental_paging=True, host=host, launcher=launcher,
+    launcher = FakeLocalExecutor(host=host)
+    d = Daemon(cfg, experimental_paging=True, host=host, local_executor=launcher,
                sensors=NvmlSensors(nv, clock=host.monotonic))
     d.open()
     try:
-        first = _submit(d, "nightly_insights", archive="/a")
+        first = submit(d, "nightly_insights", archive="/a")
         d.tick()
         nv.lost = True                                    # Xid 79: the GPU fell off the bus
-        second = _submit(d, "nightly_insights", archive="/b")
+        second = submit(d, "nightly_insights", archive="/b")
         host.advance(1.0)
         d.tick()
         run = d.store.get(second)
@@ -199,7 +112,7 @@ def test_a_gpu_lost_mid_run_holds_and_stops_paging_and_the_daemon_recovers_with_
         host.advance(10.0)
         d.tick()
         d.tick()
-        state, reason = _state(d, first)
+        state, reason = run_state(d, first)
         assert state is RunState.FAILED and "limit cannot be enforced; paging run stopped" in reason
         nv.lost = False
         host.advance(60.0)
@@ -214,7 +127,7 @@ def test_a_gpu_lost_mid_run_holds_and_stops_paging_and_the_daemon_recovers_with_
 def test_timeout_sends_sigterm_then_sigkill_after_the_grace(loop):
     d, launcher, _ = loop()
     launcher.obeys_sigterm = False
-    rid = _submit(d, timeout_s=5.0)
+    rid = submit(d, timeout_s=5.0)
     d.tick()
     pid = launcher.procs[rid].pid
     d.host.advance(5.0)
@@ -226,36 +139,36 @@ def test_timeout_sends_sigterm_then_sigkill_after_the_grace(loop):
     d.host.advance(0.2)
     d.tick()                                                   # SIGKILL sent
     d.tick()                                                   # and reaped
-    state, reason = _state(d, rid)
+    state, reason = run_state(d, rid)
     assert state is RunState.TIMED_OUT
     assert reason == "timed out after 5 s; worker exited by SIGKILL (SIGKILL after grace)"
 
 
 def test_warm_shutdown_admits_nothing_and_lets_running_runs_finish(loop):
     d, launcher, _ = loop()
-    running = _submit(d)
+    running = submit(d)
     d.tick()
-    d._on_signal(signal.SIGTERM)
-    waiting = _submit(d)
+    d.on_signal(signal.SIGTERM)
+    waiting = submit(d)
     d.tick()
-    assert _state(d, waiting)[0] is RunState.QUEUED and not d.should_exit()
+    assert run_state(d, waiting)[0] is RunState.QUEUED and not d.should_exit()
     assert d.host.signals == []                                # the running run is left alone
     launcher.finish(running, protocol.EXIT_OK, result="/r")
     d.tick()
-    assert _state(d, running)[0] is RunState.SUCCEEDED and d.should_exit()
-    assert _state(d, waiting)[0] is RunState.QUEUED            # still there for the next daemon
+    assert run_state(d, running)[0] is RunState.SUCCEEDED and d.should_exit()
+    assert run_state(d, waiting)[0] is RunState.QUEUED            # still there for the next daemon
 
 
 def test_warm_shutdown_requeues_runs_still_going_when_its_grace_runs_out(loop):
     d, launcher, _ = loop()
-    rid = _submit(d)
+    rid = submit(d)
     d.tick()
-    d._on_signal(signal.SIGTERM)
+    d.on_signal(signal.SIGTERM)
     d.tick()
     d.host.advance(30.0)
     d.tick()
     d.tick()
-    state, reason = _state(d, rid)
+    state, reason = run_state(d, rid)
     assert state is RunState.QUEUED and "shutdown grace of 30 s ran out" in reason
     assert d.store.get(rid).pid is None and d.should_exit()
 
@@ -263,40 +176,40 @@ def test_warm_shutdown_requeues_runs_still_going_when_its_grace_runs_out(loop):
 def test_cold_shutdown_kills_at_once_and_requeues(loop):
     d, launcher, _ = loop()
     launcher.obeys_sigterm = False
-    rid = _submit(d)
+    rid = submit(d)
     d.tick()
-    d._on_signal(signal.SIGTERM)
-    d._on_signal(signal.SIGINT)
+    d.on_signal(signal.SIGTERM)
+    d.on_signal(signal.SIGINT)
     d.tick()
     pid = launcher.procs[rid].pid
     assert (pid, signal.SIGKILL) in d.host.signals             # no grace on a cold stop
     d.tick()
-    state, reason = _state(d, rid)
+    state, reason = run_state(d, rid)
     assert state is RunState.QUEUED and "cold shutdown" in reason
 
 
 def test_cancel_of_a_running_run_stops_its_group(loop):
     d, launcher, _ = loop()
-    rid = _submit(d)
+    rid = submit(d)
     d.tick()
     d.store.request_cancel(rid)
     d.tick()
     d.tick()
-    assert _state(d, rid) == (RunState.CANCELLED,
+    assert run_state(d, rid) == (RunState.CANCELLED,
                               f"cancelled by user; worker exited with code {EXIT_TERMINATED}")
 
 
 def test_a_sigkill_from_outside_with_kernel_oom_evidence_ends_oom(loop):
     d, launcher, _ = loop()
-    quiet, killed = _submit(d), _submit(d)
+    quiet, killed = submit(d), submit(d)
     d.tick()
     launcher.finish(quiet, -signal.SIGKILL)             # SIGKILL, no OOM kill on the host
     d.tick()
-    assert _state(d, quiet) == (RunState.FAILED, "worker exited by SIGKILL")
+    assert run_state(d, quiet) == (RunState.FAILED, "worker exited by SIGKILL")
     d.host.oom_kills += 1                               # the kernel OOM killer strikes
     launcher.finish(killed, -signal.SIGKILL)
     d.tick()
-    state, reason = _state(d, killed)
+    state, reason = run_state(d, killed)
     assert state is RunState.OOM
     assert reason == ("worker exited by SIGKILL; the kernel OOM killer killed 1 process(es) during "
                       "the run (/proc/vmstat oom_kill)")
@@ -308,26 +221,33 @@ def test_the_real_host_reads_the_kernel_oom_kill_count():
     assert count is None or (isinstance(count, int) and count >= 0)
 
 
+def _err(fields: dict[str, Any]) -> protocol.WorkerError:
+    """An error event as the daemon gets it: encoded by the worker, decoded by the contract."""
+    ev = protocol.decode(protocol.encode(protocol.ERROR, **fields))
+    assert isinstance(ev, protocol.WorkerError)
+    return ev
+
+
 @pytest.mark.parametrize("exit_info, state, needle", [
     (WorkerExit(0, result_path="/r/x.json"), RunState.SUCCEEDED, "result written to /r/x.json"),
     (WorkerExit(0), RunState.FAILED, "exited 0 without reporting a result"),
-    (WorkerExit(protocol.EXIT_OOM, error={"type": "OutOfMemoryError", "message": "CUDA",
+    (WorkerExit(protocol.EXIT_OOM, error=_err({"type": "OutOfMemoryError", "message": "CUDA",
                                           "oom_kind": "cuda", "requested_bytes": 2 * 1024**3,
                                           "free_bytes": 1024**3, "total_bytes": 11 * 1024**3,
-                                          "reserved_bytes": 9 * 1024**3}),
+                                          "reserved_bytes": 9 * 1024**3})),
      RunState.OOM, "out of GPU memory: requested 2.0 GiB with 1.0 GiB free of 11.0 GiB (9.0 GiB "
                    "reserved by torch); OutOfMemoryError: CUDA"),
-    (WorkerExit(protocol.EXIT_OOM, error={"type": "RuntimeError", "oom_kind": "pinned_host",
-                                          "message": "CUDA error: out of memory (cudaHostAlloc)"}),
+    (WorkerExit(protocol.EXIT_OOM, error=_err({"type": "RuntimeError", "oom_kind": "pinned_host",
+                                          "message": "CUDA error: out of memory (cudaHostAlloc)"})),
      RunState.OOM, "out of pinned host memory: RuntimeError: CUDA error: out of memory"),
-    (WorkerExit(protocol.EXIT_BAD_SPEC, error={"type": "SpecError", "message": "key 'x' is missing"}),
+    (WorkerExit(protocol.EXIT_BAD_SPEC, error=_err({"type": "SpecError", "message": "key 'x' is missing"})),
      RunState.FAILED, "worker refused its spec: SpecError: key 'x' is missing"),
     (WorkerExit(-signal.SIGKILL, near_memory_limit=True, rss_bytes=int(23.1 * 1024**3)),
      RunState.OOM, "worker exited by SIGKILL at 23.1 GiB RSS; likely killed by the kernel OOM killer"),
     (WorkerExit(-signal.SIGKILL, rss_bytes=1024**3, kernel_oom_kills=2), RunState.OOM,
      "worker exited by SIGKILL at 1.0 GiB RSS; the kernel OOM killer killed 2 process(es)"),
     (WorkerExit(-signal.SIGKILL), RunState.FAILED, "worker exited by SIGKILL"),
-    (WorkerExit(1, error={"type": "ValueError", "message": "bad"}), RunState.FAILED,
+    (WorkerExit(1, error=_err({"type": "ValueError", "message": "bad"})), RunState.FAILED,
      "ValueError: bad (exited with code 1)"),
     (WorkerExit(-signal.SIGKILL, RunState.KILLED_THERMAL, "killed: GPU at 91 °C", forced=True),
      RunState.KILLED_THERMAL, "killed: GPU at 91 °C; worker exited by SIGKILL (SIGKILL after grace)"),

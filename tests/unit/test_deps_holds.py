@@ -9,9 +9,9 @@ import pytest
 from jobs.contract import protocol
 from lab_attendant.errors import UserError
 from lab_attendant.store.db import Store
-from lab_attendant.store.deps import USER_HOLD, _batch, _hold, _release, cancel_unsatisfiable, check_after, waiting_for
+from lab_attendant.store.deps import USER_HOLD, cancel_unsatisfiable, check_after, hold, release, waiting_for
 from lab_attendant.store.states import RunState
-from tests.unit.test_daemon_loop import _submit, loop  # noqa: F401 - the fixture
+from tests.unit.fakes import submit
 
 
 @pytest.fixture
@@ -85,31 +85,31 @@ def test_hold_and_release_are_all_or_nothing(store: Store):
     a, b = _run(store), _run(store)
     _end(store, b, RunState.SUCCEEDED)
     with pytest.raises(UserError, match="run 2 is succeeded"):
-        _batch(store, [a, b], _hold)
+        hold(store, [a, b])
     assert store.get(a).state is RunState.QUEUED                 # nothing changed
-    assert _batch(store, [a], _hold) == ["run 1 held"]
+    assert hold(store, [a]) == ["run 1 held"]
     run = store.get(a)
     assert (run.state, run.hold_code) == (RunState.HELD, USER_HOLD)
     assert store.claim_next(exclude_paging=False) is None
     with pytest.raises(UserError, match="not held"):
-        _batch(store, [b], _release)
-    assert _batch(store, [a], _release) == ["run 1 released"]
+        release(store, [b])
+    assert release(store, [a]) == ["run 1 released"]
     assert store.claim_next(exclude_paging=False).id == a
 
 
-def test_the_daemon_never_lifts_a_user_hold(loop):  # noqa: F811 - the fixture
+def test_the_daemon_never_lifts_a_user_hold(loop):
     d, launcher, _ = loop(paging=False)
-    paging = _submit(d, "nightly_insights", archive="/a")
+    paging = submit(d, "nightly_insights", archive="/a")
     d.tick()
     assert d.store.get(paging).hold_code == "paging_off"
-    _batch(d.store, [paging], _hold)                             # a paging hold becomes a user's
+    hold(d.store, [paging])                             # a paging hold becomes a user's
     assert d.store.get(paging).hold_code == USER_HOLD
     d.experimental_paging = True                                 # the paging hold lifts
     for _ in range(3):
         d.tick()
     run = d.store.get(paging)
     assert (run.state, run.hold_code) == (RunState.HELD, USER_HOLD)
-    _batch(d.store, [paging], _release)
+    release(d.store, [paging])
     d.tick()
     assert d.store.get(paging).state is RunState.STARTING
     launcher.finish(paging, protocol.EXIT_OK, result="/r")

@@ -78,7 +78,7 @@ def test_retry_uses_the_next_prompt_then_the_extractive_fallback():
     asks = [guard.Ask(prompts=["p0", "p1"], source=RECIPES, fallback="FALLBACK A"),
             guard.Ask(prompts=["q0", "q1"], source=RECIPES, fallback="FALLBACK B")]
     seen: list[list[str]] = []
-    scripted = {"p0": ":", "p1": "She measured a handful of flour as 120 grams of flour.",
+    scripted = {"p0": ":", "p1": "I measured for her that a handful of flour is about 120 grams.",
                 "q0": "", "q1": "about the following:"}
 
     def complete(prompts: list[str]) -> list[str]:
@@ -87,7 +87,7 @@ def test_retry_uses_the_next_prompt_then_the_extractive_fallback():
 
     a, b = guard.generate(asks, complete)
     assert seen == [["p0", "q0"], ["p1", "q1"]]          # one batch per attempt
-    assert not a.extractive and a.text.startswith("She measured") and a.rejected == ["punctuation: ':'"]
+    assert not a.extractive and a.text.startswith("I measured") and a.rejected == ["punctuation: ':'"]
     assert b.extractive and b.text == "FALLBACK B" and len(b.rejected) == 2
 
 

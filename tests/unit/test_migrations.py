@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lab_attendant.store.db import SCHEMA_VERSION, Store
+from lab_attendant.store.db import Store
 from lab_attendant.store.states import RunState
+from lab_attendant.store.tables import SCHEMA_VERSION
 
 # What each version added to `runs`: a store of version V lacks the columns of every later one.
 ADDED = {2: (["hold_code"], []),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lab_attendant.guards.host import Host
 from lab_attendant.store.states import RunState
-from tests.unit.test_daemon_loop import _daemon, _state
+from tests.unit.fakes import make_daemon, run_state
 
 
 def test_a_run_failing_at_spawn_is_notified(tmp_path: Path):
@@ -16,13 +16,13 @@ def test_a_run_failing_at_spawn_is_notified(tmp_path: Path):
     script = tmp_path / "dump.py"
     script.write_text("import json, os, sys\njson.dump({k: v for k, v in os.environ.items() "
                       "if k.startswith('LAB_ATTENDANT_')}, open(sys.argv[1], 'w'))\n")
-    d, _, _ = _daemon(tmp_path, notify={"command": [sys.executable, str(script), str(dump)]})
+    d, _, _ = make_daemon(tmp_path, notify={"command": [sys.executable, str(script), str(dump)]})
     try:
         d.outcomes.notifications.host = Host()     # the command runs for real
         rid = d.store.submit(kind="no_such_kind", params={}, priority=0, timeout_s=60,
                              needs_paging=False).id
         d.tick()
-        assert _state(d, rid)[0] is RunState.FAILED
+        assert run_state(d, rid)[0] is RunState.FAILED
     finally:
         d.close()                                  # waits for the notification in flight
     env = json.loads(dump.read_text())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
+from lab_attendant.cli.prune import run_folders
 from lab_attendant.store.prune import prune
 from lab_attendant.store.states import RunState
-from tests.unit.test_daemon_loop import loop  # noqa: F401 - the fixture
 
 
 def _ended(d, state: RunState, age_days: float) -> int:
@@ -22,7 +22,7 @@ def _ended(d, state: RunState, age_days: float) -> int:
     return rid
 
 
-def test_the_daemon_prunes_old_runs_once_per_interval(loop):  # noqa: F811 - the fixture
+def test_the_daemon_prunes_old_runs_once_per_interval(loop):
     d, _, _ = loop(retention={"older_than_days": 7, "keep_failed": True})
     old_ok, old_failed = _ended(d, RunState.SUCCEEDED, 8), _ended(d, RunState.FAILED, 8)
     recent = _ended(d, RunState.SUCCEEDED, 1)
@@ -35,12 +35,12 @@ def test_the_daemon_prunes_old_runs_once_per_interval(loop):  # noqa: F811 - the
     assert d.store.get(later_old) is not None
 
 
-def test_retention_is_off_by_default_and_prune_sweeps_orphans(loop):  # noqa: F811
+def test_retention_is_off_by_default_and_prune_sweeps_orphans(loop):
     d, _, _ = loop()
     old = _ended(d, RunState.SUCCEEDED, 400)
     orphan = d.cfg.runs_dir / "9999"
     orphan.mkdir(parents=True)
     d.tick()
     assert d.store.get(old) is not None
-    out = prune(d.cfg, d.store, older_than_s=500 * 86400, keep_failed=False)
+    out = prune(d.store, run_folders(d.cfg), older_than_s=500 * 86400, keep_failed=False)
     assert out.runs == [] and out.paths == [orphan] and not orphan.exists()

@@ -11,14 +11,14 @@ import pytest
 from rich.console import Console
 from sqlalchemy import delete
 
-from jobs.contract import protocol
 from lab_attendant.cli.render import sensors_table
 from lab_attendant.config import parse_config
 from lab_attendant.errors import ConfigError
 from lab_attendant.guards.host import GpuReading
 from lab_attendant.store import samples
-from lab_attendant.store.db import Run, RunEvent, Store
+from lab_attendant.store.db import Store
 from lab_attendant.store.samples import RunSample, Sampler
+from lab_attendant.store.tables import Run, RunEvent
 from tests.unit.fakes import FakeHost
 
 
@@ -40,21 +40,20 @@ def _rows(run_id: int, temps: list[float], start: float = 1000.0) -> list[RunSam
 def test_sampler_takes_the_workers_gpu_and_differentiates_bytes_read():
     host = FakeHost()
     sampler = Sampler(host)
-    w = SimpleNamespace(run_id=7, pid=4242)
+    w = SimpleNamespace(run_id=7, pid=4242, is_local=True)
     guards = SimpleNamespace(
         readings={"workers": {"7": {"rss_bytes": 5 << 20, "gpu_bytes": 3 << 30}}},
         last_gpus=[GpuReading(0, temperature_c=90.0),                 # hotter, but not ours
                    GpuReading(1, temperature_c=70.0, processes={4242: 3 << 30}, power_w=200.0,
                               sm_clock_mhz=1500, throttle_reasons=["HwSlowdown"])])
-    sampler.observe(7, {"event": protocol.PROGRESS, "done": 2, "total": 10})
-    sampler.observe(7, {"event": protocol.METRIC, "metrics": {"tokens_per_s": 12.5,
-                                                              "engine_bytes_read": 1000}})
+    sampler.progress(7, 2, 10)
+    sampler.metrics(7, {"tokens_per_s": 12.5, "engine_bytes_read": 1000})
     (first,) = sampler.take(100.0, [w], guards)
     assert (first.gpu_index, first.gpu_temperature_c, first.gpu_power_w) == (1, 70.0, 200.0)
     assert first.throttle_reasons == "HwSlowdown" and first.rss_bytes == 5 << 20
     assert (first.progress_done, first.progress_total, first.tokens_per_s) == (2, 10, 12.5)
     assert first.read_bytes_per_s is None                     # no rate from one counter value
-    sampler.observe(7, {"event": protocol.METRIC, "metrics": {"engine_bytes_read": 5000}})
+    sampler.metrics(7, {"engine_bytes_read": 5000})
     (second,) = sampler.take(102.0, [w], guards)
     assert second.read_bytes_per_s == 2000.0
 
@@ -64,8 +63,8 @@ def test_a_slurm_run_has_no_local_gpu_but_keeps_its_progress():
     host's GPUs."""
     sampler = Sampler(FakeHost())
     guards = SimpleNamespace(readings={}, last_gpus=[GpuReading(0, temperature_c=80.0)])
-    sampler.observe(9, {"event": protocol.PROGRESS, "done": 3, "total": 4})
-    (row,) = sampler.take(100.0, [SimpleNamespace(run_id=9, pid=None)], guards)
+    sampler.progress(9, 3, 4)
+    (row,) = sampler.take(100.0, [SimpleNamespace(run_id=9, pid=None, is_local=False)], guards)
     assert (row.progress_done, row.progress_total) == (3, 4)
     assert row.gpu_index is None and row.gpu_temperature_c is None and row.throttle_reasons == ""
 

@@ -85,7 +85,7 @@ def test_models_sizes_kinds_and_default(tmp_path: Path):
     assert mix.path == str(tmp_path / "m" / "mix") and mix.expert_cache_bytes == 500 * 10**6
     assert (mix.variant, mix.kv_cache, mix.keep_precise_layers) == ("fast", "int8", 1)
     default = cfg.model_spec(None)
-    assert default.name == "gemma-3-270m" and default.path == str(tmp_path / "m" / "gemma-3-270m")
+    assert default.name == "gemma-3-270m" and default.path == str(tmp_path / "m" / "gemma-3-270m-q4_k_m.gguf")
     assert (default.device, default.dtype) == ("cpu", "auto")        # fp32 on the CPU
     assert (default.variant, default.kv_cache, default.kernels) == ("precise", "fp", "auto")
     with pytest.raises(ConfigError, match=r"unknown model 'nope'; add a \[models.nope\] table"):

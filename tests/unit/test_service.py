@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from lab_attendant.cli import service
 from lab_attendant.config import parse_config
-from lab_attendant.service import unit as service
 
 
 def _parse(text: str) -> configparser.ConfigParser:

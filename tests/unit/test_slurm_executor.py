@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,7 +18,6 @@ from lab_attendant.errors import UserError
 from lab_attendant.executors.eventfile import FileTail, read_events
 from lab_attendant.executors.slurm import (
     SlurmExecutor,
-    SlurmWorker,
     batch_script,
     map_state,
     parse_exit_code,
@@ -133,9 +133,11 @@ def test_events_from_the_file_as_the_worker_writes_them(tmp_path: Path, monkeypa
     writer.emit(protocol.PROGRESS, done=1, total=2, unit="notes")
     _append(path, b"not an event\n" + protocol.encode(protocol.RESULT, path="/r.json")[:-5])
     tail = FileTail(path)
-    assert [e["event"] for e in read_events(tail)] == ["started", "progress"]
+    events = read_events(tail)
+    assert [type(e) for e in events] == [protocol.Started, protocol.Progress, protocol.Rejected]
+    assert events[2].reason == "not a JSON line" and events[1].done == 1
     _append(path, protocol.encode(protocol.RESULT, path="/r.json")[-5:])
-    assert [e["path"] for e in read_events(tail)] == ["/r.json"]
+    assert [e.path for e in read_events(tail)] == ["/r.json"]
     assert all(json.loads(ln) for ln in path.read_bytes().splitlines()[:2])
 
 
@@ -168,10 +170,10 @@ def _watched(tmp_path: Path, job_id: str = "41"):
     host = SlurmHost()
     ex = SlurmExecutor(SlurmConfig(poll_interval_s=1.0, settle_s=5.0), host,
                        state_dir=tmp_path, kill_grace_s=2.0)
-    w = ex._track(SlurmWorker(run_id=1, needs_paging=False, job_id=job_id, run_dir=tmp_path,
-                              started_mono=0.0, deadline_mono=1e9,
-                              events=FileTail(tmp_path / "events.jsonl"),
-                              output=FileTail(tmp_path / "slurm-output.log")))
+    # Followed as a re-attached run: the job a previous daemon submitted, offsets from 0.
+    run = SimpleNamespace(id=1, needs_paging=False, executor_job_id=job_id, run_dir=str(tmp_path),
+                          started_at=host.time(), timeout_s=1e9)
+    w = ex.reattach(run, None)
     return host, ex, w
 
 

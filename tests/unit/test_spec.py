@@ -87,4 +87,4 @@ def test_worker_exits_bad_spec_with_a_sentence(tmp_path: Path, content, needle):
         events = [protocol.decode(line) for line in f.read().splitlines()]
     assert proc.returncode == protocol.EXIT_BAD_SPEC
     assert needle in proc.stderr
-    assert events and events[-1]["event"] == protocol.ERROR and needle in events[-1]["message"]
+    assert events and isinstance(events[-1], protocol.WorkerError) and needle in events[-1].message

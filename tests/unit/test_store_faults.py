@@ -62,10 +62,10 @@ def test_refused_writes_are_queued_in_order_and_replayed(tmp_path: Path):
     switch.set(True)
     with pytest.raises(StoreWriteError):
         store.update_run(run.id, progress_done=1)
-    assert wb.must("transition", run.id, RunState.RUNNING, "started",
+    assert wb.must(store.transition, run.id, RunState.RUNNING, "started",
                    expect={RunState.STARTING}) is None
-    wb.may("update_run", run.id, progress_done=5)            # dropped while the store refuses
-    wb.must("transition", run.id, RunState.SUCCEEDED, "exit 0")
+    wb.may(store.update_run, run.id, progress_done=5)            # dropped while the store refuses
+    wb.must(store.transition, run.id, RunState.SUCCEEDED, "exit 0")
     assert wb.fault and "readonly" in wb.fault and len(wb.pending) == 2 and faults[-1]
     assert store.get(run.id).state is RunState.STARTING      # reads still work
     assert not wb.retry()                                    # back-off not over yet
@@ -131,3 +131,17 @@ def test_auto_backup_rotates_keeping_n(tmp_path: Path):
     assert len(left) == 3 and all(not backup.check(tmp_path / "b" / n) for n in left)
     os.utime(tmp_path / "b" / left[-1], (1240.0, 1240.0))
     assert backup.AutoBackup(store.db_path, tmp_path / "b", keep=3, interval_s=60).tick(1250.0) is None
+
+
+def test_a_refused_read_is_a_read_error_and_a_refused_write_a_write_error(tmp_path: Path):
+    """Both are StoreUnavailable (the daemon waits them out); only the write one says written."""
+    from sqlalchemy.exc import OperationalError
+
+    from lab_attendant.errors import StoreReadError, StoreUnavailable
+    from lab_attendant.store.faults import translate
+    exc = OperationalError("SELECT 1", {}, sqlite3.OperationalError("disk I/O error"))
+    read, write = (translate(exc, tmp_path / "s.sqlite3", writing=w) for w in (False, True))
+    assert isinstance(read, StoreReadError) and "cannot be read" in str(read)
+    assert isinstance(write, StoreWriteError) and "cannot be written" in str(write)
+    assert isinstance(read, StoreUnavailable) and isinstance(write, StoreUnavailable)
+    assert not isinstance(read, StoreWriteError)

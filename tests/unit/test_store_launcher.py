@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lab_attendant.errors import StoreError, TransitionError
-from lab_attendant.executors.local import Launcher
+from lab_attendant.executors.local import LocalExecutor, LocalRun
 from lab_attendant.store.db import Store
 from lab_attendant.store.states import RunState
 from tests.unit.fakes import FakeHost
@@ -82,15 +82,14 @@ class _Proc:
         return None
 
 
-def _worker(launcher: Launcher):
-    from lab_attendant.executors.local import Worker
-    return Worker(run_id=1, needs_paging=False, proc=_Proc(), events_fd=-1, output_fd=-1,
-                  started_mono=0.0, deadline_mono=10.0)
+def _worker(launcher: LocalExecutor) -> LocalRun:
+    return LocalRun(executor=launcher, run_id=1, needs_paging=False, proc=_Proc(), events_fd=-1,
+                    output_fd=-1, started_mono=0.0, deadline_mono=10.0)
 
 
 def test_stop_sends_sigterm_once_then_sigkill_after_grace():
     host = FakeHost()
-    launcher = Launcher(host, kill_grace_s=5.0)
+    launcher = LocalExecutor(host, kill_grace_s=5.0)
     w = _worker(launcher)
     launcher.stop(w, RunState.CANCELLED, "cancelled by user")
     launcher.stop(w, RunState.TIMED_OUT, "later reason loses")
@@ -106,7 +105,7 @@ def test_stop_sends_sigterm_once_then_sigkill_after_grace():
 
 def test_escalate_does_nothing_before_a_stop():
     host = FakeHost()
-    launcher = Launcher(host, kill_grace_s=0.0)
+    launcher = LocalExecutor(host, kill_grace_s=0.0)
     w = _worker(launcher)
     host.advance(100)
     assert not launcher.escalate(w) and host.signals == []

@@ -1,4 +1,4 @@
-"""Runs a transformers causal LM whose decoder layers are streamed from safetensors during forward.
+"""Runs a transformers causal LM whose decoder layers are streamed from safetensors or a GGUF file during forward.
 
 Owns loading: the memory plan checked before any weight is read (memplan), the model built on the meta
 device, non-layer weights placed, the streamer (streamer.LayerStreamer) wired in; and the pass counters.
@@ -15,16 +15,18 @@ import torch
 from torch import nn
 
 from jobs.contract.errors import BudgetError, KernelError, ModelFolderError
-from jobs.contract.spec import DEFAULT_BATCH_SIZE, DEFAULT_CONTEXT_TOKENS, VARIANT_MODES
+from jobs.contract.spec import DEFAULT_BATCH_SIZE, VARIANT_MODES, ModelSpec
 from jobs.contract.units import format_size
+from jobs.paging.dense.gguf_store import GgufStore
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.streamer import LayerStreamer, StreamPlan, assign_tensors
-from jobs.paging.dense.variants import DEFAULT_KEEP_PRECISE, FAST, PRECISE, bytes_by_choice, choose_variants, summary
+from jobs.paging.dense.variants import FAST, PRECISE, bytes_by_choice, choose_variants, summary
 from jobs.paging.dtypes import dtype_name
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.numerics import Fp16Safe, resolve_numerics
+from jobs.paging.plan.gguf_header import is_gguf
 from jobs.paging.plan.memplan import MemoryPlan, PlanRequest, make_plan
-from jobs.paging.plan.shape import shape_from_folder
+from jobs.paging.plan.shape import shape_from_path
 from jobs.paging.quant import QuantSpec
 from jobs.paging.runtime import runtime_profile
 
@@ -35,7 +37,7 @@ class StreamedModel:
     """A transformers causal LM plus tokenizer whose decoder layers stream from disk."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device,
-                 store: ModelStore, streamer: LayerStreamer, kernels: dict[str, str] | None = None,
+                 store: ModelStore | GgufStore, streamer: LayerStreamer, kernels: dict[str, str] | None = None,
                  fp16_safe: bool = False) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.fp16_safe = fp16_safe  # numerics.Fp16Safe hooks are on the layers
@@ -73,6 +75,10 @@ class StreamedModel:
             "plan_peak_device_bytes": self.plan.peak_device_bytes if self.plan else None,
             "plan_peak_pinned_bytes": self.plan.peak_pinned_bytes if self.plan else None,
             "plan_context_tokens": self.plan.request["context"] if self.plan else None,
+            # GGUF: every layer, resident ones included, stays blocks and expands per use into one buffer
+            "weights_format": "gguf blocks" if isinstance(self._store, GgufStore) else "safetensors",
+            "expansion_buffer_bytes": (self._store.buffer.nbytes if isinstance(self._store, GgufStore)
+                                       and self._store.buffer is not None else 0),
             **self.kernels,
         }
 
@@ -88,15 +94,18 @@ class StreamedModel:
         self.close()
 
 
-def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto",
-                  vram_budget_bytes: int | None = None, ram_budget_bytes: int | None = None,
-                  prefetch: bool = True, variant: str = PRECISE, keep_precise: int = DEFAULT_KEEP_PRECISE,
-                  stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None,
-                  kernels: str = "auto", fp16_safe: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE,
-                  context_tokens: int = DEFAULT_CONTEXT_TOKENS, kv_cache: str = "fp",
-                  device_memory_bytes: int | None = None) -> StreamedModel:
-    """Open a decoder-only safetensors folder for layer streaming.
+def load_streamed(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
+                  stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None) -> StreamedModel:
+    """Open a decoder-only safetensors folder, or a GGUF file, for layer streaming.
 
+    A GGUF file (spec.path a .gguf) streams its raw blocks: they are what is read, cached in RAM and copied
+    to the device, where each Linear's weight is expanded to the compute dtype just before it runs, into one
+    buffer all of them reuse (gguf_store, block_weights); config and tokenizer come from the file through
+    transformers. It has no fast variant, and runs transformers' own modules (kernels "torch").
+
+    spec: the model's settings (jobs.contract.spec.ModelSettings says what each means); the run-time
+    arguments: prefetch (read the next layer while this one computes), batch_size (rows the memory plan
+    makes room for, each of spec.context_tokens), stream_bytes_budget and variant_spec (below).
     Before any weight is read, memplan.make_plan counts every byte the run takes on the device (CUDA
     context, embeddings, KV cache for batch_size x context_tokens of kv_cache, prefill activations,
     resident layers, streaming slots, margin) against the free device memory (runtime_profile, capped by
@@ -119,14 +128,23 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_dir, device, dtype, fp16_safe, kernels = spec.path, spec.device, spec.dtype, spec.fp16_safe, spec.kernels
+    vram_budget_bytes, ram_budget_bytes, device_memory_bytes = (spec.vram_budget_bytes, spec.ram_budget_bytes,
+                                                                spec.device_memory_bytes)
+    variant, keep_precise, context_tokens, kv_cache = (spec.variant, spec.keep_precise_layers, spec.context_tokens,
+                                                       spec.kv_cache)
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but torch sees no CUDA device")
-    store = ModelStore(model_dir)
+    gguf = is_gguf(model_dir)
+    store = GgufStore(model_dir) if gguf else ModelStore(model_dir)
     dtype, safe = resolve_numerics(dtype, fp16_safe, torch_device, store.text_config.model_type)
     if safe and kernels == "liger":
         raise KernelError("kernels = \"liger\" fuses the MLP and norms past the fp16-safe hooks: use kernels "
                           "\"torch\" or \"auto\", or dtype \"fp32\"/\"bf16\", or fp16_safe = \"off\"")
+    if gguf and kernels == "liger":
+        raise KernelError("kernels = \"liger\" fuses the MLP past the Linears that expand GGUF blocks: use kernels "
+                          "\"torch\" or \"auto\" with a .gguf model")
     if variant != PRECISE:
         if variant not in VARIANT_MODES:
             raise ValueError(f"variant {variant!r} is not one of {', '.join(VARIANT_MODES)}")
@@ -136,20 +154,26 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
         model = AutoModelForCausalLM.from_config(store.text_config, dtype=dtype)
     model.eval()
     # Fused kernels would bypass the fp16-safe Linear hooks. Both bind to modules: fine on meta weights.
-    applied = apply_kernels(model, torch_device, "torch" if safe else kernels)
+    applied = apply_kernels(model, torch_device, "torch" if safe or gguf else kernels)
+    if gguf:
+        applied["kernels_reason"] = "GGUF blocks expand in transformers' own Linears"
+        store.bind(model, torch_device, dtype)
     if safe:
         applied["kernels_reason"] = "the fp16-safe path runs transformers' own modules"
         Fp16Safe(model)
     layers = model.get_decoder().layers
-    layer_bytes = max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
+    # A slot holds what crosses: a GGUF layer's blocks and norms, a safetensors layer at the compute dtype.
+    layer_bytes = (max(store.layer_nbytes_as(dtype)) if gguf else
+                   max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers))
     # The plan counts every layer at the compute dtype, fast or not: that is what sits on the device while
     # it computes; a fast layer's packed parts and its expansion temporaries are a row of their own.
-    spec = store.variant.spec if store.variant is not None else QuantSpec(4, 64)
-    memory = make_plan(shape_from_folder(model_dir), runtime_profile(torch_device, device_memory_bytes),
+    quant = store.variant.spec if store.variant is not None else QuantSpec(4, 64)
+    shape = shape_from_path(model_dir)   # a folder's config + headers, or the GGUF's header
+    memory = make_plan(shape, runtime_profile(torch_device, device_memory_bytes),
                        PlanRequest(batch=batch_size, context=context_tokens, dtype=dtype_name(dtype), kv_cache=kv_cache,
                                    attention=getattr(model.config, "_attn_implementation", None) or "sdpa",
                                    fp16_safe=safe, prefetch=prefetch, variant=variant, keep_precise=keep_precise,
-                                   bits=spec.bits, group_size=spec.group_size, vram_budget_bytes=vram_budget_bytes,
+                                   bits=quant.bits, group_size=quant.group_size, vram_budget_bytes=vram_budget_bytes,
                                    ram_budget_bytes=ram_budget_bytes), Path(model_dir).name)
     if not memory.fits:
         raise BudgetError(f"model {Path(model_dir).name}: {memory.reason}")
@@ -173,8 +197,11 @@ def load_streamed(model_dir: str | Path, *, device: str = "cpu", dtype: str | to
     logger.info("streaming %s: %d layers of %s, %d resident, %d slots, %d cached in RAM, variants %s",
                 model_dir, plan.num_layers, format_size(layer_bytes), plan.resident_layers,
                 plan.streaming_slots, plan.ram_cache_layers, summary(choice))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    _load_non_layer(model, store, torch_device, dtype)
+    if isinstance(store, GgufStore):
+        tokenizer = store.tokenizer()  # the non-layer weights were placed by bind()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        _load_non_layer(model, store, torch_device, dtype)
     streamer = LayerStreamer(store, layers, plan, torch_device, dtype, prefetch, choice)  # thread starts last
     loaded = StreamedModel(model, tokenizer, torch_device, store, streamer, applied, fp16_safe=safe)
     loaded.plan = memory

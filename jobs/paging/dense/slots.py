@@ -114,6 +114,13 @@ class SlotRing:
         return ready
 
     def close(self) -> None:
+        """Free the slots and the staging ring once no copy or compute still uses them: a copy into a slot (from
+        its staging buffer) may still run on the side stream, and freeing memory it writes, or unpinning pages
+        it reads, is undefined behaviour CUDA never reports (HostArena.close also waits for the device)."""
+        for event in [*self._copied.values(), *self._freed.values()]:
+            event.synchronize()
+        self._copied.clear()
+        self._freed.clear()
         self.device_buffers = []
         self.staging_buffers = []
         if self.staging is not None:

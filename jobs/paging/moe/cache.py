@@ -78,6 +78,9 @@ class ExpertCache:
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._ready: dict[int, torch.cuda.Event] = {}
         self._freed: dict[int, torch.cuda.Event] = {}
+        # (layer, begin, end): timing events around the compute stream's wait for a copy still in flight;
+        # read in stats(), so a stall costs the host no sync where it happens.
+        self._stalls: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
         self._per_layer: dict[int, Counter] = defaultdict(Counter)
         log.info("expert cache: %d slots x %s = %s on %s (%s, %s)", self.capacity,
                  format_size(self.expert_bytes), format_size(self.allocated_bytes), self.device,
@@ -106,6 +109,7 @@ class ExpertCache:
         self._per_layer[layer][name] += amount
 
     def stats(self) -> dict:
+        self._settle_stalls(wait=True)
         per_layer = {layer: {name: c[name] for name in COUNTERS}
                      for layer, c in sorted(self._per_layer.items())}
         totals = {name: sum(c[name] for c in per_layer.values()) for name in COUNTERS}
@@ -126,6 +130,7 @@ class ExpertCache:
         }
 
     def reset_stats(self) -> None:
+        self._settle_stalls(wait=True)
         self._per_layer.clear()
 
     # -- paging -----------------------------------------------------------------------------
@@ -170,12 +175,30 @@ class ExpertCache:
         slot = self._part(key)[key]
         ready = self._ready.pop(slot, None)
         if ready is not None:
-            if not ready.query():
-                t0 = time.perf_counter()
-                ready.synchronize()
-                self.count(key[0], "stall_s", time.perf_counter() - t0)
-            torch.cuda.current_stream(self.device).wait_event(ready)
+            compute = torch.cuda.current_stream(self.device)
+            if ready.query():
+                compute.wait_event(ready)
+            else:  # still copying: the compute stream waits on the device, the host runs on (no sync here)
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record(compute)
+                compute.wait_event(ready)
+                end.record(compute)
+                self._stalls.append((key[0], begin, end))
+                if len(self._stalls) > 1024:
+                    self._settle_stalls(wait=False)
         return self.store.expand(self._slots[slot])
+
+    def _settle_stalls(self, *, wait: bool) -> None:
+        """Add the compute stream's waits to stall_s: all of them (`wait`: stats time), or those finished."""
+        pending = []
+        for layer, begin, end in self._stalls:
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                pending.append((layer, begin, end))
+                continue
+            self.count(layer, "stall_s", begin.elapsed_time(end) / 1000)
+        self._stalls = pending
 
     def protect(self, key: Key) -> None:
         self._protected.add(key)
@@ -191,6 +214,7 @@ class ExpertCache:
     def close(self) -> None:
         if self._cuda:
             self._stream.synchronize()
+            self._stalls.clear()
         for part in self._resident:
             part.clear()
         self._slots = torch.empty(0, device=self.device)

@@ -5,6 +5,7 @@ without expert weights and wiring in the pager; plan/moe_layout.py says which fa
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +14,8 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from jobs.contract.errors import ModelFolderError
-from jobs.contract.spec import VARIANT_MODES
+from jobs.contract.errors import BudgetError, ModelFolderError
+from jobs.contract.spec import DEFAULT_BATCH_SIZE, VARIANT_MODES, ModelSpec
 from jobs.contract.units import format_size, parse_size
 from jobs.paging.capability import resolve_dtype
 from jobs.paging.dtypes import dtype_name, torch_dtype
@@ -24,15 +25,16 @@ from jobs.paging.moe.families import find_experts, layout_of
 from jobs.paging.moe.pager import ExpertPager
 from jobs.paging.moe.quant import QuantExpertStore
 from jobs.paging.moe.store import CheckpointIndex, ExpertStore
+from jobs.paging.plan.memplan import MemoryPlan, PlanRequest, make_plan
 from jobs.paging.plan.moe_layout import REFUSED, SUPPORTED_SENTENCE, TESTED, is_expert_key
 from jobs.paging.plan.settings import is_moe_folder
+from jobs.paging.plan.shape import shape_from_folder
 from jobs.paging.quant import QuantSpec, Variant
+from jobs.paging.runtime import runtime_profile
 
 log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-# Room left on the card for activations, KV cache and the CUDA context when no budget is given.
-_CUDA_HEADROOM_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -46,6 +48,7 @@ class PagedMoE:
     cache: ExpertCache
     pager: ExpertPager
     kernels: dict = field(default_factory=lambda: {"kernels": "torch", "kernels_reason": "not applied"})
+    plan: MemoryPlan | None = None  # memplan's plan this load was made from (it sized the expert cache)
 
     def stats(self) -> dict:
         """Counters since load (or the last reset_stats): hits, misses, prefetch_hits, bytes_h2d,
@@ -55,7 +58,9 @@ class PagedMoE:
         disk_read_bytes, disk_read_s: ExpertStore.stats); the kernels."""
         return {**self.cache.stats(), **self.store.stats(), "dtype": dtype_name(self.model.dtype),
                 "expert_variant": self.store.variant,
-                "expert_bits": self.store.bits, "expert_bytes": self.store.expert_bytes, **self.kernels}
+                "expert_bits": self.store.bits, "expert_bytes": self.store.expert_bytes, **self.kernels,
+                "plan_peak_device_bytes": self.plan.peak_device_bytes if self.plan else None,
+                "plan_expert_cache_slots": self.plan.expert_cache_slots if self.plan else None}
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
@@ -73,27 +78,33 @@ class PagedMoE:
         self.close()
 
 
-def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
-                   dtype: str | torch.dtype = "auto", expert_cache_bytes: int | str | None = None,
-                   cache_policy: str = "lru", cache_scope: str = "global",
-                   ram_budget_bytes: int | str | None = None, prefetch: bool = True,
-                   cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4,
-                   variant: str = "precise", quant_spec: QuantSpec | None = None,
-                   kernels: str = "auto") -> PagedMoE:
+def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
+                   cache_scope: str = "global", cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4,
+                   quant_spec: QuantSpec | None = None) -> PagedMoE:
     """Non-expert weights resident on `device`, experts behind a device cache of `expert_cache_bytes`
-    (None: every expert on CPU; free VRAM less headroom on CUDA). The store holds at most
+    (None: the memory plan's expert slots, what fits next to everything else the run takes at batch_size x
+    spec.context_tokens; a plan that cannot fit is refused with BudgetError before any weight is read). The store holds at most
     `ram_budget_bytes` of experts in host RAM (pinned on CUDA) and reads the others from the checkpoint
     on demand (None: all of them on CPU; on CUDA all that fit in half of MemAvailable).
 
     variant "precise": experts in `dtype`. "fast": experts from the folder's quantized variant
     (`quant_spec`, or its only one), stored and copied 4-bit and dequantized to `dtype` where they
     run; attention, norms, routers and embeddings stay precise and resident. "auto": fast when the
-    folder has a variant, else precise."""
-    model_dir = Path(model_dir)
+    folder has a variant, else precise.
+
+    spec: the model's settings (jobs.contract.spec.ModelSettings); the run-time arguments: prefetch (stage
+    the predicted experts of the next layer), batch_size (rows the memory plan makes room for), cache_scope,
+    cpu_miss_exec / cpu_miss_max_tokens (ExpertPager) and quant_spec (which variant when there are several)."""
+    model_dir = Path(spec.path)
+    device, dtype, variant, kernels = spec.device, spec.dtype, spec.variant, spec.kernels
+    expert_cache_bytes, ram_budget_bytes = spec.expert_cache_bytes, spec.ram_budget_bytes
+    cache_policy = spec.cache_policy
     if not is_moe_folder(model_dir):
         raise ValueError(f"{model_dir} is not a MoE model folder (config.json has no num_local_experts, "
                          "num_experts or n_routed_experts); use the dense layer-streaming engine for it")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but torch sees no CUDA device")
     dtype = torch_dtype(resolve_dtype(dtype, device))  # "auto": capability.resolve_dtype, as the dense loader
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type in REFUSED:
@@ -126,6 +137,12 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
     ram_budget_bytes = None if ram_budget_bytes is None else parse_size(ram_budget_bytes)
     ram_budget_bytes = store.resolve_ram_budget(ram_budget_bytes)  # CUDA without one: a share of MemAvailable
     store.check_budget(ram_budget_bytes)
+    # The memory plan, against the device as it is now (runtime_profile, capped by device_memory_bytes), is
+    # the one budget: it refuses what cannot fit and, without expert_cache_bytes, sizes the cache.
+    memory = make_plan(shape_from_folder(model_dir), runtime_profile(device, spec.device_memory_bytes),
+                       _plan_request(spec, batch_size, dtype_name(dtype), prefetch, quantized), spec.name)
+    if not memory.fits:
+        raise BudgetError(f"model {spec.name}: {memory.reason}")
 
     index = CheckpointIndex(model_dir)
     try:
@@ -134,8 +151,8 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
         store.load(index, ram_budget_bytes)
     finally:
         index.close()
-    if expert_cache_bytes is None:  # measured now that the dense weights sit on the device
-        expert_cache_bytes = _default_cache_bytes(device, store.total_bytes)
+    if expert_cache_bytes is None:  # the plan's slots: what fits next to the KV cache and activations of the batch
+        expert_cache_bytes = memory.expert_cache_slots * expert_bytes
     cache = ExpertCache(store, expert_cache_bytes, device=device, policy=cache_policy,
                         scope=cache_scope)
     pager = ExpertPager(model, store, cache, prefetch=prefetch, cpu_miss_exec=cpu_miss_exec,
@@ -147,7 +164,17 @@ def load_paged_moe(model_dir: str | Path, *, device: str | torch.device = "cpu",
              model_dir.name, config.model_type, n_layers, n_experts, store.variant, cache.capacity,
              n_layers * n_experts, format_size(cache.allocated_bytes), device)
     return PagedMoE(model=model, tokenizer=tokenizer, device=device, store=store, cache=cache,
-                    pager=pager, kernels=applied)
+                    pager=pager, kernels=applied, plan=memory)
+
+
+def _plan_request(spec: ModelSpec, batch_size: int, dtype: str, prefetch: bool,
+                  quantized: Variant | None) -> PlanRequest:
+    """What the plan counts: the experts as they will be stored (the variant opened, not the setting's name)."""
+    request = PlanRequest.for_model(spec, batch=batch_size, dtype=dtype, prefetch=prefetch)
+    if quantized is None:
+        return dataclasses.replace(request, variant="precise")
+    return dataclasses.replace(request, variant="fast", bits=quantized.spec.bits,
+                               group_size=quantized.spec.group_size)
 
 
 def _open_variant(model_dir: Path, variant: str, spec: QuantSpec | None) -> Variant | None:
@@ -166,13 +193,6 @@ def _open_variant(model_dir: Path, variant: str, spec: QuantSpec | None) -> Vari
             f"variant 'fast' needs {name} variant of {model_dir}, and there is none ({exc}); write "
             f"it with `lab-attendant model quantize NAME --bits 4` or `python -m jobs.paging.quant "
             f"--model {model_dir} --bits 4`, or use variant 'precise'") from None
-
-
-def _default_cache_bytes(device: torch.device, all_experts_bytes: int) -> int:
-    if device.type != "cuda":
-        return all_experts_bytes
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    return min(all_experts_bytes, max(0, free_bytes - _CUDA_HEADROOM_BYTES))
 
 
 def _load_dense(model: PreTrainedModel, experts: dict, index: CheckpointIndex, device: torch.device,

@@ -87,12 +87,12 @@ class ExpertPager:
         # and batched_mm paths do (weight and sum in fp32). Rounding each expert's share to bf16 and
         # summing in bf16 moved outputs by an ulp, enough to flip a near-tie in the next router.
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-        needed = torch.unique(top_k_index).tolist()
+        tokens, counts = self._route(top_k_index)
+        needed = [e for e, n in enumerate(counts) if n]
         self._score_guess(layer, needed)
         # Hits first: they are counted and used before this layer's own misses can evict them.
         needed.sort(key=lambda e: not self.cache.is_resident((layer, e)))
-        tokens = {e: torch.where(top_k_index == e) for e in needed}
-        on_host = [e for e in needed if self._run_on_host(layer, e, tokens[e][0].numel())]
+        on_host = [e for e in needed if self._run_on_host(layer, e, counts[e])]
         on_device = deque(e for e in needed if e not in on_host)
         window = min(len(on_device), self.cache.slots_for(layer))
         in_flight: deque[int] = deque()
@@ -117,6 +117,25 @@ class ExpertPager:
             self.cache.release(key)
             page_in()
         return out.to(hidden_states.dtype)
+
+    def _route(self, top_k_index: torch.Tensor) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], list[int]]:
+        """Each routed expert's (token rows, top-k positions), as torch.where(top_k_index == e) gives them,
+        and the tokens per expert, for one host sync per layer: the per-expert counts are the only
+        number the host reads (unique().tolist() and a where() per expert were one sync each).
+        A stable sort of the flat (token-major) routing keeps each expert's rows in token order."""
+        k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts_dev = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device)
+        counts_dev.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))  # no sync, unlike bincount
+        counts = counts_dev.tolist()  # the one host sync of the routing path
+        tokens, start = {}, 0
+        for expert, n in enumerate(counts):
+            if n:
+                positions = order[start:start + n]
+                tokens[expert] = (positions // k, positions % k)
+            start += n
+        return tokens, counts
 
     def _apply(self, out, hidden_states, tokens, top_k_weights, gate_up, down) -> None:
         """One expert's SwiGLU MLP on its tokens, weighted in fp32 and added into the fp32 `out`."""

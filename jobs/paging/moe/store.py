@@ -204,7 +204,7 @@ class ExpertStore:
                                    "the folder's weights and config.json do not match")
 
     def _fill(self, ram_budget_bytes: int | None) -> "ExpertStore":
-        """One arena of exactly the plan's bytes (a failed pin raises pinned.PinnedHostError as is):
+        """One arena of exactly the plan's bytes (a refused pin leaves it pageable, the reason in stats' host_pin):
         the resident experts read into it, then the staging ring."""
         self.ram_budget_bytes = self.resolve_ram_budget(ram_budget_bytes)
         plan = self.host_plan(self.ram_budget_bytes)
@@ -303,6 +303,7 @@ class ExpertStore:
             "ram_budget_bytes": self.ram_budget_bytes,
             "host_ram_bytes": arena.nbytes if arena else 0,
             "host_pinned_bytes": arena.pinned_bytes if arena else 0,
+            "host_pin": arena.pin_reason if arena else "no arena",
             "experts_in_ram": len(self._ram),
             "experts_from_disk": self.total_experts - len(self._ram) if self._pieces else 0,
             "staging_slots": len(self._staging),

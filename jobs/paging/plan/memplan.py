@@ -360,7 +360,16 @@ def _plan_moe(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model:
         _add(plan, "block expansion", where, _gguf_expansion_bytes(shape, s),
              f"one {shape.largest_matrix_numel:,}-element weight at a time into one reused {req.dtype} buffer")
     total_experts = moe_layers * shape.num_experts
+    budget = req.ram_budget_bytes
+    if budget is None and cuda:   # pinned pages cannot be swapped: at most half of what the host has free
+        budget = default_ram_budget_bytes(total_experts, expert, device.host_ram_bytes)
+    try:
+        host: tuple[int, int, int] | BudgetError = expert_host_plan(total_experts, expert, budget)
+    except BudgetError as exc:
+        host = exc
     fixed = sum(r["bytes"] for r in plan.rows)
+    if not cuda and not isinstance(host, BudgetError):  # on the CPU the store takes the memory the cache comes from
+        fixed += host[1] + host[2]
     room = _room(device.memory_bytes, fixed, device)
     cache = min(total_experts * expert, room) if req.expert_cache_bytes is None else req.expert_cache_bytes
     if cache > room or cache < expert:
@@ -372,14 +381,10 @@ def _plan_moe(shape: ModelShape, device: DeviceProfile, req: PlanRequest, model:
     slots = min(total_experts, cache // expert)
     plan.expert_cache_slots = slots
     _add(plan, "expert cache", where, slots * expert, f"{slots} of {total_experts} experts x {format_size(expert)}")
-    budget = req.ram_budget_bytes
-    if budget is None and cuda:   # pinned pages cannot be swapped: at most half of what the host has free
-        budget = default_ram_budget_bytes(total_experts, expert, device.host_ram_bytes)
-    try:
-        in_ram, arena, staging = expert_host_plan(total_experts, expert, budget)
-    except BudgetError as exc:
-        plan.fits, plan.reason = False, str(exc)
+    if isinstance(host, BudgetError):
+        plan.fits, plan.reason = False, str(host)
         return _finish(plan, device)
+    in_ram, arena, staging = host
     plan.experts_in_ram = in_ram
     host_where = "pinned host" if cuda else "host RAM"
     _add(plan, "expert store", host_where, arena, f"{in_ram} of {total_experts} experts in one arena; "

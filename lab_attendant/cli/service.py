@@ -1,13 +1,15 @@
-"""The systemd unit: renders systemd/lab-attendant.service (and the experimental-paging drop-in)
+"""`lab-attendant service install|uninstall`: the systemd unit. Renders systemd/lab-attendant.service (and the experimental-paging drop-in)
 with this checkout's absolute paths and config, installs or removes them; systemctl is the user's.
 """
 from __future__ import annotations
 
+import argparse
 import getpass
 import math
 import os
 import pwd
 import re
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass
@@ -266,3 +268,51 @@ def uninstall(*, user: bool) -> tuple[list[Path], list[list[str]]]:
     except PermissionError as exc:
         raise _permission_hint(Path(exc.filename or base), user) from None
     return removed, [systemctl(user, "stop", UNIT_NAME), systemctl(user, "daemon-reload")]
+
+
+# -- the verb ---------------------------------------------------------------------------------------
+def cmd_service(cfg: Config, args: argparse.Namespace) -> int:
+    if args.service_cmd == "uninstall":
+        removed, commands = uninstall(user=args.user)
+        for path in removed:
+            print(f"removed {path}")
+        if not removed:
+            print(f"nothing to remove: no {UNIT_NAME} in {unit_dir(args.user)}")
+    else:
+        files = render(cfg, user=args.user, experimental_paging=args.experimental_paging,
+                       nvidia_modprobe=args.nvidia_modprobe)
+        for warning in files.warnings:
+            print(f"lab-attendant: warning: {warning}", file=sys.stderr)
+        if args.print:
+            print(files.unit_text, end="")
+            if files.dropin_text is not None:
+                print(f"\n# ---- drop-in {files.dropin_path}\n{files.dropin_text}", end="")
+            return 0
+        commands = install(files, cfg, user=args.user)
+        print(f"wrote {files.unit_path}")
+        if files.dropin_text is not None:
+            print(f"wrote {files.dropin_path} (experimental paging on while it exists)")
+        if args.user:
+            commands.append(["loginctl", "enable-linger", run_as_user()])
+    print("lab-attendant does not run systemctl itself; now run:")
+    for argv in commands:
+        print("  " + shlex.join(argv))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("service", help="install or remove the systemd unit (prints the "
+                        "systemctl commands, does not run them)")
+    svsub = sv.add_subparsers(dest="service_cmd", required=True)
+    si = svsub.add_parser("install", help="render the unit with this checkout's paths and write "
+                          "it to /etc/systemd/system (or ~/.config/systemd/user with --user)")
+    si.add_argument("--experimental-paging", action="store_true",
+                    help="also write a drop-in that starts the daemon with the flag")
+    si.add_argument("--print", action="store_true", help="print the unit, write nothing")
+    si.add_argument("--nvidia-modprobe", action="store_true",
+                    help="run nvidia-modprobe as root before the daemon starts (creates "
+                    "/dev/nvidia-uvm after a boot; NoNewPrivileges= blocks its setuid bit)")
+    su = svsub.add_parser("uninstall", help="remove the unit, its drop-in and enable links")
+    for p_ in (si, su):
+        p_.add_argument("--user", action="store_true", help="a systemd --user unit")
+    sv.set_defaults(fn=cmd_service)

@@ -1,0 +1,158 @@
+"""The claim check: is a model-written sentence supported by its cited source, sentence by sentence?
+Stdlib only; the methods compared on tests/data/claims/pairs.jsonl by bench/quality_bench.py."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from jobs.lib.stoplist import FUNCTION_WORDS
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|\d+")
+_SUFFIX = re.compile(r"(?:ing|ed|es|s)$")
+NUMBER_WORDS = frozenset("""one two three four five six seven eight nine ten eleven twelve twenty
+thirty forty fifty hundred thousand million""".split())
+
+
+def tokens(text: str) -> list[str]:
+    return [w.lower().strip("'-") for w in _WORD.findall(text)]
+
+
+def stem(word: str) -> str:
+    # Crude but enough to match "recipes"/"recipe", "working"/"work", "measured"/"measure".
+    if len(word) > 4:
+        word = _SUFFIX.sub("", word)
+    return word[:5]
+
+NEGATIONS = frozenset("""not no never nobody nothing none without lack lacks lacking missing neither nor
+n't cannot""".split())
+# A qualifier says how much or how far: claimed, it must be in the aligned source sentence (issue #30:
+# "Kubernetes (basic)" is not "Kubernetes in production").
+QUALIFIERS = frozenset("""basic intermediate advanced fluent native expert senior junior production
+professional beginner first last only all every both most many several few""".split())
+# Words that name who the text is about, not what happened: never a claim of their own.
+SUBJECT = frozenset("candidate candidates author writer note notes text summary i me my we our".split())
+# Praise is a judgement the sources never state; a rationale may give it only when the facts do.
+PRAISE = frozenset("""good great strong excellent ideal perfect perfectly well-suited suitable suited
+qualified fit fits fitting match matches right impressive solid""".split())
+_SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+")
+# Clause boundaries inside a sentence: a claim aligns with a few adjacent clauses, so "She does not
+# measure anything, so I measured for her" holds a negation for one clause, not for the other.
+_CLAUSE = re.compile(r",\s+(?=(?:so|but|and|because|while|which|although|though)\b)|[:;]\s+|\s+[-–—]\s+")
+IRREGULAR = {"ran": "run", "went": "go", "gone": "go", "began": "begin", "begun": "begin", "wrote": "write",
+             "written": "write", "took": "take", "taken": "take", "gave": "give", "given": "give",
+             "made": "make", "left": "leave", "met": "meet", "sold": "sell", "bought": "buy",
+             "taught": "teach", "learnt": "learn", "felt": "feel", "kept": "keep", "lost": "lose",
+             "found": "find", "came": "come", "got": "get", "sang": "sing", "sung": "sing",
+             "broke": "break", "broken": "break", "built": "build", "spent": "spend", "read": "read",
+             "drove": "drive", "driven": "drive", "slept": "sleep", "thought": "think", "told": "tell",
+             "grew": "grow", "ate": "eat", "rode": "ride", "ridden": "ride", "fell": "fall", "led": "lead"}
+
+
+def _key(word: str) -> str:
+    return stem(IRREGULAR.get(word, word))
+
+
+def content(text: str) -> list[str]:
+    """The claim-bearing words in order: not function words nor subject words; digits kept."""
+    return [w for w in tokens(text) if w not in FUNCTION_WORDS and w not in SUBJECT
+            and (len(w) > 2 or w.isdigit())]
+
+
+def source_units(source: str) -> list[str]:
+    """The source's sentences, headings and list items each a unit (a title is a statement too)."""
+    lines = [re.sub(r"^\s*(?:#+|[-*]|\d+\.)\s*", "", l).replace("**", "").strip() for l in source.splitlines()]
+    out = []
+    for line in lines:
+        if line and not line.startswith(("---", "|")):
+            out += [s.strip() for s in _SPLIT.split(line) if s.strip()]
+    return out
+
+
+def _names(sentence: str) -> set[str]:
+    """Capitalised words past a sentence's first word, digits and number words: names and numbers."""
+    words = re.findall(r"[A-Za-z][A-Za-z'-]*|\d+(?:[.,]\d+)?[A-Za-z]*", sentence)
+    out = {w.lower() for i, w in enumerate(words) if i > 0 and w[0].isupper() and w.lower() not in SUBJECT
+           and w not in ("I", "The")}
+    return out | {w.lower() for w in words if w[0].isdigit() or w.lower() in NUMBER_WORDS}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str = ""                 # why not, in a few words
+    evidence: str = ""               # the source sentence(s) the claim aligned with
+    coverage: float = 0.0
+
+
+def clauses(source: str) -> list[str]:
+    return [c.strip() for u in source_units(source) for c in _CLAUSE.split(u) if c.strip()]
+
+
+# Where one sentence makes two claims: "X and has Y", "X, but lacks Y", "X and I Y".
+_COORD = re.compile(r",?\s+(?:and|but|while|so)\s+(?=(?:has|have|had|is|was|were|would|will|lacks?|needs?|"
+                    r"I|she|he|they|we|it)\b)", re.IGNORECASE)
+
+
+def align(claim: str, source: str, *, min_coverage: float = 0.8, window: int = 3) -> Verdict:
+    """Every claim of the sentence (its coordinated parts) supported on its own; see align_one."""
+    parts = [p for p in _COORD.split(claim) if content(p)]
+    if len(parts) <= 1:
+        return align_one(claim, source, min_coverage=min_coverage, window=window)
+    verdicts = [align_one(p, source, min_coverage=min_coverage, window=window) for p in parts]
+    bad = next((v for v in verdicts if not v.ok), None)
+    if bad is not None:
+        return bad
+    return Verdict(True, "", " / ".join(v.evidence for v in verdicts), min(v.coverage for v in verdicts))
+
+
+def align_one(claim: str, source: str, *, min_coverage: float = 0.8, window: int = 3) -> Verdict:
+    """Supported when `window` adjacent clauses of the source hold at least `min_coverage` of the
+    claim's content words, every name and number it states, every qualifier, and the same polarity."""
+    words = content(claim)
+    if not words:
+        return Verdict(False, "no claim")
+    units = clauses(source)
+    keys = [_key(w) for w in words]
+    names = _names(claim)
+    claim_words = tokens(claim)
+    agent = next((w for w in claim_words[:3] if w in ("she", "he", "they")), None)
+    best: Verdict | None = None
+    for i in range(len(units)):
+        for j in range(i + 1, min(i + window, len(units)) + 1):
+            text = " ".join(units[i:j])
+            have = {_key(w) for w in tokens(text)}
+            # Who did it is read from the clause holding most of the claim's words.
+            main = tokens(max(units[i:j], key=lambda u: sum(_key(w) in keys for w in tokens(u))))
+            cov = sum(k in have for k in keys) / len(keys)
+            missing_names = {n for n in names if _key(n) not in have and n not in text.lower()}
+            reason = ""
+            if missing_names:
+                reason = f"name or number not in the source sentence: {sorted(missing_names)[0]}"
+            elif agent and agent not in main and "i" in main:
+                reason = f"who did it differs: '{agent}' where the source says 'I'"
+            elif claim_words[:1] == ["i"] and "me" in main and "i" not in main:
+                reason = "who did it differs: 'I' where the source says someone did it for me"
+            elif any(q in words and _key(q) not in have for q in QUALIFIERS):
+                reason = "qualifier not in the source sentence"
+            elif bool(NEGATIONS & set(tokens(claim)) or "n't" in claim) != bool(
+                    NEGATIONS & set(tokens(text)) or "n't" in text):
+                reason = "negation differs from the source sentence"
+            elif cov < min_coverage:
+                reason = f"only {cov:.0%} of its words in one source sentence"
+            v = Verdict(not reason, reason, text, round(cov, 3))
+            if best is None or (v.ok, v.coverage) > (best.ok, best.coverage):
+                best = v
+    return best or Verdict(False, "empty source")
+
+
+def agrees_with_facts(rationale: str, covered: int, total: int, gaps: list[str]) -> str | None:
+    """None when a CV rationale fits the computed coverage, else why not: praise when fewer than half
+    the requirements are met, or 'meets all'/'no gaps' while some are missing."""
+    words = set(tokens(rationale))
+    if covered * 2 < total and words & PRAISE:
+        return f"praise at {covered} of {total} requirements"
+    if covered == 0 and re.search(r"\b(has|meets|brings|with) (the )?(experience|skills)\b", rationale.lower()):
+        return f"claims experience at 0 of {total} requirements"
+    if gaps and re.search(r"\b(all|every) (the )?(requirements?|skills)\b|\bno gaps\b", rationale.lower()):
+        return "claims every requirement while some are missing"
+    return None

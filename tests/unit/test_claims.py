@@ -1,0 +1,70 @@
+"""The claim check (jobs/lib/claims.py) on the cases issue #30 quoted, and its precision/recall floors on
+the hand-labelled real outputs in tests/data/claims/pairs.jsonl (floors: what was measured, rounded down)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobs.lib import claims, claims_eval
+
+ROOT = Path(__file__).resolve().parents[2]
+ARCHIVE = ROOT / "examples" / "archive"
+OWN = ROOT / "tests" / "data" / "claims"
+LLAMA = (OWN / "own_notes" / "2025-01-11-llama-on-the-desktop.md").read_text()
+BIKE = (ARCHIVE / "2009-03-14-first-bike-tour.md").read_text()
+ROSE = (ARCHIVE / "2010-10-12-reading-the-name-of-the-rose.md").read_text()
+RECIPES = (ARCHIVE / "2007-11-19-grandmother-recipes.md").read_text()
+CV = (OWN / "own_cv" / "cv-frontend.md").read_text()
+
+
+def test_the_false_sentences_issue_30_quotes_are_rejected():
+    assert not claims.align("I ran Llama locally on a 70B model.", LLAMA).ok
+    assert not claims.align("I'm using this script to search my notes for similar months.", LLAMA).ok
+    assert not claims.align("First bike tour: I learned to ride a bike.", BIKE).ok
+    assert not claims.align("Reading The Name of the Rose: I read the short stories of Lea, and I was "
+                            "surprised to find that she was a writer.", ROSE).ok
+
+
+def test_true_sentences_are_kept_with_their_evidence():
+    v = claims.align("The 13B model ran at 30 tokens per second.", LLAMA)
+    assert v.ok and "13B" in v.evidence
+    assert claims.align("I finished The Name of the Rose after two months.", ROSE).ok
+    assert claims.align("I measured for her that a handful of flour is about 120 grams.", RECIPES).ok
+
+
+def test_numbers_names_qualifiers_and_negation_must_align():
+    assert not claims.align("The 13B model ran at 40 tokens per second.", LLAMA).ok          # number
+    assert not claims.align("I drove to work on Mondays and Thursdays.",                      # my sister did
+                            (OWN / "own_notes" / "2025-03-15-broken-wrist.md").read_text()).ok
+    assert not claims.align("The bike tour was three days along the river to Lisbon.", BIKE).ok  # name
+    facts = "The candidate lacks Kubernetes in production.\n" + CV
+    assert not claims.align("The candidate has Kubernetes in production.", facts).ok       # basic only
+    assert claims.align("The candidate lacks Kubernetes in production.", facts).ok
+    assert claims.align("The candidate has basic Kubernetes skills.", facts).ok
+
+
+def test_a_rationale_must_agree_with_the_computed_facts():
+    good = "The candidate has worked as a frontend developer and is a good candidate for the job."
+    assert claims.agrees_with_facts(good, 0, 4, ["TypeScript"]) == "praise at 0 of 4 requirements"
+    assert claims.agrees_with_facts(good, 4, 4, []) is None
+    assert claims.agrees_with_facts("The candidate meets all requirements.", 3, 4, ["Go"]) is not None
+    assert claims.agrees_with_facts("The candidate builds web shops but lacks React.", 1, 4, ["React"]) is None
+
+
+# Measured on this set (docs/quality.md): precision 0.905, recall 0.760; replayed runs 1 of 36 shown
+# sentences false (0.028, above the issue's 0.02 target), 0.417 model-written. The issue asks for
+# >= 100 pairs: 64 so far (collection on this shared 2-core VM ran at 2-9 min per 8 prompts).
+MIN_PAIRS = 64
+PRECISION_FLOOR, RECALL_FLOOR = 0.9, 0.76
+SHOWN_FALSE_CEILING, MODEL_WRITTEN_FLOOR = 0.03, 0.41
+
+
+def test_floors_on_the_labelled_real_outputs():
+    pairs = claims_eval.load_pairs()
+    assert len(pairs) >= MIN_PAIRS and sum(p["label"] for p in pairs) >= 25 and sum(not p["label"] for p in pairs) >= 30
+    shipped = claims_eval.METHODS["rules + align + facts (shipped)"]
+    c = claims_eval.confusion(pairs, shipped)
+    assert c["precision"] >= PRECISION_FLOOR and c["recall"] >= RECALL_FLOOR
+    # The check must beat what shipped before on the same pairs, or it is not worth its misses.
+    assert c["precision"] > claims_eval.confusion(pairs, claims_eval.METHODS["overlap (before)"])["precision"]
+    run = claims_eval.replay(pairs, shipped)
+    assert run["shown_false_share"] <= SHOWN_FALSE_CEILING and run["model_written_share"] >= MODEL_WRITTEN_FLOOR
