@@ -341,7 +341,10 @@ def check_trusted(path: Path, what: str) -> None:
     a shared folder, which would otherwise run their program as us (as root under sudo)."""
     st = path.stat()
     me = os.geteuid()
-    if st.st_uid not in (me, 0):
+    trusted = {me, 0}
+    if me == 0 and os.environ.get("SUDO_UID", "").isdigit():
+        trusted.add(int(os.environ["SUDO_UID"]))   # `sudo service install` with your own config
+    if st.st_uid not in trusted:
         raise ConfigError(f"{what} {path} belongs to {_user_name(st.st_uid)}, not to you or root, "
                           "and could run their programs as you; use a file of your own "
                           f"(cp it and pass --config) or `chown {_user_name(me)} {path}`")

@@ -187,3 +187,18 @@ def test_a_model_registry_others_can_write_is_refused(tmp_path: Path):
     registry.chmod(0o600)
     proc = _run_cli_in(tmp_path, "model", "list")
     assert proc.returncode == 2 and "belongs to nobody" in proc.stderr
+
+
+def test_sudo_reads_the_config_of_the_user_who_ran_it(tmp_path: Path):
+    """`sudo lab-attendant service install` with the caller's own config: the caller could run
+    anything as root already, so their file is trusted; another user's is not."""
+    cfg = write_config(tmp_path)
+    os.chown(cfg, NOBODY, NOBODY)
+    env = {k: v for k, v in os.environ.items() if k != "LAB_ATTENDANT_CONFIG"}
+    run = [sys.executable, "-m", "lab_attendant.cli.main", "--config", str(cfg), "list"]
+    ok = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                        env={**env, "SUDO_UID": str(NOBODY), "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                             env={**env, "SUDO_UID": "1", "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert refused.returncode == 2 and "belongs to nobody" in refused.stderr
