@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pwd
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +36,9 @@ class PathsConfig:
     state_dir: Path = Path("var")          # SQLite store, run folders (spec, outputs)
     logs_dir: Path = Path("logs")          # lab_attendant.log, experimental_paging.log, runs/
     models_dir: Path = Path("models")      # converted model folders (model import-default)
-    # Folders that file paths in job params must lie under; empty = examples/, state, models.
-    allowed_roots: tuple[Path, ...] = ()
+    # Folders that file paths in job params must lie under; unset = examples/ and models_dir
+    # (never state_dir: a run would read the store, backups and other runs' outputs); [] = none.
+    allowed_roots: tuple[Path, ...] | None = None
     backups: Path | None = None            # automatic store backups; default state_dir/backups
 
 
@@ -258,9 +261,9 @@ class Config:
 
     @property
     def allowed_roots(self) -> tuple[Path, ...]:
-        if self.paths.allowed_roots:
+        if self.paths.allowed_roots is not None:
             return self.paths.allowed_roots
-        return (PROJECT_ROOT / "examples", self.paths.state_dir, self.paths.models_dir)
+        return (PROJECT_ROOT / "examples", self.paths.models_dir)
 
     def retries_for(self, kind: str, schedule: ScheduleConfig | None = None) -> int:
         if schedule is not None and schedule.retries is not None:
@@ -293,6 +296,7 @@ def read_registry(state_dir: Path, path: Path | None = None) -> dict[str, ModelC
     """The [models.NAME] tables of state_dir/models.toml, or of `path` (empty when there is none)."""
     path = path or state_dir / REGISTRY_NAME
     try:
+        check_trusted(path, "model registry")
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         return {}
@@ -310,6 +314,8 @@ def register_model(state_dir: Path, name: str, table: dict[str, str | int]) -> P
     """Add (or replace) [models.NAME] in the registry; `table` holds ModelConfig keys with plain values,
     checked by reading the result back before it replaces the file."""
     path = state_dir / REGISTRY_NAME
+    if path.is_file():
+        check_trusted(path, "model registry")
     data = tomllib.loads(path.read_text()) if path.is_file() else {}
     models = {**data.get("models", {}), name: table}
     text = "# written by `lab-attendant model add`; one [models.NAME] table per registered model\n"
@@ -329,6 +335,32 @@ def register_model(state_dir: Path, name: str, table: dict[str, str | int]) -> P
     return path
 
 
+def check_trusted(path: Path, what: str) -> None:
+    """A config names programs we run ([worker] python, [notify] command, co-tenant commands):
+    one that another user owns or may write is refused, e.g. a ./lab-attendant.toml planted in
+    a shared folder, which would otherwise run their program as us (as root under sudo)."""
+    st = path.stat()
+    me = os.geteuid()
+    trusted = {me, 0}
+    if me == 0 and os.environ.get("SUDO_UID", "").isdigit():
+        trusted.add(int(os.environ["SUDO_UID"]))   # `sudo service install` with your own config
+    if st.st_uid not in trusted:
+        raise ConfigError(f"{what} {path} belongs to {_user_name(st.st_uid)}, not to you or root, "
+                          "and could run their programs as you; use a file of your own "
+                          f"(cp it and pass --config) or `chown {_user_name(me)} {path}`")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"{what} {path} can be changed by other users (mode "
+                          f"{stat.S_IMODE(st.st_mode):o}) and could run their programs as you; "
+                          f"`chmod go-w {path}` and start again")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def load_config(path: str | os.PathLike | None = None) -> Config:
     """Find and load the config (see module docstring); relative paths resolve against the
     config file's folder, or the current directory for built-in defaults."""
@@ -342,6 +374,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     if not cfg_path.is_file():
         raise ConfigError(f"config file {cfg_path} does not exist; create it "
                           "(see examples/lab-attendant.toml) or drop --config")
+    check_trusted(cfg_path, "config file")
     try:
         data = tomllib.loads(cfg_path.read_text())
     except tomllib.TOMLDecodeError as exc:

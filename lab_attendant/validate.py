@@ -1,6 +1,6 @@
 """Validation of what a user types or writes that a type alone cannot express: finite numbers in
-declared ranges (config keys, submit options), the config's schedules (cron, kind, params) and JSON
-output that never holds NaN/Infinity.
+declared ranges (config keys, submit options), the config's schedules (cron, kind, params); output
+that never holds NaN/Infinity (JSON) nor control characters (a terminal, a notification).
 """
 from __future__ import annotations
 
@@ -184,3 +184,16 @@ def finite(obj: Any) -> Any:
 def dumps(obj: Any, **kwargs: Any) -> str:
     """Strict JSON for output and storage: NaN/Infinity become null, never invalid JSON."""
     return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
+# C0 controls (but tab and newline), DEL and C1: in a run name or reason an ESC would move the
+# cursor or print an OSC 8 hyperlink on a terminal; a NUL or CR/LF makes the environment variable
+# or HTTP header of a notification invalid, and the notification silently fails.
+_CONTROLS = {c: None for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0))}
+_LINE_BREAKS = {0x09: " ", 0x0A: " "}
+
+
+def printable(text: str, *, one_line: bool = False) -> str:
+    """`text` without control characters; with `one_line`, tabs and newlines become spaces."""
+    text = text.translate(_CONTROLS)
+    return text.translate(_LINE_BREAKS) if one_line else text

@@ -9,6 +9,8 @@ note) is skipped with a `warning` event naming it. Reads re-check what was actua
 from __future__ import annotations
 
 import os
+import stat
+from io import FileIO
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -49,17 +51,24 @@ class Roots:
                           "allowed roots")
         return kept
 
-    def read_bytes(self, path: Path) -> bytes:
-        """Open, then check the file actually opened (its /proc/self/fd link) before reading."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def open(self, path: Path) -> FileIO:
+        """Open, then check the file actually opened (its /proc/self/fd link) and that it is a
+        regular file (not a FIFO that blocks, not a device) before anything is read."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             real = Path(os.readlink(f"/proc/self/fd/{fd}"))
             if not any(real.is_relative_to(r) for r in self.roots):
                 raise self._refuse("file", path)
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                return fh.read()
-        finally:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OutsideRoots(f"file {path} is not a regular file; the run reads only files")
+            return os.fdopen(fd, "rb", buffering=0)
+        except BaseException:
             os.close(fd)
+            raise
+
+    def read_bytes(self, path: Path) -> bytes:
+        with self.open(path) as fh:
+            return fh.read()
 
     def read_text(self, path: Path, errors: str = "strict") -> str:
         return self.read_bytes(path).decode("utf-8", errors=errors)

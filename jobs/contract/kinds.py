@@ -188,9 +188,9 @@ def _coerce(param: Param, value: Any, roots: tuple[Path, ...], base_dir: Path | 
     if must_exist and tp == "path" and not path.exists():
         raise ParamError(f"param '{name}': {path} does not exist")
     if not any(path.is_relative_to(r.resolve()) for r in roots):
-        raise ParamError(f"param '{name}': {path} is outside the allowed roots "
-                         f"({', '.join(str(r) for r in roots)}); move it there or add its folder "
-                         "to [paths] allowed_roots")
+        listed = ", ".join(str(r) for r in roots) or "none: [paths] allowed_roots = []"
+        raise ParamError(f"param '{name}': {path} is outside the allowed roots ({listed}); move "
+                         "it there or add its folder to [paths] allowed_roots")
     return str(path)
 
 

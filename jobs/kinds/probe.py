@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.contract.confine import Roots
 from jobs.paging.plan.disk import remember_read_bandwidth
 
 CHUNK_BYTES = 8 * 1024**2
@@ -58,14 +59,15 @@ def _drop_cache(fd: int) -> bool:
 
 
 def measure_read_bandwidth(path: Path, limit_bytes: int, progress=None,
-                           keep=None) -> dict[str, Any]:
-    """`keep` (jobs.contract.confine.Roots.keep) drops files that resolve outside the allowed roots."""
-    files = keep(_files(path)) if keep else _files(path)
+                           roots: Roots | None = None) -> dict[str, Any]:
+    """With `roots`, files that resolve outside the allowed roots are skipped (a warning each),
+    and each file is checked again once opened (a link swapped in after the listing fails)."""
+    files = roots.keep(_files(path)) if roots else _files(path)
     want = min(limit_bytes, sum(f.stat().st_size for f in files))   # what progress counts to
     total, dropped, start = 0, True, time.perf_counter()
     buf = bytearray(CHUNK_BYTES)
     for f in files:
-        with open(f, "rb", buffering=0) as fh:
+        with (roots.open(f) if roots else open(f, "rb", buffering=0)) as fh:
             dropped &= _drop_cache(fh.fileno())
             while total < limit_bytes:
                 n = fh.readinto(buf)
@@ -97,7 +99,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
         info["read_bandwidth"] = measure_read_bandwidth(
             target, limit, progress=lambda d, t: ctx.progress(d // MIB, max(1, -(-t // MIB)),
                                                               "MiB"),
-            keep=ctx.roots.keep if params.get("path") else None)
+            roots=ctx.roots if params.get("path") else None)
         ctx.metric(read_bytes_per_s=info["read_bandwidth"]["bytes_per_s"])
         # the memory plan's disk bound uses it for models on this disk (jobs.paging.plan.disk)
         info["read_bandwidth"]["remembered"] = remember_read_bandwidth(ctx.state_dir, info["read_bandwidth"])

@@ -22,6 +22,7 @@ from lab_attendant.cli.status import cmd_status
 from lab_attendant.config import Config, load_config
 from lab_attendant.errors import EXIT_STORE_UNUSABLE, StoreUnusable, UserError
 from lab_attendant.service.logsetup import setup_logging
+from lab_attendant.service.private import private_process
 from lab_attendant.store.db import Store
 from lab_attendant.store.states import TERMINAL, RunState
 from lab_attendant.validate import check_worker_python, dumps
@@ -42,7 +43,8 @@ def cmd_daemon(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
     from lab_attendant.dashboard.app import serve  # the web stack is imported only by this verb
-    return serve(cfg, args.bind, allow_remote=args.allow_remote)
+    return serve(cfg, args.bind, allow_remote=args.allow_remote, token=args.token,
+                 token_file=args.token_file, allowed_hosts=tuple(args.allowed_host))
 
 
 def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
@@ -140,8 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where to listen (default 127.0.0.1:8765; loopback only unless "
                     "--allow-remote)")
     db.add_argument("--allow-remote", action="store_true",
-                    help="allow a non-loopback --bind: the dashboard has no login, so anyone "
-                    "who can reach the port sees run params, logs and outputs")
+                    help="allow a non-loopback --bind; a token is then required (printed in "
+                    "the start-up link, or --token-file)")
+    db.add_argument("--token", action="store_true",
+                    help="require a token on loopback too (keeps out other local users)")
+    db.add_argument("--token-file", type=Path, metavar="FILE",
+                    help="the token to require, from a file only you can read")
+    db.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="a Host name the dashboard answers to besides its --bind address and "
+                    "localhost (others get 421: a DNS-rebinding page cannot read it)")
     db.set_defaults(fn=cmd_dashboard)
 
     sc = sub.add_parser("schedules", help="configured schedules and their next fire times; "
@@ -170,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config)
+        private_process(cfg.paths.state_dir, cfg.paths.logs_dir, cfg.backups_dir)
         if args.cmd != "daemon":
             setup_logging(cfg.paths.logs_dir, console=False)
         code = args.fn(cfg, args)

@@ -13,12 +13,14 @@ from typing import Any, Iterable
 from rich.console import Console, Group
 from rich.measure import Measurement
 from rich.progress_bar import ProgressBar
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
 from jobs.contract.units import format_duration, format_size
 from lab_attendant.store.figures import elapsed_s, eta_s, fraction
 from lab_attendant.store.states import ACTIVE, TERMINAL, RunState
+from lab_attendant.validate import printable
 
 STATE_STYLE = {RunState.SUCCEEDED: "green", RunState.RUNNING: "cyan", RunState.STARTING: "cyan",
                RunState.QUEUED: "", RunState.HELD: "yellow", RunState.SKIPPED: "dim",
@@ -27,15 +29,24 @@ PIPE_WIDTH = 160      # columns when stdout is not a terminal and $COLUMNS is un
 
 
 class _Console(Console):
+    """Data is never markup here: markup and emoji codes are off, so a run named '[/x]' or
+    '[link=file:///etc/passwd]' prints as typed, and control characters (ESC) are dropped from
+    every text segment (not from rich's own cursor controls, which Live needs)."""
+
     def on_broken_pipe(self) -> None:
         # rich would exit 1 here; the CLI's own handler ends a closed pipe quietly with 0
         raise BrokenPipeError
+
+    def render(self, renderable: Any, options: Any = None) -> Iterable[Segment]:
+        for seg in super().render(renderable, options):
+            yield seg if seg.control else Segment(printable(seg.text), seg.style)
 
 
 def console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() or os.environ.get("COLUMNS") else PIPE_WIDTH
-    return _Console(file=stream, width=width, highlight=False, soft_wrap=False)
+    return _Console(file=stream, width=width, highlight=False, soft_wrap=False, markup=False,
+                    emoji=False)
 
 
 # -- units ----------------------------------------------------------------------------------------

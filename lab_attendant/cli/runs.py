@@ -18,7 +18,7 @@ from lab_attendant.store.db import Store
 from lab_attendant.store.deps import waiting_for
 from lab_attendant.store.history import query_runs
 from lab_attendant.store.states import TERMINAL, RunState
-from lab_attendant.validate import dumps
+from lab_attendant.validate import dumps, printable
 
 
 def parse_states(text: str | None) -> list[RunState]:
@@ -79,7 +79,8 @@ def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
         shown = len(lines)
         if not args.follow or run.state in TERMINAL:
             if args.follow:
-                print(f"lab-attendant: run {run.id} {run.state}: {run.reason}", file=sys.stderr)
+                print(f"lab-attendant: run {run.id} {run.state}: {printable(run.reason)}",
+                      file=sys.stderr)
             return 0
         progress = (run.state, run.progress_done, run.progress_total)
         if progress != last_progress:   # progress goes to stderr: stdout stays the run's output

@@ -29,6 +29,8 @@ STOP_MARGIN_S = 15.0
 # A system unit installed by root itself (no sudo) runs as this user, not as root.
 DEDICATED_USER = "lab-attendant"
 NVIDIA_MODPROBE = "/usr/bin/nvidia-modprobe"
+# Where --nvidia-modprobe looks (in order), never through PATH: it runs as root.
+NVIDIA_MODPROBE_PATHS = (NVIDIA_MODPROBE, "/usr/local/bin/nvidia-modprobe")
 # PrivateTmp= gives the service its own /tmp: anything of ours there is invisible to it.
 PRIVATE_TMP_DIRS = (Path("/tmp"), Path("/var/tmp"))
 _PLACEHOLDER = re.compile(r"@[A-Z_]+@")
@@ -122,12 +124,16 @@ def render(cfg: Config, *, user: bool, experimental_paging: bool,
     if nvidia_modprobe and user:
         raise UserError("--nvidia-modprobe needs a system unit (it runs as root); for a --user "
                         "unit install the udev rule from README.md (\"Run as a service\")")
-    modprobe = shutil.which("nvidia-modprobe") or NVIDIA_MODPROBE
+    modprobe = trusted_modprobe() if nvidia_modprobe else NVIDIA_MODPROBE
     working_dir = (working_dir or Path.cwd()).absolute()
     unit_user = run_as_user()
     base = unit_dir(user)
-    paths = [os.path.abspath(p) for p in (cfg.paths.state_dir, cfg.paths.logs_dir,
-                                          cfg.paths.models_dir)]
+    paths = [os.path.abspath(p) for p in (cfg.paths.state_dir, cfg.paths.logs_dir)]
+    needs = network_needs(cfg)
+    relaxed = (f"the unit allows network access (PrivateNetwork= and IPAddressDeny= left out, "
+               f"AF_INET/AF_INET6 allowed) because {' and '.join(needs)} "
+               f"need{'s' if len(needs) == 1 else ''} it",) \
+        if needs and not user else ()
     values = {
         "PROJECT_ROOT": str(PROJECT_ROOT).replace("%", "%%"),
         "WORKING_DIRECTORY": str(working_dir).replace("%", "%%"),
@@ -137,6 +143,9 @@ def render(cfg: Config, *, user: bool, experimental_paging: bool,
         "NVIDIA_COMMENT": "" if nvidia_modprobe else "#",
         "NVIDIA_MODPROBE": quote(modprobe),
         "READ_WRITE_PATHS": " ".join(quote(p) for p in dict.fromkeys(paths)),
+        "READ_ONLY_PATHS": quote(os.path.abspath(cfg.paths.models_dir)),
+        "NETWORK_OFF": "#" if needs else "",
+        "ADDRESS_FAMILIES": "AF_UNIX AF_NETLINK" + (" AF_INET AF_INET6" if needs else ""),
         "SYSTEM_ONLY": "#" if user else "",
         "WANTED_BY": "default.target" if user else "multi-user.target",
     }
@@ -149,7 +158,37 @@ def render(cfg: Config, *, user: bool, experimental_paging: bool,
         dropin = _fill(TEMPLATE_DIR / DROPIN_NAME,
                        {"EXEC_START": " ".join(quote(a) for a in paging_argv)})
     return UnitFiles(base / UNIT_NAME, unit, base / f"{UNIT_NAME}.d" / DROPIN_NAME, dropin,
-                     user=None if user else unit_user, warnings=_tmp_warnings(cfg, working_dir))
+                     user=None if user else unit_user,
+                     warnings=_tmp_warnings(cfg, working_dir) + relaxed)
+
+
+def network_needs(cfg: Config) -> list[str]:
+    """What in the config talks to a network (the unit's sandbox has none otherwise)."""
+    needs = []
+    if cfg.notify.url:
+        needs.append("[notify] url")
+    ex = cfg.executor
+    if "slurm" in (ex.default, *ex.kinds.values(), *ex.models.values()):
+        needs.append("the Slurm executor (sbatch, squeue, munge)")
+    return needs
+
+
+def trusted_modprobe() -> str:
+    """nvidia-modprobe for the root ExecStartPre: a fixed path, root-owned and writable by root
+    only (the folders above it too), never whatever `PATH` finds first."""
+    for candidate in NVIDIA_MODPROBE_PATHS:
+        path = Path(candidate)
+        if not path.is_file():
+            continue
+        unsafe = [p for p in (path, *path.parents)
+                  if p.stat().st_uid != 0 or p.stat().st_mode & 0o022]
+        if unsafe:
+            raise UserError(f"{path} would run as root, but {unsafe[0]} is not owned by root or "
+                            "is writable by others; reinstall the NVIDIA utilities from the "
+                            "distribution, or leave out --nvidia-modprobe and use the udev rule")
+        return str(path)
+    raise UserError(f"--nvidia-modprobe: no {NVIDIA_MODPROBE}; install the distribution's "
+                    "nvidia-modprobe package, or leave the flag out and use the udev rule")
 
 
 def _permission_hint(path: Path, user: bool) -> UserError:
@@ -165,9 +204,11 @@ def install(files: UnitFiles, cfg: Config, *, user: bool) -> list[list[str]]:
     try:
         files.unit_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(files.unit_path, files.unit_text.encode())
+        files.unit_path.chmod(0o644)   # a unit is no secret; `systemctl cat` reads it as anyone
         if files.dropin_text is not None:
-            files.dropin_path.parent.mkdir(exist_ok=True)
+            files.dropin_path.parent.mkdir(mode=0o755, exist_ok=True)
             write_atomic(files.dropin_path, files.dropin_text.encode())
+            files.dropin_path.chmod(0o644)
         else:
             _remove(files.dropin_path)
         for path in (cfg.paths.state_dir, cfg.paths.logs_dir, cfg.paths.models_dir):

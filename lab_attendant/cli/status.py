@@ -22,7 +22,9 @@ fmt_time = local_time      # local time with its zone
 
 
 def gather(cfg: Config) -> dict[str, Any]:
-    alive = DaemonLock(cfg.paths.state_dir).held_by_other()
+    lock = DaemonLock(cfg.paths.state_dir)
+    holder = lock.holder()
+    alive = holder is not None and not holder.foreign
     fault = StatusFile.read(cfg.paths.state_dir / "daemon-status.json") if alive else {}
     store = Store(cfg.db_path)
     row = store.latest_daemon()
@@ -32,6 +34,9 @@ def gather(cfg: Config) -> dict[str, Any]:
         "daemon": {"alive": alive, "pid": row.pid if row and alive else None,
                    "experimental_paging": bool(row and alive and row.experimental_paging),
                    "heartbeat_age_s": (time.time() - row.heartbeat_at) if row and alive else None},
+        "foreign_lock": (f"{lock.path} is locked by {holder.describe()}, not a daemon of this "
+                         "user; a daemon cannot start until that process lets go"
+                         if holder is not None and holder.foreign else None),
         "store_fault": fault.get("store_fault"),
         "queue_depth": counts.get(RunState.QUEUED, 0),
         "held": counts.get(RunState.HELD, 0),
@@ -55,6 +60,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
               f"{'on' if d['experimental_paging'] else 'off'}")
     else:
         print("daemon: not running (submitted runs wait in the queue)")
+    if st["foreign_lock"]:
+        print(f"LOCK HELD BY ANOTHER USER: {st['foreign_lock']}")
     if st["store_fault"]:
         print(f"STORE NOT WRITABLE: {st['store_fault']}; the daemon admits nothing, keeps "
               "supervising running runs and retries (free space or fix the disk)")

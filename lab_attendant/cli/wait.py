@@ -29,7 +29,7 @@ from lab_attendant.store.db import Store
 from lab_attendant.store.deps import waiting_for
 from lab_attendant.store.figures import elapsed_s, eta_s
 from lab_attendant.store.states import TERMINAL, RunState
-from lab_attendant.validate import dumps
+from lab_attendant.validate import dumps, printable
 
 EXIT_OK, EXIT_FAILED, EXIT_TIMEOUT, EXIT_NO_DAEMON, EXIT_INTERRUPTED = 0, 1, 3, 4, 130
 POLL_S = 0.25
@@ -139,7 +139,7 @@ def report(code: int, runs: list[Any], as_json: bool, single: bool = False) -> N
                     {"exit_code": code, "runs": [r.to_dict() for r in runs]}))
         return
     for r in runs:
-        print(f"run {r.id} {r.state}: {r.reason}")
+        print(f"run {r.id} {r.state}: {printable(r.reason)}")
     if code == EXIT_TIMEOUT:
         print("timed out waiting; the runs go on", file=sys.stderr)
 

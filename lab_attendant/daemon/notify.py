@@ -16,6 +16,7 @@ from typing import Any
 
 from lab_attendant.config import NotifyConfig
 from lab_attendant.service.logsetup import get_logger
+from lab_attendant.validate import printable
 
 log = get_logger("lab_attendant.daemon.notify")
 
@@ -46,7 +47,8 @@ class Notifications:
         """Send one notification for a run that ended in a state of `on`; returns its thread."""
         if not self.enabled or info["run_state"] not in self.cfg.on:
             return None
-        info = {**info, "host": socket.gethostname()}
+        info = {k: printable(v, one_line=True) if isinstance(v, str) else v
+                for k, v in {**info, "host": socket.gethostname()}.items()}
         target = self._command if self.cfg.command else self._post
         t = threading.Thread(target=self._guarded, args=(target, info),
                              name=f"notify-run-{info['run_id']}", daemon=True)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import ipaddress
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
+from urllib.parse import quote
 
 from markdown_it import MarkdownIt
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -21,17 +22,19 @@ from jobs.contract.units import format_size
 from lab_attendant.config import Config
 from lab_attendant.dashboard import metrics, plots
 from lab_attendant.dashboard import pages as views
+from lab_attendant.dashboard.access import (
+    LOOPBACK_NAMES,
+    TOKEN_PARAM,
+    Access,
+    Policy,
+    host_names,
+    new_token,
+    read_token,
+)
 from lab_attendant.dashboard.readonly import open_readonly, session
 from lab_attendant.errors import UserError
 
 HERE = Path(__file__).resolve().parent
-SECURITY_HEADERS = {
-    # Everything is served from here: no CDN, no inline script; inline SVG needs no style.
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                               "script-src 'self'; frame-ancestors 'none'; form-action 'self'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".log", ".csv", ".tsv")
 # Markdown from job outputs: raw HTML off, so a model's output cannot inject markup or script.
 _markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
@@ -50,7 +53,17 @@ def fmt_duration(s: float | None) -> str:
     return f"{h}h {m:02d}m" if h else f"{m}m {sec:02d}s" if m else f"{sec}s"
 
 
-def create_app(cfg: Config) -> Starlette:
+class _App(Starlette):
+    """Starlette with `Access` outermost, outside its error middleware: a 500 carries the
+    security headers too."""
+
+    policy = Policy(allowed_hosts=LOOPBACK_NAMES, token=None)
+
+    def build_middleware_stack(self) -> Any:
+        return Access(super().build_middleware_stack(), self.policy)
+
+
+def create_app(cfg: Config, policy: Policy | None = None) -> Starlette:
     engine = open_readonly(cfg.db_path)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters.update(time=fmt_time, duration=fmt_duration, size=format_size)
@@ -80,8 +93,9 @@ def create_app(cfg: Config) -> Starlette:
             rendered = []
             for o in d["outputs"]:
                 if o["name"] in views.RENDERED_OUTPUTS and o["size_bytes"] <= views.OUTPUT_PREVIEW_BYTES:
-                    text = views.output_path(run, o["name"]).read_text(errors="replace")
-                    rendered.append((o["name"], _markdown.render(text)))
+                    text = views.read_output_text(run, o["name"])
+                    if text is not None:
+                        rendered.append((o["name"], _markdown.render(text)))
         charts = plots.run_charts(d["samples"], thermal_limit_c=cfg.guards.thermal_limit_c,
                                   resume_below_c=cfg.guards.resume_below_c,
                                   vram_budget_bytes=int(cfg.guards.vram_budget_bytes))
@@ -89,16 +103,20 @@ def create_app(cfg: Config) -> Starlette:
                     rendered=rendered)
 
     def output(request: Request) -> Response:
+        name = request.path_params["name"]
         with session(engine) as s:
             run = views.get_run(s, request.path_params["run_id"])
-            path = views.output_path(run, request.path_params["name"])
-        if path.suffix == ".md":
-            return page(request, "output.html", run_id=run.id, name=path.name,
-                        html=_markdown.render(path.read_text(errors="replace")))
-        if path.suffix in TEXT_SUFFIXES:
-            return FileResponse(path, media_type="text/plain; charset=utf-8")
+        suffix = Path(name).suffix
+        if suffix == ".md":
+            text = views.read_output_text(run, name)
+            if text is not None:    # larger ones are served as text, not rendered per request
+                return page(request, "output.html", run_id=run.id, name=name,
+                            html=_markdown.render(text))
+        fh, size_bytes = views.open_output(run, name)
+        if suffix in TEXT_SUFFIXES + (".md",):
+            return _stream(fh, size_bytes, "text/plain; charset=utf-8")
         # Anything else is a download, never rendered here (an .html output cannot run script).
-        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+        return _stream(fh, size_bytes, "application/octet-stream", download=name)
 
     def guards_page(request: Request) -> Response:
         with session(engine) as s:
@@ -138,7 +156,7 @@ def create_app(cfg: Config) -> Starlette:
 
     # starlette types a handler as taking Exception; ours take the subclass they are registered for
     handlers: dict[Any, Any] = {UserError: user_error, LookupError: not_found, HTTPException: http_error}
-    app = Starlette(routes=[
+    app = _App(routes=[
         Route("/", runs_page), Route("/runs/{run_id:int}", run_page),
         Route("/runs/{run_id:int}/outputs/{name}", output),
         Route("/guards", guards_page), Route("/schedules", schedules_page),
@@ -146,25 +164,24 @@ def create_app(cfg: Config) -> Starlette:
         Route("/metrics", metrics_endpoint),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ], exception_handlers=handlers)
-    app.add_middleware(_Headers)
+    if policy is not None:
+        app.policy = policy
     app.state.engine = engine
     return app
 
 
-class _Headers:
-    """Adds SECURITY_HEADERS to every response (pure ASGI: no buffering of bodies)."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        async def send_with_headers(message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [
-                    (k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
-            await send(message)
-        await self.app(scope, receive, send_with_headers)
+def _stream(fh: BinaryIO, size_bytes: int, media_type: str, download: str | None = None) -> Response:
+    """The opened file itself (never its path again, which could be swapped), in chunks."""
+    def chunks() -> Iterator[bytes]:
+        with fh:
+            left = size_bytes
+            while left > 0 and (data := fh.read(min(left, 1024 * 1024))):
+                left -= len(data)
+                yield data
+    headers = {"Content-Length": str(size_bytes)}
+    if download is not None:
+        headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(download)}"
+    return StreamingResponse(chunks(), media_type=media_type, headers=headers)
 
 
 def check_bind(bind: str, allow_remote: bool) -> tuple[str, int]:
@@ -180,15 +197,23 @@ def check_bind(bind: str, allow_remote: bool) -> tuple[str, int]:
         raise UserError(f"refusing to listen on {host}: the dashboard has no login, and anyone "
                         "who reaches the port can read run params, logs and outputs. Bind to "
                         "127.0.0.1 and use `ssh -L 8765:127.0.0.1:8765 HOST`, or pass "
-                        "--allow-remote if the network is yours")
+                        "--allow-remote (a token is then required) if the network is yours")
     return host, int(port)
 
 
-def serve(cfg: Config, bind: str, *, allow_remote: bool = False) -> int:
+def serve(cfg: Config, bind: str, *, allow_remote: bool = False, token: bool = False,
+          token_file: Path | None = None, allowed_hosts: tuple[str, ...] = ()) -> int:
     import uvicorn
     host, port = check_bind(bind, allow_remote)
-    app = create_app(cfg)
-    print(f"lab-attendant dashboard on http://{bind} (store {cfg.db_path}, read-only); "
-          "Ctrl-C stops it", flush=True)
+    # Beyond loopback anyone on the network could read runs: a token is required there; on
+    # loopback it keeps out other local users (--token, or --token-file).
+    secret = (read_token(token_file) if token_file is not None
+              else new_token() if token or allow_remote else None)
+    app = create_app(cfg, Policy(allowed_hosts=host_names(host, allowed_hosts), token=secret))
+    url = f"http://{bind}"
+    if secret is not None and token_file is None:
+        url += f"/?{TOKEN_PARAM}={secret}"
+    print(f"lab-attendant dashboard on {url} (store {cfg.db_path}, read-only"
+          f"{', token required' if secret else ''}); Ctrl-C stops it", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0

@@ -4,6 +4,7 @@ guard events, co-tenants and the guard readings at each scrape. The dashboard se
 """
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
 from typing import Callable, Iterator
 
@@ -141,6 +142,8 @@ class Textfile:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_to_textfile(str(path), self.registry)
+            # node_exporter reads it as its own user; our umask 077 would make it 0600
+            os.chmod(path, 0o644)
         except Exception as exc:  # noqa: BLE001 - metrics are a view; never stop the daemon
             log.warning("cannot write the metrics textfile", path=str(self.cfg.textfile),
                         error=f"{type(exc).__name__}: {exc}")

@@ -3,10 +3,12 @@ the HTML templates and the JSON API show the same values.
 """
 from __future__ import annotations
 
+import os
+import stat
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -21,7 +23,9 @@ from lab_attendant.store.states import ACTIVE, RunState
 from lab_attendant.store.tables import GUARD_READINGS, CotenantRow, GuardEvent, Meta, Run, RunEvent
 
 LOG_TAIL_LINES = 200
-OUTPUT_PREVIEW_BYTES = 512 * 1024       # markdown outputs rendered on the run page up to this size
+LOG_TAIL_BYTES = 256 * 1024             # of a run's log read per page view, from its end
+OUTPUT_PREVIEW_BYTES = 512 * 1024       # markdown outputs rendered (run page, output page) up to this
+MAX_RUN_ID = 2**63 - 1                  # SQLite's largest rowid: a larger one is no run (404)
 RENDERED_OUTPUTS = ("insights.md", "refined.md", "matches.md")
 
 
@@ -72,28 +76,56 @@ def counts(s: Session) -> dict[str, int]:
     return {st.value: n for st, n in s.execute(select(Run.state, func.count()).group_by(Run.state))}
 
 
+def _single(st: os.stat_result) -> bool:
+    """A regular file with one name: a hard link planted in a run folder (to the store, another
+    run's output, a file of the user's) is neither listed nor served."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
 def outputs(run: Run) -> list[dict[str, Any]]:
-    """Files in the run's output folder (top level, regular files only)."""
+    """Files in the run's output folder (top level, regular single-link files only)."""
     if not run.run_dir:
         return []
     folder = Path(run.run_dir) / "output"
-    if not folder.is_dir():
+    if not folder.is_dir() or folder.is_symlink():
         return []
-    return [{"name": p.name, "size_bytes": p.stat().st_size, "markdown": p.suffix == ".md"}
-            for p in sorted(folder.iterdir()) if p.is_file() and not p.is_symlink()]
+    listed = []
+    for p in sorted(folder.iterdir()):
+        st = p.lstat()
+        if _single(st):
+            listed.append({"name": p.name, "size_bytes": st.st_size, "markdown": p.suffix == ".md"})
+    return listed
 
 
-def output_path(run: Run, name: str) -> Path:
-    """One listed output by name: nothing outside the run's output folder can be asked for."""
-    if name not in {o["name"] for o in outputs(run)}:
-        raise UserError(f"run {run.id} has no output {name!r}")
-    if not run.run_dir:
-        raise UserError(f"run {run.id} has no run folder")
-    return Path(run.run_dir) / "output" / name
+def open_output(run: Run, name: str) -> tuple[BinaryIO, int]:
+    """One listed output by name, opened without following a link at either the output folder or
+    the file (a swap after listing is refused too); (file, size in bytes)."""
+    if name not in {o["name"] for o in outputs(run)} or not run.run_dir:
+        raise LookupError(f"run {run.id} has no output {name!r}")
+    nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    folder = os.open(Path(run.run_dir) / "output", nofollow | os.O_DIRECTORY)
+    try:
+        fd = os.open(name, nofollow | os.O_NONBLOCK, dir_fd=folder)
+    except OSError as exc:
+        raise LookupError(f"run {run.id} output {name!r} cannot be opened ({exc.strerror})") from None
+    finally:
+        os.close(folder)
+    st = os.fstat(fd)
+    if not _single(st):
+        os.close(fd)
+        raise LookupError(f"run {run.id} output {name!r} is no longer a plain file")
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def read_output_text(run: Run, name: str, max_bytes: int = OUTPUT_PREVIEW_BYTES) -> str | None:
+    """An output's text for rendering, None when it is larger than `max_bytes`."""
+    fh, size_bytes = open_output(run, name)
+    with fh:
+        return None if size_bytes > max_bytes else fh.read(max_bytes).decode("utf-8", "replace")
 
 
 def get_run(s: Session, run_id: int) -> Run:
-    run = s.get(Run, run_id)
+    run = s.get(Run, run_id) if 1 <= run_id <= MAX_RUN_ID else None
     if run is None:
         raise LookupError(f"no run {run_id}")
     return run
@@ -118,7 +150,8 @@ def run_detail(s: Session, cfg: Config, run_id: int) -> dict[str, Any]:
 
 
 def log_tail(cfg: Config, run: Run) -> list[str]:
-    return read_run_log(cfg.paths.logs_dir, run.id, run.needs_paging)[-LOG_TAIL_LINES:]
+    return read_run_log(cfg.paths.logs_dir, run.id, run.needs_paging,
+                        max_bytes=LOG_TAIL_BYTES)[-LOG_TAIL_LINES:]
 
 
 def guard_timeline(s: Session, limit: int = 300) -> dict[str, Any]:

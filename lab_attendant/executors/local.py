@@ -46,8 +46,11 @@ class LocalRun(RunHandle):
 def worker_env(event_fd: int | None = None, event_file: Path | None = None) -> dict[str, str]:
     """The worker's environment: events go to the pipe `event_fd` or the file `event_file`."""
     env = dict(os.environ)
-    # The worker imports `jobs` from this checkout whatever venv its python comes from.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    # The worker imports `jobs` from this checkout whatever venv its python comes from; of the
+    # caller's entries only absolute ones (an empty one means the cwd, i.e. the run folder).
+    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if os.path.isabs(p)]
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *extra])
+    env["PYTHONSAFEPATH"] = "1"   # `-m` would put the cwd (the run folder) first on sys.path
     env.pop(EVENT_FD_ENV, None)
     env.pop(EVENT_FILE_ENV, None)
     if event_fd is not None:

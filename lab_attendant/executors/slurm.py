@@ -111,6 +111,7 @@ def batch_script(run_id: int, python: str, spec_path: Path) -> str:
     """The job's script: exec the worker, so Slurm's signals reach it directly."""
     argv = " ".join(shlex.quote(a) for a in (python, "-m", "jobs.worker", str(spec_path)))
     return (f"#!/bin/sh\n# lab-attendant run {run_id}: params travel in the spec file only\n"
+            "export PYTHONSAFEPATH=1   # --chdir is the run folder: keep it off sys.path\n"
             f"exec {argv}\n")
 
 

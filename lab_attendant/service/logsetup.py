@@ -7,10 +7,12 @@ CLI that was writing while the daemon rotated finishes its lines in <name>.1, no
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -133,18 +135,51 @@ def rotated_files(path: Path) -> list[Path]:
     return sorted(backups, key=lambda p: -int(p.suffix[1:])) + ([path] if path.exists() else [])
 
 
-def read_run_log(logs_dir: Path, run_id: int, needs_paging: bool) -> list[str]:
-    """The lines of one run's output, from whichever file holds them (rotated ones included)."""
+def read_run_log(logs_dir: Path, run_id: int, needs_paging: bool, *,
+                 max_bytes: int | None = None) -> list[str]:
+    """The lines of one run's output, from whichever file holds them (rotated ones included).
+    With `max_bytes`, only that much of the files' ends is read (a tail: the dashboard reads it
+    per request, and a run can print gigabytes); a line cut at the start is dropped."""
     if not needs_paging:
-        path = logs_dir / "runs" / f"{run_id}.log"
-        return path.read_text(errors="replace").splitlines() if path.exists() else []
-    out = []
-    for path in rotated_files(logs_dir / PAGING_LOG):
-        for raw in path.read_text(errors="replace").splitlines():
+        return _tail_text(logs_dir / "runs" / f"{run_id}.log", max_bytes).splitlines()
+    out: list[str] = []
+    budget = max_bytes
+    for path in reversed(rotated_files(logs_dir / PAGING_LOG)):   # newest first
+        if budget is not None and budget <= 0:
+            break
+        text = _tail_text(path, budget)
+        if budget is not None:
+            budget -= len(text.encode())
+        mine = []
+        for raw in text.splitlines():
             try:
                 obj = json.loads(raw)
             except ValueError:
                 continue
             if obj.get("event") == "worker_output" and obj.get("run_id") == run_id:
-                out.append(obj["line"])
+                mine.append(obj["line"])
+        out = mine + out
     return out
+
+
+def _tail_text(path: Path, max_bytes: int | None) -> str:
+    """The last `max_bytes` of a regular file (all of it for None), from its first whole line;
+    '' when it does not exist. Opened without following a link, and never a FIFO or device."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:   # a symlink (to /dev/zero, to the store): not a run's log
+            return ""
+        raise
+    with open(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return ""
+        start = 0 if max_bytes is None else max(0, st.st_size - max_bytes)
+        fh.seek(start)
+        data = fh.read(st.st_size - start)
+    if start > 0:
+        data = data.partition(b"\n")[2]
+    return data.decode("utf-8", "replace")

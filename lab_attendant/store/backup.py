@@ -9,6 +9,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from lab_attendant.errors import UserError
 from lab_attendant.service.logsetup import get_logger
@@ -22,7 +23,7 @@ def check(db_path: Path) -> list[str]:
     if not db_path.is_file():
         raise UserError(f"no store at {db_path}; it is created by the first submit or daemon start")
     try:
-        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=60) as conn:
+        with sqlite3.connect(f"file:{quote(str(db_path))}?mode=ro", uri=True, timeout=60) as conn:
             rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
     except sqlite3.DatabaseError as exc:
         return [str(exc)]
@@ -39,7 +40,7 @@ def backup(db_path: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     try:
-        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=60) as src, \
+        with sqlite3.connect(f"file:{quote(str(db_path))}?mode=ro", uri=True, timeout=60) as src, \
                 sqlite3.connect(tmp) as dst:
             src.backup(dst)
         with open(tmp, "rb+") as fh:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from sqlalchemy import create_engine, event, func, insert, select, update
+from sqlalchemy import URL, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
@@ -35,7 +35,9 @@ BUSY_TIMEOUT_MS = 60_000
 
 
 def _make_engine(db_path: Path) -> Engine:
-    engine = create_engine(f"sqlite:///{db_path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    # a URL object, not "sqlite:///PATH": a '?' or '#' in the path would be read as the URL's own
+    engine = create_engine(URL.create("sqlite", database=str(db_path)),
+                           connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):  # noqa: ANN001 - DBAPI hook signature

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Boolean, Enum, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import DDL, Boolean, Enum, Float, ForeignKey, Index, Integer, String, Text, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from lab_attendant.store.states import RunState
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Stored as the enum's values ("queued", ...), in a plain VARCHAR: version-1 rows read unchanged.
 _STATE_COLUMN = Enum(RunState, native_enum=False, create_constraint=False, length=20,
                      values_callable=lambda states: [s.value for s in states])
@@ -24,7 +24,27 @@ _MIGRATIONS = {1: ["ALTER TABLE runs ADD COLUMN hold_code VARCHAR"],   # from ve
                    "ALTER TABLE runs ADD COLUMN after_json TEXT NOT NULL DEFAULT '[]'",
                    "ALTER TABLE runs ADD COLUMN executor VARCHAR NOT NULL DEFAULT 'local'",
                    "ALTER TABLE runs ADD COLUMN executor_job_id VARCHAR",
-                   "CREATE INDEX IF NOT EXISTS ix_runs_name ON runs (name)"]}
+                   "CREATE INDEX IF NOT EXISTS ix_runs_name ON runs (name)"],
+               # runs pruned before this version may have their ids handed out once more
+               4: ["INSERT OR REPLACE INTO meta (key, value) SELECT 'run_id_high_water', "
+                   "CAST(coalesce(max(id), 0) AS TEXT) FROM runs"]}
+
+# Run ids are never reused, even after `prune` deleted the newest runs: a trigger keeps the
+# highest id ever inserted in meta, and a new run takes the next one (SQLite alone would take
+# max(id) + 1, giving a new run the old one's logs/runs/ID.log and dashboard links).
+RUN_ID_HIGH_WATER = "run_id_high_water"
+_HIGH_WATER = (f"coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = "
+               f"'{RUN_ID_HIGH_WATER}'), 0)")
+_HIGH_WATER_TRIGGER = DDL(
+    "CREATE TRIGGER IF NOT EXISTS runs_id_high_water AFTER INSERT ON runs "
+    f"WHEN NEW.id > {_HIGH_WATER} BEGIN INSERT OR REPLACE INTO meta (key, value) "
+    f"VALUES ('{RUN_ID_HIGH_WATER}', CAST(NEW.id AS TEXT)); END")
+_MIGRATIONS[4].insert(0, str(_HIGH_WATER_TRIGGER.statement))
+
+
+def _next_run_id(context: Any) -> int:
+    return context.connection.exec_driver_sql(
+        f"SELECT max(coalesce((SELECT max(id) FROM runs), 0), {_HIGH_WATER}) + 1").scalar()
 
 
 class Base(DeclarativeBase):
@@ -54,7 +74,7 @@ class Meta(Base):
 
 class Run(Base):
     __tablename__ = "runs"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, default=_next_run_id)
     kind: Mapped[str] = mapped_column(String, index=True)
     params_json: Mapped[str] = mapped_column(Text, default="{}")
     state: Mapped[RunState] = mapped_column(_STATE_COLUMN, index=True, default=RunState.QUEUED)
@@ -123,6 +143,9 @@ class Run(Base):
             "name": self.name, "after": self.after, "executor": self.executor,
             "executor_job_id": self.executor_job_id,
         }
+
+
+event.listen(Run.__table__, "after_create", _HIGH_WATER_TRIGGER)
 
 
 class RunEvent(Base):

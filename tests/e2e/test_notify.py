@@ -85,3 +85,34 @@ def test_dead_notify_url_times_out_without_blocking_the_daemon(lab: Lab):
     wait_for(lambda: server.closed_at, 30, "the notification to time out")
     wait_for(lambda: any(l.get("event") == "notify POST failed" and "timed out" in l["error"]
                          for l in _main_log(lab)), 10, "the timeout to be logged")
+
+
+def test_a_run_name_with_cr_lf_still_notifies_without_injecting_a_header(lab: Lab):
+    """A CR/LF (or NUL) in a name or reason made the Title header (or the env var) invalid:
+    the notification was dropped. Control characters are stripped from every field."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    got: list[dict] = []
+
+    class Record(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            got.append({"headers": dict(self.headers), "body": body})
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Record)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        lab.config = write_config(lab.root, extra=f'\n[notify]\nurl = "http://127.0.0.1:'
+                                  f'{server.server_address[1]}/lab"\n')
+        lab.submit("crash", extra=("-J", "nightly\r\nX-Injected: 1\x1b[2J"))
+        lab.cli("daemon", "--burst", timeout=60)   # waits for notifications in flight at exit
+    finally:
+        server.shutdown()
+    (note,) = got
+    assert "X-Injected" not in note["headers"]
+    assert "'nightly X-Injected: 1[2J' (crash) failed" in note["headers"]["Title"]
+    assert "\x1b" not in note["body"] and "\r" not in note["body"]

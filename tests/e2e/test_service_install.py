@@ -34,7 +34,8 @@ def test_print_shows_absolute_paths_and_writes_nothing(lab: Lab, home: Path):
     script = Path(exec_starts[0].split()[0])
     assert script.is_absolute() and os.access(script, os.X_OK)
     assert f"WorkingDirectory={lab.root}\n" in out
-    assert f"ReadWritePaths={lab.state_dir} {lab.logs_dir} {lab.root / 'models'}\n" in out
+    assert f"ReadWritePaths={lab.state_dir} {lab.logs_dir}\n" in out
+    assert f"ReadOnlyPaths={lab.root / 'models'}\n" in out
     assert "TimeoutStopSec=21s\n" in out                    # lab config: 5 + 1 + 15 margin
     assert not home.exists() and not (lab.root / "models").exists()
 

@@ -65,3 +65,48 @@ def test_no_roots_means_nothing_may_be_read(tmp_path: Path):
     (tmp_path / "f.md").write_text("x")
     with pytest.raises(OutsideRoots):
         Roots([], lambda m: None).param("cv", tmp_path / "f.md")
+
+
+def test_probe_rechecks_each_file_once_opened(tree):
+    """`probe` listed the files, then opened each with plain open(): a file swapped for a link
+    to a secret between the listing and the open was read."""
+    from jobs.kinds.probe import measure_read_bandwidth
+    root, outside, roots, _ = tree
+    data = root / "data"
+    data.mkdir()
+    (data / "a.bin").write_bytes(b"a" * 3 * 1024**2)       # the larger one: read first
+    (data / "b.bin").write_bytes(b"b" * 1024**2)
+    (outside / "big-secret.bin").write_bytes(b"s" * 1024**2)
+
+    def swap_b(done: int, total: int) -> None:              # while a.bin is being read
+        if not (data / "b.bin").is_symlink():
+            (data / "b.bin").unlink()
+            os.symlink(outside / "big-secret.bin", data / "b.bin")
+    with pytest.raises(OutsideRoots, match="b.bin"):
+        measure_read_bandwidth(data, 64 * 1024**2, progress=swap_b, roots=roots)
+
+
+def test_a_fifo_is_never_read(tree):
+    root, _, roots, _ = tree
+    os.mkfifo(root / "pipe")
+    with pytest.raises(OutsideRoots, match="not a regular file"):
+        roots.read_bytes(root / "pipe")
+
+
+def test_empty_allowed_roots_means_none_and_the_state_dir_is_not_a_default(tmp_path: Path):
+    from jobs.contract.errors import ParamError
+    from jobs.contract.kinds import registry, validate_params
+    from lab_attendant.config import parse_config
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "lab_attendant.sqlite3").write_bytes(b"")
+    default = parse_config({"paths": {"state_dir": "var"}}, base_dir=tmp_path, source=None)
+    assert not any((tmp_path / "var").resolve().is_relative_to(r.resolve())
+                   for r in default.allowed_roots)
+    probe = registry()["probe"]
+    with pytest.raises(ParamError, match="outside the allowed roots"):
+        validate_params(probe, {"path": str(tmp_path / "var" / "lab_attendant.sqlite3")},
+                        default.allowed_roots)
+    none = parse_config({"paths": {"allowed_roots": []}}, base_dir=tmp_path, source=None)
+    assert none.allowed_roots == ()
+    with pytest.raises(ParamError, match=r"none: \[paths\] allowed_roots = \[\]"):
+        validate_params(probe, {"path": str(Path(__file__))}, none.allowed_roots)

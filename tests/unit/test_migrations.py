@@ -14,7 +14,8 @@ from lab_attendant.store.tables import SCHEMA_VERSION
 # What each version added to `runs`: a store of version V lacks the columns of every later one.
 ADDED = {2: (["hold_code"], []),
          3: (["retry_of", "attempt", "max_retries", "not_before"], ["ix_runs_retry_of"]),
-         4: (["name", "after_json", "executor", "executor_job_id"], ["ix_runs_name"])}
+         4: (["name", "after_json", "executor", "executor_job_id"], ["ix_runs_name"]),
+         5: ([], [])}     # 5 added the run id high-water trigger (dropped in old_store)
 
 
 def old_store(db: Path, version: int) -> int:
@@ -29,8 +30,37 @@ def old_store(db: Path, version: int) -> int:
                 conn.execute(f"DROP INDEX {index}")
             for column in columns:
                 conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+        if version < 5:
+            conn.execute("DROP TRIGGER runs_id_high_water")
+            conn.execute("DELETE FROM meta WHERE key = 'run_id_high_water'")
         conn.execute(f"UPDATE meta SET value = '{version}' WHERE key = 'schema_version'")
     return rid
+
+
+def _delete_run(db: Path, rid: int) -> None:
+    """What `prune` does to a run's rows."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM run_events WHERE run_id = ?", (rid,))
+        conn.execute("DELETE FROM runs WHERE id = ?", (rid,))
+
+
+@pytest.mark.parametrize("version", [4, SCHEMA_VERSION])
+def test_run_ids_are_not_reused_after_the_newest_run_is_deleted(tmp_path: Path, version: int):
+    """A new run must not take a pruned run's id (its logs/runs/ID.log, links, `--after`)."""
+    db = tmp_path / "db.sqlite3"
+    first = old_store(db, version)
+    store = Store(db)           # migrates a version-4 store
+    try:
+        second = store.submit(kind="sleepy", params={}, priority=0, timeout_s=60,
+                              needs_paging=False).id
+        assert second == first + 1
+        _delete_run(db, second)
+        _delete_run(db, first)
+        third = store.submit(kind="sleepy", params={}, priority=0, timeout_s=60,
+                             needs_paging=False).id
+        assert third == second + 1
+    finally:
+        store.close()
 
 
 def test_every_version_is_listed():

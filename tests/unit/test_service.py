@@ -38,8 +38,9 @@ def test_system_unit_has_notify_watchdog_kill_mode_and_hardening(tmp_path):
         ("notify", "20s", "on-failure", "mixed")
     assert s["TimeoutStopSec"] == "85s"                    # 60 + 10 + 15 margin
     assert (s["NoNewPrivileges"], s["ProtectSystem"], s["PrivateTmp"]) == ("yes", "strict", "yes")
-    assert s["ReadWritePaths"] == f'"{tmp_path}/state dir" {tmp_path}/logs {tmp_path}/m'
-    assert "PrivateDevices" not in s and "DevicePolicy" not in s   # /dev/nvidia* stays visible
+    assert s["ReadWritePaths"] == f'"{tmp_path}/state dir" {tmp_path}/logs'
+    assert s["ReadOnlyPaths"] == f"{tmp_path}/m"          # workers never write models
+    assert "PrivateDevices" not in s and s["DeviceAllow"] == "char-nvidia* rw"   # the GPU stays
     assert s["WorkingDirectory"] == str(tmp_path)
     argv = s["ExecStart"].split()
     assert Path(argv[0]).is_absolute() and Path(argv[0]).parent == Path(sys.executable).parent
@@ -115,9 +116,11 @@ def test_hardening_keeps_the_gpu_usable_and_caches_writable(tmp_path, monkeypatc
     files = service.render(_cfg(tmp_path), user=False, experimental_paging=False,
                            working_dir=tmp_path)
     s = _parse(files.unit_text)["Service"]
-    for key in ("PrivateDevices", "DevicePolicy", "MemoryDenyWriteExecute", "SystemCallFilter"):
+    for key in ("PrivateDevices", "MemoryDenyWriteExecute"):
         assert key not in s                               # /dev/nvidia* and CUDA's JIT keep working
-    for key, value in [("ProtectHome", "read-only"), ("ProtectKernelModules", "yes"),
+    for key, value in [("DevicePolicy", "closed"), ("DeviceAllow", "char-nvidia* rw"),
+                       ("SystemCallFilter", "@system-service"), ("SystemCallErrorNumber", "EPERM"),
+                       ("ProtectHome", "read-only"), ("ProtectKernelModules", "yes"),
                        ("RestrictSUIDSGID", "yes"), ("CapabilityBoundingSet", ""),
                        ("PrivateNetwork", "yes"), ("UMask", "0027"),
                        ("CacheDirectory", "lab-attendant")]:
@@ -128,12 +131,22 @@ def test_hardening_keeps_the_gpu_usable_and_caches_writable(tmp_path, monkeypatc
     assert "ExecStartPre" not in s and "#ExecStartPre=+" in files.unit_text   # opt-in only
 
 
+@pytest.mark.skipif(os.stat("/usr/bin/true").st_uid != 0, reason="needs a root-owned /usr/bin")
 def test_nvidia_modprobe_opt_in_runs_as_root_before_the_daemon(tmp_path, monkeypatch):
     monkeypatch.setenv("SUDO_USER", "nobody")
+    # A root-owned binary in a root-owned folder stands in for /usr/bin/nvidia-modprobe; one
+    # planted first on PATH is never taken (it would run as root).
+    planted = tmp_path / "bin" / "nvidia-modprobe"
+    planted.parent.mkdir()
+    planted.write_text("#!/bin/sh\n")
+    planted.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{planted.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(service, "NVIDIA_MODPROBE_PATHS", ("/nonexistent/nvidia-modprobe",
+                                                           "/usr/bin/true"))
     files = service.render(_cfg(tmp_path), user=False, experimental_paging=False,
                            nvidia_modprobe=True)
     s = _parse(files.unit_text)["Service"]
-    assert s["ExecStartPre"].startswith("+/") and s["ExecStartPre"].endswith("nvidia-modprobe -u -c=0")
+    assert s["ExecStartPre"] == "+/usr/bin/true -u -c=0"
     assert s["NoNewPrivileges"] == "yes"                  # the daemon itself keeps it
     with pytest.raises(service.UserError, match="udev rule"):
         service.render(_cfg(tmp_path), user=True, experimental_paging=False, nvidia_modprobe=True)
@@ -164,3 +177,36 @@ def test_paths_under_tmp_are_warned_about(tmp_path, monkeypatch):
     files = service.render(cfg, user=False, experimental_paging=False, working_dir=Path("/srv"))
     assert not [w for w in files.warnings if w.split()[0] in ("state_dir", "logs_dir", "models_dir",
                                                               "WorkingDirectory")]
+
+
+def test_nvidia_modprobe_that_others_could_replace_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUDO_USER", "nobody")
+    planted = tmp_path / "nvidia-modprobe"       # under /tmp (1777) and pytest's folders
+    planted.write_text("#!/bin/sh\n")
+    monkeypatch.setattr(service, "NVIDIA_MODPROBE_PATHS", (str(planted),))
+    with pytest.raises(service.UserError, match="not owned by root or is writable by others"):
+        service.render(_cfg(tmp_path), user=False, experimental_paging=False, nvidia_modprobe=True)
+    monkeypatch.setattr(service, "NVIDIA_MODPROBE_PATHS", ("/nonexistent/nvidia-modprobe",))
+    with pytest.raises(service.UserError, match="no /usr/bin/nvidia-modprobe"):
+        service.render(_cfg(tmp_path), user=False, experimental_paging=False, nvidia_modprobe=True)
+
+
+@pytest.mark.parametrize("extra, why", [
+    ({"notify": {"url": "https://ntfy.sh/lab"}}, "[notify] url"),
+    ({"executor": {"default": "slurm"}}, "the Slurm executor"),
+    ({"executor": {"kinds": {"probe": "slurm"}}}, "the Slurm executor")])
+def test_the_network_sandbox_follows_the_config_and_says_what_it_relaxed(tmp_path, monkeypatch,
+                                                                        extra, why):
+    """PrivateNetwork=/IPAddressDeny= silently broke [notify] url and Slurm."""
+    monkeypatch.setenv("SUDO_USER", "nobody")
+    closed = _parse(service.render(_cfg(tmp_path), user=False,
+                                   experimental_paging=False).unit_text)["Service"]
+    assert closed["PrivateNetwork"] == "yes" and closed["IPAddressDeny"] == "any"
+    assert closed["RestrictAddressFamilies"] == "AF_UNIX AF_NETLINK"
+    cfg = parse_config({"paths": {"state_dir": "s", "logs_dir": "l", "models_dir": "m"}, **extra},
+                       base_dir=tmp_path, source=None)
+    files = service.render(cfg, user=False, experimental_paging=False)
+    s = _parse(files.unit_text)["Service"]
+    assert "PrivateNetwork" not in s and "IPAddressDeny" not in s
+    assert s["RestrictAddressFamilies"] == "AF_UNIX AF_NETLINK AF_INET AF_INET6"
+    assert any(why in w and "allows network access" in w for w in files.warnings)
