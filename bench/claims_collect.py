@@ -46,7 +46,7 @@ def artifact_items() -> list[dict]:
         if a.is_technical_story:
             continue
         for e in (0, 1):
-            out.append({"task": "artifact_summary", "file": str(a.source), "example": e,
+            out.append({"task": "artifact_summary", "file": str(Path(a.source).relative_to(ROOT)), "example": e,
                         "source": a.body, "prompt": ar.summary_prompt(a, e), "prefix": ""})
     return out
 
@@ -103,7 +103,7 @@ def merge(candidate_files: list[Path], labels: Path, out: Path) -> int:
             echoes = [ni._title(name, c["source"]), manifest.note_date(name, 0), *ni.EXAMPLE_TEXTS]
             source = c["source"]
         elif c["task"] == "artifact_summary":
-            echoes = [artifacts.parse_markdown(Path(c["file"])).title, *ar.EXAMPLE_TEXTS]
+            echoes = [artifacts.parse_markdown(ROOT / c["file"]).title, *ar.EXAMPLE_TEXTS]
             source = c["source"]
         else:
             echoes = [y for *_, y in fewshot.RATIONALES]

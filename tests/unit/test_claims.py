@@ -50,17 +50,18 @@ def test_a_rationale_must_agree_with_the_computed_facts():
     assert claims.agrees_with_facts("The candidate builds web shops but lacks React.", 1, 4, ["React"]) is None
 
 
-# Measured on this set (docs/quality.md): precision 0.905, recall 0.760; replayed runs 1 of 36 shown
-# sentences false (0.028, above the issue's 0.02 target), 0.417 model-written. The issue asks for
-# >= 100 pairs: 64 so far (collection on this shared 2-core VM ran at 2-9 min per 8 prompts).
-MIN_PAIRS = 64
-PRECISION_FLOOR, RECALL_FLOOR = 0.9, 0.76
-SHOWN_FALSE_CEILING, MODEL_WRITTEN_FLOOR = 0.03, 0.41
+# Measured on this set (docs/quality.md, 136 pairs, 63 true, 2-core x86 CPU VM): precision 0.833, recall
+# 0.794; replayed runs 5 of 68 shown sentences false (0.074, above the issue's 0.02 target), 0.574
+# model-written. On the first 64 pairs it was 0.905 / 0.760 / 0.028: the larger set measured it worse.
+MIN_PAIRS, MIN_TRUE, MIN_FALSE = 136, 63, 73
+PRECISION_FLOOR, RECALL_FLOOR = 0.83, 0.79
+SHOWN_FALSE_CEILING, MODEL_WRITTEN_FLOOR = 0.075, 0.57
 
 
 def test_floors_on_the_labelled_real_outputs():
     pairs = claims_eval.load_pairs()
-    assert len(pairs) >= MIN_PAIRS and sum(p["label"] for p in pairs) >= 25 and sum(not p["label"] for p in pairs) >= 30
+    assert len(pairs) >= MIN_PAIRS and sum(p["label"] for p in pairs) >= MIN_TRUE
+    assert sum(not p["label"] for p in pairs) >= MIN_FALSE
     shipped = claims_eval.METHODS["rules + align + facts (shipped)"]
     c = claims_eval.confusion(pairs, shipped)
     assert c["precision"] >= PRECISION_FLOOR and c["recall"] >= RECALL_FLOOR
