@@ -10,7 +10,7 @@ import sys
 
 
 def main() -> int:
-    out = {"python": sys.version.split()[0], "executable": sys.executable}
+    out: dict[str, str | bool | list[str] | None] = {"python": sys.version.split()[0], "executable": sys.executable}
     for dist in ("torch", "transformers", "safetensors", "accelerate", "gguf"):
         try:
             out[dist] = md.version(dist)

@@ -48,7 +48,8 @@ def read_done(path: Path, ids: list[str]) -> list[dict[str, Any]]:
     kill came mid-write) and anything after a mismatch are cut off the file."""
     if not path.is_file():
         return []
-    done, keep_bytes = [], 0
+    done: list[dict[str, Any]] = []
+    keep_bytes = 0
     with path.open("rb") as fh:
         for raw in fh:
             if not raw.endswith(b"\n"):

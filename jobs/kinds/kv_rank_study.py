@@ -133,7 +133,8 @@ def study_passage(model: Any, ids: torch.Tensor, context: int, continuation: int
 def tokenize(tokenizer: Any, passages: Sequence[Passage], need: int, max_texts: int | None
              ) -> tuple[list[tuple[Passage, torch.Tensor]], list[dict[str, Any]]]:
     """Token ids [1, need] of each passage long enough (BOS included), up to max_texts; and the skipped ones."""
-    usable, skipped = [], []
+    usable: list[tuple[Passage, torch.Tensor]] = []
+    skipped: list[dict[str, Any]] = []
     for p in passages:
         ids = tokenizer(p.text, return_tensors="pt")["input_ids"]
         if ids.shape[1] < need:

@@ -56,7 +56,8 @@ def mmr(phrases: Sequence[str], vectors: Sequence[Sequence[float]], centroid: Se
     its c-TF-IDF weight scaled to 0..1 when given) and least like those already chosen (vectors
     L2-normalised); also drops a phrase sharing a word with a chosen one."""
     top = max(weights) if weights else 0.0
-    rel = [_dot(v, centroid) * (0.5 + 0.5 * weights[i] / top if top else 1.0)
+    # `top` is non-zero only when weights were given, so `weights` is indexed only then.
+    rel = [_dot(v, centroid) * (0.5 + 0.5 * weights[i] / top if weights and top else 1.0)
            for i, v in enumerate(vectors)]
     chosen: list[int] = []
     left = list(range(len(phrases)))

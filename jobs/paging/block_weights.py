@@ -35,6 +35,9 @@ def expand_on_use(linear: nn.Linear, ggml_type: int, buffer: ExpansionBuffer, na
     """Turn `linear` into one computing from raw blocks: its weight Parameter becomes the meta buffer
     BLOCKS (what the layer streamer fills and empties) and a pre-hook expands it into `buffer` per call."""
     meta = linear._parameters.pop("weight")
+    # An nn.Linear always registers its weight (a meta Parameter here); only a linear already turned
+    # into raw blocks lacks one, and it is never passed again.
+    assert meta is not None, f"{name}: expand_on_use on a linear that has no weight Parameter"
     shape, dtype = tuple(meta.shape), meta.dtype
     linear.register_buffer(BLOCKS, torch.empty(raw_shape(ggml_type, shape, name), dtype=torch.uint8,
                                                device="meta"))

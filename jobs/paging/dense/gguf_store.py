@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ class GgufStore:
         self._lock = threading.Lock()  # the prefetch thread and the caller may both read
 
     # -- binding the skeleton ------------------------------------------------------------------
-    def bind(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    def bind(self, model: Any, device: torch.device, dtype: torch.dtype) -> None:   # a transformers causal LM
         """Map the file's tensors onto `model` (on meta), make its decoder Linears expand blocks on use,
         and place the embedding, final norm and head on `device`."""
         tensors = self.file.map_names(model)
@@ -59,15 +60,16 @@ class GgufStore:
                    if rest.endswith(".weight") and isinstance(layers[i].get_submodule(rest[:-7]), nn.Linear)]
         largest = max((math.prod(per_layer[i][rest].shape) for i, rest in linears), default=1)
         head = self._head_tensor(model)
-        self.buffer = ExpansionBuffer(max(largest, min(math.prod(head.shape), HEAD_CHUNK_ELEMENTS)), dtype, device)
+        self.buffer = buffer = ExpansionBuffer(max(largest, min(math.prod(head.shape), HEAD_CHUNK_ELEMENTS)),
+                                               dtype, device)
         for i, rest in linears:
             tensor = per_layer[i].pop(rest)
-            expand_on_use(layers[i].get_submodule(rest[:-7]), tensor.ggml_type, self.buffer, tensor.gguf_name)
+            expand_on_use(layers[i].get_submodule(rest[:-7]), tensor.ggml_type, buffer, tensor.gguf_name)
             per_layer[i][rest[:-7] + "." + BLOCKS] = tensor
         self.layer_entries = [per_layer[i] for i in range(self.num_layers)]
-        self._place_non_layer(model, head, device, dtype)
+        self._place_non_layer(model, head, buffer, device, dtype)
 
-    def _head_tensor(self, model: nn.Module) -> GgufTensor:
+    def _head_tensor(self, model: Any) -> GgufTensor:   # a transformers causal LM
         embed_name = _param_name(model, model.get_input_embeddings())
         if embed_name not in self.other_entries:
             raise ModelFolderError(f"{self.model_dir.name} has no token embedding for {embed_name}")
@@ -76,8 +78,9 @@ class GgufStore:
         # transformers ties the head to the embedding when the file has no output.weight
         return self.other_entries.get(head_name or "", self.other_entries[embed_name])
 
-    def _place_non_layer(self, model: nn.Module, head_tensor: GgufTensor, device: torch.device,
-                         dtype: torch.dtype) -> None:
+    def _place_non_layer(self, model: Any, head_tensor: GgufTensor, buffer: ExpansionBuffer,
+                         device: torch.device, dtype: torch.dtype) -> None:
+        """`model`: a transformers causal LM; the head expands its chunks in `buffer`, the Linears' one."""
         embedding = model.get_input_embeddings()
         embed_name = _param_name(model, embedding)
         embed = self.other_entries.pop(embed_name)
@@ -90,7 +93,7 @@ class GgufStore:
             self.other_entries.pop(head_name, None)
             blocks = embed_blocks if head_tensor is embed else self._raw_on(head_tensor, device)
             hidden = embedding.embedding_dim
-            head = BlockHead(blocks, head_tensor.ggml_type, hidden, dtype, self.buffer, head_tensor.gguf_name)
+            head = BlockHead(blocks, head_tensor.ggml_type, hidden, dtype, buffer, head_tensor.gguf_name)
             owner_name, _, attr = head_name.rpartition(".")[0].rpartition(".")
             setattr(model.get_submodule(owner_name) if owner_name else model, attr, head)
         for name, tensor in self.other_entries.items():

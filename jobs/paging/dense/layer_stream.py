@@ -128,7 +128,7 @@ def load_streamed(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = D
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir, device, dtype, fp16_safe, kernels = spec.path, spec.device, spec.dtype, spec.fp16_safe, spec.kernels
+    model_dir, device, fp16_safe, kernels = spec.path, spec.device, spec.fp16_safe, spec.kernels
     vram_budget_bytes, ram_budget_bytes, device_memory_bytes = (spec.vram_budget_bytes, spec.ram_budget_bytes,
                                                                 spec.device_memory_bytes)
     variant, keep_precise, context_tokens, kv_cache = (spec.variant, spec.keep_precise_layers, spec.context_tokens,
@@ -138,7 +138,7 @@ def load_streamed(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = D
         raise ValueError("device cuda was asked for but torch sees no CUDA device")
     gguf = is_gguf(model_dir)
     store = GgufStore(model_dir) if gguf else ModelStore(model_dir)
-    dtype, safe = resolve_numerics(dtype, fp16_safe, torch_device, store.text_config.model_type)
+    dtype, safe = resolve_numerics(spec.dtype, fp16_safe, torch_device, store.text_config.model_type)
     if safe and kernels == "liger":
         raise KernelError("kernels = \"liger\" fuses the MLP and norms past the fp16-safe hooks: use kernels "
                           "\"torch\" or \"auto\", or dtype \"fp32\"/\"bf16\", or fp16_safe = \"off\"")
@@ -155,7 +155,7 @@ def load_streamed(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = D
     model.eval()
     # Fused kernels would bypass the fp16-safe Linear hooks. Both bind to modules: fine on meta weights.
     applied = apply_kernels(model, torch_device, "torch" if safe or gguf else kernels)
-    if gguf:
+    if isinstance(store, GgufStore):
         applied["kernels_reason"] = "GGUF blocks expand in transformers' own Linears"
         store.bind(model, torch_device, dtype)
     if safe:
@@ -183,6 +183,8 @@ def load_streamed(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = D
                       memory.ram_cache_layers)
     choice = [PRECISE] * plan.num_layers
     if variant != PRECISE:
+        # GgufStore.open_variant refused every variant but precise above: fast layers come from a folder.
+        assert isinstance(store, ModelStore)
         choice = choose_variants(plan.num_layers, store.layer_nbytes, store.layer_nbytes_fast, variant,
                                  keep_precise=keep_precise, stream_bytes_budget=stream_bytes_budget,
                                  resident_layers=plan.resident_layers)
@@ -208,8 +210,9 @@ def load_streamed(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = D
     return loaded
 
 
-def _load_non_layer(model: nn.Module, store: ModelStore, device: torch.device, dtype: torch.dtype) -> None:
-    """Embeddings, final norm and lm_head stay on the device for the model's lifetime."""
+def _load_non_layer(model: Any, store: ModelStore, device: torch.device, dtype: torch.dtype) -> None:
+    """Embeddings, final norm and lm_head stay on the device for the model's lifetime (`model`: a transformers
+    causal LM)."""
     tensors = store.read_non_layer(dtype, narrow_only=device.type == "cuda")  # converted on the card
     for name, tensor in tensors.items():
         owner_name, _, attr = name.rpartition(".")

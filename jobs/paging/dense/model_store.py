@@ -67,7 +67,7 @@ class ModelStore:
         self.fast_entries: list[dict[str, TensorEntry]] = []   # per layer, packed parts under NAME.W_q/...
         self.fast_shapes: list[dict[str, tuple[int, int]]] = []  # per layer, quantized name -> weight shape
         self._lock = threading.Lock()  # the prefetch thread and the caller may both read
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, safe_open] = {}
         self._mapped = MappedFiles()  # zero-copy views for read_layer_into
 
     @property

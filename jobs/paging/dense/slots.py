@@ -108,6 +108,8 @@ class SlotRing:
 
     def after_copy_in(self, slot: int, side_stream: Any) -> Any:
         """Record (and return) the event the compute stream waits on before using the slot."""
+        # Only CUDA slots copy in on a side stream, and a CUDA ring always has an event maker.
+        assert self._make_event is not None, "after_copy_in needs a CUDA ring"
         ready = self._make_event()
         ready.record(side_stream)
         self._copied[slot] = ready

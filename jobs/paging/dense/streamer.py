@@ -6,9 +6,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -31,17 +33,35 @@ class StreamPlan:
     ram_cache_layers: int     # streamed layers whose host copy is kept between passes
 
 
+class LayerSource(Protocol):
+    """What the streamer reads of every store, a safetensors folder (ModelStore) or a GGUF file (GgufStore).
+    Fast layers exist only in a folder's quantized variant: for those it needs a ModelStore."""
+
+    model_dir: Path
+
+    @property
+    def layer_entries(self) -> Sequence[Mapping[str, object]]: ...   # per layer: checkpoint name -> entry
+
+    @property
+    def layer_nbytes(self) -> list[int]: ...
+
+    def read_layer(self, index: int, dtype: torch.dtype, *, pin: bool = False,
+                   narrow_only: bool = False) -> dict[str, torch.Tensor]: ...
+
+    def read_layer_into(self, index: int, out: dict[str, torch.Tensor], *, fast: bool = False) -> None: ...
+
+
 class LayerStreamer:
     """Materializes each decoder layer in a forward pre-hook and releases it in a forward hook."""
 
-    def __init__(self, store: ModelStore, layers: nn.ModuleList, plan: StreamPlan,
+    def __init__(self, store: LayerSource, layers: nn.ModuleList, plan: StreamPlan,
                  device: torch.device, dtype: torch.dtype, prefetch: bool,
                  variants: list[str] | None = None) -> None:
         self.store, self.layers, self.plan = store, layers, plan
         self.device, self.dtype = device, dtype
         self.variants = variants or [PRECISE] * plan.num_layers
         precise_bytes = store.layer_nbytes
-        fast_bytes = store.layer_nbytes_fast if FAST in self.variants else precise_bytes
+        fast_bytes = self._fast_store().layer_nbytes_fast if FAST in self.variants else precise_bytes
         # What one pass reads from disk with the RAM cache cold: every streamed layer in its variant.
         per_layer = bytes_by_choice(self.variants, precise_bytes, fast_bytes)
         self.bytes_read_per_pass = sum(per_layer[plan.resident_layers:])
@@ -64,7 +84,7 @@ class LayerStreamer:
         # A fast layer as it crosses: packed parts as stored, the rest in the compute dtype.
         self._fast_layouts = {i: layout({n: (shape, stored if n in self._packed_names(i) or not stored.is_floating_point
                                              else dtype)
-                                         for n, (shape, stored) in store.layer_parts(i, fast=True).items()})
+                                         for n, (shape, stored) in self._fast_store().layer_parts(i, fast=True).items()})
                               for i, v in enumerate(self.variants) if v == FAST}
         crossing = [self._fast_layouts[i][1] if i in self._fast_layouts else self._layouts[i][1]
                     for i in range(plan.num_layers)]
@@ -88,6 +108,19 @@ class LayerStreamer:
         for index, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(index)))
             self._hooks.append(layer.register_forward_hook(self._make_post_hook(index)))
+
+    def _fast_store(self) -> ModelStore:
+        """The store, where fast layers are involved: only a safetensors folder has them (GgufStore.open_variant
+        refuses every variant but precise, so a GGUF's layers are all precise)."""
+        assert isinstance(self.store, ModelStore), "fast layers need a safetensors folder's variant"
+        return self.store
+
+    @property
+    def _slot_ring(self) -> SlotRing:
+        """The ring, where a slot is in hand: a layer gets a slot only when the plan streams some, which is
+        when the ring exists."""
+        assert self._ring is not None, "a streaming slot without a slot ring"
+        return self._ring
 
     # -- hooks -------------------------------------------------------------------------------
     def _make_pre_hook(self, index: int):
@@ -118,7 +151,7 @@ class LayerStreamer:
             self._materialized.discard(index)
             slot = self._slot_of.pop(index, None)
         if slot is not None:  # free once the kernels queued so far (this layer's) have read it
-            self._ring.release(slot, torch.cuda.current_stream(self.device) if self._cuda else None)
+            self._slot_ring.release(slot, torch.cuda.current_stream(self.device) if self._cuda else None)
 
     def begin_pass(self) -> None:
         """A pass that raised left layers in their slots: give those slots back (prefetched ones stay)."""
@@ -159,7 +192,7 @@ class LayerStreamer:
             tensors, ready = self._load_into(index, slot)
         except BaseException:
             if slot is not None:
-                self._ring.release(slot)
+                self._slot_ring.release(slot)
             raise
         with self._lock:
             if slot is not None:
@@ -184,7 +217,7 @@ class LayerStreamer:
                 return self._read_to_slot(index, slot, fast)
         if host is None:
             keep = slot is not None  # reserved above
-            read = self.store.read_layer_fast if fast else self.store.read_layer
+            read = self._fast_store().read_layer_fast if fast else self.store.read_layer
             # Stored wider than the compute dtype: narrowed at read; otherwise converted into the cache arena.
             host = read(index, self.dtype, pin=False, narrow_only=self._cuda)
             if keep:
@@ -207,13 +240,13 @@ class LayerStreamer:
                 ready = torch.cuda.Event()
                 ready.record(self._side_stream)
             return tensors, ready
-        self._ring.before_copy_in(slot, self._side_stream)  # a cached layer: after the slot's last reader
+        self._slot_ring.before_copy_in(slot, self._side_stream)  # a cached layer: after the slot's last reader
         return self._copy_to_slot(index, slot, host, fast)
 
     def _read_to_slot(self, index: int, slot: int, fast: bool) -> tuple[dict[str, torch.Tensor], Any]:
         """A streamed layer not kept in RAM: straight from the page cache into the slot (cpu) or the slot's
         pinned staging buffer (CUDA), converted on the way; no host tensor is allocated."""
-        ring = self._ring
+        ring = self._slot_ring
         parts = self._crossing(index)
         nbytes = sum(p.nbytes for p in parts)
         with self._lock:
@@ -238,7 +271,7 @@ class LayerStreamer:
         """Pinned source (the cache arena, or the slot's staging buffer, laid out as the layer crosses) -> the
         slot's device buffer on the side stream, which the caller made wait for the slot's last reader
         (SlotRing.before_copy_in); a fast layer expands inside the slot."""
-        ring, side = self._ring, self._side_stream
+        ring, side = self._slot_ring, self._side_stream
         parts = self._layouts[index][0]
         device_slot = ring.device_buffers[slot]
         out = views(device_slot, parts)
@@ -258,7 +291,8 @@ class LayerStreamer:
     def _packed_names(self, index: int) -> set[str]:
         if self.variants[index] != FAST:
             return set()
-        return {n for n in self.store.fast_entries[index] if n.rpartition(".")[0] in self.store.fast_shapes[index]}
+        store = self._fast_store()
+        return {n for n in store.fast_entries[index] if n.rpartition(".")[0] in store.fast_shapes[index]}
 
     def _cache_copy(self, index: int, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """On CUDA a cached layer lives in the pinned cache arena, laid out as it crosses; on cpu the host
@@ -280,11 +314,13 @@ class LayerStreamer:
 
     def _dequantize(self, index: int, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Packed NAME.W_q/.scale/.zero become NAME in the compute dtype; other tensors pass through."""
-        spec = self.store.variant.spec
+        store = self._fast_store()
+        assert store.variant is not None  # fast layers were chosen after open_variant() opened it
+        spec = store.variant.spec
         out = {}
         for name, tensor in parts.items():
             weight, _, part = name.rpartition(".")
-            shape = self.store.fast_shapes[index].get(weight)
+            shape = store.fast_shapes[index].get(weight)
             if shape is None:
                 out[name] = tensor
             elif part == "W_q":
@@ -325,7 +361,7 @@ class LayerStreamer:
                 held = list(self._slot_of.items())
                 self._slot_of.clear()
             for _, slot in held:
-                self._ring.release(slot)
+                self._slot_ring.release(slot)
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
         for hook in self._hooks:
@@ -339,11 +375,11 @@ class LayerStreamer:
             self._cache_arena.close()
 
 
-def _layer_slots(layers: nn.ModuleList, store: ModelStore) -> list[dict[str, tuple]]:
+def _layer_slots(layers: nn.ModuleList, store: LayerSource) -> list[dict[str, tuple]]:
     """Per layer: checkpoint name -> (owning module, attribute, meta placeholder); strict both ways."""
     slots = []
     for index, layer in enumerate(layers):
-        wanted = {n: t for n, t in layer.named_parameters()}
+        wanted: dict[str, torch.Tensor] = {n: t for n, t in layer.named_parameters()}
         wanted.update({n: b for n, b in layer.named_buffers() if b.is_meta})
         have = set(store.layer_entries[index])
         if have != set(wanted):

@@ -81,7 +81,8 @@ class ExpertCache:
         # (layer, begin, end): timing events around the compute stream's wait for a copy still in flight;
         # read in stats(), so a stall costs the host no sync where it happens.
         self._stalls: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
-        self._per_layer: dict[int, Counter] = defaultdict(Counter)
+        # Per layer: counts (int) and seconds (float); a missing counter reads 0, as a Counter's would.
+        self._per_layer: defaultdict[int, defaultdict[str, float]] = defaultdict(lambda: defaultdict(int))
         log.info("expert cache: %d slots x %s = %s on %s (%s, %s)", self.capacity,
                  format_size(self.expert_bytes), format_size(self.allocated_bytes), self.device,
                  policy, scope)
@@ -212,7 +213,7 @@ class ExpertCache:
             self._freed[self._part(key)[key]] = done
 
     def close(self) -> None:
-        if self._cuda:
+        if self._stream is not None:  # CUDA
             self._stream.synchronize()
             self._stalls.clear()
         for part in self._resident:
@@ -259,11 +260,13 @@ class ExpertCache:
             if demand:
                 self.count(key[0], "stall_s", time.perf_counter() - t0)
             return
+        stream = self._stream
+        assert stream is not None  # a CUDA cache made its side stream in __init__
         freed = self._freed.pop(slot, None)
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(stream):
             if freed is not None:
-                self._stream.wait_event(freed)
+                stream.wait_event(freed)
             self.store.copy_to(key, dst)  # non-blocking, on the side stream
             ready = torch.cuda.Event()
-            ready.record(self._stream)
+            ready.record(stream)
         self._ready[slot] = ready

@@ -3,10 +3,12 @@ replaces (find_experts) and their shapes (layout_of); the config-only layout is 
 """
 from __future__ import annotations
 
+from typing import Any
+
 from jobs.paging.plan.moe_layout import SUPPORTED_SENTENCE, ExpertLayout, expert_layout
 
 
-def find_experts(model) -> dict[int, object]:
+def find_experts(model) -> dict[int, Any]:
     """Decoder layer index -> its experts module, for every layer whose `mlp.experts` is the seam the
     pager replaces; ValueError naming what is supported when a MoE-looking layer is not that seam."""
     from transformers.integrations import moe
@@ -59,8 +61,10 @@ def _unsupported(experts, mlp, default_apply_gate) -> str:
     return ""
 
 
-def layout_of(model, experts: dict[int, object]) -> ExpertLayout:
+def layout_of(model, experts: dict[int, Any]) -> ExpertLayout:
     """The layout read off the built model (shapes of the meta parameters), shared parts from its config."""
+    # `experts`: transformers' fused experts modules (find_experts); Any because nn.Module's __getattr__
+    # types every attribute as Tensor | Module, and gate_up_proj is a Parameter here.
     first = next(iter(experts.values()))
     n, two_i, hidden = first.gate_up_proj.shape
     for idx, mod in experts.items():

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
@@ -96,20 +97,20 @@ def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = 
     the predicted experts of the next layer), batch_size (rows the memory plan makes room for), cache_scope,
     cpu_miss_exec / cpu_miss_max_tokens (ExpertPager) and quant_spec (which variant when there are several)."""
     model_dir = Path(spec.path)
-    device, dtype, variant, kernels = spec.device, spec.dtype, spec.variant, spec.kernels
-    expert_cache_bytes, ram_budget_bytes = spec.expert_cache_bytes, spec.ram_budget_bytes
-    cache_policy = spec.cache_policy
+    variant, kernels, cache_policy = spec.variant, spec.kernels, spec.cache_policy
     if not is_moe_folder(model_dir):
         raise ValueError(f"{model_dir} is not a MoE model folder (config.json has no num_local_experts, "
                          "num_experts or n_routed_experts); use the dense layer-streaming engine for it")
-    device = torch.device(device)
+    device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but torch sees no CUDA device")
-    dtype = torch_dtype(resolve_dtype(dtype, device))  # "auto": capability.resolve_dtype, as the dense loader
+    dtype = torch_dtype(resolve_dtype(spec.dtype, device))  # "auto": capability.resolve_dtype, as the dense loader
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type in REFUSED:
         raise ValueError(f"{model_dir.name}: {REFUSED[config.model_type]}. {SUPPORTED_SENTENCE}")
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    # transformers annotates its auto mappings' values as (slow, fast) tokenizer class pairs; a model
+    # mapping holds one model class.
+    model_class = cast("type[PreTrainedModel] | None", MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None))
     if model_class is None:
         raise ValueError(f"{model_dir.name}: transformers has no causal LM class for {config.model_type!r}. "
                          f"{SUPPORTED_SENTENCE}")
@@ -131,11 +132,11 @@ def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = 
     expert_bytes = store.expert_bytes
 
     # Budgets the user gave are checked before reading a byte of weights.
+    expert_cache_bytes = None if spec.expert_cache_bytes is None else parse_size(spec.expert_cache_bytes)
     if expert_cache_bytes is not None:
-        expert_cache_bytes = parse_size(expert_cache_bytes)
         cache_capacity(expert_cache_bytes, expert_bytes, n_layers, cache_scope)
-    ram_budget_bytes = None if ram_budget_bytes is None else parse_size(ram_budget_bytes)
-    ram_budget_bytes = store.resolve_ram_budget(ram_budget_bytes)  # CUDA without one: a share of MemAvailable
+    ram_budget_bytes = store.resolve_ram_budget(  # CUDA without one: a share of MemAvailable
+        None if spec.ram_budget_bytes is None else parse_size(spec.ram_budget_bytes))
     store.check_budget(ram_budget_bytes)
     # The memory plan, against the device as it is now (runtime_profile, capped by device_memory_bytes), is
     # the one budget: it refuses what cannot fit and, without expert_cache_bytes, sizes the cache.

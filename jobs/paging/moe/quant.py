@@ -78,10 +78,11 @@ class QuantExpertStore(ExpertStore):
         """Lay out every expert from the variant shards' headers, then fill the arena's experts (the
         original checkpoint's expert tensors are never read)."""
         self._pieces = self._find_pieces()
-        return self._fill(ram_budget_bytes)
+        self._fill(ram_budget_bytes)
+        return self
 
     def _find_pieces(self, index=None) -> dict[Key, list[Piece]]:
-        pieces = {}
+        pieces: dict[Key, list[Piece]] = {}
         for (layer, expert), keys in self._keys.items():
             parts = [[(self.quant.file_of[key], part) for part in self.quant.part_keys(key)] for key in keys]
             found = [[self._files[path].entries[part][:2] for path, part in weight] for weight in parts]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
+from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,7 +41,7 @@ class CheckpointIndex:
 
     def __init__(self, model_dir: str | Path):
         self.model_dir = Path(model_dir)
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, safe_open] = {}
         index_path = self.model_dir / "model.safetensors.index.json"
         if index_path.exists():
             weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -130,7 +130,8 @@ class ExpertStore:
         self._staging: list[torch.Tensor] = []
         self._staged_copy: list[torch.cuda.Event | None] = []  # per slot: its last H2D copy
         self._next_staging = 0
-        self._counters: Counter = Counter()
+        # Counts (int) and seconds (float); a missing counter reads 0, as a Counter's would.
+        self._counters: defaultdict[str, float] = defaultdict(int)
 
     @property
     def total_experts(self) -> int:
@@ -165,30 +166,35 @@ class ExpertStore:
     def load(self, index: CheckpointIndex, ram_budget_bytes: int | None = None) -> "ExpertStore":
         """Find every expert's tensors (headers only), then fill the arena's experts from the mmap."""
         self._pieces = self._find_pieces(index)
-        return self._fill(ram_budget_bytes)
+        self._fill(ram_budget_bytes)
+        return self
 
     def _find_pieces(self, index: CheckpointIndex) -> dict[Key, list[Piece]]:
-        per_expert, fused = {}, {}
+        per_expert: dict[tuple[int, int, int], str] = {}
+        fused: dict[tuple[int, str], str] = {}
         for name in index.keys():
             if m := PER_EXPERT_RE.match(name):
                 per_expert[(int(m[1]), int(m[2]), PIECE_ORDER[m[3]])] = name
             elif m := FUSED_RE.match(name):
                 fused[(int(m[1]), m[2])] = name
         n_w = self.layout.intermediate * self.layout.hidden  # elements of gate, up or down
-        pieces = {}
+        pieces: dict[Key, list[Piece]] = {}
         for layer in self.layers:
             for expert in range(self.num_experts):
+                found: list[tuple[str, int | None, int, int]]  # (tensor name, fused row, start, end)
                 if (layer, "gate_up_proj") in fused and (layer, "down_proj") in fused:
                     found = [(fused[(layer, "gate_up_proj")], expert, 0, 2 * n_w),
                              (fused[(layer, "down_proj")], expert, 2 * n_w, 3 * n_w)]
                 else:
-                    names = [per_expert.get((layer, expert, i)) for i in range(3)]
-                    if None in names:
-                        raise KeyError(
-                            f"checkpoint {index.model_dir} has no weights for layer {layer} expert {expert} "
-                            f"(neither experts.{expert}.gate_proj/up_proj/down_proj or w1/w3/w2 nor fused "
-                            "experts.gate_up_proj/down_proj); is config.json the one of these weights?")
-                    found = [(name, None, i * n_w, (i + 1) * n_w) for i, name in enumerate(names)]
+                    found = []
+                    for i in range(3):
+                        piece_name = per_expert.get((layer, expert, i))
+                        if piece_name is None:
+                            raise KeyError(
+                                f"checkpoint {index.model_dir} has no weights for layer {layer} expert {expert} "
+                                f"(neither experts.{expert}.gate_proj/up_proj/down_proj or w1/w3/w2 nor fused "
+                                "experts.gate_up_proj/down_proj); is config.json the one of these weights?")
+                        found.append((piece_name, None, i * n_w, (i + 1) * n_w))
                 pieces[(layer, expert)] = [Piece(index.file_of[name], name, row, start, end)
                                            for name, row, start, end in found]
                 for p in pieces[(layer, expert)]:
@@ -203,27 +209,27 @@ class ExpertStore:
                                    f"{p.end - p.start} elements per expert that config.json implies; "
                                    "the folder's weights and config.json do not match")
 
-    def _fill(self, ram_budget_bytes: int | None) -> "ExpertStore":
+    def _fill(self, ram_budget_bytes: int | None) -> None:
         """One arena of exactly the plan's bytes (a refused pin leaves it pageable, the reason in stats' host_pin):
         the resident experts read into it, then the staging ring."""
         self.ram_budget_bytes = self.resolve_ram_budget(ram_budget_bytes)
         plan = self.host_plan(self.ram_budget_bytes)
-        self._arena = HostArena(plan.host_bytes, pin=self.pin_memory, what="expert store")
+        self._arena = arena = HostArena(plan.host_bytes, pin=self.pin_memory, what="expert store")
         for nth, expert in resident_experts(self.num_layers, self.num_experts, plan.experts_in_ram):
             key = (self.layers[nth], expert)
-            self._ram[key] = self._take()
+            self._ram[key] = self._take(arena)
             self._read(key, self._ram[key])
         n_staging = STAGING_SLOTS if plan.staging_bytes else 0
-        self._staging = [self._take() for _ in range(n_staging)]
+        self._staging = [self._take(arena) for _ in range(n_staging)]
         self._staged_copy = [None] * n_staging
         log.info("expert store (%s): %d of %d experts in host RAM, %s with %d staging slots%s; %d read on "
                  "demand from %s", self.variant, len(self._ram), self.total_experts,
-                 format_size(self._arena.nbytes), n_staging, " (pinned)" if self._arena.pinned_bytes else "",
+                 format_size(arena.nbytes), n_staging, " (pinned)" if arena.pinned_bytes else "",
                  self.total_experts - len(self._ram), next(iter(self._pieces.values()))[0].path.parent)
-        return self
 
-    def _take(self) -> torch.Tensor:
-        return self._arena.take(self.expert_bytes).view(self.slot_dtype)
+    def _take(self, arena: HostArena) -> torch.Tensor:
+        """The next expert-sized flat buffer of `arena`, viewed as the slot dtype."""
+        return arena.take(self.expert_bytes).view(self.slot_dtype)
 
     def _read(self, key: Key, flat: torch.Tensor) -> int:
         """Copy expert `key` from the checkpoint's mmap into `flat` (any device); bytes read."""
