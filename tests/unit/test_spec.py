@@ -48,7 +48,7 @@ def test_model_spec_takes_every_setting_and_its_defaults_from_one_place(tmp_path
     assert names <= set(default.__dataclass_fields__)
     # Every setting not overridden by the embedded model's table is ModelSettings' default.
     assert default.settings() == {**ModelSettings().settings(),
-                                  "vram_budget_bytes": 96 * 1024**2}
+                                  "vram_budget_bytes": 16 * 1024**2}
 
 
 @pytest.mark.parametrize("mutate, needle", [
