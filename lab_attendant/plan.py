@@ -7,11 +7,12 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from jobs.contract.model_facts import ModelFacts
 from jobs.contract.spec import DEFAULT_BATCH_SIZE, ModelSpec
 from jobs.paging.plan.disk import remembered_read_bandwidth
 from jobs.paging.plan.expert_budget import mem_available_bytes
 from jobs.paging.plan.faster import faster_options
-from jobs.paging.plan.gguf_header import SPLIT_RE, is_gguf
+from jobs.paging.plan.gguf_header import SPLIT_RE, is_gguf, read_header
 from jobs.paging.plan.memplan import MemoryPlan, PlanRequest, make_plan
 from jobs.paging.plan.profiles import PROFILES, DeviceProfile, dtype_for, fp16_safe_for, pcie_bytes_per_s, profile
 from jobs.paging.plan.settings import is_moe_folder
@@ -132,3 +133,17 @@ def check_fits(spec: ModelSpec, batch: int | None) -> None:
     if not plan.fits:
         raise UserError(f"model '{spec.name}' does not fit {device.name}: {plan.reason} "
                         f"(see `lab-attendant model plan {spec.name}`)")
+
+
+def model_facts(path: Path) -> ModelFacts:
+    """What the kinds' submit checks ask of a model (head size, chat template), from a folder's JSON files
+    or a GGUF file's header; a path neither can read gives unknown facts (the run's own load says why)."""
+    if not is_gguf(path):
+        return ModelFacts.of_folder(path)
+    try:
+        header = read_header(path)
+        head_dim = shape_from_path(path).head_dim
+    except (OSError, ValueError, UserError) as exc:
+        log.debug("no facts from %s: %s", path, exc)
+        return ModelFacts(str(path))
+    return ModelFacts(str(path), head_dim, bool(header.metadata.get("tokenizer.chat_template")))

@@ -20,6 +20,7 @@ from jobs.contract.errors import ParamError
 from jobs.contract.kinds import Kind, check_with_model, validate_params
 from lab_attendant import cron
 from lab_attendant.errors import ConfigError
+from lab_attendant.plan import model_facts
 from lab_attendant.service.logsetup import get_logger, log_for
 
 if TYPE_CHECKING:
@@ -117,7 +118,8 @@ class Schedules:
                 params = validate_params(kind, s.params, self.cfg.allowed_roots,
                                          base_dir=self.cfg.base_dir)
                 if any(p.name == "model" for p in kind.params):   # as submit checks them
-                    check_with_model(kind, params, Path(self.cfg.model_spec(params.get("model")).path))
+                    check_with_model(kind, params,
+                                     model_facts(Path(self.cfg.model_spec(params.get("model")).path)))
             except (ParamError, ConfigError) as exc:
                 skip = f"bad params in the config: {exc}"
                 params = {}

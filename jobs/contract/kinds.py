@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 from jobs.contract.errors import ParamError
 from jobs.contract.kv_rank_inputs import check_params as _kv_rank_check
+from jobs.contract.model_facts import ModelFacts
 from jobs.contract.prompts_input import check_params as _prompts_check
 from jobs.contract.spec import DEFAULT_BATCH_SIZE
 from jobs.contract.units import parse_size
@@ -41,9 +42,9 @@ class Kind:
     params: tuple[Param, ...] = ()
     needs_paging: bool = False    # held unless the daemon runs with --experimental-paging
     function: str = "run"
-    # Checks across params past their types (stdlib only): check(params, model_dir) raises ParamError. model_dir
-    # is None in validate_params, the run's model folder in check_with_model (submit: e.g. a rank vs head_dim).
-    check: Callable[[dict[str, Any], Path | None], None] | None = None
+    # Checks across params past their types (stdlib only): check(params, model) raises ParamError. model is
+    # None in validate_params, the run's ModelFacts in check_with_model (submit: e.g. a rank vs head_dim).
+    check: Callable[[dict[str, Any], ModelFacts | None], None] | None = None
 
 
 # Every model-using kind takes these; `model` names a [models.NAME] table (default: the
@@ -221,10 +222,11 @@ def validate_params(kind: Kind, raw: dict[str, Any], allowed_roots: Iterable[Pat
     return out
 
 
-def check_with_model(kind: Kind, params: dict[str, Any], model_dir: Path) -> None:
-    """The kind's checks that need its model folder (read as JSON, no torch); ParamError if one fails."""
+def check_with_model(kind: Kind, params: dict[str, Any], model: ModelFacts | Path) -> None:
+    """The kind's checks that need its model (facts read without torch: a folder's JSON files, or what the
+    supervisor read from a GGUF header); ParamError if one fails."""
     if kind.check is not None:
-        kind.check(params, model_dir)
+        kind.check(params, model if isinstance(model, ModelFacts) else ModelFacts.of_folder(model))
 
 
 def parse_assignment(text: str) -> tuple[str, str]:

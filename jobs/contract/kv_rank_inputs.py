@@ -9,6 +9,7 @@ from typing import Any
 
 from jobs.contract.confine import Roots
 from jobs.contract.errors import ParamError
+from jobs.contract.model_facts import ModelFacts
 
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -73,22 +74,8 @@ def load_passages(path: str | Path, roots: Roots | None = None) -> list[Passage]
     return passages
 
 
-def head_dim_of(model_dir: str | Path) -> int | None:
-    """The attention head size from the folder's config.json (text_config first), None when unreadable."""
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    text = config.get("text_config") or config
-    if text.get("head_dim"):
-        return int(text["head_dim"])
-    if text.get("hidden_size") and text.get("num_attention_heads"):
-        return int(text["hidden_size"]) // int(text["num_attention_heads"])
-    return None
-
-
-def check_params(params: dict[str, Any], model_dir: str | Path | None) -> None:
-    """ParamError for a study that cannot run: bad ranks, no passages, a rank above the context or (model_dir
+def check_params(params: dict[str, Any], model: ModelFacts | None) -> None:
+    """ParamError for a study that cannot run: bad ranks, no passages, a rank above the context or (the model
     given) the model's head_dim: one head's K or V matrix has rank at most min(tokens, head_dim). Sizes have
     their bounds in the kind's Params."""
     ranks = parse_ranks(params.get("ranks", ""))
@@ -98,8 +85,8 @@ def check_params(params: dict[str, Any], model_dir: str | Path | None) -> None:
                          f"rank at most {context}; lower the rank or raise the context")
     if "texts" in params and Path(params["texts"]).exists():  # a schedule's may appear later
         load_passages(params["texts"])
-    if model_dir is not None:
-        head_dim = head_dim_of(model_dir)
+    if model is not None:
+        head_dim = model.head_dim
         if head_dim is not None and ranks[-1] > head_dim:
-            raise ParamError(f"param 'ranks' holds {ranks[-1]} > head_dim {head_dim} of the model in {model_dir}: "
+            raise ParamError(f"param 'ranks' holds {ranks[-1]} > head_dim {head_dim} of the model in {model.where}: "
                              f"one head's K or V has rank at most {head_dim}; use ranks up to {head_dim}")

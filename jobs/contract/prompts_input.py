@@ -9,6 +9,7 @@ from typing import Any
 
 from jobs.contract.confine import Roots
 from jobs.contract.errors import ParamError
+from jobs.contract.model_facts import ModelFacts
 
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -79,13 +80,7 @@ def load_prompts(path: str | Path, roots: Roots | None = None) -> list[PromptIte
 
 def has_chat_template(model_dir: Path) -> bool:
     """Whether the model folder ships a chat template (tokenizer_config.json or chat_template.jinja)."""
-    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
-        return True
-    cfg = model_dir / "tokenizer_config.json"
-    try:
-        return bool(json.loads(cfg.read_text()).get("chat_template")) if cfg.is_file() else False
-    except ValueError:
-        return False
+    return bool(ModelFacts.of_folder(model_dir).has_chat_template)
 
 
 def parse_stop(raw: Any) -> tuple[str, ...]:
@@ -104,14 +99,14 @@ def parse_stop(raw: Any) -> tuple[str, ...]:
     return (text.replace("\\n", "\n").replace("\\t", "\t"),)
 
 
-def check_params(params: dict[str, Any], model_dir: Path | None) -> None:
+def check_params(params: dict[str, Any], model: ModelFacts | None) -> None:
     """At submit: the prompts read and parse (bad lines named), stop parses, and chat lines only for a
     model that has a chat template."""
     parse_stop(params.get("stop"))
     if "prompts" not in params or not Path(params["prompts"]).exists():
         return   # must_exist=False (a schedule at config load): checked when the run starts
     items = load_prompts(params["prompts"])
-    if model_dir is not None and any(i.messages for i in items) and not has_chat_template(model_dir):
+    if model is not None and any(i.messages for i in items) and model.has_chat_template is False:
         first = next(i for i in items if i.messages)
-        raise ParamError(f"param 'prompts': prompt {first.id!r} is a chat ('messages') but model folder "
-                         f"{model_dir} has no chat template; give it a 'prompt' string instead")
+        raise ParamError(f"param 'prompts': prompt {first.id!r} is a chat ('messages') but model "
+                         f"{model.where} has no chat template; give it a 'prompt' string instead")

@@ -11,7 +11,7 @@ from typing import Any
 
 from jobs.contract.atomic import write_atomic
 from jobs.contract.errors import ParamError
-from jobs.contract.prompts_input import PromptItem, has_chat_template, load_prompts, parse_stop
+from jobs.contract.prompts_input import PromptItem, load_prompts, parse_stop
 from jobs.paging.generate import Sampling
 
 RESUME_FORMAT = 1   # bump when a completions line changes meaning: an older partial file is not resumed
@@ -20,7 +20,7 @@ RESUME_FORMAT = 1   # bump when a completions line changes meaning: an older par
 def render(items: list[PromptItem], tokenizer: Any, model_dir: Path) -> list[str]:
     """Each item's prompt text; chat items through the tokenizer's own chat template (its leading BOS
     dropped: the engine's tokenizer call adds one, and two BOS tokens change the output)."""
-    if any(i.messages for i in items) and not has_chat_template(model_dir):
+    if any(i.messages for i in items) and not getattr(tokenizer, "chat_template", None):
         first = next(i for i in items if i.messages)
         raise ParamError(f"param 'prompts': prompt {first.id!r} is a chat ('messages') but model folder "
                          f"{model_dir} has no chat template; give it a 'prompt' string instead")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from jobs.contract.errors import NonFiniteError
 from jobs.contract.kv_rank_inputs import Passage, check_params, load_passages, parse_ranks
+from jobs.contract.model_facts import ModelFacts
 from jobs.lib import kv_compress as kc
 from jobs.lib.kv_report import render_markdown, render_svg, verdict
 
@@ -145,7 +147,10 @@ def tokenize(tokenizer: Any, passages: Sequence[Passage], need: int, max_texts: 
 
 
 def run(params: dict[str, Any], ctx) -> dict[str, Any]:
-    check_params(params, ctx.spec.model.path if ctx.spec.model else None)  # the supervisor did; specs may not
+    # The supervisor checked with the model's facts (a GGUF's from its header); a spec written by hand may
+    # not have been: check again here, with what a folder says (a GGUF's head size is checked at submit).
+    model_path = Path(ctx.spec.model.path) if ctx.spec.model else None
+    check_params(params, ModelFacts.of_folder(model_path) if model_path and model_path.is_dir() else None)
     ranks = parse_ranks(params["ranks"])
     context, continuation = params["context"], params["continuation"]
     passages = load_passages(params["texts"], ctx.roots)

@@ -15,7 +15,7 @@ from lab_attendant.cli import wait as waiting
 from lab_attendant.cli.when import BEGIN_HELP, begin_arg
 from lab_attendant.config import Config
 from lab_attendant.errors import UserError
-from lab_attendant.plan import check_fits
+from lab_attendant.plan import check_fits, model_facts
 from lab_attendant.service.logsetup import log_for
 from lab_attendant.store.db import Store
 from lab_attendant.store.deps import check_after
@@ -79,7 +79,7 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     if any(p.name == "model" for p in kind.params):
         model = cfg.model_spec(params.get("model"))
         _check_model(model)  # fails here, not in the worker
-        check_with_model(kind, params, Path(model.path))
+        check_with_model(kind, params, model_facts(Path(model.path)))
         check_fits(model, params.get("batch_size"))  # an impossible plan is refused now, not after a load
         _check_runnable(model, Path(cfg.worker.python))
     check_submit_options(args.priority, args.timeout)

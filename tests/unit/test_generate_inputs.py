@@ -9,6 +9,7 @@ import pytest
 
 from jobs.contract.errors import ParamError
 from jobs.contract.kinds import registry, validate_params
+from jobs.contract.model_facts import ModelFacts
 from jobs.contract.prompts_input import check_params, has_chat_template, load_prompts, parse_stop
 
 
@@ -68,9 +69,9 @@ def test_chat_needs_a_template_at_submit(tmp_path: Path):
     (model / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>"}))
     assert not has_chat_template(model)
     with pytest.raises(ParamError, match="no chat template"):
-        check_params({"prompts": str(p)}, model)
+        check_params({"prompts": str(p)}, ModelFacts.of_folder(model))
     (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
-    check_params({"prompts": str(p)}, model)
+    check_params({"prompts": str(p)}, ModelFacts.of_folder(model))
 
 
 def test_generate_kind_params_are_validated_and_confined(tmp_path: Path):

@@ -155,3 +155,18 @@ def test_passages_are_confined_in_the_worker(tmp_path):
     (tmp_path / "swapped").symlink_to(outside)         # a folder param that resolves outside fails the run
     with pytest.raises(OutsideRoots):
         load_passages(tmp_path / "swapped", roots)
+
+
+def test_a_gguf_model_gives_its_head_dim_and_chat_template_from_the_header(tmp_path: Path, texts: Path):
+    """A .gguf default has no config.json: the supervisor reads the facts from the header (no weight byte)."""
+    from lab_attendant.plan import model_facts
+    from tests.fixtures.gguf_headers import gemma3_27b, write_header_only
+
+    metadata, tensors = gemma3_27b("Q4_0")
+    path = tmp_path / "gemma-3-27b-q4_0.gguf"
+    write_header_only(path, {**metadata, "tokenizer.chat_template": "{{ messages }}"}, tensors)
+    facts = model_facts(path)
+    assert facts.head_dim == 128 and facts.has_chat_template is True
+    check_with_model(KIND, _validate(tmp_path, texts=str(texts), ranks="8,128"), facts)
+    with pytest.raises(ParamError, match="> head_dim 128"):
+        check_with_model(KIND, _validate(tmp_path, texts=str(texts), ranks="129"), facts)
