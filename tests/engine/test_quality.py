@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.contract.kinds import cv_matching
+from jobs.kinds import cv_matching
 from jobs.lib import clustering, quality
 from jobs.lib import grounded as guard
 from jobs.lib.embed import Embedder
