@@ -40,8 +40,11 @@ def _reference(path: Path):
 # transformers' reference dequantizes the whole file: past the suite's 10-minute default on a busy box.
 @pytest.mark.timeout(1800)
 def test_embedded_gguf_streams_exact_tokens_in_a_third_of_the_bytes(gemma_gguf, gemma_dir):
-    # 50 MiB of layers at fp32: no layer resident, 2 slots; no RAM cache: every pass reads the file
-    with load_streamed(spec_for(gemma_gguf, vram_budget_bytes=50 * MiB, ram_budget_bytes=None)) as loaded:
+    # The plan counts a layer as its blocks (3.8 MiB here): a budget of two slots and not three keeps no
+    # layer resident; no RAM cache: every pass reads the file
+    layer = shape_from_path(gemma_gguf).layer_stored_bytes
+    with load_streamed(spec_for(gemma_gguf, vram_budget_bytes=2 * layer + layer // 2,
+                                ram_budget_bytes=None)) as loaded:
         stats = loaded.stats()
         assert stats["resident_layers"] == 0 and stats["ram_cache_layers"] == 0
         result = generate(loaded, GEMMA_PROMPTS, max_new_tokens=8, batch_size=len(GEMMA_PROMPTS))
