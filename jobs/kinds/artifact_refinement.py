@@ -80,10 +80,9 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
         asks = [guard.Ask(prompts=ps, source=a.body, rules=SUMMARY_RULES,
                           fallback=guard.central_sentence(a.body, embedder.embed),
                           echoes=[a.title, *EXAMPLE_TEXTS]) for a, *ps in summarizing]
-        answers = guard.generate(asks, lambda prompts: engine.complete(
-            prompts, max_new_tokens=int(params.get("max_new_tokens") or 40), stop=("\n",),
-            no_repeat_ngram_size=3, progress=lambda d, t: ctx.progress(
-                min(total - 1, len(scoring) + d * len(summarizing) // t), total, "prompts")))
+        answers = engine.guarded(asks, max_new_tokens=int(params.get("max_new_tokens") or 40),
+                                 progress=lambda d, t: ctx.progress(
+                                     min(total - 1, len(scoring) + d * len(summarizing) // t), total, "prompts"))
         metrics = engine.summary()
     finally:
         engine.close()

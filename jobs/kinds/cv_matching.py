@@ -159,10 +159,9 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
             for s in top]
     engine = ctx.model(params["batch_size"])
     try:
-        answers = guard.generate(asks, lambda prompts: engine.complete(
-            prompts, max_new_tokens=int(params.get("max_new_tokens") or 40), stop=("\n",),
-            no_repeat_ngram_size=3, progress=lambda d, t: ctx.progress(
-                min(total - 1, len(postings) + d * len(top) // t), total, "steps")))
+        answers = engine.guarded(asks, max_new_tokens=int(params.get("max_new_tokens") or 40),
+                                 progress=lambda d, t: ctx.progress(
+                                     min(total - 1, len(postings) + d * len(top) // t), total, "steps"))
         metrics = engine.summary()
     finally:
         engine.close()

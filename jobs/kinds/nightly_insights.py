@@ -67,9 +67,7 @@ def summarize(engine: Engine, embedder: Embedder, notes: list[tuple[str, str, st
                       fallback=guard.central_sentence(x, embedder.embed),
                       echoes=[t, d, *EXAMPLE_TEXTS], rules=SUMMARY_RULES)
             for d, t, x in notes]
-    return guard.generate(asks, lambda prompts: engine.complete(
-        prompts, max_new_tokens=max_new_tokens, stop=("\n",), no_repeat_ngram_size=3,
-        progress=progress))
+    return engine.guarded(asks, max_new_tokens=max_new_tokens, progress=progress)
 
 
 def run(params: dict[str, Any], ctx) -> dict[str, Any]:

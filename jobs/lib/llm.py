@@ -11,6 +11,7 @@ import torch
 
 from jobs.contract.errors import ModelUnavailable, NonFiniteError
 from jobs.contract.spec import ModelSpec
+from jobs.lib import grounded
 from jobs.paging.generate import GenerationResult, Sampling, check_planned, generate
 from jobs.paging.open import open_model
 
@@ -47,6 +48,13 @@ class Engine:
         res = self.run(prompts, max_new_tokens=max_new_tokens, stop=stop, progress=progress,
                        sampling=Sampling(no_repeat_ngram_size=no_repeat_ngram_size))
         return [c.text.strip() for c in res.outputs]
+
+    def guarded(self, asks: Sequence[grounded.Ask], *, max_new_tokens: int,
+                progress: ProgressFn | None = None) -> list[grounded.Answer]:
+        """The kinds' checked one-line fields: grounded.generate over one-line completions (stop at the
+        newline, no repeated trigrams: the small default model loops otherwise)."""
+        return grounded.generate(asks, lambda prompts: self.complete(
+            prompts, max_new_tokens=max_new_tokens, stop=("\n",), no_repeat_ngram_size=3, progress=progress))
 
     def run(self, prompts: Sequence[str], *, max_new_tokens: int, sampling: Sampling = Sampling(),
             stop: Sequence[str] = (), progress: ProgressFn | None = None) -> GenerationResult:
