@@ -7,7 +7,6 @@ norms stored +1), found by running transformers' own tensor processor, so a stre
 from __future__ import annotations
 
 import mmap
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,7 @@ import torch
 
 from jobs.contract.errors import ModelFolderError
 from jobs.paging.ggml import FLOAT_TYPES, block_type, expand, raw_shape
-from jobs.paging.plan.gguf_header import read_header
-
-_SPLIT_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+from jobs.paging.plan.gguf_header import SPLIT_RE, read_header
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class GgufFile:
         from transformers import AutoConfig
 
         self.path = Path(path)
-        if _SPLIT_RE.search(self.path.name):
+        if SPLIT_RE.match(self.path.name):
             raise ModelFolderError(f"{self.path.name} is one part of a split GGUF, which transformers cannot read: "
                                    "merge the parts with llama.cpp's `llama-gguf-split --merge` and point at the "
                                    "merged file")
