@@ -193,7 +193,7 @@ def test_a_slow_cotenant_start_after_a_failed_stop_does_not_block_the_loop(tmp_p
     d = _earnode_lab(tmp_path, lab)
     earnode_cleanup.append(d)
     (d / "fail-stop").write_text("")
-    (d / "slow-start").write_text("10")            # long enough for a loaded 2-core machine
+    (d / "slow-start").write_text("9")             # under command_timeout_s; opened below
     lab.start_daemon("--experimental-paging")
     held = lab.submit("paging_sleepy", "seconds=0.2")
     wait_for(lambda: any(e["action"] == "stop_failed" for e in _guard_events(lab)), 15,
@@ -202,6 +202,7 @@ def test_a_slow_cotenant_start_after_a_failed_stop_does_not_block_the_loop(tmp_p
     plain = lab.submit("sleepy", "seconds=0.2")
     run = lab.wait_state(plain, ENDED, timeout_s=15)
     assert run["state"] == "succeeded"
+    (d / "go").write_text("")                       # only now may the start finish
     starts = wait_for(lambda: [float(l.split()[0]) for l in
                                (d / "earnode.log").read_text().splitlines() if " start " in l
                                and float(l.split()[0]) > failed_at], 20, "the slow start to end")
