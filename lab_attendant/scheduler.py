@@ -106,7 +106,7 @@ class Schedules:
         fired = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(firing.fired_at))
         skip = None
         params: dict[str, Any] = {}
-        if kind.needs_paging and not experimental_paging:
+        if kind.run_needs_paging(s.params) and not experimental_paging:
             skip = ("experimental paging is off; start the daemon with --experimental-paging "
                     "so this schedule can run")
         else:
@@ -125,14 +125,14 @@ class Schedules:
                 params = {}
         run = store.submit(kind=kind.name, params=params or dict(s.params), priority=0,
                            timeout_s=self.cfg.limits.default_timeout_s,
-                           needs_paging=kind.needs_paging, schedule_id=s.id,
+                           needs_paging=kind.run_needs_paging(params or s.params), schedule_id=s.id,
                            max_retries=self.cfg.retries_for(kind.name, s),
                            executor=self.cfg.executor.choose(kind.name, params.get("model")),
                            reason=f"fired by schedule '{s.id}' at {fired}"
                            + (" by hand (`schedules run`)" if by_hand else ""),
                            skip_reason=None if skip is None else
                            f"schedule '{s.id}' fired at {fired}; skipped: {skip}")
-        rlog = log_for(kind.needs_paging, "lab_attendant.scheduler").bind(run_id=run.id,
+        rlog = log_for(run.needs_paging, "lab_attendant.scheduler").bind(run_id=run.id,
                                                                           schedule=s.id)
         if skip is not None:
             rlog.info("schedule firing skipped", reason=skip)

@@ -12,6 +12,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from jobs.contract.command import parse_argv, resolve_program
 from jobs.contract.errors import ParamError
 from jobs.contract.kv_rank_inputs import check_params as _kv_rank_check
 from jobs.contract.model_facts import ModelFacts
@@ -19,14 +20,15 @@ from jobs.contract.prompts_input import check_params as _prompts_check
 from jobs.contract.spec import DEFAULT_BATCH_SIZE
 from jobs.contract.units import parse_size
 
-PARAM_TYPES = ("str", "int", "float", "bool", "size", "date", "file", "dir", "path")
+PARAM_TYPES = ("str", "int", "float", "bool", "size", "date", "file", "dir", "path", "argv")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 @dataclass(frozen=True)
 class Param:
     name: str
-    type: str                     # one of PARAM_TYPES; file/dir must exist, all paths confined
+    type: str                     # one of PARAM_TYPES; file/dir must exist, all paths confined;
+                                  # argv: a list of strings whose program is resolved at submit
     required: bool = False
     default: Any = None
     help: str = ""
@@ -41,10 +43,17 @@ class Kind:
     help: str
     params: tuple[Param, ...] = ()
     needs_paging: bool = False    # held unless the daemon runs with --experimental-paging
+    paging_param: str | None = None  # a bool param that makes a run a paging run (`command --gpu`)
     function: str = "run"
     # Checks across params past their types (stdlib only): check(params, model) raises ParamError. model is
     # None in validate_params, the run's ModelFacts in check_with_model (submit: e.g. a rank vs head_dim).
     check: Callable[[dict[str, Any], ModelFacts | None], None] | None = None
+
+    def run_needs_paging(self, params: dict[str, Any]) -> bool:
+        """Whether a run with these (validated) params waits for --experimental-paging and the guards'
+        paging rules: the kind's own flag, or its paging_param set."""
+        flag = params.get(self.paging_param) if self.paging_param else None
+        return self.needs_paging or flag is True or str(flag).lower() in _TRUE
 
 
 # Every model-using kind takes these; `model` names a [models.NAME] table (default: the
@@ -122,6 +131,15 @@ BUILTIN_KINDS: tuple[Kind, ...] = (
                  Param("seed", "int", default=0, min=0, max=2**63 - 1,
                        help="sampling seed (each batch uses seed + its first prompt's index)")),
          needs_paging=True, check=_prompts_check),
+    Kind("command", "jobs.kinds.command",
+         "Run your own program (an argv list, never a shell) under the guards and timeouts: output to the "
+         "run log, its exit code decides success; `submit command [--gpu] [--cwd DIR] -- PROGRAM ARGS…`.",
+         params=(Param("argv", "argv", required=True, help="the program and its arguments"),
+                 Param("cwd", "dir", help="working folder, inside the allowed roots (default: the run's "
+                       "output folder)"),
+                 Param("gpu", "bool", default=False, help="a GPU run: waits for --experimental-paging, "
+                       "suspends the co-tenants and is watched like the paging kinds")),
+         paging_param="gpu"),
 )
 
 
@@ -150,6 +168,8 @@ def _in_range(param: Param, value: int | float) -> int | float:
 def _coerce(param: Param, value: Any, roots: tuple[Path, ...], base_dir: Path | None,
             must_exist: bool = True) -> Any:
     name, tp = param.name, param.type
+    if tp == "argv":
+        return resolve_program(parse_argv(value), base_dir, must_exist)
     if tp == "str":
         return str(value)
     if tp == "date":

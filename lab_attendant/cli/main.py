@@ -175,8 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """argparse, except that everything after the first `--` is a program's argv (`submit command --
+    PROGRAM ARGS…`), kept verbatim: argparse would have matched its `-x` words against our options."""
+    head, sep, tail = argv, False, []
+    if "--" in argv:
+        i = argv.index("--")
+        head, sep, tail = argv[:i], True, argv[i + 1:]
+    parser = build_parser()
+    args = parser.parse_args(head)
+    if sep:
+        if not hasattr(args, "argv"):
+            parser.error(f"`{args.cmd}` takes nothing after `--`")
+        args.argv = [*args.argv, *tail]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config)
         private_process(cfg.paths.state_dir, cfg.paths.logs_dir, cfg.backups_dir)

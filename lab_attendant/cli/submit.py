@@ -40,6 +40,13 @@ def _read_params(args: argparse.Namespace) -> dict[str, Any]:
     for item in args.param or []:
         key, value = parse_assignment(item)
         raw[key] = value
+    # The `command` kind's flags, as sbatch/pueue spell them: the program after `--`, --cwd, --gpu.
+    if getattr(args, "argv", None):
+        raw["argv"] = list(args.argv)
+    if getattr(args, "cwd", None):
+        raw["cwd"] = args.cwd
+    if getattr(args, "gpu", False):
+        raw["gpu"] = True
     return raw
 
 
@@ -75,6 +82,9 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     if kind is None:
         raise UserError(f"unknown kind '{args.kind}'; known kinds: {', '.join(sorted(kinds))} "
                         "(see `lab-attendant kinds`)")
+    if args.argv and not any(p.type == "argv" for p in kind.params):
+        raise UserError(f"kind '{kind.name}' takes no program after `--` (only the command kind does); "
+                        "pass its params with -p KEY=VALUE")
     params = validate_params(kind, _read_params(args), cfg.allowed_roots)
     if any(p.name == "model" for p in kind.params):
         model = cfg.model_spec(params.get("model"))
@@ -90,11 +100,11 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     after = check_after(store, [int(x) for x in args.after]) if args.after else []
     run = store.submit(kind=kind.name, params=params, priority=args.priority, executor=executor,
                        timeout_s=args.timeout or cfg.limits.default_timeout_s,
-                       needs_paging=kind.needs_paging,
+                       needs_paging=kind.run_needs_paging(params),
                        max_retries=cfg.retries_for(kind.name) if args.retries is None
                        else args.retries, name=args.name, after=after, not_before=args.begin,
                        reason=_submit_reason(after))
-    log_for(kind.needs_paging, "lab_attendant.cli.main").info("run submitted", run_id=run.id,
+    log_for(run.needs_paging, "lab_attendant.cli.main").info("run submitted", run_id=run.id,
                                                           kind=kind.name)
     if args.json and not args.wait:
         print(dumps(run.to_dict()))
@@ -160,6 +170,12 @@ def _id_list(text: str) -> list[int]:
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("submit", help="queue a run (sbatch)")
     s.add_argument("kind", help="a job kind (see `lab-attendant kinds`)")
+    s.add_argument("argv", nargs="*", metavar="-- PROGRAM ARGS",
+                   help="for the command kind: the program and its arguments after `--` (no shell)")
+    s.add_argument("--cwd", metavar="DIR", help="command kind: its working folder (inside the allowed "
+                   "roots; default: the run's output folder)")
+    s.add_argument("--gpu", action="store_true", help="command kind: a GPU run (needs the daemon's "
+                   "--experimental-paging; guards and co-tenant suspension apply as to the paging kinds)")
     s.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
                    help="a job param, repeatable (see `lab-attendant kinds` for each kind's)")
     s.add_argument("--params-file", metavar="F", help="JSON object of params")
