@@ -116,14 +116,14 @@ def test_torch_out_of_memory_in_a_worker_ends_oom_with_the_bytes(tmp_path: Path)
 
 
 # -- EarNode --------------------------------------------------------------------------------------
-def _earnode_lab(tmp_path: Path, lab: Lab) -> Path:
+def _earnode_lab(tmp_path: Path, lab: Lab, command_timeout_s: float = 10) -> Path:
     d = tmp_path / "earnode"
     d.mkdir()
     script = ROOT / "tests" / "fixtures" / "earnode.py"
     cot = (f'[cotenants.earnode]\nstop = ["{sys.executable}", "{script}", "stop", "{d}"]\n'
            f'start = ["{sys.executable}", "{script}", "start", "{d}"]\n'
            f'pid_file = "{d / "earnode.pid"}"\nrestore_delay_s = 0.5\nrelease_timeout_s = 5\n'
-           f"retry_after_s = 1\ncommand_timeout_s = 10\n")
+           f"retry_after_s = 1\ncommand_timeout_s = {command_timeout_s}\n")
     g = guard_lab(tmp_path, cotenant=cot)
     lab.config = g.config
     subprocess.run([sys.executable, str(script), "start", str(d)], check=True)
@@ -190,10 +190,10 @@ def test_a_slow_cotenant_start_after_a_failed_stop_does_not_block_the_loop(tmp_p
                                                                           earnode_cleanup):
     """The start after a failed stop is a phase of the loop, not a wait inside a tick: a plain
     run submitted meanwhile is admitted and finishes while the start command still runs."""
-    d = _earnode_lab(tmp_path, lab)
+    d = _earnode_lab(tmp_path, lab, command_timeout_s=120)
     earnode_cleanup.append(d)
     (d / "fail-stop").write_text("")
-    (d / "slow-start").write_text("9")             # under command_timeout_s; opened below
+    (d / "slow-start").write_text("100")           # under command_timeout_s; the gate opens it below
     lab.start_daemon("--experimental-paging")
     held = lab.submit("paging_sleepy", "seconds=0.2")
     wait_for(lambda: any(e["action"] == "stop_failed" for e in _guard_events(lab)), 15,
