@@ -206,6 +206,7 @@ def run_details(run: Any, events: list[Any], guard_events: list[Any], why: str |
                                                    if run.not_before else ""),
              ("executor", f"{run.executor}, job {run.executor_job_id or '(not submitted)'}"
               if run.executor != "local" else ""),
+             ("requested", next((e.reason for e in reversed(events) if e.kind == "requested"), "")),
              ("pid", str(run.pid or "")), ("exit", _exit_text(run)),
              ("peak memory", _peaks_text(run)),
              ("submitted", when(run.submitted_at, now)),
