@@ -91,7 +91,12 @@ def test_probe_and_nightly_insights_succeed_through_slurm(slurm_lab: Lab):
         events_file = Path(run["run_dir"]) / "events.jsonl"
         kinds = [json.loads(line)["event"] for line in events_file.read_text().splitlines()]
         assert kinds[0] == "started" and "result" in kinds
-        assert f"Slurm job {run['executor_job_id']} started" in run["events"][2]["reason"]
+        running = next(e for e in run["events"] if e["to"] == "running")
+        assert f"Slurm job {run['executor_job_id']} started" in running["reason"]
+    # the cluster's DefMemPerCPU=1024 would kill it: the model run asked for its plan instead
+    asked = [e["reason"] for e in lab.show(notes)["events"] if e["kind"] == "requested"]
+    assert len(asked) == 1 and asked[0].startswith("--mem="), asked
+    assert not [e for e in lab.show(probe)["events"] if e["kind"] == "requested"]
     report = json.loads(Path(lab.show(notes)["result_path"]).read_text())
     assert report["notes_processed"] == 1 and report["notes_left_for_next_run"] == 1
     run = lab.show(notes)
