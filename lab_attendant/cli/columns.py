@@ -161,12 +161,24 @@ def table(console: Console, keys: Sequence[str], rows: Sequence[Row], *, fit: bo
         if not droppable:
             break
         kept.remove(min(droppable, key=lambda i: cols[i].keep))
+    # The room left goes to the shrinkable columns (NAME), the most useful first, each up to its
+    # natural width; the ratio column (REASON) takes the rest. Each gets a width of its own, so
+    # rich never takes it back from ID or STATE.
+    room = console.width - GAP * (len(kept) - 1) - sum(need[i] for i in kept)
+    width = {i: need[i] for i in kept}
+    for i in sorted((i for i in kept if cols[i].shrink_to and not cols[i].ratio),
+                    key=lambda i: -cols[i].keep):
+        extra = max(0, min(room, widths[i] - need[i])) if fit else widths[i] - need[i]
+        width[i] += extra
+        room -= extra
     out = Table(box=None, pad_edge=False, header_style="bold", expand=expand)
     for i in kept:
         c = cols[i]
         # what may not shrink gets its natural width as its minimum: rich would cut it otherwise
         out.add_column(c.name, no_wrap=True, overflow="ellipsis", justify=c.justify,  # type: ignore[arg-type]
-                       min_width=c.shrink_to or widths[i], max_width=c.max_width, ratio=c.ratio)
+                       min_width=c.shrink_to if c.shrink_to and not c.ratio else width[i],
+                       max_width=width[i] if c.shrink_to and not c.ratio else c.max_width,
+                       ratio=c.ratio)
     for row in cells:
         out.add_row(*(row[i] for i in kept))
     return out
