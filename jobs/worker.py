@@ -55,8 +55,11 @@ class Context:
         from jobs.lib.llm import Engine  # torch: imported only by kinds that use a model
         return Engine(self, self.spec.model, batch_size=batch_size)
 
-    def progress(self, done: int, total: int, unit: str = "items") -> None:
-        self.events.emit(protocol.PROGRESS, done=done, total=total, unit=unit)
+    def progress(self, done: int, total: int, unit: str = "items", phase: str | None = None) -> None:
+        """`phase` labels a stage whose count starts afresh ("reading notes", "themes"), so a
+        reader sees "themes 1/2" rather than a bar jumping back to 0 %."""
+        fields = {"phase": phase} if phase else {}
+        self.events.emit(protocol.PROGRESS, done=done, total=total, unit=unit, **fields)
 
     def metric(self, **metrics: Any) -> None:
         self.events.emit(protocol.METRIC, metrics=metrics)

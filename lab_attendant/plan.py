@@ -9,6 +9,7 @@ from pathlib import Path
 
 from jobs.contract.model_facts import ModelFacts
 from jobs.contract.spec import DEFAULT_BATCH_SIZE, ModelSpec
+from jobs.contract.units import format_size
 from jobs.paging.plan.disk import remembered_read_bandwidth
 from jobs.paging.plan.expert_budget import mem_available_bytes
 from jobs.paging.plan.faster import faster_options
@@ -133,6 +134,27 @@ def check_fits(spec: ModelSpec, batch: int | None) -> None:
     if not plan.fits:
         raise UserError(f"model '{spec.name}' does not fit {device.name}: {plan.reason} "
                         f"(see `lab-attendant model plan {spec.name}`)")
+
+
+# What a worker holds beyond the plan's bytes: the interpreter with torch and transformers imported,
+# the kinds' sentence embedder and, for a cuda model, the CUDA runtime's host side.
+WORKER_BASE_BYTES = 1024**3
+HOST_REQUEST_MARGIN = 0.25          # the plan's host peak is an estimate: ask a quarter more
+REQUEST_STEP_BYTES = 256 * 1024**2  # requests round up to this, so they read as round figures
+
+
+def host_request(spec: ModelSpec, batch: int | None) -> tuple[int, str]:
+    """The host memory a run of `spec` asks a batch system for: the memory plan's host peak (the
+    whole peak for a cpu model; pinned and RAM cache rows for a cuda one, planned against the
+    reference card) plus a margin and the worker's own base; (bytes, how it was counted).
+    UserError when the model cannot be planned."""
+    cpu = spec.device == "cpu"
+    plan = plan_model(spec, profile("cpu" if cpu else "rtx2080ti"), batch=batch or DEFAULT_BATCH_SIZE)
+    host_bytes = plan.peak_device_bytes if cpu else plan.host_ram_bytes
+    want = int(host_bytes * (1 + HOST_REQUEST_MARGIN)) + WORKER_BASE_BYTES
+    want = -(-want // REQUEST_STEP_BYTES) * REQUEST_STEP_BYTES
+    return want, (f"the memory plan's host peak {format_size(host_bytes)} + "
+                  f"{HOST_REQUEST_MARGIN:.0%} + {format_size(WORKER_BASE_BYTES)} for the worker itself")
 
 
 def model_facts(path: Path) -> ModelFacts:

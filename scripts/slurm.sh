@@ -64,6 +64,11 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherParams=OverMemoryKill
+# Sampled every second, so a job over its memory is killed in a test's time (the default is 30 s).
+JobAcctGatherFrequency=task=1
+# The common site setup: memory is a consumable resource (CR_Core_Memory), and a job that asks
+# for no --mem gets 1 GiB per CPU (and is killed above it: OverMemoryKill).
+DefMemPerCPU=1024
 MailProg=/bin/true
 # Finished jobs stay visible to squeue/scontrol this long (there is no slurmdbd for sacct).
 MinJobAge=300
@@ -71,7 +76,7 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$dir/jobcomp.txt
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
 KillWait=10
 $hw NodeAddr=127.0.0.1 State=UNKNOWN

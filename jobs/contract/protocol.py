@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
@@ -20,7 +21,7 @@ EVENT_FILE_ENV = "LAB_ATTENDANT_EVENT_FILE"
 
 # Event names, in the order a healthy run emits them (progress/metric/heartbeat repeat).
 STARTED = "started"
-PROGRESS = "progress"      # {"done": int, "total": int, "unit": str}
+PROGRESS = "progress"      # {"done": int, "total": int, "unit": str, "phase": str (optional)}
 METRIC = "metric"          # {"metrics": {...}} e.g. VRAM, RSS, cache hits, tokens/s
 HEARTBEAT = "heartbeat"
 RESULT = "result"          # {"path": str}
@@ -47,6 +48,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_LINE_BYTES = 256 * 1024
 MAX_TEXT_CHARS = 10_000          # a message, a path, a unit, an error type
 MAX_METRICS = 256                # keys in one metric event (nested values count too)
+MAX_PHASE_CHARS = 80             # a progress phase label ("reading notes") fits a table cell
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")   # C0/C1 controls: a label is never a terminal command
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Progress:
     done: int | None = None
     total: int | None = None
     unit: str | None = None
+    phase: str | None = None     # what the run is doing, e.g. "reading notes", "themes"
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,17 @@ def _text(key: str, v: Any) -> str:
     return v
 
 
+def _label(key: str, v: Any) -> str | None:
+    """A short label shown in tables: text of at most MAX_PHASE_CHARS, control characters
+    stripped (and nothing left is no label)."""
+    if v is None:
+        return None
+    text = " ".join(_CONTROL.sub(" ", _text(key, v)).split())
+    if len(text) > MAX_PHASE_CHARS:
+        raise _Bad(f"{key} is {len(text)} characters long (at most {MAX_PHASE_CHARS})")
+    return text or None
+
+
 def _value(key: str, v: Any, budget: list[int]) -> Any:
     """A metric or detail value: JSON scalars with finite numbers in int64, lists and objects
     of them; `budget` bounds how many values one event carries."""
@@ -179,7 +194,8 @@ def _build(obj: dict[str, Any]) -> Event:
                        _opt_text("kind", obj.get("kind")))
     if name == PROGRESS:
         done, total = _int("done", obj.get("done")), _int("total", obj.get("total"))
-        return Progress(t, done, total, _opt_text("unit", obj.get("unit")))
+        return Progress(t, done, total, _opt_text("unit", obj.get("unit")),
+                        _label("phase", obj.get("phase")))
     if name == METRIC:
         metrics = obj.get("metrics", {})
         if not isinstance(metrics, dict):

@@ -71,18 +71,19 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
         *({"purpose": "summarize", "artifact": a.id, "prompt": p}
           for a, *ps in summarizing for p in ps)])
     total = len(scoring) + len(summarizing)
-    ctx.progress(0, total, "prompts")
+    ctx.progress(0, total, "prompts", "scoring")
     embedder = Embedder()
     engine = ctx.model(params["batch_size"])
     try:
         logprobs = engine.option_logprobs([p for _, _, p in scoring], rubric.OPTIONS,
-                                          progress=lambda d, t: ctx.progress(d, total, "prompts"))
+                                          progress=lambda d, t: ctx.progress(d, total, "prompts", "scoring"))
         asks = [guard.Ask(prompts=ps, source=a.body, rules=SUMMARY_RULES,
                           fallback=guard.central_sentence(a.body, embedder.embed),
                           echoes=[a.title, *EXAMPLE_TEXTS]) for a, *ps in summarizing]
         answers = engine.guarded(asks, max_new_tokens=int(params.get("max_new_tokens") or 40),
                                  progress=lambda d, t: ctx.progress(
-                                     min(total - 1, len(scoring) + d * len(summarizing) // t), total, "prompts"))
+                                     min(total - 1, len(scoring) + d * len(summarizing) // t), total, "prompts",
+                                     "summarizing"))
         metrics = engine.summary()
     finally:
         engine.close()
@@ -108,7 +109,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
             row.update(treatment="summarized", summary=ans.text, extractive=ans.extractive,
                        provenance=ans.provenance, evidence=ans.evidence, rejected=ans.rejected)
         rows.append(row)
-    ctx.progress(total, total, "prompts")
+    ctx.progress(total, total, "prompts", "summarizing")
     ctx.write_text("refined.md", render_markdown(rows, {a.id: a for a in items}, metrics.get("model")))
     result = ctx.write_json("ranking.json", {"source": params["gems"], "criteria": CRITERIA,
                                              "artifacts": rows, "engine": metrics,

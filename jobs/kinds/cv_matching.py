@@ -131,7 +131,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     reqs = {p: requirements(t) for p, t in texts.items()}
     # Progress counts steps: one per posting matched, one per rationale written.
     total = len(postings) + min(top_k, len(postings))
-    ctx.progress(0, total, "steps")
+    ctx.progress(0, total, "steps", "matching postings")
     embedder = Embedder()
     unit_vecs = embedder.embed(units)
     # Ranking stays at the posting level (the CV's sentences as a whole against the posting's
@@ -145,7 +145,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
                        "score": round(cosine(profile, _mean(req_vecs)), 4),
                        "coverage": round(sum(r["covered"] for r in per_req) / len(per_req), 4),
                        "requirements": per_req})
-        ctx.progress(i, total, "steps")
+        ctx.progress(i, total, "steps", "matching postings")
     scored.sort(key=lambda s: (-s["score"], s["path"]))
     top = scored[:top_k]
     for s in top:
@@ -161,11 +161,12 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     try:
         answers = engine.guarded(asks, max_new_tokens=int(params.get("max_new_tokens") or 40),
                                  progress=lambda d, t: ctx.progress(
-                                     min(total - 1, len(postings) + d * len(top) // t), total, "steps"))
+                                     min(total - 1, len(postings) + d * len(top) // t), total, "steps",
+                                     "rationales"))
         metrics = engine.summary()
     finally:
         engine.close()
-    ctx.progress(total, total, "steps")
+    ctx.progress(total, total, "steps", "rationales")
     for s, ask, ans in zip(top, asks, answers):
         s.update(rationale=" ".join(x for x in (facts(s), ans.text) if x),
                  rationale_model=None if ans.extractive else ans.text,

@@ -6,7 +6,7 @@ import re
 import time
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jobs.lib import clustering, fewshot, keyphrases, manifest
 from jobs.lib import grounded as guard
@@ -89,7 +89,8 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     ctx.log.info("archive %s: %d notes, %d new, %d changed, %d removed; processing %d",
                  archive, len(current), len(delta.new), len(delta.changed), len(delta.removed),
                  len(todo))
-    ctx.progress(0, len(todo), "notes")
+    reading = "reading notes"   # then "themes": each stage's count is labelled (no 83 % -> 0 %)
+    ctx.progress(0, len(todo), "notes", reading)
     texts = {rel: ctx.roots.read_text(archive / rel, errors="replace") for rel in todo}
     files = {rel: e for rel, e in old["files"].items() if rel in current and rel not in texts}
     engine = None
@@ -100,7 +101,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
             titles = {rel: _title(rel, texts[rel]) for rel in todo}
             answers = summarize(engine, embedder, [(dates[r], titles[r], texts[r]) for r in todo],
                                 max_new_tokens, progress=lambda d, t: ctx.progress(
-                                    min(d * len(todo) // t, len(todo) - 1), len(todo), "notes"))
+                                    min(d * len(todo) // t, len(todo) - 1), len(todo), "notes", reading))
             vectors = embedder.embed([texts[rel] for rel in todo])
             for rel, ans, vec in zip(todo, answers, vectors):
                 info = current[rel]
@@ -112,12 +113,13 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
                               "terms": clustering.top_terms(texts[rel]),
                               "phrases": keyphrases.candidates(texts[rel]),
                               "embedding": [round(x, 5) for x in vec]}
-            ctx.progress(len(todo), len(todo), "notes")
+            ctx.progress(len(todo), len(todo), "notes", reading)
         considered = sorted(rel for rel in files if since is None or files[rel]["date"] >= since)
         if todo or delta.removed or not old.get("themes") or old.get("since") != since:
             if engine is None and len(considered) >= 2:
                 engine = ctx.model(params["batch_size"])
-            themes = reduce_themes(archive, files, considered, engine, embedder, max_new_tokens)
+            themes = reduce_themes(archive, files, considered, engine, embedder, max_new_tokens,
+                                   progress=lambda d, t: ctx.progress(d, t, "themes", "themes"))
         else:
             themes = old["themes"]  # nothing changed: the last run's themes still hold
         in_scope = sum(1 for rel in current if since is None or dates[rel] >= since)
@@ -200,8 +202,8 @@ def insight(members: list[dict[str, Any]], archive: Path) -> str:
 
 
 def reduce_themes(archive: Path, files: dict[str, dict[str, Any]], considered: list[str],
-                  engine: Engine | None, embedder: Embedder, max_new_tokens: int
-                  ) -> list[dict[str, Any]]:
+                  engine: Engine | None, embedder: Embedder, max_new_tokens: int,
+                  progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Cluster the notes by embedding; each theme gets keyphrases (c-TF-IDF + MMR), a validated
     model-written title (else the keyphrase label), its year span, an insight and its notes."""
     if len(considered) < 2:
@@ -212,6 +214,8 @@ def reduce_themes(archive: Path, files: dict[str, dict[str, Any]], considered: l
                      key=lambda m: m["date"])
               for g in clustering.cluster(vectors, max_clusters=max_clusters) if len(g) >= 2]
     phrases = theme_phrases(groups, embedder)
+    if progress:
+        progress(0, len(groups))
     asks = [guard.Ask(prompts=[theme_prompt(p, 0), theme_prompt(p, 1)],
                       source=" ".join([*p, *(m["title"] + " " + m["summary"] for m in g)]),
                       fallback=fallback_title(g, p), rules=TITLE_RULES, claim_check=False,
@@ -220,6 +224,8 @@ def reduce_themes(archive: Path, files: dict[str, dict[str, Any]], considered: l
     titles = guard.generate(asks, lambda prompts: engine.complete(
         prompts, max_new_tokens=min(max_new_tokens, 16), stop=("\n",), no_repeat_ngram_size=2)
     ) if engine else [guard.Answer(a.fallback, True) for a in asks]
+    if progress:
+        progress(len(groups), len(groups))
     out = []
     for members, p, title in zip(groups, phrases, titles):
         first, last = members[0]["date"][:4], members[-1]["date"][:4]

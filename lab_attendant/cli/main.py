@@ -43,7 +43,12 @@ def cmd_daemon(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
     from lab_attendant.dashboard.app import serve  # the web stack is imported only by this verb
-    return serve(cfg, args.bind, allow_remote=args.allow_remote, token=args.token,
+    bind = args.bind
+    if args.port is not None:      # --port N: the --bind host (loopback by default) on port N
+        if not 0 < args.port < 65536:
+            raise UserError(f"--port takes a port number from 1 to 65535, got {args.port}")
+        bind = f"{bind.rpartition(':')[0] or '127.0.0.1'}:{args.port}"
+    return serve(cfg, bind, allow_remote=args.allow_remote, token=args.token,
                  token_file=args.token_file, allowed_hosts=tuple(args.allowed_host))
 
 
@@ -141,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--bind", default="127.0.0.1:8765", metavar="HOST:PORT",
                     help="where to listen (default 127.0.0.1:8765; loopback only unless "
                     "--allow-remote)")
+    db.add_argument("--port", type=int, metavar="N",
+                    help="listen on port N (on the --bind host: 127.0.0.1 unless given)")
     db.add_argument("--allow-remote", action="store_true",
                     help="allow a non-loopback --bind; a token is then required (printed in "
                     "the start-up link, or --token-file)")

@@ -110,14 +110,20 @@ def metric(key: str, value: Any) -> str:
 
 
 # -- a run's progress -----------------------------------------------------------------------------
+def phase_text(run: Any) -> str:
+    """'reading notes 3/6' with a phase label; '3/6 notes' without one."""
+    count = f"{run.progress_done}/{run.progress_total}"
+    phase = getattr(run, "progress_phase", None)
+    return f"{phase} {count}" if phase else f"{count} {run.progress_unit or ''}".rstrip()
+
+
 def progress_cell(run: Any, width: int = 12):
     """A bar while the run waits or runs; the last reported count once it has ended."""
     frac = fraction(run)
     if frac is None:
         return Text("-" if run.state not in ACTIVE else "…")
     if run.state in TERMINAL:
-        return Text(f"{run.progress_done}/{run.progress_total} {run.progress_unit or ''}",
-                    style="dim")
+        return Text(phase_text(run), style="dim")
     bar = Table.grid(padding=(0, 1))
     bar.add_row(ProgressBar(total=run.progress_total, completed=min(run.progress_done or 0,
                                                                     run.progress_total),
@@ -129,7 +135,7 @@ def progress_text(run: Any, now: float | None = None) -> str:
     frac = fraction(run)
     if frac is None:
         return "-"
-    text = f"{run.progress_done}/{run.progress_total} {run.progress_unit or ''} ({frac:.0%})"
+    text = f"{phase_text(run)} ({frac:.0%})"
     eta = eta_s(run, now)
     return text + (f", about {duration(eta)} left" if eta is not None else "")
 
@@ -137,28 +143,6 @@ def progress_text(run: Any, now: float | None = None) -> str:
 # -- tables ---------------------------------------------------------------------------------------
 def state_text(run: Any) -> Text:
     return Text(str(run.state), style=STATE_STYLE.get(run.state, "red"))
-
-
-def runs_table(runs: Iterable[Any], why: dict[int, str] | None = None,
-               now: float | None = None) -> Table:
-    """`list`: one row per run; REASON ends in an ellipsis where it is cut, never mid-word."""
-    now = now or time.time()
-    why = why or {}
-    table = Table(box=None, pad_edge=False, header_style="bold", expand=True)
-    for name, kw in (("ID", {"justify": "right", "min_width": 2}), ("NAME", {"max_width": 16}),
-                     ("KIND", {}),
-                     ("STATE", {}), ("PROGRESS", {}), ("ELAPSED", {"justify": "right"}),
-                     ("PRI", {"justify": "right"}), ("SUBMITTED", {}),
-                     ("REASON", {"ratio": 1, "min_width": 20})):
-        table.add_column(name, no_wrap=True, overflow="ellipsis", **kw)
-    for r in runs:
-        reason = why.get(r.id) or r.reason
-        if r.state is RunState.QUEUED and r.not_before and r.not_before > now:
-            reason = f"starts {ago(r.not_before, now)} (--begin or back-off); {reason}"
-        table.add_row(str(r.id), r.name or "", r.kind, state_text(r), progress_cell(r),
-                      duration(elapsed_s(r, now)), str(r.priority), ago(r.submitted_at, now),
-                      Ellipsized(reason))
-    return table
 
 
 def ellipsize(text: str, width: int) -> str:
@@ -199,7 +183,8 @@ def output_files(run: Any) -> list[Path]:
     if not run.run_dir:
         return []
     out = Path(run.run_dir) / "output"
-    files = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")] \
+    files = [p for p in out.rglob("*") if p.is_file() and not p.is_symlink()
+             and not p.name.startswith(".")] \
         if out.is_dir() else []
     return sorted(files, key=lambda p: (p.suffix not in (".md", ".txt"), str(p)))
 
@@ -221,7 +206,9 @@ def run_details(run: Any, events: list[Any], guard_events: list[Any], why: str |
                                                    if run.not_before else ""),
              ("executor", f"{run.executor}, job {run.executor_job_id or '(not submitted)'}"
               if run.executor != "local" else ""),
+             ("requested", next((e.reason for e in reversed(events) if e.kind == "requested"), "")),
              ("pid", str(run.pid or "")), ("exit", _exit_text(run)),
+             ("peak memory", _peaks_text(run)),
              ("submitted", when(run.submitted_at, now)),
              ("started", when(run.started_at, now) if run.started_at else ""),
              ("ended", when(run.ended_at, now) if run.ended_at else "")]
@@ -268,6 +255,13 @@ def sensors_table(summary: Any) -> Table:
     if summary.throttle_reasons:
         st.add_row("throttled by", ", ".join(summary.throttle_reasons))
     return st
+
+
+def _peaks_text(run: Any) -> str:
+    """'RSS 1.2 GiB, GPU 3.4 GiB': the highest the guards read while it was active."""
+    peaks = [f"{what} {format_size(n)}" for what, n in (("RSS", run.peak_rss_bytes),
+                                                       ("GPU", run.peak_gpu_bytes)) if n]
+    return ", ".join(peaks)
 
 
 def _exit_text(run: Any) -> str:

@@ -4,11 +4,19 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
+from pathlib import Path
+from typing import Any
+
+from rich.markdown import Markdown
+from rich.text import Text
 
 from jobs.contract.kinds import registry
-from lab_attendant.cli.render import console, progress_text, run_details, runs_table
+from lab_attendant import outputs as run_outputs
+from lab_attendant.cli import columns
+from lab_attendant.cli.render import console, output_files, progress_text, run_details
 from lab_attendant.cli.when import AGE_HELP, age_arg
 from lab_attendant.config import Config
 from lab_attendant.errors import UserError
@@ -34,6 +42,7 @@ def parse_states(text: str | None) -> list[RunState]:
 def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise UserError(f"--limit must be 0 (all) or more, got {args.limit}")
+    keys = columns.parse_format(args.format) if args.format else columns.LIST_DEFAULT
     store = Store(cfg.db_path)
     runs = query_runs(store, states=parse_states(args.state), kind=args.kind,
                       schedule=args.schedule, name=args.name, since_s=args.since,
@@ -46,13 +55,19 @@ def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
                                               args.since)) else "; submit one with "
                            "`lab-attendant submit KIND`"))
         return 0
-    console().print(runs_table(runs, waiting_for(store, runs)))
+    out = console()
+    # the columns asked for by --format are all shown (rich cuts them if they must); the default
+    # set drops its least useful columns first on a narrow terminal
+    out.print(columns.runs_table(out, runs, waiting_for(store, runs), keys=keys,
+                                 fit=not args.format))
     return 0
 
 
 def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
     store = Store(cfg.db_path)
     run = store.must_get(args.id)
+    if args.output is not None:
+        return print_output(run, args.output)
     events = store.events(run.id)
     guard_events = store.guard_events(run_id=run.id)
     summary = samples.summarize(samples.load_from(store, run.id), cfg.guards.resume_below_c)
@@ -65,6 +80,35 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     console().print(run_details(run, events, guard_events, waiting_for(store, [run]).get(run.id),
                                 sensors=summary))
+    return 0
+
+
+RENDER_MAX_BYTES = 4 * 1024**2   # larger Markdown is printed raw: rendering it would take long
+
+
+def print_output(run: Any, name: str) -> int:
+    """One output file: Markdown rendered on a terminal, the bytes as they are in a pipe. No
+    NAME: the first human one (.md, .txt) `show` lists."""
+    if not name:
+        files = output_files(run)
+        if not files:
+            raise UserError(f"run {run.id} has no outputs ({run.state}); `lab-attendant show "
+                            f"{run.id}` says why")
+        name = files[0].relative_to(Path(run.run_dir) / "output").as_posix()
+    try:
+        fh, size_bytes = run_outputs.open_output(run, name)
+    except LookupError as exc:
+        raise UserError(str(exc)) from None
+    with fh:
+        out = console()
+        if out.is_terminal and name.endswith(".md") and size_bytes <= RENDER_MAX_BYTES:
+            out.print(Markdown(fh.read().decode("utf-8", "replace"), hyperlinks=False))
+            return 0
+        if out.is_terminal:   # text on a terminal: control characters dropped by the console
+            out.print(Text(fh.read().decode("utf-8", "replace")), end="")
+            return 0
+        sys.stdout.flush()
+        shutil.copyfileobj(fh, sys.stdout.buffer)
     return 0
 
 
@@ -118,12 +162,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--since", type=age_arg, metavar="AGE",
                     help=f"only runs submitted in the last AGE ({AGE_HELP})")
     ls.add_argument("--limit", type=int, default=50, help="at most this many (default 50, 0 = all)")
+    ls.add_argument("--format", metavar="COLS", help="the columns to show, comma-separated, e.g. "
+                    "id,name,state,elapsed,exit,maxrss,maxgpu (sacct-like; columns: "
+                    f"{', '.join(c.name.lower() for c in columns.COLUMNS.values())})")
     ls.add_argument("--json", action="store_true", help="machine-readable: a JSON list of runs")
     ls.set_defaults(fn=cmd_list)
 
     sh = sub.add_parser("show", help="one run: state, params, outputs, metrics, events")
     sh.add_argument("id", type=int, help="run id (see `lab-attendant list`)")
     sh.add_argument("--json", action="store_true", help="machine-readable: the run as JSON")
+    sh.add_argument("--output", nargs="?", const="", metavar="NAME",
+                    help="print an output file instead (default: the first .md/.txt one); "
+                    "Markdown is rendered on a terminal, printed as it is in a pipe")
     sh.set_defaults(fn=cmd_show)
 
     lg = sub.add_parser("logs", help="a run's output (stdout and stderr of its worker)")

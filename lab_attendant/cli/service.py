@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.contract.atomic import write_atomic
+from jobs.contract.kinds import registry
 from lab_attendant import PROJECT_ROOT
 from lab_attendant.config import Config
 from lab_attendant.errors import UserError
@@ -85,8 +86,19 @@ def timeout_stop_s(cfg: Config) -> int:
 def run_as_user() -> str:
     """Whom a system unit runs as: the user behind sudo, else the caller; root installing
     without sudo gets a dedicated system user (DEDICATED_USER), never root."""
-    who = os.environ.get("SUDO_USER") or getpass.getuser()
+    who = invoking_user()
     return DEDICATED_USER if who == "root" else who
+
+
+def invoking_user() -> str:
+    """The person behind this command: the user behind sudo, else $USER, else the login name
+    (a --user unit lingers for them, not for the dedicated system user)."""
+    return os.environ.get("SUDO_USER") or os.environ.get("USER") or getpass.getuser()
+
+
+def paging_kinds(cfg: Config) -> list[str]:
+    """The kinds a daemon started without --experimental-paging holds (they wait `held`)."""
+    return sorted(k.name for k in registry(cfg.worker.extra_kinds).values() if k.needs_paging)
 
 
 def _tmp_warnings(cfg: Config, working_dir: Path) -> tuple[str, ...]:
@@ -293,7 +305,12 @@ def cmd_service(cfg: Config, args: argparse.Namespace) -> int:
         if files.dropin_text is not None:
             print(f"wrote {files.dropin_path} (experimental paging on while it exists)")
         if args.user:
-            commands.append(["loginctl", "enable-linger", run_as_user()])
+            commands.append(["loginctl", "enable-linger", invoking_user()])
+        held = paging_kinds(cfg)
+        if not args.experimental_paging and held:
+            print(f"without --experimental-paging the daemon holds runs of {', '.join(held)} "
+                  "(they wait `held`); to allow them, re-run: lab-attendant service install"
+                  f"{' --user' if args.user else ''} --experimental-paging")
     print("lab-attendant does not run systemctl itself; now run:")
     for argv in commands:
         print("  " + shlex.join(argv))

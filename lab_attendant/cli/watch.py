@@ -1,5 +1,8 @@
 """`lab-attendant watch`: a live view (rich Live) of the daemon, the guard readings, the running
 runs with progress, ETA and tokens/s, the queue and the last ended runs; Ctrl-C leaves it.
+
+In a pipe or a file there is no cursor to move: one plain frame is printed per interval, and
+flushed, so `timeout 60 lab-attendant watch > morning.txt` keeps every frame.
 """
 from __future__ import annotations
 
@@ -7,28 +10,19 @@ import argparse
 import time
 from typing import Any
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from jobs.contract.units import format_size
-from lab_attendant.cli.render import (
-    ago,
-    console,
-    duration,
-    local_time,
-    number_text,
-    progress_cell,
-    runs_table,
-    state_text,
-)
+from lab_attendant.cli import columns
+from lab_attendant.cli.render import ago, console, local_time
 from lab_attendant.cli.wait import daemon_alive
 from lab_attendant.config import Config
 from lab_attendant.errors import UserError
 from lab_attendant.store.db import Store
 from lab_attendant.store.deps import waiting_for
-from lab_attendant.store.figures import elapsed_s, eta_s, tokens_per_s
 from lab_attendant.store.states import ACTIVE, TERMINAL, WAITING
 from lab_attendant.store.tables import GUARD_READINGS
 
@@ -64,42 +58,32 @@ def _header(cfg: Config, store: Store, now: float) -> Text:
     return text
 
 
-def _running(runs: list[Any], workers: dict[str, Any], now: float) -> Table:
-    table = Table(title="running", title_justify="left", box=None, header_style="bold",
-                  pad_edge=False)
-    for name in ("ID", "NAME", "KIND", "STATE", "PROGRESS", "DONE", "ELAPSED", "ETA", "TOK/S",
-                 "RSS"):
-        table.add_column(name, no_wrap=True, overflow="ellipsis")
-    for r in runs:
-        w = workers.get(str(r.id)) or {}
-        tps = tokens_per_s(r)
-        table.add_row(str(r.id), r.name or "", r.kind, state_text(r), progress_cell(r, 20),
-                      f"{r.progress_done}/{r.progress_total} {r.progress_unit or ''}"
-                      if r.progress_total else "-",
-                      duration(elapsed_s(r, now)), duration(eta_s(r, now)),
-                      number_text(tps) if tps is not None else "-",
-                      format_size(w["rss_bytes"]) if w.get("rss_bytes") else "-")
+def _running(out: Console, runs: list[Any], workers: dict[str, Any], now: float) -> Table:
+    rows = [columns.Row(r, now, worker=workers.get(str(r.id)) or {}) for r in runs]
+    table = columns.table(out, columns.WATCH_RUNNING, rows)
+    table.title, table.title_justify = "running", "left"
     return table
 
 
-def frame(cfg: Config, store: Store) -> Group:
+def frame(cfg: Config, store: Store, out: Console, live: bool = True) -> Group:
     now = time.time()
     active = store.list_runs(states=ACTIVE, oldest_first=True)
     waiting = store.list_runs(states=WAITING, oldest_first=True)
     ended = store.list_runs(states=TERMINAL, limit=RECENT)
     guards = store.get_meta(GUARD_READINGS) or {}
     parts: list[Any] = [_header(cfg, store, now), Text("")]
-    parts.append(_running(active, guards.get("workers") or {}, now) if active
+    parts.append(_running(out, active, guards.get("workers") or {}, now) if active
                  else Text("nothing running", style="dim"))
     if waiting:
-        queue = runs_table(waiting, waiting_for(store, waiting), now)
+        queue = columns.runs_table(out, waiting, waiting_for(store, waiting), now)
         queue.title, queue.title_justify = f"queue ({len(waiting)})", "left"
         parts += [Text(""), queue]
     if ended:
-        recent = runs_table(ended, now=now)
+        recent = columns.runs_table(out, ended, now=now)
         recent.title, recent.title_justify = "recently ended", "left"
         parts += [Text(""), recent]
-    parts.append(Text("\nCtrl-C to leave", style="dim"))
+    if live:
+        parts.append(Text("\nCtrl-C to leave", style="dim"))
     return Group(*parts)
 
 
@@ -108,15 +92,21 @@ def cmd_watch(cfg: Config, args: argparse.Namespace) -> int:
         raise UserError(f"--interval must be a positive number of seconds, got {args.interval}")
     store = Store(cfg.db_path)
     out = console()
-    if args.once:
-        out.print(frame(cfg, store))
-        return 0
+    if args.once or not out.is_terminal:
+        # A pipe or a file: plain frames, each flushed whole, one per interval.
+        while True:
+            out.print(frame(cfg, store, out, live=False))
+            out.print()
+            out.file.flush()
+            if args.once:
+                return 0
+            time.sleep(args.interval)
     try:
-        with Live(frame(cfg, store), console=out, auto_refresh=False,
+        with Live(frame(cfg, store, out), console=out, auto_refresh=False,
                   screen=args.screen) as live:
             while True:
                 time.sleep(args.interval)
-                live.update(frame(cfg, store), refresh=True)
+                live.update(frame(cfg, store, out), refresh=True)
     except KeyboardInterrupt:
         out.print("stopped watching; the daemon and its runs go on")
     return 0

@@ -34,7 +34,7 @@ class WorkerEvents:
         elif isinstance(ev, protocol.Progress):
             self.sampler.progress(rid, ev.done, ev.total)
             writes.may(store.update_run, rid, progress_done=ev.done, progress_total=ev.total,
-                       progress_unit=ev.unit, heartbeat_at=now)
+                       progress_unit=ev.unit, progress_phase=ev.phase, heartbeat_at=now)
         elif isinstance(ev, protocol.Metric):
             self.sampler.metrics(rid, ev.metrics)
             writes.may(store.merge_metrics, rid, ev.metrics)

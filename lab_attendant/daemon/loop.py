@@ -386,6 +386,8 @@ class Daemon:
         self.writes.must(self.store.update_run, run.id, pid=w.pid, run_dir=str(run_dir),
                          log_path=str(output.path), executor_job_id=w.job_id,
                          pid_create_time=w.pid and self.host.process_create_time(w.pid))
+        if w.requested:   # e.g. sbatch --mem from the memory plan: `show` lists it
+            self.writes.must(self.store.add_event, run.id, "requested", w.requested)
         log_for(run.needs_paging, "lab_attendant.daemon.loop").info(
             "run spawned", run_id=run.id, kind=run.kind, pid=w.pid, job_id=w.job_id)
 

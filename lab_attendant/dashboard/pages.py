@@ -3,16 +3,14 @@ the HTML templates and the JSON API show the same values.
 """
 from __future__ import annotations
 
-import os
-import stat
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from lab_attendant import outputs as run_outputs
 from lab_attendant.config import Config
 from lab_attendant.errors import UserError
 from lab_attendant.service.logsetup import read_run_log
@@ -76,45 +74,15 @@ def counts(s: Session) -> dict[str, int]:
     return {st.value: n for st, n in s.execute(select(Run.state, func.count()).group_by(Run.state))}
 
 
-def _single(st: os.stat_result) -> bool:
-    """A regular file with one name: a hard link planted in a run folder (to the store, another
-    run's output, a file of the user's) is neither listed nor served."""
-    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
-
-
 def outputs(run: Run) -> list[dict[str, Any]]:
-    """Files in the run's output folder (top level, regular single-link files only)."""
-    if not run.run_dir:
-        return []
-    folder = Path(run.run_dir) / "output"
-    if not folder.is_dir() or folder.is_symlink():
-        return []
-    listed = []
-    for p in sorted(folder.iterdir()):
-        st = p.lstat()
-        if _single(st):
-            listed.append({"name": p.name, "size_bytes": st.st_size, "markdown": p.suffix == ".md"})
-    return listed
+    return run_outputs.listed(run)
 
 
 def open_output(run: Run, name: str) -> tuple[BinaryIO, int]:
-    """One listed output by name, opened without following a link at either the output folder or
-    the file (a swap after listing is refused too); (file, size in bytes)."""
-    if name not in {o["name"] for o in outputs(run)} or not run.run_dir:
+    """One listed output by name (a swap after listing is refused too); (file, size in bytes)."""
+    if name not in {o["name"] for o in outputs(run)}:
         raise LookupError(f"run {run.id} has no output {name!r}")
-    nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    folder = os.open(Path(run.run_dir) / "output", nofollow | os.O_DIRECTORY)
-    try:
-        fd = os.open(name, nofollow | os.O_NONBLOCK, dir_fd=folder)
-    except OSError as exc:
-        raise LookupError(f"run {run.id} output {name!r} cannot be opened ({exc.strerror})") from None
-    finally:
-        os.close(folder)
-    st = os.fstat(fd)
-    if not _single(st):
-        os.close(fd)
-        raise LookupError(f"run {run.id} output {name!r} is no longer a plain file")
-    return os.fdopen(fd, "rb"), st.st_size
+    return run_outputs.open_output(run, name)
 
 
 def read_output_text(run: Run, name: str, max_bytes: int = OUTPUT_PREVIEW_BYTES) -> str | None:

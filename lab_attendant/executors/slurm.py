@@ -20,10 +20,12 @@ from jobs.contract import protocol
 from jobs.contract.atomic import write_atomic
 from jobs.contract.spec import RunSpec
 from lab_attendant.config import SlurmConfig
+from lab_attendant.errors import UserError
 from lab_attendant.executors.base import RunHandle
 from lab_attendant.executors.eventfile import FileTail, read_events
 from lab_attendant.executors.local import worker_env
 from lab_attendant.guards.host import Host
+from lab_attendant.plan import host_request
 from lab_attendant.service.logsetup import get_logger
 from lab_attendant.store.states import RunState
 
@@ -90,20 +92,54 @@ def time_limit_min(timeout_s: float, grace_s: float) -> int:
     return max(1, math.ceil((timeout_s + grace_s) / 60))
 
 
+@dataclass(frozen=True)
+class Request:
+    """What a run asks Slurm for beyond the config: --mem and --gres, and why (for `show`)."""
+    mem_bytes: int = 0
+    gres: str = ""
+    why: str = ""
+
+
+def run_request(cfg: SlurmConfig, spec: RunSpec) -> Request:
+    """Without [executor.slurm] mem_bytes / gres, a run with a model asks for what its memory plan
+    says it needs (the cluster's DefMemPerCPU is often 1 GiB, less than a model run holds) and
+    for one GPU when its model runs on cuda."""
+    if spec.model is None:
+        return Request()
+    mem_bytes, gres, said = 0, "", []
+    if not cfg.mem_bytes:
+        try:
+            mem_bytes, how = host_request(spec.model, spec.params.get("batch_size"))
+            said.append(f"--mem={mem_bytes_arg(mem_bytes)} ({how})")
+        except UserError as exc:   # the worker's own load will say more; Slurm's default applies
+            log.warning("no --mem for the run: its model cannot be planned", run_id=spec.run_id,
+                        error=str(exc))
+            said.append(f"no --mem (the cluster's default): {exc}")
+    if not cfg.gres and spec.model.device.startswith("cuda"):
+        gres = "gpu:1"
+        said.append(f"--gres=gpu:1 (model '{spec.model.name}' runs on {spec.model.device})")
+    return Request(mem_bytes, gres, "; ".join(said))
+
+
+def mem_bytes_arg(n: int) -> str:
+    return f"{math.ceil(n / 1024**2)}M"
+
+
 def sbatch_argv(cfg: SlurmConfig, *, job_name: str, run_dir: Path, timeout_s: float,
-                script: Path) -> list[str]:
-    """The sbatch command line: config values and our own paths only, never job params."""
+                script: Path, request: Request = Request()) -> list[str]:
+    """The sbatch command line: config values, what the run's plan asks for (`request`) and our
+    own paths only, never job params."""
     argv = ["sbatch", "--parsable", f"--job-name={job_name}", f"--chdir={run_dir}",
             f"--output={run_dir / OUTPUT_FILE}", "--open-mode=append",
             f"--time={time_limit_min(timeout_s, cfg.time_grace_s)}", "--export=ALL"]
     for flag, value in (("--partition", cfg.partition), ("--account", cfg.account),
-                        ("--gres", cfg.gres)):
+                        ("--gres", cfg.gres or request.gres)):
         if value:
             argv.append(f"{flag}={value}")
     if cfg.cpus:
         argv.append(f"--cpus-per-task={cfg.cpus}")
-    if cfg.mem_bytes:
-        argv.append(f"--mem={math.ceil(cfg.mem_bytes / 1024**2)}M")
+    if cfg.mem_bytes or request.mem_bytes:
+        argv.append(f"--mem={mem_bytes_arg(cfg.mem_bytes or request.mem_bytes)}")
     return [*argv, *cfg.extra_args, str(script)]
 
 
@@ -167,8 +203,9 @@ class SlurmExecutor:
                               batch_script(spec.run_id, str(python), spec_path).encode())
         for name in (EVENTS_FILE, OUTPUT_FILE):   # a requeued run starts clean
             (run_dir / name).unlink(missing_ok=True)
+        request = run_request(self.cfg, spec)
         argv = sbatch_argv(self.cfg, job_name=job_name(self.state_dir, spec.run_id),
-                           run_dir=run_dir, timeout_s=timeout_s, script=script)
+                           run_dir=run_dir, timeout_s=timeout_s, script=script, request=request)
         proc = self._run(argv, env=worker_env(event_file=run_dir / EVENTS_FILE))
         job_id = proc.stdout.strip().split(";")[0]
         if proc.returncode != 0 or not job_id.isdigit():
@@ -176,7 +213,7 @@ class SlurmExecutor:
         now = self.host.monotonic()
         return self._track(SlurmRun(
             executor=self, run_id=spec.run_id, needs_paging=spec.needs_paging, job_id=job_id, run_dir=run_dir,
-            started_mono=now, deadline_mono=now + timeout_s,
+            started_mono=now, deadline_mono=now + timeout_s, requested=request.why,
             events=FileTail(run_dir / EVENTS_FILE), output=FileTail(run_dir / OUTPUT_FILE)))
 
     def can_reattach(self, run: Any) -> bool:

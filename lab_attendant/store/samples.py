@@ -7,12 +7,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from jobs.contract.units import format_size
 from lab_attendant.store.db import Store
-from lab_attendant.store.tables import GUARD_READINGS, Meta, RunSample
+from lab_attendant.store.tables import GUARD_READINGS, Meta, Run, RunSample
 
 # Column, label, unit ("bytes" and "bytes/s" are printed as sizes). The order is the one `show`
 # and the dashboard use.
@@ -116,8 +116,18 @@ def save(store: Store, rows: list[RunSample], keep_per_run: int,
             s.merge(Meta.of(GUARD_READINGS, readings))
         s.add_all(rows)
         s.flush()
+        for r in rows:   # the peaks outlive thinning: kept on the run, in this same transaction
+            if r.rss_bytes is not None or r.gpu_memory_bytes is not None:
+                s.execute(update(Run).where(Run.id == r.run_id).values(
+                    peak_rss_bytes=_peak(Run.peak_rss_bytes, r.rss_bytes),
+                    peak_gpu_bytes=_peak(Run.peak_gpu_bytes, r.gpu_memory_bytes)))
         for run_id in {r.run_id for r in rows}:
             thin(s, run_id, keep_per_run)
+
+
+def _peak(column: Any, reading: int | None) -> Any:
+    """SQL for the larger of the run's peak so far and this reading (the column when none)."""
+    return column if reading is None else func.max(func.coalesce(column, reading), reading)
 
 
 def thin(s: Session, run_id: int, keep: int) -> int:

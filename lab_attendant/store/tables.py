@@ -10,7 +10,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from lab_attendant.store.states import RunState
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Stored as the enum's values ("queued", ...), in a plain VARCHAR: version-1 rows read unchanged.
 _STATE_COLUMN = Enum(RunState, native_enum=False, create_constraint=False, length=20,
                      values_callable=lambda states: [s.value for s in states])
@@ -40,6 +40,9 @@ _HIGH_WATER_TRIGGER = DDL(
     f"WHEN NEW.id > {_HIGH_WATER} BEGIN INSERT OR REPLACE INTO meta (key, value) "
     f"VALUES ('{RUN_ID_HIGH_WATER}', CAST(NEW.id AS TEXT)); END")
 _MIGRATIONS[4].insert(0, str(_HIGH_WATER_TRIGGER.statement))
+_MIGRATIONS[5] = ["ALTER TABLE runs ADD COLUMN progress_phase VARCHAR",
+                  "ALTER TABLE runs ADD COLUMN peak_rss_bytes INTEGER",
+                  "ALTER TABLE runs ADD COLUMN peak_gpu_bytes INTEGER"]
 
 
 def _next_run_id(context: Any) -> int:
@@ -98,6 +101,11 @@ class Run(Base):
     progress_done: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_unit: Mapped[str | None] = mapped_column(String, nullable=True)
+    progress_phase: Mapped[str | None] = mapped_column(String, nullable=True)  # "reading notes"
+    # The highest worker-tree RSS and GPU memory the guards read while the run was active (the
+    # samples are thinned, so their maximum is not kept there; sacct's MaxRSS).
+    peak_rss_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    peak_gpu_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
     metrics_json: Mapped[str] = mapped_column(Text, default="{}")
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     schedule_id: Mapped[str | None] = mapped_column(String, nullable=True, index=True)
@@ -136,7 +144,8 @@ class Run(Base):
             "running_at": self.running_at, "ended_at": self.ended_at,
             "log_path": self.log_path, "result_path": self.result_path, "run_dir": self.run_dir,
             "progress": {"done": self.progress_done, "total": self.progress_total,
-                         "unit": self.progress_unit},
+                         "unit": self.progress_unit, "phase": self.progress_phase},
+            "peak_rss_bytes": self.peak_rss_bytes, "peak_gpu_bytes": self.peak_gpu_bytes,
             "metrics": self.metrics, "heartbeat_at": self.heartbeat_at,
             "schedule_id": self.schedule_id, "retry_of": self.retry_of, "attempt": self.attempt,
             "max_retries": self.max_retries, "not_before": self.not_before,

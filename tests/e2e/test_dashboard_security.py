@@ -170,3 +170,22 @@ def test_token_required_with_allow_remote_and_with_token(lab: Lab):
                        headers={"Authorization": "Bearer s3cret-token"})[0] == 200
     finally:
         stop(proc)
+
+
+def test_port_alone_listens_on_loopback_and_a_bad_port_is_refused(lab: Lab):
+    port = free_port()
+    out = lab.root / f"dashboard-port-{port}.out"
+    proc = subprocess.Popen([sys.executable, "-m", "lab_attendant.cli.main", "--config",
+                             str(lab.config), "dashboard", "--port", str(port)],
+                            stdout=open(out, "ab"), stderr=subprocess.STDOUT, env=lab.env(),
+                            cwd=lab.root, start_new_session=True)
+    try:
+        wait_for(lambda: _answers(port), 30, "the dashboard to answer on --port")
+        assert f"dashboard on http://127.0.0.1:{port}" in out.read_text()
+        assert request(port, "/api/runs")[0] == 200
+    finally:
+        stop(proc)
+    refused = subprocess.run([sys.executable, "-m", "lab_attendant.cli.main", "--config",
+                              str(lab.config), "dashboard", "--port", "70000"],
+                             capture_output=True, text=True, env=lab.env(), timeout=60)
+    assert refused.returncode == 2 and "--port takes a port number" in refused.stderr

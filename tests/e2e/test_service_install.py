@@ -55,6 +55,27 @@ def test_user_install_writes_unit_and_dropin_uninstall_removes_them(lab: Lab, ho
     assert "nothing to remove" in lab.cli("service", "uninstall", "--user").stdout
 
 
+@pytest.mark.parametrize("sudo_user", ["alice", None], ids=["sudo", "no-sudo"])
+def test_user_install_lingers_for_the_invoking_user_and_names_the_held_kinds(
+        lab: Lab, home: Path, monkeypatch, sudo_user: str | None):
+    if sudo_user:
+        monkeypatch.setenv("SUDO_USER", sudo_user)
+    else:
+        monkeypatch.delenv("SUDO_USER", raising=False)
+    monkeypatch.setenv("USER", "bob")
+    out = lab.cli("service", "install", "--user").stdout
+    assert f"  loginctl enable-linger {sudo_user or 'bob'}\n" in out
+    assert "enable-linger lab-attendant" not in out
+    held = [k["name"] for k in json.loads(lab.cli("kinds", "--json").stdout) if k["needs_paging"]]
+    assert held and f"holds runs of {', '.join(sorted(held))}" in out
+    assert "lab-attendant service install --user --experimental-paging" in out
+    paged = lab.cli("service", "install", "--user", "--experimental-paging").stdout
+    assert "holds runs of" not in paged
+    dropin = home / ".config/systemd/user/lab-attendant.service.d/experimental-paging.conf"
+    assert any(ln.startswith("ExecStart=") and ln.rstrip().endswith("daemon --experimental-paging")
+               for ln in dropin.read_text().splitlines())
+
+
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (Debian "
                     "package `systemd`; scripts/test.sh installs it when it runs as root)")
 @pytest.mark.parametrize("user", [False, True], ids=["system", "user"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXPERIMENTAL_PYTHON, NEEDS_MODEL, ROOT, Lab, wait_for, write_config
+from tests.conftest import EXPERIMENTAL_PYTHON, MODEL_GGUF, NEEDS_MODEL, ROOT, Lab, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
 ENDED = {"succeeded", "failed", "cancelled", "timed_out", "oom", "lost", "killed_thermal"}
@@ -90,7 +91,12 @@ def test_probe_and_nightly_insights_succeed_through_slurm(slurm_lab: Lab):
         events_file = Path(run["run_dir"]) / "events.jsonl"
         kinds = [json.loads(line)["event"] for line in events_file.read_text().splitlines()]
         assert kinds[0] == "started" and "result" in kinds
-        assert f"Slurm job {run['executor_job_id']} started" in run["events"][2]["reason"]
+        running = next(e for e in run["events"] if e["to"] == "running")
+        assert f"Slurm job {run['executor_job_id']} started" in running["reason"]
+    # the cluster's DefMemPerCPU=1024 would kill it: the model run asked for its plan instead
+    asked = [e["reason"] for e in lab.show(notes)["events"] if e["kind"] == "requested"]
+    assert len(asked) == 1 and asked[0].startswith("--mem="), asked
+    assert not [e for e in lab.show(probe)["events"] if e["kind"] == "requested"]
     report = json.loads(Path(lab.show(notes)["result_path"]).read_text())
     assert report["notes_processed"] == 1 and report["notes_left_for_next_run"] == 1
     run = lab.show(notes)
@@ -157,3 +163,30 @@ def test_a_request_the_cluster_cannot_satisfy_fails_at_sbatch_with_its_message(s
     run = lab.wait_state(lab.submit("sleepy", "seconds=1", extra=SLURM), ENDED, timeout_s=60)
     assert run["state"] == "failed" and run["executor_job_id"] is None
     assert "sbatch refused the job" in run["reason"] and "gres" in run["reason"].lower()
+
+
+@pytest.mark.skipif(not MODEL_GGUF.is_file(), reason="needs models/gemma-3-270m-q4_k_m.gguf "
+                    "(scripts/test.sh: model import-default)")
+def test_a_model_run_asks_slurm_for_its_planned_memory_past_defmempercpu(slurm_lab: Lab):
+    """The cluster gives a job that asks for nothing DefMemPerCPU=1024 (scripts/slurm.sh): a
+    model-less run holding 1.5 GiB is killed for it, the same run with a model asks for the
+    plan's host peak and succeeds, and `show` says what was asked."""
+    lab = slurm_lab
+    (lab.root / "models").symlink_to(ROOT / "models")
+    lab.start_daemon()
+    hog = ("target_rss_bytes=1536MiB", "pause_s=0.002", "hold_s=4")
+    bare = lab.submit("hog", *hog, extra=SLURM)
+    planned = lab.submit("model_hog", *hog, extra=SLURM)
+    run = lab.wait_state(bare, ENDED, timeout_s=120)
+    assert run["state"] == "oom" and "memory limit" in run["reason"], run["reason"]
+    assert not [e for e in run["events"] if e["kind"] == "requested"]
+    run = lab.wait_state(planned, ENDED, timeout_s=120)
+    assert run["state"] == "succeeded", (run["reason"], lab.cli("logs", str(planned)).stdout)
+    asked = int(job(run["executor_job_id"])["MinMemoryNode"].removesuffix("M"))
+    assert asked * 1024**2 > 1536 * 1024**2 + 1024**3          # plan + margin + the worker
+    requested = [e["reason"] for e in run["events"] if e["kind"] == "requested"]
+    assert len(requested) == 1 and re.fullmatch(
+        rf"--mem={asked}M \(the memory plan's host peak [\d.]+ [MG]iB \+ 25% \+ 1\.0 GiB for the "
+        r"worker itself\)", requested[0]), requested
+    shown = lab.cli("show", str(planned)).stdout
+    assert f"requested  --mem={asked}M" in shown

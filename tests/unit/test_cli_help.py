@@ -10,9 +10,11 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
+from lab_attendant.cli.columns import parse_format, runs_table
 from lab_attendant.cli.main import build_parser, main
-from lab_attendant.cli.render import duration, ellipsize, metric, runs_table
+from lab_attendant.cli.render import duration, ellipsize, metric
 from lab_attendant.cli.when import parse_age, parse_begin
+from lab_attendant.errors import UserError
 from lab_attendant.store.figures import eta_s
 from lab_attendant.store.states import RunState
 
@@ -109,8 +111,9 @@ def _run(**kw):
 def test_the_runs_table_cuts_reasons_at_words_and_shows_progress():
     run = _run()
     assert 55 < eta_s(run) < 65                                   # half done in a minute
-    console = Console(width=100, record=True, color_system=None)
-    console.print(runs_table([run, _run(id=8, state=RunState.SUCCEEDED, ended_at=time.time())]))
+    console = Console(width=110, record=True, color_system=None)
+    console.print(runs_table(console, [run, _run(id=8, state=RunState.SUCCEEDED,
+                                                 ended_at=time.time())]))
     out = console.export_text()
     head, row, done = out.splitlines()[:3]
     assert head.split() == ["ID", "NAME", "KIND", "STATE", "PROGRESS", "ELAPSED", "PRI",
@@ -120,3 +123,26 @@ def test_the_runs_table_cuts_reasons_at_words_and_shows_progress():
     assert reason.endswith("…") and run.reason.startswith(reason[:-1].rstrip())
     assert reason[:-1].rstrip().split()[-1] in run.reason.split()   # cut between words
     assert "30/60 ticks" in done                                  # an ended run: its last count
+
+
+@pytest.mark.parametrize("width", [80, 60, 40])
+def test_a_narrow_list_keeps_id_state_and_reason_and_drops_the_least_useful_first(width: int):
+    runs = [_run(id=123456, name="nightly-insights-long-name", progress_phase="reading notes"),
+            _run(id=7, state=RunState.SUCCEEDED, ended_at=time.time())]
+    console = Console(width=width, record=True, color_system=None)
+    console.print(runs_table(console, runs))
+    head, first = console.export_text().splitlines()[:2]
+    cols = head.split()
+    assert cols[0] == "ID" and "STATE" in cols and "REASON" in cols
+    assert first.split()[0] == "123456" and "running" in first.split()   # never 'N…'
+    order = ["PRI", "SUBMITTED", "ELAPSED", "NAME", "KIND", "PROGRESS"]   # dropped first -> last
+    dropped = [c for c in order if c not in cols]
+    assert dropped == order[:len(dropped)] and (width > 60 or dropped)
+    assert all(len(line) <= width for line in console.export_text().splitlines())
+
+
+def test_list_format_takes_our_names_and_saccts_and_refuses_unknown_ones():
+    assert parse_format("JobID,State,MaxRSS,ExitCode,maxgpu") == ["id", "state", "maxrss", "exit",
+                                                                  "maxgpu"]
+    with pytest.raises(UserError, match="unknown column 'cpu' in --format; columns: ID"):
+        parse_format("id,cpu")

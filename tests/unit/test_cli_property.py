@@ -120,8 +120,16 @@ def argv(draw, root: Path) -> list[str]:
             out += ["--state", draw(st.one_of(st.sampled_from(["queued", "lost", "running"]), TEXT))]
         if draw(st.booleans()):
             out += ["--limit", draw(NUMBER_TEXT)]
+        if draw(st.booleans()):
+            out += ["--format", draw(st.one_of(st.sampled_from(
+                ["id,state,exit,maxrss,maxgpu", "JobID,ExitCode,MaxRSS", "id,,phase", ""]), TEXT))]
     elif verb in ("show", "cancel", "logs", "retry", "hold", "release"):
         out.append(draw(st.one_of(NUMBER_TEXT, st.sampled_from(["1", "2", "3"]))))
+        if verb == "show" and draw(st.booleans()):
+            out.append("--output")
+            if draw(st.booleans()):
+                out.append(draw(st.one_of(st.sampled_from(["../spec.json", "/etc/passwd",
+                                                           "result.json", "a/../b"]), TEXT)))
         if verb in ("cancel", "hold", "release") and draw(st.booleans()):
             out.append(draw(st.one_of(NUMBER_TEXT, st.sampled_from(["1", "2", "3"]))))
     elif verb in ("stats", "prune"):

@@ -15,7 +15,8 @@ from lab_attendant.store.tables import SCHEMA_VERSION
 ADDED = {2: (["hold_code"], []),
          3: (["retry_of", "attempt", "max_retries", "not_before"], ["ix_runs_retry_of"]),
          4: (["name", "after_json", "executor", "executor_job_id"], ["ix_runs_name"]),
-         5: ([], [])}     # 5 added the run id high-water trigger (dropped in old_store)
+         5: ([], []),     # 5 added the run id high-water trigger (dropped in old_store)
+         6: (["progress_phase", "peak_rss_bytes", "peak_gpu_bytes"], [])}
 
 
 def old_store(db: Path, version: int) -> int:

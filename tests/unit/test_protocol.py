@@ -32,6 +32,14 @@ def test_each_event_kind_decodes_to_its_dataclass():
     assert err.get("requested_bytes") == 1 << 30 and err.details["oom_kind"] == "cuda"
 
 
+def test_a_progress_phase_is_a_short_label_with_control_characters_stripped():
+    ev = protocol.decode(_line(event="progress", done=3, total=6, unit="notes",
+                               phase="reading\x1b[2J notes\u009b\n"))
+    assert ev == protocol.Progress(None, 3, 6, "notes", "reading [2J notes")
+    assert protocol.decode(_line(event="progress", done=1, total=2, phase="\x07")).phase is None
+    assert protocol.decode(_line(event="progress", done=1, total=2)).phase is None
+
+
 @pytest.mark.parametrize("line, reason", [
     (b"not json", "not a JSON line"),
     (_line(event="bogus"), "not an event"),
@@ -49,6 +57,9 @@ def test_each_event_kind_decodes_to_its_dataclass():
     (_line(event="metric", metrics={str(i): i for i in range(protocol.MAX_METRICS + 1)}),
      f"more than {protocol.MAX_METRICS} values"),
     (_line(event="heartbeat", pad="x" * protocol.MAX_LINE_BYTES), "bytes (at most"),
+    (_line(event="progress", done=1, total=2, phase=3), "phase must be text"),
+    (_line(event="progress", done=1, total=2, phase="p" * (protocol.MAX_PHASE_CHARS + 1)),
+     "phase is 81 characters long"),
 ])
 def test_bad_lines_are_rejected_with_a_reason(line: bytes, reason: str):
     got = protocol.decode(line)

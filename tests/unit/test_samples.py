@@ -131,3 +131,18 @@ def test_a_tick_writes_its_readings_and_samples_in_one_transaction(store: Store)
     assert [r.gpu_temperature_c for r in samples.load_from(store, rid)] == [61.0]
     samples.save(store, [], 100, readings={"at": 6.0})        # no run active: readings only
     assert store.get_meta("guard_readings") == {"at": 6.0}
+
+
+def test_the_runs_peak_rss_and_gpu_memory_outlive_thinning(store: Store):
+    rid, other = _run(store), _run(store)
+    rss = [300, 900, 200, 400, 100, 500, 100, 200]
+    for i, r in enumerate(rss):   # keep=2 thins the early maximum (900) away from the samples
+        samples.save(store, [RunSample(run_id=rid, at=1000.0 + i, rss_bytes=r << 20,
+                                       gpu_memory_bytes=(i * 10) << 20 if i < 6 else None)], 2)
+    samples.save(store, [RunSample(run_id=other, at=1000.0, gpu_temperature_c=50.0)], 2)
+    kept = [s.rss_bytes for s in samples.load_from(store, rid)]
+    assert 900 << 20 not in kept
+    run = store.must_get(rid)
+    assert (run.peak_rss_bytes, run.peak_gpu_bytes) == (900 << 20, 50 << 20)
+    assert run.to_dict()["peak_rss_bytes"] == 900 << 20
+    assert (store.must_get(other).peak_rss_bytes, store.must_get(other).peak_gpu_bytes) == (None, None)

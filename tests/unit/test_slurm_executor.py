@@ -2,6 +2,7 @@
 batch script (no job param ever reaches them), and the events-file tailer."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -13,6 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 from jobs.contract import protocol
+from jobs.contract.spec import ModelSpec
+from jobs.contract.typed import ByteSize
+from jobs.paging.plan.profiles import profile
 from lab_attendant.config import ExecutorConfig, SlurmConfig, parse_config
 from lab_attendant.errors import UserError
 from lab_attendant.executors.eventfile import FileTail, read_events
@@ -21,11 +25,14 @@ from lab_attendant.executors.slurm import (
     batch_script,
     map_state,
     parse_exit_code,
+    run_request,
     sbatch_argv,
     time_limit_min,
 )
+from lab_attendant.plan import host_request, plan_model
 from lab_attendant.store.states import RunState
 from lab_attendant.validate import check_executor
+from tests.conftest import MODEL_GGUF
 from tests.unit.fakes import FakeHost
 
 
@@ -76,6 +83,36 @@ def test_sbatch_argv_carries_config_and_paths_only(tmp_path: Path):
     bare = sbatch_argv(SlurmConfig(), job_name="j", run_dir=tmp_path, timeout_s=60, script=script)
     assert not [a for a in bare if a.split("=")[0] in
                 ("--partition", "--account", "--gres", "--cpus-per-task", "--mem")]
+
+
+@pytest.mark.skipif(not MODEL_GGUF.is_file(), reason="needs models/gemma-3-270m-q4_k_m.gguf "
+                    "(scripts/test.sh: model import-default)")
+def test_a_model_run_asks_for_its_planned_host_memory_and_a_gpu_unless_the_config_says(
+        tmp_path: Path):
+    spec = SimpleNamespace(run_id=3, params={"batch_size": 8},
+                           model=ModelSpec(name="g", path=str(MODEL_GGUF), device="cpu"))
+    req = run_request(SlurmConfig(), spec)
+    expected, how = host_request(spec.model, 8)
+    plan = plan_model(spec.model, profile("cpu"), batch=8)
+    assert req.mem_bytes == expected >= plan.peak_device_bytes * 1.25 + 1024**3 > 2 * 1024**3
+    assert req.mem_bytes % (256 * 1024**2) == 0 and req.gres == ""
+    assert f"--mem={req.mem_bytes // 1024**2}M (the memory plan's host peak" in req.why
+    argv = sbatch_argv(SlurmConfig(), job_name="j", run_dir=tmp_path, timeout_s=60,
+                       script=tmp_path / "s", request=req)
+    assert f"--mem={req.mem_bytes // 1024**2}M" in argv and not any("--gres" in a for a in argv)
+    cuda = SimpleNamespace(run_id=4, params={}, model=dataclasses.replace(spec.model, device="cuda"))
+    req = run_request(SlurmConfig(), cuda)
+    assert req.gres == "gpu:1" and req.mem_bytes >= 1024**3 and "runs on cuda" in req.why
+    # the config's own values win, and a model-less run asks for nothing
+    mine = run_request(SlurmConfig(mem_bytes=ByteSize(1024**3), gres="gpu:a100:2"), cuda)
+    assert (mine.mem_bytes, mine.gres, mine.why) == (0, "", "")
+    argv = sbatch_argv(SlurmConfig(mem_bytes=ByteSize(1024**3), gres="gpu:a100:2"), job_name="j",
+                       run_dir=tmp_path, timeout_s=60, script=tmp_path / "s", request=mine)
+    assert "--mem=1024M" in argv and "--gres=gpu:a100:2" in argv
+    assert run_request(SlurmConfig(), SimpleNamespace(run_id=5, params={}, model=None)).why == ""
+    missing = dataclasses.replace(spec.model, path=str(tmp_path / "none.gguf"))
+    req = run_request(SlurmConfig(), SimpleNamespace(run_id=6, params={}, model=missing))
+    assert req.mem_bytes == 0 and "no --mem (the cluster's default)" in req.why
 
 
 def test_time_limit_rounds_up_to_whole_minutes_with_grace():
