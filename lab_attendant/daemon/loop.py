@@ -37,6 +37,7 @@ from lab_attendant.store.backup import AutoBackup
 from lab_attendant.store.db import Store
 from lab_attendant.store.deps import USER_HOLD, cancel_unsatisfiable
 from lab_attendant.store.faults import StatusFile, WriteBehind
+from lab_attendant.store.queue import controls
 from lab_attendant.store.retry import ensure_retries
 from lab_attendant.store.states import ACTIVE, WAITING, Hold, RunState
 
@@ -149,7 +150,9 @@ class Daemon:
         return self.burst and self.writes.fault is None and not self._admissible_waiting()
 
     def _admissible_waiting(self) -> bool:
-        return self.store.count_by_state().get(RunState.QUEUED, 0) > 0
+        """A paused queue admits nothing: --burst ends instead of waiting for a `resume`."""
+        return (self.store.count_by_state().get(RunState.QUEUED, 0) > 0
+                and controls(self.store).paused_since is None)
 
     # -- signals --------------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: Any = None) -> None:
@@ -214,8 +217,9 @@ class Daemon:
         if self.writes is not None and self.writes.fault is not None:
             return (f"store not writable, admissions paused, {len(self.workers)} running, "
                     f"{len(self.writes.pending)} writes pending: {self.writes.fault}")
-        return status_text(self.store.count_by_state(), running=len(self.workers),
+        text = status_text(self.store.count_by_state(), running=len(self.workers),
                            stopping=self._stopping_since is not None)
+        return text + (", queue paused" if controls(self.store).paused_since else "")
 
     def _pump(self) -> None:
         for w in list(self.workers.values()):
@@ -291,7 +295,10 @@ class Daemon:
     def _admit(self) -> None:
         hold = self._paging_hold()
         self._apply_holds(hold)
-        while len(self.workers) < self.cfg.limits.max_concurrent:
+        queue = controls(self.store)     # `pause` and `parallel N`, read each tick
+        if queue.paused_since is not None:
+            return
+        while len(self.workers) < queue.parallel(self.cfg.limits.max_concurrent):
             run = self.store.claim_next(exclude_paging=hold is not None)
             if run is None:
                 return
