@@ -80,7 +80,8 @@ def cmd_parallel(cfg: Config, args: argparse.Namespace) -> int:
         now = queue.controls(store)
     source = ("set by `lab-attendant parallel`; the config says "
               f"{configured}" if now.max_concurrent is not None else "the config's max_concurrent")
-    print(f"parallel: up to {now.parallel(configured)} runs at once ({source})")
+    n = now.parallel(configured)
+    print(f"parallel: up to {n} run{'' if n == 1 else 's'} at once ({source})")
     if args.n is not None and args.n < len(store.list_runs(states=ACTIVE)):
         print("runs already running go on; no new one starts until fewer are running")
     return 0

@@ -83,7 +83,8 @@ EDITABLE = ("priority", "not_before", "timeout_s", "params_json")
 
 def edit(store: Store, run_id: int, **changes: Any) -> list[str]:
     """`update ID`: set what a submit chose on a waiting run, in one transaction with the check
-    that it still waits; returns the names of the fields that changed (an event lists them)."""
+    that it still waits; returns the fields that changed, in EDITABLE's names (an event lists
+    them with old and new values)."""
     unknown = set(changes) - set(EDITABLE)
     if unknown:
         raise ValueError(f"not editable: {sorted(unknown)}")
@@ -93,14 +94,15 @@ def edit(store: Store, run_id: int, **changes: Any) -> list[str]:
             raise UserError(f"run {run_id} is {run.state}; only a waiting run (queued or held) "
                             "can be updated" + ("" if run.state in TERMINAL else
                                                 f" (`lab-attendant cancel {run_id}` stops it)"))
-        changed = []
+        changed, said = [], []
         for key, value in changes.items():
             if getattr(run, key) != value:
-                changed.append(f"{key} {_shown(getattr(run, key))} -> {_shown(value)}")
+                changed.append(key)
+                said.append(f"{key} {_shown(getattr(run, key))} -> {_shown(value)}")
                 setattr(run, key, value)
         if changed:
             s.add(RunEvent(run_id=run.id, at=time.time(), kind="update",
-                           reason=("updated by user: " + "; ".join(changed))[:2000]))
+                           reason=("updated by user: " + "; ".join(said))[:2000]))
         return changed
 
 
