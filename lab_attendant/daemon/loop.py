@@ -293,11 +293,11 @@ class Daemon:
                     grace_s=self.cfg.limits.kill_grace_s)
 
     def _admit(self) -> None:
-        hold = self._paging_hold()
-        self._apply_holds(hold)
         queue = controls(self.store)     # `pause` and `parallel N`, read each tick
         if queue.paused_since is not None:
-            return
+            return   # holds too wait: "held: waiting for the co-tenant" would not be true now
+        hold = self._paging_hold()
+        self._apply_holds(hold)
         while len(self.workers) < queue.parallel(self.cfg.limits.max_concurrent):
             run = self.store.claim_next(exclude_paging=hold is not None)
             if run is None:
@@ -338,7 +338,8 @@ class Daemon:
         waiting = self.store.list_runs(states=WAITING)
         paging_wanted = (self.experimental_paging and self.guards.hold is None
                          and self._stopping_since is None
-                         and any(r.needs_paging and r.hold_code != USER_HOLD for r in waiting))
+                         and any(r.needs_paging and r.hold_code != USER_HOLD for r in waiting)
+                         and controls(self.store).paused_since is None)   # paused: no EarNode stop
         self.cotenants.step(paging_wanted=paging_wanted,
                             paging_active=any(w.needs_paging and w.is_local
                                               for w in self.workers.values()),

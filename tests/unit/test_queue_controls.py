@@ -3,6 +3,7 @@ store, and the daemon's loop (fake host) admitting nothing while paused and at m
 `parallel N`; per-run notify's ends."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,35 @@ def test_per_run_notify_ends():
     assert "succeeded" in PER_RUN_ENDS["end"] and "cancelled" in PER_RUN_ENDS["end"]
     assert PER_RUN_ENDS["fail"] == FAIL_ENDS
     assert {"failed", "oom", "killed_thermal", "timed_out", "lost"} == FAIL_ENDS
+
+
+def test_a_paused_queue_does_not_suspend_the_cotenant_for_paging_runs_it_will_not_start(loop):
+    d, _, _ = loop(paging=True, cotenants={"earnode": {"stop": ["stop-it"], "start": ["start-it"]}})
+    launched: list[tuple[str, ...]] = []
+
+    class Running:                                # a stop command that has not finished yet
+        def poll(self) -> None:
+            return None
+
+        def kill(self) -> None:                   # at close, the daemon gives up on it
+            pass
+
+        def wait(self) -> int:
+            return -9
+
+    def start_command(argv, env=None):
+        launched.append(tuple(argv))
+        return Running(), tempfile.TemporaryFile()
+    d.host.start_command = start_command
+    queue.pause(d.store)
+    paging = submit(d, "nightly_insights", archive="/a")
+    for _ in range(3):
+        d.host.advance(1.5)                      # past guard_interval_s each time
+        d.tick()
+    assert launched == [] and [c.phase for c in d.cotenants.items] == ["running"]
+    assert d.store.get(paging).state is RunState.QUEUED   # not "held: waiting for the co-tenant"
+    queue.resume(d.store)
+    d.host.advance(1.5)
+    d.tick()
+    assert launched == [("stop-it",)]
+    assert d.store.get(paging).hold_code == "cotenant:earnode"
