@@ -14,7 +14,7 @@ from typing import NoReturn
 from jobs.contract.errors import ParamError
 from jobs.contract.kinds import registry
 from lab_attendant.cli import db as dbcli
-from lab_attendant.cli import holds, prune, service, stats, submit, watch
+from lab_attendant.cli import holds, prune, queue, service, stats, submit, watch
 from lab_attendant.cli import model as modelcli
 from lab_attendant.cli import runs as runinfo
 from lab_attendant.cli import wait as waiting
@@ -24,7 +24,7 @@ from lab_attendant.errors import EXIT_STORE_UNUSABLE, StoreUnusable, UserError
 from lab_attendant.service.logsetup import setup_logging
 from lab_attendant.service.private import private_process
 from lab_attendant.store.db import Store
-from lab_attendant.store.states import TERMINAL, RunState
+from lab_attendant.store.states import RunState
 from lab_attendant.validate import check_worker_python, dumps
 
 
@@ -50,23 +50,6 @@ def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
         bind = f"{bind.rpartition(':')[0] or '127.0.0.1'}:{args.port}"
     return serve(cfg, bind, allow_remote=args.allow_remote, token=args.token,
                  token_file=args.token_file, allowed_hosts=tuple(args.allowed_host))
-
-
-def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
-    store = _store(cfg)
-    for rid in args.ids:           # every id exists before any is cancelled
-        store.must_get(rid)
-    for rid in args.ids:
-        run = store.request_cancel(rid)
-        assert run is not None   # every id was checked above
-        if run.state is RunState.CANCELLED:
-            print(f"run {run.id} cancelled")
-        elif run.state in TERMINAL:
-            print(f"run {run.id} already ended ({run.state}); nothing to cancel")
-        else:
-            print(f"run {run.id} is {run.state}; the daemon will stop it (SIGTERM, then SIGKILL "
-                  f"after {cfg.limits.kill_grace_s:g} s)")
-    return 0
 
 
 def cmd_schedules(cfg: Config, args: argparse.Namespace) -> int:
@@ -128,11 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     waiting.register(sub)
     watch.register(sub)
 
-    c = sub.add_parser("cancel", help="cancel runs (waiting ones at once; running ones SIGTERM, "
-                       "then SIGKILL after grace)")
-    c.add_argument("ids", type=int, nargs="+", metavar="ID", help="runs to cancel")
-    c.set_defaults(fn=cmd_cancel)
     holds.register(sub)
+    queue.register(sub)
 
     st = sub.add_parser("status", help="daemon, queue and running runs")
     st.add_argument("--json", action="store_true", help="machine-readable: the status as JSON")

@@ -71,15 +71,16 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
     events = store.events(run.id)
     guard_events = store.guard_events(run_id=run.id)
     summary = samples.summarize(samples.load_from(store, run.id), cfg.guards.resume_below_c)
+    waits = waiting_for(store, [run]).get(run.id)
     if args.json:
         out = run.to_dict()
+        out["waiting_for"] = waits
         out["events"] = [e.to_dict() for e in events]
         out["guard_events"] = [g.to_dict() for g in guard_events]
         out["samples"] = summary and summary.to_dict()
         print(dumps(out))
         return 0
-    console().print(run_details(run, events, guard_events, waiting_for(store, [run]).get(run.id),
-                                sensors=summary))
+    console().print(run_details(run, events, guard_events, waits, sensors=summary))
     return 0
 
 

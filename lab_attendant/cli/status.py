@@ -14,6 +14,7 @@ from lab_attendant.service.lock import DaemonLock
 from lab_attendant.store.db import Store
 from lab_attendant.store.faults import StatusFile
 from lab_attendant.store.figures import elapsed_s
+from lab_attendant.store.queue import controls
 from lab_attendant.store.states import ACTIVE, RunState
 from lab_attendant.store.tables import GUARD_READINGS
 from lab_attendant.validate import dumps
@@ -30,6 +31,7 @@ def gather(cfg: Config) -> dict[str, Any]:
     row = store.latest_daemon()
     counts = store.count_by_state()
     running = store.list_runs(states=ACTIVE)
+    queue = controls(store)
     return {
         "daemon": {"alive": alive, "pid": row.pid if row and alive else None,
                    "experimental_paging": bool(row and alive and row.experimental_paging),
@@ -40,6 +42,9 @@ def gather(cfg: Config) -> dict[str, Any]:
         "store_fault": fault.get("store_fault"),
         "queue_depth": counts.get(RunState.QUEUED, 0),
         "held": counts.get(RunState.HELD, 0),
+        "paused_since": queue.paused_since,
+        "parallel": queue.parallel(cfg.limits.max_concurrent),
+        "parallel_override": queue.max_concurrent,
         "running": [{"id": r.id, "kind": r.kind, "state": r.state, "pid": r.pid,
                      "progress": progress_text(r), "elapsed_s": elapsed_s(r)} for r in running],
         "counts": counts, "state_dir": str(cfg.paths.state_dir),
@@ -66,6 +71,12 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         print(f"STORE NOT WRITABLE: {st['store_fault']}; the daemon admits nothing, keeps "
               "supervising running runs and retries (free space or fix the disk)")
     print(f"queue: {st['queue_depth']} queued, {st['held']} held; {len(st['running'])} running")
+    if st["paused_since"] is not None:
+        print(f"  PAUSED since {fmt_time(st['paused_since'])} by `lab-attendant pause`: no run "
+              "starts until `lab-attendant resume`; running ones go on")
+    print(f"  parallel: up to {st['parallel']} at once" + (
+        f" (set by `lab-attendant parallel`; the config says {cfg.limits.max_concurrent})"
+        if st["parallel_override"] is not None else ""))
     for r in st["running"]:
         print(f"  run {r['id']} {r['kind']} {r['state']} pid {r['pid']}, for "
               f"{duration(r['elapsed_s'])}, progress {r['progress']}")

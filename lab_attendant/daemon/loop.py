@@ -37,6 +37,7 @@ from lab_attendant.store.backup import AutoBackup
 from lab_attendant.store.db import Store
 from lab_attendant.store.deps import USER_HOLD, cancel_unsatisfiable
 from lab_attendant.store.faults import StatusFile, WriteBehind
+from lab_attendant.store.queue import controls
 from lab_attendant.store.retry import ensure_retries
 from lab_attendant.store.states import ACTIVE, WAITING, Hold, RunState
 
@@ -149,7 +150,9 @@ class Daemon:
         return self.burst and self.writes.fault is None and not self._admissible_waiting()
 
     def _admissible_waiting(self) -> bool:
-        return self.store.count_by_state().get(RunState.QUEUED, 0) > 0
+        """A paused queue admits nothing: --burst ends instead of waiting for a `resume`."""
+        return (self.store.count_by_state().get(RunState.QUEUED, 0) > 0
+                and controls(self.store).paused_since is None)
 
     # -- signals --------------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: Any = None) -> None:
@@ -214,8 +217,9 @@ class Daemon:
         if self.writes is not None and self.writes.fault is not None:
             return (f"store not writable, admissions paused, {len(self.workers)} running, "
                     f"{len(self.writes.pending)} writes pending: {self.writes.fault}")
-        return status_text(self.store.count_by_state(), running=len(self.workers),
+        text = status_text(self.store.count_by_state(), running=len(self.workers),
                            stopping=self._stopping_since is not None)
+        return text + (", queue paused" if controls(self.store).paused_since else "")
 
     def _pump(self) -> None:
         for w in list(self.workers.values()):
@@ -289,9 +293,12 @@ class Daemon:
                     grace_s=self.cfg.limits.kill_grace_s)
 
     def _admit(self) -> None:
+        queue = controls(self.store)     # `pause` and `parallel N`, read each tick
+        if queue.paused_since is not None:
+            return   # holds too wait: "held: waiting for the co-tenant" would not be true now
         hold = self._paging_hold()
         self._apply_holds(hold)
-        while len(self.workers) < self.cfg.limits.max_concurrent:
+        while len(self.workers) < queue.parallel(self.cfg.limits.max_concurrent):
             run = self.store.claim_next(exclude_paging=hold is not None)
             if run is None:
                 return
@@ -331,7 +338,8 @@ class Daemon:
         waiting = self.store.list_runs(states=WAITING)
         paging_wanted = (self.experimental_paging and self.guards.hold is None
                          and self._stopping_since is None
-                         and any(r.needs_paging and r.hold_code != USER_HOLD for r in waiting))
+                         and any(r.needs_paging and r.hold_code != USER_HOLD for r in waiting)
+                         and controls(self.store).paused_since is None)   # paused: no EarNode stop
         self.cotenants.step(paging_wanted=paging_wanted,
                             paging_active=any(w.needs_paging and w.is_local
                                               for w in self.workers.values()),

@@ -1,5 +1,6 @@
-"""Failure notifications ([notify]): a configured argv command with the run in LAB_ATTENDANT_*
-environment variables, or an HTTP POST to an ntfy-style URL. Each one runs in its own thread with
+"""Run notifications ([notify]): a configured argv command with the run in LAB_ATTENDANT_*
+environment variables, or an HTTP POST to an ntfy-style URL, for the ends in [notify] `on` and
+those a run asked for (`submit --notify end|fail|all`). Each one runs in its own thread with
 a timeout, so a hung command or a dead URL never blocks the daemon's loop.
 """
 from __future__ import annotations
@@ -16,9 +17,19 @@ from typing import Any
 
 from lab_attendant.config import NotifyConfig
 from lab_attendant.service.logsetup import get_logger
+from lab_attendant.store.states import TERMINAL, RunState
 from lab_attendant.validate import printable
 
 log = get_logger("lab_attendant.daemon.notify")
+
+# `submit --notify` (Slurm's --mail-type): the ends that notify for this run besides [notify] on;
+# "all" also notifies when its worker starts (LAB_ATTENDANT_RUN_STATE=started).
+FAIL_ENDS = frozenset(s.value for s in TERMINAL - {RunState.SUCCEEDED, RunState.CANCELLED,
+                                                   RunState.SKIPPED})
+PER_RUN_ENDS = {"end": frozenset(s.value for s in TERMINAL), "fail": FAIL_ENDS,
+                "all": frozenset(s.value for s in TERMINAL)}
+NOTIFY_CHOICES = tuple(PER_RUN_ENDS)
+STARTED = "started"
 
 
 def run_env(info: dict[str, Any]) -> dict[str, str]:
@@ -43,9 +54,21 @@ class Notifications:
     def enabled(self) -> bool:
         return bool(self.cfg.command or self.cfg.url)
 
-    def run_ended(self, info: dict[str, Any]) -> threading.Thread | None:
-        """Send one notification for a run that ended in a state of `on`; returns its thread."""
-        if not self.enabled or info["run_state"] not in self.cfg.on:
+    def run_ended(self, info: dict[str, Any], notify: str | None = None) -> threading.Thread | None:
+        """Send one notification for a run that ended in a state of `on`, or of the run's own
+        `--notify`; returns its thread."""
+        if info["run_state"] not in set(self.cfg.on) | PER_RUN_ENDS.get(notify or "", frozenset()):
+            return None
+        return self._send(info)
+
+    def run_started(self, info: dict[str, Any], notify: str | None) -> threading.Thread | None:
+        """`--notify all`: one notification when the run's worker starts."""
+        if notify != "all":
+            return None
+        return self._send({**info, "run_state": STARTED})
+
+    def _send(self, info: dict[str, Any]) -> threading.Thread | None:
+        if not self.enabled:
             return None
         info = {k: printable(v, one_line=True) if isinstance(v, str) else v
                 for k, v in {**info, "host": socket.gethostname()}.items()}

@@ -1,6 +1,6 @@
 """What the daemon tells the outside world about each run: one start and one end line in the
-main log (the journal under systemd), for paging runs too, a notification for a bad end, and
-the Prometheus textfile. A paging worker's output still goes only to experimental_paging.log.
+main log (the journal under systemd), for paging runs too, a notification for a bad end (and
+those the run asked for with --notify), and the Prometheus textfile. A paging worker's output still goes only to experimental_paging.log.
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ class Outcomes:
         self._runs[run.id] = run
         log.info("run started", run_id=run.id, kind=run.kind, name=run.name, pid=pid,
                  schedule=run.schedule_id, paging=run.needs_paging)
+        self.notifications.run_started(run_info(run, RunState.STARTING, "worker started",
+                                                run_pid=pid), run.notify)
 
     def ended(self, run_id: int, state: RunState, reason: str, *, now: float,
               run: Run | None = None, exit_code: int | None = None,
@@ -58,7 +60,7 @@ class Outcomes:
         getattr(log, level)(event, run_id=run.id, kind=run.kind, state=state.value,
                             reason=reason, duration_s=duration_s, exit_code=exit_code,
                             signal=signal)
-        self.notifications.run_ended(info)
+        self.notifications.run_ended(info, run.notify)
         if self.textfile is not None:
             self.textfile.write()
 

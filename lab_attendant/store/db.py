@@ -133,14 +133,18 @@ class Store:
                needs_paging: bool, schedule_id: str | None = None,
                reason: str = "submitted", skip_reason: str | None = None,
                max_retries: int = 0, name: str | None = None, after: Iterable[int] = (),
-               executor: str = "local", not_before: float | None = None) -> Run:
+               executor: str = "local", not_before: float | None = None,
+               after_any: Iterable[int] = (), after_notok: Iterable[int] = (),
+               singleton: bool = False, notify: str | None = None) -> Run:
         """Insert a queued run; with skip_reason it is skipped in the same transaction, so no
         reader (and no crash) ever sees a skipped firing as queued."""
         with self.write() as s:
             run = new_run(s, kind=kind, params_json=json.dumps(params, sort_keys=True),
                           priority=priority, timeout_s=timeout_s, needs_paging=needs_paging,
                           reason=reason, schedule_id=schedule_id, max_retries=max_retries,
-                          name=name, after=after, executor=executor, not_before=not_before)
+                          name=name, after=after, executor=executor, not_before=not_before,
+                          after_any=after_any, after_notok=after_notok, singleton=singleton,
+                          notify=notify)
             if skip_reason is not None:
                 transition(s, run, RunState.SKIPPED, skip_reason)
         return run
@@ -225,8 +229,8 @@ class Store:
         return run or self.get(run_id)
 
     def claim_next(self, *, exclude_paging: bool) -> Run | None:
-        """Atomically take the highest-priority, oldest queued run whose parents (`after`) have
-        all succeeded, and mark it STARTING; the parents are checked in the same transaction."""
+        """Atomically take the highest-priority, oldest queued run whose dependencies are all
+        met, and mark it STARTING; they are checked in the same transaction (lifecycle.ready)."""
         with self.write() as s:
             q = select(Run).where(Run.state == RunState.QUEUED,
                                   Run.not_before.is_(None) | (Run.not_before <= time.time()))

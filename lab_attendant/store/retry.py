@@ -34,7 +34,9 @@ def _retry(s: Session, old: Run, *, not_before: float | None, reason: str) -> Ru
     return new_run(s, kind=old.kind, params_json=old.params_json, priority=old.priority,
                    timeout_s=old.timeout_s, needs_paging=old.needs_paging, reason=reason,
                    schedule_id=old.schedule_id, max_retries=old.max_retries, name=old.name,
-                   after=old.after, executor=old.executor, not_before=not_before, retry_of=old)
+                   after=old.after, executor=old.executor, not_before=not_before, retry_of=old,
+                   after_any=old.after_any, after_notok=old.after_notok,
+                   singleton=old.singleton, notify=old.notify)
 
 
 def ensure_retries(store: Store, *, base_s: float, max_s: float) -> list[Run]:
@@ -59,18 +61,22 @@ def ensure_retries(store: Store, *, base_s: float, max_s: float) -> list[Run]:
     return made
 
 
-def retry_now(store: Store, run_id: int) -> Run:
+def retry_now(store: Store, run_id: int, *, force: bool = False) -> Run:
     """`lab-attendant retry ID`: a new queued run with the same kind and params, linked to the
-    old one, admitted at once. The old run must have ended and not have been retried already."""
+    old one, admitted at once. The old run must have ended and not have been retried already;
+    `force` (`retry --force`, pueue's restart) re-runs a succeeded one, however often."""
     with store.write() as s:
         old = must_get(s, run_id)
         if old.state not in TERMINAL:
             raise UserError(f"run {run_id} is {old.state}; only a run that has ended can be "
                             f"retried (cancel it first: `lab-attendant cancel {run_id}`)")
-        if old.state is RunState.SUCCEEDED:
-            raise UserError(f"run {run_id} succeeded; submit it again if you want another run")
+        if old.state is RunState.SUCCEEDED and not force:
+            raise UserError(f"run {run_id} succeeded; `lab-attendant retry --force {run_id}` "
+                            "runs it again")
         again = s.scalars(select(Run.id).where(Run.retry_of == run_id)).first()
-        if again is not None:
-            raise UserError(f"run {run_id} was already retried as run {again}; retry that one")
+        if again is not None and not force:
+            raise UserError(f"run {run_id} was already retried as run {again}; retry that one "
+                            f"(or `retry --force {run_id}` for one more run of it)")
         return _retry(s, old, not_before=None,
-                            reason=f"retry of run {old.id} ({old.state}) by user")
+                      reason=f"{'re-run' if force else 'retry'} of run {old.id} ({old.state}) "
+                             "by user")

@@ -42,7 +42,11 @@ _HIGH_WATER_TRIGGER = DDL(
 _MIGRATIONS[4].insert(0, str(_HIGH_WATER_TRIGGER.statement))
 _MIGRATIONS[5] = ["ALTER TABLE runs ADD COLUMN progress_phase VARCHAR",
                   "ALTER TABLE runs ADD COLUMN peak_rss_bytes INTEGER",
-                  "ALTER TABLE runs ADD COLUMN peak_gpu_bytes INTEGER"]
+                  "ALTER TABLE runs ADD COLUMN peak_gpu_bytes INTEGER",
+                  "ALTER TABLE runs ADD COLUMN after_any_json TEXT NOT NULL DEFAULT '[]'",
+                  "ALTER TABLE runs ADD COLUMN after_notok_json TEXT NOT NULL DEFAULT '[]'",
+                  "ALTER TABLE runs ADD COLUMN singleton BOOLEAN NOT NULL DEFAULT 0",
+                  "ALTER TABLE runs ADD COLUMN notify VARCHAR"]
 
 
 def _next_run_id(context: Any) -> int:
@@ -121,6 +125,12 @@ class Run(Base):
     after_json: Mapped[str] = mapped_column(Text, default="[]")
     executor: Mapped[str] = mapped_column(String, default="local")
     executor_job_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    # The other dependency types (`--afterany`, `--afternotok`: JSON lists of ids), `--singleton`
+    # (not started while another run of its name is active) and `--notify` (end, fail or all).
+    after_any_json: Mapped[str] = mapped_column(Text, default="[]")
+    after_notok_json: Mapped[str] = mapped_column(Text, default="[]")
+    singleton: Mapped[bool] = mapped_column(Boolean, default=False)
+    notify: Mapped[str | None] = mapped_column(String, nullable=True)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -133,6 +143,14 @@ class Run(Base):
     @property
     def after(self) -> list[int]:
         return json.loads(self.after_json)
+
+    @property
+    def after_any(self) -> list[int]:
+        return json.loads(self.after_any_json)
+
+    @property
+    def after_notok(self) -> list[int]:
+        return json.loads(self.after_notok_json)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,7 +168,8 @@ class Run(Base):
             "schedule_id": self.schedule_id, "retry_of": self.retry_of, "attempt": self.attempt,
             "max_retries": self.max_retries, "not_before": self.not_before,
             "name": self.name, "after": self.after, "executor": self.executor,
-            "executor_job_id": self.executor_job_id,
+            "executor_job_id": self.executor_job_id, "after_any": self.after_any,
+            "after_notok": self.after_notok, "singleton": self.singleton, "notify": self.notify,
         }
 
 

@@ -98,7 +98,8 @@ def config_text(draw, root: Path) -> str:
 def argv(draw, root: Path) -> list[str]:
     verb = draw(st.sampled_from(["submit", "submit", "submit", "list", "show", "cancel", "logs",
                                  "retry", "status", "kinds", "schedules", "db", "nonsense",
-                                 "hold", "release", "stats", "prune"]))
+                                 "hold", "release", "stats", "prune", "update", "update", "pause",
+                                 "resume", "parallel"]))
     out = [verb]
     if verb == "submit":
         out.append(draw(st.sampled_from(["sleepy", "probe", "nightly_insights", "cv_matching",
@@ -111,6 +112,13 @@ def argv(draw, root: Path) -> list[str]:
             out += ["--timeout", draw(NUMBER_TEXT)]
         if draw(st.booleans()):
             out += ["--retries", draw(NUMBER_TEXT)]
+        for flag in draw(st.lists(st.sampled_from(["--after", "--afterany", "--afternotok"]),
+                                  max_size=2)):
+            out += [flag, draw(st.one_of(NUMBER_TEXT, st.sampled_from(["1", "2", "1,3", "9"])))]
+        if draw(st.booleans()):
+            out += ["--name", draw(st.one_of(TEXT, st.sampled_from(["solo", "batch-1"])))]
+        out += draw(st.lists(st.sampled_from(["--singleton", "--notify", "end", "--notify",
+                                              "sometimes"]), max_size=2))
         if draw(st.booleans()):
             f = root / "params.json"
             f.write_text(json.dumps(draw(JSON_VALUES)) if draw(st.booleans()) else draw(TEXT))
@@ -123,15 +131,33 @@ def argv(draw, root: Path) -> list[str]:
         if draw(st.booleans()):
             out += ["--format", draw(st.one_of(st.sampled_from(
                 ["id,state,exit,maxrss,maxgpu", "JobID,ExitCode,MaxRSS", "id,,phase", ""]), TEXT))]
-    elif verb in ("show", "cancel", "logs", "retry", "hold", "release"):
-        out.append(draw(st.one_of(NUMBER_TEXT, st.sampled_from(["1", "2", "3"]))))
+    elif verb in ("show", "cancel", "logs", "retry", "hold", "release", "update"):
+        if verb not in ("cancel", "hold", "release") or draw(st.booleans()):
+            out.append(draw(st.one_of(NUMBER_TEXT, st.sampled_from(["1", "2", "3", "5", "8"]))))
         if verb == "show" and draw(st.booleans()):
             out.append("--output")
             if draw(st.booleans()):
                 out.append(draw(st.one_of(st.sampled_from(["../spec.json", "/etc/passwd",
                                                            "result.json", "a/../b"]), TEXT)))
-        if verb in ("cancel", "hold", "release") and draw(st.booleans()):
-            out.append(draw(st.one_of(NUMBER_TEXT, st.sampled_from(["1", "2", "3"]))))
+        if verb in ("cancel", "hold", "release"):
+            if draw(st.booleans()):
+                out.append(draw(st.one_of(NUMBER_TEXT, st.sampled_from(["1", "2", "3"]))))
+            for flag in draw(st.lists(st.sampled_from(["--state", "--name", "--kind"]),
+                                      max_size=2, unique=True)):
+                out += [flag, draw(st.one_of(TEXT, st.sampled_from(
+                    ["queued", "held,queued", "running", "sleepy", "*", "batch-*", "[x"])))]
+            out += draw(st.lists(st.just("--dry-run"), max_size=1))
+        if verb == "retry" and draw(st.booleans()):
+            out.append("--force")
+        if verb == "update":
+            for flag in draw(st.lists(st.sampled_from(["--priority", "--timeout", "--begin",
+                                                       "-p"]), max_size=3)):
+                out += [flag, draw(st.sampled_from(["seconds=0.1", "seconds=x", "zz=1", "+1h"])
+                                   if flag in ("-p", "--begin") else
+                                   st.one_of(st.sampled_from(["5", "60"]), NUMBER_TEXT))]
+    elif verb == "parallel":
+        out += draw(st.sampled_from([[], ["--reset"], ["3"], ["0"], ["-1"], ["2000"], ["x"],
+                                     ["2", "--reset"]]))
     elif verb in ("stats", "prune"):
         if draw(st.booleans()):
             out += ["--since" if verb == "stats" else "--older-than",

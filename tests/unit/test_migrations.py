@@ -16,7 +16,8 @@ ADDED = {2: (["hold_code"], []),
          3: (["retry_of", "attempt", "max_retries", "not_before"], ["ix_runs_retry_of"]),
          4: (["name", "after_json", "executor", "executor_job_id"], ["ix_runs_name"]),
          5: ([], []),     # 5 added the run id high-water trigger (dropped in old_store)
-         6: (["progress_phase", "peak_rss_bytes", "peak_gpu_bytes"], [])}
+         6: (["progress_phase", "peak_rss_bytes", "peak_gpu_bytes", "after_any_json", "after_notok_json",
+              "singleton", "notify"], [])}
 
 
 def old_store(db: Path, version: int) -> int:
@@ -79,6 +80,7 @@ def test_an_old_store_is_migrated_in_place_and_its_run_reads_with_defaults(tmp_p
         assert run.state is RunState.QUEUED and run.kind == "sleepy"
         assert (run.attempt, run.max_retries, run.retry_of, run.not_before) == (1, 0, None, None)
         assert (run.name, run.after, run.executor, run.executor_job_id) == (None, [], "local", None)
+        assert (run.after_any, run.after_notok, run.singleton, run.notify) == ([], [], False, None)
         store.transition(rid, RunState.HELD, "paging off", hold_code="paging_off")
         assert store.get(rid).hold_code == "paging_off"
         assert store.count_by_state() == {RunState.HELD: 1}
