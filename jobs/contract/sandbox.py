@@ -152,8 +152,11 @@ def main(argv: list[str]) -> int:
             return EXIT_SANDBOX
         print(f"lab-attendant sandbox: the worker runs unconfined: {exc}", file=sys.stderr,
               flush=True)
-    os.execvp(command[0], command)
-    return EXIT_SANDBOX                  # (execvp does not return)
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        _report(f"cannot start {command[0]}: {exc}")
+    return EXIT_SANDBOX
 
 
 if __name__ == "__main__":

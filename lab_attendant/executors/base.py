@@ -80,6 +80,7 @@ class RunHandle:
     oom_kills_at_start: int | None = None  # host.oom_kill_count() when it was spawned
     exit_how: str | None = None          # how it ended when no exit code is known (classify)
     job_id: str | None = None            # the executor's id for it (a Slurm job id)
+    rejected_events: int = 0             # event lines refused at decode (the first few recorded)
 
     @property
     def pid(self) -> int | None:
