@@ -123,3 +123,16 @@ def test_a_48_mib_line_on_the_worker_pipes_is_dropped_and_the_run_goes_on(lab: L
     print(f"daemon RSS {before / 2**20:.1f} MiB before, {after / 2**20:.1f} MiB after a 48 MiB "
           "line on each pipe")
     assert after - before < 24 * 2**20, (before, after)
+
+
+def test_without_the_sandbox_the_daemon_and_status_say_what_is_missing(lab: Lab):
+    """`[worker] sandbox = false` (as a kernel without Landlock): one log line, `status` names
+    the missing protection, runs still run."""
+    lab.config.write_text(lab.config.read_text().replace("[worker]\n", "[worker]\nsandbox = false\n"))
+    lab.start_daemon()
+    rid = lab.submit("sleepy", "seconds=0.1", "quiet=true")
+    assert lab.wait_state(rid, ENDED)["state"] == "succeeded"
+    status = lab.cli("status").stdout
+    assert "WORKERS NOT SANDBOXED: [worker] sandbox = false" in status, status
+    log = (lab.logs_dir / "lab_attendant.log").read_text()
+    assert log.count("workers are not sandboxed") == 1
