@@ -27,11 +27,17 @@ def run_marker(run_dir: Path | str) -> str:
     return str(Path(run_dir).absolute())
 
 
+CACHE_ENVS = ("XDG_CACHE_HOME", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH", "TORCHINDUCTOR_CACHE_DIR",
+              "HF_HOME")                 # the unit points the first four at its CacheDirectory
+
+
 def user_caches() -> list[Path]:
-    """Where torch, Triton, CUDA and Hugging Face keep compiled kernels and caches."""
+    """Where torch, Triton, CUDA and Hugging Face keep compiled kernels and caches: the folders
+    the environment names, else their defaults under $HOME."""
     home = Path.home()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return [Path(xdg) if xdg else home / ".cache", home / ".triton", home / ".nv"]
+    named = [Path(os.environ[name]) for name in CACHE_ENVS if os.environ.get(name)]
+    defaults = [home / ".cache", home / ".triton", home / ".nv"]
+    return [*named, *(d for d in defaults if d not in named)]
 
 
 @dataclass(frozen=True)
