@@ -41,16 +41,20 @@ def reconcile(store: Store, host: Host, kill_grace_s: float, runs_dir: Path,
             reason = (f"daemon restarted: worker group {run.pid} of a previous daemon was "
                       "still running and was killed (runs are not adopted)")
         else:
-            if run.pid and not host.pid_alive(run.pid):
-                # The leader is gone; what is left in its group and carries the run's marker
-                # is our orphan (a grandchild); anything else is not ours to kill.
-                for pid in host.group_pids(run.pid):
-                    if ours(pid, run):
-                        host.kill(pid, signal.SIGKILL)
-            elif run.pid:
-                log_for(run.needs_paging, "lab_attendant.daemon.loop").bind(run_id=run.id).warning(
-                    "not killing a process the run's row names: its start time or run marker "
-                    "does not match the worker's", pid=run.pid)
+            if run.pid:
+                # The leader is gone (or a zombie, whose environment cannot be read): what is
+                # left in its group and carries the run's marker is our orphan (a grandchild);
+                # anything else is not ours to kill.
+                members = host.group_pids(run.pid)
+                mine = [pid for pid in members if ours(pid, run)]
+                for pid in mine:
+                    host.kill(pid, signal.SIGKILL)
+                if len(mine) < len(members):
+                    log_for(run.needs_paging, "lab_attendant.daemon.loop").bind(
+                        run_id=run.id).warning(
+                        "left alone: processes in the group the run's row names whose start "
+                        "time or run marker is not its worker's",
+                        pids=[p for p in members if p not in mine])
             reason = "daemon restarted: the worker of a previous daemon was gone"
         ended = store.transition(run.id, RunState.LOST, reason)
         if ended is not None:          # (None: the run is no longer there to end)

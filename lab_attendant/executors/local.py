@@ -102,11 +102,12 @@ class LocalExecutor:
     def start(self, spec: RunSpec, *, python: Path, timeout_s: float) -> LocalRun:
         run_dir = Path(spec.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "tmp").mkdir(exist_ok=True)  # the worker's TMPDIR (worker_env)
         spec_path = run_dir / "spec.json"
         write_atomic(spec_path, spec.to_json().encode())
         prefix: list[str] = []
         if self.fence is not None:
-            self.fence.prepare(run_dir)
+            self.fence.prepare()
             prefix = self.fence.prefix(str(python), run_dir)
         ev_r, ev_w = os.pipe()
         out_r, out_w = os.pipe()

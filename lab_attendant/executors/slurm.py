@@ -167,10 +167,11 @@ class SlurmExecutor:
     def start(self, spec: RunSpec, *, python: Path, timeout_s: float) -> SlurmRun:
         run_dir = Path(spec.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "tmp").mkdir(exist_ok=True)  # the worker's TMPDIR (worker_env)
         spec_path = write_atomic(run_dir / "spec.json", spec.to_json().encode())
         prefix: list[str] = []
         if self.fence is not None:
-            self.fence.prepare(run_dir)
+            self.fence.prepare()
             prefix = self.fence.prefix(str(python), run_dir, remote=True)
         script = write_atomic(run_dir / SCRIPT_FILE,
                               batch_script(spec.run_id, str(python), spec_path, prefix).encode())

@@ -74,10 +74,9 @@ class WorkerFence:
     def writable(self, run_dir: Path) -> list[Path]:
         return [Path(run_dir).absolute(), *self.shared_writable]
 
-    def prepare(self, run_dir: Path) -> None:
-        """Create what a rule needs to exist (Landlock rules hold open folders): the run's tmp,
-        the shared state folder and the caches (0700; one that cannot be made is skipped)."""
-        (Path(run_dir) / "tmp").mkdir(parents=True, exist_ok=True)
+    def prepare(self) -> None:
+        """Create what a rule needs to exist (Landlock rules hold open folders): the shared
+        state folder and the caches (0700; one that cannot be made is skipped)."""
         for path in self.shared_writable:
             try:
                 path.mkdir(mode=0o700, parents=True, exist_ok=True)
