@@ -48,6 +48,10 @@ class WorkerConfig:
     extra_kinds: tuple[str, ...] = ()      # stdlib-only modules with a KINDS list (plugins, tests)
     heartbeat_interval_s: float = 5.0      # worker -> supervisor liveness events
     default_model: str = DEFAULT_MODEL     # [models.NAME] used by jobs that get no -p model=
+    # Landlock: a worker may write only its run folder, state_dir/worker, the user's caches and
+    # these folders (the store, backups and other runs stay read-only to it); false: unconfined.
+    sandbox: bool = True
+    writable_paths: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,12 @@ class Config:
     @property
     def runs_dir(self) -> Path:
         return self.paths.state_dir / "runs"
+
+    @property
+    def worker_state_dir(self) -> Path:
+        """What workers keep between runs (insights manifests, generate partials, measured disk
+        bandwidth): the one folder of state_dir, besides its own run folder, a worker may write."""
+        return self.paths.state_dir / "worker"
 
     @property
     def base_dir(self) -> Path:

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
+from jobs.contract.lines import Dropped, LineSplitter
+
 EVENT_FD_ENV = "LAB_ATTENDANT_EVENT_FD"
 EVENT_FILE_ENV = "LAB_ATTENDANT_EVENT_FILE"
 
@@ -234,16 +236,17 @@ def decode(line: bytes | str) -> Event | Rejected:
 
 class LineBuffer:
     """Accumulates bytes read from a non-blocking pipe and yields complete decoded events (and
-    the Rejected lines; empty lines are skipped)."""
+    the Rejected lines; empty lines are skipped). A line over MAX_LINE_BYTES is dropped as it
+    passes the cap (one Rejected), so a writer without newlines cannot grow the reader."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._lines = LineSplitter(MAX_LINE_BYTES)
 
     def feed(self, data: bytes) -> Iterator[Event | Rejected]:
-        self._buf += data
-        *lines, self._buf = self._buf.split(b"\n")
-        for line in lines:
-            if line.strip():
+        for line in self._lines.feed(data):
+            if isinstance(line, Dropped):
+                yield Rejected(line.sentence("event"), line.head)
+            elif line.strip():
                 yield decode(line)
 
 

@@ -88,7 +88,7 @@ class RunSpec:
     needs_paging: bool
     run_dir: str
     output_dir: str                        # outputs land here, written atomically
-    state_dir: str
+    state_dir: str                         # what workers keep between runs: state_dir/worker
     models_dir: str
     logs_dir: str
     heartbeat_interval_s: float            # [worker] heartbeat_interval_s

@@ -10,6 +10,7 @@ from typing import Any
 from jobs.contract.units import format_size
 from lab_attendant.cli.render import duration, local_time, progress_text
 from lab_attendant.config import Config
+from lab_attendant.executors.workerfence import SANDBOX_META
 from lab_attendant.service.lock import DaemonLock
 from lab_attendant.store.db import Store
 from lab_attendant.store.faults import StatusFile
@@ -49,6 +50,7 @@ def gather(cfg: Config) -> dict[str, Any]:
                      "progress": progress_text(r), "elapsed_s": elapsed_s(r)} for r in running],
         "counts": counts, "state_dir": str(cfg.paths.state_dir),
         "guards": store.get_meta(GUARD_READINGS) if alive else None,
+        "worker_sandbox": store.get_meta(SANDBOX_META) if alive else None,
         "guard_events": [g.to_dict() for g in store.guard_events(limit=20)],
         "cotenants": [c.to_dict() for c in store.cotenants()],
     }
@@ -70,6 +72,12 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     if st["store_fault"]:
         print(f"STORE NOT WRITABLE: {st['store_fault']}; the daemon admits nothing, keeps "
               "supervising running runs and retries (free space or fix the disk)")
+    box = st["worker_sandbox"]
+    if box and box.get("missing"):
+        print(f"WORKERS NOT SANDBOXED: {box['missing']}")
+    elif box:
+        print(f"workers: Landlock (ABI {box['landlock_abi']}), writable only: "
+              f"{', '.join(box['writable'])}")
     print(f"queue: {st['queue_depth']} queued, {st['held']} held; {len(st['running'])} running")
     if st["paused_since"] is not None:
         print(f"  PAUSED since {fmt_time(st['paused_since'])} by `lab-attendant pause`: no run "

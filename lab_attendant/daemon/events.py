@@ -11,6 +11,7 @@ from lab_attendant.store.samples import Sampler
 from lab_attendant.store.states import RunState
 
 log = get_logger("lab_attendant.daemon.events")
+RECORDED_REJECTIONS = 5                  # per run, as run events; later ones are only logged
 
 
 class WorkerEvents:
@@ -27,6 +28,11 @@ class WorkerEvents:
         if isinstance(ev, protocol.Rejected):      # logged, never fatal: the run goes on
             rlog.warning("worker event rejected", reason=ev.reason,
                          line=ev.line.decode("utf-8", "replace"))
+            w.rejected_events += 1
+            if w.rejected_events <= RECORDED_REJECTIONS:
+                more = ("; further rejected events are only logged"
+                        if w.rejected_events == RECORDED_REJECTIONS else "")
+                writes.may(store.add_event, rid, "warning", f"worker event rejected: {ev.reason}{more}")
         elif isinstance(ev, protocol.Started):
             writes.must(store.transition, rid, RunState.RUNNING, f"{w.where} started",
                         expect={RunState.STARTING}, running_at=ev.t)

@@ -25,6 +25,7 @@ from lab_attendant.executors.base import RunHandle
 from lab_attendant.executors.exits import WorkerExit, classify
 from lab_attendant.executors.factory import ExecutorFactory
 from lab_attendant.executors.local import LocalExecutor
+from lab_attendant.executors.workerfence import SANDBOX_META, WorkerFence, move_legacy_worker_state
 from lab_attendant.guards.cotenants import CotenantAction, Cotenants
 from lab_attendant.guards.host import Host, make_sensors, signal_name
 from lab_attendant.guards.policy import Action, GuardAction, Guards, WorkerInfo
@@ -59,7 +60,8 @@ class Daemon:
         self.host = host or Host()
         self.executors = ExecutorFactory(   # local, or Slurm (whose re-attach offsets it saves)
             cfg, self.host,
-            local_executor or LocalExecutor(self.host, kill_grace_s=cfg.limits.kill_grace_s),
+            local_executor or LocalExecutor(self.host, kill_grace_s=cfg.limits.kill_grace_s,
+                                            fence=WorkerFence.for_config(cfg)),
             save_meta=lambda key, value: self.writes.may(self.store.set_meta, key, value))
         self.kinds: dict[str, Kind] = registry(cfg.worker.extra_kinds)
         self.schedules = Schedules(cfg, self.kinds)      # not started in --burst mode
@@ -117,6 +119,7 @@ class Daemon:
                                       keep=self.cfg.backups.keep,
                                       interval_s=self.cfg.backups.interval_s)
         self.retention = Retention(self.cfg, self.store)
+        self._fence_workers()
         self.reconcile()
         self.cotenants = Cotenants(self.cfg.cotenants, self.host, self._cotenant_event,
                                    lambda *a: self.writes.must(self.store.set_cotenant, *a),
@@ -127,6 +130,23 @@ class Daemon:
             experimental_paging=self.experimental_paging)
         log.info("daemon started", pid=os.getpid(), experimental_paging=self.experimental_paging,
                  burst=self.burst, state_dir=str(self.cfg.paths.state_dir))
+
+    def _fence_workers(self) -> None:
+        """Say once which protection workers run without; move what workers kept in state_dir
+        itself (before it became read-only to them) into the worker state folder."""
+        fence = self.executors.local.fence
+        moved = move_legacy_worker_state(self.cfg.paths.state_dir, self.cfg.worker_state_dir)
+        if moved:
+            log.info("moved worker state into its own folder", names=moved,
+                     to=str(self.cfg.worker_state_dir))
+        if fence is None:
+            return
+        self.writes.may(self.store.set_meta, SANDBOX_META, fence.describe())
+        if fence.missing:
+            log.warning("workers are not sandboxed", missing=fence.missing)
+        else:
+            log.info("workers sandboxed with Landlock", abi=fence.abi,
+                     writable=fence.describe()["writable"])
 
     def close(self) -> None:
         if not self._opened:
@@ -409,7 +429,7 @@ class Daemon:
         watchdog keeps being fed while their groups are given kill_grace_s to go."""
         runs = self.executors.forget_unrecorded(self.store.list_runs(states=ACTIVE))
         for run in reconcile(self.store, self.host, self.cfg.limits.kill_grace_s,
-                             self._feed_watchdog, keep=self.executors.reattachable):
+                             self.cfg.runs_dir, self._feed_watchdog, keep=self.executors.reattachable):
             self.outcomes.ended(run.id, RunState.LOST, run.reason, now=self.host.time(),
                                 run=run)
         for run in filter(self.executors.reattachable, runs):   # Slurm runs, by job id

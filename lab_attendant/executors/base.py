@@ -81,6 +81,7 @@ class RunHandle:
     exit_how: str | None = None          # how it ended when no exit code is known (classify)
     job_id: str | None = None            # the executor's id for it (a Slurm job id)
     requested: str = ""                  # what it asked the executor for, in words (`show`)
+    rejected_events: int = 0             # event lines refused at decode (the first few recorded)
 
     @property
     def pid(self) -> int | None:

@@ -31,7 +31,8 @@ class ExecutorFactory:
         self.slurm = SlurmExecutor(
             cfg.executor.slurm, host, state_dir=cfg.paths.state_dir,
             kill_grace_s=cfg.limits.kill_grace_s,
-            save_offsets=lambda rid, offs: save_meta(OFFSETS_META.format(run_id=rid), offs))
+            save_offsets=lambda rid, offs: save_meta(OFFSETS_META.format(run_id=rid), offs),
+            fence=local.fence)
 
     def of(self, executor: str) -> Executor[Any]:
         """The executor a run's `executor` column names."""

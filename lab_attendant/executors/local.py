@@ -2,7 +2,9 @@
 event pipe and output pipe (how a reaped worker ended is lab_attendant.executors.exits').
 
 Stopping is two-step: SIGTERM to the group, SIGKILL after kill_grace_s; a reaped worker's group
-is always SIGKILLed once more so that no grandchild outlives its run.
+is always SIGKILLed once more so that no grandchild outlives its run. The worker starts behind its
+write sandbox (lab_attendant.executors.workerfence) and carries its run marker in its env.
+Pipes are read at most READ_BUDGET_BYTES per tick each, and lines are capped (jobs.contract.lines).
 """
 from __future__ import annotations
 
@@ -15,14 +17,28 @@ from typing import Any
 
 from jobs.contract import protocol
 from jobs.contract.atomic import write_atomic
+from jobs.contract.lines import LineSplitter
 from jobs.contract.protocol import EVENT_FD_ENV, EVENT_FILE_ENV, LineBuffer
 from jobs.contract.spec import RunSpec
 from lab_attendant import PROJECT_ROOT
 from lab_attendant.executors.base import RunHandle
+from lab_attendant.executors.workerfence import RUN_MARKER_ENV, WorkerFence, run_marker
 from lab_attendant.guards.host import Host
 from lab_attendant.store.states import RunState
 
 READ_CHUNK = 65536
+READ_BUDGET_BYTES = 4 << 20              # per pipe per tick: a flooding worker cannot hold the loop
+MAX_OUTPUT_LINE_BYTES = 1 << 20          # an output line longer than this is dropped
+
+
+def output_lines(splitter: LineSplitter, data: bytes, *, final: bool) -> list[bytes]:
+    """Complete output lines (a dropped one as a line saying so); with `final` the rest too."""
+    lines = [ln if isinstance(ln, bytes) else
+             f"[lab-attendant: {ln.sentence('an output')}]".encode()
+             for ln in splitter.feed(data)]
+    if final and splitter.pending_bytes:
+        lines.append(splitter.rest())
+    return lines
 
 
 @dataclass(kw_only=True)
@@ -32,7 +48,7 @@ class LocalRun(RunHandle):
     events_fd: int                       # read end of the event pipe
     output_fd: int                       # read end of stdout+stderr
     events: LineBuffer = field(default_factory=LineBuffer)
-    output_tail: bytes = b""
+    output: LineSplitter = field(default_factory=lambda: LineSplitter(MAX_OUTPUT_LINE_BYTES))
 
     @property
     def pid(self) -> int:
@@ -43,8 +59,10 @@ class LocalRun(RunHandle):
         return self.proc.pid             # start_new_session: the worker leads its group
 
 
-def worker_env(event_fd: int | None = None, event_file: Path | None = None) -> dict[str, str]:
-    """The worker's environment: events go to the pipe `event_fd` or the file `event_file`."""
+def worker_env(event_fd: int | None = None, event_file: Path | None = None,
+               run_dir: Path | None = None) -> dict[str, str]:
+    """The worker's environment: events go to the pipe `event_fd` or the file `event_file`;
+    with `run_dir`, its run marker and its own tmp folder (inside the folder it may write)."""
     env = dict(os.environ)
     # The worker imports `jobs` from this checkout whatever venv its python comes from; of the
     # caller's entries only absolute ones (an empty one means the cwd, i.e. the run folder).
@@ -58,6 +76,11 @@ def worker_env(event_fd: int | None = None, event_file: Path | None = None) -> d
     if event_file is not None:
         env[EVENT_FILE_ENV] = str(event_file)
     env["PYTHONUNBUFFERED"] = "1"
+    env.pop(RUN_MARKER_ENV, None)
+    if run_dir is not None:
+        env[RUN_MARKER_ENV] = run_marker(run_dir)
+        for name in ("TMPDIR", "TEMP", "TMP"):
+            env[name] = str(Path(run_dir).absolute() / "tmp")
     # Workers never reach a model hub: weights come from local folders only.
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -69,22 +92,29 @@ class LocalExecutor:
     group of ours, watched by the guards; it does not outlive the daemon."""
     is_local = True
     outlives_daemon = False
+    fence: WorkerFence | None = None
 
-    def __init__(self, host: Host, *, kill_grace_s: float) -> None:
+    def __init__(self, host: Host, *, kill_grace_s: float, fence: WorkerFence | None = None) -> None:
         self.host = host
         self.kill_grace_s = kill_grace_s
+        self.fence = fence               # None: workers start unconfined (unit tests' hosts)
 
     def start(self, spec: RunSpec, *, python: Path, timeout_s: float) -> LocalRun:
         run_dir = Path(spec.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "tmp").mkdir(exist_ok=True)  # the worker's TMPDIR (worker_env)
         spec_path = run_dir / "spec.json"
         write_atomic(spec_path, spec.to_json().encode())
+        prefix: list[str] = []
+        if self.fence is not None:
+            self.fence.prepare()
+            prefix = self.fence.prefix(str(python), run_dir, extra=self.fence.run_writable(spec))
         ev_r, ev_w = os.pipe()
         out_r, out_w = os.pipe()
         try:
-            proc = self.host.spawn([str(python), "-m", "jobs.worker", str(spec_path)],
-                                   cwd=run_dir, env=worker_env(ev_w), pass_fds=[ev_w],
-                                   stdout=out_w)
+            proc = self.host.spawn([*prefix, str(python), "-m", "jobs.worker", str(spec_path)],
+                                   cwd=run_dir, env=worker_env(ev_w, run_dir=run_dir),
+                                   pass_fds=[ev_w], stdout=out_w)
         except BaseException:
             for fd in (ev_r, ev_w, out_r, out_w):
                 os.close(fd)
@@ -111,9 +141,11 @@ class LocalExecutor:
         return [w.events_fd, w.output_fd]
 
     @staticmethod
-    def _read_all(fd: int) -> bytes:
-        chunks = []
-        while True:
+    def _read_all(fd: int, budget_bytes: int = READ_BUDGET_BYTES) -> bytes:
+        """What the pipe holds now, up to `budget_bytes` (the rest waits for the next tick)."""
+        chunks: list[bytes] = []
+        read = 0
+        while read < budget_bytes:
             try:
                 data = os.read(fd, READ_CHUNK)
             except OSError:  # BlockingIOError: nothing more for now; others: the pipe is gone
@@ -121,6 +153,7 @@ class LocalExecutor:
             if not data:
                 break
             chunks.append(data)
+            read += len(data)
         return b"".join(chunks)
 
     def read_events(self, w: LocalRun) -> list[protocol.Event | protocol.Rejected]:
@@ -128,12 +161,7 @@ class LocalExecutor:
 
     def read_output(self, w: LocalRun, *, final: bool = False) -> list[bytes]:
         """Complete lines of worker output (and the unterminated rest when `final`)."""
-        data = w.output_tail + self._read_all(w.output_fd)
-        *lines, w.output_tail = data.split(b"\n")
-        if final and w.output_tail:
-            lines.append(w.output_tail)
-            w.output_tail = b""
-        return lines
+        return output_lines(w.output, self._read_all(w.output_fd), final=final)
 
     def stop(self, w: LocalRun, state: RunState, reason: str, *, grace_s: float | None = None) -> None:
         """Ask the group to stop (SIGTERM); the first reason given wins."""

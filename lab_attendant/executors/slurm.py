@@ -23,7 +23,8 @@ from lab_attendant.config import SlurmConfig
 from lab_attendant.errors import UserError
 from lab_attendant.executors.base import RunHandle
 from lab_attendant.executors.eventfile import FileTail, read_events
-from lab_attendant.executors.local import worker_env
+from lab_attendant.executors.local import MAX_OUTPUT_LINE_BYTES, worker_env
+from lab_attendant.executors.workerfence import WorkerFence
 from lab_attendant.guards.host import Host
 from lab_attendant.plan import host_request
 from lab_attendant.service.logsetup import get_logger
@@ -143,9 +144,11 @@ def sbatch_argv(cfg: SlurmConfig, *, job_name: str, run_dir: Path, timeout_s: fl
     return [*argv, *cfg.extra_args, str(script)]
 
 
-def batch_script(run_id: int, python: str, spec_path: Path) -> str:
-    """The job's script: exec the worker, so Slurm's signals reach it directly."""
-    argv = " ".join(shlex.quote(a) for a in (python, "-m", "jobs.worker", str(spec_path)))
+def batch_script(run_id: int, python: str, spec_path: Path, prefix: list[str] | None = None) -> str:
+    """The job's script: exec the worker (behind its sandbox launcher, `prefix`, which execs it
+    in turn), so Slurm's signals reach it directly."""
+    argv = " ".join(shlex.quote(a) for a in
+                    (*(prefix or []), python, "-m", "jobs.worker", str(spec_path)))
     return (f"#!/bin/sh\n# lab-attendant run {run_id}: params travel in the spec file only\n"
             "export PYTHONSAFEPATH=1   # --chdir is the run folder: keep it off sys.path\n"
             f"exec {argv}\n")
@@ -180,8 +183,10 @@ class SlurmExecutor:
     outlives_daemon = True
 
     def __init__(self, cfg: SlurmConfig, host: Host, *, state_dir: Path, kill_grace_s: float,
-                 save_offsets: Callable[[int, dict[str, int]], None] = lambda *a: None) -> None:
+                 save_offsets: Callable[[int, dict[str, int]], None] = lambda *a: None,
+                 fence: WorkerFence | None = None) -> None:
         self.cfg, self.host, self.state_dir = cfg, host, state_dir
+        self.fence = fence                         # None: workers start unconfined
         self.kill_grace_s = kill_grace_s
         self.save_offsets = save_offsets           # persisted for a re-attach after a restart
         self._jobs: dict[str, tuple[str, str]] = {}  # job id -> (state, reason), last squeue
@@ -198,15 +203,21 @@ class SlurmExecutor:
     def start(self, spec: RunSpec, *, python: Path, timeout_s: float) -> SlurmRun:
         run_dir = Path(spec.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "tmp").mkdir(exist_ok=True)  # the worker's TMPDIR (worker_env)
         spec_path = write_atomic(run_dir / "spec.json", spec.to_json().encode())
+        prefix: list[str] = []
+        if self.fence is not None:
+            self.fence.prepare()
+            prefix = self.fence.prefix(str(python), run_dir, remote=True,
+                                        extra=self.fence.run_writable(spec))
         script = write_atomic(run_dir / SCRIPT_FILE,
-                              batch_script(spec.run_id, str(python), spec_path).encode())
+                              batch_script(spec.run_id, str(python), spec_path, prefix).encode())
         for name in (EVENTS_FILE, OUTPUT_FILE):   # a requeued run starts clean
             (run_dir / name).unlink(missing_ok=True)
         request = run_request(self.cfg, spec)
         argv = sbatch_argv(self.cfg, job_name=job_name(self.state_dir, spec.run_id),
                            run_dir=run_dir, timeout_s=timeout_s, script=script, request=request)
-        proc = self._run(argv, env=worker_env(event_file=run_dir / EVENTS_FILE))
+        proc = self._run(argv, env=worker_env(event_file=run_dir / EVENTS_FILE, run_dir=run_dir))
         job_id = proc.stdout.strip().split(";")[0]
         if proc.returncode != 0 or not job_id.isdigit():
             raise OSError(f"sbatch refused the job: {(proc.stderr or proc.stdout).strip()}")
@@ -214,7 +225,7 @@ class SlurmExecutor:
         return self._track(SlurmRun(
             executor=self, run_id=spec.run_id, needs_paging=spec.needs_paging, job_id=job_id, run_dir=run_dir,
             started_mono=now, deadline_mono=now + timeout_s, requested=request.why,
-            events=FileTail(run_dir / EVENTS_FILE), output=FileTail(run_dir / OUTPUT_FILE)))
+            events=FileTail(run_dir / EVENTS_FILE), output=self._output_tail(run_dir)))
 
     def can_reattach(self, run: Any) -> bool:
         return bool(run.executor_job_id) and bool(run.run_dir)
@@ -229,7 +240,11 @@ class SlurmExecutor:
             run_dir=run_dir, started_mono=now - elapsed_s,
             deadline_mono=now - elapsed_s + run.timeout_s,
             events=FileTail(run_dir / EVENTS_FILE, offsets.get("events", 0)),
-            output=FileTail(run_dir / OUTPUT_FILE, offsets.get("output", 0))))
+            output=self._output_tail(run_dir, offsets.get("output", 0))))
+
+    @staticmethod
+    def _output_tail(run_dir: Path, offset: int = 0) -> FileTail:
+        return FileTail(run_dir / OUTPUT_FILE, offset, max_line_bytes=MAX_OUTPUT_LINE_BYTES)
 
     def _track(self, w: SlurmRun) -> SlurmRun:
         self._tracked.add(w.job_id)

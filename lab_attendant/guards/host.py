@@ -63,6 +63,14 @@ class Host:
                 return False
             raise
 
+    def kill(self, pid: int, sig: int) -> bool:
+        """Signal one process; False when it is gone or not ours to signal."""
+        try:
+            os.kill(pid, sig)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
     def group_alive(self, pgid: int) -> bool:
         return self.killpg(pgid, 0)
 
@@ -73,11 +81,37 @@ class Host:
             return None
 
     def is_same_process(self, pid: int, create_time: float | None) -> bool:
-        """True if `pid` is alive and is the process we started (not a reused pid)."""
+        """True if `pid` is alive and is the process we started (not a reused pid). An unknown
+        create time is no match: a row saying NULL could name anyone's process."""
         now = self.process_create_time(pid)
-        if now is None:
+        if now is None or create_time is None:
             return False
-        return create_time is None or abs(now - create_time) < 0.01
+        return abs(now - create_time) < 0.01
+
+    def env_value(self, pid: int, name: str) -> str | None:
+        """`name` in the environment `pid` started with (/proc/PID/environ); None where unset
+        or unreadable (another user's process, a zombie, a pid gone)."""
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                environ = fh.read()
+        except OSError:
+            return None
+        prefix = name.encode() + b"="
+        for entry in environ.split(b"\0"):
+            if entry.startswith(prefix):
+                return entry[len(prefix):].decode("utf-8", "replace")
+        return None
+
+    def group_pids(self, pgid: int) -> list[int]:
+        """Live members of process group `pgid` (/proc scan)."""
+        members = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                    members.append(proc.pid)
+            except (OSError, psutil.Error):
+                continue
+        return members
 
     def pid_alive(self, pid: int) -> bool:
         return self.process_create_time(pid) is not None

@@ -65,13 +65,15 @@ def test_a_gpu_command_waits_for_paging_and_is_killed_by_the_thermal_guard(tmp_p
     g = guard_lab(tmp_path)
     lab.config = g.config
     sensors = tmp_path / "sensors.json"
-    marker = tmp_path / "child.pid"
+    work = tmp_path / "work"
+    work.mkdir()
+    marker = work / "child.pid"                 # its cwd is writable to it, the sandbox allowing
     # A program that ignores SIGTERM and starts a grandchild: both must be gone after the kill.
     script = ("import os, signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
               "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
               f"open({str(marker)!r}, 'w').write(str(c.pid)); time.sleep(120)")
     first = lab.start_daemon()                                     # no --experimental-paging yet
-    rid = _submit_command(lab, sys.executable, "-c", script, extra=("--gpu", "--cwd", str(tmp_path)))
+    rid = _submit_command(lab, sys.executable, "-c", script, extra=("--gpu", "--cwd", str(work)))
     held = lab.wait_state(rid, {"held"})
     assert "--experimental-paging" in held["reason"]
     first.send_signal(signal.SIGTERM)

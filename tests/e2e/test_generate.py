@@ -107,7 +107,7 @@ def test_a_killed_run_is_retried_and_writes_each_prompt_once(model_lab: Lab):
     assert lines[:len(first_attempt)] == first_attempt                  # kept, not redone
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_after"] >= len(first_attempt)
-    assert not list((lab.state_dir / "generate").glob("*/completions.partial.jsonl"))
+    assert not list((lab.state_dir / "worker" / "generate").glob("*/completions.partial.jsonl"))
 
 
 @pytest.mark.e2e

@@ -72,7 +72,7 @@ def test_nightly_insights_incremental_and_a_killed_run_changes_nothing(model_lab
     # The embedded default is streamed layer by layer, not loaded resident.
     assert run["metrics"]["engine_streamed_layers"] == 16
     assert run["metrics"]["engine_bytes_read"] >= 16 * 11_000_000
-    manifest = next((lab.state_dir / "insights").glob("*/manifest.json"))
+    manifest = next((lab.state_dir / "worker" / "insights").glob("*/manifest.json"))
     manifest_after_first = manifest.read_bytes()
 
     again = lab.submit("nightly_insights", f"archive={archive}", "max_new_tokens=8")

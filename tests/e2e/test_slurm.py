@@ -190,3 +190,39 @@ def test_a_model_run_asks_slurm_for_its_planned_memory_past_defmempercpu(slurm_l
         r"worker itself\)", requested[0]), requested
     shown = lab.cli("show", str(planned)).stdout
     assert f"requested  --mem={asked}M" in shown
+
+
+def test_an_events_file_swapped_for_a_fifo_or_a_dev_zero_link_is_refused(slurm_lab: Lab):
+    """Issue #31, item 3: a FIFO used to block the daemon forever, a /dev/zero link to exhaust its
+    memory. Each is refused with a recorded reason, both runs end, the daemon keeps serving."""
+    lab = slurm_lab
+    daemon = lab.start_daemon()
+    fifo = lab.submit("swap_events", "to=fifo", extra=SLURM)
+    zero = lab.submit("swap_events", "to=zero", extra=SLURM)
+    runs = {rid: lab.wait_state(rid, ENDED, timeout_s=90) for rid in (fifo, zero)}
+    for rid, what in ((fifo, "is a FIFO, not read"), (zero, "is a symbolic link, not read")):
+        warnings = [e["reason"] for e in runs[rid]["events"] if e["kind"] == "warning"]
+        assert any(what in w for w in warnings), (rid, warnings)
+    assert daemon.poll() is None
+    after = lab.submit("sleepy", "seconds=0.5", "quiet=true", extra=SLURM)
+    assert lab.wait_state(after, ENDED, timeout_s=60)["state"] == "succeeded"
+
+
+def test_a_slurm_worker_cannot_write_the_store_or_another_runs_events(slurm_lab: Lab):
+    """Issue #31, item 2 on a Slurm node: the batch script starts the worker behind the same
+    Landlock launcher (where the node's kernel has it)."""
+    from jobs.contract.sandbox import landlock_abi
+    if not landlock_abi()[0]:
+        pytest.skip(f"no Landlock here: {landlock_abi()[1]}")
+    lab = slurm_lab
+    lab.start_daemon()
+    other = lab.submit("sleepy", "seconds=0.2", "quiet=true", extra=SLURM)
+    lab.wait_state(other, {"succeeded"}, timeout_s=60)
+    other_dir = lab.state_dir / "runs" / str(other)
+    rid = lab.submit("tamper", f"other_run_dir={other_dir}", extra=SLURM)
+    run = lab.wait_state(rid, ENDED, timeout_s=60)
+    assert run["state"] == "succeeded", run["reason"]
+    out = json.loads((lab.state_dir / "runs" / str(rid) / "output" / "result.json").read_text())
+    assert out["store"].startswith("refused") and out["other_run"].startswith("refused"), out
+    assert out["own_run"] == "written" and out["worker_state"] == "written", out
+    assert "jobs.contract.sandbox" in (lab.state_dir / "runs" / str(rid) / "worker.sbatch").read_text()

@@ -119,7 +119,9 @@ def test_hardening_keeps_the_gpu_usable_and_caches_writable(tmp_path, monkeypatc
     for key in ("PrivateDevices", "MemoryDenyWriteExecute"):
         assert key not in s                               # /dev/nvidia* and CUDA's JIT keep working
     for key, value in [("DevicePolicy", "closed"), ("DeviceAllow", "char-nvidia* rw"),
-                       ("SystemCallFilter", "@system-service"), ("SystemCallErrorNumber", "EPERM"),
+                       ("SystemCallFilter", "@system-service landlock_create_ruleset "
+                        "landlock_add_rule landlock_restrict_self"),
+                       ("SystemCallErrorNumber", "EPERM"),
                        ("ProtectHome", "read-only"), ("ProtectKernelModules", "yes"),
                        ("RestrictSUIDSGID", "yes"), ("CapabilityBoundingSet", ""),
                        ("PrivateNetwork", "yes"), ("UMask", "0027"),

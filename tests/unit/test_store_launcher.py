@@ -121,10 +121,21 @@ def test_a_skipped_submission_is_never_visible_as_queued(store: Store):
 
 
 class _DeafGroupsHost(FakeHost):
-    """Groups that ignore SIGTERM and die on SIGKILL; waiting advances the clock."""
+    """Groups that ignore SIGTERM and die on SIGKILL; waiting advances the clock. Each live
+    leader carries the run marker in `markers`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.markers: dict[int, str] = {}
 
     def is_same_process(self, pid: int, create_time) -> bool:
         return pid in self.alive_groups
+
+    def env_value(self, pid: int, name: str) -> str | None:
+        return self.markers.get(pid) if pid in self.alive_groups else None
+
+    def group_pids(self, pgid: int) -> list[int]:
+        return [pgid] if pgid in self.alive_groups else []
 
     def pid_alive(self, pid: int) -> bool:
         return pid in self.alive_groups
@@ -145,6 +156,7 @@ def test_reconcile_kills_all_live_groups_within_one_shared_grace(tmp_path: Path,
     all, not one per run, and every run ends lost."""
     from lab_attendant.config import parse_config
     from lab_attendant.daemon.loop import Daemon
+    from lab_attendant.executors.workerfence import run_marker
 
     cfg = parse_config({"paths": {"state_dir": "var"}, "limits": {"kill_grace_s": 2.0}},
                        base_dir=tmp_path, source=None)
@@ -158,6 +170,7 @@ def test_reconcile_kills_all_live_groups_within_one_shared_grace(tmp_path: Path,
             daemon.store.transition(run.id, RunState.STARTING, "spawned")
             daemon.store.transition(run.id, RunState.RUNNING, "hello")
             daemon.store.update_run(run.id, pid=pid)
+            host.markers[pid] = run_marker(cfg.runs_dir / str(run.id))
         host.alive_groups.update(pids[:2])           # the third run's worker is already gone
         start = host.now
         daemon.reconcile()
