@@ -208,6 +208,20 @@ def model_lab(lab: Lab) -> Lab:
     return lab
 
 
+@pytest.fixture
+def resident_model_lab(model_lab: Lab) -> Lab:
+    """model_lab whose default model is the same Gemma-3-270M held resident (its converted bf16 folder, no
+    layer budget): for tests of a kind's pipeline, not of streaming, which model_lab's GGUF default covers
+    (test_jobs' nightly_insights and demo tests). Streaming 16 of 18 GGUF layers per pass is what made the
+    model e2e tests half of the supervisor suite's time on a 2-core CI machine."""
+    write_config(model_lab.root, python=EXPERIMENTAL_PYTHON, default_timeout_s=900, extra=RESIDENT_DEFAULT)
+    return model_lab
+
+
+# The [models] table that makes the default model name mean the resident bf16 folder (resident_model_lab).
+RESIDENT_DEFAULT = f'[models.gemma-3-270m]\npath = "{MODEL_DIR}"\n'
+
+
 def write_sensors(path: Path, temperature_c: float, processes: dict[int, int] | None = None,
              **more: object) -> None:
     """One GPU's readings in a `file:` sensors file (written atomically); `more` adds fields such

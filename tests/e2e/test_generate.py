@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXPERIMENTAL_PYTHON, MODEL_DIR, NEEDS_MODEL, ROOT, Lab, wait_for, write_config
+from tests.conftest import (
+    EXPERIMENTAL_PYTHON,
+    MODEL_DIR,
+    NEEDS_MODEL,
+    RESIDENT_DEFAULT,
+    ROOT,
+    Lab,
+    wait_for,
+    write_config,
+)
 
 # Gemma's turn format (as its instruction-tuned tokenizers ship it), added to a copy of the embedded
 # base model's folder: the base model has no chat template of its own.
@@ -85,7 +94,7 @@ def test_completions_equal_the_engine_cli_and_chat_uses_the_template(model_lab: 
 def test_a_killed_run_is_retried_and_writes_each_prompt_once(model_lab: Lab):
     lab = model_lab
     write_config(lab.root, python=EXPERIMENTAL_PYTHON, default_timeout_s=900,
-                 extra="[retries]\nbase_s = 0.2\n")
+                 extra="[retries]\nbase_s = 0.2\n" + RESIDENT_DEFAULT)     # the pipeline, not streaming
     rows = [*PROMPTS, {"id": "kayak", "prompt": "We paddled the sea kayaks out to the island and"}]
     prompts = _jsonl(lab.root / "prompts.jsonl", rows)
     lab.start_daemon("--experimental-paging")

@@ -44,8 +44,8 @@ NOTES = ["2009-03-14-first-bike-tour.md", "2018-06-09-bike-tour-to-the-sea.md",
          "2014-06-14-the-database-outage.md"]
 
 
-def test_nightly_insights_incremental_and_a_killed_run_changes_nothing(model_lab: Lab):
-    lab = model_lab
+def test_nightly_insights_incremental_and_a_killed_run_changes_nothing(resident_model_lab: Lab):
+    lab = resident_model_lab
     archive = lab.root / "archive"
     notes = _copy(NOTES, EXAMPLES / "archive", archive)
     secret = _outside_file(lab, "2020-01-01-secret.md", "# Payroll\nThe password is hunter2.\n")
@@ -69,9 +69,6 @@ def test_nightly_insights_incremental_and_a_killed_run_changes_nothing(model_lab
     assert cited and all(Path(p).is_file() and Path(p).parent == archive for p in cited)
     assert run["metrics"]["tokens_generated"] > 0 and run["metrics"]["tokens_per_s"] > 0
     assert run["metrics"]["engine_num_layers"] == 18
-    # The embedded default is streamed layer by layer, not loaded resident.
-    assert run["metrics"]["engine_streamed_layers"] == 16
-    assert run["metrics"]["engine_bytes_read"] >= 16 * 11_000_000
     manifest = next((lab.state_dir / "worker" / "insights").glob("*/manifest.json"))
     manifest_after_first = manifest.read_bytes()
 
@@ -98,8 +95,8 @@ def test_nightly_insights_incremental_and_a_killed_run_changes_nothing(model_lab
     assert manifest.read_bytes() != manifest_after_first
 
 
-def test_artifact_refinement_ranks_all_and_never_summarizes_technical_stories(model_lab: Lab):
-    lab = model_lab
+def test_artifact_refinement_ranks_all_and_never_summarizes_technical_stories(resident_model_lab: Lab):
+    lab = resident_model_lab
     gems = _copy(["g01-disk-full-outage.md", "g04-sourdough-card.md", "g11-quantized-kv-cache.md"],
                  EXAMPLES / "gems", lab.root / "gems")
     rid = lab.submit("artifact_refinement", f"gems={lab.root / 'gems'}", "max_new_tokens=8")
@@ -134,8 +131,8 @@ def test_artifact_refinement_ranks_all_and_never_summarizes_technical_stories(mo
         assert quote and quote in " ".join(Path(r["source"]).read_text().split())
 
 
-def test_cv_matching_ranks_postings_and_explains_the_top_k(model_lab: Lab):
-    lab = model_lab
+def test_cv_matching_ranks_postings_and_explains_the_top_k(resident_model_lab: Lab):
+    lab = resident_model_lab
     postings = _copy(["p1-platform-team-lead.md", "p4-frontend-developer.md",
                       "p6-ml-research-scientist.md"], EXAMPLES / "cv" / "postings",
                      lab.root / "postings")
@@ -217,6 +214,11 @@ def test_the_demo_insights_show_no_sentence_the_claim_check_rejects(model_lab: L
     rid = lab.submit("nightly_insights", f"archive={archive}")
     _burst(lab)
     run = _succeeded(lab, rid)
+    # The embedded default (README's first command) is streamed from its GGUF layer by layer: 16 of 18
+    # layers read from the file every pass, in blocks (~3.8 MB a layer, not bf16's ~11 MB).
+    m = run["metrics"]
+    assert m["engine_num_layers"] == 18 and m["engine_streamed_layers"] == 16
+    assert m["engine_bytes_read"] >= 16 * 3_000_000
     report = json.loads(Path(run["result_path"]).read_text())
     md = (Path(run["result_path"]).parent / "insights.md").read_text()
     assert "model `gemma-3-270m`" in md and "checked claim by claim" in md

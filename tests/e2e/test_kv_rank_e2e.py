@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NEEDS_MODEL, ROOT, Lab
+from tests.conftest import EXPERIMENTAL_PYTHON, NEEDS_MODEL, RESIDENT_DEFAULT, ROOT, Lab, write_config
 
 TEXTS = ROOT / "examples" / "kv_texts"
 
@@ -46,6 +46,7 @@ def test_bad_params_exit_2_at_submit(kv_lab: Lab, params: list[str], needle: str
 @pytest.mark.slow
 def test_a_small_study_runs_through_the_daemon(kv_lab: Lab):
     lab = kv_lab
+    write_config(lab.root, python=EXPERIMENTAL_PYTHON, default_timeout_s=900, extra=RESIDENT_DEFAULT)
     rid = lab.submit("kv_rank_study", f"texts={lab.root / 'texts'}", "context=64", "continuation=16",
                      "ranks=4,32", "batch_size=6")
     lab.cli("daemon", "--burst", "--experimental-paging", timeout=400)
