@@ -37,10 +37,13 @@ fi
 echo "== ruff check, lint-imports, mypy (supervisor side in .venv, worker side against venvs/experimental)" >&2
 .venv/bin/ruff check .
 .venv/bin/lint-imports --no-cache
-.venv/bin/mypy lab_attendant jobs/contract jobs/paging/plan
+# The two mypy runs share nothing: side by side on CI's two cores (the worker side takes minutes cold).
+.venv/bin/mypy lab_attendant jobs/contract jobs/paging/plan &
+supervisor_mypy=$!
 .venv/bin/mypy --python-executable venvs/experimental/bin/python jobs
+wait "$supervisor_mypy"
 echo "== supervisor tests (unit + e2e + faults), in .venv" >&2
-.venv/bin/python -m pytest tests/unit tests/e2e tests/faults -p no:cacheprovider
+.venv/bin/python -m pytest tests/unit tests/e2e tests/faults -p no:cacheprovider --durations=15
 echo "== engine tests (engine + gpu; gpu skips without CUDA), in venvs/experimental" >&2
-venvs/experimental/bin/python -m pytest tests/engine tests/gpu -p no:cacheprovider
+venvs/experimental/bin/python -m pytest tests/engine tests/gpu -p no:cacheprovider --durations=15
 echo "== suite took $((SECONDS - start)) s (setup included)" >&2

@@ -3,14 +3,42 @@ migrations; lab_attendant.store.db opens them and holds the operations."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from sqlalchemy import DDL, Boolean, Enum, Float, ForeignKey, Index, Integer, String, Text, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 from lab_attendant.store.states import RunState
 
 SCHEMA_VERSION = 6
+
+
+class WorkerInt(TypeDecorator):
+    """An INTEGER a worker reported (progress): read back as an int in SQLite's range, or None. Rows an
+    older version stored before events were typed at decode (TEXT, 1e30, a float) must not crash a view."""
+    impl = Integer
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Any) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            return None
+        value = int(value)
+        return value if -2**63 <= value < 2**63 else None
+
+
+def worker_json(text: str | None) -> dict[str, Any]:
+    """A JSON object a worker's events filled (metrics): {} when unreadable, non-finite numbers as None."""
+    try:
+        value = json.loads(text or "{}")
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in value.items()}
 # Stored as the enum's values ("queued", ...), in a plain VARCHAR: version-1 rows read unchanged.
 _STATE_COLUMN = Enum(RunState, native_enum=False, create_constraint=False, length=20,
                      values_callable=lambda states: [s.value for s in states])
@@ -102,8 +130,8 @@ class Run(Base):
     run_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
     log_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     result_path: Mapped[str | None] = mapped_column(Text, nullable=True)
-    progress_done: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    progress_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_done: Mapped[int | None] = mapped_column(WorkerInt, nullable=True)
+    progress_total: Mapped[int | None] = mapped_column(WorkerInt, nullable=True)
     progress_unit: Mapped[str | None] = mapped_column(String, nullable=True)
     progress_phase: Mapped[str | None] = mapped_column(String, nullable=True)  # "reading notes"
     # The highest worker-tree RSS and GPU memory the guards read while the run was active (the
@@ -138,7 +166,7 @@ class Run(Base):
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return json.loads(self.metrics_json)
+        return worker_json(self.metrics_json)
 
     @property
     def after(self) -> list[int]:
@@ -246,8 +274,8 @@ class RunSample(Base):
     throttle_reasons: Mapped[str] = mapped_column(String, default="")   # comma-separated
     gpu_memory_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
     rss_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    progress_done: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    progress_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_done: Mapped[int | None] = mapped_column(WorkerInt, nullable=True)
+    progress_total: Mapped[int | None] = mapped_column(WorkerInt, nullable=True)
     tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     read_bytes_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
