@@ -103,7 +103,7 @@ def argv(draw, root: Path) -> list[str]:
     out = [verb]
     if verb == "submit":
         out.append(draw(st.sampled_from(["sleepy", "probe", "nightly_insights", "cv_matching",
-                                         "paging_echo", "nope", "-p"])))
+                                         "paging_echo", "nope", "-p", "command", "command"])))
         for _ in range(draw(st.integers(0, 3))):
             out += ["-p", f"{draw(PARAM_KEYS)}={draw(PARAM_VALUES)}"]
         if draw(st.booleans()):
@@ -123,6 +123,12 @@ def argv(draw, root: Path) -> list[str]:
             f = root / "params.json"
             f.write_text(json.dumps(draw(JSON_VALUES)) if draw(st.booleans()) else draw(TEXT))
             out += ["--params-file", str(f)]
+        # the command kind's flags, and a program after `--` (any kind: only `command` takes one)
+        out += draw(st.lists(st.sampled_from(["--gpu", "--cwd", str(root), "--cwd", "/etc"]), max_size=2))
+        if draw(st.booleans()):
+            out += ["--", *draw(st.lists(st.one_of(TEXT, st.sampled_from(
+                [sys.executable, "true", "no-such-program", "-c", "--json", "--", "$(id)", "a b"])),
+                max_size=4))]
     elif verb == "list":
         if draw(st.booleans()):
             out += ["--state", draw(st.one_of(st.sampled_from(["queued", "lost", "running"]), TEXT))]
