@@ -39,7 +39,7 @@ def test_probe_runs_in_the_experimental_venv_and_succeeds(tmp_path: Path):
     result = json.loads(Path(run["result_path"]).read_text())
     assert result["torch"] and result["torch"].startswith("2.")
     assert result["read_bandwidth"]["bytes_read"] == 4 * 1024**2
-    assert run["progress"] == {"done": 4, "total": 4, "unit": "MiB"}   # MiB read, not bytes
+    assert run["progress"] == {"done": 4, "total": 4, "unit": "MiB", "phase": None}   # MiB read, not bytes
     assert result["read_bandwidth"]["bytes_per_s"] > 0
     assert result["cuda"]["available"] in (True, False)
     # Atomic writes leave no temp files behind.

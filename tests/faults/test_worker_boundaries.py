@@ -117,7 +117,11 @@ def test_a_48_mib_line_on_the_worker_pipes_is_dropped_and_the_run_goes_on(lab: L
     assert daemon.poll() is None
     assert run["progress"]["done"] == 1                # the event after the flood was read
     warnings = [e["reason"] for e in run["events"] if e["kind"] == "warning"]
-    assert len(warnings) == 1 and "longer than 262144 bytes dropped" in warnings[0], warnings
+    # One drop per over-long stretch: the worker's heartbeat thread writes its own line into the same pipe
+    # while the flood is being written, which can end the flood's "line" and start another one; at most
+    # five such events are recorded per run (the rest only logged).
+    assert 1 <= len(warnings) <= 5, warnings
+    assert all("longer than 262144 bytes dropped" in w for w in warnings), warnings
     log = (lab.logs_dir / "runs" / f"{rid}.log").read_text()
     assert "output line longer than 1048576 bytes dropped" in log and "after the flood" in log
     print(f"daemon RSS {before / 2**20:.1f} MiB before, {after / 2**20:.1f} MiB after a 48 MiB "
