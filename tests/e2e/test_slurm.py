@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXPERIMENTAL_PYTHON, MODEL_GGUF, NEEDS_MODEL, ROOT, Lab, wait_for, write_config
+from tests.conftest import (
+    EXPERIMENTAL_PYTHON,
+    MODEL_GGUF,
+    NEEDS_MODEL,
+    RESIDENT_DEFAULT,
+    ROOT,
+    Lab,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 ENDED = {"succeeded", "failed", "cancelled", "timed_out", "oom", "lost", "killed_thermal"}
@@ -70,7 +79,8 @@ def transitions(run: dict) -> list[tuple[str | None, str]]:
 @NEEDS_MODEL
 def test_probe_and_nightly_insights_succeed_through_slurm(slurm_lab: Lab):
     lab = slurm_lab
-    write_config(lab.root, python=EXPERIMENTAL_PYTHON, extra=SLURM_TOML, default_timeout_s=600)
+    # the default model held resident (its bf16 folder): this is the Slurm path, not streaming
+    write_config(lab.root, python=EXPERIMENTAL_PYTHON, extra=SLURM_TOML + RESIDENT_DEFAULT, default_timeout_s=600)
     (lab.root / "models").symlink_to(ROOT / "models")
     archive = lab.root / "archive"
     archive.mkdir()
