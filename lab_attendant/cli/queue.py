@@ -31,8 +31,10 @@ def cmd_update(cfg: Config, args: argparse.Namespace) -> int:
     if args.param:
         # The run's params with these replaced, checked whole as a submit checks them.
         merged = {**run.params, **read_params(args)}
-        params = checked_params(cfg, known_kind(cfg, run.kind), merged)
+        kind = known_kind(cfg, run.kind)
+        params = checked_params(cfg, kind, merged)
         changes["params_json"] = json.dumps(params, sort_keys=True)
+        changes["needs_paging"] = kind.run_needs_paging(params)   # `-p gpu=true` on a command run
     if not changes:
         raise UserError("nothing to update: give --priority, --begin, --timeout or "
                         "-p KEY=VALUE")
@@ -47,7 +49,9 @@ def cmd_update(cfg: Config, args: argparse.Namespace) -> int:
     shown = {"priority": f"priority {after.priority}",
              "timeout_s": f"timeout {duration(after.timeout_s)}",
              "not_before": f"begins {local_time(after.not_before)}",
-             "params_json": f"params {after.params_json}"}
+             "params_json": f"params {after.params_json}",
+             "needs_paging": "a GPU run (waits for --experimental-paging)" if after.needs_paging
+             else "not a GPU run"}
     print(f"run {run.id} updated: " + ", ".join(shown[k] for k in changed))
     return 0
 

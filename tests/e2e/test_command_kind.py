@@ -86,3 +86,11 @@ def test_a_gpu_command_waits_for_paging_and_is_killed_by_the_thermal_guard(tmp_p
     assert run["state"] == "killed_thermal"
     assert "GPU 0 at 91 °C" in run["reason"]
     wait_for(lambda: not pid_alive(child) and not pid_alive(run["pid"]), 10, "the program's group to die")
+
+
+def test_update_of_gpu_makes_a_waiting_command_a_paging_run(lab: Lab):
+    rid = _submit_command(lab, "true")
+    assert lab.show(rid)["needs_paging"] is False
+    out = lab.cli("update", str(rid), "-p", "gpu=true").stdout
+    assert "a GPU run (waits for --experimental-paging)" in out
+    assert lab.show(rid)["needs_paging"] is True
