@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         events.emit(protocol.ERROR, type="Terminated", message=str(exc))
         return 128 + signal.SIGTERM
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then re-coded
-        traceback.print_exc()
+        if not getattr(exc, "quiet", False):   # an expected failure says it all in its message
+            traceback.print_exc()
         fields: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)[:2000]}
         if oom_kind(exc) is not None:
             fields.update(oom_details(exc))

@@ -19,7 +19,9 @@ TERM_GRACE_S = 5.0     # after the worker's own SIGTERM: how long the program ma
 
 
 class CommandFailed(RuntimeError):
-    """The program ended with a non-zero exit code or by a signal."""
+    """The program ended with a non-zero exit code or by a signal (its own output says why: no
+    traceback of ours in the run log)."""
+    quiet = True
 
 
 def _how(code: int) -> str:

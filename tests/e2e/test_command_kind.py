@@ -44,7 +44,9 @@ def test_a_failing_command_fails_the_run_with_its_exit_code(lab: Lab):
     run = lab.wait_state(rid, ENDED)
     assert run["state"] == "failed"
     assert "exited with code 3" in run["reason"]
-    assert "oops" in lab.cli("logs", str(rid)).stdout
+    log = lab.cli("logs", str(rid)).stdout
+    assert "oops" in log and "Traceback" not in log
+    assert run["metrics"]["exit_code"] == 3
 
 
 def test_a_command_is_refused_at_submit_with_a_sentence(lab: Lab, tmp_path: Path):
