@@ -41,6 +41,14 @@ def output_lines(splitter: LineSplitter, data: bytes, *, final: bool) -> list[by
     return lines
 
 
+def stage_run(spec: RunSpec) -> tuple[Path, Path]:
+    """The run folder with the worker's tmp folder (its TMPDIR, see worker_env) and spec.json in
+    it, written atomically: what a worker needs before it starts, wherever it runs."""
+    run_dir = Path(spec.run_dir)
+    (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    return run_dir, write_atomic(run_dir / "spec.json", spec.to_json().encode())
+
+
 @dataclass(kw_only=True)
 class LocalRun(RunHandle):
     """A run on this machine: a process group of ours with an event pipe and an output pipe."""
@@ -100,15 +108,8 @@ class LocalExecutor:
         self.fence = fence               # None: workers start unconfined (unit tests' hosts)
 
     def start(self, spec: RunSpec, *, python: Path, timeout_s: float) -> LocalRun:
-        run_dir = Path(spec.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "tmp").mkdir(exist_ok=True)  # the worker's TMPDIR (worker_env)
-        spec_path = run_dir / "spec.json"
-        write_atomic(spec_path, spec.to_json().encode())
-        prefix: list[str] = []
-        if self.fence is not None:
-            self.fence.prepare()
-            prefix = self.fence.prefix(str(python), run_dir, extra=self.fence.run_writable(spec))
+        run_dir, spec_path = stage_run(spec)
+        prefix = self.fence.launcher(spec, str(python)) if self.fence is not None else []
         ev_r, ev_w = os.pipe()
         out_r, out_w = os.pipe()
         try:

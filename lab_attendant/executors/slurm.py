@@ -23,7 +23,7 @@ from lab_attendant.config import SlurmConfig
 from lab_attendant.errors import UserError
 from lab_attendant.executors.base import RunHandle
 from lab_attendant.executors.eventfile import FileTail, read_events
-from lab_attendant.executors.local import MAX_OUTPUT_LINE_BYTES, worker_env
+from lab_attendant.executors.local import MAX_OUTPUT_LINE_BYTES, stage_run, worker_env
 from lab_attendant.executors.workerfence import WorkerFence
 from lab_attendant.guards.host import Host
 from lab_attendant.plan import host_request
@@ -201,15 +201,8 @@ class SlurmExecutor:
             raise OSError(f"{argv[0]} did not answer within {COMMAND_TIMEOUT_S:g} s") from None
 
     def start(self, spec: RunSpec, *, python: Path, timeout_s: float) -> SlurmRun:
-        run_dir = Path(spec.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "tmp").mkdir(exist_ok=True)  # the worker's TMPDIR (worker_env)
-        spec_path = write_atomic(run_dir / "spec.json", spec.to_json().encode())
-        prefix: list[str] = []
-        if self.fence is not None:
-            self.fence.prepare()
-            prefix = self.fence.prefix(str(python), run_dir, remote=True,
-                                        extra=self.fence.run_writable(spec))
+        run_dir, spec_path = stage_run(spec)
+        prefix = self.fence.launcher(spec, str(python), remote=True) if self.fence is not None else []
         script = write_atomic(run_dir / SCRIPT_FILE,
                               batch_script(spec.run_id, str(python), spec_path, prefix).encode())
         for name in (EVENTS_FILE, OUTPUT_FILE):   # a requeued run starts clean

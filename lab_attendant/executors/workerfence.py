@@ -105,6 +105,12 @@ class WorkerFence:
             return []
         return launcher_argv(python, self.writable(run_dir, extra), required=not remote)
 
+    def launcher(self, spec: Any, python: str, *, remote: bool = False) -> list[str]:
+        """prefix() for this run (its own writable folders included), after prepare(): what both
+        executors put in front of the worker's argv."""
+        self.prepare()
+        return self.prefix(python, Path(spec.run_dir), remote=remote, extra=self.run_writable(spec))
+
     def describe(self) -> dict[str, Any]:
         """What `status` shows (stored in meta SANDBOX_META at daemon start)."""
         return {"enabled": self.enabled, "landlock_abi": self.abi, "missing": self.missing or None,
