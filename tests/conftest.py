@@ -19,19 +19,20 @@ EXPERIMENTAL_PYTHON = Path(os.environ.get("LAB_ATTENDANT_EXPERIMENTAL_PYTHON",
 
 
 def wait_for(pred: Callable[[], object], timeout_s: float = 20.0, what: str = "condition"):
-    """Poll `pred` until it is truthy. The pause grows from 50 ms to 0.5 s: many predicates start a CLI
-    process (~0.7 s of CPU each), and polling those back to back took a core from the daemon under
-    test on a 2-core CI machine."""
+    """Poll `pred` until it is truthy. The pause after a check is as long as the check took, between
+    50 ms and 0.5 s: a predicate that starts a CLI process (~0.7 s of CPU) must not take a core from
+    the daemon under test on a 2-core CI machine, while a cheap one (a read-only SQLite query) must
+    still catch a state that lasts under a second (a schedule's idle gap between two firings)."""
     deadline = time.monotonic() + timeout_s
-    pause = 0.05
     while True:
+        started = time.monotonic()
         value = pred()
         if value:
             return value
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(pause)
-        pause = min(pause * 1.5, 0.5)
+        time.sleep(min(max(now - started, 0.05), 0.5))
 
 
 @dataclass
