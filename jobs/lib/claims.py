@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from jobs.lib.stoplist import FUNCTION_WORDS
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|\d+")
-_SUFFIX = re.compile(r"(?:ing|ed|es|s)$")
 NUMBER_WORDS = frozenset("""one two three four five six seven eight nine ten eleven twelve twenty
 thirty forty fifty hundred thousand million""".split())
 
@@ -18,9 +17,16 @@ def tokens(text: str) -> list[str]:
 
 
 def stem(word: str) -> str:
-    # Crude but enough to match "recipes"/"recipe", "working"/"work", "measured"/"measure".
-    if len(word) > 4:
-        word = _SUFFIX.sub("", word)
+    """Crude but enough to match "recipes"/"recipe", "working"/"work", "riding"/"ride", "stopped"/"stop":
+    one inflection off, a doubled final consonant and a final e dropped, five letters kept."""
+    for suffix in ("ing", "ed", "es", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 2 and not word.endswith("ss"):
+            word = word[:-len(suffix)]
+            if suffix in ("ing", "ed") and len(word) > 2 and word[-1] == word[-2] and word[-1] not in "aeiousl":
+                word = word[:-1]
+            break
+    if word.endswith("e") and len(word) >= 3:
+        word = word[:-1]
     return word[:5]
 
 NEGATIONS = frozenset("""not no never nobody nothing none without lack lacks lacking missing neither nor
@@ -34,6 +40,18 @@ SUBJECT = frozenset("candidate candidates author writer note notes text summary 
 # Praise is a judgement the sources never state; a rationale may give it only when the facts do.
 PRAISE = frozenset("""good great strong excellent ideal perfect perfectly well-suited suitable suited
 qualified fit fits fitting match matches right impressive solid""".split())
+# A source clause that only wishes, plans, asks or compares ("Marta asked if the script could count
+# pages", "She wants me to keep doing the site", "feels like a promise") does not support the same
+# words stated as done; the claim must carry a marker of its own.
+IRREALIS = frozenset("""maybe perhaps might could would should hope hopes hoping plan plans planned planning
+want wants wanted wish wishes if whether next someday probably will seems seemed homework todo goal
+goals idea""".split())
+_HEDGE = re.compile(r"\b(?:feels?|felt|looks?|looked) like\b|\bas if\b|\bgoing to\b|'ll\b", re.IGNORECASE)
+COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+          "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "twenty": 20, "thirty": 30,
+          "forty": 40, "fifty": 50, "hundred": 100}
+# "me" after these is where or with whom, not someone doing the claim's act for me ("wind behind me").
+_PLACE_PREPOSITIONS = frozenset("behind with beside near around about than like of from at in on into".split())
 _SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+")
 # Clause boundaries inside a sentence: a claim aligns with a few adjacent clauses, so "She does not
 # measure anything, so I measured for her" holds a negation for one clause, not for the other.
@@ -84,8 +102,12 @@ class Verdict:
     coverage: float = 0.0
 
 
+# A one- or two-word label before a colon ("Homework:", "Next step:") governs its clause: kept with it.
+_LABEL = re.compile(r"^(\w+(?: \w+)?):\s+")
+
+
 def clauses(source: str) -> list[str]:
-    return [c.strip() for u in source_units(source) for c in _CLAUSE.split(u) if c.strip()]
+    return [c.strip() for u in source_units(source) for c in _CLAUSE.split(_LABEL.sub(r"\1 ", u)) if c.strip()]
 
 
 # Where one sentence makes two claims: "X and has Y", "X, but lacks Y", "X and I Y".
@@ -93,7 +115,7 @@ _COORD = re.compile(r",?\s+(?:and|but|while|so)\s+(?=(?:has|have|had|is|was|were
                     r"I|she|he|they|we|it)\b)", re.IGNORECASE)
 
 
-def align(claim: str, source: str, *, min_coverage: float = 0.8, window: int = 3) -> Verdict:
+def align(claim: str, source: str, *, min_coverage: float = 0.8, window: int = 2) -> Verdict:
     """Every claim of the sentence (its coordinated parts) supported on its own; see align_one."""
     parts = [p for p in _COORD.split(claim) if content(p)]
     if len(parts) <= 1:
@@ -105,38 +127,80 @@ def align(claim: str, source: str, *, min_coverage: float = 0.8, window: int = 3
     return Verdict(True, "", " / ".join(v.evidence for v in verdicts), min(v.coverage for v in verdicts))
 
 
-def align_one(claim: str, source: str, *, min_coverage: float = 0.8, window: int = 3) -> Verdict:
+def _irrealis(text: str) -> bool:
+    return bool(IRREALIS & set(tokens(text))) or bool(_HEDGE.search(text))
+
+
+def _negated(words: list[str], keys: set[str] | None) -> bool:
+    """A negation in `words`; with `keys`, only one that governs a word of the claim (one of the next
+    three words), so "the ritual the pandemic did not break" does not negate "I baked on Saturdays"."""
+    for i, w in enumerate(words):
+        if w in NEGATIONS or w.endswith("n't"):
+            if keys is None or any(_key(x) in keys for x in words[i + 1:i + 4]):
+                return True
+    return False
+
+
+def _counts(words: list[str]) -> dict[str, int]:
+    """What is counted and how many: {"week": 2} for "two weeks", {"week": 1} for "a week"."""
+    out = {}
+    for a, b in zip(words, words[1:]):
+        n = COUNTS.get(a) if not a.isdigit() else int(a)
+        if n is not None and b not in FUNCTION_WORDS and not b.isdigit() and b not in COUNTS:
+            out[_key(b)] = n
+    return out
+
+
+def _done_for_me(words: list[str]) -> bool:
+    """'me' as the object of someone's act ("my sister drives me"), not a place ("the wind behind me")."""
+    return any(w == "me" and (i == 0 or words[i - 1] not in _PLACE_PREPOSITIONS) for i, w in enumerate(words))
+
+
+def align_one(claim: str, source: str, *, min_coverage: float = 0.8, window: int = 2) -> Verdict:
     """Supported when `window` adjacent clauses of the source hold at least `min_coverage` of the
-    claim's content words, every name and number it states, every qualifier, and the same polarity."""
+    claim's content words, every name and number it states, every qualifier and count, the same
+    polarity, the same doer, and the same mood (a wish or plan in the source is not a fact)."""
     words = content(claim)
     if not words:
         return Verdict(False, "no claim")
     units = clauses(source)
     keys = [_key(w) for w in words]
+    key_set = set(keys)
     names = _names(claim)
     claim_words = tokens(claim)
+    claim_counts = _counts(claim_words)
+    claim_negated = _negated(claim_words, None)
+    claim_irrealis = _irrealis(claim)
     agent = next((w for w in claim_words[:3] if w in ("she", "he", "they")), None)
     best: Verdict | None = None
     for i in range(len(units)):
         for j in range(i + 1, min(i + window, len(units)) + 1):
             text = " ".join(units[i:j])
-            have = {_key(w) for w in tokens(text)}
-            # Who did it is read from the clause holding most of the claim's words.
-            main = tokens(max(units[i:j], key=lambda u: sum(_key(w) in keys for w in tokens(u))))
+            text_words = tokens(text)
+            have = {_key(w) for w in text_words}
+            held = [(sum(_key(w) in key_set for w in tokens(u)), u) for u in units[i:j]]
+            # Who did it is read from the clause holding most of the claim's words; the mood from
+            # every clause that gives it two or more.
+            main = tokens(max(held, key=lambda h: h[0])[1])
+            givers = [u for n, u in held if n >= 2] or [max(held, key=lambda h: h[0])[1]]
+            source_counts = _counts(text_words)
             cov = sum(k in have for k in keys) / len(keys)
             missing_names = {n for n in names if _key(n) not in have and n not in text.lower()}
             reason = ""
             if missing_names:
                 reason = f"name or number not in the source sentence: {sorted(missing_names)[0]}"
+            elif any(source_counts.get(k, n) != n for k, n in claim_counts.items()):
+                reason = "a count differs from the source sentence"
             elif agent and agent not in main and "i" in main:
                 reason = f"who did it differs: '{agent}' where the source says 'I'"
-            elif claim_words[:1] == ["i"] and "me" in main and "i" not in main:
+            elif claim_words[:1] == ["i"] and _done_for_me(main) and "i" not in main:
                 reason = "who did it differs: 'I' where the source says someone did it for me"
             elif any(q in words and _key(q) not in have for q in QUALIFIERS):
                 reason = "qualifier not in the source sentence"
-            elif bool(NEGATIONS & set(tokens(claim)) or "n't" in claim) != bool(
-                    NEGATIONS & set(tokens(text)) or "n't" in text):
+            elif claim_negated != _negated(text_words, key_set):
                 reason = "negation differs from the source sentence"
+            elif not claim_irrealis and any(_irrealis(u) for u in givers):
+                reason = "the source only wishes, plans or compares what the sentence states as done"
             elif cov < min_coverage:
                 reason = f"only {cov:.0%} of its words in one source sentence"
             v = Verdict(not reason, reason, text, round(cov, 3))
