@@ -14,6 +14,8 @@ from torch.nn import functional as F
 from jobs.paging.ggml import expand, raw_shape
 
 BLOCKS = "weight_blocks"  # the buffer that holds a Linear's raw blocks while its layer is materialized
+KEEP_EXPANDED = "keep_expanded"   # set by keep_expanded(): expand at first use and keep the weight
+EXPANDED = "expanded_weight"      # that kept weight
 
 
 class ExpansionBuffer:
@@ -45,14 +47,33 @@ def expand_on_use(linear: nn.Linear, ggml_type: int, buffer: ExpansionBuffer, na
     linear.weight = idle
 
     def pre(module: nn.Module, args: tuple) -> None:
-        module.weight = expand(getattr(module, BLOCKS), ggml_type, shape, dtype, out=buffer.view(shape),
-                               tensor_name=name)
+        kept = module.__dict__.get(EXPANDED)
+        if kept is not None:
+            module.weight = kept
+        elif module.__dict__.get(KEEP_EXPANDED):   # expanded once, at its first use, and kept
+            module.weight = module.__dict__[EXPANDED] = expand(getattr(module, BLOCKS), ggml_type, shape, dtype,
+                                                               tensor_name=name)
+        else:
+            module.weight = expand(getattr(module, BLOCKS), ggml_type, shape, dtype, out=buffer.view(shape),
+                                   tensor_name=name)
 
     def post(module: nn.Module, args: tuple, output: Any) -> None:
         module.weight = idle  # the buffer belongs to the next Linear now
 
     linear.register_forward_pre_hook(pre, prepend=True)
     linear.register_forward_hook(post)
+
+
+def keep_expanded(layer: nn.Module) -> int:
+    """A resident layer the plan has room to hold expanded: each of its block Linears expands once, at its
+    first use, into a weight of its own and computes from it afterwards (no expansion per pass; the blocks
+    stay too). Returns how many Linears it marked."""
+    marked = 0
+    for module in layer.modules():
+        if BLOCKS in module._buffers:
+            module.__dict__[KEEP_EXPANDED] = True
+            marked += 1
+    return marked
 
 
 def embed_from_blocks(embedding: nn.Embedding, blocks: torch.Tensor, ggml_type: int, dtype: torch.dtype,
@@ -93,8 +114,18 @@ class BlockHead(nn.Module):
         self.weight = torch.empty((0, hidden), dtype=dtype, device=blocks.device)  # dtype for other hooks
         self.in_features, self.out_features = hidden, self.vocab
 
+    def keep_expanded(self) -> None:
+        """The plan has room for the whole head at the compute dtype: expand it once, at the next call."""
+        self.__dict__[KEEP_EXPANDED] = True
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         blocks = getattr(self, BLOCKS)
+        if self.__dict__.get(KEEP_EXPANDED):
+            kept = self.__dict__.get(EXPANDED)
+            if kept is None:
+                kept = self.__dict__[EXPANDED] = expand(blocks, self.ggml_type, (self.vocab, self.hidden),
+                                                        self.weight.dtype, tensor_name=self.name)
+            return F.linear(hidden_states, kept)
         out = hidden_states.new_empty((*hidden_states.shape[:-1], self.vocab))
         for start in range(0, self.vocab, self.chunk_rows):
             rows = min(self.chunk_rows, self.vocab - start)

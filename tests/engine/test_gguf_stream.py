@@ -153,6 +153,49 @@ def test_tiny_gguf_matches_transformers(tmp_path, arch):
                 assert torch.equal(seq_got, seq_want)
 
 
+def test_resident_layers_expand_once_when_nothing_streams_and_stay_blocks_when_layers_stream(tmp_path,
+                                                                                           monkeypatch):
+    """The plan's choice for resident GGUF layers: room for every layer's blocks plus k expanded copies
+    keeps k layers expanded (each Linear expanded once, at first use), and room for all of them plus the
+    head keeps the head expanded too; a budget that streams any layer keeps every layer in blocks and the
+    head in chunks. Logits equal transformers' load either way."""
+    from jobs.paging import block_weights
+
+    path = write_tiny_gguf(tmp_path / "tiny-qwen3.gguf", "qwen3", seed=3)
+    reference = _reference(path)
+    shape = shape_from_path(path)
+    blocks, expanded, head = shape.layer_stored_bytes, shape.layer_numel * 4, VOCAB * HIDDEN * 4
+    ids = torch.tensor([[2, 5, 9, 14, 3, 20, 7, 11], [2, 8, 8, 15, 22, 6, 30, 12]])
+    calls: list[tuple[str, bool]] = []   # (decoder or head, expanded into a tensor of its own)
+    real = block_weights.expand
+
+    def counting(*a, **k):   # the embedding expands its looked-up rows its own way: not counted
+        if k["tensor_name"] != "token_embd.weight":
+            calls.append(("head" if k["tensor_name"] == "output.weight" else "blk", k.get("out") is None))
+        return real(*a, **k)
+    monkeypatch.setattr(block_weights, "expand", counting)
+    linears = 7   # q, k, v, o, gate, up, down per layer
+    full = LAYERS * (blocks + expanded)
+    for budget, want_layers, want_head in ((LAYERS * blocks + expanded + expanded // 2, 1, False),
+                                           (full + head - 1, LAYERS, False),
+                                           (full + head, LAYERS, True),
+                                           (2 * blocks + blocks // 2, 0, False)):     # layers stream
+        calls.clear()
+        with load_streamed(spec_for(path, vram_budget_bytes=budget, ram_budget_bytes=None)) as loaded:
+            stats = loaded.stats()
+            assert stats["expanded_layers"] == loaded.plan.expanded_layers == want_layers
+            assert stats["expanded_head"] is want_head
+            assert any(r["item"] == "expanded resident layers" for r in loaded.plan.rows) == bool(want_layers)
+            with torch.no_grad():
+                for _ in range(2):   # two passes: what is kept expands in the first only
+                    torch.testing.assert_close(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                               rtol=0, atol=1e-4)
+        blk = [own for what, own in calls if what == "blk"]
+        assert sum(blk) == want_layers * linears
+        assert len(blk) - sum(blk) == 2 * (LAYERS - want_layers) * linears
+        assert [own for what, own in calls if what == "head"] == ([True] if want_head else [False, False])
+
+
 def test_llama_q_k_rows_follow_transformers_order(tmp_path):
     """llama.cpp stores q/k rows permuted for its rope; transformers undoes it, and so must the streamer."""
     from jobs.paging.gguf_file import GgufFile

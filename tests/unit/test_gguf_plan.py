@@ -122,6 +122,30 @@ def test_model_plan_fits_the_27b_q4_0_on_the_2080ti_without_reading_a_weight_byt
     assert "of free host RAM, so the" in table
 
 
+def test_resident_gguf_layers_are_expanded_only_where_nothing_streams(q4_0):
+    """Blocks vs expanded for resident layers: on the 2080 Ti the 27B streams, so every resident layer stays
+    blocks (each one saves PCIe bytes per pass); where every layer's blocks fit with room to spare, that
+    room holds whole layers expanded, at the compute dtype, and the plan counts them."""
+    path, _ = q4_0
+    shape = shape_from_path(path)
+    card = make_plan(shape, profile("rtx2080ti", host_ram_bytes=32 * GiB), PlanRequest(batch=1, context=1024))
+    assert card.fits and card.resident_layers < 62 and card.expanded_layers == 0
+    assert not any(r["item"] == "expanded resident layers" for r in card.rows)
+    blocks, expanded = 62 * shape.layer_stored_bytes, shape.layer_numel * 2
+    for extra, want in ((0, 0), (expanded - 1, 0), (expanded, 1), (10 * expanded + 5, 10), (62 * expanded, 62)):
+        plan = make_plan(shape, profile("h100"), PlanRequest(batch=1, context=1024, dtype="fp16",
+                                                                  vram_budget_bytes=blocks + extra))
+        assert plan.fits and plan.resident_layers == 62 and plan.expanded_layers == want, (extra, plan.reason)
+        rows = [r for r in plan.rows if r["item"] == "expanded resident layers"]
+        assert sum(r["bytes"] for r in rows) == want * expanded
+        assert not plan.expanded_head
+    head = shape.vocab * shape.hidden * 2   # the tied 262k x 5376 head: 2.6 GiB in fp16
+    for extra, want_head in ((head - 1, False), (head, True)):
+        plan = make_plan(shape, profile("h100"), PlanRequest(batch=1, context=1024, dtype="fp16",
+                                                             vram_budget_bytes=blocks + 62 * expanded + extra))
+        assert plan.fits and plan.expanded_layers == 62 and plan.expanded_head is want_head
+
+
 def test_an_fp16_folder_plan_names_the_4bit_file_and_the_disk(tmp_path, capsys):
     config = write_config(tmp_path)
     rc = main(["--config", str(config), "model", "plan", str(ROOT / "examples/configs/gemma-3-27b-it"),

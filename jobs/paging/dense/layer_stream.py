@@ -17,6 +17,7 @@ from torch import nn
 from jobs.contract.errors import BudgetError, KernelError, ModelFolderError
 from jobs.contract.spec import DEFAULT_BATCH_SIZE, VARIANT_MODES, ModelSpec
 from jobs.contract.units import format_size
+from jobs.paging.block_weights import BlockHead, keep_expanded
 from jobs.paging.dense.gguf_store import GgufStore
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.streamer import LayerStreamer, StreamPlan, assign_tensors
@@ -75,8 +76,11 @@ class StreamedModel:
             "plan_peak_device_bytes": self.plan.peak_device_bytes if self.plan else None,
             "plan_peak_pinned_bytes": self.plan.peak_pinned_bytes if self.plan else None,
             "plan_context_tokens": self.plan.request["context"] if self.plan else None,
-            # GGUF: every layer, resident ones included, stays blocks and expands per use into one buffer
+            # GGUF: layers stay blocks and expand per use into one buffer, but where nothing streams the
+            # plan keeps as many resident layers expanded (at first use) as the room left allows
             "weights_format": "gguf blocks" if isinstance(self._store, GgufStore) else "safetensors",
+            "expanded_layers": self.plan.expanded_layers if self.plan else 0,
+            "expanded_head": self.plan.expanded_head if self.plan else False,
             "expansion_buffer_bytes": (self._store.buffer.nbytes if isinstance(self._store, GgufStore)
                                        and self._store.buffer is not None else 0),
             **self.kernels,
@@ -201,6 +205,11 @@ def load_streamed(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = D
                 plan.streaming_slots, plan.ram_cache_layers, summary(choice))
     if isinstance(store, GgufStore):
         tokenizer = store.tokenizer()  # the non-layer weights were placed by bind()
+        for layer in layers[:memory.expanded_layers]:
+            keep_expanded(layer)
+        head = model.get_output_embeddings()
+        if memory.expanded_head and isinstance(head, BlockHead):
+            head.keep_expanded()
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         _load_non_layer(model, store, torch_device, dtype)

@@ -82,6 +82,8 @@ class MemoryPlan:
     streaming_slots: int = 0
     ram_cache_layers: int = 0
     layer_bytes: int = 0
+    expanded_layers: int = 0          # gguf: resident layers also held expanded (nothing streams, room left)
+    expanded_head: bool = False       # gguf: the lm_head also held expanded (every layer expanded, room left)
     expert_cache_slots: int = 0
     experts_in_ram: int = 0
     weights_format: str = "safetensors"      # "gguf": blocks are read, cached and sent; expanded per use
@@ -320,6 +322,22 @@ def _plan_dense(shape: ModelShape, device: DeviceProfile, req: PlanRequest, mode
         _add(plan, "fast-layer expansion", where, 2 * packed + shape.largest_matrix_numel * (1 + 2 * s),
              f"packed parts of {min(2, streamed)} layers + one {shape.largest_matrix_numel:,}-element weight expanding")
     _add(plan, "resident layers", where, resident * layer, f"{resident} of {n} x {format_size(layer)}")
+    if shape.gguf and resident == n:
+        # Nothing streams: room left over holds resident layers expanded too, so they skip the expansion
+        # per use. Where layers stream, blocks stay blocks: a resident layer as blocks saves PCIe bytes
+        # on every pass, and expanding on the device costs far less than moving a layer.
+        expanded_layer = shape.layer_numel * s
+        plan.expanded_layers = min(n, max(0, budget - n * layer) // expanded_layer) if expanded_layer else 0
+        if plan.expanded_layers:
+            _add(plan, "expanded resident layers", where, plan.expanded_layers * expanded_layer,
+                 f"{plan.expanded_layers} of {n} x {format_size(expanded_layer)} {req.dtype}, expanded once at "
+                 "first use (the rest expand per use)")
+        head = shape.vocab * shape.hidden * s   # the head, tied or not, is vocab x hidden
+        left = budget - n * layer - plan.expanded_layers * expanded_layer
+        if plan.expanded_layers == n and left >= head:
+            plan.expanded_head = True
+            _add(plan, "expanded lm_head", where, head, f"{shape.vocab:,} x {shape.hidden:,} {req.dtype}, expanded "
+                 "once at first use instead of in chunks every pass")
     _add(plan, "streaming slots", where, slots * layer, f"{slots} preallocated, double buffered" if slots == 2
          else f"{slots}" + (" (no prefetch)" if slots else ""))
     plan.resident_layers, plan.streaming_slots = resident, slots
