@@ -28,9 +28,9 @@ EX = ROOT / "examples"
 OWN = ROOT / "tests" / "data" / "claims"
 
 
-def note_items() -> list[dict]:
+def note_items(folders: tuple[Path, ...] = (EX / "archive", OWN / "own_notes")) -> list[dict]:
     out = []
-    for folder in (EX / "archive", OWN / "own_notes"):
+    for folder in folders:
         for p in sorted(folder.glob("*.md")):
             text = p.read_text()
             d, t = manifest.note_date(p.name, 0), ni._title(p.name, text)
@@ -51,11 +51,12 @@ def artifact_items() -> list[dict]:
     return out
 
 
-def cv_items(embedder: Embedder) -> list[dict]:
+def cv_items(embedder: Embedder, pairs: list[tuple[Path, list[Path]]] | None = None) -> list[dict]:
     out = []
-    pairs = [(EX / "cv" / "cv.md", sorted((EX / "cv" / "postings").glob("*.md"))),
-             (OWN / "own_cv" / "cv-frontend.md",
-              [*sorted((EX / "cv" / "postings").glob("*.md")), OWN / "own_cv" / "posting-platform.md"])]
+    if pairs is None:
+        pairs = [(EX / "cv" / "cv.md", sorted((EX / "cv" / "postings").glob("*.md"))),
+                 (OWN / "own_cv" / "cv-frontend.md",
+                  [*sorted((EX / "cv" / "postings").glob("*.md")), OWN / "own_cv" / "posting-platform.md"])]
     for cv_path, postings in pairs:
         cv_text = cv_path.read_text()
         units = cvm.cv_units(cv_text)
@@ -121,11 +122,24 @@ def main() -> int:
     ap.add_argument("--merge", action="store_true", help="write pairs.jsonl from the candidates and labels.tsv")
     ap.add_argument("--notes-from-end", action="store_true",
                     help="only the bundled notes' first tries, last note first (a second collector)")
+    ap.add_argument("--notes", type=Path, nargs="*", default=None, metavar="DIR",
+                    help="only the notes in these folders (a held-out set); with --cv, only those items")
+    ap.add_argument("--cv", type=Path, nargs="*", default=None, metavar="CV",
+                    help="only these CVs, each against every --postings file")
+    ap.add_argument("--postings", type=Path, nargs="*", default=[], metavar="P")
+    ap.add_argument("--merge-heldout", action="store_true",
+                    help="write pairs-heldout.jsonl from candidates-heldout.jsonl and labels-heldout.tsv")
     args = ap.parse_args()
     if args.merge:
         return merge([args.out, OWN / "candidates-2.jsonl"], OWN / "labels.tsv", OWN / "pairs.jsonl")
+    if args.merge_heldout:
+        return merge([OWN / "candidates-heldout.jsonl"], OWN / "labels-heldout.tsv", OWN / "pairs-heldout.jsonl")
     embedder = Embedder()
-    items = cv_items(embedder) + artifact_items() + note_items()
+    if args.notes is not None or args.cv is not None:   # only the named items (a held-out set)
+        cvs = [(c.resolve(), [p.resolve() for p in args.postings]) for c in args.cv or []]
+        items = (cv_items(embedder, cvs) if cvs else []) + note_items(tuple(d.resolve() for d in args.notes or []))
+    else:
+        items = cv_items(embedder) + artifact_items() + note_items()
     # Own notes first, then the bundled ones: a partial run still covers every source type.
     items.sort(key=lambda i: (i["task"] != "note_summary" or "own_notes" not in i["file"]))
     done = {(d["task"], d["file"], d["example"]) for d in map(json.loads, args.out.read_text().splitlines())
