@@ -40,13 +40,21 @@ SUBJECT = frozenset("candidate candidates author writer note notes text summary 
 # Praise is a judgement the sources never state; a rationale may give it only when the facts do.
 PRAISE = frozenset("""good great strong excellent ideal perfect perfectly well-suited suitable suited
 qualified fit fits fitting match matches right impressive solid""".split())
-# A source clause that only wishes, plans, asks or compares ("Marta asked if the script could count
-# pages", "She wants me to keep doing the site", "feels like a promise") does not support the same
-# words stated as done; the claim must carry a marker of its own.
+# A source clause that only wishes, plans, asks, obliges or compares ("Marta asked if the script could
+# count pages", "She wants me to keep doing the site", "I still have to order new cards", "feels like a
+# promise") does not support the same words stated as done: the claim must carry the same mood.
 IRREALIS = frozenset("""maybe perhaps might could would should hope hopes hoping plan plans planned planning
-want wants wanted wish wishes if whether next someday probably will seems seemed homework todo goal
-goals idea""".split())
-_HEDGE = re.compile(r"\b(?:feels?|felt|looks?|looked) like\b|\bas if\b|\bgoing to\b|'ll\b", re.IGNORECASE)
+want wants wanted wish wishes if whether next someday probably will homework todo goal goals idea""".split())
+MOODS = {"a wish or plan": re.compile(r"\b(?:" + "|".join(sorted(IRREALIS)) + r")\b|\bgoing to\b|'ll\b",
+                                      re.IGNORECASE),
+         "an obligation": re.compile(r"\b(?:have|has|need|needs) to\b|\bmust\b", re.IGNORECASE),
+         "a comparison": re.compile(r"\b(?:feels?|felt|looks?|looked) like\b|\bas if\b|\bseem(?:s|ed)?\b",
+                                    re.IGNORECASE)}
+# "the first to", "the only one who": a ranking among others, which "my first night shift" does not support.
+_RANK = re.compile(r"\bthe (first|only|last)(?: one| person)? (?:to|who)\b", re.IGNORECASE)
+# A posting's title names the job, not what the candidate has been: it supports only a claim about the job.
+_JOB_LINE = re.compile(r"^the job is\b", re.IGNORECASE)
+_ABOUT_JOB = frozenset("job role position posting".split())
 COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
           "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "twenty": 20, "thirty": 30,
           "forty": 40, "fifty": 50, "hundred": 100}
@@ -127,8 +135,8 @@ def align(claim: str, source: str, *, min_coverage: float = 0.8, window: int = 2
     return Verdict(True, "", " / ".join(v.evidence for v in verdicts), min(v.coverage for v in verdicts))
 
 
-def _irrealis(text: str) -> bool:
-    return bool(IRREALIS & set(tokens(text))) or bool(_HEDGE.search(text))
+def _moods(text: str) -> set[str]:
+    return {name for name, pattern in MOODS.items() if pattern.search(text)}
 
 
 def _negated(words: list[str], keys: set[str] | None) -> bool:
@@ -164,13 +172,19 @@ def align_one(claim: str, source: str, *, min_coverage: float = 0.8, window: int
     if not words:
         return Verdict(False, "no claim")
     units = clauses(source)
+    if not _ABOUT_JOB & set(tokens(claim)):
+        units = [u for u in units if not _JOB_LINE.match(u)]
     keys = [_key(w) for w in words]
     key_set = set(keys)
     names = _names(claim)
     claim_words = tokens(claim)
     claim_counts = _counts(claim_words)
     claim_negated = _negated(claim_words, None)
-    claim_irrealis = _irrealis(claim)
+    claim_moods = _moods(claim)
+    rank = _RANK.search(claim)
+    # "I was on the till" states where I was, not who put me there: no doer check for a state.
+    state = claim_words[1:2] in (["was"], ["am"], ["were"]) and not claim_words[2:3][0].endswith("ing") \
+        if len(claim_words) > 2 else False
     agent = next((w for w in claim_words[:3] if w in ("she", "he", "they")), None)
     best: Verdict | None = None
     for i in range(len(units)):
@@ -193,14 +207,17 @@ def align_one(claim: str, source: str, *, min_coverage: float = 0.8, window: int
                 reason = "a count differs from the source sentence"
             elif agent and agent not in main and "i" in main:
                 reason = f"who did it differs: '{agent}' where the source says 'I'"
-            elif claim_words[:1] == ["i"] and _done_for_me(main) and "i" not in main:
+            elif claim_words[:1] == ["i"] and not state and _done_for_me(main) and "i" not in main:
                 reason = "who did it differs: 'I' where the source says someone did it for me"
             elif any(q in words and _key(q) not in have for q in QUALIFIERS):
                 reason = "qualifier not in the source sentence"
             elif claim_negated != _negated(text_words, key_set):
                 reason = "negation differs from the source sentence"
-            elif not claim_irrealis and any(_irrealis(u) for u in givers):
-                reason = "the source only wishes, plans or compares what the sentence states as done"
+            elif any(_moods(u) - claim_moods for u in givers):
+                mood = sorted(set().union(*(_moods(u) for u in givers)) - claim_moods)[0]
+                reason = f"the source states {mood} where the sentence states a fact"
+            elif rank and not any(m.group(1).lower() == rank.group(1).lower() for m in _RANK.finditer(text)):
+                reason = f"a ranking ('the {rank.group(1).lower()} to/who') the source does not make"
             elif cov < min_coverage:
                 reason = f"only {cov:.0%} of its words in one source sentence"
             v = Verdict(not reason, reason, text, round(cov, 3))
