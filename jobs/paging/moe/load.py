@@ -148,7 +148,8 @@ def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = 
     pin = device.type == "cuda"
     quantized = None if gguf is not None else _open_variant(model_dir, variant, quant_spec)
     if gguf is not None:
-        store: ExpertStore = GgufExpertStore(layout, gguf.file, dtype, pin_memory=pin)
+        gguf_experts = GgufExpertStore(layout, gguf.file, dtype, pin_memory=pin)
+        store: ExpertStore = gguf_experts
     elif quantized is None:
         store = ExpertStore(layout, dtype, pin_memory=pin)
     else:
@@ -170,9 +171,9 @@ def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = 
         raise BudgetError(f"model {spec.name}: {memory.reason}")
 
     if gguf is not None:
-        bind_gguf_moe(model, experts, gguf, store, device, dtype)
+        bind_gguf_moe(model, experts, gguf, gguf_experts, device, dtype)
         applied = apply_kernels(model, device, kernels)  # norms and RoPE only, as for a folder
-        store.load(None, ram_budget_bytes)
+        gguf_experts.load(None, ram_budget_bytes)
     else:
         index = CheckpointIndex(model_dir)
         try:
