@@ -25,8 +25,13 @@ class ExpansionBuffer:
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
         self.flat = torch.empty(numel, dtype=dtype, device=device)
 
-    def view(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.flat[:math.prod(shape)].view(shape)
+    def view(self, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
+        return self.flat[offset:offset + math.prod(shape)].view(shape)
+
+    def reserve(self, numel: int) -> None:
+        """Hold at least `numel` elements (the hooks read `flat` at each call, so they see the new one)."""
+        if self.flat.numel() < numel:
+            self.flat = torch.empty(numel, dtype=self.flat.dtype, device=self.flat.device)
 
     @property
     def nbytes(self) -> int:

@@ -55,12 +55,21 @@ class GgufFile:
             self.config = AutoConfig.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except (ValueError, KeyError, NotImplementedError) as exc:
             raise ModelFolderError(f"transformers cannot read {self.path.name} as a model: {exc}") from None
-        header = read_header(self.path)   # the header alone: metadata arrays are skipped by the engine
+        self.header = header = read_header(self.path)   # the header alone: no weight byte is read
         self.architecture = header.architecture
         self.tensors = {name: (info.ggml_type, tuple(reversed(info.shape)), info.offset_bytes, info.nbytes)
                         for name, info in header.tensors.items()}
         with open(self.path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def tensor(self, gguf_name: str) -> GgufTensor:
+        """The file's tensor `gguf_name` as stored (rows in the file's order), its block type checked."""
+        if gguf_name not in self.tensors:
+            raise ModelFolderError(f"{self.path.name} has no tensor {gguf_name}; the file is incomplete or not the "
+                                   f"{self.architecture} layout its metadata declares")
+        ggml_type, shape, offset, nbytes = self.tensors[gguf_name]
+        block_type(ggml_type, gguf_name)  # refuses IQ*, TQ*, MXFP4, ... naming the tensor
+        return GgufTensor(gguf_name, ggml_type, shape, offset, nbytes)
 
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer

@@ -187,7 +187,7 @@ class ExpertCache:
                 self._stalls.append((key[0], begin, end))
                 if len(self._stalls) > 1024:
                     self._settle_stalls(wait=False)
-        return self.store.expand(self._slots[slot])
+        return self.store.expand(self._slots[slot], key)
 
     def _settle_stalls(self, *, wait: bool) -> None:
         """Add the compute stream's waits to stall_s: all of them (`wait`: stats time), or those finished."""

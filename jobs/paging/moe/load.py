@@ -1,7 +1,8 @@
-"""Loading a MoE folder for expert paging: `load_paged_moe()` and the `PagedMoE` it returns.
+"""Loading a MoE folder or GGUF file for expert paging: `load_paged_moe()` and the `PagedMoE` it returns.
 
 Owns building the family's own transformers model (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE, ...)
-without expert weights and wiring in the pager; plan/moe_layout.py says which families qualify.
+without expert weights and wiring in the pager; plan/moe_layout.py says which families qualify, and
+gguf_experts.py how a GGUF file's experts and other weights are held.
 """
 from __future__ import annotations
 
@@ -12,24 +13,28 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from jobs.contract.errors import BudgetError, ModelFolderError
 from jobs.contract.spec import DEFAULT_BATCH_SIZE, VARIANT_MODES, ModelSpec
 from jobs.contract.units import format_size, parse_size
 from jobs.paging.capability import resolve_dtype
+from jobs.paging.dense.gguf_store import GgufStore
 from jobs.paging.dtypes import dtype_name, torch_dtype
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.moe.cache import ExpertCache, cache_capacity
 from jobs.paging.moe.families import find_experts, layout_of
+from jobs.paging.moe.gguf_experts import GgufExpertStore, bind_gguf_moe, check_gguf_moe
 from jobs.paging.moe.pager import ExpertPager
 from jobs.paging.moe.quant import QuantExpertStore
 from jobs.paging.moe.store import CheckpointIndex, ExpertStore
+from jobs.paging.plan.gguf_header import is_gguf
 from jobs.paging.plan.memplan import MemoryPlan, PlanRequest, make_plan
-from jobs.paging.plan.moe_layout import REFUSED, SUPPORTED_SENTENCE, TESTED, is_expert_key
+from jobs.paging.plan.moe_layout import REFUSED, SUPPORTED_SENTENCE, TESTED, is_expert_key, num_routed_experts
 from jobs.paging.plan.settings import is_moe_folder
-from jobs.paging.plan.shape import shape_from_folder
+from jobs.paging.plan.shape import shape_from_path
 from jobs.paging.quant import QuantSpec, Variant
 from jobs.paging.runtime import runtime_profile
 
@@ -93,6 +98,11 @@ def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = 
     run; attention, norms, routers and embeddings stay precise and resident. "auto": fast when the
     folder has a variant, else precise.
 
+    A GGUF file (spec.path a .gguf of an architecture transformers loads with its experts: qwen2moe,
+    qwen3moe): each expert is its slice of the file's fused blocks in the store and the device cache, expanded
+    to `dtype` where it runs; the other Linears stay resident as blocks and expand on use, all into one
+    reused buffer (gguf_experts); config and tokenizer come from the file. Its variant is the file's own.
+
     spec: the model's settings (jobs.contract.spec.ModelSettings); the run-time arguments: prefetch (stage
     the predicted experts of the next layer), batch_size (rows the memory plan makes room for), cache_scope,
     cpu_miss_exec / cpu_miss_max_tokens (ExpertPager) and quant_spec (which variant when there are several)."""
@@ -100,12 +110,18 @@ def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = 
     variant, kernels, cache_policy = spec.variant, spec.kernels, spec.cache_policy
     if not is_moe_folder(model_dir):
         raise ValueError(f"{model_dir} is not a MoE model folder (config.json has no num_local_experts, "
-                         "num_experts or n_routed_experts); use the dense layer-streaming engine for it")
+                         "num_experts or n_routed_experts; a GGUF header no expert_count); use the dense "
+                         "layer-streaming engine for it")
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but torch sees no CUDA device")
     dtype = torch_dtype(resolve_dtype(spec.dtype, device))  # "auto": capability.resolve_dtype, as the dense loader
-    config = AutoConfig.from_pretrained(model_dir)
+    gguf = GgufStore(model_dir) if is_gguf(model_dir) else None
+    if gguf is not None:
+        check_gguf_moe(gguf.file, num_routed_experts(gguf.config.to_dict()))
+        if variant == "fast":
+            gguf.open_variant()  # refused: a GGUF's experts are already blocks
+    config = gguf.config if gguf is not None else AutoConfig.from_pretrained(model_dir)
     if config.model_type in REFUSED:
         raise ValueError(f"{model_dir.name}: {REFUSED[config.model_type]}. {SUPPORTED_SENTENCE}")
     # transformers annotates its auto mappings' values as (slow, fast) tokenizer class pairs; a model
@@ -114,8 +130,14 @@ def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = 
     if model_class is None:
         raise ValueError(f"{model_dir.name}: transformers has no causal LM class for {config.model_type!r}. "
                          f"{SUPPORTED_SENTENCE}")
-    with torch.device("meta"):
-        model = model_class(config)  # no memory: weights are filled in by _load_dense
+    if gguf is not None:
+        # as the dense GGUF path builds it: the Linears' dtype is what their blocks expand to, RoPE's
+        # inv_freq stays real
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        with torch.device("meta"):
+            model = model_class(config)  # no memory: weights are filled in by _load_dense
     experts = find_experts(model)    # the family's experts modules, checked against the seam
     layout = layout_of(model, experts)
     if config.model_type not in TESTED:
@@ -124,8 +146,11 @@ def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = 
                     "on it", model_dir.name, config.model_type, ", ".join(TESTED))
     n_layers, n_experts = layout.num_layers, layout.num_experts
     pin = device.type == "cuda"
-    quantized = _open_variant(model_dir, variant, quant_spec)
-    if quantized is None:
+    quantized = None if gguf is not None else _open_variant(model_dir, variant, quant_spec)
+    if gguf is not None:
+        gguf_experts = GgufExpertStore(layout, gguf.file, dtype, pin_memory=pin)
+        store: ExpertStore = gguf_experts
+    elif quantized is None:
         store = ExpertStore(layout, dtype, pin_memory=pin)
     else:
         store = QuantExpertStore(layout, quantized, dtype, pin_memory=pin)
@@ -140,26 +165,31 @@ def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = 
     store.check_budget(ram_budget_bytes)
     # The memory plan, against the device as it is now (runtime_profile, capped by device_memory_bytes), is
     # the one budget: it refuses what cannot fit and, without expert_cache_bytes, sizes the cache.
-    memory = make_plan(shape_from_folder(model_dir), runtime_profile(device, spec.device_memory_bytes),
+    memory = make_plan(shape_from_path(model_dir), runtime_profile(device, spec.device_memory_bytes),
                        _plan_request(spec, batch_size, dtype_name(dtype), prefetch, quantized), spec.name)
     if not memory.fits:
         raise BudgetError(f"model {spec.name}: {memory.reason}")
 
-    index = CheckpointIndex(model_dir)
-    try:
-        model = _load_dense(model, experts, index, device, dtype)
-        applied = apply_kernels(model, device, kernels)  # norms and RoPE only: the experts are the pager's
-        store.load(index, ram_budget_bytes)
-    finally:
-        index.close()
+    if gguf is not None:
+        bind_gguf_moe(model, experts, gguf, gguf_experts, device, dtype)
+        applied = apply_kernels(model, device, kernels)  # norms and RoPE only, as for a folder
+        gguf_experts.load(None, ram_budget_bytes)
+    else:
+        index = CheckpointIndex(model_dir)
+        try:
+            model = _load_dense(model, experts, index, device, dtype)
+            applied = apply_kernels(model, device, kernels)  # norms and RoPE only: the experts are the pager's
+            store.load(index, ram_budget_bytes)
+        finally:
+            index.close()
     if expert_cache_bytes is None:  # the plan's slots: what fits next to the KV cache and activations of the batch
         expert_cache_bytes = memory.expert_cache_slots * expert_bytes
     cache = ExpertCache(store, expert_cache_bytes, device=device, policy=cache_policy,
                         scope=cache_scope)
     pager = ExpertPager(model, store, cache, prefetch=prefetch, cpu_miss_exec=cpu_miss_exec,
                         cpu_miss_max_tokens=cpu_miss_max_tokens, experts=experts)
-    tokenizer = None
-    if any((model_dir / name).exists() for name in _TOKENIZER_FILES):
+    tokenizer = gguf.tokenizer() if gguf is not None else None
+    if gguf is None and any((model_dir / name).exists() for name in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     log.info("paged MoE %s (%s): %d MoE layers x %d experts (%s), cache %d/%d experts (%s) on %s",
              model_dir.name, config.model_type, n_layers, n_experts, store.variant, cache.capacity,

@@ -65,7 +65,7 @@ class QuantExpertStore(ExpertStore):
         # (offset, nbytes, dtype, shape) of every part of every weight, from the first expert's headers
         self._layout: list[list[tuple[int, int, torch.dtype, torch.Size]]] = []
 
-    def expand(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def expand(self, flat: torch.Tensor, key: Key | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         weights = []
         for shape, parts in zip(self._shapes, self._layout):
             packed = {name: flat[off:off + n].view(dt).view(sh)

@@ -118,7 +118,7 @@ class ExpertStore:
         self.num_experts = layout.num_experts
         self.expert_bytes = expert_nbytes(layout, dtype)
         self.variant = "precise"  # what the stats call the expert format; see expert_quant.py
-        self.bits = dtype.itemsize * 8
+        self.bits: float = dtype.itemsize * 8  # per weight as stored (GGUF blocks: e.g. 4.5 for Q4_K)
         self.pin_memory = pin_memory
         # One expert's flat buffer (arena view, staging slot, device slot): its dtype and length.
         self.slot_dtype, self.slot_numel = dtype, layout.expert_numel
@@ -257,7 +257,7 @@ class ExpertStore:
         flat = self._ram.get(key)
         if flat is None:
             flat = self._staging[self._stage(key)]
-        return self.expand(flat)
+        return self.expand(flat, key)
 
     def copy_to(self, key: Key, dst: torch.Tensor) -> None:
         """Copy expert `key` into the flat `dst` (a device cache slot). From the arena when in RAM;
@@ -294,9 +294,10 @@ class ExpertStore:
         self._counters["disk_read_s"] += time.perf_counter() - t0
         self._counters["disk_reads"] += 1
 
-    def expand(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up, down) in the compute dtype from one flat expert (arena view, staging slot or
-        device slot), on its device; here plain views, a 4-bit store dequantizes."""
+    def expand(self, flat: torch.Tensor, key: Key | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) in the compute dtype from one flat expert `key` (arena view, staging slot or
+        device slot), on its device; here plain views, a 4-bit store dequantizes, a GGUF store expands the
+        blocks of `key`'s layer."""
         return split_expert(flat, self.layout)
 
     # -- accounting -------------------------------------------------------------------------

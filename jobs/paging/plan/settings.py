@@ -7,6 +7,7 @@ from pathlib import Path
 
 from jobs.contract.errors import SettingError
 from jobs.contract.spec import ModelSettings, ModelSpec
+from jobs.paging.plan.gguf_header import is_gguf, read_header
 from jobs.paging.plan.moe_layout import num_routed_experts
 
 # What each engine has no use for, and why: refused unless left at its default. ram_budget_bytes applies
@@ -24,7 +25,13 @@ _IGNORED_BY = {
 
 def is_moe_folder(model_dir: str | Path) -> bool:
     """True when the folder's config.json names routed experts (`num_local_experts`: Mixtral, gpt-oss;
-    `num_experts`: Qwen-MoE, OLMoE; `n_routed_experts`: DeepSeek), top level or text_config."""
+    `num_experts`: Qwen-MoE, OLMoE; `n_routed_experts`: DeepSeek), top level or text_config; for a GGUF file,
+    when its header's `ARCH.expert_count` does (read from the header, no weight byte)."""
+    if is_gguf(model_dir):
+        try:
+            return bool(read_header(model_dir).arch_key("expert_count"))
+        except SettingError:
+            return False  # the dense engine says what is wrong with the file
     try:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):

@@ -259,7 +259,6 @@ def shape_from_gguf(path: str | Path) -> ModelShape:
             n = t.shape[-1] if len(t.shape) == 3 else max(1, shape.num_experts)
             expert_bytes[i] = expert_bytes.get(i, 0) + t.nbytes // n
             expert_numel[i] = expert_numel.get(i, 0) + t.numel // n
-            largest = max(largest, t.numel // n // 2 if "gate_up" in parts[2] else t.numel // n)
             continue
         per_layer_bytes[i] += t.nbytes
         per_layer_numel[i] += t.numel
@@ -275,6 +274,8 @@ def shape_from_gguf(path: str | Path) -> ModelShape:
                              "*_exps tensors; this layout is not supported")
         moe = dict(expert_stored_bytes=max(expert_bytes.values()), expert_numel=max(expert_numel.values()),
                    moe_layers=len(expert_bytes), decoder_numel=sum(per_layer_numel.values()))
+        # the pager expands a whole expert (gate_up and down) into the reused buffer at once
+        largest = max(largest, max(expert_numel.values()))
     return replace(shape, layer_numel=max(per_layer_numel.values()), non_layer_numel=other_numel,
                    largest_matrix_numel=largest or shape.largest_matrix_numel, source="GGUF header",
                    weights_format="gguf", layer_stored_bytes=max(per_layer_bytes.values()),
