@@ -1,5 +1,6 @@
 """GGUF benchmark: the embedded Gemma-3-270M Q4_K_M streamed from its GGUF file vs its converted bf16 folder
-streamed vs transformers resident (fp32 load of the same GGUF), and llama.cpp's Python binding as the peer.
+streamed vs the GGUF with every layer resident (the plan then keeps layers and head expanded) vs transformers
+resident (fp32 load of the same GGUF), and llama.cpp's Python binding as the peer.
 
 Prints a table and writes bench/results/gguf_<host>_<date>.json; never asserts timings. Bytes per pass are
 what one forward pass reads for its decoder layers (every layer streamed, no RAM cache).
@@ -86,12 +87,18 @@ def main() -> int:
     settings = dict(device="cpu", dtype="fp32", vram_budget_bytes=LAYER_BUDGET_BYTES, ram_budget_bytes=None,
                     context_tokens=256)
     methods = {}
-    for name, path in (("gguf streamed", gguf), ("bf16 folder streamed", folder)):
+    # The last case gives no layer budget: every layer resident, so the plan keeps the layers and the head
+    # expanded (nothing streams); bytes per pass are then 0.
+    for name, path, budget in (("gguf streamed", gguf, LAYER_BUDGET_BYTES),
+                               ("bf16 folder streamed", folder, LAYER_BUDGET_BYTES),
+                               ("gguf resident, expanded by the plan", gguf, None)):
         print(f"{name}: {path}", flush=True)
-        with load_streamed(spec_for(path, **settings), batch_size=max(batches)) as loaded:
+        with load_streamed(spec_for(path, **{**settings, "vram_budget_bytes": budget}),
+                           batch_size=max(batches)) as loaded:
             rows = bench(loaded, batches, args.new_tokens, args.rounds)
             stats = loaded.stats()
-        methods[name] = {"path": str(path), "bytes_per_pass": stats["bytes_read_per_pass"], "rows": rows}
+        methods[name] = {"path": str(path), "bytes_per_pass": stats["bytes_read_per_pass"], "rows": rows,
+                         "expanded_layers": stats["expanded_layers"], "expanded_head": stats["expanded_head"]}
     print("resident transformers (fp32 load of the GGUF)", flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,10 +112,10 @@ def main() -> int:
     del model
     peer = llama_cpp_row(args.llama_python, gguf, args.new_tokens) if args.llama_python else {"status":
                                                                                            args.llama_status}
-    print(f"\n{'method':<24} {'MiB/pass':>9} " + " ".join(f"{'b' + str(b) + ' tok/s':>11}" for b in batches))
+    print(f"\n{'method':<36} {'MiB/pass':>9} " + " ".join(f"{'b' + str(b) + ' tok/s':>11}" for b in batches))
     for name, m in methods.items():
         cells = " ".join(f"{r['tok_s']:>11.2f}" for r in m["rows"])
-        print(f"{name:<24} {m['bytes_per_pass'] / MiB:>9.1f} {cells}")
+        print(f"{name:<36} {m['bytes_per_pass'] / MiB:>9.1f} {cells}")
     if "tok_s" in peer:
         print(f"{'llama-cpp-python':<24} {'-':>9} {peer['tok_s']:>11.2f}  (batch 1 only)")
     else:
