@@ -28,6 +28,11 @@ def open_model(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = DEFA
     device is refused (BudgetError naming what would fit) before any weight is read.
     """
     check_settings(spec)
+    import torch
+
+    from jobs.paging.runtime import configure_cuda_allocator
+
+    configure_cuda_allocator(torch.device(spec.device))   # before any CUDA allocation of the run
     if spec.kind == "moe":
         from jobs.paging.moe.load import load_paged_moe
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from moe_helpers import expert_bytes, save_hf, tiny_mixtral
@@ -46,3 +47,24 @@ def test_is_moe_folder_reads_the_text_config_too(tmp_path):
     assert not is_moe_folder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_local_experts": 8}}))
     assert is_moe_folder(tmp_path)
+
+
+def test_cuda_runs_get_expandable_segments_unless_the_user_chose(monkeypatch):
+    """#29: PYTORCH_CUDA_ALLOC_CONF is set before the run's first CUDA allocation, a user's value is kept,
+    and a cpu run leaves the environment alone."""
+    import torch
+
+    from jobs.paging import runtime
+
+    monkeypatch.delenv(runtime.ALLOC_CONF_ENV, raising=False)
+    assert runtime.configure_cuda_allocator(torch.device("cpu")) is None
+    assert runtime.ALLOC_CONF_ENV not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert runtime.configure_cuda_allocator(torch.device("cuda")) == "expandable_segments:True"
+    assert os.environ[runtime.ALLOC_CONF_ENV] == "expandable_segments:True"
+    monkeypatch.setenv(runtime.ALLOC_CONF_ENV, "max_split_size_mb:128")
+    assert runtime.configure_cuda_allocator(torch.device("cuda")) == "max_split_size_mb:128"
+    monkeypatch.delenv(runtime.ALLOC_CONF_ENV)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)   # too late: said, not pretended
+    assert runtime.configure_cuda_allocator(torch.device("cuda")) is None
+    assert runtime.ALLOC_CONF_ENV not in os.environ
