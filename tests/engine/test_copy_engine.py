@@ -1,0 +1,157 @@
+"""The GPU's copy path run on CPU through the thread engine (jobs.paging.copy_engine): the dense slot ring, staging
+ring and RAM-cache arena on a tiny Gemma-3, the expert cache and staging slots on a tiny Mixtral. Logits equal the
+resident model under random delays, every wait is reached, and dropping any one of them makes the checker fail."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from engine_helpers import PROMPTS, resident_logits
+from moe_helpers import expert_bytes, prompts, save_hf, tiny_mixtral
+from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
+
+from jobs.paging.copy_engine import WAITS, CopyOrderError, ThreadEngine
+from jobs.paging.dense.layer_stream import load_streamed
+from jobs.paging.dense.model_store import ModelStore
+from jobs.paging.moe.load import load_paged_moe
+from jobs.paging.open import spec_for
+
+pytestmark = pytest.mark.engine
+
+# Each wait, and the first race the checker must report without it.
+DENSE_WAITS = {
+    "slot ready": r"^compute stream reads \('(resident layer|slot)', \d\) while side stream 1's write",
+    "slot freed": r"^side stream 1 writes \('slot', \d\) while compute stream's read",
+    "staging copied": r"^host thread \S+ writes \('staging', \d\) while side stream 1's read",
+    "slot ring close": r"^host thread MainThread frees \('(slot|staging)', \d\) while side stream 1's",
+    "resident record_stream": r"^compute stream reads \('resident layer', \d\), allocated on side stream 1's pool, "
+                              "without record_stream",
+}
+MOE_WAITS = {
+    "expert ready": r"^compute stream reads \('expert slot', \d+\) while side stream 1's write",
+    "expert slot freed": r"^side stream 1 writes \('expert slot', \d+\) while compute stream's read",
+    "expert staging copied": r"^host thread MainThread writes \('expert staging', \d\) while side stream 1's read",
+    "expert cache close": r"^host thread MainThread frees \('expert slot', \d+\) while (side|compute) stream",
+    "expert store close": r"^host thread MainThread frees \('expert (staging|in RAM)', .*\) while side stream 1's read",
+}
+UNCHECKED = {"stall timing"}  # orders no buffer: a timing event read before it fired raises on its own
+
+
+def test_every_wait_has_a_mutation_test():
+    assert set(DENSE_WAITS) | set(MOE_WAITS) | UNCHECKED == set(WAITS)
+
+
+# -- dense: tiny Gemma-3, 5 layers: 2 resident, 2 streaming slots (1 without prefetch), 1 streamed layer in RAM --
+@pytest.fixture(scope="module")
+def gemma(tiny_dirs):
+    folder = tiny_dirs["gemma3"]
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, ref
+
+
+def run_dense(folder, engine: ThreadEngine, *, prefetch: bool = True) -> tuple[list[torch.Tensor], dict]:
+    layer_bytes = max(ModelStore(folder).layer_nbytes_as(torch.float32))
+    spec = spec_for(folder, dtype="fp32", vram_budget_bytes=4 * layer_bytes, ram_budget_bytes=layer_bytes)
+    try:
+        with load_streamed(spec, prefetch=prefetch, engine=engine) as streamed:
+            # Two passes: every slot and staging buffer is reused, the cached layer comes from the arena.
+            logits = [resident_logits(streamed.model, streamed.tokenizer, PROMPTS[:3]) for _ in range(2)]
+            stats = streamed.stats()
+    finally:
+        engine.close()
+    return logits, stats
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_dense_streaming_through_threads_equals_resident(gemma, prefetch):
+    folder, ref = gemma
+    engine = ThreadEngine(seed=1, max_delay_s=0.002)
+    logits, stats = run_dense(folder, engine, prefetch=prefetch)
+    # Without prefetch the plan streams through one slot, so one more layer is resident.
+    slots = 2 if prefetch else 1
+    assert (stats["resident_layers"], stats["streamed_layers"], stats["streaming_slots"]) == (4 - slots, 1 + slots,
+                                                                                              slots)
+    assert stats["ram_cache_layers"] == 1 and stats["prefetch"] == prefetch
+    expected = resident_logits(ref, AutoTokenizer.from_pretrained(folder), PROMPTS[:3])
+    for got in logits:
+        assert (got - expected).abs().max().item() <= 1e-5
+    assert {w for w in DENSE_WAITS if engine.waits[w]} == set(DENSE_WAITS)
+
+
+@pytest.mark.parametrize("dropped", DENSE_WAITS)
+def test_dense_checker_sees_each_dropped_wait(gemma, dropped):
+    folder, _ = gemma
+    engine = ThreadEngine(seed=2, skip=[dropped])
+    with pytest.raises(CopyOrderError):
+        run_dense(folder, engine)
+    print("MUT", dropped, "->", engine.violations[0])
+    assert re.search(DENSE_WAITS[dropped], engine.violations[0]), engine.violations[0]
+
+
+# -- MoE: tiny Mixtral, 3 layers x 8 experts; 4 cache slots, 6 experts in RAM, the rest through the staging ring -
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    folder = save_hf(tiny_mixtral(), tmp_path_factory.mktemp("mixtral"))
+    return folder, MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def run_moe(folder, ref, engine: ThreadEngine) -> tuple[list[torch.Tensor], dict]:
+    size = expert_bytes(ref)
+    spec = spec_for(folder, expert_cache_bytes=4 * size, ram_budget_bytes=8 * size)
+    ids = prompts(2, 12)
+    try:
+        paged = load_paged_moe(spec, engine=engine)
+        try:
+            with torch.no_grad():
+                logits = [paged.model(ids).logits for _ in range(2)]
+            stats = paged.stats()
+        finally:
+            paged.close()
+    finally:
+        engine.close()
+    return logits, stats
+
+
+def test_expert_paging_through_threads_equals_resident(mixtral):
+    folder, ref = mixtral
+    engine = ThreadEngine(seed=3, max_delay_s=0.002)
+    logits, stats = run_moe(folder, ref, engine)
+    with torch.no_grad():
+        expected = ref(prompts(2, 12)).logits
+    for got in logits:
+        assert (got - expected).abs().max().item() <= 1e-5
+    assert stats["evictions"] > 0 and stats["disk_reads"] > 2  # slots reused, the staging ring came round
+    assert {w for w in MOE_WAITS if engine.waits[w]} == set(MOE_WAITS)
+
+
+@pytest.mark.parametrize("dropped", MOE_WAITS)
+def test_moe_checker_sees_each_dropped_wait(mixtral, dropped):
+    folder, ref = mixtral
+    engine = ThreadEngine(seed=4, skip=[dropped])
+    with pytest.raises(CopyOrderError):
+        run_moe(folder, ref, engine)
+    print("MUT", dropped, "->", engine.violations[0])
+    assert re.search(MOE_WAITS[dropped], engine.violations[0]), engine.violations[0]
+
+
+# -- the checker itself, on bare buffers ------------------------------------------------------------------------
+def test_a_read_after_a_waited_copy_passes_and_names_the_buffer_when_not():
+    engine = ThreadEngine()
+    side, compute = engine.new_stream(), engine.compute_stream()
+    src, dst = torch.arange(4.0), torch.zeros(4)
+    engine.host_writes(["staging 0"])
+    engine.run(side, lambda: dst.copy_(src), reads=["staging 0"], writes=["slot 0"])
+    with pytest.raises(CopyOrderError, match=r"compute stream reads 'slot 0' while side stream 1's write"):
+        engine.reads(compute, ["slot 0"])
+    engine.wait(compute, engine.record(side), "slot ready")
+    engine.reads(compute, ["slot 0"])
+    assert torch.equal(dst, src)  # the wait really waited for the worker's copy
+    with pytest.raises(CopyOrderError, match=r"host thread MainThread writes 'staging 0'"):
+        engine.host_writes(["staging 0"])
+    engine.close()
+
+
+def test_unknown_wait_names_are_refused():
+    with pytest.raises(ValueError, match="unknown wait"):
+        ThreadEngine(skip=["slot redy"])
