@@ -47,7 +47,7 @@ class CopyEngine(Protocol):
 
     def new_stream(self) -> Any: ...
     def compute_stream(self) -> Any: ...
-    def run(self, stream: Any, work: Callable[[], None], *, reads: Iterable[Hashable] = (),
+    def run(self, stream: Any, work: Callable[[], object], *, reads: Iterable[Hashable] = (),
             writes: Iterable[Hashable] = (), allocates: Iterable[Hashable] = ()) -> None: ...
     def record(self, stream: Any, *, timing: bool = False) -> Any: ...
     def wait(self, stream: Any, event: Any, why: str) -> None: ...
@@ -58,7 +58,7 @@ class CopyEngine(Protocol):
     def record_stream(self, tensors: Iterable[torch.Tensor], stream: Any, buffer: Hashable) -> None: ...
     def reads(self, stream: Any, buffers: Iterable[Hashable]) -> None: ...
     def host_writes(self, buffers: Iterable[Hashable]) -> None: ...
-    def frees(self, buffers: Iterable[Hashable]) -> None: ...
+    def frees(self, buffers: Iterable[Hashable], *, pool: Any = None) -> None: ...
 
 
 def _check_why(why: str) -> None:
@@ -114,7 +114,7 @@ class CudaEngine:
     def host_writes(self, buffers) -> None:
         pass
 
-    def frees(self, buffers) -> None:
+    def frees(self, buffers, *, pool=None) -> None:
         pass
 
 
@@ -153,12 +153,12 @@ class _Stream:
     def __init__(self, name: str, engine: "ThreadEngine", inline: bool) -> None:
         self.name, self.engine, self.inline = name, engine, inline
         self.clock: Clock = {}
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._queue: queue.Queue[Callable[[], object] | None] = queue.Queue()
         self._thread = None if inline else threading.Thread(target=self._serve, name=name, daemon=True)
         if self._thread is not None:
             self._thread.start()
 
-    def submit(self, work: Callable[[], None]) -> None:
+    def submit(self, work: Callable[[], object]) -> None:
         if self.inline:
             work()
         else:
@@ -209,7 +209,7 @@ class ThreadEngine:
     def compute_stream(self) -> _Stream:
         return self._compute
 
-    def run(self, stream: _Stream, work: Callable[[], None], *, reads: Iterable[Hashable] = (),
+    def run(self, stream: _Stream, work: Callable[[], object], *, reads: Iterable[Hashable] = (),
             writes: Iterable[Hashable] = (), allocates: Iterable[Hashable] = ()) -> None:
         with self._lock:
             tick = self._issue(stream)
@@ -287,10 +287,14 @@ class ThreadEngine:
             for buffer in buffers:
                 self._access(agent, tick, clock, buffer, write=True)
 
-    def frees(self, buffers: Iterable[Hashable]) -> None:
-        """The host frees (or unpins) `buffers`: every access to them must be known to have finished."""
+    def frees(self, buffers: Iterable[Hashable], *, pool: _Stream | None = None) -> None:
+        """The host frees (or unpins) `buffers`: every access to them must be known to have finished, but those on
+        `pool`, the stream whose allocator pool holds them (the caching allocator reuses a block in its stream's
+        order)."""
         with self._lock:
             agent, tick, clock = self._host_tick()
+            if pool is not None:
+                clock = {**clock, pool.name: 1 << 62}
             for buffer in buffers:
                 self._access(agent, tick, clock, buffer, write=True, verb="frees")
                 self._buffers.pop(buffer, None)

@@ -96,7 +96,9 @@ def mixtral(tmp_path_factory):
     return folder, MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def run_moe(folder, ref, engine: ThreadEngine) -> tuple[list[torch.Tensor], dict]:
+def run_moe(folder, ref, engine: ThreadEngine, *, store_first: bool = False) -> tuple[list[torch.Tensor], dict]:
+    """Two passes; then close as PagedMoE does (pager, cache, store), or the store before the cache: its close must
+    be safe on its own, not only after the cache's has synchronized the side stream."""
     size = expert_bytes(ref)
     spec = spec_for(folder, expert_cache_bytes=4 * size, ram_budget_bytes=8 * size)
     ids = prompts(2, 12)
@@ -107,16 +109,22 @@ def run_moe(folder, ref, engine: ThreadEngine) -> tuple[list[torch.Tensor], dict
                 logits = [paged.model(ids).logits for _ in range(2)]
             stats = paged.stats()
         finally:
-            paged.close()
+            if store_first:
+                paged.pager.close()
+                paged.store.close()
+                paged.cache.close()
+            else:
+                paged.close()
     finally:
         engine.close()
     return logits, stats
 
 
-def test_expert_paging_through_threads_equals_resident(mixtral):
+@pytest.mark.parametrize("store_first", [False, True])
+def test_expert_paging_through_threads_equals_resident(mixtral, store_first):
     folder, ref = mixtral
     engine = ThreadEngine(seed=3, max_delay_s=0.002)
-    logits, stats = run_moe(folder, ref, engine)
+    logits, stats = run_moe(folder, ref, engine, store_first=store_first)
     with torch.no_grad():
         expected = ref(prompts(2, 12)).logits
     for got in logits:
@@ -130,7 +138,7 @@ def test_moe_checker_sees_each_dropped_wait(mixtral, dropped):
     folder, ref = mixtral
     engine = ThreadEngine(seed=4, skip=[dropped])
     with pytest.raises(CopyOrderError):
-        run_moe(folder, ref, engine)
+        run_moe(folder, ref, engine, store_first=dropped == "expert store close")
     print("MUT", dropped, "->", engine.violations[0])
     assert re.search(MOE_WAITS[dropped], engine.violations[0]), engine.violations[0]
 
