@@ -4,18 +4,22 @@ resident model under random delays, every wait is reached, and dropping any one 
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
-from engine_helpers import PROMPTS, resident_logits
+from engine_helpers import PROMPTS, dequantized_reference, resident_logits
 from moe_helpers import expert_bytes, prompts, save_hf, tiny_mixtral
+from test_gguf_stream import write_tiny_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
+from jobs.paging import quant
 from jobs.paging.copy_engine import WAITS, CopyOrderError, ThreadEngine
 from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.moe.load import load_paged_moe
 from jobs.paging.open import spec_for
+from jobs.paging.plan.shape import shape_from_path
 
 pytestmark = pytest.mark.engine
 
@@ -76,7 +80,7 @@ def test_dense_streaming_through_threads_equals_resident(gemma, prefetch):
     expected = resident_logits(ref, AutoTokenizer.from_pretrained(folder), PROMPTS[:3])
     for got in logits:
         assert (got - expected).abs().max().item() <= 1e-5
-    assert {w for w in DENSE_WAITS if engine.waits[w]} == set(DENSE_WAITS)
+    assert {w for w in DENSE_WAITS if engine.waits[w]} == set(DENSE_WAITS) and engine.violations == []
 
 
 @pytest.mark.parametrize("dropped", DENSE_WAITS)
@@ -85,8 +89,52 @@ def test_dense_checker_sees_each_dropped_wait(gemma, dropped):
     engine = ThreadEngine(seed=2, skip=[dropped])
     with pytest.raises(CopyOrderError):
         run_dense(folder, engine)
-    print("MUT", dropped, "->", engine.violations[0])
     assert re.search(DENSE_WAITS[dropped], engine.violations[0]), engine.violations[0]
+
+
+@pytest.mark.parametrize("ram_layers", [0, 1])
+def test_fast_layers_expand_on_the_side_stream_and_equal_their_dequantized_weights(tiny_dirs, tmp_path, ram_layers):
+    """Every layer fast (4-bit): a resident one expands on the side stream into its own tensors, a streamed one
+    inside its slot, both after the packed parts' copy, from staging or (ram_layers 1) the cache arena."""
+    folder = tmp_path / "gemma3"
+    shutil.copytree(tiny_dirs["gemma3"], folder)
+    spec = quant.QuantSpec(4, 64)
+    quant.write_variant(folder, spec)
+    ref = dequantized_reference(folder, spec)
+    layer_bytes = max(ModelStore(folder).layer_nbytes_as(torch.float32))
+    engine = ThreadEngine(seed=5, max_delay_s=0.002)
+    try:
+        with load_streamed(spec_for(folder, dtype="fp32", variant="fast", vram_budget_bytes=3 * layer_bytes,
+                                    ram_budget_bytes=ram_layers * layer_bytes), engine=engine) as fast:
+            expected = resident_logits(ref, fast.tokenizer, PROMPTS[:3])
+            for _ in range(2):
+                assert (resident_logits(fast.model, fast.tokenizer, PROMPTS[:3]) - expected).abs().max() <= 1e-4
+            stats = fast.stats()
+    finally:
+        engine.close()
+    assert stats["variants"] == "FFFFF" and stats["resident_layers"] >= 1 and stats["streamed_layers"] >= 2
+    assert (stats["ram_cache_layers"] > 0) == (ram_layers > 0) and engine.violations == []
+
+
+@pytest.mark.parametrize("ram_bytes", [None, 1 << 30])
+def test_gguf_blocks_cross_through_the_staging_ring_and_cache_arena(tmp_path, ram_bytes):
+    """A GGUF layer's raw blocks are what crosses: staging ring or (ram_bytes) the RAM-cache arena -> slot."""
+    path = write_tiny_gguf(tmp_path / "tiny-llama.gguf", "llama", seed=5)
+    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    layer = shape_from_path(path).layer_stored_bytes
+    ids = torch.tensor([[2, 5, 9, 14, 3, 20, 7, 11, 29, 4], [2, 8, 8, 15, 22, 6, 30, 12, 9, 3]])
+    engine = ThreadEngine(seed=6, max_delay_s=0.002)
+    try:
+        with load_streamed(spec_for(path, vram_budget_bytes=2 * layer + layer // 2, ram_budget_bytes=ram_bytes),
+                           engine=engine) as loaded, torch.no_grad():
+            want = reference(input_ids=ids).logits
+            for _ in range(2):
+                torch.testing.assert_close(loaded.model(input_ids=ids).logits, want, rtol=0, atol=1e-4)
+            stats = loaded.stats()
+    finally:
+        engine.close()
+    assert stats["resident_layers"] == 0 and (stats["ram_cache_layers"] > 0) == (ram_bytes is not None)
+    assert engine.waits["staging copied"] + engine.waits["slot freed"] > 0 and engine.violations == []
 
 
 # -- MoE: tiny Mixtral, 3 layers x 8 experts; 4 cache slots, 6 experts in RAM, the rest through the staging ring -
@@ -130,7 +178,7 @@ def test_expert_paging_through_threads_equals_resident(mixtral, store_first):
     for got in logits:
         assert (got - expected).abs().max().item() <= 1e-5
     assert stats["evictions"] > 0 and stats["disk_reads"] > 2  # slots reused, the staging ring came round
-    assert {w for w in MOE_WAITS if engine.waits[w]} == set(MOE_WAITS)
+    assert {w for w in MOE_WAITS if engine.waits[w]} == set(MOE_WAITS) and engine.violations == []
 
 
 @pytest.mark.parametrize("dropped", MOE_WAITS)
@@ -139,7 +187,6 @@ def test_moe_checker_sees_each_dropped_wait(mixtral, dropped):
     engine = ThreadEngine(seed=4, skip=[dropped])
     with pytest.raises(CopyOrderError):
         run_moe(folder, ref, engine, store_first=dropped == "expert store close")
-    print("MUT", dropped, "->", engine.violations[0])
     assert re.search(MOE_WAITS[dropped], engine.violations[0]), engine.violations[0]
 
 
