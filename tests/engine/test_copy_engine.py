@@ -10,6 +10,7 @@ import pytest
 import torch
 from engine_helpers import PROMPTS, dequantized_reference, resident_logits
 from moe_helpers import expert_bytes, prompts, save_hf, tiny_mixtral
+from test_gguf_moe import IDS, QWEN3, expert_slice_bytes, write_moe_gguf
 from test_gguf_stream import write_tiny_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
@@ -19,6 +20,7 @@ from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.moe.load import load_paged_moe
 from jobs.paging.open import spec_for
+from jobs.paging.plan.expert_budget import slot_bytes
 from jobs.paging.plan.shape import shape_from_path
 
 pytestmark = pytest.mark.engine
@@ -188,6 +190,26 @@ def test_moe_checker_sees_each_dropped_wait(mixtral, dropped):
     with pytest.raises(CopyOrderError):
         run_moe(folder, ref, engine, store_first=dropped == "expert store close")
     assert re.search(MOE_WAITS[dropped], engine.violations[0]), engine.violations[0]
+
+
+def test_gguf_experts_page_through_threads_equal_transformers(tmp_path):
+    """A Qwen3-MoE GGUF: experts are their slices of the file's blocks, in RAM or read through the staging ring."""
+    path = write_moe_gguf(tmp_path / "tiny-qwen3moe.gguf", QWEN3)
+    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    slot = max(expert_slice_bytes(path).values())
+    engine = ThreadEngine(seed=7, max_delay_s=0.002)
+    try:
+        # 5 cache slots; 3 experts in RAM plus the 2 staging slots: most are read on demand
+        spec = spec_for(path, expert_cache_bytes=5 * slot, ram_budget_bytes=(3 + 2) * slot_bytes(slot))
+        with load_paged_moe(spec, engine=engine) as paged, torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(paged.model(input_ids=IDS).logits, reference(input_ids=IDS).logits,
+                                           rtol=0, atol=1e-4)
+            stats = paged.stats()
+    finally:
+        engine.close()
+    assert stats["experts_in_ram"] == 3 and stats["disk_reads"] > 2 and stats["evictions"] > 0
+    assert {w for w in MOE_WAITS if engine.waits[w]} == set(MOE_WAITS) and engine.violations == []
 
 
 # -- the checker itself, on bare buffers ------------------------------------------------------------------------
