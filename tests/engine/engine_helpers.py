@@ -52,6 +52,25 @@ def resident_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -
     return rows
 
 
+def dequantized_reference(folder: Path, spec):
+    """transformers' own model, unstreamed, with every weight of the folder's variant `spec` (a quant.QuantSpec)
+    replaced by its dequantized value: what a stream of fast layers must equal."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from jobs.paging import quant
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    variant = quant.Variant.open(folder, spec)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, shape in variant.shapes.items():
+            with safe_open(str(variant.file_of[key]), framework="pt") as f:
+                parts = {p: f.get_tensor(f"{key}.{p}") for p in quant.PARTS}
+            params[key].copy_(quant.dequantize_weight(parts, shape, spec, torch.float32))
+    return model
+
+
 def header_sizes(path: Path) -> dict[str, int]:
     """Bytes of each tensor according to a safetensors header, parsed independently of the engine."""
     with open(path, "rb") as f:

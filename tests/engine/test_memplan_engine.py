@@ -13,6 +13,7 @@ from engine_helpers import PROMPTS
 from transformers import AutoConfig, AutoModelForCausalLM, MixtralForCausalLM
 
 from jobs.contract.errors import BudgetError
+from jobs.paging.copy_engine import ThreadEngine
 from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.slots import SlotRing
@@ -61,35 +62,10 @@ def test_headers_and_formulas_agree_on_the_embedded_gemma(gemma_dir):
     assert (by_headers.layer_numel, by_headers.non_layer_numel) == (by_config.layer_numel, by_config.non_layer_numel)
 
 
-class StubEvent:
-    """Records what a CUDA event would be asked; `done` says whether its work has run."""
-    log: list[str] = []
-
-    def __init__(self):
-        self.done = False
-
-    def record(self, stream):
-        StubEvent.log.append(f"record on {stream}")
-
-    def synchronize(self):
-        StubEvent.log.append("host waits for copy")
-        self.done = True
-
-
-class StubStream:
-    def __init__(self, name):
-        self.name, self.waited = name, []
-
-    def wait_event(self, event):
-        self.waited.append(event)
-
-    def __str__(self):
-        return self.name
-
-
 def test_slot_ring_blocks_the_prefetch_until_the_compute_frees_a_slot():
-    ring = SlotRing(2, 1024, torch.device("cpu"), make_event=StubEvent)
-    compute, side = StubStream("compute"), StubStream("side")
+    engine = ThreadEngine()
+    ring = SlotRing(2, 1024, torch.device("cpu"), engine=engine)
+    compute, side = engine.compute_stream(), engine.new_stream()
     a, b = ring.acquire(), ring.acquire()
     got = []
     third = threading.Thread(target=lambda: got.append(ring.acquire()))
@@ -100,11 +76,13 @@ def test_slot_ring_blocks_the_prefetch_until_the_compute_frees_a_slot():
     third.join(5)
     assert got == [a] and ring.max_in_use == 2
     ring.before_copy_in(a, side)                   # the side stream waits for that event before copying
-    assert len(side.waited) == 1 and "record on compute" in StubEvent.log
+    assert engine.waits == {"slot freed": 1}
     ring.after_copy_in(a, side)
     ring.before_copy_in(a, side)                   # reusing the staging buffer waits for the copy out of it
-    assert StubEvent.log[-1] == "host waits for copy"
+    assert engine.waits == {"slot freed": 1, "staging copied": 1}
     ring.release(b, compute)
+    ring.close()
+    engine.close()
 
 
 def test_prefetch_never_holds_more_than_the_planned_slots(tiny_dirs):

@@ -1,4 +1,4 @@
-"""Teardown on CUDA, shown on the CPU with a fake cudart and fake events that record the order of calls:
+"""Teardown on CUDA, shown on the CPU with a fake cudart and the thread engine recording the order of calls:
 the device is waited for before pinned pages are unregistered or slots freed, a refused cudaHostRegister
 clears CUDA's last error and leaves a pageable arena with its reason, and a dropped arena is unregistered."""
 from __future__ import annotations
@@ -8,6 +8,7 @@ import gc
 import pytest
 import torch
 
+from jobs.paging.copy_engine import ThreadEngine
 from jobs.paging.dense.slots import SlotRing
 from jobs.paging.pinned import HostArena
 
@@ -89,40 +90,32 @@ def test_a_refused_register_clears_the_last_error_and_stays_pageable(calls):
     assert [c[0] for c in calls] == ["register", "get_last_error"]  # nothing registered: nothing to undo
 
 
-class FakeEvent:
-    """A CUDA event's host side: synchronize() logs whether the ring's slots still exist at that moment."""
+class LoggingEngine(ThreadEngine):
+    """The thread engine, logging whether the ring's slots still exist each time the host waits for an event."""
 
-    def __init__(self, log: list, ring_of: dict) -> None:
-        self.log, self.ring_of = log, ring_of
+    def __init__(self, ring_of: dict) -> None:
+        super().__init__()
+        self.ring_of, self.log = ring_of, []
 
-    def record(self, stream) -> None:
-        self.log.append(("record", stream))
-
-    def synchronize(self) -> None:
-        self.log.append(("synchronize", len(self.ring_of["ring"].device_buffers)))
-
-
-class FakeStream:
-    def __init__(self, log: list) -> None:
-        self.log = log
-
-    def wait_event(self, event) -> None:
-        self.log.append(("wait_event",))
+    def host_wait(self, event, why: str) -> None:
+        self.log.append((why, len(self.ring_of["ring"].device_buffers)))
+        super().host_wait(event, why)
 
 
 def test_the_slot_ring_waits_for_its_copies_before_freeing_the_slots():
-    """A copy into slot 0 still in flight on the side stream at close(): its event is synchronized while
-    the slots still exist, and only then are they dropped."""
-    log: list = []
+    """A copy into slot 0 still in flight on the side stream at close(): its event is waited for while
+    the slots still exist, and only then are they dropped (the checker would also refuse the free)."""
     ring_of: dict = {}
-    ring = SlotRing(2, 256, torch.device("cpu"), make_event=lambda: FakeEvent(log, ring_of))
+    engine = LoggingEngine(ring_of)
+    ring = SlotRing(2, 256, torch.device("cpu"), engine=engine)
     ring_of["ring"] = ring
-    side = FakeStream(log)
+    side = engine.new_stream()
     slot = ring.acquire()
     ring.before_copy_in(slot, side)
+    engine.run(side, lambda: ring.device_buffers[slot].fill_(1), writes=[("slot", slot)])
     ring.after_copy_in(slot, side)   # the copy's "ready" event, not yet waited for
-    ring.release(slot, stream="compute")
+    ring.release(slot, stream=engine.compute_stream())
     ring.close()
-    synced = [entry for entry in log if entry[0] == "synchronize"]
-    assert synced == [("synchronize", 2), ("synchronize", 2)]  # the copy-in and the last reader, slots alive
-    assert ring.device_buffers == []
+    engine.close()
+    assert engine.log == [("slot ring close", 2), ("slot ring close", 2)]  # the copy-in and the last reader
+    assert ring.device_buffers == [] and engine.violations == []

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import PROMPTS, resident_greedy
-from safetensors import safe_open
+from engine_helpers import PROMPTS, dequantized_reference, resident_greedy
 from transformers import AutoModelForCausalLM
 
 from jobs.contract.errors import BudgetError, ModelFolderError
@@ -100,25 +99,12 @@ def test_quantize_leaves_original_files_unchanged(tiny_fast):
     assert (folder / "variants" / SPEC.name / "variant.json").is_file()
 
 
-def _dequantized_reference(folder: Path):
-    """transformers' own model, unstreamed, with every quantized weight replaced by its dequantized value."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    variant = quant.Variant.open(folder, SPEC)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, shape in variant.shapes.items():
-            with safe_open(str(variant.file_of[key]), framework="pt") as f:
-                parts = {p: f.get_tensor(f"{key}.{p}") for p in quant.PARTS}
-            params[key].copy_(quant.dequantize_weight(parts, shape, SPEC, torch.float32))
-    return model
-
-
 # RAM budget in fp32 layers -> layers cached: the cache counts packed bytes, so one fp32 layer's
 # worth holds all 4 streamed fast layers (~22 kB each against 148 kB).
 @pytest.mark.parametrize("ram_layers, cached", [(0, 0), (1, 4), (5, 4)])
 def test_fast_stream_matches_transformers_on_dequantized_weights(tiny_fast, ram_layers, cached):
     folder, _ = tiny_fast
-    ref = _dequantized_reference(folder)
+    ref = dequantized_reference(folder, SPEC)
     layer_bytes = max(ModelStore(folder).layer_nbytes_as(torch.float32))
     with load_streamed(spec_for(folder, variant="fast", vram_budget_bytes=3 * layer_bytes,
                                 ram_budget_bytes=ram_layers * layer_bytes)) as fast:

@@ -18,6 +18,7 @@ from jobs.contract.errors import BudgetError, KernelError, ModelFolderError
 from jobs.contract.spec import DEFAULT_BATCH_SIZE, VARIANT_MODES, ModelSpec
 from jobs.contract.units import format_size
 from jobs.paging.block_weights import BlockHead, keep_expanded
+from jobs.paging.copy_engine import CopyEngine, engine_for
 from jobs.paging.dense.gguf_store import GgufStore
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.streamer import LayerStreamer, StreamPlan, assign_tensors
@@ -99,7 +100,8 @@ class StreamedModel:
 
 
 def load_streamed(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
-                  stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None) -> StreamedModel:
+                  stream_bytes_budget: int | None = None, variant_spec: QuantSpec | None = None,
+                  engine: CopyEngine | None = None) -> StreamedModel:
     """Open a decoder-only safetensors folder, or a GGUF file, for layer streaming.
 
     A GGUF file (spec.path a .gguf) streams its raw blocks: they are what is read, cached in RAM and copied
@@ -125,6 +127,8 @@ def load_streamed(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = D
     precise, the rest fast; stream_bytes_budget upgrades more layers while a pass's disk reads fit).
     Fast layers need `lab-attendant model quantize NAME --bits 4` to have run on the folder;
     variant_spec names the variant when the folder has several.
+    engine: the copy engine (jobs.paging.copy_engine), CUDA's on a GPU; on cpu None runs layers where they were
+    read, and a ThreadEngine (tests) runs the GPU's slots, staging ring and cache arena under its checker.
     kernels: "auto" patches Liger's fused kernels in on CUDA when installed, "liger" insists, "torch" never.
     dtype "auto" and fp16_safe: numerics.resolve_numerics (fp32 on cpu, bf16 from sm_80, fp16 below; the fp16-safe
     hooks in fp16 for models that overflow it, e.g. Gemma).
@@ -213,7 +217,8 @@ def load_streamed(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = D
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         _load_non_layer(model, store, torch_device, dtype)
-    streamer = LayerStreamer(store, layers, plan, torch_device, dtype, prefetch, choice)  # thread starts last
+    streamer = LayerStreamer(store, layers, plan, torch_device, dtype, prefetch, choice,  # thread starts last
+                             engine=engine_for(torch_device, engine))
     loaded = StreamedModel(model, tokenizer, torch_device, store, streamer, applied, fp16_safe=safe)
     loaded.plan = memory
     return loaded

@@ -7,16 +7,19 @@ after the last kernel that read it, before it copies in, and the host waits on t
 event before it overwrites the staging buffer. Peak device memory for streaming is then the plan's
 `slots x layer bytes` by construction, however far ahead the host could run. On CPU the slots hold no
 buffers (a layer computes where it was read) but the ring bounds how many layers are alive the same way.
+Streams and events go through a copy engine (jobs.paging.copy_engine): CUDA's, or on CPU the checked thread engine,
+which gives the ring real buffers and staging as on CUDA.
 """
 from __future__ import annotations
 
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from jobs.paging.copy_engine import CopyEngine
 from jobs.paging.pinned import HostArena, aligned
 
 
@@ -51,11 +54,11 @@ class SlotRing:
     compute that reads it. `max_in_use` records the most slots ever held at once (what tests check)."""
 
     def __init__(self, count: int, slot_bytes: int, device: torch.device, *, staging_bytes: int | None = None,
-                 make_event: Callable[[], Any] | None = None, pin: bool | None = None) -> None:
+                 engine: CopyEngine | None = None, pin: bool | None = None) -> None:
         self.count, self.slot_bytes, self.device = count, aligned(slot_bytes), device
         staging_bytes = self.slot_bytes if staging_bytes is None else aligned(staging_bytes)
         cuda = device.type == "cuda"
-        self._make_event = make_event or (torch.cuda.Event if cuda else None)
+        self.engine = engine  # None: cpu without one, copies are plain and nothing is staged
         self._cond = threading.Condition()
         self._free: deque[int] = deque(range(count))
         self.in_use = 0
@@ -65,7 +68,7 @@ class SlotRing:
         # One allocation each, up front: the plan's numbers are what exists.
         self.device_buffers = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=device) for _ in range(count)]
         self.staging = HostArena(count * staging_bytes, pin=cuda if pin is None else pin,
-                                 what="streaming staging ring") if cuda else None
+                                 what="streaming staging ring") if engine is not None else None
         self.staging_buffers = [self.staging.take(staging_bytes) for _ in range(count)] if self.staging else []
 
     @property
@@ -87,10 +90,8 @@ class SlotRing:
 
     def release(self, slot: int, stream: Any = None) -> None:
         """Free `slot` once the work queued so far on `stream` (the compute stream) has run."""
-        if self._make_event is not None and stream is not None:
-            done = self._make_event()
-            done.record(stream)
-            self._freed[slot] = done
+        if self.engine is not None and stream is not None:
+            self._freed[slot] = self.engine.record(stream)
         with self._cond:
             self._free.append(slot)
             self.in_use -= 1
@@ -99,30 +100,36 @@ class SlotRing:
     def before_copy_in(self, slot: int, side_stream: Any) -> None:
         """On the side stream: wait for the last reader of `slot`; on the host: wait until the staging
         buffer's previous copy has left it."""
+        engine = self._engine()
         copied = self._copied.pop(slot, None)
         if copied is not None:
-            copied.synchronize()
+            engine.host_wait(copied, "staging copied")
         freed = self._freed.pop(slot, None)
         if freed is not None:
-            side_stream.wait_event(freed)
+            engine.wait(side_stream, freed, "slot freed")
 
     def after_copy_in(self, slot: int, side_stream: Any) -> Any:
         """Record (and return) the event the compute stream waits on before using the slot."""
-        # Only CUDA slots copy in on a side stream, and a CUDA ring always has an event maker.
-        assert self._make_event is not None, "after_copy_in needs a CUDA ring"
-        ready = self._make_event()
-        ready.record(side_stream)
+        ready = self._engine().record(side_stream)
         self._copied[slot] = ready
         return ready
+
+    def _engine(self) -> CopyEngine:
+        # Only a ring with an engine copies in on a side stream.
+        assert self.engine is not None, "copying into a slot needs a copy engine"
+        return self.engine
 
     def close(self) -> None:
         """Free the slots and the staging ring once no copy or compute still uses them: a copy into a slot (from
         its staging buffer) may still run on the side stream, and freeing memory it writes, or unpinning pages
         it reads, is undefined behaviour CUDA never reports (HostArena.close also waits for the device)."""
         for event in [*self._copied.values(), *self._freed.values()]:
-            event.synchronize()
+            self._engine().host_wait(event, "slot ring close")
         self._copied.clear()
         self._freed.clear()
+        if self.engine is not None:
+            self.engine.frees([("slot", i) for i in range(self.count)]
+                              + [("staging", i) for i in range(len(self.staging_buffers))])
         self.device_buffers = []
         self.staging_buffers = []
         if self.staging is not None:

@@ -1,6 +1,7 @@
 """The layer streamer: materializes each decoder layer in a forward pre-hook (into a slot of the ring,
 jobs.paging.dense.slots) and releases it in a forward hook; owns the prefetch thread, the RAM cache, the I/O
-counters and expanding fast (quantized) layers on the device before they run."""
+counters and expanding fast (quantized) layers on the device before they run. Streams and events go through a
+copy engine (jobs.paging.copy_engine): CUDA's, or the checked thread engine on cpu."""
 from __future__ import annotations
 
 import threading
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from jobs.contract.errors import ModelFolderError
+from jobs.paging.copy_engine import CopyEngine
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.slots import SlotRing, layout, views
 from jobs.paging.dense.variants import FAST, PRECISE, bytes_by_choice, summary
@@ -56,7 +58,9 @@ class LayerStreamer:
 
     def __init__(self, store: LayerSource, layers: nn.ModuleList, plan: StreamPlan,
                  device: torch.device, dtype: torch.dtype, prefetch: bool,
-                 variants: list[str] | None = None) -> None:
+                 variants: list[str] | None = None, engine: CopyEngine | None = None) -> None:
+        """`engine`: copy_engine.engine_for(device): CUDA's on a GPU; on cpu None (layers compute where they were
+        read) or a ThreadEngine, which runs the GPU's path (slots, staging ring, cache arena, side stream)."""
         self.store, self.layers, self.plan = store, layers, plan
         self.device, self.dtype = device, dtype
         self.variants = variants or [PRECISE] * plan.num_layers
@@ -66,6 +70,7 @@ class LayerStreamer:
         per_layer = bytes_by_choice(self.variants, precise_bytes, fast_bytes)
         self.bytes_read_per_pass = sum(per_layer[plan.resident_layers:])
         self._cuda = device.type == "cuda"
+        self._engine = engine
         self._slots = _layer_slots(layers, store)
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
         # Fill-and-keep rather than LRU: passes scan layers cyclically, where LRU would always miss.
@@ -75,7 +80,7 @@ class LayerStreamer:
         self._lock = threading.Lock()
         self._executor = (ThreadPoolExecutor(1, thread_name_prefix="layer-prefetch")
                           if prefetch and plan.streaming_slots >= 2 else None)
-        self._side_stream = torch.cuda.Stream(device) if self._cuda else None
+        self._side_stream = engine.new_stream() if engine is not None else None
         # Where a streamed layer's tensors sit in a slot, at the compute dtype (slots.layout).
         self._layouts = [layout({n: (meta.shape, dtype if meta.is_floating_point() else meta.dtype)
                                  for n, (_, _, meta) in self._slots[i].items()})
@@ -92,14 +97,15 @@ class LayerStreamer:
                            default=0)
         # Device slot = [expanded layer | packed parts of a fast layer]; the staging buffer holds what crosses.
         self._ring = (SlotRing(plan.streaming_slots, slot_bytes + packed_bytes, device,
-                               staging_bytes=max(slot_bytes, packed_bytes)) if plan.streaming_slots else None)
+                               staging_bytes=max(slot_bytes, packed_bytes), engine=engine)
+                      if plan.streaming_slots else None)
         self._slot_of: dict[int, int] = {}
         self._expanded_bytes = slot_bytes
-        # On CUDA the RAM cache is one exact pinned arena (no power-of-two rounding per tensor), sized for the
-        # largest streamed layers as they cross.
+        # With an engine (CUDA) the RAM cache is one exact pinned arena (no power-of-two rounding per tensor), sized
+        # for the largest streamed layers as they cross.
         cached = sorted(crossing[plan.resident_layers:], reverse=True)[:plan.ram_cache_layers]
-        self._cache_arena = (HostArena(sum(cached), pin=True, what="RAM cache")
-                             if self._cuda and plan.ram_cache_layers else None)
+        self._cache_arena = (HostArena(sum(cached), pin=self._cuda, what="RAM cache")
+                             if engine is not None and plan.ram_cache_layers else None)
         self._cache_reserved = 0
         self.bytes_h2d = 0
         self.io_wait_s = 0.0
@@ -127,13 +133,17 @@ class LayerStreamer:
         def pre_hook(module: nn.Module, args: Any) -> None:
             start = time.perf_counter()
             tensors, ready = self._take(index)
+            engine = self._engine
             if ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(ready)
+                assert engine is not None  # only an engine's copies come with an event
+                engine.wait(engine.compute_stream(), ready, "slot ready")
             self.io_wait_s += time.perf_counter() - start
-            if self._cuda and index not in self._slot_of:
-                main = torch.cuda.current_stream(self.device)
-                for t in tensors.values():
-                    t.record_stream(main)  # a resident layer: allocated on the side stream, used on main
+            if engine is not None:
+                main = engine.compute_stream()
+                if index not in self._slot_of:  # a resident layer: allocated on the side stream, used on main
+                    engine.record_stream(tensors.values(), main, ("resident layer", index))
+                engine.reads(main, [("slot", self._slot_of[index]) if index in self._slot_of
+                                    else ("resident layer", index)])
             assign_tensors(self._slots[index], tensors)
             self._schedule_after(index)
         return pre_hook
@@ -151,7 +161,7 @@ class LayerStreamer:
             self._materialized.discard(index)
             slot = self._slot_of.pop(index, None)
         if slot is not None:  # free once the kernels queued so far (this layer's) have read it
-            self._slot_ring.release(slot, torch.cuda.current_stream(self.device) if self._cuda else None)
+            self._slot_ring.release(slot, self._engine.compute_stream() if self._engine is not None else None)
 
     def begin_pass(self) -> None:
         """A pass that raised left layers in their slots: give those slots back (prefetched ones stay)."""
@@ -227,21 +237,24 @@ class LayerStreamer:
         copied = sum(t.numel() * t.element_size() for t in host.values())
         with self._lock:
             self.bytes_h2d += copied
-        if not self._cuda:
+        engine = self._engine
+        if engine is None:
             # On cpu the host tensors are what the layer computes with; a fast layer is expanded
             # here, on the prefetch thread when there is one, into new tensors (the cache keeps packed).
             return (self._dequantize(index, host) if fast else host), None
         if slot is None:  # a resident layer: its own allocation, for the model's lifetime
-            with torch.cuda.stream(self._side_stream):
-                tensors = {k: t.to(self.device, non_blocking=True) for k, t in host.items()}
+            tensors: dict[str, torch.Tensor] = {}  # filled on the side stream; read after the compute stream waits
+
+            def copy_resident() -> None:
+                moved = {k: t.to(self.device, non_blocking=True) for k, t in host.items()}
                 if fast:
-                    tensors = self._dequantize(index, tensors)
-                tensors = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
-                ready = torch.cuda.Event()
-                ready.record(self._side_stream)
-            return tensors, ready
+                    moved = self._dequantize(index, moved)
+                tensors.update({k: t.to(self.dtype) if t.is_floating_point() else t for k, t in moved.items()})
+            buffer = ("resident layer", index)
+            engine.run(self._side_stream, copy_resident, allocates=[buffer], writes=[buffer])
+            return tensors, engine.record(self._side_stream)
         self._slot_ring.before_copy_in(slot, self._side_stream)  # a cached layer: after the slot's last reader
-        return self._copy_to_slot(index, slot, host, fast)
+        return self._copy_to_slot(index, slot, host, fast, ("ram cache", index))
 
     def _read_to_slot(self, index: int, slot: int, fast: bool) -> tuple[dict[str, torch.Tensor], Any]:
         """A streamed layer not kept in RAM: straight from the page cache into the slot (cpu) or the slot's
@@ -251,11 +264,12 @@ class LayerStreamer:
         nbytes = sum(p.nbytes for p in parts)
         with self._lock:
             self.bytes_h2d += nbytes
-        if self._cuda:
+        if self._engine is not None:
             ring.before_copy_in(slot, self._side_stream)  # the staging buffer's last copy has left it
+            self._engine.host_writes([("staging", slot)])
             staged = views(ring.staging_buffers[slot], parts)
             self.store.read_layer_into(index, staged, fast=fast)
-            return self._copy_to_slot(index, slot, staged, fast)
+            return self._copy_to_slot(index, slot, staged, fast, ("staging", slot))
         buffer = ring.device_buffers[slot]
         out = views(buffer, self._layouts[index][0])
         if fast:
@@ -267,15 +281,16 @@ class LayerStreamer:
             self.store.read_layer_into(index, out)
         return out, None
 
-    def _copy_to_slot(self, index: int, slot: int, src: dict[str, torch.Tensor], fast: bool):
-        """Pinned source (the cache arena, or the slot's staging buffer, laid out as the layer crosses) -> the
-        slot's device buffer on the side stream, which the caller made wait for the slot's last reader
-        (SlotRing.before_copy_in); a fast layer expands inside the slot."""
+    def _copy_to_slot(self, index: int, slot: int, src: dict[str, torch.Tensor], fast: bool, src_buffer: tuple):
+        """Pinned source (`src_buffer`: the cache arena, or the slot's staging buffer, laid out as the layer
+        crosses) -> the slot's device buffer on the side stream, which the caller made wait for the slot's last
+        reader (SlotRing.before_copy_in); a fast layer expands inside the slot."""
         ring, side = self._slot_ring, self._side_stream
         parts = self._layouts[index][0]
         device_slot = ring.device_buffers[slot]
         out = views(device_slot, parts)
-        with torch.cuda.stream(side):
+
+        def copy_in() -> None:
             if fast:
                 packed = views(device_slot[self._expanded_bytes:], self._crossing(index))
                 for k, t in src.items():
@@ -285,8 +300,9 @@ class LayerStreamer:
             else:
                 for k, t in src.items():
                     out[k].copy_(t, non_blocking=True)
-            ready = ring.after_copy_in(slot, side)
-        return out, ready
+        assert self._engine is not None  # only an engine copies into slots
+        self._engine.run(side, copy_in, reads=[src_buffer], writes=[("slot", slot)])
+        return out, ring.after_copy_in(slot, side)
 
     def _packed_names(self, index: int) -> set[str]:
         if self.variants[index] != FAST:
@@ -302,6 +318,8 @@ class LayerStreamer:
         parts, size = self._fast_layouts[index] if index in self._fast_layouts else self._layouts[index]
         with self._lock:
             block = self._cache_arena.take(size)
+        if self._engine is not None:
+            self._engine.host_writes([("ram cache", index)])
         out = views(block, parts)
         for name, t in host.items():
             out[name].copy_(t)  # converting to the compute dtype where the layer is stored wider or other
@@ -368,10 +386,13 @@ class LayerStreamer:
             hook.remove()
         self._hooks.clear()
         self._pending.clear()
+        cached = list(self._ram_cache)
         self._ram_cache.clear()
         if self._ring is not None:
-            self._ring.close()
+            self._ring.close()  # waits for every copy out of the cache arena too: each went into a slot
         if self._cache_arena is not None:
+            if self._engine is not None:
+                self._engine.frees([("ram cache", index) for index in cached])
             self._cache_arena.close()
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict, defaultdict
+from typing import Any
 
 import torch
 
 from jobs.contract.errors import BudgetError
 from jobs.contract.units import format_size
+from jobs.paging.copy_engine import CopyEngine
 from jobs.paging.moe.store import ExpertStore
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,9 @@ class ExpertCache:
     On CUDA, copies run non-blocking on a side stream and each slot has a "ready" event, so the
     compute stream waits only for the expert it is about to use, and a "free" event, so a slot is
     not overwritten while a kernel still reads it. On CPU the copies are plain and synchronous;
-    the bookkeeping is the same, which is what the CPU tests check.
+    the bookkeeping is the same, which is what the CPU tests check. Streams and events go through the
+    store's copy engine (jobs.paging.copy_engine): CUDA's, or on CPU the checked thread engine, which runs
+    the CUDA path.
     """
 
     def __init__(self, store: ExpertStore, expert_cache_bytes: int, *, device="cpu",
@@ -74,13 +78,13 @@ class ExpertCache:
         self._uses: Counter[Key] = Counter()   # LFU frequency, kept across evictions
         self._protected: set[Key] = set()      # in use by the layer now computing
         self._prefetched: set[Key] = set()     # copied ahead and not yet used
-        self._cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._ready: dict[int, torch.cuda.Event] = {}
-        self._freed: dict[int, torch.cuda.Event] = {}
+        self._engine: CopyEngine | None = store.engine  # one engine for the store's staging and the cache's slots
+        self._stream = self._engine.new_stream() if self._engine is not None else None
+        self._ready: dict[int, Any] = {}   # slot -> event after its copy in (the engine's)
+        self._freed: dict[int, Any] = {}   # slot -> event after its last reader
         # (layer, begin, end): timing events around the compute stream's wait for a copy still in flight;
         # read in stats(), so a stall costs the host no sync where it happens.
-        self._stalls: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+        self._stalls: list[tuple[int, Any, Any]] = []
         # Per layer: counts (int) and seconds (float); a missing counter reads 0, as a Counter's would.
         self._per_layer: defaultdict[int, defaultdict[str, float]] = defaultdict(lambda: defaultdict(int))
         log.info("expert cache: %d slots x %s = %s on %s (%s, %s)", self.capacity,
@@ -175,30 +179,35 @@ class ExpertCache:
         the compute stream waits for its copy only."""
         slot = self._part(key)[key]
         ready = self._ready.pop(slot, None)
+        engine = self._engine
         if ready is not None:
-            compute = torch.cuda.current_stream(self.device)
-            if ready.query():
-                compute.wait_event(ready)
+            assert engine is not None  # only an engine's copies come with an event
+            compute = engine.compute_stream()
+            if engine.done(ready):
+                engine.wait(compute, ready, "expert ready")
             else:  # still copying: the compute stream waits on the device, the host runs on (no sync here)
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record(compute)
-                compute.wait_event(ready)
-                end.record(compute)
+                begin = engine.record(compute, timing=True)
+                engine.wait(compute, ready, "expert ready")
+                end = engine.record(compute, timing=True)
                 self._stalls.append((key[0], begin, end))
                 if len(self._stalls) > 1024:
                     self._settle_stalls(wait=False)
+        if engine is not None:
+            engine.reads(engine.compute_stream(), [("expert slot", slot)])
         return self.store.expand(self._slots[slot], key)
 
     def _settle_stalls(self, *, wait: bool) -> None:
         """Add the compute stream's waits to stall_s: all of them (`wait`: stats time), or those finished."""
         pending = []
+        engine = self._engine
         for layer, begin, end in self._stalls:
+            assert engine is not None  # stalls are timed with an engine's events
             if wait:
-                end.synchronize()
-            elif not end.query():
+                engine.host_wait(end, "stall timing")
+            elif not engine.done(end):
                 pending.append((layer, begin, end))
                 continue
-            self.count(layer, "stall_s", begin.elapsed_time(end) / 1000)
+            self.count(layer, "stall_s", engine.elapsed_s(begin, end))
         self._stalls = pending
 
     def protect(self, key: Key) -> None:
@@ -207,15 +216,17 @@ class ExpertCache:
     def release(self, key: Key) -> None:
         """The compute that read `key` is queued; its slot may be reused after it finishes."""
         self._protected.discard(key)
-        if self._cuda and key in self._part(key):
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.device))
-            self._freed[self._part(key)[key]] = done
+        engine = self._engine
+        if engine is not None and key in self._part(key):
+            self._freed[self._part(key)[key]] = engine.record(engine.compute_stream())
 
     def close(self) -> None:
-        if self._stream is not None:  # CUDA
-            self._stream.synchronize()
+        engine = self._engine
+        if engine is not None and self._stream is not None:
+            engine.stream_sync(self._stream, "expert cache close")
             self._stalls.clear()
+            # The slots were allocated on the compute stream: freeing them is ordered after its kernels.
+            engine.frees([("expert slot", slot) for slot in range(self.capacity)], pool=engine.compute_stream())
         for part in self._resident:
             part.clear()
         self._slots = torch.empty(0, device=self.device)
@@ -253,20 +264,16 @@ class ExpertCache:
         pinned staging ring on CUDA, straight into the slot on CPU)."""
         dst = self._slots[slot]
         self.count(key[0], "bytes_h2d", self.expert_bytes)
-        if not self._cuda:
+        engine, stream = self._engine, self._stream
+        if engine is None or stream is None:
             # The CPU "device" copies synchronously; a demand copy is time compute waited.
             t0 = time.perf_counter()
             self.store.copy_to(key, dst)
             if demand:
                 self.count(key[0], "stall_s", time.perf_counter() - t0)
             return
-        stream = self._stream
-        assert stream is not None  # a CUDA cache made its side stream in __init__
         freed = self._freed.pop(slot, None)
-        with torch.cuda.stream(stream):
-            if freed is not None:
-                stream.wait_event(freed)
-            self.store.copy_to(key, dst)  # non-blocking, on the side stream
-            ready = torch.cuda.Event()
-            ready.record(stream)
-        self._ready[slot] = ready
+        if freed is not None:
+            engine.wait(stream, freed, "expert slot freed")
+        self.store.copy_to(key, dst, stream=stream, dst_buffer=("expert slot", slot))  # non-blocking, side stream
+        self._ready[slot] = engine.record(stream)

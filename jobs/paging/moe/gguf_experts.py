@@ -16,6 +16,7 @@ from torch import nn
 
 from jobs.contract.errors import ModelFolderError
 from jobs.paging.block_weights import ExpansionBuffer
+from jobs.paging.copy_engine import CopyEngine
 from jobs.paging.dense.gguf_store import GgufStore
 from jobs.paging.dense.streamer import assign_tensors
 from jobs.paging.ggml import expand
@@ -50,8 +51,9 @@ class GgufExpertStore(ExpertStore):
     A file may store a projection in another block type from one layer to the next (Q4_K_M: ffn_down in Q6_K on
     some layers, Q4_K on others): a slot then takes the largest layer's expert, `layer_expert_bytes` are exact."""
 
-    def __init__(self, layout: ExpertLayout, file: GgufFile, dtype: torch.dtype, *, pin_memory: bool = False) -> None:
-        super().__init__(layout, dtype, pin_memory=pin_memory)
+    def __init__(self, layout: ExpertLayout, file: GgufFile, dtype: torch.dtype, *, pin_memory: bool = False,
+                 engine: CopyEngine | None = None) -> None:
+        super().__init__(layout, dtype, pin_memory=pin_memory, engine=engine)
         self.file = file
         self.variant = "gguf blocks"
         self._parts = {layer: self._layer_parts(layer) for layer in self.layers}

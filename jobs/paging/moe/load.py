@@ -21,6 +21,7 @@ from jobs.contract.errors import BudgetError, ModelFolderError
 from jobs.contract.spec import DEFAULT_BATCH_SIZE, VARIANT_MODES, ModelSpec
 from jobs.contract.units import format_size, parse_size
 from jobs.paging.capability import resolve_dtype
+from jobs.paging.copy_engine import CopyEngine, engine_for
 from jobs.paging.dense.gguf_store import GgufStore
 from jobs.paging.dtypes import dtype_name, torch_dtype
 from jobs.paging.kernels import apply_kernels
@@ -86,7 +87,7 @@ class PagedMoE:
 
 def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
                    cache_scope: str = "global", cpu_miss_exec: bool = False, cpu_miss_max_tokens: int = 4,
-                   quant_spec: QuantSpec | None = None) -> PagedMoE:
+                   quant_spec: QuantSpec | None = None, engine: CopyEngine | None = None) -> PagedMoE:
     """Non-expert weights resident on `device`, experts behind a device cache of `expert_cache_bytes`
     (None: the memory plan's expert slots, what fits next to everything else the run takes at batch_size x
     spec.context_tokens; a plan that cannot fit is refused with BudgetError before any weight is read). The store holds at most
@@ -105,7 +106,9 @@ def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = 
 
     spec: the model's settings (jobs.contract.spec.ModelSettings); the run-time arguments: prefetch (stage
     the predicted experts of the next layer), batch_size (rows the memory plan makes room for), cache_scope,
-    cpu_miss_exec / cpu_miss_max_tokens (ExpertPager) and quant_spec (which variant when there are several)."""
+    cpu_miss_exec / cpu_miss_max_tokens (ExpertPager), quant_spec (which variant when there are several) and
+    engine (jobs.paging.copy_engine: CUDA's on a GPU; on cpu None copies synchronously, a ThreadEngine (tests)
+    runs the GPU's side stream, events and staging under its checker)."""
     model_dir = Path(spec.path)
     variant, kernels, cache_policy = spec.variant, spec.kernels, spec.cache_policy
     if not is_moe_folder(model_dir):
@@ -146,14 +149,15 @@ def load_paged_moe(spec: ModelSpec, *, prefetch: bool = True, batch_size: int = 
                     "on it", model_dir.name, config.model_type, ", ".join(TESTED))
     n_layers, n_experts = layout.num_layers, layout.num_experts
     pin = device.type == "cuda"
+    engine = engine_for(device, engine)
     quantized = None if gguf is not None else _open_variant(model_dir, variant, quant_spec)
     if gguf is not None:
-        gguf_experts = GgufExpertStore(layout, gguf.file, dtype, pin_memory=pin)
+        gguf_experts = GgufExpertStore(layout, gguf.file, dtype, pin_memory=pin, engine=engine)
         store: ExpertStore = gguf_experts
     elif quantized is None:
-        store = ExpertStore(layout, dtype, pin_memory=pin)
+        store = ExpertStore(layout, dtype, pin_memory=pin, engine=engine)
     else:
-        store = QuantExpertStore(layout, quantized, dtype, pin_memory=pin)
+        store = QuantExpertStore(layout, quantized, dtype, pin_memory=pin, engine=engine)
     expert_bytes = store.expert_bytes
 
     # Budgets the user gave are checked before reading a byte of weights.

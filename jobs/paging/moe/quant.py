@@ -11,6 +11,7 @@ import re
 import torch
 
 from jobs.contract.errors import ModelFolderError
+from jobs.paging.copy_engine import CopyEngine
 from jobs.paging.moe.store import ExpertStore, Key, Piece
 from jobs.paging.plan.moe_layout import PER_EXPERT_RE, PIECE_ORDER
 from jobs.paging.quant import PARTS, Variant, dequantize_weight
@@ -50,8 +51,9 @@ class QuantExpertStore(ExpertStore):
     """Same interface as ExpertStore; buffers are the 4-bit bytes, `expand` dequantizes them on
     whatever device they sit (host for CPU execution of a miss, the GPU for a cache slot)."""
 
-    def __init__(self, layout, variant: Variant, dtype: torch.dtype, *, pin_memory: bool = False):
-        super().__init__(layout, dtype, pin_memory=pin_memory)
+    def __init__(self, layout, variant: Variant, dtype: torch.dtype, *, pin_memory: bool = False,
+                 engine: CopyEngine | None = None):
+        super().__init__(layout, dtype, pin_memory=pin_memory, engine=engine)
         self.quant = variant
         self.spec = variant.spec
         self.variant = variant.spec.name

@@ -11,14 +11,16 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Hashable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
 
 from jobs.contract.errors import ModelFolderError
 from jobs.contract.units import format_size
+from jobs.paging.copy_engine import CopyEngine
 from jobs.paging.mapped import MappedFiles
 from jobs.paging.pinned import HostArena
 from jobs.paging.plan.expert_budget import (
@@ -109,8 +111,9 @@ class ExpertStore:
     """Every expert of every layer, served read-only: from the arena when it is in RAM, else from the
     checkpoint through a staging slot. The checkpoint is the truth; nothing is written back."""
 
-    def __init__(self, layout, dtype: torch.dtype, *, pin_memory: bool = False):
-        """`layout`: an ExpertLayout (families.layout_of the built model) or a transformers config."""
+    def __init__(self, layout, dtype: torch.dtype, *, pin_memory: bool = False, engine: CopyEngine | None = None):
+        """`layout`: an ExpertLayout (families.layout_of the built model) or a transformers config; `engine`: the
+        copy engine the cache copies with (jobs.paging.copy_engine), None for plain synchronous copies."""
         self.layout = layout = as_layout(layout)
         self.dtype = dtype
         self.layers = layout.layers  # decoder layer indices with experts; keys are (layer, expert)
@@ -120,6 +123,7 @@ class ExpertStore:
         self.variant = "precise"  # what the stats call the expert format; see expert_quant.py
         self.bits: float = dtype.itemsize * 8  # per weight as stored (GGUF blocks: e.g. 4.5 for Q4_K)
         self.pin_memory = pin_memory
+        self.engine = engine
         # One expert's flat buffer (arena view, staging slot, device slot): its dtype and length.
         self.slot_dtype, self.slot_numel = dtype, layout.expert_numel
         self.ram_budget_bytes: int | None = None  # the budget in effect once loaded
@@ -128,7 +132,8 @@ class ExpertStore:
         self._arena: HostArena | None = None
         self._ram: dict[Key, torch.Tensor] = {}
         self._staging: list[torch.Tensor] = []
-        self._staged_copy: list[torch.cuda.Event | None] = []  # per slot: its last H2D copy
+        self._staged_copy: list[Any] = []  # per slot: the engine's event after its last H2D copy, or None
+        self._copy_streams: list[Any] = []  # the streams copies out of the arena were queued on
         self._next_staging = 0
         # Counts (int) and seconds (float); a missing counter reads 0, as a Counter's would.
         self._counters: defaultdict[str, float] = defaultdict(int)
@@ -218,6 +223,8 @@ class ExpertStore:
         for nth, expert in resident_experts(self.num_layers, self.num_experts, plan.experts_in_ram):
             key = (self.layers[nth], expert)
             self._ram[key] = self._take(arena)
+            if self.engine is not None:
+                self.engine.host_writes([("expert in RAM", key)])
             self._read(key, self._ram[key])
         n_staging = STAGING_SLOTS if plan.staging_bytes else 0
         self._staging = [self._take(arena) for _ in range(n_staging)]
@@ -259,23 +266,29 @@ class ExpertStore:
             flat = self._staging[self._stage(key)]
         return self.expand(flat, key)
 
-    def copy_to(self, key: Key, dst: torch.Tensor) -> None:
+    def copy_to(self, key: Key, dst: torch.Tensor, *, stream: Any = None, dst_buffer: Hashable = None) -> None:
         """Copy expert `key` into the flat `dst` (a device cache slot). From the arena when in RAM;
-        else straight from the mmap into a host `dst`, or through a pinned staging slot into a CUDA
-        one. On CUDA the copy is non-blocking on the current stream: call it under the stream that
-        should carry it."""
+        else, without a copy engine, straight from the mmap into `dst`, or with one through a pinned
+        staging slot. With an engine the copy is non-blocking on `stream`, a write of `dst_buffer`."""
         src = self._ram.get(key)
-        if src is not None:
-            dst.copy_(src, non_blocking=dst.is_cuda)
+        engine = self.engine
+        if engine is None:
+            if src is not None:
+                dst.copy_(src)
+            else:
+                self._read_on_demand(key, dst)
             return
-        if not dst.is_cuda:
-            self._read_on_demand(key, dst)
+        if stream not in self._copy_streams:
+            self._copy_streams.append(stream)
+        if src is not None:
+            engine.run(stream, lambda: dst.copy_(src, non_blocking=True), reads=[("expert in RAM", key)],
+                       writes=[dst_buffer])
             return
         slot = self._stage(key)
-        dst.copy_(self._staging[slot], non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(dst.device))
-        self._staged_copy[slot] = done  # the slot is not overwritten before this copy has read it
+        staged = self._staging[slot]
+        engine.run(stream, lambda: dst.copy_(staged, non_blocking=True), reads=[("expert staging", slot)],
+                   writes=[dst_buffer])
+        self._staged_copy[slot] = engine.record(stream)  # the slot is not overwritten before this copy has read it
 
     def _stage(self, key: Key) -> int:
         """Read `key` into the next staging slot, once the copy out of it has completed; its index."""
@@ -283,8 +296,11 @@ class ExpertStore:
         self._next_staging = (slot + 1) % len(self._staging)
         pending = self._staged_copy[slot]
         if pending is not None:
-            pending.synchronize()
+            assert self.engine is not None  # only an engine's copies leave an event
+            self.engine.host_wait(pending, "expert staging copied")
             self._staged_copy[slot] = None
+        if self.engine is not None:
+            self.engine.host_writes([("expert staging", slot)])
         self._read_on_demand(key, self._staging[slot])
         return slot
 
@@ -323,9 +339,14 @@ class ExpertStore:
         self._counters.clear()
 
     def close(self) -> None:
-        for pending in self._staged_copy:
-            if pending is not None:
-                pending.synchronize()  # never unpin memory a copy still reads
+        engine = self.engine
+        if engine is not None:
+            # Never unpin memory a copy still reads: the staged copies and those straight from the arena.
+            for stream in self._copy_streams:
+                engine.stream_sync(stream, "expert store close")
+            engine.frees([("expert staging", slot) for slot in range(len(self._staging))]
+                         + [("expert in RAM", key) for key in self._ram])
+        self._copy_streams = []
         self._ram.clear()
         self._staging, self._staged_copy = [], []
         self._files.close()
