@@ -123,6 +123,43 @@ def test_fast_stream_matches_transformers_on_dequantized_weights(tiny_fast, ram_
             assert not any(n.endswith("proj.weight") for n in layer)
 
 
+@pytest.mark.parametrize("threads", [False, True])
+def test_a_streamed_fast_layer_expands_one_matrix_at_a_time(tiny_fast, monkeypatch, threads):
+    """#29: a fast layer expands into its slot weight by weight, so one expanded matrix exists at a time, as
+    the memory plan counts, on cpu and on the GPU's path (the ThreadEngine); a whole layer at once held
+    seven."""
+    import weakref
+
+    from jobs.paging.copy_engine import ThreadEngine
+    from jobs.paging.dense import streamer
+
+    folder, _ = tiny_fast
+    alive, peak = [0], [0]
+    real = streamer.dequantize_weight
+
+    def tracked(*args, **kwargs):
+        out = real(*args, **kwargs)
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        weakref.finalize(out, lambda: alive.__setitem__(0, alive[0] - 1))
+        return out
+    monkeypatch.setattr(streamer, "dequantize_weight", tracked)
+    layer_bytes = max(ModelStore(folder).layer_nbytes_as(torch.float32))
+    engine = ThreadEngine() if threads else None
+    try:
+        # no layer resident (a resident fast layer's expanded weights are the layer: they all stay)
+        with load_streamed(spec_for(folder, variant="fast", vram_budget_bytes=2 * layer_bytes + layer_bytes // 2,
+                                    ram_budget_bytes=0), engine=engine) as fast:
+            enc = fast.tokenizer(PROMPTS[:1], return_tensors="pt")
+            with torch.no_grad():
+                fast.model(**enc)
+            assert fast.stats()["streamed_layers"] == 5
+    finally:
+        if engine is not None:
+            engine.close()
+    assert peak[0] == 1
+
+
 def test_missing_variant_is_a_clear_error(tiny_dirs, capsys):
     with pytest.raises(ModelFolderError, match="lab-attendant model quantize llama --bits 4"):
         load_streamed(spec_for(tiny_dirs["llama"], variant="fast"))

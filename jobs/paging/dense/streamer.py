@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,8 +275,7 @@ class LayerStreamer:
         if fast:
             packed = views(buffer[self._expanded_bytes:], parts)
             self.store.read_layer_into(index, packed, fast=True)
-            for k, t in self._dequantize(index, packed).items():
-                out[k].copy_(t)
+            self._expand_into(index, packed, out)
         else:
             self.store.read_layer_into(index, out)
         return out, None
@@ -295,8 +294,7 @@ class LayerStreamer:
                 packed = views(device_slot[self._expanded_bytes:], self._crossing(index))
                 for k, t in src.items():
                     packed[k].copy_(t, non_blocking=True)
-                for k, t in self._dequantize(index, packed).items():
-                    out[k].copy_(t)
+                self._expand_into(index, packed, out)
             else:
                 for k, t in src.items():
                     out[k].copy_(t, non_blocking=True)
@@ -331,20 +329,30 @@ class LayerStreamer:
         return self._fast_layouts[index][0] if index in self._fast_layouts else self._layouts[index][0]
 
     def _dequantize(self, index: int, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Packed NAME.W_q/.scale/.zero become NAME in the compute dtype; other tensors pass through."""
+        """Packed NAME.W_q/.scale/.zero become NAME in the compute dtype; other tensors pass through. All
+        at once: for a layer whose expanded weights all stay (cpu without slots, a resident layer)."""
+        return dict(self._dequantized(index, parts))
+
+    def _dequantized(self, index: int, parts: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """As _dequantize, one weight at a time: a caller that copies each into its slot and drops it before
+        the next holds one expanded matrix at most, which is what the memory plan counts (#29)."""
         store = self._fast_store()
         assert store.variant is not None  # fast layers were chosen after open_variant() opened it
         spec = store.variant.spec
-        out = {}
         for name, tensor in parts.items():
             weight, _, part = name.rpartition(".")
             shape = store.fast_shapes[index].get(weight)
             if shape is None:
-                out[name] = tensor
+                yield name, tensor
             elif part == "W_q":
-                out[weight] = dequantize_weight({p: parts[f"{weight}.{p}"] for p in ("W_q", "scale", "zero")},
+                yield weight, dequantize_weight({p: parts[f"{weight}.{p}"] for p in ("W_q", "scale", "zero")},
                                                 shape, spec, self.dtype)
-        return out
+
+    def _expand_into(self, index: int, packed: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+        """A fast layer's packed parts expanded into its slot's views, one matrix alive at a time."""
+        for name, tensor in self._dequantized(index, packed):
+            out[name].copy_(tensor)
+            del tensor   # before the next weight expands
 
     # -- reporting ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
