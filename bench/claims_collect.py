@@ -127,13 +127,15 @@ def main() -> int:
     ap.add_argument("--cv", type=Path, nargs="*", default=None, metavar="CV",
                     help="only these CVs, each against every --postings file")
     ap.add_argument("--postings", type=Path, nargs="*", default=[], metavar="P")
-    ap.add_argument("--merge-heldout", action="store_true",
-                    help="write pairs-heldout.jsonl from candidates-heldout.jsonl and labels-heldout.tsv")
+    ap.add_argument("--merge-heldout", nargs="?", const="heldout", default=None, metavar="NAME",
+                    help="write pairs-NAME.jsonl from candidates-NAME.jsonl and labels-NAME.tsv "
+                         "(a held-out set; NAME defaults to heldout, e.g. heldout2)")
     args = ap.parse_args()
     if args.merge:
         return merge([args.out, OWN / "candidates-2.jsonl"], OWN / "labels.tsv", OWN / "pairs.jsonl")
     if args.merge_heldout:
-        return merge([OWN / "candidates-heldout.jsonl"], OWN / "labels-heldout.tsv", OWN / "pairs-heldout.jsonl")
+        n = args.merge_heldout
+        return merge([OWN / f"candidates-{n}.jsonl"], OWN / f"labels-{n}.tsv", OWN / f"pairs-{n}.jsonl")
     embedder = Embedder()
     if args.notes is not None or args.cv is not None:   # only the named items (a held-out set)
         cvs = [(c.resolve(), [p.resolve() for p in args.postings]) for c in args.cv or []]
