@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from jobs.lib import claims, claims_eval
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,23 +93,28 @@ def test_a_rationale_must_agree_with_the_computed_facts():
     assert claims.agrees_with_facts("The candidate builds web shops but lacks React.", 1, 4, ["React"]) is None
 
 
-# Measured on this set (docs/quality.md, 136 pairs, 63 true, 2-core x86 CPU VM), the check of 2026-12-07
-# (2-clause window, mood, counts, negation scope, stems): precision 0.962, recall 0.810; replayed runs 1 of
-# 68 shown sentences false (0.015), 0.529 model-written. The check before (3-clause window, no mood or
-# count rules) measured 0.833 / 0.794 / 0.074 / 0.574 on the same pairs.
-MIN_PAIRS, MIN_TRUE, MIN_FALSE = 136, 63, 73
-PRECISION_FLOOR, RECALL_FLOOR = 0.96, 0.80
-SHOWN_FALSE_CEILING, MODEL_WRITTEN_FLOOR = 0.015, 0.52
+# Floors: what was measured on each set (docs/quality.md; 2-core x86 CPU VM), rounded down, for the check of
+# 2026-12-07. pairs.jsonl is the development set the rules were chosen on; pairs-heldout.jsonl was held out,
+# measured once (precision 0.800, recall 0.769, 4 of 35 shown false) and then used for a second round of
+# rules; pairs-heldout2.jsonl was collected and labelled blind after that round and measured once, untouched.
+# Per set: pairs, true, false, precision, recall, shown-false share (replayed runs), model-written share.
+FLOORS = {
+    "pairs.jsonl": (136, 63, 73, 0.96, 0.80, 0.015, 0.52),           # measured 0.962 / 0.810 / 1 of 68 / 0.529
+    "pairs-heldout.jsonl": (70, 26, 44, 0.95, 0.80, 0.029, 0.37),    # measured 0.955 / 0.808 / 1 of 35 / 0.371
+    "pairs-heldout2.jsonl": (80, 62, 18, 0.94, 0.77, 0.025, 0.80),   # measured 0.941 / 0.774 / 1 of 40 / 0.800
+}
 
 
-def test_floors_on_the_labelled_real_outputs():
-    pairs = claims_eval.load_pairs()
-    assert len(pairs) >= MIN_PAIRS and sum(p["label"] for p in pairs) >= MIN_TRUE
-    assert sum(not p["label"] for p in pairs) >= MIN_FALSE
+@pytest.mark.parametrize("name", sorted(FLOORS))
+def test_floors_on_the_labelled_real_outputs(name):
+    n, true, false, precision, recall, shown_false, model_written = FLOORS[name]
+    pairs = claims_eval.load_pairs(OWN / name)
+    assert len(pairs) >= n and sum(p["label"] for p in pairs) >= true
+    assert sum(not p["label"] for p in pairs) >= false
     shipped = claims_eval.METHODS["rules + align + facts (shipped)"]
     c = claims_eval.confusion(pairs, shipped)
-    assert c["precision"] >= PRECISION_FLOOR and c["recall"] >= RECALL_FLOOR
+    assert c["precision"] >= precision and c["recall"] >= recall
     # The check must beat what shipped before on the same pairs, or it is not worth its misses.
     assert c["precision"] > claims_eval.confusion(pairs, claims_eval.METHODS["overlap (before)"])["precision"]
     run = claims_eval.replay(pairs, shipped)
-    assert run["shown_false_share"] <= SHOWN_FALSE_CEILING and run["model_written_share"] >= MODEL_WRITTEN_FLOOR
+    assert run["shown_false_share"] <= shown_false and run["model_written_share"] >= model_written
