@@ -28,10 +28,18 @@ from jobs.paging.convert import DEFAULT_OUT_DIR, convert_default, import_gguf  #
 from jobs.paging.dense.layer_stream import load_streamed  # noqa: E402
 from jobs.paging.generate import generate  # noqa: E402
 from jobs.paging.open import spec_for  # noqa: E402
+from jobs.paging.plan.shape import shape_from_path  # noqa: E402
 
 MiB = 1 << 20
 # Two fp32 layer slots (21.3 MiB each) and nothing resident: every pass streams all 18 layers.
-LAYER_BUDGET_BYTES = 50 * MiB
+
+
+def streamed_budget(path: Path) -> int:
+    """Room for two slots and a half of the model's layer as it crosses (blocks for a GGUF, fp32 for a
+    folder): the plan then keeps no layer resident, so every layer is read on every pass."""
+    shape = shape_from_path(path)
+    return 2 * shape.layer_stored_bytes + shape.layer_stored_bytes // 2 if shape.gguf \
+        else 5 * shape.layer_numel * 4 // 2
 
 # llama.cpp's binding at batch 1: its own greedy loop over the same file, CPU only, threads = cores.
 LLAMA_SCRIPT = r"""
@@ -84,13 +92,13 @@ def main() -> int:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     gguf, folder = import_gguf(), convert_default(DEFAULT_OUT_DIR)
-    settings = dict(device="cpu", dtype="fp32", vram_budget_bytes=LAYER_BUDGET_BYTES, ram_budget_bytes=None,
+    settings = dict(device="cpu", dtype="fp32", ram_budget_bytes=None,
                     context_tokens=256)
     methods = {}
     # The last case gives no layer budget: every layer resident, so the plan keeps the layers and the head
     # expanded (nothing streams); bytes per pass are then 0.
-    for name, path, budget in (("gguf streamed", gguf, LAYER_BUDGET_BYTES),
-                               ("bf16 folder streamed", folder, LAYER_BUDGET_BYTES),
+    for name, path, budget in (("gguf streamed", gguf, streamed_budget(gguf)),
+                               ("bf16 folder streamed", folder, streamed_budget(folder)),
                                ("gguf resident, expanded by the plan", gguf, None)):
         print(f"{name}: {path}", flush=True)
         with load_streamed(spec_for(path, **{**settings, "vram_budget_bytes": budget}),
@@ -98,6 +106,7 @@ def main() -> int:
             rows = bench(loaded, batches, args.new_tokens, args.rounds)
             stats = loaded.stats()
         methods[name] = {"path": str(path), "bytes_per_pass": stats["bytes_read_per_pass"], "rows": rows,
+                         "vram_budget_bytes": budget, "resident_layers": stats["resident_layers"],
                          "expanded_layers": stats["expanded_layers"], "expanded_head": stats["expanded_head"]}
     print("resident transformers (fp32 load of the GGUF)", flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
