@@ -155,3 +155,29 @@ def test_sdpa_backends_leave_flash_out_below_sm_80(monkeypatch):
     monkeypatch.setattr(capability, "device_capability", lambda device: (8, 0))
     assert capability.sdpa_backends("cuda").split(",")[0] == "flash"
     assert capability.sdpa_backends("cpu") == "cpu"
+
+
+def test_conversion_to_the_compute_dtype_fills_one_destination_a_chunk_at_a_time(monkeypatch):
+    """#29: the embedding and resident layers convert into their final tensor a chunk of rows at a time
+    (the only temporary is one chunk), with the values of a whole-tensor .to(dtype)."""
+    from jobs.paging import dtypes
+
+    torch.manual_seed(0)
+    weight = (torch.randn(1000, 64) * 3).to(torch.bfloat16)
+    sources: list[int] = []
+    real_getitem = torch.Tensor.__getitem__
+
+    def counting(self, index):   # the row slices read from the source: one per chunk
+        out = real_getitem(self, index)
+        if self is weight and isinstance(index, slice):
+            sources.append(out.numel() * out.element_size())
+        return out
+    monkeypatch.setattr(torch.Tensor, "__getitem__", counting)
+    out = dtypes.to_device_as(weight, torch.device("cpu"), torch.float16, chunk_bytes=64 * 128 * 2)
+    monkeypatch.undo()
+    assert out.dtype == torch.float16 and torch.equal(out, weight.to(torch.float16))
+    assert len(sources) == 8 and max(sources) <= 64 * 128 * 2   # 1000 rows, 128 per chunk
+    ids = torch.arange(5)
+    assert dtypes.to_device_as(ids, torch.device("cpu"), torch.float16) is ids   # integers move as they are
+    scalar = dtypes.to_device_as(torch.tensor(2.5, dtype=torch.bfloat16), torch.device("cpu"), torch.float32)
+    assert scalar.dtype == torch.float32 and scalar.item() == 2.5

@@ -23,7 +23,7 @@ from jobs.paging.dense.gguf_store import GgufStore
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.streamer import LayerStreamer, StreamPlan, assign_tensors
 from jobs.paging.dense.variants import FAST, PRECISE, bytes_by_choice, choose_variants, summary
-from jobs.paging.dtypes import dtype_name
+from jobs.paging.dtypes import dtype_name, to_device_as
 from jobs.paging.kernels import apply_kernels
 from jobs.paging.numerics import Fp16Safe, resolve_numerics
 from jobs.paging.plan.gguf_header import is_gguf
@@ -235,8 +235,7 @@ def _load_non_layer(model: Any, store: ModelStore, device: torch.device, dtype: 
         except AttributeError:
             logger.warning("ignoring checkpoint tensor %s: the model has no such module", name)
             continue
-        tensor = tensor.to(device)
-        assign_tensors({name: (owner, attr, None)}, {name: tensor.to(dtype) if tensor.is_floating_point() else tensor})
+        assign_tensors({name: (owner, attr, None)}, {name: to_device_as(tensor, device, dtype)})
     head = model.get_output_embeddings()
     if head is not None and "lm_head.weight" not in tensors:
         if not any(getattr(c, "tie_word_embeddings", False) for c in (store.text_config, store.config)):

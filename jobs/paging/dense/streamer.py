@@ -21,6 +21,7 @@ from jobs.paging.copy_engine import CopyEngine
 from jobs.paging.dense.model_store import ModelStore
 from jobs.paging.dense.slots import SlotRing, layout, views
 from jobs.paging.dense.variants import FAST, PRECISE, bytes_by_choice, summary
+from jobs.paging.dtypes import to_device_as
 from jobs.paging.pinned import HostArena
 from jobs.paging.quant import dequantize_weight
 
@@ -246,10 +247,12 @@ class LayerStreamer:
             tensors: dict[str, torch.Tensor] = {}  # filled on the side stream; read after the compute stream waits
 
             def copy_resident() -> None:
-                moved = {k: t.to(self.device, non_blocking=True) for k, t in host.items()}
-                if fast:
-                    moved = self._dequantize(index, moved)
-                tensors.update({k: t.to(self.dtype) if t.is_floating_point() else t for k, t in moved.items()})
+                if fast:   # packed parts cross as stored and expand on the device
+                    moved = self._dequantize(index, {k: t.to(self.device, non_blocking=True) for k, t in host.items()})
+                    tensors.update({k: t.to(self.dtype) if t.is_floating_point() else t for k, t in moved.items()})
+                else:      # converted a chunk at a time into the layer's own tensors: no second copy (#29)
+                    tensors.update({k: to_device_as(t, self.device, self.dtype, non_blocking=True)
+                                    for k, t in host.items()})
             buffer = ("resident layer", index)
             engine.run(self._side_stream, copy_resident, allocates=[buffer], writes=[buffer])
             return tensors, engine.record(self._side_stream)
