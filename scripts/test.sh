@@ -43,7 +43,9 @@ supervisor_mypy=$!
 .venv/bin/mypy --python-executable venvs/experimental/bin/python jobs
 wait "$supervisor_mypy"
 echo "== supervisor tests (unit + e2e + faults), in .venv" >&2
-.venv/bin/python -m pytest tests/unit tests/e2e tests/faults -p no:cacheprovider --durations=15
+# Two workers, one test file each at a time (--dist loadfile): most of these tests wait on subprocesses (the
+# CLI, a daemon, workers), and a module's fixtures (a Slurm cluster, a dashboard) stay on one worker.
+.venv/bin/python -m pytest tests/unit tests/e2e tests/faults -p no:cacheprovider --durations=15 -n 2 --dist loadfile
 echo "== engine tests (engine + gpu; gpu skips without CUDA), in venvs/experimental" >&2
 venvs/experimental/bin/python -m pytest tests/engine tests/gpu -p no:cacheprovider --durations=15
 echo "== suite took $((SECONDS - start)) s (setup included)" >&2

@@ -53,6 +53,8 @@ class Lab:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT)
         env.pop("LAB_ATTENDANT_CONFIG", None)
+        for var in ("COLUMNS", "LINES"):   # pytest-xdist workers export 80 columns; views use PIPE_WIDTH
+            env.pop(var, None)
         return env
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -43,6 +43,9 @@ class WorkerEvents:
                        progress_unit=ev.unit, progress_phase=ev.phase, heartbeat_at=now)
         elif isinstance(ev, protocol.Metric):
             self.sampler.metrics(rid, ev.metrics)
+            code = ev.metrics.get("exit_code")
+            if isinstance(code, int) and not isinstance(code, bool):   # the command kind's program
+                w.program_exit = code
             writes.may(store.merge_metrics, rid, ev.metrics)
         elif isinstance(ev, protocol.Heartbeat):
             writes.may(store.update_run, rid, heartbeat_at=now)

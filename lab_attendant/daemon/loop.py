@@ -270,6 +270,8 @@ class Daemon:
                 code, w.stop_state, w.stop_reason, forced=w.kill_sent_mono is not None,
                 result_path=w.result_path, error=w.error, near_memory_limit=near,
                 rss_bytes=rss, kernel_oom_kills=oom_kills, how=w.exit_how))
+            if code >= 0 and not w.exit_how and w.program_exit is not None:
+                code = w.program_exit   # a command run: its program's code, not the worker's (sacct ExitCode)
             fields: dict[str, Any] = {"exit_code": code if code >= 0 and not w.exit_how else None,
                                       "signal": signal_name(-code) if code < 0 else None}
             if state is RunState.QUEUED:

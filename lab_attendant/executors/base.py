@@ -82,6 +82,7 @@ class RunHandle:
     job_id: str | None = None            # the executor's id for it (a Slurm job id)
     requested: str = ""                  # what it asked the executor for, in words (`show`)
     rejected_events: int = 0             # event lines refused at decode (the first few recorded)
+    program_exit: int | None = None      # a command run's own program's exit code (its exit_code metric)
 
     @property
     def pid(self) -> int | None:

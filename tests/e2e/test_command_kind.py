@@ -47,6 +47,8 @@ def test_a_failing_command_fails_the_run_with_its_exit_code(lab: Lab):
     log = lab.cli("logs", str(rid)).stdout
     assert "oops" in log and "Traceback" not in log
     assert run["metrics"]["exit_code"] == 3
+    assert run["exit_code"] == 3     # the program's code, not the worker's 1
+    assert lab.cli("list", "--format", "id,exit").stdout.split()[-1] == "3"
 
 
 def test_a_command_is_refused_at_submit_with_a_sentence(lab: Lab, tmp_path: Path):
