@@ -1,5 +1,6 @@
-"""One GGUF file as the engine reads it: config and tokenizer through transformers, the tensor table through
-gguf-py, raw block bytes as zero-copy views of one read-only mmap, and transformers' names for its tensors.
+"""One GGUF model as the engine reads it: config and tokenizer through transformers, the tensor table from the
+header (every part of a split file gathered), raw block bytes as zero-copy views of one read-only mmap per part,
+and transformers' names for its tensors.
 
 Owns what transformers' own GGUF load does to a tensor besides dequantizing (llama's q/k row order, Gemma's
 norms stored +1), found by running transformers' own tensor processor, so a streamed weight equals its load.
@@ -17,7 +18,7 @@ import torch
 
 from jobs.contract.errors import ModelFolderError
 from jobs.paging.ggml import FLOAT_TYPES, block_type, expand, raw_shape
-from jobs.paging.plan.gguf_header import SPLIT_RE, read_header
+from jobs.paging.plan.gguf_header import read_header, split_parts
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,10 @@ class GgufTensor:
     gguf_name: str           # name in the file, e.g. blk.3.attn_q.weight
     ggml_type: int
     shape: tuple[int, ...]   # PyTorch order (rows first)
-    offset: int              # first byte in the file
+    offset: int              # first byte in the file (the part) that holds it
     nbytes: int
     rows: torch.Tensor | None = None  # transformers' row order as indices into the stored rows; None: as stored
+    part: int = 0            # which part of a split file holds it (0: the first, or the only file)
 
     @property
     def raw_shape(self) -> tuple[int, ...]:
@@ -45,36 +47,40 @@ class GgufFile:
         from transformers import AutoConfig
 
         self.path = Path(path)
-        if SPLIT_RE.match(self.path.name):
-            raise ModelFolderError(f"{self.path.name} is one part of a split GGUF, which transformers cannot read: "
-                                   "merge the parts with llama.cpp's `llama-gguf-split --merge` and point at the "
-                                   "merged file")
         if not self.path.is_file():
             raise ModelFolderError(f"GGUF file {self.path} does not exist")
+        # A split file (NAME-00001-of-0000N.gguf, any part named): its first part holds the metadata that
+        # transformers reads config and tokenizer from; the tensors are spread over all the parts.
+        self.parts = parts = split_parts(self.path)
+        self._first = parts[0]
         try:
-            self.config = AutoConfig.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            self.config = AutoConfig.from_pretrained(self._first.parent, gguf_file=self._first.name)
         except (ValueError, KeyError, NotImplementedError) as exc:
-            raise ModelFolderError(f"transformers cannot read {self.path.name} as a model: {exc}") from None
-        self.header = header = read_header(self.path)   # the header alone: no weight byte is read
+            raise ModelFolderError(f"transformers cannot read {self._first.name} as a model: {exc}") from None
+        self.header = header = read_header(self.path)   # the headers alone: no weight byte is read
         self.architecture = header.architecture
-        self.tensors = {name: (info.ggml_type, tuple(reversed(info.shape)), info.offset_bytes, info.nbytes)
+        index = {part: i for i, part in enumerate(header.files)}
+        self.tensors = {name: (info.ggml_type, tuple(reversed(info.shape)), info.offset_bytes, info.nbytes,
+                               index[info.file])
                         for name, info in header.tensors.items()}
-        with open(self.path, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._mms: list[mmap.mmap] = []
+        for part in header.files:
+            with open(part, "rb") as f:
+                self._mms.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
     def tensor(self, gguf_name: str) -> GgufTensor:
         """The file's tensor `gguf_name` as stored (rows in the file's order), its block type checked."""
         if gguf_name not in self.tensors:
             raise ModelFolderError(f"{self.path.name} has no tensor {gguf_name}; the file is incomplete or not the "
                                    f"{self.architecture} layout its metadata declares")
-        ggml_type, shape, offset, nbytes = self.tensors[gguf_name]
+        ggml_type, shape, offset, nbytes, part = self.tensors[gguf_name]
         block_type(ggml_type, gguf_name)  # refuses IQ*, TQ*, MXFP4, ... naming the tensor
-        return GgufTensor(gguf_name, ggml_type, shape, offset, nbytes)
+        return GgufTensor(gguf_name, ggml_type, shape, offset, nbytes, part=part)
 
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        return AutoTokenizer.from_pretrained(self._first.parent, gguf_file=self._first.name)
 
     def _processor(self) -> Any:
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
@@ -90,12 +96,12 @@ class GgufFile:
         processor = self._processor()
         names = get_gguf_hf_weights_map(model, processor)
         out: dict[str, GgufTensor] = {}
-        for gguf_name, (ggml_type, shape, offset, nbytes) in self.tensors.items():
+        for gguf_name, (ggml_type, shape, offset, nbytes, part) in self.tensors.items():
             if gguf_name not in names:
                 continue  # transformers' own load skips it too (e.g. rope_freqs)
             block_type(ggml_type, gguf_name)  # refuses IQ*, TQ*, MXFP4, ... naming the tensor
             rows = self._row_order(processor, gguf_name, shape) if len(shape) >= 2 else None
-            out[names[gguf_name]] = GgufTensor(gguf_name, ggml_type, shape, offset, nbytes, rows)
+            out[names[gguf_name]] = GgufTensor(gguf_name, ggml_type, shape, offset, nbytes, rows, part)
         return out
 
     def _row_order(self, processor: Any, gguf_name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -116,7 +122,8 @@ class GgufFile:
         """The stored bytes of `tensor`, (rows, bytes per row) uint8, as a read-only view of the mapping."""
         with warnings.catch_warnings():  # a read-only mmap: torch warns that writes would fault
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            flat = torch.frombuffer(self._mm, dtype=torch.uint8, count=tensor.nbytes, offset=tensor.offset)
+            flat = torch.frombuffer(self._mms[tensor.part], dtype=torch.uint8, count=tensor.nbytes,
+                                    offset=tensor.offset)
         return flat.view(tensor.raw_shape)
 
     def copy_raw(self, tensor: GgufTensor, out: torch.Tensor) -> None:
@@ -137,4 +144,4 @@ class GgufFile:
 
     def close(self) -> None:
         # Dropped, not closed: a view still alive keeps its pages valid.
-        self._mm = None  # type: ignore[assignment]
+        self._mms = []

@@ -14,7 +14,7 @@ from engine_helpers import PROMPTS, resident_greedy
 from gguf import GGMLQuantizationType as T
 from test_ggml import random_blocks
 
-from jobs.contract.errors import ModelFolderError
+from jobs.contract.errors import ModelFolderError, SettingError
 from jobs.paging.convert import import_gguf
 from jobs.paging.dense.layer_stream import load_streamed
 from jobs.paging.dense.model_store import ModelStore
@@ -84,9 +84,11 @@ def _blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndar
     return gguf.quants.quantize((rng.standard_normal((rows, cols)) * 0.08).astype(np.float32), qtype)
 
 
-def write_tiny_gguf(path: Path, arch: str, seed: int) -> Path:
+def write_tiny_gguf(path: Path, arch: str, seed: int, split_max_tensors: int = 0) -> Path:
+    """A tiny random GGUF at `path`; with `split_max_tensors`, gguf-py's split parts of the same tensors
+    (NAME-00001-of-0000N.gguf beside `path`), and the first part is returned."""
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_block_count(LAYERS)
     w.add_context_length(256)
     w.add_embedding_length(HIDDEN)
@@ -126,7 +128,7 @@ def write_tiny_gguf(path: Path, arch: str, seed: int) -> Path:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    return path.with_name(f"{path.stem}-00001-of-{len(w.tensors):05d}.gguf") if split_max_tensors else path
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -224,7 +226,28 @@ def test_unsupported_block_type_is_refused_naming_type_and_tensor(tmp_path):
         load_streamed(spec_for(path))
 
 
-def test_split_gguf_is_refused_with_a_sentence(tmp_path):
-    part = write_tiny_gguf(tmp_path / "tiny-00001-of-00002.gguf", "llama", seed=2)
-    with pytest.raises(ModelFolderError, match="one part of a split GGUF"):
-        load_streamed(spec_for(part))
+def test_a_split_gguf_streams_as_the_whole_file_and_a_missing_part_is_named(tmp_path):
+    """Any part of a split GGUF names the model (config and tokenizer from the first part, blocks from the
+    part that holds them): logits equal transformers' own load of the same tensors written as one file."""
+    (tmp_path / "whole").mkdir(), (tmp_path / "split").mkdir()
+    whole = write_tiny_gguf(tmp_path / "whole" / "tiny.gguf", "llama", seed=2)
+    first = write_tiny_gguf(tmp_path / "split" / "tiny.gguf", "llama", seed=2, split_max_tensors=12)
+    parts = sorted(first.parent.glob("tiny-*-of-*.gguf"))
+    assert len(parts) == 3 and parts[0] == first
+    reference = _reference(whole)
+    ids = torch.tensor([[2, 5, 9, 14, 3, 20, 7, 11], [2, 8, 8, 15, 22, 6, 30, 12]])
+    layer = shape_from_path(first).layer_stored_bytes
+    assert shape_from_path(parts[2]).layer_stored_bytes == layer == shape_from_path(whole).layer_stored_bytes
+    with load_streamed(spec_for(parts[1], vram_budget_bytes=2 * layer + layer // 2)) as loaded:
+        assert loaded.stats()["resident_layers"] == 0
+        assert loaded.tokenizer("th t h").input_ids == reference_tokens(whole, "th t h")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                       rtol=0, atol=1e-4)
+    parts[2].unlink()
+    with pytest.raises(SettingError, match="tiny-00002-of-00003.gguf is missing tiny-00003-of-00003.gguf"):
+        load_streamed(spec_for(parts[1]))
+
+
+def reference_tokens(path: Path, text: str) -> list[int]:
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)(text).input_ids
