@@ -13,7 +13,8 @@ from lab_attendant.errors import UserError
 from lab_attendant.store import queue
 from lab_attendant.store.db import Store
 from lab_attendant.store.states import ACTIVE
-from lab_attendant.validate import check_submit_options, dumps
+from lab_attendant.store.tables import Run
+from lab_attendant.validate import check_executor, check_submit_options, dumps
 
 
 def cmd_update(cfg: Config, args: argparse.Namespace) -> int:
@@ -26,8 +27,12 @@ def cmd_update(cfg: Config, args: argparse.Namespace) -> int:
         changes["timeout_s"] = args.timeout
     if args.begin is not None:
         changes["not_before"] = args.begin
+    if args.executor is not None:
+        check_executor(args.executor, cfg)
+        changes["executor"] = args.executor
     store = Store(cfg.db_path)
     run = store.must_get(args.id)
+    hint = ""
     if args.param:
         # The run's params with these replaced, checked whole as a submit checks them.
         merged = {**run.params, **read_params(args)}
@@ -35,8 +40,9 @@ def cmd_update(cfg: Config, args: argparse.Namespace) -> int:
         params = checked_params(cfg, kind, merged)
         changes["params_json"] = json.dumps(params, sort_keys=True)
         changes["needs_paging"] = kind.run_needs_paging(params)   # `-p gpu=true` on a command run
+        hint = _executor_hint(cfg, run, kind.name, params, args.executor)
     if not changes:
-        raise UserError("nothing to update: give --priority, --begin, --timeout or "
+        raise UserError("nothing to update: give --priority, --begin, --timeout, --executor or "
                         "-p KEY=VALUE")
     changed = queue.edit(store, run.id, **changes)
     if args.json:
@@ -51,9 +57,23 @@ def cmd_update(cfg: Config, args: argparse.Namespace) -> int:
              "not_before": f"begins {local_time(after.not_before)}",
              "params_json": f"params {after.params_json}",
              "needs_paging": "a GPU run (waits for --experimental-paging)" if after.needs_paging
-             else "not a GPU run"}
+             else "not a GPU run",
+             "executor": f"executor {after.executor}"}
     print(f"run {run.id} updated: " + ", ".join(shown[k] for k in changed))
+    if hint:
+        print(hint)
     return 0
+
+
+def _executor_hint(cfg: Config, run: Run, kind: str, params: dict, requested: str | None) -> str:
+    """A new model that [executor] routes elsewhere: the run keeps the executor it was given (submit's
+    --executor may have chosen it; the row does not say), and the line says how to follow the config."""
+    old_model, new_model = run.params.get("model"), params.get("model")
+    want = cfg.executor.choose(kind, new_model)
+    if requested or old_model == new_model or want in (cfg.executor.choose(kind, old_model), run.executor):
+        return ""
+    return (f"note: [executor] sends model {new_model!r} to {want}; run {run.id} stays on {run.executor} "
+            f"(`lab-attendant update {run.id} --executor {want}` moves it)")
 
 
 def cmd_pause(cfg: Config, args: argparse.Namespace) -> int:
@@ -98,6 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--priority", type=int, help="higher runs first")
     u.add_argument("--begin", type=begin_arg, metavar="TIME", help=BEGIN_HELP)
     u.add_argument("--timeout", type=float, metavar="S", help="seconds before the run is stopped")
+    u.add_argument("--executor", choices=("local", "slurm"), help="where its worker will run: this "
+                   "machine, or a Slurm batch job")
     u.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
                    help="replace a param, repeatable; the params are checked as a submit's")
     u.add_argument("--json", action="store_true", help="machine-readable: the run as JSON")

@@ -78,7 +78,7 @@ def set_parallel(store: Store, n: int | None) -> Controls:
 
 
 # -- update ----------------------------------------------------------------------------------------
-EDITABLE = ("priority", "not_before", "timeout_s", "params_json", "needs_paging")
+EDITABLE = ("priority", "not_before", "timeout_s", "params_json", "needs_paging", "executor")
 
 
 def edit(store: Store, run_id: int, **changes: Any) -> list[str]:

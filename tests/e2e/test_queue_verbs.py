@@ -4,13 +4,14 @@ of a queued run, bulk cancel/hold/release with --dry-run, pause/resume across a 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
 
 import pytest
 
-from tests.conftest import Lab, wait_for, write_config
+from tests.conftest import EXPERIMENTAL_PYTHON, MODEL_GGUF, NEEDS_MODEL, Lab, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -174,3 +175,26 @@ def test_submit_notify_end_fail_all_add_to_the_configured_ends(lab: Lab):
     got = sorted(tuple(json.loads(line)) for line in dump.read_text().splitlines())
     assert got == sorted([(str(end), "succeeded"), (str(fail_bad), "failed"),
                           (str(every), "started"), (str(every), "succeeded")])
+
+
+@NEEDS_MODEL
+@pytest.mark.skipif(shutil.which("sbatch") is None,
+                    reason="Slurm's sbatch is not on PATH (scripts/test.sh installs slurm-client on CI)")
+def test_update_executor_moves_a_waiting_run_and_a_model_routed_elsewhere_is_named(model_lab: Lab):
+    lab = model_lab
+    write_config(lab.root, python=EXPERIMENTAL_PYTHON, default_timeout_s=900,
+                 extra=f'[models.big]\npath = "{MODEL_GGUF}"\n[executor]\nmodels = {{ big = "slurm" }}\n')
+    prompts = lab.root / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "Lisbon is the capital of"}) + "\n")
+    rid = lab.submit("generate", f"prompts={prompts}")
+    assert lab.show(rid)["executor"] == "local"
+    out = lab.cli("update", str(rid), "-p", "model=big").stdout
+    # The row does not say whether submit's --executor chose "local": the run stays, the line says how to move
+    assert f"note: [executor] sends model 'big' to slurm; run {rid} stays on local" in out
+    assert f"`lab-attendant update {rid} --executor slurm`" in out
+    assert lab.show(rid)["executor"] == "local" and lab.show(rid)["params"]["model"] == "big"
+    assert f"run {rid} updated: executor slurm" in lab.cli("update", str(rid), "--executor", "slurm").stdout
+    run = lab.show(rid)
+    assert run["executor"] == "slurm"
+    assert any(e["kind"] == "update" and "local -> slurm" in e["reason"] for e in run["events"])
+    assert "note:" not in lab.cli("update", str(rid), "-p", "max_new_tokens=8").stdout   # same model
