@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from gguf import GGMLQuantizationType as T
-from test_gguf_stream import TOKENS, VOCAB, _blocks
+from test_gguf_stream import VOCAB, _blocks, add_tiny_tokenizer, write_out
 
 from jobs.contract.errors import ModelFolderError
 from jobs.paging.moe.gguf_experts import GgufExpertStore
@@ -78,15 +78,7 @@ def write_moe_gguf(path: Path, family: Family, arch: str | None = None, seed: in
     w.add_expert_feed_forward_length(family.expert_inter)
     if family.shared_inter:
         w.add_expert_shared_feed_forward_length(family.shared_inter)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(["<pad>", "<eos>", "<bos>", *TOKENS])
-    w.add_token_types([3, 3, 3] + [1] * len(TOKENS))
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_merges(["t h"])
-    w.add_pad_token_id(0)
-    w.add_eos_token_id(1)
-    w.add_bos_token_id(2)
+    add_tiny_tokenizer(w)
     w.add_tensor("token_embd.weight", _blocks(T.Q8_0, VOCAB, HIDDEN, rng), raw_dtype=T.Q8_0)
     w.add_tensor("output_norm.weight", _norm(rng, HIDDEN))
     w.add_tensor("output.weight", _blocks(T.Q6_K, VOCAB, HIDDEN, rng), raw_dtype=T.Q6_K)
@@ -111,10 +103,7 @@ def write_moe_gguf(path: Path, family: Family, arch: str | None = None, seed: in
             rows, cols = (HIDDEN, family.expert_inter) if proj == "down" else (family.expert_inter, HIDDEN)
             fused = np.stack([_blocks(qtype, rows, cols, rng) for _ in range(EXPERTS)])  # [E, rows, row bytes]
             w.add_tensor(f"blk.{i}.ffn_{proj}_exps.weight", fused, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     return path
 
 

@@ -84,6 +84,27 @@ def _blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndar
     return gguf.quants.quantize((rng.standard_normal((rows, cols)) * 0.08).astype(np.float32), qtype)
 
 
+def add_tiny_tokenizer(w: gguf.GGUFWriter) -> None:
+    """The tiny GGUFs' byte-level BPE vocabulary (TOKENS after <pad> <eos> <bos>), one merge."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(["<pad>", "<eos>", "<bos>", *TOKENS])
+    w.add_token_types([3, 3, 3] + [1] * len(TOKENS))
+    w.add_token_scores([0.0] * VOCAB)
+    w.add_token_merges(["t h"])
+    w.add_pad_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_bos_token_id(2)
+
+
+def write_out(w: gguf.GGUFWriter) -> None:
+    """Header, metadata and tensors to the file(s), then close."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def write_tiny_gguf(path: Path, arch: str, seed: int, split_max_tensors: int = 0) -> Path:
     """A tiny random GGUF at `path`; with `split_max_tensors`, gguf-py's split parts of the same tensors
     (NAME-00001-of-0000N.gguf beside `path`), and the first part is returned."""
@@ -99,15 +120,7 @@ def write_tiny_gguf(path: Path, arch: str, seed: int, split_max_tensors: int = 0
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(VOCAB)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(["<pad>", "<eos>", "<bos>", *TOKENS])
-    w.add_token_types([3, 3, 3] + [1] * len(TOKENS))
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_merges(["t h"])
-    w.add_pad_token_id(0)
-    w.add_eos_token_id(1)
-    w.add_bos_token_id(2)
+    add_tiny_tokenizer(w)
     head_dim = HIDDEN // HEADS
     shapes = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (KV_HEADS * head_dim, HIDDEN),
               "attn_v": (KV_HEADS * head_dim, HIDDEN), "attn_output": (HIDDEN, HIDDEN),
@@ -124,10 +137,7 @@ def write_tiny_gguf(path: Path, arch: str, seed: int, split_max_tensors: int = 0
             for norm in ("attn_q_norm", "attn_k_norm"):
                 w.add_tensor(f"blk.{i}.{norm}.weight",
                              (1 + 0.1 * rng.standard_normal(head_dim)).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     return path.with_name(f"{path.stem}-00001-of-{len(w.tensors):05d}.gguf") if split_max_tensors else path
 
 
