@@ -260,9 +260,14 @@ class Config:
 
     @property
     def worker_state_dir(self) -> Path:
-        """What workers keep between runs (insights manifests, generate partials, measured disk
-        bandwidth): the one folder of state_dir, besides its own run folder, a worker may write."""
+        """What workers keep between runs, a folder per kind (kind_state_dir)."""
         return self.paths.state_dir / "worker"
+
+    def kind_state_dir(self, kind: str) -> Path:
+        """What one kind's workers keep between runs (nightly_insights' manifests, generate's partial
+        completions, probe's measured disk bandwidth): the one folder of state_dir, besides its own run
+        folder, that a worker of that kind may write; another kind's workers cannot change it."""
+        return self.worker_state_dir / kind
 
     @property
     def base_dir(self) -> Path:

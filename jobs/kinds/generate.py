@@ -92,7 +92,7 @@ def run(params: dict[str, Any], ctx) -> dict[str, Any]:
     temperature, seed = float(params.get("temperature") or 0.0), int(params.get("seed") or 0)
     spec = ctx.spec.model
     key = resume_key(raw, {"name": spec.name, "path": spec.path, **spec.settings()}, params)
-    partial = ctx.state_dir / "generate" / key / "completions.partial.jsonl"
+    partial = ctx.state_dir / key / "completions.partial.jsonl"   # state_dir: this kind's own folder
     partial.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(partial, [i.id for i in items])
     resumed = len(done)

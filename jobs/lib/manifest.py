@@ -1,6 +1,6 @@
 """The incremental-run manifest of an archive folder: path -> mtime, size, sha256 and cached results.
 
-Stdlib only. Lives in the spec's state_dir (STATE_DIR/worker)/insights/<sha of the archive path>/manifest.json, written atomically.
+Stdlib only. Lives in the spec's state_dir (STATE_DIR/worker/nightly_insights)/insights/<sha of the archive path>/manifest.json, written atomically.
 """
 from __future__ import annotations
 

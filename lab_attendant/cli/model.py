@@ -101,7 +101,7 @@ def cmd_model_plan(cfg: Config, args: argparse.Namespace) -> int:
     if (args.prompts is None) != (args.tokens is None):
         raise UserError("give --prompts N and --tokens T together: the job's size is both")
     plan = plan_model(spec, device_profile(name), batch=args.batch, context=args.context,
-                      disk_bytes_per_s=args.disk_bandwidth, state_dir=cfg.worker_state_dir,
+                      disk_bytes_per_s=args.disk_bandwidth, state_dir=cfg.kind_state_dir("probe"),
                       host_ram_bytes=args.host_ram,
                       job=(args.prompts, args.tokens) if args.prompts is not None else None)
     print(dumps(plan.to_json(), indent=2) if args.json else plan.table())

@@ -137,7 +137,7 @@ class Daemon:
         fence = self.executors.local.fence
         moved = move_legacy_worker_state(self.cfg.paths.state_dir, self.cfg.worker_state_dir)
         if moved:
-            log.info("moved worker state into its own folder", names=moved,
+            log.info("moved worker state into its kind's folder", names=moved,
                      to=str(self.cfg.worker_state_dir))
         if fence is None:
             return

@@ -28,6 +28,6 @@ def build_spec(cfg: Config, kinds: dict[str, Kind], run: Any, python: str | Path
         version=SPEC_VERSION, run_id=run.id, kind=run.kind, module=kind.module,
         function=kind.function, params=run.params, needs_paging=run.needs_paging,
         run_dir=str(run_dir), output_dir=str(run_dir / "output"),
-        state_dir=str(cfg.worker_state_dir), models_dir=str(cfg.paths.models_dir),
+        state_dir=str(cfg.kind_state_dir(run.kind)), models_dir=str(cfg.paths.models_dir),
         logs_dir=str(cfg.paths.logs_dir), heartbeat_interval_s=cfg.worker.heartbeat_interval_s,
         model=model, allowed_roots=tuple(str(r.resolve()) for r in cfg.allowed_roots))

@@ -69,7 +69,7 @@ def test_nightly_insights_incremental_and_a_killed_run_changes_nothing(resident_
     assert cited and all(Path(p).is_file() and Path(p).parent == archive for p in cited)
     assert run["metrics"]["tokens_generated"] > 0 and run["metrics"]["tokens_per_s"] > 0
     assert run["metrics"]["engine_num_layers"] == 18
-    manifest = next((lab.state_dir / "worker" / "insights").glob("*/manifest.json"))
+    manifest = next((lab.state_dir / "worker" / "nightly_insights" / "insights").glob("*/manifest.json"))
     manifest_after_first = manifest.read_bytes()
 
     again = lab.submit("nightly_insights", f"archive={archive}", "max_new_tokens=8")

@@ -1,4 +1,4 @@
-"""The probe kind's read bandwidth is remembered for its disk (state_dir/worker/read_bandwidth.json) and the plan
+"""The probe kind's read bandwidth is remembered for its disk (state_dir/worker/probe/read_bandwidth.json) and the plan
 of a model on that disk uses it for its disk bound: real daemon, real worker, real files."""
 from __future__ import annotations
 

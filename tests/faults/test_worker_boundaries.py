@@ -53,7 +53,7 @@ def test_a_worker_cannot_write_the_store_or_another_runs_files(lab: Lab):
         run = lab.wait_state(rid, ENDED)
         assert run["state"] == "succeeded", run["reason"]
         out = result(lab, rid)
-        for refused in ("store", "other_run", "state_dir"):
+        for refused in ("store", "other_run", "state_dir", "other_kind_state", "worker_folder"):
             assert out[refused].startswith("refused"), (refused, out[refused])
         assert "readonly" in out["store"] or "unable to open" in out["store"], out["store"]
         for allowed in ("own_run", "tmp", "worker_state"):

@@ -248,7 +248,7 @@ def test_model_add_registers_a_gguf_and_ollamas_blob_and_refuses_other_paths(q4_
 
 
 def test_a_probe_measurement_is_remembered_for_its_disk_and_used_by_the_plan(q4_0, tmp_path, capsys):
-    state = tmp_path / "var" / "worker"    # cfg.worker_state_dir: where workers keep state
+    state = tmp_path / "var" / "worker" / "probe"    # cfg.kind_state_dir("probe"): where the probe keeps it
     state.mkdir(parents=True)
     warm = {"path": str(q4_0[0]), "bytes_per_s": 3e9, "page_cache_dropped": False, "bytes_read": 1}
     assert not disk.remember_read_bandwidth(state, warm)      # a page-cache read says nothing of the disk
