@@ -18,7 +18,7 @@ import torch
 
 from jobs.contract.errors import ModelFolderError
 from jobs.paging.ggml import FLOAT_TYPES, block_type, expand, raw_shape
-from jobs.paging.plan.gguf_header import read_header, split_parts
+from jobs.paging.plan.gguf_header import read_header
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,14 @@ class GgufFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelFolderError(f"GGUF file {self.path} does not exist")
-        # A split file (NAME-00001-of-0000N.gguf, any part named): its first part holds the metadata that
-        # transformers reads config and tokenizer from; the tensors are spread over all the parts.
-        self.parts = parts = split_parts(self.path)
-        self._first = parts[0]
+        # The headers alone, no weight byte read; a split file (NAME-00001-of-0000N.gguf, any part named) has
+        # every part gathered, and its first part holds the metadata transformers reads config and tokenizer from.
+        self.header = header = read_header(self.path)
+        self._first = header.files[0]
         try:
             self.config = AutoConfig.from_pretrained(self._first.parent, gguf_file=self._first.name)
         except (ValueError, KeyError, NotImplementedError) as exc:
             raise ModelFolderError(f"transformers cannot read {self._first.name} as a model: {exc}") from None
-        self.header = header = read_header(self.path)   # the headers alone: no weight byte is read
         self.architecture = header.architecture
         index = {part: i for i, part in enumerate(header.files)}
         self.tensors = {name: (info.ggml_type, tuple(reversed(info.shape)), info.offset_bytes, info.nbytes,

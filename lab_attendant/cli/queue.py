@@ -70,7 +70,7 @@ def _executor_hint(cfg: Config, run: Run, kind: str, params: dict, requested: st
     --executor may have chosen it; the row does not say), and the line says how to follow the config."""
     old_model, new_model = run.params.get("model"), params.get("model")
     want = cfg.executor.choose(kind, new_model)
-    if requested or old_model == new_model or want in (cfg.executor.choose(kind, old_model), run.executor):
+    if requested or want in (cfg.executor.choose(kind, old_model), run.executor):
         return ""
     return (f"note: [executor] sends model {new_model!r} to {want}; run {run.id} stays on {run.executor} "
             f"(`lab-attendant update {run.id} --executor {want}` moves it)")

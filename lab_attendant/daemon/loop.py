@@ -270,10 +270,12 @@ class Daemon:
                 code, w.stop_state, w.stop_reason, forced=w.kill_sent_mono is not None,
                 result_path=w.result_path, error=w.error, near_memory_limit=near,
                 rss_bytes=rss, kernel_oom_kills=oom_kills, how=w.exit_how))
-            if code >= 0 and not w.exit_how and w.program_exit is not None:
-                code = w.program_exit   # a command run: its program's code, not the worker's (sacct ExitCode)
-            fields: dict[str, Any] = {"exit_code": code if code >= 0 and not w.exit_how else None,
-                                      "signal": signal_name(-code) if code < 0 else None}
+            # A command run records its program's code, not the worker's (sacct's ExitCode); a program that
+            # a signal ended reports -N, recorded as that signal.
+            recorded = (w.program_exit if code >= 0 and not w.exit_how and w.program_exit is not None
+                        else code)
+            fields: dict[str, Any] = {"exit_code": recorded if recorded >= 0 and not w.exit_how else None,
+                                      "signal": signal_name(-recorded) if recorded < 0 else None}
             if state is RunState.QUEUED:
                 fields.update(pid=None, pid_create_time=None, started_at=None, running_at=None)
             self.writes.must(self.store.transition, w.run_id, state, reason, **fields)
